@@ -1,0 +1,31 @@
+"""Timeouts, retry counts and backoff bounds, in one place (as openai-python's _constants)."""
+
+from __future__ import annotations
+
+import httpx
+
+DEFAULT_CONNECT_TIMEOUT = 5.0
+"""Seconds to open a TCP connection to a server."""
+
+DEFAULT_READ_TIMEOUT = 120.0
+"""Seconds between two bytes of a stream before it counts as stalled. There is no total timeout,
+so a long healthy stream is never cut (the legacy ``text-generation`` client cut at 10 s)."""
+
+DEFAULT_MAX_RETRIES = 2
+"""Retries of a request that failed before its first token (429, 503, connection errors)."""
+
+RETRY_INITIAL_BACKOFF = 0.5
+RETRY_MAX_BACKOFF = 8.0
+RETRY_AFTER_CAP = 30.0
+"""A server's ``Retry-After`` is obeyed up to this many seconds."""
+
+DEFAULT_MAX_NEW_TOKENS = 4096
+
+POOL_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=512,
+                           keepalive_expiry=30.0)
+
+
+def default_timeout(read: float | None = DEFAULT_READ_TIMEOUT,
+                    connect: float = DEFAULT_CONNECT_TIMEOUT) -> httpx.Timeout:
+    """A connect and read timeout, and no pool or total limit."""
+    return httpx.Timeout(connect=connect, read=read, write=connect, pool=None)

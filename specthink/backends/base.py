@@ -1,0 +1,93 @@
+"""What the engine needs from a server, whatever protocol it speaks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["eos", "length", "stop"]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Sampling settings sent with every request of a conversation.
+
+    ``temperature`` of ``None`` or ``0`` means greedy decoding (on TGI: ``do_sample=false`` and no
+    temperature sent, since TGI rejects ``temperature=0``).
+    """
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    repetition_penalty: float | None = None
+    grammar: dict[str, Any] | None = None
+    """TGI grammar (``{"type": "json", "value": schema}``); sent only to backends that support it."""
+
+    @property
+    def greedy(self) -> bool:
+        return not self.temperature
+
+
+@dataclass(frozen=True, slots=True)
+class StreamToken:
+    """One generated token.
+
+    Special tokens (e.g. the final ``</s>``) arrive with ``special=True`` and empty ``text``.
+    The last token of a stream carries ``finish_reason`` and, where the server reports it,
+    ``input_tokens`` (the prompt length in tokens).
+    """
+
+    text: str
+    special: bool = False
+    finish_reason: FinishReason | None = None
+    input_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """What a server says about itself (TGI ``/info``, or ``/v1/models`` for OpenAI servers)."""
+
+    model_id: str
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    max_stop_sequences: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+OnAttempt = Callable[[int], None]
+"""Called with the attempt number (1, 2, ...) each time an HTTP request is sent."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A text-completion server.
+
+    ``stream`` returns an async context manager; leaving it closes the HTTP stream at once, which
+    tells the server to cancel the generation.
+    """
+
+    url: str
+    adds_bos_token: bool
+    """True when the server prepends BOS itself, so a rendered template must not start with it."""
+    supports_grammar: bool
+
+    def stream(self, prompt: str, *, max_new_tokens: int, sampling: SamplingParams,
+               on_attempt: OnAttempt | None = None,
+               ) -> AbstractAsyncContextManager[AsyncIterator[StreamToken]]: ...
+
+    async def info(self) -> ServerInfo: ...
+
+    async def health(self) -> bool: ...
+
+    async def count_tokens(self, text: str) -> int: ...
+
+    async def render_chat(self, messages: Sequence[dict[str, Any]],
+                          tools: Sequence[dict[str, Any]] | None = None) -> str | None:
+        """The server's own chat template applied to ``messages`` with the generation prompt,
+        or ``None`` when the server cannot render templates."""
+        ...
+
+    async def aclose(self) -> None: ...

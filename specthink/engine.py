@@ -1,0 +1,733 @@
+"""The speculative-thinking engine: one async state machine driving two backends.
+
+The small model writes from ``prompt + text_so_far``. Every token it writes is watched for the
+delimiter; after a trigger point, the next ``probe_tokens`` small tokens are held back (never shown)
+until they are known to be neutral. A keyword in a probe window closes the small model's stream at
+once (the server cancels on disconnect), throws the probe away and lets the target write. The
+rules themselves live in :mod:`specthink.rules`; this module only sequences them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+import warnings
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from .backends.base import Backend, SamplingParams, StreamToken
+from .errors import (
+    BackendError,
+    ConfigError,
+    PromptTooLongError,
+    StreamDroppedError,
+    TargetFallbackWarning,
+)
+from .rules import TakeoverRules
+from .trace import (
+    Event,
+    FallbackEvent,
+    FinishEvent,
+    Result,
+    Rule,
+    Source,
+    Statistics,
+    TakeoverEvent,
+    TextEvent,
+)
+
+__all__ = ["SpeculativeThinker"]
+
+Role = Literal["small", "target"]
+TargetErrorPolicy = Literal["fallback", "raise"]
+T = TypeVar("T")
+
+DEFAULT_MAX_NEW_TOKENS = 4096
+CONTEXT_MARGIN_TOKENS = 8
+"""Slack for re-tokenising accepted text, which may take a few more tokens than were generated."""
+
+
+@dataclass(slots=True)
+class _Window:
+    """An open probe window: held-back tokens from ``start`` on belong to it."""
+
+    start: int
+    pending_delimiter: str
+    """Small-run text since the last delimiter, as it was when the window opened."""
+
+
+@dataclass(slots=True)
+class _Run:
+    """The state of one request: accepted text, budget, counters and statistics."""
+
+    prompts: dict[Role, str]
+    budget_left: int
+    stop: tuple[str, ...]
+    sampling: SamplingParams
+    reflection_count: int
+    reflection_threshold: int
+    n3: int
+    stats: Statistics = field(default_factory=Statistics)
+    prompt_tokens: dict[Role, int] = field(default_factory=lambda: {"small": 0, "target": 0})
+    total_limits: dict[Role, int] = field(default_factory=dict)
+    """Each server's max_total_tokens (prompt + generated), where it said."""
+    text: str = ""
+    emitted: int = 0
+    """Characters of ``text`` already yielded; the rest may be the start of a stop sequence."""
+    unemitted: list[TextEvent] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    target_ok: bool = True
+    in_scope: bool = True
+    done: bool = False
+    next_rule: Rule | None = None
+
+    def finish(self, reason: str) -> None:
+        if not self.done:
+            self.done = True
+            self.stats.finish_reason = reason
+
+
+@dataclass(slots=True)
+class _WindowOutcome:
+    events: list[Event]
+    takeover_at: int | None = None
+    """Held index of the window whose probe holds a keyword (everything from there is dropped)."""
+
+
+class SpeculativeThinker:
+    """Speculative Thinking over two text-generation servers.
+
+    >>> thinker = SpeculativeThinker(small=TGIBackend(small_url), target=TGIBackend(target_url))
+    >>> result = await thinker.agenerate([{"role": "user", "content": "What is 7 * 8?"}])
+    >>> result.text, result.stats.target_share
+
+    ``astream`` yields :class:`TextEvent` as text is accepted (a probe that may be thrown away is
+    never yielded), :class:`TakeoverEvent` when a takeover is decided, :class:`FallbackEvent` when
+    the target failed, and last a :class:`FinishEvent` carrying the :class:`Result`.
+    """
+
+    def __init__(
+        self,
+        small: Backend,
+        target: Backend,
+        *,
+        rules: TakeoverRules | str = "paper",
+        small_template: Any = "auto",
+        target_template: Any = "auto",
+        on_target_error: TargetErrorPolicy = "fallback",
+        max_stream_resumes: int = 2,
+        check_prompt_length: bool = True,
+    ) -> None:
+        if on_target_error not in ("fallback", "raise"):
+            raise ConfigError(
+                f"on_target_error must be 'fallback' or 'raise', got {on_target_error!r}")
+        if max_stream_resumes < 0:
+            raise ConfigError(f"max_stream_resumes must be >= 0, got {max_stream_resumes}")
+        self.small = small
+        self.target = target
+        self.rules = TakeoverRules.preset(rules) if isinstance(rules, str) else rules
+        self.small_template = small_template
+        self.target_template = target_template
+        self.on_target_error: TargetErrorPolicy = on_target_error
+        self.max_stream_resumes = max_stream_resumes
+        self.check_prompt_length = check_prompt_length
+        self._intervention_tokens: int | None = None
+
+    def __repr__(self) -> str:
+        return (f"SpeculativeThinker(small={self.small!r}, target={self.target!r}, "
+                f"on_target_error={self.on_target_error!r})")
+
+    @property
+    def backends(self) -> dict[Role, Backend]:
+        return {"small": self.small, "target": self.target}
+
+    async def aclose(self) -> None:
+        """Close both backends' HTTP clients (the ones they opened themselves)."""
+        await asyncio.gather(self.small.aclose(), self.target.aclose())
+
+    # ---- public API ----------------------------------------------------------------------
+
+    async def agenerate(self, messages: Sequence[dict[str, Any]], **params: Any) -> Result:
+        """Run the whole loop and return the accepted text, the events and the statistics."""
+        async for event in self.astream(messages, **params):
+            if isinstance(event, FinishEvent):
+                return event.result
+        raise AssertionError("astream ended without a FinishEvent")  # pragma: no cover
+
+    async def astream(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        max_new_tokens: int | None = None,
+        stop: Sequence[str] | None = None,
+        sampling: SamplingParams | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+        tool_choice: Any = None,
+    ) -> AsyncIterator[Event]:
+        """Stream events as text is accepted; the last event is a :class:`FinishEvent`."""
+        run = await self._prepare(messages, max_new_tokens=max_new_tokens, stop=stop,
+                                  sampling=sampling, tools=tools, tool_choice=tool_choice)
+        async with aclosing(self._drive(run)) as stream:
+            async for event in stream:
+                yield event
+        result = Result(text=run.text, events=tuple(run.events), stats=run.stats)
+        yield FinishEvent(result)
+
+    def generate(self, messages: Sequence[dict[str, Any]], **params: Any) -> Result:
+        """Blocking ``agenerate``; works where an event loop already runs (notebooks)."""
+        return _LoopThread.get().run(self.agenerate(messages, **params))
+
+    def stream(self, messages: Sequence[dict[str, Any]], **params: Any) -> Iterator[Event]:
+        """Blocking ``astream``; leaving the loop early cancels the request and closes streams."""
+        return _LoopThread.get().iterate(self.astream(messages, **params))
+
+    # ---- preparation: everything that can fail before a generation request -----------------
+
+    async def _prepare(self, messages: Sequence[dict[str, Any]], *, max_new_tokens: int | None,
+                       stop: Sequence[str] | None, sampling: SamplingParams | None,
+                       tools: Sequence[dict[str, Any]] | None, tool_choice: Any) -> _Run:
+        from . import prompts  # imported late: prompts pulls in jinja2
+
+        budget = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+            raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        stops = tuple(stop or ())
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise ConfigError(f"stop sequences must be non-empty strings, got {list(stops)!r}")
+        checked = prompts.validate_messages(messages)
+        if tools is not None or tool_choice is not None:
+            checked, tools = prompts.apply_tool_choice(checked, tools, tool_choice)
+        rendered = await asyncio.gather(*(
+            prompts.render_prompt(prompts.resolve_template(spec, backend), checked, tools, backend)
+            for spec, backend in ((self.small_template, self.small),
+                                  (self.target_template, self.target))))
+        run_prompts: dict[Role, str] = {"small": rendered[0], "target": rendered[1]}
+        rules = self.rules
+        run = _Run(prompts=run_prompts, budget_left=budget, stop=stops,
+                   sampling=sampling or SamplingParams(),
+                   reflection_count=0, reflection_threshold=rules.reflection_threshold,
+                   n3=rules.n3)
+        if self.check_prompt_length:
+            await asyncio.gather(*(self._check_limits(run, role, len(stops))
+                                   for role in ("small", "target")))
+        return run
+
+    def _room(self, run: _Run, role: Role, wanted: int) -> int:
+        """``wanted`` tokens, cut so that prompt + output fits the server's max_total_tokens
+        (TGI answers 422 otherwise)."""
+        limit = run.total_limits.get(role)
+        if limit is None:
+            return wanted
+        used = run.prompt_tokens[role] + run.stats.output_tokens + CONTEXT_MARGIN_TOKENS
+        return min(wanted, limit - used)
+
+    async def _check_limits(self, run: _Run, role: Role, stop_count: int) -> None:
+        prompt = run.prompts[role]
+        backend = self.backends[role]
+        try:
+            info = await backend.info()
+        except BackendError as exc:
+            exc.role = role
+            raise
+        if info.max_stop_sequences is not None and stop_count > info.max_stop_sequences:
+            raise ConfigError(
+                f"{stop_count} stop sequences given, but the {role} server {backend.url} allows "
+                f"at most {info.max_stop_sequences}")
+        if info.max_input_tokens is None and info.max_total_tokens is None:
+            return
+        length = await backend.count_tokens(prompt)
+        run.prompt_tokens[role] = length
+        if info.max_total_tokens is not None:
+            run.total_limits[role] = info.max_total_tokens
+        if info.max_input_tokens is not None and length > info.max_input_tokens:
+            raise PromptTooLongError(
+                f"the prompt has {length} tokens, more than the {role} server's "
+                f"max_input_tokens={info.max_input_tokens} ({backend.url})")
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    async def _drive(self, run: _Run) -> AsyncGenerator[Event, None]:
+        rules = self.rules
+        if rules.mode == "instruct" and rules.begin_tokens:
+            yield self._note_takeover(run, Rule.BEGIN, discarded=0)
+            begin = self._target_writes(run, Rule.BEGIN, rules.begin_tokens)
+            async with aclosing(begin) as stream:
+                async for event in stream:
+                    yield event
+        while not run.done:
+            run.next_rule = None
+            async with aclosing(self._small_writes(run)) as stream:
+                async for event in stream:
+                    yield event
+            rule = run.next_rule
+            if run.done or rule is None:
+                break
+            if rule is Rule.EXCESSIVE_REFLECTION:
+                async with aclosing(self._intervene(run)) as stream:
+                    async for event in stream:
+                        yield event
+            else:
+                async with aclosing(self._target_writes(run, rule, rules.n1)) as stream:
+                    async for event in stream:
+                        yield event
+        if not run.done:
+            run.finish("stop")
+        for event in self._flush(run):
+            yield event
+
+    def _triggers_active(self, run: _Run) -> bool:
+        return run.target_ok and run.in_scope
+
+    async def _small_writes(self, run: _Run) -> AsyncGenerator[Event, None]:
+        """The small model writes until end-of-sequence, the budget, or a takeover decision."""
+        rules = self.rules
+        delimiter = rules.delimiter
+        tail_len = len(delimiter) - 1
+        instruct = rules.mode == "instruct"
+        held: list[str] = []
+        windows: list[_Window] = []
+        pending = ""  # small-run text since the last delimiter (its tail is all that matters)
+        resumes = 0
+        while not run.done:
+            decided: Rule | None = None
+            discarded = 0
+            got_tokens = 0
+            finish_reason: str | None = None
+            room = self._room(run, "small", run.budget_left)
+            if room <= 0:
+                run.finish("length")
+                break
+            try:
+                async with self._open("small", run, room) as tokens:
+                    async for token in tokens:
+                        got_tokens += 1
+                        if token.input_tokens and not run.stats.input_tokens:
+                            run.stats.input_tokens = token.input_tokens
+                        finish_reason = token.finish_reason
+                        if token.special:
+                            continue
+                        text = token.text
+                        if windows:
+                            held.append(text)
+                            outcome = self._resolve_windows(run, held, windows, complete=False)
+                            for event in outcome.events:
+                                yield event
+                            if outcome.takeover_at is not None:
+                                discarded = len(held) - outcome.takeover_at
+                                decided = Rule.AFFIRM_REFLECT
+                                break
+                        else:
+                            for event in self._accept(run, "small", text, None, 1):
+                                yield event
+                        if run.done:
+                            break
+                        # trigger detection on the small model's own text
+                        combined = pending + text
+                        cut = combined.rfind(delimiter)
+                        after = combined[cut + len(delimiter):] if cut >= 0 else combined
+                        pending = after[-tail_len:] if tail_len else ""
+                        if cut >= 0 and self._triggers_active(run):
+                            if instruct:
+                                decided = Rule.EVERY_TRIGGER
+                                break
+                            if (rules.excessive_reflection_takeover and not windows
+                                    and run.reflection_count >= run.reflection_threshold):
+                                decided = Rule.EXCESSIVE_REFLECTION
+                                break
+                            if rules.reflection_takeover:
+                                windows.append(_Window(len(held), pending))
+                eos = finish_reason in ("eos", "stop")
+            except StreamDroppedError as exc:
+                exc.role = "small"
+                resumes += 1
+                if resumes > self.max_stream_resumes:
+                    raise
+                run.stats.resumed_streams["small"] += 1
+                # Held tokens were never accepted: go back to the earliest open window, whose
+                # tokens the resumed stream will write again.
+                if windows:
+                    pending = windows[0].pending_delimiter
+                    del windows[1:]
+                    windows[0].start = 0
+                    held.clear()
+                continue
+            if decided is not None:
+                if decided is Rule.AFFIRM_REFLECT:
+                    run.stats.discarded_tokens += discarded
+                yield self._note_takeover(run, decided, discarded)
+                run.next_rule = decided
+                return
+            # The stream ended: open windows close with what they hold.
+            if windows:
+                outcome = self._resolve_windows(run, held, windows, complete=True)
+                for event in outcome.events:
+                    yield event
+                if outcome.takeover_at is not None:
+                    discarded = len(held) - outcome.takeover_at
+                    run.stats.discarded_tokens += discarded
+                    yield self._note_takeover(run, Rule.AFFIRM_REFLECT, discarded)
+                    run.next_rule = Rule.AFFIRM_REFLECT
+                    return
+                for event in self._accept(run, "small", "".join(held), None, len(held)):
+                    yield event
+                held.clear()
+                windows.clear()
+            if run.done:
+                break
+            if eos or got_tokens == 0:
+                run.finish("stop")
+            elif run.budget_left <= 0:
+                run.finish("length")
+            elif finish_reason not in ("length", None):
+                run.finish("stop")
+            # else: the server stopped at its own limit before ours; ask again from here
+
+    def _resolve_windows(self, run: _Run, held: list[str], windows: list[_Window], *,
+                         complete: bool) -> _WindowOutcome:
+        """Decide open windows in order: the earliest whose probe holds a keyword wins.
+
+        Held tokens before the earliest open window are released; ``held`` and ``windows`` are
+        shifted so that the earliest open window starts at 0 again.
+        """
+        rules = self.rules
+        probe = rules.probe_tokens
+        events: list[Event] = []
+        while windows:
+            first = windows[0]
+            end = first.start + probe
+            window_complete = complete or len(held) >= end
+            if rules.has_keyword("".join(held[first.start:end]), complete=window_complete):
+                return _WindowOutcome(events, first.start)
+            if not window_complete:
+                break
+            windows.pop(0)
+            release = windows[0].start if windows else len(held)
+            if release:
+                events.extend(self._accept(run, "small", "".join(held[:release]), None, release))
+                del held[:release]
+                for window in windows:
+                    window.start -= release
+            if run.done:
+                windows.clear()
+                held.clear()
+                break
+        return _WindowOutcome(events)
+
+    async def _target_writes(self, run: _Run, rule: Rule,
+                             first: int) -> AsyncGenerator[Event, None]:
+        """The target writes ``first`` tokens; after a rule-1 style takeover it may go on for
+        ``n2`` more (rule 2) when its own text holds a verify word. One request serves both."""
+        rules = self.rules
+        counts_reflection = rule in (Rule.AFFIRM_REFLECT, Rule.EVERY_TRIGGER)
+        may_verify = counts_reflection and rules.verify_takeover
+        wanted = first + (rules.n2 if may_verify else 0)
+        got = 0
+        first_parts: list[str] = []
+        current = rule
+        resumes = 0
+        try:
+            while not run.done and got < wanted and run.budget_left > 0:
+                eos = False
+                received = 0
+                room = self._room(run, "target", min(wanted - got, run.budget_left))
+                if room <= 0:
+                    run.finish("length")
+                    return
+                async with self._open("target", run, room) as tokens:
+                    try:
+                        async for token in tokens:
+                            received += 1
+                            if token.finish_reason in ("eos", "stop"):
+                                eos = True
+                            if token.special:
+                                continue
+                            for event in self._accept(run, "target", token.text, current, 1):
+                                yield event
+                            got += 1
+                            if got <= first:
+                                first_parts.append(token.text)
+                            if run.done:
+                                return
+                            if got == first and current is rule:
+                                written = "".join(first_parts)
+                                if counts_reflection and rules.score(written) < 0:
+                                    run.reflection_count += 1
+                                if may_verify and rules.has_verify(written):
+                                    current = Rule.VERIFY
+                                    yield self._note_takeover(run, Rule.VERIFY, 0)
+                                else:
+                                    return
+                            if got >= wanted:
+                                return
+                    except StreamDroppedError as exc:
+                        exc.role = "target"
+                        resumes += 1
+                        if resumes > self.max_stream_resumes:
+                            raise
+                        run.stats.resumed_streams["target"] += 1
+                        continue
+                if eos or received == 0:
+                    run.finish("stop")
+                elif run.budget_left <= 0:
+                    run.finish("length")
+        except BackendError as exc:
+            exc.role = "target"
+            if self.on_target_error == "raise":
+                raise
+            run.target_ok = False
+            run.stats.fallback = True
+            run.stats.fallback_error = str(exc)
+            warnings.warn(f"target server failed, the small model continues alone: {exc}",
+                          TargetFallbackWarning, stacklevel=2)
+            fallback = FallbackEvent(offset=len(run.text), error=str(exc))
+            run.events.append(fallback)
+            yield fallback
+
+    async def _intervene(self, run: _Run) -> AsyncGenerator[Event, None]:
+        """Rule 3: the intervention text, then ``n3`` target tokens; the counters adapt."""
+        rules = self.rules
+        if self._intervention_tokens is None:
+            try:
+                self._intervention_tokens = await self.target.count_tokens(
+                    rules.intervention_text)
+            except BackendError:
+                self._intervention_tokens = max(1, len(rules.intervention_text) // 4)
+        for piece in self._accept(run, "intervention", rules.intervention_text,
+                                  Rule.EXCESSIVE_REFLECTION, self._intervention_tokens):
+            yield piece
+        if not run.done:
+            rule3 = self._target_writes(run, Rule.EXCESSIVE_REFLECTION, run.n3)
+            async with aclosing(rule3) as stream:
+                async for event in stream:
+                    yield event
+        run.reflection_count = 0
+        run.n3 = min(run.n3 + rules.n3_step, rules.n3_max)
+        run.reflection_threshold = min(run.reflection_threshold + rules.threshold_step,
+                                       rules.threshold_max)
+
+    def _note_takeover(self, run: _Run, rule: Rule, discarded: int) -> TakeoverEvent:
+        run.stats.takeovers[rule.value] += 1
+        event = TakeoverEvent(rule=rule, offset=len(run.text), discarded_tokens=discarded)
+        run.events.append(event)
+        return event
+
+    # ---- accepting text: budget, stop sequences, scope -------------------------------------
+
+    def _accept(self, run: _Run, source: Source, text: str, rule: Rule | None,
+                tokens: int) -> list[TextEvent]:
+        """Append accepted text; return what may be shown now.
+
+        Text that could be the start of a caller's stop sequence is held until it is known not
+        to be; a stop sequence cuts the text where it begins and ends the request.
+        """
+        if run.done or (not text and not tokens):
+            return []
+        stats = run.stats
+        if source == "small":
+            stats.small_tokens += tokens
+        elif source == "target":
+            stats.target_tokens += tokens
+        else:
+            stats.intervention_tokens += tokens
+        run.budget_left -= tokens
+        before = len(run.text)
+        run.text += text
+        if run.in_scope and self.rules.scope == "thinking":
+            end = self.rules.thinking_end
+            if end in run.text[max(0, before - len(end)):]:
+                run.in_scope = False
+        piece = TextEvent(source, text, rule)
+        if not run.stop:
+            run.emitted = len(run.text)
+            run.events.append(piece)
+            out = [piece]
+        else:
+            run.unemitted.append(piece)
+            out = self._release_checked(run, before)
+        if run.budget_left <= 0 and not run.done:
+            run.finish("length")
+            out.extend(self._flush(run))
+        return out
+
+    def _release_checked(self, run: _Run, appended_at: int) -> list[TextEvent]:
+        longest = max(len(s) for s in run.stop)
+        search_from = max(0, appended_at - longest + 1)
+        cut = min((at for s in run.stop if (at := run.text.find(s, search_from)) >= 0),
+                  default=-1)
+        if cut >= 0:
+            run.text = run.text[:cut]
+            run.finish("stop")
+            return self._emit_until(run, cut)
+        safe = len(run.text)
+        for s in run.stop:
+            for size in range(min(len(s) - 1, len(run.text)), 0, -1):
+                if run.text.endswith(s[:size]):
+                    safe = min(safe, len(run.text) - size)
+                    break
+        return self._emit_until(run, safe)
+
+    def _emit_until(self, run: _Run, limit: int) -> list[TextEvent]:
+        """Yield unemitted pieces up to character ``limit`` of the accepted text."""
+        out: list[TextEvent] = []
+        position = run.emitted
+        while run.unemitted and position < limit:
+            piece = run.unemitted[0]
+            room = limit - position
+            if len(piece.text) <= room:
+                run.unemitted.pop(0)
+                out.append(piece)
+                position += len(piece.text)
+            else:
+                out.append(TextEvent(piece.source, piece.text[:room], piece.rule))
+                run.unemitted[0] = TextEvent(piece.source, piece.text[room:], piece.rule)
+                position = limit
+        run.emitted = position
+        run.events.extend(out)
+        return out
+
+    def _flush(self, run: _Run) -> list[TextEvent]:
+        if not run.unemitted:
+            return []
+        return self._emit_until(run, len(run.text))
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def _open(self, role: Role, run: _Run, max_new_tokens: int) -> _TimedStream:
+        backend = self.backends[role]
+        stats = run.stats
+
+        def on_attempt(attempt: int) -> None:
+            stats.requests[role] += 1
+            if attempt > 1:
+                stats.retries[role] += 1
+
+        prompt = run.prompts[role] + run.text
+        sampling = run.sampling
+        if sampling.grammar is not None and not backend.supports_grammar:
+            sampling = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                                      top_k=sampling.top_k, seed=sampling.seed,
+                                      repetition_penalty=sampling.repetition_penalty)
+        context = backend.stream(prompt, max_new_tokens=max(1, max_new_tokens),
+                                 sampling=sampling, on_attempt=on_attempt)
+        return _TimedStream(context, stats, role)
+
+
+class _TimedStream:
+    """Wraps a backend stream: counts the time spent waiting on the model and tags errors."""
+
+    __slots__ = ("_context", "_iterator", "_role", "_stats", "_tokens_iterator")
+
+    def __init__(self, context: Any, stats: Statistics, role: Role) -> None:
+        self._context = context
+        self._stats = stats
+        self._role = role
+        self._iterator: AsyncIterator[StreamToken] | None = None
+        self._tokens_iterator: AsyncGenerator[StreamToken, None] | None = None
+
+    async def __aenter__(self) -> AsyncIterator[StreamToken]:
+        started = time.perf_counter()
+        try:
+            self._iterator = await self._context.__aenter__()
+        except BackendError as exc:
+            exc.role = self._role
+            raise
+        finally:
+            self._stats.wait_seconds[self._role] += time.perf_counter() - started
+        self._tokens_iterator = self._tokens()
+        return self._tokens_iterator
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        if self._tokens_iterator is not None:
+            await self._tokens_iterator.aclose()
+        result: bool | None = await self._context.__aexit__(*exc_info)
+        return result
+
+    async def _tokens(self) -> AsyncGenerator[StreamToken, None]:
+        assert self._iterator is not None
+        iterator = self._iterator.__aiter__()
+        waits = self._stats.wait_seconds
+        role = self._role
+        clock = time.perf_counter
+        while True:
+            started = clock()
+            try:
+                token = await iterator.__anext__()
+            except StopAsyncIteration:
+                waits[role] += clock() - started
+                return
+            except BackendError as exc:
+                exc.role = role
+                raise
+            waits[role] += clock() - started
+            yield token
+
+
+class _LoopThread:
+    """A private event loop on a daemon thread: the single sync edge of the library.
+
+    Running coroutines here (rather than with ``asyncio.run``) works even where the calling
+    thread already runs a loop, as in a notebook.
+    """
+
+    _instance: _LoopThread | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="specthink-loop",
+                                       daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def get(cls) -> _LoopThread:
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def run(self, coroutine: Awaitable[T]) -> T:
+        async def wrapper() -> T:
+            return await coroutine
+
+        future = asyncio.run_coroutine_threadsafe(wrapper(), self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def iterate(self, stream: AsyncIterator[T]) -> Iterator[T]:
+        items: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+        async def pump() -> None:
+            try:
+                async for item in stream:
+                    items.put(("item", item))
+            except BaseException as exc:  # handed to the consuming thread
+                items.put(("error", exc))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            else:
+                items.put(("done", None))
+            finally:
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
+        future = asyncio.run_coroutine_threadsafe(pump(), self.loop)
+        try:
+            while True:
+                kind, value = items.get()
+                if kind == "item":
+                    yield value
+                elif kind == "error":
+                    raise value
+                else:
+                    return
+        finally:
+            if not future.done():
+                future.cancel()

@@ -1,0 +1,204 @@
+"""Exceptions raised by specthink.
+
+The tree::
+
+    SpecthinkError
+    ├── ConfigError (also ValueError)        bad rules or bad input; raised before any request
+    │   └── PromptTooLongError               the prompt exceeds a server's max_input_tokens
+    └── BackendError                         anything a server did or failed to do
+        ├── BackendConnectionError           could not connect, or the connection broke
+        │   └── StreamDroppedError           the connection broke after the first token
+        ├── BackendTimeoutError              connect or read timeout (a stall)
+        ├── BackendStatusError               an HTTP error answer: carries status and error_type
+        │   ├── RequestValidationError       422 "validation"
+        │   ├── GenerationError              424 "generation"
+        │   ├── OverloadedError              429 "overloaded"
+        │   ├── IncompleteGenerationError    500 "incomplete_generation"
+        │   └── UnhealthyError               503 "unhealthy"
+        └── StreamErrorEvent                 an error event inside a 200 stream
+
+Every ``BackendError`` carries the ``role`` ("small" or "target") once the engine has seen it,
+the server ``url``, and chains the httpx exception that caused it (``raise ... from exc``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendConnectionError",
+    "BackendError",
+    "BackendStatusError",
+    "BackendTimeoutError",
+    "ConfigError",
+    "GenerationError",
+    "IncompleteGenerationError",
+    "OverloadedError",
+    "PromptTooLongError",
+    "RequestValidationError",
+    "SpecthinkError",
+    "StreamDroppedError",
+    "StreamErrorEvent",
+    "TargetFallbackWarning",
+    "UnhealthyError",
+    "error_from_response",
+]
+
+
+class SpecthinkError(Exception):
+    """Root of every error specthink raises on purpose."""
+
+
+class ConfigError(SpecthinkError, ValueError):
+    """Invalid configuration or input, detected before any generation request is sent."""
+
+
+class PromptTooLongError(ConfigError):
+    """The rendered prompt has more tokens than a server accepts (``max_input_tokens`` of /info)."""
+
+
+class BackendError(SpecthinkError):
+    """A server failed to answer as expected.
+
+    ``role`` is filled in by the engine ("small" or "target"); ``url`` names the server.
+    """
+
+    def __init__(self, message: str, *, url: str = "", role: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.url = url
+        self.role = role
+
+    def __str__(self) -> str:
+        where = f"{self.role} server {self.url}" if self.role else f"server {self.url}"
+        return f"{self.message} ({where})" if self.url or self.role else self.message
+
+
+class BackendConnectionError(BackendError):
+    """The server could not be reached, or the connection broke."""
+
+
+class StreamDroppedError(BackendConnectionError):
+    """The connection broke after tokens had arrived; the engine resumes from the accepted text."""
+
+    def __init__(self, message: str, *, url: str = "", role: str | None = None,
+                 tokens_received: int = 0) -> None:
+        super().__init__(message, url=url, role=role)
+        self.tokens_received = tokens_received
+
+
+class BackendTimeoutError(BackendError):
+    """Connecting took longer than the connect timeout, or no byte arrived within the read timeout.
+
+    A long, healthy stream is never cut: there is no total timeout.
+    """
+
+
+class BackendStatusError(BackendError):
+    """The server answered with an HTTP error status and TGI's ``{"error", "error_type"}`` body."""
+
+    status_code: int = 0
+
+    def __init__(self, message: str, *, url: str = "", role: str | None = None,
+                 status_code: int = 0, error_type: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, url=url, role=role)
+        self.status_code = status_code or type(self).status_code
+        self.error_type = error_type
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        kind = f"{self.status_code} {self.error_type}" if self.error_type else f"{self.status_code}"
+        return f"[{kind}] {super().__str__()}"
+
+
+class RequestValidationError(BackendStatusError):
+    """422: the server rejected the request's parameters (TGI ``validation``)."""
+
+    status_code = 422
+
+
+class GenerationError(BackendStatusError):
+    """424: the model failed while generating (TGI ``generation``)."""
+
+    status_code = 424
+
+
+class OverloadedError(BackendStatusError):
+    """429: the server's queue is full (TGI ``overloaded``); retried with backoff."""
+
+    status_code = 429
+
+
+class IncompleteGenerationError(BackendStatusError):
+    """500: the generation stopped before completing (TGI ``incomplete_generation``)."""
+
+    status_code = 500
+
+
+class UnhealthyError(BackendStatusError):
+    """503: the server is not healthy or still loading (TGI ``unhealthy``); retried with backoff."""
+
+    status_code = 503
+
+
+class StreamErrorEvent(BackendError):
+    """An ``{"error", "error_type"}`` event arrived inside a 200 stream."""
+
+    def __init__(self, message: str, *, url: str = "", role: str | None = None,
+                 error_type: str | None = None, tokens_received: int = 0) -> None:
+        super().__init__(message, url=url, role=role)
+        self.error_type = error_type
+        self.tokens_received = tokens_received
+
+    def __str__(self) -> str:
+        return f"[in-stream {self.error_type}] {super().__str__()}"
+
+
+class TargetFallbackWarning(UserWarning):
+    """The target server failed and the small model went on alone (``on_target_error="fallback"``)."""
+
+
+_BY_ERROR_TYPE: dict[str, type[BackendStatusError]] = {
+    "validation": RequestValidationError,
+    "tool_error": RequestValidationError,
+    "generation": GenerationError,
+    "overloaded": OverloadedError,
+    "incomplete_generation": IncompleteGenerationError,
+    "unhealthy": UnhealthyError,
+}
+_BY_STATUS: dict[int, type[BackendStatusError]] = {
+    cls.status_code: cls
+    for cls in (RequestValidationError, GenerationError, OverloadedError,
+                IncompleteGenerationError, UnhealthyError)
+}
+
+
+def error_from_response(status_code: int, payload: object, *, url: str = "",
+                        retry_after: float | None = None) -> BackendStatusError:
+    """Map an HTTP error answer to an exception: TGI's ``error_type`` first, the status second.
+
+    ``payload`` is the decoded JSON body (TGI: ``{"error", "error_type"}``; OpenAI-compatible
+    servers: ``{"error": {"message", "type"}}`` or ``{"detail": ...}``), or raw text.
+    """
+    message, error_type = _message_and_type(payload)
+    cls = _BY_ERROR_TYPE.get(error_type or "") or _BY_STATUS.get(status_code, BackendStatusError)
+    return cls(message or f"HTTP {status_code}", url=url, status_code=status_code,
+               error_type=error_type, retry_after=retry_after)
+
+
+def _message_and_type(payload: object) -> tuple[str, str | None]:
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        if isinstance(error, dict):  # OpenAI style
+            return str(error.get("message", "")), _opt_str(error.get("type"))
+        if error is not None:
+            return str(error), _opt_str(payload.get("error_type"))
+        if "detail" in payload:  # FastAPI style (llama-cpp-python)
+            return str(payload["detail"]), None
+        if "message" in payload:
+            return str(payload["message"]), _opt_str(payload.get("type"))
+        return str(payload), None
+    return (str(payload) if payload else ""), None
+
+
+def _opt_str(value: object) -> str | None:
+    return None if value is None else str(value)

@@ -1,0 +1,499 @@
+"""Chat templates: from OpenAI-style messages to the prompt text a completion server continues.
+
+A template is chosen per backend (``resolve_template``): the server's own (TGI
+``/chat_tokenize``), a built-in (``CHATML`` for Qwen2.5/SmolLM2-style models, ``DEEPSEEK_R1`` for
+the R1 distills), or any Hugging Face Jinja chat template. Every path goes through
+``render_prompt``, which validates the messages first and drops a leading BOS text when the
+server adds BOS itself, so BOS is never sent twice.
+
+Tools are rendered in the Hermes/Qwen form: signatures inside ``<tools></tools>`` in the system
+turn, calls as ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, results as
+``<tool_response>`` blocks in a user turn. ``specthink.tools.parse_tool_calls`` reads the calls
+back out of the answer.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, NoReturn, Protocol
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from specthink.errors import ConfigError
+
+__all__ = [
+    "CHATML",
+    "COMMON_BOS_TOKENS",
+    "DEEPSEEK_R1",
+    "ROLES",
+    "ChatTemplate",
+    "JinjaTemplate",
+    "ServerTemplate",
+    "TemplateBackend",
+    "apply_tool_choice",
+    "render_prompt",
+    "resolve_template",
+    "tool_instruction",
+    "validate_messages",
+    "validate_tools",
+]
+
+ROLES = ("system", "user", "assistant", "tool")
+
+COMMON_BOS_TOKENS = ("<s>", "<|begin_of_text|>", "<｜begin▁of▁sentence｜>")
+"""BOS texts stripped from a rendered prompt when the server adds BOS itself (Llama 2 and
+Mistral, Llama 3, DeepSeek)."""
+
+
+class TemplateBackend(Protocol):
+    """The part of a backend a template needs (every ``specthink.backends.Backend`` has it)."""
+
+    adds_bos_token: bool
+
+    async def render_chat(self, messages: Sequence[dict[str, Any]],
+                          tools: Sequence[dict[str, Any]] | None = None) -> str | None: ...
+
+
+# --- input validation -------------------------------------------------------------------------
+
+def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Check OpenAI-style chat messages and return normalised copies.
+
+    Normalised means: ``content`` is a string (``None`` and lists of text parts become strings;
+    an assistant turn that only calls tools keeps ``None``), and every ``tool_calls`` item has the
+    OpenAI shape ``{"id", "type": "function", "function": {"name", "arguments"}}`` with
+    ``arguments`` decoded to a dict when it is a JSON object string, as chat templates expect.
+
+    Raises ``ConfigError`` naming the offending index for an empty list, a missing or unknown
+    role, non-text content or a tool call without a function name.
+    """
+    if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
+        raise ConfigError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    if not messages:
+        raise ConfigError("messages is empty: pass at least one message, "
+                          "e.g. [{'role': 'user', 'content': 'Hello'}]")
+    return [_validate_message(index, message) for index, message in enumerate(messages)]
+
+
+def _validate_message(index: int, message: Mapping[str, Any]) -> dict[str, Any]:
+    where = f"messages[{index}]"
+    if not isinstance(message, Mapping):
+        raise ConfigError(f"{where} is a {type(message).__name__}; expected a dict with "
+                          "'role' and 'content'")
+    role = message.get("role")
+    if role not in ROLES:
+        allowed = ", ".join(repr(r) for r in ROLES)
+        got = "no role" if role is None else f"role {role!r}"
+        raise ConfigError(f"{where} has {got}; allowed roles: {allowed}")
+    normalised = dict(message)
+    tool_calls = message.get("tool_calls")
+    if role == "assistant" and tool_calls:
+        normalised["tool_calls"] = _validate_tool_calls(where, tool_calls)
+    else:
+        normalised.pop("tool_calls", None)
+    content = _text_content(where, message.get("content"))
+    normalised["content"] = None if content is None and normalised.get("tool_calls") else (
+        content or "")
+    return normalised
+
+
+def _text_content(where: str, content: object) -> str | None:
+    if content is None or isinstance(content, str):
+        return content
+    # OpenAI's list-of-parts form; only text parts can reach a text-completion model.
+    if isinstance(content, list) and all(
+            isinstance(part, Mapping) and part.get("type") == "text"
+            and isinstance(part.get("text"), str) for part in content):
+        return "".join(part["text"] for part in content)
+    raise ConfigError(f"{where}.content is a {type(content).__name__}; expected a string "
+                      "(or a list of {'type': 'text', 'text': ...} parts)")
+
+
+def _validate_tool_calls(where: str, tool_calls: object) -> list[dict[str, Any]]:
+    if not isinstance(tool_calls, list):
+        raise ConfigError(f"{where}.tool_calls is a {type(tool_calls).__name__}; expected a list")
+    calls = []
+    for number, call in enumerate(tool_calls):
+        if not isinstance(call, Mapping):
+            raise ConfigError(f"{where}.tool_calls[{number}] is a {type(call).__name__}; "
+                              "expected a dict")
+        # The OpenAI shape nests name/arguments under "function"; LangChain's is flat.
+        function = call.get("function", call)
+        name = function.get("name") if isinstance(function, Mapping) else None
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}.tool_calls[{number}] has no function name")
+        arguments = function.get("arguments", function.get("args", {}))
+        calls.append({"id": str(call.get("id") or ""), "type": "function",
+                      "function": {"name": name, "arguments": _decode_arguments(arguments)}})
+    return calls
+
+
+def _decode_arguments(arguments: object) -> object:
+    if isinstance(arguments, str):
+        try:
+            decoded = json.loads(arguments)
+        except ValueError:
+            return arguments
+        return decoded if isinstance(decoded, dict) else arguments
+    return {} if arguments is None else arguments
+
+
+def validate_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Check tool definitions; return them in the OpenAI form, or ``None`` when there are none.
+
+    Accepts ``{"type": "function", "function": {"name", "description", "parameters"}}`` and the
+    bare function dict, which is wrapped.
+    """
+    if not tools:
+        return None
+    out = []
+    for index, tool in enumerate(tools):
+        if isinstance(tool, Mapping) and isinstance(tool.get("function"), Mapping):
+            function = tool["function"]
+            wrapped = dict(tool)
+        elif isinstance(tool, Mapping):
+            function = tool
+            wrapped = {"type": "function", "function": dict(tool)}
+        else:
+            raise ConfigError(f"tools[{index}] is a {type(tool).__name__}; expected a dict")
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise ConfigError(f"tools[{index}] has no function name")
+        out.append(wrapped)
+    return out
+
+
+def _tool_names(tools: Sequence[Mapping[str, Any]]) -> list[str]:
+    return [str(tool["function"]["name"]) for tool in tools]
+
+
+# --- tool_choice -----------------------------------------------------------------------------
+
+def tool_instruction(tool_choice: str | Mapping[str, Any] | None,
+                     tools: Sequence[Mapping[str, Any]] | None) -> str | None:
+    """The system sentence that asks for the ``tool_choice``, or ``None`` when none is needed.
+
+    ``"auto"``/``None``/``"none"`` need none; ``"required"`` (alias ``"any"``) asks for one of the
+    tools; a tool name, or OpenAI's ``{"type": "function", "function": {"name": ...}}``, asks for
+    that tool. A name that is not among ``tools`` is a ``ConfigError`` listing the offered tools.
+    """
+    name = _chosen_name(tool_choice)
+    if name in (None, "auto", "none"):
+        return None
+    offered = _tool_names(validate_tools(tools) or [])
+    if not offered:
+        raise ConfigError(f"tool_choice={name!r} needs tools, but no tools were given")
+    if name in ("required", "any"):
+        return "You must call one of the tools."
+    if name not in offered:
+        raise ConfigError(f"tool_choice names the tool {name!r}, which is not among the tools "
+                          f"offered: {', '.join(offered)}")
+    return f"You must call the tool {name}."
+
+
+def _chosen_name(tool_choice: str | Mapping[str, Any] | None) -> str | None:
+    if tool_choice is None or isinstance(tool_choice, str):
+        return tool_choice
+    function = tool_choice.get("function")
+    name = function.get("name") if isinstance(function, Mapping) else tool_choice.get("name")
+    if not isinstance(name, str):
+        raise ConfigError(f"tool_choice {dict(tool_choice)!r} names no function; expected "
+                          "{'type': 'function', 'function': {'name': ...}}")
+    return name
+
+
+def apply_tool_choice(messages: Sequence[Mapping[str, Any]],
+                      tools: Sequence[Mapping[str, Any]] | None,
+                      tool_choice: str | Mapping[str, Any] | None = "auto",
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Turn ``tool_choice`` into what a text model can see: the messages and tools to render.
+
+    - ``"auto"``: unchanged;
+    - ``"none"``: the tools are not rendered at all;
+    - ``"required"``/``"any"``: an instruction to call one of the tools;
+    - a tool name: only that tool is rendered, with an instruction to call it (TGI narrows the
+      tools the same way).
+
+    The instruction is appended to the leading system message, or becomes one.
+    """
+    valid_messages = validate_messages(messages)
+    valid_tools = validate_tools(tools)
+    name = _chosen_name(tool_choice)
+    if name == "none":
+        return valid_messages, None
+    instruction = tool_instruction(tool_choice, valid_tools)
+    if instruction is None or valid_tools is None:
+        return valid_messages, valid_tools
+    if name not in ("required", "any"):
+        valid_tools = [tool for tool in valid_tools if tool["function"]["name"] == name]
+    first = valid_messages[0]
+    if first["role"] == "system":
+        text = first["content"]
+        first["content"] = f"{text}\n\n{instruction}" if text else instruction
+    else:
+        valid_messages.insert(0, {"role": "system", "content": instruction})
+    return valid_messages, valid_tools
+
+
+# --- templates -------------------------------------------------------------------------------
+
+class ChatTemplate(ABC):
+    """Renders validated messages and tools into a prompt that ends with the generation prompt."""
+
+    bos_token: str = ""
+    """The BOS text this template writes first ("" if none); stripped when the server adds BOS."""
+
+    @abstractmethod
+    async def render(self, messages: Sequence[Mapping[str, Any]],
+                     tools: Sequence[Mapping[str, Any]] | None,
+                     backend: TemplateBackend) -> str:
+        """The full prompt text, ending with the assistant's generation prompt."""
+
+
+def _raise_exception(message: str) -> NoReturn:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # transformers replaces Jinja's tojson, which HTML-escapes "<", ">", "&" and "'": a prompt
+    # must carry the JSON exactly as the model saw it in training.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    # The environment transformers' apply_chat_template uses, so Hub templates render alike.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+class JinjaTemplate(ChatTemplate):
+    """A Hugging Face style chat template (``tokenizer_config.json``'s ``chat_template``).
+
+    Rendered in a sandbox as ``transformers`` does: ``trim_blocks``/``lstrip_blocks``,
+    ``raise_exception``, a non-escaping ``tojson``, and the variables ``messages``, ``tools``,
+    ``add_generation_prompt=True``, ``bos_token`` and ``eos_token``. ``variables`` adds more
+    (e.g. ``{"enable_thinking": False}``).
+
+    >>> template = JinjaTemplate("{% for m in messages %}[{{ m.role }}] {{ m.content }}\\n"
+    ...                          "{% endfor %}[assistant] ")
+    >>> template.render_text([{"role": "user", "content": "Hi"}])
+    '[user] Hi\\n[assistant] '
+    """
+
+    def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "",
+                 variables: Mapping[str, Any] | None = None) -> None:
+        try:
+            self._template = _environment().from_string(source)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ConfigError(f"chat template does not compile: {exc.message} "
+                              f"(line {exc.lineno})") from exc
+        self.source = source
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.variables = dict(variables or {})
+
+    def render_text(self, messages: Sequence[Mapping[str, Any]],
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """The prompt for ``messages`` and ``tools``; template errors become ``ConfigError``."""
+        try:
+            return self._template.render(
+                **self.variables, messages=validate_messages(messages),
+                tools=validate_tools(tools), add_generation_prompt=True,
+                bos_token=self.bos_token, eos_token=self.eos_token)
+        except (jinja2.TemplateError, TypeError) as exc:
+            raise ConfigError(f"chat template failed on these messages: {exc}") from exc
+
+    async def render(self, messages: Sequence[Mapping[str, Any]],
+                     tools: Sequence[Mapping[str, Any]] | None,
+                     backend: TemplateBackend) -> str:
+        return self.render_text(messages, tools)
+
+    def __repr__(self) -> str:
+        return f"JinjaTemplate(<{len(self.source)} characters>, bos_token={self.bos_token!r})"
+
+
+class ServerTemplate(ChatTemplate):
+    """The server's own chat template (TGI ``/chat_tokenize``, its ``templated_text``).
+
+    TGI keeps only role and content of each message, so assistant ``tool_calls`` reach the
+    template flattened; pick a client-side template for multi-turn tool conversations.
+    """
+
+    async def render(self, messages: Sequence[Mapping[str, Any]],
+                     tools: Sequence[Mapping[str, Any]] | None,
+                     backend: TemplateBackend) -> str:
+        text = await backend.render_chat(validate_messages(messages), validate_tools(tools))
+        if text is None:
+            raise ConfigError(
+                f"the server {getattr(backend, 'url', '')} cannot render chat templates; choose "
+                "a client-side template: 'chatml', 'deepseek-r1' or a Jinja template source")
+        return text
+
+    def __repr__(self) -> str:
+        return "ServerTemplate()"
+
+
+# The Hermes tool section and tool-call layout of Qwen2.5's chat template, shared by both
+# built-ins. Jinja reads the "\n" escapes, hence raw strings.
+_TOOLS_SECTION = r"""
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>" }}
+"""  # noqa: E501
+
+_TOOL_CALLS = r"""
+        {%- for tool_call in message.tool_calls %}
+            {%- if content or not loop.first %}
+                {{- '\n' }}
+            {%- endif %}
+            {{- '<tool_call>\n{"name": "' + tool_call.function.name + '", "arguments": ' }}
+            {{- tool_call.function.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+"""
+
+_CHATML_SOURCE = r"""
+{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- elif default_system %}
+        {{- default_system + '\n\n' }}
+    {%- endif %}
+""" + _TOOLS_SECTION + r"""
+    {{- '<|im_end|>\n' }}
+{%- elif messages[0].role == 'system' %}
+    {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+{%- elif default_system %}
+    {{- '<|im_start|>system\n' + default_system + '<|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.role == 'user' or (message.role == 'system' and not loop.first) or (message.role == 'assistant' and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
+    {%- elif message.role == 'assistant' %}
+        {%- set content = message.content or '' %}
+        {{- '<|im_start|>assistant\n' + content }}
+""" + _TOOL_CALLS + r"""
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == 'tool' %}
+        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""  # noqa: E501
+
+_DEEPSEEK_R1_SOURCE = r"""
+{%- set ns = namespace(system='') %}
+{%- for message in messages if message.role == 'system' %}
+    {%- set ns.system = ns.system + ('\n\n' if ns.system else '') + message.content %}
+{%- endfor %}
+{{- bos_token + ns.system }}
+{%- if tools %}
+    {%- if ns.system %}
+        {{- '\n\n' }}
+    {%- endif %}
+""" + _TOOLS_SECTION + r"""
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.role == 'user' %}
+        {{- '<｜User｜>' + message.content }}
+    {%- elif message.role == 'assistant' %}
+        {%- set content = message.content or '' %}
+        {%- if '</think>' in content %}
+            {%- set content = content.split('</think>')[-1] %}
+        {%- endif %}
+        {{- '<｜Assistant｜>' + content }}
+""" + _TOOL_CALLS + r"""
+        {{- '<｜end▁of▁sentence｜>' }}
+    {%- elif message.role == 'tool' %}
+        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}
+            {{- '<｜User｜>' }}
+        {%- else %}
+            {{- '\n' }}
+        {%- endif %}
+        {{- '<tool_response>\n' + message.content + '\n</tool_response>' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<｜Assistant｜><think>\n' }}
+{%- endif %}
+"""
+
+CHATML = JinjaTemplate(_CHATML_SOURCE, eos_token="<|im_end|>")
+"""ChatML as Qwen2.5-Instruct lays it out, tools included (``<tools>`` in the system turn,
+``<tool_call>`` blocks, ``<tool_response>`` in a user turn); SmolLM2 uses the same turns.
+Unlike those templates it adds no default system prompt ("You are Qwen, ...", "You are a
+helpful AI assistant named SmolLM, ..."); pass ``variables={"default_system": ...}`` to a
+``JinjaTemplate(CHATML.source, ...)`` for one."""
+
+DEEPSEEK_R1 = JinjaTemplate(_DEEPSEEK_R1_SOURCE, bos_token="<｜begin▁of▁sentence｜>",
+                            eos_token="<｜end▁of▁sentence｜>")
+"""The DeepSeek-R1-Distill template: BOS, the system text, ``<｜User｜>``/``<｜Assistant｜>``
+turns, earlier answers without their reasoning, and the generation prompt
+``<｜Assistant｜><think>\\n`` (so the output begins inside the reasoning). Tools use the Hermes
+form in the system text, since the distills never learnt DeepSeek-V3's tool tokens."""
+
+_BUILTIN: dict[str, ChatTemplate] = {"chatml": CHATML, "deepseek-r1": DEEPSEEK_R1}
+
+
+def resolve_template(spec: ChatTemplate | str, backend: object) -> ChatTemplate:
+    """The template ``spec`` names, for ``backend``.
+
+    ``spec`` is a ``ChatTemplate``; ``"auto"`` (the server's template when the backend renders
+    chat templates, i.e. has ``renders_chat_template = True``, else ``CHATML``); ``"server"``;
+    ``"chatml"``; ``"deepseek-r1"``; or a Jinja template source.
+    """
+    if isinstance(spec, ChatTemplate):
+        return spec
+    if not isinstance(spec, str):
+        raise ConfigError(f"chat template must be a ChatTemplate or a string, "
+                          f"got {type(spec).__name__}")
+    if "{%" in spec or "{{" in spec:
+        return JinjaTemplate(spec)
+    name = spec.strip().lower().replace("_", "-")
+    if name == "auto":
+        return ServerTemplate() if getattr(backend, "renders_chat_template", False) else CHATML
+    if name == "server":
+        return ServerTemplate()
+    if name in _BUILTIN:
+        return _BUILTIN[name]
+    raise ConfigError(f"unknown chat template {spec!r}; choose 'auto', 'server', "
+                      f"{', '.join(repr(n) for n in _BUILTIN)}, or pass a Jinja template source")
+
+
+async def render_prompt(template: ChatTemplate, messages: Sequence[Mapping[str, Any]],
+                        tools: Sequence[Mapping[str, Any]] | None, backend: TemplateBackend,
+                        *, tool_choice: str | Mapping[str, Any] | None = "auto") -> str:
+    """Validate, apply ``tool_choice``, render, and drop a leading BOS the server would repeat."""
+    valid_messages, valid_tools = apply_tool_choice(messages, tools, tool_choice)
+    prompt = await template.render(valid_messages, valid_tools, backend)
+    if backend.adds_bos_token:
+        for bos in (template.bos_token, *COMMON_BOS_TOKENS):
+            if bos and prompt.startswith(bos):
+                return prompt[len(bos):]
+    return prompt

@@ -1,0 +1,1 @@
+"""Offline doubles: deterministic models and backends for tests."""
