@@ -22,7 +22,9 @@ RETRY_AFTER_CAP = 30.0
 DEFAULT_MAX_NEW_TOKENS = 4096
 
 POOL_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=512,
-                           keepalive_expiry=30.0)
+                           keepalive_expiry=4.0)
+"""Idle connections are dropped before common servers drop them (uvicorn, behind vLLM and
+llama.cpp's Python server, closes after 5 s), so a request never lands on a closing socket."""
 
 
 def default_timeout(read: float | None = DEFAULT_READ_TIMEOUT,

@@ -47,6 +47,7 @@ TargetErrorPolicy = Literal["fallback", "raise"]
 T = TypeVar("T")
 
 DEFAULT_MAX_NEW_TOKENS = 4096
+REASONING_START = "<think>"
 CONTEXT_MARGIN_TOKENS = 8
 """Slack for re-tokenising accepted text, which may take a few more tokens than were generated."""
 
@@ -82,6 +83,9 @@ class _Run:
     events: list[Event] = field(default_factory=list)
     target_ok: bool = True
     in_scope: bool = True
+    reasoning: bool | None = None
+    """Inside a reasoning section: the prompt or the text opened ``<think>`` and it has not
+    closed yet (``None`` until the first accepted text tells)."""
     done: bool = False
     next_rule: Rule | None = None
 
@@ -171,6 +175,8 @@ class SpeculativeThinker:
         """Stream events as text is accepted; the last event is a :class:`FinishEvent`."""
         run = await self._prepare(messages, max_new_tokens=max_new_tokens, stop=stop,
                                   sampling=sampling, tools=tools, tool_choice=tool_choice)
+        for early in tuple(run.events):  # a target found down before the first request
+            yield early
         async with aclosing(self._drive(run)) as stream:
             async for event in stream:
                 yield event
@@ -201,19 +207,38 @@ class SpeculativeThinker:
         checked = prompts.validate_messages(messages)
         if tools is not None or tool_choice is not None:
             checked, tools = prompts.apply_tool_choice(checked, tools, tool_choice)
-        rendered = await asyncio.gather(*(
-            prompts.render_prompt(prompts.resolve_template(spec, backend), checked, tools, backend)
-            for spec, backend in ((self.small_template, self.small),
-                                  (self.target_template, self.target))))
-        run_prompts: dict[Role, str] = {"small": rendered[0], "target": rendered[1]}
+
+        async def render(role: Role) -> str:
+            backend = self.backends[role]
+            spec = self.small_template if role == "small" else self.target_template
+            template = prompts.resolve_template(spec, backend)
+            try:
+                return await prompts.render_prompt(template, checked, tools, backend)
+            except BackendError as exc:
+                exc.role = role
+                raise
+
         rules = self.rules
-        run = _Run(prompts=run_prompts, budget_left=budget, stop=stops,
+        run = _Run(prompts={"small": "", "target": ""}, budget_left=budget, stop=stops,
                    sampling=sampling or SamplingParams(),
                    reflection_count=0, reflection_threshold=rules.reflection_threshold,
                    n3=rules.n3)
-        if self.check_prompt_length:
-            await asyncio.gather(*(self._check_limits(run, role, len(stops))
-                                   for role in ("small", "target")))
+
+        async def prepare_role(role: Role) -> None:
+            run.prompts[role] = await render(role)
+            if self.check_prompt_length:
+                await self._check_limits(run, role, len(stops))
+
+        small_ready, target_ready = await asyncio.gather(
+            prepare_role("small"), prepare_role("target"), return_exceptions=True)
+        for outcome in (small_ready, target_ready):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, BackendError):
+                raise outcome
+        if isinstance(small_ready, BaseException):
+            raise small_ready
+        if isinstance(target_ready, BackendError):
+            # the target is unreachable before we start: the policy decides, as mid-answer
+            self._target_failed(run, target_ready)
         return run
 
     def _room(self, run: _Run, role: Role, wanted: int) -> int:
@@ -475,17 +500,21 @@ class SpeculativeThinker:
                 elif run.budget_left <= 0:
                     run.finish("length")
         except BackendError as exc:
-            exc.role = "target"
-            if self.on_target_error == "raise":
-                raise
-            run.target_ok = False
-            run.stats.fallback = True
-            run.stats.fallback_error = str(exc)
-            warnings.warn(f"target server failed, the small model continues alone: {exc}",
-                          TargetFallbackWarning, stacklevel=2)
-            fallback = FallbackEvent(offset=len(run.text), error=str(exc))
-            run.events.append(fallback)
-            yield fallback
+            yield self._target_failed(run, exc)
+
+    def _target_failed(self, run: _Run, exc: BackendError) -> FallbackEvent:
+        """Apply ``on_target_error``: raise, or let the small model go on alone."""
+        exc.role = "target"
+        if self.on_target_error == "raise":
+            raise exc
+        run.target_ok = False
+        run.stats.fallback = True
+        run.stats.fallback_error = str(exc)
+        warnings.warn(f"target server failed, the small model continues alone: {exc}",
+                      TargetFallbackWarning, stacklevel=3)
+        fallback = FallbackEvent(offset=len(run.text), error=str(exc))
+        run.events.append(fallback)
+        return fallback
 
     async def _intervene(self, run: _Run) -> AsyncGenerator[Event, None]:
         """Rule 3: the intervention text, then ``n3`` target tokens; the counters adapt."""
@@ -536,9 +565,16 @@ class SpeculativeThinker:
         run.budget_left -= tokens
         before = len(run.text)
         run.text += text
-        if run.in_scope and self.rules.scope == "thinking":
-            end = self.rules.thinking_end
-            if end in run.text[max(0, before - len(end)):]:
+        end = self.rules.thinking_end
+        if run.reasoning is None:
+            run.reasoning = (run.prompts["small"].rstrip().endswith(REASONING_START)
+                             or run.text.lstrip().startswith(REASONING_START))
+        if run.reasoning or (run.in_scope and self.rules.scope == "thinking"):
+            closed = end in run.text[max(0, before - len(end)):]
+            if run.reasoning:
+                stats.reasoning_tokens += tokens
+                run.reasoning = not closed
+            if closed and self.rules.scope == "thinking":
                 run.in_scope = False
         piece = TextEvent(source, text, rule)
         if not run.stop:

@@ -154,7 +154,7 @@ class StreamErrorEvent(BackendError):
 
 
 class TargetFallbackWarning(UserWarning):
-    """The target server failed and the small model went on alone (``on_target_error="fallback"``)."""
+    """The target failed; the small model went on alone (``on_target_error="fallback"``)."""
 
 
 _BY_ERROR_TYPE: dict[str, type[BackendStatusError]] = {

@@ -94,7 +94,8 @@ class TakeoverRules(BaseModel):
         if self.n3_max < self.n3:
             raise ValueError(f"n3_max ({self.n3_max}) must be >= n3 ({self.n3})")
         if self.mode == "reasoning" and self.reflection_takeover and not self.keywords:
-            raise ValueError("reasoning mode needs at least one keyword in positive/negative/verify")
+            raise ValueError(
+                "reasoning mode needs at least one keyword in positive/negative/verify")
         return self
 
     # ---- presets -------------------------------------------------------------------------

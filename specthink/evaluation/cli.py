@@ -1,0 +1,289 @@
+"""``specthink eval``: accuracy, output length and target share on a problem file.
+
+    specthink eval --dataset math500.jsonl --small URL --target URL --out results/math500
+    specthink eval --dataset sample --mode small --mode speculative --limit 5 --out /tmp/try
+
+The top-level ``specthink`` command adds this one through :func:`register`. Progress and the
+summary table go to stderr; stdout gets the paths of the files written (or, with ``--json``, the
+summary as JSON). Exit codes: 2 bad input, 3 a server failed before the run could start, 1 when
+some answers failed to generate (rerun to retry them), 130 when interrupted (rerun to resume).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from specthink.backends.base import Backend, SamplingParams
+from specthink.errors import BackendConnectionError, BackendError, ConfigError, SpecthinkError
+from specthink.rules import PRESETS
+
+__all__ = ["eval_command", "register"]
+
+INSTALL_HINT = "specthink eval needs the `eval` extra: pip install 'specthink[eval]'"
+EXIT_CONFIG, EXIT_BACKEND, EXIT_FAILED_ANSWERS, EXIT_INTERRUPTED = 2, 3, 1, 130
+
+
+class BackendChoice(StrEnum):
+    """Wire protocol of the two servers."""
+
+    auto = "auto"
+    tgi = "tgi"
+    openai = "openai"
+
+
+class ModeChoice(StrEnum):
+    """The modes, in the paper's order."""
+
+    small = "small"
+    speculative = "speculative"
+    target = "target"
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def _missing_extras() -> list[str]:
+    return [name for name in ("math_verify", "matplotlib")
+            if importlib.util.find_spec(name) is None]
+
+
+async def _is_tgi(url: str, api_key: str | None) -> bool:
+    """TGI answers ``GET /info`` with its ``model_id``; OpenAI-compatible servers do not."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            response = await client.get(f"{url.rstrip('/')}/info", headers=headers)
+    except httpx.HTTPError as exc:
+        raise BackendConnectionError(f"cannot reach the server: {exc}", url=url) from exc
+    try:
+        return response.status_code == 200 and "model_id" in response.json()
+    except ValueError:
+        return False
+
+
+async def _open_backend(url: str, protocol: BackendChoice, *, api_key: str | None,
+                        model: str | None) -> Backend:
+    from specthink.backends.openai import OpenAICompletionsBackend
+    from specthink.backends.tgi import TGIBackend
+
+    if protocol is BackendChoice.tgi or (protocol is BackendChoice.auto
+                                         and await _is_tgi(url, api_key)):
+        return TGIBackend(url, api_key=api_key)
+    return OpenAICompletionsBackend(url, model=model, api_key=api_key)
+
+
+class _ProgressView:
+    """The progress bar, with each mode's running score in its description."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task: Any = None
+        self.scores: dict[str, list[int]] = {}
+
+    def start(self, pending: int, resumed: int) -> None:
+        if resumed:
+            self.progress.console.print(Text(
+                f"resuming: {resumed} answers already recorded, {pending} to go", style="dim"))
+        self.task = self.progress.add_task("answering", total=pending)
+
+    def record(self, record: Any) -> None:
+        correct, seen = self.scores.setdefault(record.mode, [0, 0])
+        self.scores[record.mode] = [correct + int(record.correct), seen + 1]
+        description = "  ".join(f"{mode} {self.scores[mode][0]}/{self.scores[mode][1]} right"
+                                for mode in ModeChoice if mode in self.scores)
+        self.progress.update(self.task, advance=1, description=description)
+        if record.error:
+            self.progress.console.print(Text(f"{record.id} ({record.mode}): {record.error}",
+                                             style="red"), soft_wrap=True)
+
+
+async def _run(*, dataset: str, problems: list[Any], urls: dict[str, str | None],
+               protocol: BackendChoice, api_key: str | None, models: dict[str, str | None],
+               modes: list[str], settings: Any, out: Path, grading_workers: int,
+               grading_timeout: float, err: Console) -> Any:
+    from specthink.evaluation.grading import Grader
+    from specthink.evaluation.runner import cast_modes, run_evaluation
+
+    backends: dict[str, Backend] = {}
+    try:
+        for role, url in urls.items():
+            if url:
+                backends[role] = await _open_backend(url, protocol, api_key=api_key,
+                                                     model=models[role])
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=err,
+                            transient=False)
+        view = _ProgressView(progress)
+        # Not started here: run_evaluation starts the workers only when there is work to grade.
+        grader = Grader(workers=grading_workers, timeout=grading_timeout)
+        try:
+            with progress:
+                return await run_evaluation(
+                    problems, small=backends.get("small"), target=backends.get("target"),
+                    out_dir=out, modes=cast_modes(modes), settings=settings, grader=grader,
+                    on_start=view.start, on_record=view.record)
+        finally:
+            grader.close()
+    finally:
+        await asyncio.gather(*(backend.aclose() for backend in backends.values()))
+
+
+def _preset(value: str) -> str:
+    if value not in PRESETS:
+        raise typer.BadParameter(f"{value!r} is not a preset; choose one of {', '.join(PRESETS)}")
+    return value
+
+
+def eval_command(
+    dataset: Annotated[str, typer.Option(
+        "--dataset", help="Problem file (.jsonl, .json or .csv: MATH500, AIME, AMC23, "
+        "GPQA-Diamond or {problem, answer, id} lines), or `sample` for the bundled 20 problems.",
+    )],
+    out: Annotated[Path, typer.Option(
+        "--out", file_okay=False, help="Directory for results.jsonl, run.json, summary.md, "
+        "summary.json and plot.png; an existing run there is resumed.")] = Path("results"),
+    small: Annotated[str | None, typer.Option(
+        "--small", envvar="SPECTHINK_SMALL_URL", show_envvar=True,
+        help="URL of the small model's server.")] = None,
+    target: Annotated[str | None, typer.Option(
+        "--target", envvar="SPECTHINK_TARGET_URL", show_envvar=True,
+        help="URL of the target model's server.")] = None,
+    backend: Annotated[BackendChoice, typer.Option(
+        "--backend", envvar="SPECTHINK_BACKEND",
+        help="Wire protocol: tgi, openai (/v1/completions: vLLM, SGLang), or auto.",
+    )] = BackendChoice.auto,
+    mode: Annotated[list[ModeChoice] | None, typer.Option(
+        "--mode", help="Run this mode (repeatable) [default: small, speculative and target].",
+        show_default=False)] = None,
+    concurrency: Annotated[int, typer.Option(
+        "--concurrency", min=1, help="Answers generated at once, all modes together.")] = 8,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", min=1, help="Only the first N problems of the file.")] = None,
+    max_tokens: Annotated[int, typer.Option(
+        "--max-tokens", min=1, help="Output token budget per answer (the servers' "
+        "max_total_tokens also caps prompt + output; the paper used 32768 for both).")] = 32768,
+    rules: Annotated[str, typer.Option(
+        "--rules", callback=_preset, help=f"Takeover rules of the speculative mode: "
+        f"{', '.join(PRESETS)} (paper_instruct for a non-reasoning small model).")] = "paper",
+    template: Annotated[str, typer.Option(
+        "--template", help="Chat template of both models: auto (the server's), server, chatml, "
+        "deepseek-r1.")] = "auto",
+    small_template: Annotated[str | None, typer.Option(
+        "--small-template", help="Chat template of the small model (overrides --template).",
+    )] = None,
+    target_template: Annotated[str | None, typer.Option(
+        "--target-template", help="Chat template of the target model (overrides --template).",
+    )] = None,
+    small_model: Annotated[str | None, typer.Option(
+        "--small-model", envvar="SPECTHINK_SMALL_MODEL",
+        help="Model name sent to an OpenAI-compatible small server.")] = None,
+    target_model: Annotated[str | None, typer.Option(
+        "--target-model", envvar="SPECTHINK_TARGET_MODEL",
+        help="Model name sent to an OpenAI-compatible target server.")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="SPECTHINK_API_KEY", show_default=False,
+        help="Sent to both servers as Authorization: Bearer.")] = None,
+    temperature: Annotated[float, typer.Option(
+        "--temperature", min=0.0, help="Sampling temperature (0: greedy).")] = 0.6,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
+    top_k: Annotated[int, typer.Option("--top-k", min=0)] = 50,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    grading_workers: Annotated[int, typer.Option(
+        "--grading-workers", min=1, help="Processes comparing maths answers.")] = 2,
+    grading_timeout: Annotated[float, typer.Option(
+        "--grading-timeout", min=0.1, help="Seconds one comparison may take before its "
+        "worker is replaced and the answer counted wrong.")] = 10.0,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Evaluate accuracy, output length and target share, as in the paper's Table 2.
+
+    Each problem is answered in each mode (small alone, speculative, target alone), graded from
+    its last \\boxed{} answer, and written to OUT/results.jsonl at once; run the same command
+    again to resume an interrupted run.
+    """
+    err = _stderr()
+    missing = _missing_extras()
+    if missing:
+        err.print(Text(f"{INSTALL_HINT} (missing: {', '.join(missing)})", style="bold red"))
+        raise typer.Exit(1)
+    from specthink.evaluation.datasets import SAMPLE, load_problems
+    from specthink.evaluation.report import rich_table, summarize, write_reports
+    from specthink.evaluation.runner import MODES, EvalSettings
+
+    modes = [m.value for m in mode] if mode else list(MODES)
+    try:
+        problems = load_problems(dataset)
+        if limit is not None:
+            problems = problems[:limit]
+        needs = {"small": any(m in ("small", "speculative") for m in modes),
+                 "target": any(m in ("target", "speculative") for m in modes)}
+        urls = {"small": small if needs["small"] else None,
+                "target": target if needs["target"] else None}
+        for role, needed in needs.items():
+            if needed and not urls[role]:
+                option = f"--{role} / SPECTHINK_{role.upper()}_URL"
+                raise ConfigError(f"the modes {', '.join(modes)} need the {role} model's server: "
+                                  f"set {option}")
+        sampling = (SamplingParams(temperature=temperature, top_p=top_p if top_p < 1 else None,
+                                   top_k=top_k or None, seed=seed)
+                    if temperature > 0 else SamplingParams(seed=seed))
+        settings = EvalSettings(max_tokens=max_tokens, sampling=sampling, rules=rules,
+                                small_template=small_template or template,
+                                target_template=target_template or template,
+                                concurrency=concurrency)
+        run = asyncio.run(_run(
+            dataset=dataset, problems=problems, urls=urls, protocol=backend, api_key=api_key,
+            models={"small": small_model, "target": target_model}, modes=modes,
+            settings=settings, out=out, grading_workers=grading_workers,
+            grading_timeout=grading_timeout, err=err))
+    except KeyboardInterrupt:
+        err.print(Text(f"interrupted; the answers so far are in {out / 'results.jsonl'}: "
+                       "run the same command again to resume", style="yellow"))
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except SpecthinkError as error:
+        code = (EXIT_CONFIG if isinstance(error, ConfigError)
+                else EXIT_BACKEND if isinstance(error, BackendError) else 1)
+        err.print(Text(f"error: {error}", style="bold red"), soft_wrap=True)
+        raise typer.Exit(code) from error
+
+    name = "sample" if dataset == SAMPLE and not Path(dataset).exists() else Path(dataset).stem
+    run_info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    summaries = summarize(run.records)
+    paths = write_reports(summaries, out, dataset=name, models=run_info.get("models"))
+    err.print(rich_table(summaries, title=f"{name}: {len(problems)} problems "
+                                          f"({run.generated} answered now, {run.resumed} resumed)"))
+    if as_json:
+        sys.stdout.write(paths["json"].read_text(encoding="utf-8"))
+    else:
+        sys.stdout.write("".join(f"{p}\n" for p in (out / "results.jsonl", *paths.values())))
+    failed = sum(s.errors for s in summaries)
+    if failed:
+        err.print(Text(f"{failed} answers failed to generate (counted wrong); run the same "
+                       "command again to retry them", style="yellow"))
+        raise typer.Exit(EXIT_FAILED_ANSWERS)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``eval`` command to the ``specthink`` application."""
+    app.command("eval")(eval_command)

@@ -1,0 +1,671 @@
+"""``ChatSpeculativeThinking``: speculative thinking as a LangChain chat model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Self, TypeVar, cast
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.base import LangSmithParams
+from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from langchain_core.utils import from_env, secret_from_env
+from langchain_core.utils.utils import _build_model_kwargs
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
+
+from specthink import prompts
+from specthink.backends.base import Backend, SamplingParams
+from specthink.engine import SpeculativeThinker, _LoopThread
+from specthink.errors import BackendError, ConfigError
+from specthink.rules import PRESETS, TakeoverRules
+from specthink.trace import Event, FinishEvent, TextEvent
+
+from ._messages import to_engine_messages
+from ._output import ChunkAssembler, OutputShape, message_from_result
+from ._structured import (
+    StructuredMethod,
+    ToolLike,
+    format_tools,
+    grammar_for,
+    json_instruction,
+    normalize_tool_choice,
+    response_format_for,
+    structured_runnable,
+)
+
+__all__ = ["ChatSpeculativeThinking"]
+
+_T = TypeVar("_T")
+_LLM_TYPE = "specthink-chat"
+_PROBE_MESSAGES = [{"role": "user", "content": "Hi"}]
+_EXTRA_SAMPLING = frozenset(f.name for f in fields(SamplingParams)) - {
+    "temperature", "top_p", "top_k", "seed", "grammar"}
+"""Sampling settings without a field of their own; they go through ``model_kwargs``."""
+_BUILD_LOCK = threading.Lock()
+"""Guards the lazy construction of backends and engine (``batch`` calls from many threads)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One request, ready for the engine."""
+
+    messages: list[dict[str, Any]]
+    params: dict[str, Any]
+    parse_tools: bool
+    constrained: bool
+    """A grammar constrains the whole output, so the model cannot write reasoning first."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Description:
+    model_name: str
+    opens_reasoning: bool
+
+
+class ChatSpeculativeThinking(BaseChatModel):
+    """Speculative Thinking (arXiv 2504.12329) as a LangChain chat model.
+
+    A small reasoning model writes; at reasoning breakpoints (a blank line followed by "wait",
+    "yes", "check", ...) a larger model takes over for a few tokens, then hands back. Two
+    text-generation servers do the work: ``small_url`` and ``target_url``.
+
+    Setup:
+        Install the extra and point the model at the two servers (TGI, or any
+        OpenAI-compatible ``/v1/completions`` server with ``backend="openai"``):
+
+        .. code-block:: bash
+
+            pip install "specthink[langchain]"
+            export SPECTHINK_SMALL_URL="http://small-tgi:8080"
+            export SPECTHINK_TARGET_URL="http://target-tgi:8080"
+            export SPECTHINK_API_KEY="..."   # optional, sent as Authorization: Bearer
+
+    Key init args — completion params:
+        temperature: float | None
+            Sampling temperature; ``0`` or ``None`` means greedy decoding.
+        top_p: float | None
+            Nucleus sampling.
+        top_k: int | None
+            Top-k sampling.
+        max_tokens: int | None
+            Budget of generated tokens, both models and the intervention text together.
+        stop: list[str] | None
+            Stop sequences; the text is cut where one begins.
+        rules: str | TakeoverRules
+            When the target takes over: a preset name (``"paper"``, ``"paper_instruct"``,
+            ...) or a ``specthink.TakeoverRules``.
+
+    Key init args — client params:
+        small_url / target_url: str
+            The servers (default ``$SPECTHINK_SMALL_URL`` / ``$SPECTHINK_TARGET_URL``).
+        backend: "tgi" | "openai"
+            The wire protocol both servers speak.
+        api_key: SecretStr | None
+            Bearer token for both servers (default ``$SPECTHINK_API_KEY``).
+        timeout: float | None
+            Seconds a stream may stay silent before it counts as stalled (no total limit).
+        max_retries: int | None
+            Retries of a request that failed before its first token (429, 503, refused).
+        on_target_error: "fallback" | "raise"
+            If the target server fails, let the small model finish alone, or raise.
+
+    Instantiate:
+        .. code-block:: python
+
+            from specthink_lc import ChatSpeculativeThinking
+
+            model = ChatSpeculativeThinking(
+                small_url="http://127.0.0.1:8031",
+                target_url="http://127.0.0.1:8032",
+                temperature=0,
+                max_tokens=512,
+            )
+
+    Invoke:
+        .. code-block:: python
+
+            message = model.invoke("What is 12 * 13?")
+            message.content
+            message.additional_kwargs["reasoning_content"]
+
+        .. code-block:: python
+
+            '12 * 13 = 156.'
+            '12 * 13 is 12 * 10 + 12 * 3 = 120 + 36.\\n\\nWait, let me check: 156.'
+
+        The reasoning (``<think>…</think>``) never lands in ``content``. With
+        ``output_version="v1"`` it is a ``{"type": "reasoning"}`` content block instead.
+
+    Stream:
+        .. code-block:: python
+
+            for chunk in model.stream("What is 12 * 13?"):
+                print(chunk.text, end="", flush=True)
+
+        Reasoning chunks carry ``additional_kwargs["reasoning_content"]`` and empty text. The
+        last chunk has ``chunk_position="last"``, the usage and the response metadata; a
+        probe the small model wrote and the target replaced is never streamed.
+
+    Async:
+        .. code-block:: python
+
+            await model.ainvoke("What is 12 * 13?")
+            async for chunk in model.astream("What is 12 * 13?"):
+                ...
+            await model.abatch([f"What is {n} * 13?" for n in range(64)])
+
+        The async methods run on the engine itself (no thread pool), so a batch of 64
+        conversations shares one event loop.
+
+    Tool calling:
+        .. code-block:: python
+
+            from langchain_core.tools import tool
+
+            @tool
+            def get_weather(location: str) -> str:
+                \"\"\"Get the current weather in a given location.\"\"\"
+                return "It's sunny."
+
+            message = model.bind_tools([get_weather]).invoke("Weather in Paris?")
+            message.tool_calls
+
+        .. code-block:: python
+
+            [{'name': 'get_weather', 'args': {'location': 'Paris'},
+              'id': 'call_4f1c0e2a9b7d', 'type': 'tool_call'}]
+
+        Tools are rendered into the chat template in the Hermes/Qwen form and the
+        ``<tool_call>`` blocks are read back from the answer, never from the reasoning.
+        ``tool_choice`` takes a tool name, ``"any"``/``"required"``, ``"auto"`` or ``"none"``.
+
+    Structured output:
+        .. code-block:: python
+
+            from pydantic import BaseModel
+
+            class Joke(BaseModel):
+                setup: str
+                punchline: str
+
+            model.with_structured_output(Joke).invoke("Tell me a joke about cats.")
+
+        .. code-block:: python
+
+            Joke(setup='Why was the cat sitting on the computer?',
+                 punchline='To keep an eye on the mouse!')
+
+        ``method`` is ``"function_calling"`` (default: a forced tool call),
+        ``"json_schema"`` (the schema goes into the system prompt, and into a TGI grammar
+        when both servers take one) or ``"json_mode"``; ``include_raw=True`` returns
+        ``{"raw", "parsed", "parsing_error"}``.
+
+    Token usage:
+        .. code-block:: python
+
+            message.usage_metadata
+
+        .. code-block:: python
+
+            {'input_tokens': 21, 'output_tokens': 48, 'total_tokens': 69,
+             'output_token_details': {'reasoning': 30}}
+
+        ``output_tokens`` counts every accepted token, whichever model wrote it; a stream
+        reports usage on its last chunk only.
+
+    Response metadata:
+        .. code-block:: python
+
+            message.response_metadata
+
+        .. code-block:: python
+
+            {'model_name': 'small-model+target-model', 'model_provider': 'specthink',
+             'finish_reason': 'stop', 'speculative_thinking': {...},
+             'speculative_trace': {'segments': [...], 'takeovers': [...]}}
+
+    Speculative-thinking statistics:
+        ``response_metadata["speculative_thinking"]`` holds the request's statistics as the
+        engine counted them: tokens per model (``small_tokens``, ``target_tokens``,
+        ``intervention_tokens``), ``discarded_tokens`` (probes thrown away), ``takeovers``
+        per rule, ``target_share``, ``requests`` and ``retries`` per model, and whether the
+        target failed (``fallback``). ``response_metadata["speculative_trace"]`` says who
+        wrote what: ``segments`` (source, rule, text) and ``takeovers`` (rule, offset).
+    """
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    small_url: str = Field(default_factory=from_env("SPECTHINK_SMALL_URL"))
+    """URL of the small (speculative) model's server; default ``$SPECTHINK_SMALL_URL``."""
+    target_url: str = Field(default_factory=from_env("SPECTHINK_TARGET_URL"))
+    """URL of the target model's server; default ``$SPECTHINK_TARGET_URL``."""
+    backend: Literal["tgi", "openai"] = "tgi"
+    """Wire protocol of both servers: TGI's ``/generate_stream`` or OpenAI ``/v1/completions``."""
+    small_model: str | None = None
+    """Model name sent to an OpenAI-compatible small server (``backend="openai"``)."""
+    target_model: str | None = None
+    """Model name sent to an OpenAI-compatible target server (``backend="openai"``)."""
+    model_name: str | None = Field(default=None, alias="model")
+    """Name of the pair in traces and usage; default: the servers' model ids joined by ``+``."""
+    rules: str | TakeoverRules = "paper"
+    """Takeover rules: a preset name (``paper``, ``paper_instruct``, ...) or ``TakeoverRules``."""
+    temperature: float | None = Field(default=None, ge=0)
+    """Sampling temperature; ``0`` or ``None`` is greedy decoding."""
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    """Nucleus sampling: keep the smallest token set with this probability mass."""
+    top_k: int | None = Field(default=None, gt=0)
+    """Sample from the ``top_k`` most likely tokens."""
+    seed: int | None = None
+    """Random seed of the servers' sampler."""
+    max_tokens: int | None = Field(default=None, gt=0, alias="max_new_tokens")
+    """Generated-token budget of a request, both models together (engine default 4096)."""
+    stop: list[str] | None = Field(default=None, alias="stop_sequences")
+    """Stop sequences: the output is cut where the first one begins."""
+    timeout: float | None = Field(default=None, gt=0, alias="request_timeout")
+    """Seconds a server may stay silent (connecting or mid-stream) before the request fails;
+    a long, healthy stream is never cut. Default: 120 s of silence."""
+    max_retries: int | None = Field(default=None, ge=0)
+    """Retries of a request that failed before its first token; default 2."""
+    api_key: SecretStr | None = Field(
+        default_factory=secret_from_env("SPECTHINK_API_KEY", default=None))
+    """Bearer token for both servers; default ``$SPECTHINK_API_KEY``. Never printed."""
+    streaming: bool = False
+    """Whether ``invoke`` streams internally (callbacks then see every token)."""
+    small_template: str = "auto"
+    """Chat template of the small model: ``auto`` (the server's own where it renders one, else
+    ChatML), ``server``, ``chatml``, ``deepseek-r1``, or a Jinja template source."""
+    target_template: str = "auto"
+    """Chat template of the target model, as ``small_template``."""
+    on_target_error: Literal["fallback", "raise"] = "fallback"
+    """If the target fails: ``fallback`` lets the small model finish alone, ``raise`` raises."""
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Further sampling settings of ``SamplingParams`` (e.g. ``repetition_penalty``)."""
+
+    _backends: tuple[Backend, Backend] | None = PrivateAttr(default=None)
+    _thinker: SpeculativeThinker | None = PrivateAttr(default=None)
+    _thinker_key: tuple[Any, ...] | None = PrivateAttr(default=None)
+    _description: _Description | None = PrivateAttr(default=None)
+
+    # ---- construction --------------------------------------------------------------------
+
+    @model_validator(mode="before")
+    @classmethod
+    def _build_extra(cls, values: dict[str, Any]) -> Any:
+        """Sweep unknown constructor arguments into ``model_kwargs`` (with a warning)."""
+        if not isinstance(values, dict):
+            return values
+        return _build_model_kwargs(values, _field_names(cls))
+
+    @field_validator("rules")
+    @classmethod
+    def _known_preset(cls, rules: str | TakeoverRules) -> str | TakeoverRules:
+        if isinstance(rules, str) and rules not in PRESETS:
+            raise ValueError(f"unknown rules preset {rules!r}; choose one of {sorted(PRESETS)} "
+                             "or pass a specthink.TakeoverRules")
+        return rules
+
+    @field_validator("model_kwargs")
+    @classmethod
+    def _sampling_kwargs(cls, model_kwargs: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(model_kwargs) - _EXTRA_SAMPLING)
+        if unknown:
+            raise ValueError(f"model_kwargs {unknown} are not sampling settings; "
+                             f"accepted: {sorted(_EXTRA_SAMPLING)}")
+        return model_kwargs
+
+    @model_validator(mode="after")
+    def _stop_is_list(self) -> Self:
+        if self.stop is not None and any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop sequences must be non-empty strings, got {self.stop!r}")
+        return self
+
+    @classmethod
+    def from_backends(cls, small: Backend, target: Backend, **kwargs: Any,
+                      ) -> ChatSpeculativeThinking:
+        """A model over backends you built yourself (your own ``httpx`` client, in-process
+        test doubles from ``specthink.testing``, ...)."""
+        model = cls(small_url=small.url, target_url=target.url, **kwargs)
+        model._backends = (small, target)
+        return model
+
+    # ---- LangChain identity --------------------------------------------------------------
+
+    @property
+    def _llm_type(self) -> str:
+        """Constant: the type of chat model, whatever servers it talks to."""
+        return _LLM_TYPE
+
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        return True
+
+    @property
+    def lc_secrets(self) -> dict[str, str]:
+        return {"api_key": "SPECTHINK_API_KEY"}
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        rules = self.rules if isinstance(self.rules, str) else self.rules.model_dump(mode="json")
+        return {
+            "small_url": self.small_url, "target_url": self.target_url,
+            "backend": self.backend, "small_model": self.small_model,
+            "target_model": self.target_model, "model_name": self.model_name, "rules": rules,
+            "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+            "seed": self.seed, "max_tokens": self.max_tokens, "stop": self.stop,
+            "small_template": self.small_template, "target_template": self.target_template,
+            "on_target_error": self.on_target_error, **self.model_kwargs,
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider="specthink",
+            ls_model_name=kwargs.get("model") or self.model_name or "speculative-thinking",
+            ls_model_type="chat",
+        )
+        temperature = kwargs.get("temperature", self.temperature)
+        if temperature is not None:
+            params["ls_temperature"] = temperature
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens is not None:
+            params["ls_max_tokens"] = max_tokens
+        if stop := (stop if stop is not None else self.stop):
+            params["ls_stop"] = stop
+        return params
+
+    # ---- the engine, built once ----------------------------------------------------------
+
+    def _get_thinker(self) -> SpeculativeThinker:
+        key = self._config_key()
+        thinker = self._thinker
+        if thinker is not None and self._thinker_key == key:
+            return thinker
+        with _BUILD_LOCK:
+            if self._thinker is None or self._thinker_key != key:
+                small, target = self._backends or self._build_backends()
+                thinker = SpeculativeThinker(
+                    small=small, target=target,
+                    rules=self.rules,
+                    small_template=self.small_template, target_template=self.target_template,
+                    on_target_error=self.on_target_error)
+                # Pooled connections of a model nobody holds any more would otherwise stay
+                # open until the process ends.
+                weakref.finalize(self, _close_in_background, thinker)
+                self._thinker = thinker
+                self._thinker_key = key
+                self._description = None
+            return self._thinker
+
+    async def aclose(self) -> None:
+        """Close the pooled HTTP connections to both servers.
+
+        Call it before the event loop you used the model in ends (``asyncio.run`` closes its
+        loop on return); the model stays usable and opens new connections when called again.
+        """
+        if self._thinker is not None:
+            await self._thinker.aclose()
+
+    def close(self) -> None:
+        """Close the pooled HTTP connections of the sync methods (``invoke``, ``stream``)."""
+        if self._thinker is not None:
+            _run_sync(self._thinker.aclose())
+
+    def _config_key(self) -> tuple[Any, ...]:
+        # A copy made with model_copy(update=...) shares private state; rebuild if the servers
+        # or the rules changed.
+        secret = self.api_key.get_secret_value() if self.api_key else None
+        return (self.small_url, self.target_url, self.backend, self.small_model,
+                self.target_model, repr(self.rules), self.small_template, self.target_template,
+                self.on_target_error, self.timeout, self.max_retries, secret,
+                id(self._backends))
+
+    def _build_backends(self) -> tuple[Backend, Backend]:
+        secret = self.api_key.get_secret_value() if self.api_key else None
+        options: dict[str, Any] = {"api_key": secret}
+        if self.timeout is not None:
+            options["read_timeout"] = self.timeout
+        if self.max_retries is not None:
+            options["max_retries"] = self.max_retries
+        if self.backend == "tgi":
+            from specthink.backends.tgi import TGIBackend
+
+            return (TGIBackend(self.small_url, **options),
+                    TGIBackend(self.target_url, **options))
+        from specthink.backends.openai import OpenAICompletionsBackend
+
+        return (OpenAICompletionsBackend(self.small_url, model=self.small_model, **options),
+                OpenAICompletionsBackend(self.target_url, model=self.target_model, **options))
+
+    async def _adescribe(self, thinker: SpeculativeThinker) -> _Description:
+        """The pair's name and whether the small prompt opens ``<think>``; asked once."""
+        if self._description is not None:
+            return self._description
+        names = []
+        for backend in (thinker.small, thinker.target):
+            try:
+                names.append((await backend.info()).model_id)
+            except BackendError:
+                # A failing target is the fallback policy's business, not the name's.
+                names.append(backend.url)
+        template = prompts.resolve_template(self.small_template, thinker.small)
+        probe = await prompts.render_prompt(template, _PROBE_MESSAGES, None, thinker.small)
+        description = _Description(model_name=self.model_name or "+".join(names),
+                                    opens_reasoning=probe.rstrip().endswith("<think>"))
+        self._description = description
+        return description
+
+    def _describe(self, thinker: SpeculativeThinker) -> _Description:
+        if self._description is not None:
+            return self._description
+        return _run_sync(self._adescribe(thinker))
+
+    # ---- one request ---------------------------------------------------------------------
+
+    def _prepare(self, thinker: SpeculativeThinker, messages: list[BaseMessage],
+                 stop: list[str] | None, kwargs: dict[str, Any]) -> _Call:
+        call = dict(kwargs)
+        call.pop("stream", None)
+        if "model" in call:
+            raise ConfigError(
+                "ChatSpeculativeThinking serves the models at small_url and target_url; "
+                "choose models by server, not with a per-call model= argument")
+        tools = call.pop("tools", None)
+        tool_choice = call.pop("tool_choice", None)
+        response_format = call.pop("response_format", None)
+        sampling = {"temperature": self.temperature, "top_p": self.top_p,
+                    "top_k": self.top_k, "seed": self.seed, **self.model_kwargs}
+        for name in ("temperature", "top_p", "top_k", "seed", *_EXTRA_SAMPLING):
+            if name in call:
+                sampling[name] = call.pop(name)
+        max_tokens = call.pop("max_tokens", call.pop("max_new_tokens", self.max_tokens))
+        if call:
+            raise ConfigError(f"unexpected call arguments {sorted(call)}; accepted: tools, "
+                              "tool_choice, response_format, stop, max_tokens, temperature, "
+                              f"top_p, top_k, seed, {', '.join(sorted(_EXTRA_SAMPLING))}")
+        engine_messages = to_engine_messages(messages)
+        constrained = False
+        if response_format is not None:
+            grammar = grammar_for(response_format)
+            if instruction := json_instruction(response_format):
+                engine_messages = _with_system_text(engine_messages, instruction)
+            if grammar is not None and thinker.small.supports_grammar \
+                    and thinker.target.supports_grammar:
+                sampling["grammar"] = grammar
+                constrained = True
+        params: dict[str, Any] = {
+            "max_new_tokens": max_tokens,
+            "stop": stop if stop is not None else self.stop,
+            "sampling": SamplingParams(**sampling),
+        }
+        if tools:
+            params["tools"] = tools
+            if tool_choice is not None:
+                params["tool_choice"] = tool_choice
+        parse_tools = bool(tools) and tool_choice != "none"
+        return _Call(engine_messages, params, parse_tools, constrained)
+
+    def _shape(self, description: _Description, call: _Call) -> OutputShape:
+        return OutputShape(model_name=description.model_name,
+                           opens_reasoning=description.opens_reasoning and not call.constrained,
+                           parse_tools=call.parse_tools)
+
+    # ---- BaseChatModel hooks -------------------------------------------------------------
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                         **kwargs: Any) -> ChatResult:
+        if self.streaming:
+            return await agenerate_from_stream(
+                self._astream(messages, stop=stop, run_manager=run_manager, **kwargs))
+        thinker = self._get_thinker()
+        call = self._prepare(thinker, messages, stop, kwargs)
+        shape = self._shape(await self._adescribe(thinker), call)
+        result = await thinker.agenerate(call.messages, **call.params)
+        return ChatResult(generations=[message_from_result(result, shape)])
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None,
+                  **kwargs: Any) -> ChatResult:
+        if self.streaming:
+            return generate_from_stream(
+                self._stream(messages, stop=stop, run_manager=run_manager, **kwargs))
+        thinker = self._get_thinker()
+        call = self._prepare(thinker, messages, stop, kwargs)
+        shape = self._shape(self._describe(thinker), call)
+        result = thinker.generate(call.messages, **call.params)
+        return ChatResult(generations=[message_from_result(result, shape)])
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        thinker = self._get_thinker()
+        call = self._prepare(thinker, messages, stop, kwargs)
+        assembler = ChunkAssembler(self._shape(await self._adescribe(thinker), call))
+        events = cast(AsyncGenerator[Event, None], thinker.astream(call.messages, **call.params))
+        # Closing the engine's generator closes both server streams: a caller that stops
+        # reading (or is cancelled) stops the generation on the servers too.
+        async with aclosing(events):
+            async for event in events:
+                for chunk in _chunks(assembler, event):
+                    if run_manager is not None:
+                        await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                    yield chunk
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None,
+                **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        thinker = self._get_thinker()
+        call = self._prepare(thinker, messages, stop, kwargs)
+        assembler = ChunkAssembler(self._shape(self._describe(thinker), call))
+        events = thinker.stream(call.messages, **call.params)
+        try:
+            for event in events:
+                for chunk in _chunks(assembler, event):
+                    if run_manager is not None:
+                        run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                    yield chunk
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+
+    # ---- agents --------------------------------------------------------------------------
+
+    def bind_tools(
+        self,
+        tools: Sequence[ToolLike],
+        *,
+        tool_choice: str | bool | dict[str, Any] | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Offer ``tools`` to the model; its ``<tool_call>`` blocks become ``tool_calls``.
+
+        ``tool_choice``: a tool name (call that tool), ``"any"``/``"required"``/``True`` (call
+        some tool), ``"auto"`` (the model decides) or ``"none"``/``False`` (hide the tools).
+        """
+        formatted = format_tools(tools, strict=strict)
+        choice = normalize_tool_choice(tool_choice, formatted)
+        if choice is not None:
+            kwargs["tool_choice"] = choice
+        return self.bind(tools=formatted, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type | None = None,
+        *,
+        method: StructuredMethod = "function_calling",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
+        """A runnable that answers with ``schema`` (a pydantic class, TypedDict or JSON schema).
+
+        ``method``: ``"function_calling"`` forces a tool call whose arguments are the answer;
+        ``"json_schema"`` puts the schema in the system prompt (and in a TGI grammar when both
+        servers take one); ``"json_mode"`` asks only for a JSON object (say what you want in
+        the prompt). ``include_raw=True`` returns ``{"raw", "parsed", "parsing_error"}``.
+        """
+        if kwargs:
+            raise ValueError(f"unexpected arguments {sorted(kwargs)}")
+        if method not in ("function_calling", "json_schema", "json_mode"):
+            raise ValueError(f"method must be 'function_calling', 'json_schema' or "
+                             f"'json_mode', got {method!r}")
+        if schema is None and method != "json_mode":
+            raise ValueError(f"method={method!r} needs a schema")
+        structured_format = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
+        bound: Runnable[LanguageModelInput, AIMessage]
+        if method == "function_calling":
+            assert schema is not None
+            name = format_tools([schema])[0]["function"]["name"]
+            bound = self.bind_tools([schema], tool_choice=name, strict=strict,
+                                    ls_structured_output_format=structured_format)
+        else:
+            bound = self.bind(response_format=response_format_for(schema, method, strict),
+                              ls_structured_output_format=structured_format)
+        return structured_runnable(bound, schema, method, include_raw=include_raw)
+
+
+def _run_sync(awaitable: Awaitable[_T]) -> _T:
+    """Run on the engine's loop thread, the library's one sync edge (where the sync methods'
+    connections live)."""
+    return _LoopThread.get().run(awaitable)
+
+
+def _close_in_background(thinker: SpeculativeThinker) -> None:
+    loop_thread = _LoopThread._instance
+    if loop_thread is not None and loop_thread.loop.is_running():
+        asyncio.run_coroutine_threadsafe(thinker.aclose(), loop_thread.loop)
+
+
+def _chunks(assembler: ChunkAssembler, event: Event) -> list[ChatGenerationChunk]:
+    if isinstance(event, TextEvent):
+        return assembler.feed(event)
+    if isinstance(event, FinishEvent):
+        return assembler.finish(event.result)
+    return []
+
+
+def _with_system_text(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """``text`` appended to the leading system message, or as a new one."""
+    if messages and messages[0]["role"] == "system":
+        first = dict(messages[0])
+        first["content"] = f"{first['content']}\n\n{text}" if first["content"] else text
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+def _field_names(cls: type[ChatSpeculativeThinking]) -> set[str]:
+    names = set()
+    for name, info in cls.model_fields.items():
+        names.add(name)
+        if info.alias:
+            names.add(info.alias)
+    return names

@@ -1,0 +1,104 @@
+"""Tool calling for LlamaIndex: tool specs and ``tool_choice`` out, ``ToolSelection`` in."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from llama_index.core.base.llms.types import ChatResponse, ToolCallBlock
+from llama_index.core.llms.llm import ToolSelection
+from llama_index.core.llms.utils import parse_partial_json
+
+from specthink.errors import SpecthinkError
+
+if TYPE_CHECKING:
+    from llama_index.core.tools.types import BaseTool
+
+__all__ = [
+    "TOOLS_OFFERED_KEY",
+    "NoToolCallError",
+    "openai_tools",
+    "resolve_tool_choice",
+    "tool_selections",
+]
+
+TOOLS_OFFERED_KEY = "tools_offered"
+"""``ChatResponse.additional_kwargs`` key naming the tools a request offered."""
+
+_OPENAI_CHOICES = ("auto", "none", "required")
+
+
+class NoToolCallError(SpecthinkError, ValueError):
+    """A tool call was required (``error_on_no_tool_call``) but the answer held none.
+
+    A ``ValueError``, as LlamaIndex callers of ``get_tool_calls_from_response`` expect.
+    """
+
+
+def openai_tools(tools: Sequence[BaseTool]) -> list[dict[str, Any]]:
+    # The 1024-character description limit is OpenAI's; a chat template takes any length.
+    return [tool.metadata.to_openai_tool(skip_length_check=True) for tool in tools]
+
+
+def resolve_tool_choice(tool_choice: str | dict[str, Any] | None,
+                        tool_required: bool) -> str | dict[str, Any]:
+    """LlamaIndex's ``tool_choice``/``tool_required`` as an OpenAI ``tool_choice``.
+
+    ``None`` is ``"required"`` when a tool is required, else ``"auto"``; ``"any"`` (Anthropic's
+    word) is ``"required"``; any other string names the tool to call.
+    """
+    if tool_choice is None:
+        return "required" if tool_required else "auto"
+    if isinstance(tool_choice, dict):
+        return tool_choice
+    if tool_choice == "any":
+        return "required"
+    if tool_choice in _OPENAI_CHOICES:
+        return tool_choice
+    return {"type": "function", "function": {"name": tool_choice}}
+
+
+def tool_selections(response: ChatResponse, *, error_on_no_tool_call: bool) -> list[ToolSelection]:
+    """The tool calls of ``response``; arguments given as JSON strings are parsed."""
+    selections = [
+        ToolSelection(tool_id=block.tool_call_id or "", tool_name=block.tool_name,
+                      tool_kwargs=_arguments(block.tool_kwargs))
+        for block in response.message.blocks if isinstance(block, ToolCallBlock)
+    ]
+    if not selections and error_on_no_tool_call:
+        raise NoToolCallError(_no_call_message(response))
+    return selections
+
+
+def _arguments(raw: dict[str, Any] | str) -> dict[str, Any]:
+    if isinstance(raw, dict):
+        return raw
+    if not raw.strip():
+        return {}
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        # A stream cut inside the JSON leaves it unterminated; recover what is there.
+        try:
+            parsed = parse_partial_json(raw)
+        except ValueError:
+            return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _no_call_message(response: ChatResponse) -> str:
+    offered = response.additional_kwargs.get(TOOLS_OFFERED_KEY)
+    if offered:
+        tools = f"tools offered: {', '.join(offered)}"
+    elif offered is None:
+        tools = "no tools were offered with this request (use chat_with_tools)"
+    else:
+        tools = "the tool list was empty"
+    answer = (response.message.content or "").strip()
+    unreadable = answer.count("<tool_call>")
+    if unreadable:
+        tools += f"; {unreadable} <tool_call> block(s) in the answer were not valid JSON calls"
+    shown = answer if len(answer) <= 200 else answer[:200] + "..."
+    return (f"expected at least one tool call, but 0 tool calls came back ({tools}); "
+            f"the model answered: {shown!r}")

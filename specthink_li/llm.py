@@ -1,0 +1,585 @@
+"""``SpeculativeThinkingLLM``: speculative thinking as a LlamaIndex function-calling LLM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from llama_index.core.base.llms.generic_utils import (
+    achat_to_completion_decorator,
+    astream_chat_to_completion_decorator,
+    chat_to_completion_decorator,
+    stream_chat_to_completion_decorator,
+)
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+    ToolCallBlock,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.callbacks import CallbackManager
+from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
+
+from specthink import prompts
+from specthink._constants import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_RETRIES
+from specthink.backends.base import Backend, SamplingParams, ServerInfo
+from specthink.engine import SpeculativeThinker
+from specthink.errors import ConfigError
+from specthink.rules import TakeoverRules
+from specthink.tools import THINK_START
+
+from ._messages import to_engine_messages
+from ._responses import ChatStreamAssembler, response_from_result
+from ._tools import TOOLS_OFFERED_KEY, openai_tools, resolve_tool_choice, tool_selections
+
+if TYPE_CHECKING:
+    from llama_index.core.tools.types import BaseTool
+
+__all__ = ["SpeculativeThinkingLLM"]
+
+SMALL_URL_ENV = "SPECTHINK_SMALL_URL"
+TARGET_URL_ENV = "SPECTHINK_TARGET_URL"
+API_KEY_ENV = "SPECTHINK_API_KEY"
+
+BackendKind = Literal["tgi", "openai"]
+
+_CALL_PARAMS = frozenset({"tools", "tool_choice", "stop", "max_tokens", "max_new_tokens",
+                          "temperature", "top_p", "top_k", "seed", "formatted"})
+
+
+class SpeculativeThinkingLLM(FunctionCallingLLM):
+    """Speculative Thinking (arXiv 2504.12329) as a LlamaIndex LLM: a small reasoning model
+    writes, and at reasoning breakpoints a larger model takes over for a few tokens.
+
+    Setup:
+        Install the extra and point it at two servers (TGI, or OpenAI-compatible
+        ``/v1/completions`` servers such as vLLM, SGLang or llama.cpp)::
+
+            pip install "specthink[llamaindex]"
+            export SPECTHINK_SMALL_URL=http://127.0.0.1:8031
+            export SPECTHINK_TARGET_URL=http://127.0.0.1:8032
+            export SPECTHINK_API_KEY=...        # optional, sent as Authorization: Bearer
+
+    Key init args — the two models:
+        small_url, target_url: server URLs (default ``$SPECTHINK_SMALL_URL``,
+            ``$SPECTHINK_TARGET_URL``).
+        backend: ``"tgi"`` or ``"openai"`` (``/v1/completions``).
+        small_model, target_model: model names for ``"openai"`` servers.
+        rules: a preset name (``"paper"``, ``"paper_instruct"``) or a ``TakeoverRules``.
+        small_template, target_template: chat templates (``"auto"``, ``"chatml"``,
+            ``"deepseek-r1"``, a Jinja source).
+
+    Key init args — generation and client:
+        temperature (0 is greedy), top_p, top_k, seed, max_tokens, stop; timeout (seconds),
+        max_retries, api_key (never serialised), on_target_error (``"fallback"``/``"raise"``).
+
+    Instantiate::
+
+        from llama_index.core import Settings
+        from specthink_li import SpeculativeThinkingLLM
+
+        llm = SpeculativeThinkingLLM(small_url="http://gpu0:8080",
+                                     target_url="http://gpu1:8080", max_tokens=2048)
+        Settings.llm = llm        # query engines, chat engines and agents now use it
+
+    Chat::
+
+        from llama_index.core.llms import ChatMessage
+
+        response = llm.chat([ChatMessage(role="user", content="What is 12 * 13?")])
+        print(response.message.content)
+        # 156
+        print(response.message.blocks[0].content)       # the reasoning, a ThinkingBlock
+        # Okay, 12 times 13 ... Wait, let me check: 12 * 13 = 156.
+
+    Stream (each item has the growing ``message``, the new ``delta`` and the engine event in
+    ``raw["event"]``; new reasoning arrives in ``additional_kwargs["thinking_delta"]``)::
+
+        for chunk in llm.stream_chat(messages):
+            print(chunk.delta, end="")
+
+    Async (native on the engine: many conversations share one event loop)::
+
+        response = await llm.achat(messages)
+        async for chunk in await llm.astream_chat(messages):
+            ...
+        await llm.aclose()        # closes the HTTP connections of this event loop
+
+    Tool calling (Hermes ``<tool_call>`` blocks, read back as ``ToolCallBlock``)::
+
+        from llama_index.core.tools import FunctionTool
+
+        def multiply(a: int, b: int) -> int:
+            "Multiply two integers."
+            return a * b
+
+        tool = FunctionTool.from_defaults(multiply)
+        response = llm.chat_with_tools([tool], user_msg="What is 12 * 13?")
+        llm.get_tool_calls_from_response(response)
+        # [ToolSelection(tool_id='call_3f2a...', tool_name='multiply',
+        #                tool_kwargs={'a': 12, 'b': 13})]
+
+        from llama_index.core.agent.workflow import FunctionAgent
+        agent = FunctionAgent(tools=[tool], llm=llm)
+
+    Structured output (a forced tool call)::
+
+        from pydantic import BaseModel
+        from llama_index.core.prompts import PromptTemplate
+
+        class Product(BaseModel):
+            value: int
+
+        llm.structured_predict(Product, PromptTemplate("Multiply {a} by {b}."), a=12, b=13)
+        # Product(value=156)
+
+    Metadata (``context_window`` is the smaller ``max_input_tokens`` of the two servers'
+    ``/info``, fetched once, lazily and asynchronously; a default stands in until then)::
+
+        meta = await llm.afetch_metadata()
+        meta.context_window, meta.num_output, meta.model_name
+        # (32767, 2048, 'deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B + deepseek-ai/DeepSeek-R1-...')
+
+    Speculative-thinking statistics (per request, in the message's ``additional_kwargs``)::
+
+        stats = response.message.additional_kwargs["speculative_thinking"]
+        stats["target_share"], stats["takeovers"], stats["requests"]
+        # (0.19, {'rule1': 4, 'rule2': 1, 'rule3': 0, ...}, {'small': 6, 'target': 5})
+        response.additional_kwargs
+        # {'prompt_tokens': 31, 'completion_tokens': 412, 'total_tokens': 443}
+    """
+
+    small_url: str = Field(description="URL of the small (speculative) model's server.")
+    target_url: str = Field(description="URL of the target (larger) model's server.")
+    backend: BackendKind = Field(
+        default="tgi",
+        description="Wire protocol of both servers: 'tgi' or 'openai' (/v1/completions).")
+    small_model: str | None = Field(
+        default=None, description="Model name sent to an 'openai' small server.")
+    target_model: str | None = Field(
+        default=None, description="Model name sent to an 'openai' target server.")
+    rules: str | TakeoverRules = Field(
+        default="paper",
+        description="Takeover rules: a preset name ('paper', 'paper_instruct') or TakeoverRules.")
+    temperature: float = Field(
+        default=0.0, ge=0.0, description="Sampling temperature; 0 is greedy decoding.")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0,
+                                description="Nucleus sampling mass (ignored when greedy).")
+    top_k: int | None = Field(default=None, gt=0,
+                              description="Top-k sampling (ignored when greedy).")
+    seed: int | None = Field(default=None, description="Sampling seed.")
+    max_tokens: int | None = Field(
+        default=None, gt=0,
+        description="Tokens to generate, both models and the intervention text together "
+                    "(None: up to what the servers allow).")
+    stop: list[str] | None = Field(default=None, description="Default stop sequences.")
+    timeout: float | None = Field(
+        default=None, gt=0.0,
+        description="Seconds to connect and between two bytes of a stream (None: 5 s to "
+                    "connect, 120 s between bytes); never a limit on a whole answer.")
+    max_retries: int = Field(
+        default=DEFAULT_MAX_RETRIES, ge=0,
+        description="Retries of a request that fails before its first token (429, 503, ...).")
+    small_template: str = Field(default="auto", description="Chat template of the small model.")
+    target_template: str = Field(default="auto",
+                                 description="Chat template of the target model.")
+    on_target_error: Literal["fallback", "raise"] = Field(
+        default="fallback",
+        description="When the target fails: the small model finishes alone, or raise.")
+    context_window: int | None = Field(
+        default=None, gt=0,
+        description="Override of the context window (None: the servers' max_input_tokens).")
+
+    _api_key: str | None = PrivateAttr(default=None)
+    _thinker: SpeculativeThinker | None = PrivateAttr(default=None)
+    _infos: tuple[ServerInfo, ServerInfo] | None = PrivateAttr(default=None)
+    _reasoning_open: bool | None = PrivateAttr(default=None)
+
+    def __init__(
+        self,
+        small_url: str | None = None,
+        target_url: str | None = None,
+        *,
+        backend: BackendKind = "tgi",
+        small_model: str | None = None,
+        target_model: str | None = None,
+        rules: str | TakeoverRules = "paper",
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        max_tokens: int | None = None,
+        stop: list[str] | None = None,
+        timeout: float | None = None,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        api_key: str | None = None,
+        small_template: str = "auto",
+        target_template: str = "auto",
+        on_target_error: Literal["fallback", "raise"] = "fallback",
+        context_window: int | None = None,
+        callback_manager: CallbackManager | None = None,
+        **kwargs: Any,
+    ) -> None:
+        small_url = small_url or os.environ.get(SMALL_URL_ENV)
+        target_url = target_url or os.environ.get(TARGET_URL_ENV)
+        missing = [f"{name}= (or ${env})" for name, env, value in (
+            ("small_url", SMALL_URL_ENV, small_url), ("target_url", TARGET_URL_ENV, target_url))
+            if not value]
+        if missing:
+            raise ConfigError(f"SpeculativeThinkingLLM needs {' and '.join(missing)}")
+        if isinstance(rules, str):
+            try:  # an unknown preset fails here, not at the first call
+                TakeoverRules.preset(rules)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+        super().__init__(
+            small_url=small_url, target_url=target_url, backend=backend,
+            small_model=small_model, target_model=target_model, rules=rules,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+            max_tokens=max_tokens, stop=stop, timeout=timeout, max_retries=max_retries,
+            small_template=small_template, target_template=target_template,
+            on_target_error=on_target_error, context_window=context_window,
+            callback_manager=callback_manager, **kwargs)
+        # Kept out of the fields: LlamaIndex's callbacks put ``to_dict()`` into their events.
+        self._api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+
+    @classmethod
+    def from_thinker(cls, thinker: SpeculativeThinker, **kwargs: Any) -> SpeculativeThinkingLLM:
+        """Wrap a ready ``SpeculativeThinker`` (any backends, e.g. in-process ones for tests).
+
+        The URLs are taken from its backends; connection settings (``backend``, ``timeout``,
+        ``max_retries``, templates, ``rules``) are the thinker's own.
+        """
+        kwargs.setdefault("small_url", thinker.small.url)
+        kwargs.setdefault("target_url", thinker.target.url)
+        kwargs.setdefault("rules", thinker.rules)
+        kwargs.setdefault("on_target_error", thinker.on_target_error)
+        for name in ("small_template", "target_template"):
+            spec = getattr(thinker, name)
+            if isinstance(spec, str):
+                kwargs.setdefault(name, spec)
+        llm = cls(**kwargs)
+        llm._thinker = thinker
+        return llm
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "SpeculativeThinkingLLM"
+
+    # ---- the engine ----------------------------------------------------------------------
+
+    @property
+    def thinker(self) -> SpeculativeThinker:
+        """The engine, built on first use (no connection is opened before a request)."""
+        if self._thinker is None:
+            self._thinker = SpeculativeThinker(
+                small=self._make_backend(self.small_url, self.small_model),
+                target=self._make_backend(self.target_url, self.target_model),
+                rules=self.rules, small_template=self.small_template,
+                target_template=self.target_template, on_target_error=self.on_target_error)
+        return self._thinker
+
+    def _make_backend(self, url: str, model: str | None) -> Backend:
+        if self.backend == "tgi":
+            from specthink.backends.tgi import TGIBackend
+
+            return TGIBackend(url, api_key=self._api_key, timeout=self.timeout,
+                              max_retries=self.max_retries)
+        from specthink.backends.openai import OpenAICompletionsBackend
+
+        backend: Backend = OpenAICompletionsBackend(
+            url, model=model, api_key=self._api_key, timeout=self.timeout,
+            max_retries=self.max_retries)
+        return backend
+
+    async def aclose(self) -> None:
+        """Close the HTTP connections the backends opened (those of other running event loops,
+        such as the one behind the sync methods, are closed by their own loops)."""
+        if self._thinker is not None:
+            await self._thinker.aclose()
+
+    def close(self) -> None:
+        """Close the HTTP connections the backends opened, from synchronous code."""
+        if self._thinker is not None:
+            _run_sync(self._thinker.aclose())
+
+    # ---- metadata ------------------------------------------------------------------------
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        """What LlamaIndex plans prompts with; a default until the servers' ``/info`` is in
+        (``await afetch_metadata()``, or any call, fetches it)."""
+        infos = self._infos
+        window = self.context_window or _context_window(infos) or DEFAULT_CONTEXT_WINDOW
+        if infos is None:
+            names = (self.small_model or self.small_url, self.target_model or self.target_url)
+        else:
+            names = (infos[0].model_id, infos[1].model_id)
+        return LLMMetadata(
+            context_window=window,
+            # A reasoning model needs room to think: half the window unless max_tokens says.
+            num_output=self.max_tokens or min(DEFAULT_MAX_NEW_TOKENS, window // 2),
+            is_chat_model=True,
+            is_function_calling_model=True,
+            model_name=f"{names[0]} + {names[1]}",
+        )
+
+    async def afetch_metadata(self) -> LLMMetadata:
+        """Ask both servers for ``/info`` (once; the backends' timeouts and auth apply)."""
+        await self._aprepare()
+        return self.metadata
+
+    def fetch_metadata(self) -> LLMMetadata:
+        """``afetch_metadata`` for synchronous code (call it before building a query engine,
+        which sizes its prompts from ``metadata`` once)."""
+        self._prepare()
+        return self.metadata
+
+    async def _aprepare(self) -> None:
+        """Fetch what a first request needs to know, once: the servers' limits and whether
+        the small model's prompt opens its reasoning block (DeepSeek-R1 templates end with
+        ``<think>``), which decides how a stream is split before ``</think>`` arrives."""
+        if self._infos is not None and self._reasoning_open is not None:
+            return
+        thinker = self.thinker
+        small, target, opened = await asyncio.gather(
+            thinker.small.info(), thinker.target.info(), self._aprobe_reasoning(thinker))
+        self._infos = (small, target)
+        self._reasoning_open = opened
+
+    @staticmethod
+    async def _aprobe_reasoning(thinker: SpeculativeThinker) -> bool:
+        template = prompts.resolve_template(thinker.small_template, thinker.small)
+        prompt = await prompts.render_prompt(template, [{"role": "user", "content": "Hi"}],
+                                             None, thinker.small)
+        return prompt.rstrip().endswith(THINK_START)
+
+    def _prepare(self) -> None:
+        if self._infos is None or self._reasoning_open is None:
+            _run_sync(self._aprepare())
+
+    # ---- per-call parameters -------------------------------------------------------------
+
+    def _engine_params(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(kwargs) - _CALL_PARAMS)
+        if unknown:
+            raise ConfigError(f"SpeculativeThinkingLLM got unknown arguments {unknown}; it "
+                              f"accepts {sorted(_CALL_PARAMS - {'formatted'})}")
+        temperature = kwargs.get("temperature", self.temperature)
+        sampling = SamplingParams(
+            temperature=temperature or None,
+            top_p=kwargs.get("top_p", self.top_p),
+            top_k=kwargs.get("top_k", self.top_k),
+            seed=kwargs.get("seed", self.seed))
+        stop = kwargs.get("stop", self.stop)
+        tools = kwargs.get("tools")
+        if tools:
+            tools = [t if isinstance(t, dict) else openai_tools([t])[0] for t in tools]
+        return {
+            "max_new_tokens": kwargs.get("max_tokens", kwargs.get("max_new_tokens",
+                                                                  self.max_tokens)),
+            "stop": [stop] if isinstance(stop, str) else stop,
+            "sampling": sampling,
+            "tools": tools or None,
+            "tool_choice": kwargs.get("tool_choice") if tools else None,
+        }
+
+    def _inputs(self, messages: Sequence[ChatMessage],
+                kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Engine parameters and messages, checked before any request (so a stream fails
+        when it is asked for, not at its first item)."""
+        params = self._engine_params(kwargs)
+        engine_messages = to_engine_messages(messages)
+        prompts.validate_messages(engine_messages)
+        if params["tools"] is not None:
+            prompts.apply_tool_choice(engine_messages, params["tools"], params["tool_choice"])
+        return params, engine_messages
+
+    def _finish_response(self, response: ChatResponse, params: dict[str, Any]) -> ChatResponse:
+        tools = params["tools"]
+        if tools is not None:
+            response.additional_kwargs[TOOLS_OFFERED_KEY] = [t["function"]["name"]
+                                                             for t in tools]
+        return response
+
+    # ---- chat: async on the engine, sync through its sync edge ----------------------------
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return await self._achat(messages, **kwargs)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage],
+                           **kwargs: Any) -> ChatResponseAsyncGen:
+        return await self._astream_chat(messages, **kwargs)
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return self._chat(messages, **kwargs)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        return self._stream_chat(messages, **kwargs)
+
+    async def _achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        params, engine_messages = self._inputs(messages, kwargs)
+        await self._aprepare()
+        result = await self.thinker.agenerate(engine_messages, **params)
+        response = response_from_result(result, parse_tools=params["tools"] is not None,
+                                        starts_in_reasoning=self._reasoning_open)
+        return self._finish_response(response, params)
+
+    async def _astream_chat(self, messages: Sequence[ChatMessage],
+                            **kwargs: Any) -> ChatResponseAsyncGen:
+        params, engine_messages = self._inputs(messages, kwargs)
+        await self._aprepare()
+        assembler = ChatStreamAssembler(parse_tools=params["tools"] is not None,
+                                        starts_in_reasoning=bool(self._reasoning_open))
+        events = self.thinker.astream(engine_messages, **params)
+
+        async def gen() -> ChatResponseAsyncGen:
+            try:
+                async for event in events:
+                    yield self._finish_response(assembler.feed(event), params)
+            finally:
+                # Leaving early (break, cancellation) closes both servers' streams at once.
+                aclose = getattr(events, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
+        return gen()
+
+    def _chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        params, engine_messages = self._inputs(messages, kwargs)
+        self._prepare()
+        result = self.thinker.generate(engine_messages, **params)
+        response = response_from_result(result, parse_tools=params["tools"] is not None,
+                                        starts_in_reasoning=self._reasoning_open)
+        return self._finish_response(response, params)
+
+    def _stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        params, engine_messages = self._inputs(messages, kwargs)
+        self._prepare()
+        assembler = ChatStreamAssembler(parse_tools=params["tools"] is not None,
+                                        starts_in_reasoning=bool(self._reasoning_open))
+        events = self.thinker.stream(engine_messages, **params)
+
+        def gen() -> ChatResponseGen:
+            try:
+                for event in events:
+                    yield self._finish_response(assembler.feed(event), params)
+            finally:
+                close = getattr(events, "close", None)
+                if close is not None:
+                    close()
+
+        return gen()
+
+    # ---- completion: derived from chat ---------------------------------------------------
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False,
+                        **kwargs: Any) -> CompletionResponse:
+        response: CompletionResponse = await achat_to_completion_decorator(self._achat)(
+            prompt, **kwargs)
+        return response
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False,
+                               **kwargs: Any) -> CompletionResponseAsyncGen:
+        stream: CompletionResponseAsyncGen = await astream_chat_to_completion_decorator(
+            self._astream_chat)(prompt, **kwargs)
+        return stream
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False,
+                 **kwargs: Any) -> CompletionResponse:
+        response: CompletionResponse = chat_to_completion_decorator(self._chat)(prompt, **kwargs)
+        return response
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False,
+                        **kwargs: Any) -> CompletionResponseGen:
+        stream: CompletionResponseGen = stream_chat_to_completion_decorator(self._stream_chat)(
+            prompt, **kwargs)
+        return stream
+
+    # ---- tools ---------------------------------------------------------------------------
+
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: str | dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        messages = list(chat_history or [])  # the caller's history is not ours to append to
+        if isinstance(user_msg, str):
+            messages.append(ChatMessage(role=MessageRole.USER, content=user_msg))
+        elif user_msg is not None:
+            messages.append(user_msg)
+        specs = openai_tools(tools)
+        return {
+            "messages": messages,
+            "tools": specs or None,
+            "tool_choice": resolve_tool_choice(tool_choice, tool_required) if specs else None,
+            **kwargs,
+        }
+
+    def _validate_chat_with_tools_response(
+        self,
+        response: ChatResponse,
+        tools: Sequence[BaseTool],
+        allow_parallel_tool_calls: bool = False,
+        **kwargs: Any,
+    ) -> ChatResponse:
+        if not allow_parallel_tool_calls:
+            blocks = response.message.blocks
+            calls = [block for block in blocks if isinstance(block, ToolCallBlock)]
+            for extra in calls[1:]:
+                blocks.remove(extra)
+        return response
+
+    def get_tool_calls_from_response(
+        self,
+        response: ChatResponse,
+        error_on_no_tool_call: bool = True,
+        **kwargs: Any,
+    ) -> list[ToolSelection]:
+        """The tool calls of a response (``ToolCallBlock``s); JSON-string arguments are
+        parsed. With ``error_on_no_tool_call`` an answer without one raises
+        ``NoToolCallError`` (a ``ValueError``) naming the tools that were offered."""
+        return tool_selections(response, error_on_no_tool_call=error_on_no_tool_call)
+
+
+def _context_window(infos: tuple[ServerInfo, ServerInfo] | None) -> int | None:
+    # Each takeover resends prompt + accepted text as input, so the whole conversation must
+    # fit the smaller max_input_tokens, not just the prompt.
+    if infos is None:
+        return None
+    limits = [info.max_input_tokens or info.max_total_tokens for info in infos]
+    known = [limit for limit in limits if limit]
+    return min(known) if known else None
+
+
+def _run_sync(coroutine: Any) -> Any:
+    """Run a coroutine on the engine's loop thread, where the sync calls' connections live."""
+    from specthink.engine import _LoopThread
+
+    return _LoopThread.get().run(coroutine)

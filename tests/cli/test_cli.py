@@ -1,0 +1,232 @@
+"""The ``specthink`` command against two loopback servers (TGI protocol and /v1/completions)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from specthink.cli import EXIT_CODES, _register_extensions, app
+from specthink.errors import BackendError, ConfigError
+from specthink.local import LocalPairError
+from specthink.testing.models import Script, ScriptedModel, Tokenizer
+from specthink.testing.server import LoopbackServer
+
+TARGET_FIX = ("Actually x is two because both terms are equal and their sum doubles one of them "
+              "so we keep going with two here and more words follow")
+FIX20 = "".join(Tokenizer().tokenize(TARGET_FIX)[:20])
+ANSWER = "Let x be 2.\n\n" + FIX20 + "\n\nSo the answer is 2."
+"""What the pair writes: the small model's "Wait" probe hands 20 tokens to the target (rule 1)."""
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def urls() -> Iterator[tuple[str, str]]:
+    small = ScriptedModel([Script("", "Let x be 2.\n\nWait, x is 3.\n\nSo x is 3."),
+                           Script(FIX20, "\n\nSo the answer is 2.")])
+    target = ScriptedModel([Script("Let x be 2.\n\n", TARGET_FIX)])
+    with LoopbackServer(small, model_id="org/small-1.5b") as s, \
+            LoopbackServer(target, model_id="org/target-32b", max_input_tokens=30000,
+                           max_total_tokens=32768) as t:
+        yield s.url, t.url
+
+
+@pytest.fixture
+def env(urls: tuple[str, str]) -> dict[str, str | None]:
+    return {"SPECTHINK_SMALL_URL": urls[0], "SPECTHINK_TARGET_URL": urls[1],
+            "SPECTHINK_BACKEND": None, "SPECTHINK_API_KEY": None}
+
+
+def unused_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_ask_json_prints_the_trace_on_stdout(env: dict[str, str | None]) -> None:
+    result = runner.invoke(app, ["ask", "What is x?", "--json"], env=env)
+
+    assert result.exit_code == 0, result.output
+    trace = json.loads(result.stdout)
+    assert trace["text"] == ANSWER
+    assert [s["source"] for s in trace["segments"]] == ["small", "target", "small"]
+    assert trace["segments"][1] == {"source": "target", "rule": "rule1", "text": FIX20}
+    assert trace["takeovers"] == [{"rule": "rule1", "offset": len("Let x be 2.\n\n"),
+                                   "discarded_tokens": 1}]
+    stats = trace["stats"]
+    assert stats["target_tokens"] == 20
+    assert stats["requests"] == {"small": 2, "target": 1}
+    assert stats["finish_reason"] == "stop"
+    assert "target share" not in result.stderr  # no table in --json mode
+
+
+def test_ask_streams_coloured_text_with_takeover_markers_and_a_table(
+        env: dict[str, str | None]) -> None:
+    result = runner.invoke(app, ["ask", "What is x?"], env=env)
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "Let x be 2.\n\n⟨rule1⟩" + FIX20 + "\n\nSo the answer is 2.\n"
+    assert "⟨rule⟩ = takeover point" in result.stderr
+    assert "target share" in result.stderr
+    assert "rule1 1 (total 1)" in result.stderr
+
+
+def test_ask_plain_prints_only_the_answer(env: dict[str, str | None]) -> None:
+    result = runner.invoke(app, ["ask", "What is x?", "--plain"], env=env)
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ANSWER + "\n"
+    assert result.stderr == ""
+
+
+def test_ask_over_openai_completions(env: dict[str, str | None]) -> None:
+    result = runner.invoke(app, ["ask", "What is x?", "--json", "--backend", "openai",
+                                 "--template", "chatml"], env=env)
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["text"] == ANSWER
+
+
+def test_saved_trace_renders_as_html_and_in_the_terminal(env: dict[str, str | None],
+                                                         tmp_path: Path) -> None:
+    trace_file = tmp_path / "trace.json"
+    page = tmp_path / "trace.html"
+
+    asked = runner.invoke(app, ["ask", "What is <x>?", "--plain", "--save-trace",
+                                str(trace_file)], env=env)
+    assert asked.exit_code == 0, asked.output
+    saved = json.loads(trace_file.read_text())
+    assert saved["messages"] == [{"role": "user", "content": "What is <x>?"}]
+    assert saved["rules"] == "paper"
+
+    rendered = runner.invoke(app, ["trace", str(trace_file), "--html", str(page)])
+    assert rendered.exit_code == 0, rendered.output
+    assert rendered.stdout.strip() == str(page)
+    html = page.read_text()
+    assert "What is &lt;x&gt;?" in html
+    assert '<span class="seg-target" title="target model — rule 1 · affirmation/reflection">' \
+        in html
+
+    shown = runner.invoke(app, ["trace", str(trace_file)])
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout == "Let x be 2.\n\n⟨rule1⟩" + FIX20 + "\n\nSo the answer is 2.\n"
+    assert "target share" in shown.stderr
+
+
+def test_servers_check_reports_model_ids_and_limits(env: dict[str, str | None]) -> None:
+    result = runner.invoke(app, ["servers", "check", "--json"], env=env)
+
+    assert result.exit_code == 0, result.output
+    rows = {row["role"]: row for row in json.loads(result.stdout)}
+    assert rows["small"]["protocol"] == "tgi" and rows["small"]["healthy"]
+    assert rows["small"]["model_id"] == "org/small-1.5b"
+    assert rows["target"]["model_id"] == "org/target-32b"
+    assert rows["target"]["max_input_tokens"] == 30000
+    assert rows["target"]["max_total_tokens"] == 32768
+
+
+def test_servers_check_fails_with_exit_3_when_a_server_is_down(
+        env: dict[str, str | None]) -> None:
+    result = runner.invoke(app, ["servers", "check"], env={**env,
+                                                           "SPECTHINK_TARGET_URL": unused_url()})
+    assert result.exit_code == 3
+    assert "│ small " in result.stdout and "│ yes " in result.stdout and "│ no " in result.stdout
+    assert "target: cannot reach the server" in result.stderr
+
+
+def test_one_url_without_the_other_is_a_config_error(env: dict[str, str | None]) -> None:
+    result = runner.invoke(app, ["ask", "q"], env={**env, "SPECTHINK_TARGET_URL": None})
+    assert result.exit_code == 2
+    assert "--target / SPECTHINK_TARGET_URL is not set" in result.stderr
+
+
+def test_an_unreachable_server_exits_with_the_backend_code(env: dict[str, str | None]) -> None:
+    result = runner.invoke(app, ["ask", "q"], env={**env, "SPECTHINK_SMALL_URL": unused_url()})
+    assert result.exit_code == 3
+    assert result.stderr.startswith("error: cannot reach the server")
+
+
+def test_an_unknown_rules_preset_is_a_usage_error(env: dict[str, str | None]) -> None:
+    result = runner.invoke(app, ["ask", "q", "--rules", "fastest"], env=env)
+    assert result.exit_code == 2
+    assert "'fastest' is not a preset" in result.output
+
+
+def test_each_error_family_has_its_own_exit_code() -> None:
+    codes = dict(EXIT_CODES)
+    assert codes[ConfigError] == 2 and codes[BackendError] == 3 and codes[LocalPairError] == 4
+    assert len(set(codes.values())) == len(codes)
+
+
+def test_local_status_without_a_pair_exits_1(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["local", "status", "--state-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "small" in result.stdout and "target" in result.stdout
+
+
+def test_local_down_without_a_pair_stops_nothing(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["local", "down", "--state-dir", str(tmp_path)])
+    assert result.exit_code == 0
+    assert "stopped 0 server(s)" in result.stderr
+
+
+def test_extension_commands_register_when_their_module_exists(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bench` and `eval` plug in this way; a module that is not there is skipped."""
+    (tmp_path / "specthink_fake_ext.py").write_text(textwrap.dedent("""\
+        import typer
+
+        def register(app: typer.Typer) -> None:
+            @app.command()
+            def hello() -> None:
+                print("hello from an extension")
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    extended = typer.Typer()
+
+    @extended.command()
+    def base() -> None:
+        """A first command, so typer keeps subcommand names."""
+
+    _register_extensions(extended, ["specthink_fake_ext", "specthink_no_such_module"])
+    result = runner.invoke(extended, ["hello"])
+    assert result.exit_code == 0
+    assert result.stdout == "hello from an extension\n"
+
+
+def test_main_without_the_cli_extra_prints_the_install_hint() -> None:
+    code = ("import sys; sys.modules['typer'] = None\n"
+            "from specthink.cli import main\n"
+            "main()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("The specthink command needs the `cli` extra: "
+                                   "pip install 'specthink[cli]'")
+
+
+def test_a_local_pair_that_cannot_start_exits_with_its_own_code(tmp_path: Path) -> None:
+    """No URL configured: `ask` starts the local pair, and its failure has exit code 4."""
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        taken = blocker.getsockname()[1]
+        result = runner.invoke(app, ["ask", "q"], env={
+            "SPECTHINK_SMALL_URL": None, "SPECTHINK_TARGET_URL": None,
+            "SPECTHINK_STATE_DIR": str(tmp_path),
+            "SPECTHINK_LOCAL_SMALL_PORT": str(taken),
+            "SPECTHINK_LOCAL_TARGET_PORT": str(taken + 1 if taken < 65535 else taken - 1)})
+    assert result.exit_code == 4
+    # Without llama-cpp-python or the GGUF the install hint comes first; with them, the port.
+    assert ("is taken by another program" in result.stderr
+            or "install it with" in result.stderr), result.stderr
+    assert not list(tmp_path.glob("*.pid"))

@@ -1,0 +1,48 @@
+"""Fixtures shared by the whole suite: TGI-protocol servers on loopback (real sockets), stopped
+when the test ends."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from specthink.testing import EchoModel, LoopbackServer, TextModel
+
+
+@pytest.fixture
+def loopback_server() -> Iterator[Callable[..., LoopbackServer]]:
+    """Start a :class:`LoopbackServer`: ``loopback_server(model, **options)``; EchoModel if no
+    model is given."""
+    started: list[LoopbackServer] = []
+
+    def start(model: TextModel | None = None, **options: Any) -> LoopbackServer:
+        server = LoopbackServer(model or EchoModel(), **options).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@dataclass(frozen=True)
+class ServerPair:
+    small: LoopbackServer
+    target: LoopbackServer
+
+
+@pytest.fixture
+def loopback_pair(loopback_server: Callable[..., LoopbackServer]) -> Callable[..., ServerPair]:
+    """Start a small and a target server: ``loopback_pair(small_model, target_model, **options)``
+    (options apply to both; ``model_id`` defaults to "test/small" and "test/target")."""
+
+    def start(small_model: TextModel | None = None, target_model: TextModel | None = None,
+              **options: Any) -> ServerPair:
+        small = loopback_server(small_model, **{"model_id": "test/small", **options})
+        target = loopback_server(target_model, **{"model_id": "test/target", **options})
+        return ServerPair(small, target)
+
+    return start
