@@ -40,7 +40,7 @@ from .trace import (
     TextEvent,
 )
 
-__all__ = ["SpeculativeThinker"]
+__all__ = ["SpeculativeThinker", "close_on_sync_loop", "run_sync"]
 
 Role = Literal["small", "target"]
 TargetErrorPolicy = Literal["fallback", "raise"]
@@ -185,7 +185,7 @@ class SpeculativeThinker:
 
     def generate(self, messages: Sequence[dict[str, Any]], **params: Any) -> Result:
         """Blocking ``agenerate``; works where an event loop already runs (notebooks)."""
-        return _LoopThread.get().run(self.agenerate(messages, **params))
+        return run_sync(self.agenerate(messages, **params))
 
     def stream(self, messages: Sequence[dict[str, Any]], **params: Any) -> Iterator[Event]:
         """Blocking ``astream``; leaving the loop early cancels the request and closes streams."""
@@ -211,8 +211,10 @@ class SpeculativeThinker:
         async def render(role: Role) -> str:
             backend = self.backends[role]
             spec = self.small_template if role == "small" else self.target_template
-            template = prompts.resolve_template(spec, backend)
             try:
+                if spec == "auto":
+                    spec = await self._auto_template(backend, checked)
+                template = prompts.resolve_template(spec, backend)
                 return await prompts.render_prompt(template, checked, tools, backend)
             except BackendError as exc:
                 exc.role = role
@@ -241,6 +243,18 @@ class SpeculativeThinker:
             self._target_failed(run, target_ready)
         return run
 
+    @staticmethod
+    async def _auto_template(backend: Backend, messages: Sequence[dict[str, Any]]) -> str:
+        """The server's own template where it renders one, except for tool turns: TGI keeps only
+        role and content of each message, so an assistant's tool calls and the tool results
+        would be flattened; those conversations use the client-side template of the model's
+        family (DeepSeek-R1 or ChatML), read from the model id."""
+        tool_turns = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+        if getattr(backend, "renders_chat_template", False) and not tool_turns:
+            return "server"
+        model_id = (await backend.info()).model_id.lower()
+        return "deepseek-r1" if "deepseek" in model_id and "r1" in model_id else "chatml"
+
     def _room(self, run: _Run, role: Role, wanted: int) -> int:
         """``wanted`` tokens, cut so that prompt + output fits the server's max_total_tokens
         (TGI answers 422 otherwise)."""
@@ -264,7 +278,15 @@ class SpeculativeThinker:
                 f"at most {info.max_stop_sequences}")
         if info.max_input_tokens is None and info.max_total_tokens is None:
             return
-        length = await backend.count_tokens(prompt)
+        # A token covers at least one byte (byte-level BPE; special tokens cover several), so
+        # the UTF-8 length bounds the token count. Only prompts near a limit are tokenised by
+        # the server: most conversations need no extra request.
+        length = len(prompt.encode())
+        fits_input = info.max_input_tokens is None or length <= info.max_input_tokens
+        fits_total = (info.max_total_tokens is None
+                      or length + run.budget_left <= info.max_total_tokens)
+        if not (fits_input and fits_total):
+            length = await backend.count_tokens(prompt)
         run.prompt_tokens[role] = length
         if info.max_total_tokens is not None:
             run.total_limits[role] = info.max_total_tokens
@@ -277,7 +299,7 @@ class SpeculativeThinker:
 
     async def _drive(self, run: _Run) -> AsyncGenerator[Event, None]:
         rules = self.rules
-        if rules.mode == "instruct" and rules.begin_tokens:
+        if rules.mode == "instruct" and rules.begin_tokens and self._triggers_active(run):
             yield self._note_takeover(run, Rule.BEGIN, discarded=0)
             begin = self._target_writes(run, Rule.BEGIN, rules.begin_tokens)
             async with aclosing(begin) as stream:
@@ -301,11 +323,16 @@ class SpeculativeThinker:
                         yield event
         if not run.done:
             run.finish("stop")
+        if not run.stats.input_tokens:
+            # The server reports prompt tokens on a stream's last token, which a takeover cuts.
+            run.stats.input_tokens = run.prompt_tokens["small"]
         for event in self._flush(run):
             yield event
 
     def _triggers_active(self, run: _Run) -> bool:
-        return run.target_ok and run.in_scope
+        # A grammar restarts with every request, so a handoff inside constrained output would
+        # break it: constrained answers are written by the small model alone.
+        return run.target_ok and run.in_scope and run.sampling.grammar is None
 
     async def _small_writes(self, run: _Run) -> AsyncGenerator[Event, None]:
         """The small model writes until end-of-sequence, the budget, or a takeover decision."""
@@ -700,6 +727,26 @@ class _TimedStream:
                 raise
             waits[role] += clock() - started
             yield token
+
+
+def run_sync(awaitable: Awaitable[T]) -> T:
+    """Run ``awaitable`` to completion from synchronous code, on the library's private loop.
+
+    The single sync edge of specthink (adapters use it too); it works where the calling thread
+    already runs an event loop, as in a notebook.
+    """
+    return _LoopThread.get().run(awaitable)
+
+
+def close_on_sync_loop(*backends: Backend) -> None:
+    """Close ``backends``' connections on the private loop, if it ever ran, without waiting
+    (for finalizers: the sync methods' connections live on that loop)."""
+    loop_thread = _LoopThread._instance
+    if loop_thread is not None and loop_thread.loop.is_running():
+        async def close_all() -> None:
+            await asyncio.gather(*(backend.aclose() for backend in backends))
+
+        asyncio.run_coroutine_threadsafe(close_all(), loop_thread.loop)
 
 
 class _LoopThread:

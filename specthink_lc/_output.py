@@ -43,6 +43,8 @@ class OutputShape:
     starts as reasoning without an opening tag."""
     parse_tools: bool
     """Tools were offered, so ``<tool_call>`` blocks in the answer become ``tool_calls``."""
+    max_tool_calls: int | None = None
+    """Keep only this many calls (``parallel_tool_calls=False`` keeps one)."""
 
 
 def message_from_result(result: Result, shape: OutputShape) -> ChatGeneration:
@@ -51,6 +53,7 @@ def message_from_result(result: Result, shape: OutputShape) -> ChatGeneration:
     calls: list[ToolCall] = []
     if shape.parse_tools:
         answer, calls = parse_tool_calls(answer)
+        calls = calls[:shape.max_tool_calls]
     message = AIMessage(
         content=answer,
         additional_kwargs={"reasoning_content": reasoning} if reasoning else {},
@@ -89,6 +92,7 @@ class ChunkAssembler:
         calls: list[ToolCall] = []
         if self.shape.parse_tools and rest:
             content, calls = parse_tool_calls(rest)
+            calls = calls[:self.shape.max_tool_calls]
             if calls:
                 # Whitespace held before the call still separates shown text from what follows.
                 space = rest[:len(rest) - len(rest.lstrip())]
@@ -141,11 +145,8 @@ def usage_metadata(result: Result, *, has_reasoning: bool) -> UsageMetadata:
     stats = result.stats
     usage = UsageMetadata(input_tokens=stats.input_tokens, output_tokens=stats.output_tokens,
                           total_tokens=stats.input_tokens + stats.output_tokens)
-    # Statistics.reasoning_tokens is newer than the rest of the engine's counters; without it
-    # the count is unknown, and no count is better than a wrong one.
-    reasoning_tokens: int | None = getattr(stats, "reasoning_tokens", None)
-    if reasoning_tokens is not None and (reasoning_tokens or has_reasoning):
-        usage["output_token_details"] = OutputTokenDetails(reasoning=reasoning_tokens)
+    if stats.reasoning_tokens or has_reasoning:
+        usage["output_token_details"] = OutputTokenDetails(reasoning=stats.reasoning_tokens)
     return usage
 
 

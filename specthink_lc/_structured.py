@@ -51,6 +51,8 @@ def normalize_tool_choice(tool_choice: object, tools: Sequence[dict[str, Any]],
     {"name": ...}}`` forces that tool.
     """
     names = [tool["function"]["name"] for tool in tools]
+    if tool_choice not in (None, False, "auto", "none") and not names:
+        raise ConfigError(f"tool_choice={tool_choice!r} needs tools, but no tools were given")
     if tool_choice is None or tool_choice == "auto":
         return None if tool_choice is None else "auto"
     if tool_choice is False or tool_choice == "none":

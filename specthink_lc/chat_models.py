@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, fields
 from typing import Any, Literal, Self, TypeVar, cast
@@ -23,7 +22,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator,
 
 from specthink import prompts
 from specthink.backends.base import Backend, SamplingParams
-from specthink.engine import SpeculativeThinker, _LoopThread
+from specthink.engine import SpeculativeThinker, close_on_sync_loop, run_sync
 from specthink.errors import BackendError, ConfigError
 from specthink.rules import PRESETS, TakeoverRules
 from specthink.trace import Event, FinishEvent, TextEvent
@@ -62,6 +61,8 @@ class _Call:
     parse_tools: bool
     constrained: bool
     """A grammar constrains the whole output, so the model cannot write reasoning first."""
+    single_tool_call: bool = False
+    """``parallel_tool_calls=False``: only the first tool call counts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,11 +124,17 @@ class ChatSpeculativeThinking(BaseChatModel):
             from specthink_lc import ChatSpeculativeThinking
 
             model = ChatSpeculativeThinking(
-                small_url="http://127.0.0.1:8031",
-                target_url="http://127.0.0.1:8032",
+                small_url="http://small-tgi:8080",    # e.g. DeepSeek-R1-Distill-Qwen-1.5B
+                target_url="http://target-tgi:8080",  # e.g. DeepSeek-R1-Distill-Qwen-32B
                 temperature=0,
                 max_tokens=512,
             )
+
+        The local CPU pair (``specthink local up``) speaks the OpenAI protocol:
+        ``backend="openai"``, ``small_url="http://127.0.0.1:8031"``,
+        ``target_url="http://127.0.0.1:8032"``. Backends you build yourself (your own httpx
+        client, or ``specthink.testing`` doubles) go through
+        ``ChatSpeculativeThinking.from_backends(small, target, ...)``.
 
     Invoke:
         .. code-block:: python
@@ -139,7 +146,7 @@ class ChatSpeculativeThinking(BaseChatModel):
         .. code-block:: python
 
             '12 * 13 = 156.'
-            '12 * 13 is 12 * 10 + 12 * 3 = 120 + 36.\\n\\nWait, let me check: 156.'
+            '\n12 * 13 = 12 * 10 + 12 * 3 = 120 + 36.\n\nWait, let me check: 120 + 36 = 156.\n'
 
         The reasoning (``<think>…</think>``) never lands in ``content``. With
         ``output_version="v1"`` it is a ``{"type": "reasoning"}`` content block instead.
@@ -151,8 +158,8 @@ class ChatSpeculativeThinking(BaseChatModel):
                 print(chunk.text, end="", flush=True)
 
         Reasoning chunks carry ``additional_kwargs["reasoning_content"]`` and empty text. The
-        last chunk has ``chunk_position="last"``, the usage and the response metadata; a
-        probe the small model wrote and the target replaced is never streamed.
+        last chunk has ``chunk_position="last"``, the usage and the response metadata. A probe
+        the small model wrote and the target replaced is never streamed.
 
     Async:
         .. code-block:: python
@@ -161,6 +168,7 @@ class ChatSpeculativeThinking(BaseChatModel):
             async for chunk in model.astream("What is 12 * 13?"):
                 ...
             await model.abatch([f"What is {n} * 13?" for n in range(64)])
+            await model.aclose()  # before the event loop ends
 
         The async methods run on the engine itself (no thread pool), so a batch of 64
         conversations shares one event loop.
@@ -175,17 +183,17 @@ class ChatSpeculativeThinking(BaseChatModel):
                 \"\"\"Get the current weather in a given location.\"\"\"
                 return "It's sunny."
 
-            message = model.bind_tools([get_weather]).invoke("Weather in Paris?")
-            message.tool_calls
+            model.bind_tools([get_weather]).invoke("Weather in Paris?").tool_calls
 
         .. code-block:: python
 
             [{'name': 'get_weather', 'args': {'location': 'Paris'},
-              'id': 'call_4f1c0e2a9b7d', 'type': 'tool_call'}]
+              'id': 'call_bc1db1d9dafc', 'type': 'tool_call'}]
 
         Tools are rendered into the chat template in the Hermes/Qwen form and the
         ``<tool_call>`` blocks are read back from the answer, never from the reasoning.
-        ``tool_choice`` takes a tool name, ``"any"``/``"required"``, ``"auto"`` or ``"none"``.
+        ``tool_choice`` takes a tool name, ``"any"``/``"required"``, ``"auto"`` or ``"none"``;
+        ``parallel_tool_calls=False`` keeps the first call only.
 
     Structured output:
         .. code-block:: python
@@ -215,8 +223,8 @@ class ChatSpeculativeThinking(BaseChatModel):
 
         .. code-block:: python
 
-            {'input_tokens': 21, 'output_tokens': 48, 'total_tokens': 69,
-             'output_token_details': {'reasoning': 30}}
+            {'input_tokens': 16, 'output_tokens': 57, 'total_tokens': 73,
+             'output_token_details': {'reasoning': 46}}
 
         ``output_tokens`` counts every accepted token, whichever model wrote it; a stream
         reports usage on its last chunk only.
@@ -228,18 +236,40 @@ class ChatSpeculativeThinking(BaseChatModel):
 
         .. code-block:: python
 
-            {'model_name': 'small-model+target-model', 'model_provider': 'specthink',
-             'finish_reason': 'stop', 'speculative_thinking': {...},
-             'speculative_trace': {'segments': [...], 'takeovers': [...]}}
+            {'model_name': 'deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B+deepseek-ai/DeepSeek-R1-Distill-Qwen-32B',
+             'model_provider': 'specthink',
+             'finish_reason': 'stop',
+             'speculative_thinking': {...},
+             'speculative_trace': {...}}
 
     Speculative-thinking statistics:
         ``response_metadata["speculative_thinking"]`` holds the request's statistics as the
-        engine counted them: tokens per model (``small_tokens``, ``target_tokens``,
-        ``intervention_tokens``), ``discarded_tokens`` (probes thrown away), ``takeovers``
-        per rule, ``target_share``, ``requests`` and ``retries`` per model, and whether the
-        target failed (``fallback``). ``response_metadata["speculative_trace"]`` says who
-        wrote what: ``segments`` (source, rule, text) and ``takeovers`` (rule, offset).
-    """
+        engine counted them (``specthink.Statistics.to_dict()``):
+
+        .. code-block:: python
+
+            {'small_tokens': 27, 'target_tokens': 30, 'intervention_tokens': 0,
+             'reasoning_tokens': 46, 'discarded_tokens': 1, 'input_tokens': 16,
+             'takeovers': {'rule1': 1, 'rule2': 1, 'rule3': 0, 'begin': 0, 'every_trigger': 0},
+             'requests': {'small': 1, 'target': 1}, 'retries': {'small': 0, 'target': 0},
+             'resumed_streams': {'small': 0, 'target': 0},
+             'wait_seconds': {'small': 0.02528, 'target': 0.033126},
+             'fallback': False, 'fallback_error': None, 'finish_reason': 'stop',
+             'output_tokens': 57, 'target_share': 0.526316}
+
+        ``response_metadata["speculative_trace"]`` says who wrote what:
+
+        .. code-block:: python
+
+            {'segments': [
+                {'source': 'small', 'rule': None,
+                 'text': '<think>\n12 * 13 = 12 * 10 + 12 * 3 = 120 + 36.\n\n'},
+                {'source': 'target', 'rule': 'rule1',
+                 'text': 'Wait, let me check: 120 + 36 = 156.\n</think>\n\n'},
+                {'source': 'target', 'rule': 'rule2', 'text': '12 * 13 = 156.'}],
+             'takeovers': [{'rule': 'rule1', 'offset': 48, 'discarded_tokens': 1},
+                           {'rule': 'rule2', 'offset': 94, 'discarded_tokens': 0}]}
+    """  # noqa: E501
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -389,15 +419,19 @@ class ChatSpeculativeThinking(BaseChatModel):
             return thinker
         with _BUILD_LOCK:
             if self._thinker is None or self._thinker_key != key:
-                small, target = self._backends or self._build_backends()
+                if self._backends is not None:
+                    small, target = self._backends
+                else:
+                    small, target = self._build_backends()
                 thinker = SpeculativeThinker(
                     small=small, target=target,
                     rules=self.rules,
                     small_template=self.small_template, target_template=self.target_template,
                     on_target_error=self.on_target_error)
-                # Pooled connections of a model nobody holds any more would otherwise stay
-                # open until the process ends.
-                weakref.finalize(self, _close_in_background, thinker)
+                if self._backends is None:
+                    # Pooled connections of an engine nobody holds any more (copies of a model
+                    # share it) would otherwise stay open until the process ends.
+                    weakref.finalize(thinker, _close_in_background, small, target)
                 self._thinker = thinker
                 self._thinker_key = key
                 self._description = None
@@ -418,13 +452,12 @@ class ChatSpeculativeThinking(BaseChatModel):
             _run_sync(self._thinker.aclose())
 
     def _config_key(self) -> tuple[Any, ...]:
-        # A copy made with model_copy(update=...) shares private state; rebuild if the servers
-        # or the rules changed.
-        secret = self.api_key.get_secret_value() if self.api_key else None
+        # A copy made with model_copy(update=...) shares private state; rebuild if the servers,
+        # the rules or the name changed.
         return (self.small_url, self.target_url, self.backend, self.small_model,
-                self.target_model, repr(self.rules), self.small_template, self.target_template,
-                self.on_target_error, self.timeout, self.max_retries, secret,
-                id(self._backends))
+                self.target_model, self.model_name, repr(self.rules), self.small_template,
+                self.target_template, self.on_target_error, self.timeout, self.max_retries,
+                self.api_key, id(self._backends))
 
     def _build_backends(self) -> tuple[Backend, Backend]:
         secret = self.api_key.get_secret_value() if self.api_key else None
@@ -478,6 +511,7 @@ class ChatSpeculativeThinking(BaseChatModel):
                 "choose models by server, not with a per-call model= argument")
         tools = call.pop("tools", None)
         tool_choice = call.pop("tool_choice", None)
+        parallel_tool_calls = call.pop("parallel_tool_calls", None)
         response_format = call.pop("response_format", None)
         sampling = {"temperature": self.temperature, "top_p": self.top_p,
                     "top_k": self.top_k, "seed": self.seed, **self.model_kwargs}
@@ -487,7 +521,8 @@ class ChatSpeculativeThinking(BaseChatModel):
         max_tokens = call.pop("max_tokens", call.pop("max_new_tokens", self.max_tokens))
         if call:
             raise ConfigError(f"unexpected call arguments {sorted(call)}; accepted: tools, "
-                              "tool_choice, response_format, stop, max_tokens, temperature, "
+                              "tool_choice, parallel_tool_calls, response_format, stop, "
+                              "max_tokens, temperature, "
                               f"top_p, top_k, seed, {', '.join(sorted(_EXTRA_SAMPLING))}")
         engine_messages = to_engine_messages(messages)
         constrained = False
@@ -509,12 +544,14 @@ class ChatSpeculativeThinking(BaseChatModel):
             if tool_choice is not None:
                 params["tool_choice"] = tool_choice
         parse_tools = bool(tools) and tool_choice != "none"
-        return _Call(engine_messages, params, parse_tools, constrained)
+        return _Call(engine_messages, params, parse_tools, constrained,
+                     single_tool_call=parallel_tool_calls is False)
 
     def _shape(self, description: _Description, call: _Call) -> OutputShape:
         return OutputShape(model_name=description.model_name,
                            opens_reasoning=description.opens_reasoning and not call.constrained,
-                           parse_tools=call.parse_tools)
+                           parse_tools=call.parse_tools,
+                           max_tool_calls=1 if call.single_tool_call else None)
 
     # ---- BaseChatModel hooks -------------------------------------------------------------
 
@@ -584,17 +621,21 @@ class ChatSpeculativeThinking(BaseChatModel):
         *,
         tool_choice: str | bool | dict[str, Any] | None = None,
         strict: bool | None = None,
+        parallel_tool_calls: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """Offer ``tools`` to the model; its ``<tool_call>`` blocks become ``tool_calls``.
 
         ``tool_choice``: a tool name (call that tool), ``"any"``/``"required"``/``True`` (call
         some tool), ``"auto"`` (the model decides) or ``"none"``/``False`` (hide the tools).
+        ``parallel_tool_calls=False`` keeps only the first call the model writes.
         """
         formatted = format_tools(tools, strict=strict)
         choice = normalize_tool_choice(tool_choice, formatted)
         if choice is not None:
             kwargs["tool_choice"] = choice
+        if parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = parallel_tool_calls
         return self.bind(tools=formatted, **kwargs)
 
     def with_structured_output(
@@ -633,16 +674,8 @@ class ChatSpeculativeThinking(BaseChatModel):
         return structured_runnable(bound, schema, method, include_raw=include_raw)
 
 
-def _run_sync(awaitable: Awaitable[_T]) -> _T:
-    """Run on the engine's loop thread, the library's one sync edge (where the sync methods'
-    connections live)."""
-    return _LoopThread.get().run(awaitable)
-
-
-def _close_in_background(thinker: SpeculativeThinker) -> None:
-    loop_thread = _LoopThread._instance
-    if loop_thread is not None and loop_thread.loop.is_running():
-        asyncio.run_coroutine_threadsafe(thinker.aclose(), loop_thread.loop)
+_run_sync = run_sync
+_close_in_background = close_on_sync_loop
 
 
 def _chunks(assembler: ChunkAssembler, event: Event) -> list[ChatGenerationChunk]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from llama_index.core.base.llms.generic_utils import (
@@ -354,7 +354,7 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
         if self._infos is not None and self._reasoning_open is not None:
             return
         thinker = self.thinker
-        small, target, opened = await asyncio.gather(
+        small, target, opened = await _all_or_none(
             thinker.small.info(), thinker.target.info(), self._aprobe_reasoning(thinker))
         self._infos = (small, target)
         self._reasoning_open = opened
@@ -576,6 +576,25 @@ def _context_window(infos: tuple[ServerInfo, ServerInfo] | None) -> int | None:
     limits = [info.max_input_tokens or info.max_total_tokens for info in infos]
     known = [limit for limit in limits if limit]
     return min(known) if known else None
+
+
+async def _all_or_none(*awaitables: Coroutine[Any, Any, Any]) -> list[Any]:
+    """Await all; on the first failure cancel the rest and raise that failure as is.
+
+    ``asyncio.gather`` would leave the others running (a request to the healthy server
+    outliving the call), and a TaskGroup would wrap the error in an ExceptionGroup.
+    """
+    tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+    for task in tasks:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error
+    return [task.result() for task in tasks]
 
 
 def _run_sync(coroutine: Any) -> Any:

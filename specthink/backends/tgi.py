@@ -168,6 +168,8 @@ class TGIBackend:
     adds_bos_token = True
     """TGI tokenizes ``inputs`` with special tokens: a rendered template must not carry BOS."""
     supports_grammar = True
+    renders_chat_template = True
+    """``/chat_tokenize`` applies the model's own chat template (``small_template="auto"``)."""
 
     def __init__(self, url: str, *, api_key: str | None = None,
                  client: httpx.AsyncClient | None = None,

@@ -1,5 +1,14 @@
 """Offline doubles for tests, benchmarks and examples: deterministic "models" and a
-TGI-protocol server on loopback (the server needs the ``testing`` extra: starlette, uvicorn)."""
+TGI-protocol server on loopback.
+
+The server needs the ``testing`` extra (starlette, uvicorn); it is imported on first use, so the
+models work without it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from specthink.testing.models import (
     ASSISTANT_MARKERS,
@@ -13,14 +22,19 @@ from specthink.testing.models import (
     assistant_text,
     last_user_message,
 )
-from specthink.testing.server import (
-    Fault,
-    LatencyModel,
-    LoopbackServer,
-    PrefixCache,
-    RequestRecord,
-    render_chatml,
-)
+
+if TYPE_CHECKING:
+    from specthink.testing.server import (
+        Fault,
+        LatencyModel,
+        LoopbackServer,
+        PrefixCache,
+        RequestRecord,
+        render_chatml,
+    )
+
+_SERVER_NAMES = frozenset({"Fault", "LatencyModel", "LoopbackServer", "PrefixCache",
+                           "RequestRecord", "render_chatml"})
 
 __all__ = [
     "ASSISTANT_MARKERS",
@@ -40,3 +54,14 @@ __all__ = [
     "last_user_message",
     "render_chatml",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _SERVER_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        server = importlib.import_module("specthink.testing.server")
+    except ImportError as exc:
+        raise ImportError(f"specthink.testing.{name} needs the testing extra: "
+                          "pip install 'specthink[testing]'") from exc
+    return getattr(server, name)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import logging
 import threading
 import time
 from collections import OrderedDict
@@ -54,8 +53,6 @@ __all__ = [
     "RequestRecord",
     "render_chatml",
 ]
-
-logger = logging.getLogger("specthink.testing")
 
 EOS_TEXT = "</s>"
 EOS_ID = 2
@@ -96,6 +93,7 @@ _STATUS_BODIES: dict[int, tuple[str, str]] = {
     500: ("Incomplete generation", "incomplete_generation"),
     503: ("Model is not ready", "unhealthy"),
 }
+_OVERLOADED = ("Model is overloaded", "overloaded")
 _ERROR_MESSAGES = {error_type: message for message, error_type in _STATUS_BODIES.values()}
 
 
@@ -395,6 +393,8 @@ class _StreamControl:
     connections: Callable[[], Iterable[Any]]
     client: tuple[Any, ...] = ()
     gone: anyio.Event = field(default_factory=anyio.Event)
+    release: Callable[[], None] | None = None
+    """Gives the request's concurrency permit back when the stream ends."""
     complete: bool = False
     dropped: bool = False
 
@@ -403,6 +403,8 @@ class _StreamControl:
             self.record.finished = time.monotonic()
             if not self.complete and not self.dropped:
                 self.record.disconnected = True
+        if self.release is not None:
+            self.release()
 
     async def drop_connection(self) -> None:
         """Close this request's TCP connection and wait until uvicorn has noticed."""
@@ -425,6 +427,20 @@ class LoopbackServer:
 
     Use it as a context manager (``with`` or ``async with``) or call :meth:`start` and
     :meth:`stop`; ``url`` is known once started (``port=0`` picks a free port).
+
+    - ``tokenizer`` splits prompts and answers into tokens (the model's text is cut into tokens
+      by it, and ``max_new_tokens`` counts them).
+    - ``latency`` is charged with ``asyncio.sleep``: prefill before the first token, then per
+      token. Nothing is charged by default.
+    - ``max_input_tokens``, ``max_total_tokens``, ``max_stop_sequences`` are validated as TGI
+      does and reported by ``/info``; ``max_concurrent_requests`` generations may run at once,
+      the next ones are "overloaded" (in the stream for ``/generate_stream``, 429 otherwise).
+    - ``cache_capacity`` bounds the prefix cache (token prefixes, least recently used evicted).
+
+    Endpoints: ``/generate_stream``, ``/generate``, ``/info``, ``/health``, ``/tokenize``,
+    ``/chat_tokenize`` (ChatML, see :func:`render_chatml`), ``/v1/completions`` (streamed or
+    not) and ``/v1/models``. Generation requests are kept in :attr:`records`; faults are queued
+    with :meth:`inject`; :meth:`reset` forgets both and the cache.
     """
 
     def __init__(self, model: TextModel, *, tokenizer: Tokenizer | None = None,
@@ -450,6 +466,7 @@ class LoopbackServer:
         self._records: list[RequestRecord] = []
         self._faults: list[list[Any]] = []  # [fault, remaining times]
         self._next_id = 1
+        self._active = 0
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -752,6 +769,10 @@ class LoopbackServer:
         return JSONResponse(_error_body(message, error_type), status_code=status,
                             headers=dict(headers or {}))
 
+    def _overloaded(self, record: RequestRecord) -> JSONResponse:
+        self._update(record, status=429, error_type="overloaded", finished=time.monotonic())
+        return self._error(429, *_OVERLOADED)
+
     def _status_fault(self, record: RequestRecord, fault: Fault) -> JSONResponse:
         code = fault.status_code or 500
         message, error_type = _STATUS_BODIES.get(code, (f"injected status {code}", "injected"))
@@ -760,7 +781,7 @@ class LoopbackServer:
         return self._error(code, message, error_type, headers)
 
     def _in_band_error(self, record: RequestRecord, message: str, error_type: str,
-                       *, done: bool = False) -> _EventStream:
+                       *, done: bool = False, permit: bool = True) -> _EventStream:
         self._update(record, error_type=error_type)
 
         async def produce(write: Callable[[bytes], Awaitable[None]],
@@ -769,10 +790,23 @@ class LoopbackServer:
             if done:
                 await write(b"data:[DONE]\n\n")
 
-        return _EventStream(produce, self._control(record))
+        return _EventStream(produce, self._control(record, permit=permit))
 
-    def _control(self, record: RequestRecord) -> _StreamControl:
-        return _StreamControl(record, self._lock, self._connections)
+    def _control(self, record: RequestRecord, *, permit: bool = True) -> _StreamControl:
+        return _StreamControl(record, self._lock, self._connections,
+                              release=self._release if permit else None)
+
+    def _acquire(self) -> bool:
+        """A concurrency permit, as TGI's ``max_concurrent_requests`` (false when full)."""
+        with self._lock:
+            if self._active >= self.max_concurrent_requests:
+                return False
+            self._active += 1
+            return True
+
+    def _release(self) -> None:
+        with self._lock:
+            self._active -= 1
 
     # ----------------------------------------------------------------- TGI endpoints
 
@@ -789,6 +823,8 @@ class LoopbackServer:
             self._update(record, fault=fault)
             if fault.kind == "status":
                 return self._status_fault(record, fault)
+        if not self._acquire():
+            return self._in_band_error(record, *_OVERLOADED, permit=False)
         try:
             job = self._validate(body.inputs, body.parameters, streaming=True)
         except _Invalid as exc:
@@ -837,13 +873,19 @@ class LoopbackServer:
         if fault is not None:
             self._update(record, fault=fault)
             return self._status_fault(record, fault)
+        if not self._acquire():
+            return self._overloaded(record)
         try:
             job = self._validate(body.inputs, body.parameters, streaming=False)
         except _Invalid as exc:
+            self._release()
             self._update(record, status=422, error_type=exc.error_type,
                          finished=time.monotonic())
             return self._error(422, f"Input validation error: {exc.message}", exc.error_type)
-        await self._complete(record, job)
+        try:
+            await self._complete(record, job)
+        finally:
+            self._release()
         text = "".join(t for t, _, special in job.tokens if not special)
         if body.parameters.return_full_text:
             text = job.prompt + text
@@ -971,12 +1013,17 @@ class LoopbackServer:
             self._update(record, fault=fault)
             if fault.kind == "status":
                 return self._status_fault(record, fault)
+        if not self._acquire():
+            if body.stream:
+                return self._in_band_error(record, *_OVERLOADED, done=True, permit=False)
+            return self._overloaded(record)
         try:
             job = self._validate(prompt, params, streaming=body.stream)
         except _Invalid as exc:
             message = f"Input validation error: {exc.message}"
             if body.stream:
                 return self._in_band_error(record, message, exc.error_type, done=True)
+            self._release()
             self._update(record, status=422, error_type=exc.error_type,
                          finished=time.monotonic())
             return self._error(422, message, exc.error_type)
@@ -984,7 +1031,10 @@ class LoopbackServer:
         envelope = {"object": "text_completion", "id": "", "created": created,
                     "model": self.model_id, "system_fingerprint": f"{VERSION}-native"}
         if not body.stream:
-            await self._complete(record, job)
+            try:
+                await self._complete(record, job)
+            finally:
+                self._release()
             text = "".join(t for t, _, special in job.tokens if not special)
             return JSONResponse({
                 **envelope,

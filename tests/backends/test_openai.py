@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from specthink.backends import OpenAICompletionsBackend, SamplingParams, StreamToken
+from specthink.backends import Backend, OpenAICompletionsBackend, SamplingParams, StreamToken
 from specthink.backends.openai import CompletionDecoder, completion_body
 from specthink.errors import (
     BackendStatusError,
@@ -120,6 +120,14 @@ async def test_model_defaults_to_the_first_listed_id(openai: Make) -> None:
     await collect(backend)
     assert server.body("/v1/completions")["model"] == "Qwen/Qwen2.5-1.5B"
     assert server.paths() == ["/v1/models", "/v1/completions", "/v1/completions"]
+
+
+def test_implements_the_backend_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SPECTHINK_API_KEY", raising=False)
+    backend = OpenAICompletionsBackend(URL, model="m")
+    assert isinstance(backend, Backend)
+    assert (backend.adds_bos_token, backend.supports_grammar) == (True, False)
+    assert repr(backend) == "OpenAICompletionsBackend('http://vllm.test', model='m')"
 
 
 async def test_sdk_style_base_url_is_accepted() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from specthink.backends import SamplingParams, ServerInfo, StreamToken, TGIBackend
+from specthink.backends import Backend, SamplingParams, ServerInfo, StreamToken, TGIBackend
 from specthink.backends.tgi import generate_parameters
 from specthink.errors import (
     BackendConnectionError,
@@ -353,7 +353,14 @@ def test_non_http_url_is_a_config_error() -> None:
         TGIBackend("grpc://tgi:8080")
 
 
-def test_repr_names_the_url() -> None:
+def test_implements_the_backend_protocol() -> None:
+    backend = TGIBackend(URL)
+    assert isinstance(backend, Backend)
+    assert (backend.adds_bos_token, backend.supports_grammar) == (True, True)
+
+
+def test_repr_names_the_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SPECTHINK_API_KEY", raising=False)
     assert repr(TGIBackend("http://tgi:8080/")) == "TGIBackend('http://tgi:8080')"
 
 

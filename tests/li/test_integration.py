@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 from llama_index.core import Document, VectorStoreIndex
 from llama_index.core.agent.workflow import FunctionAgent, ReActAgent
+from llama_index.core.base.response.schema import AsyncStreamingResponse
 from llama_index.core.chat_engine import SimpleChatEngine
 from llama_index.core.embeddings import MockEmbedding
 from llama_index.core.llms import ChatMessage
@@ -100,6 +101,7 @@ async def test_a_streaming_query_engine_streams_the_answer() -> None:
                                                 embed_model=MockEmbedding(embed_dim=8))
         engine = index.as_query_engine(llm=llm, streaming=True, similarity_top_k=len(FACTS))
         response = await engine.aquery("What is the capital of Zembla?")
+        assert isinstance(response, AsyncStreamingResponse)
         pieces = [piece async for piece in response.async_response_gen()]
         await llm.aclose()
     assert "".join(pieces) == "The capital of Zembla is Vrell."

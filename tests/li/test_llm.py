@@ -196,8 +196,9 @@ def check_stream(chunks: list[ChatResponse]) -> None:
     assert [b.content for b in final.message.blocks if isinstance(b, ThinkingBlock)] == [thinking]
     for before, after in itertools.pairwise(chunks):  # content only grows
         assert (after.message.content or "").startswith(before.message.content or "")
-    assert isinstance(final.raw["event"], FinishEvent)
-    assert final.raw["usage"]["completion_tokens"] > 0
+    raw = final.raw
+    assert isinstance(raw, dict) and isinstance(raw["event"], FinishEvent)
+    assert raw["usage"]["completion_tokens"] > 0
     assert "speculative_thinking" in final.message.additional_kwargs
 
 
@@ -225,7 +226,7 @@ async def test_leaving_a_stream_early_closes_the_server_stream() -> None:
     async for chunk in stream:
         if chunk.delta:
             break
-    await stream.aclose()  # type: ignore[attr-defined]
+    await stream.aclose()
     # LlamaIndex's callback wrapper drops (rather than closes) the inner generator; the loop's
     # async-generator finaliser closes it a few iterations later.
     request = llm.thinker.small.requests[-1]  # type: ignore[attr-defined]
@@ -251,7 +252,7 @@ async def test_async_calls_share_the_loop() -> None:
         return chunk.message.content or ""
 
     answers = await asyncio.gather(ask("a"), ask("b"))
-    assert answers == ["echo a " * 5, "echo b " * 5]
+    assert list(answers) == ["echo a " * 5, "echo b " * 5]
     assert order != sorted(order)  # a's and b's tokens interleaved
 
 

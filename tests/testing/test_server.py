@@ -437,3 +437,43 @@ async def test_health_follows_the_healthy_flag(tgi: Make, server: LoopbackServer
     server.healthy = False
     assert not await backend.health()
     await backend.aclose()
+
+
+async def test_requests_beyond_max_concurrent_are_overloaded(tgi: Make,
+                                                             loopback_server: Start) -> None:
+    server = loopback_server(ScriptedModel.single(" word" * 50), max_concurrent_requests=1,
+                             latency=LatencyModel(per_token=0.01))
+    holder = tgi(server)
+    async with holder.stream(PROMPT, max_new_tokens=50, sampling=GREEDY) as tokens:
+        await tokens.__anext__()
+        with pytest.raises(StreamErrorEvent) as info:
+            await collect(tgi(server, max_retries=0))
+        assert info.value.error_type == "overloaded"
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(f"{server.url}/generate", json={"inputs": PROMPT})
+        assert (answer.status_code, answer.json()["error_type"]) == (429, "overloaded")
+    await holder.aclose()
+    await wait_until_finished(server, 0)
+    tokens_after = await collect(tgi(server), max_new_tokens=2)
+    assert tokens_after[-1].finish_reason == "length"
+
+
+async def test_cancelling_the_caller_closes_the_server_stream(tgi: Make,
+                                                             server: LoopbackServer) -> None:
+    server.inject(Fault.stall(after_tokens=1, seconds=30))
+    backend = tgi(server)
+    first_token = asyncio.Event()
+
+    async def consume() -> None:
+        async with backend.stream(PROMPT, max_new_tokens=64, sampling=GREEDY) as tokens:
+            await tokens.__anext__()
+            first_token.set()
+            await tokens.__anext__()
+
+    task = asyncio.create_task(consume())
+    await first_token.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    record = await wait_until_finished(server)
+    assert (record.disconnected, record.tokens_sent) == (True, 1)

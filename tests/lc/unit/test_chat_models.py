@@ -34,7 +34,6 @@ from specthink.testing.models import (
     TextModel,
     Tokenizer,
 )
-from specthink.trace import Statistics
 from specthink_lc import ChatSpeculativeThinking
 
 ANSWER_2_PLUS_2 = "<think>\nTwo plus two makes four.\n</think>\n\nThe answer is 4."
@@ -130,12 +129,6 @@ def test_a_model_that_does_not_think_answers_in_content_only() -> None:
     assert "reasoning_content" not in message.additional_kwargs
 
 
-ENGINE_COUNTS_REASONING = "reasoning_tokens" in Statistics.__dataclass_fields__
-
-
-@pytest.mark.skipif(not ENGINE_COUNTS_REASONING,
-                    reason="the engine does not count reasoning tokens yet "
-                           "(Statistics.reasoning_tokens)")
 def test_reasoning_tokens_are_reported_in_output_token_details() -> None:
     """If this fails, callers cannot tell how much of the output was thinking."""
     model = chat(ScriptedModel.single(ANSWER_2_PLUS_2))
@@ -428,6 +421,34 @@ def test_tool_choice_naming_an_unknown_tool_is_refused_at_bind_time() -> None:
 
     with pytest.raises(ConfigError, match="not among the tools offered: magic_function"):
         model.bind_tools([magic_function], tool_choice="weather")
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call_only() -> None:
+    two_calls = (call_text("magic_function", {"input": 1}) + "\n"
+                 + call_text("magic_function", {"input": 2}))
+    model = chat(ScriptedModel.single(two_calls))
+
+    both = model.bind_tools([magic_function]).invoke("Two calls?")
+    one = model.bind_tools([magic_function], parallel_tool_calls=False).invoke("Two calls?")
+    streamed = concatenate([c for c in model.bind_tools(
+        [magic_function], parallel_tool_calls=False).stream("Two calls?")
+        if isinstance(c, AIMessageChunk)])
+
+    assert isinstance(both, AIMessage) and isinstance(one, AIMessage)
+    assert [c["args"] for c in both.tool_calls] == [{"input": 1}, {"input": 2}]
+    assert [c["args"] for c in one.tool_calls] == [{"input": 1}]
+    assert [c["args"] for c in streamed.tool_calls] == [{"input": 1}]
+
+
+def test_forcing_a_tool_call_without_tools_is_refused() -> None:
+    model = chat(ScriptedModel.single("x"))
+
+    with pytest.raises(ConfigError, match="needs tools"):
+        model.bind_tools([], tool_choice="any")
+
+
+def call_text(name: str, arguments: dict[str, Any]) -> str:
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
 
 
 def test_an_agent_turn_sends_the_tool_result_back_in_hermes_form() -> None:
