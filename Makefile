@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-Q ?= What is 12 * 13? Answer briefly.
+Q ?= In three short paragraphs, explain how to work out 12 * 13 by hand.
 
 # llama-cpp-python compiles on install; a portable build lets pip's wheel cache serve later installs.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF

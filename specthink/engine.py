@@ -10,6 +10,7 @@ rules themselves live in :mod:`specthink.rules`; this module only sequences them
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -324,8 +325,12 @@ class SpeculativeThinker:
         if not run.done:
             run.finish("stop")
         if not run.stats.input_tokens:
-            # The server reports prompt tokens on a stream's last token, which a takeover cuts.
+            # The server reports prompt tokens on a stream's last token, which a takeover cuts
+            # (and llama.cpp's server never sends them when streaming).
             run.stats.input_tokens = run.prompt_tokens["small"]
+            if not run.stats.input_tokens:
+                with contextlib.suppress(BackendError):
+                    run.stats.input_tokens = await self.small.count_tokens(run.prompts["small"])
         for event in self._flush(run):
             yield event
 
