@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_before_delay,
+)
+from tenacity.stop import stop_base
 
 from specthink import _constants
 from specthink.errors import (
@@ -276,10 +283,15 @@ class RetryPolicy:
     initial_backoff: float = _constants.RETRY_INITIAL_BACKOFF
     max_backoff: float = _constants.RETRY_MAX_BACKOFF
     retry_after_cap: float = _constants.RETRY_AFTER_CAP
+    deadline: float | None = _constants.RETRY_DEADLINE
+    """Seconds from the first attempt after which no retry starts (``None``: only
+    ``max_retries`` bounds them)."""
 
     def __post_init__(self) -> None:
         if self.max_retries < 0:
             raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}")
+        if self.deadline is not None and self.deadline < 0:
+            raise ConfigError(f"deadline must be >= 0 seconds, got {self.deadline}")
         for name in ("initial_backoff", "max_backoff", "retry_after_cap"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
@@ -298,8 +310,10 @@ class RetryPolicy:
         logger.warning("retrying %s in %.3f s (attempt %d of %d) after: %s", describe, seconds,
                        next_attempt, self.max_retries + 1, exc)
 
-    def retrying(self, describe: str, *, done: int = 0) -> AsyncRetrying:
-        """Tenacity's loop for the attempts left after ``done`` failed ones."""
+    def retrying(self, describe: str, *, done: int = 0,
+                 time_left: float | None = None) -> AsyncRetrying:
+        """Tenacity's loop for the attempts left after ``done`` failed ones, stopping before a
+        wait that would end past ``time_left`` seconds."""
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             return self.wait_seconds(state.attempt_number + done, exc)
@@ -309,7 +323,10 @@ class RetryPolicy:
             seconds = float(state.next_action.sleep) if state.next_action else 0.0
             self._log(describe, state.attempt_number + done + 1, seconds, exc)
 
-        return AsyncRetrying(stop=stop_after_attempt(self.max_retries + 1 - done), wait=wait,
+        stop: stop_base = stop_after_attempt(self.max_retries + 1 - done)
+        if time_left is not None:
+            stop = stop | stop_before_delay(max(time_left, 0.0))
+        return AsyncRetrying(stop=stop, wait=wait,
                              retry=retry_if_exception(is_transient), before_sleep=before_sleep,
                              reraise=True)
 
@@ -319,6 +336,7 @@ class RetryPolicy:
         The first attempt runs outside tenacity: setting its loop up costs about 0.1 ms, a
         noticeable share of opening a stream, and most calls succeed the first time.
         """
+        started = time.monotonic()
         try:
             return await once()
         except Exception as exc:
@@ -326,9 +344,13 @@ class RetryPolicy:
                 raise
             first = exc
         seconds = self.wait_seconds(1, first)
+        if self.deadline is not None and time.monotonic() - started + seconds > self.deadline:
+            raise first
         self._log(describe, 2, seconds, first)
         await asyncio.sleep(seconds)
-        async for attempt in self.retrying(describe, done=1):
+        time_left = (None if self.deadline is None
+                     else self.deadline - (time.monotonic() - started))
+        async for attempt in self.retrying(describe, done=1, time_left=time_left):
             with attempt:
                 return await once()
         raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover

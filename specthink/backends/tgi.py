@@ -178,12 +178,14 @@ class TGIBackend:
                  read_timeout: float | None = _constants.DEFAULT_READ_TIMEOUT,
                  max_retries: int = _constants.DEFAULT_MAX_RETRIES,
                  retry_backoff: float = _constants.RETRY_INITIAL_BACKOFF,
-                 retry_max_backoff: float = _constants.RETRY_MAX_BACKOFF) -> None:
+                 retry_max_backoff: float = _constants.RETRY_MAX_BACKOFF,
+                 retry_deadline: float | None = _constants.RETRY_DEADLINE) -> None:
         self._conn = ServerConnection(
             url, api_key=api_key, client=client, timeout=timeout,
             connect_timeout=connect_timeout, read_timeout=read_timeout,
             retry=RetryPolicy(max_retries=max_retries, initial_backoff=retry_backoff,
-                              max_backoff=max(retry_max_backoff, retry_backoff)))
+                              max_backoff=max(retry_max_backoff, retry_backoff),
+                              deadline=retry_deadline))
         self.url = self._conn.url
         self._info: ServerInfo | None = None
 

@@ -24,6 +24,7 @@ from specthink.errors import (
     PromptTooLongError,
     StreamErrorEvent,
     TargetFallbackWarning,
+    UnhealthyError,
 )
 from specthink.testing.models import Continuation, Script, ScriptedModel, Tokenizer
 from specthink.testing.server import Fault, LatencyModel, LoopbackServer
@@ -107,6 +108,21 @@ async def test_overload_beyond_max_retries_names_the_server_and_its_message(
     assert error.role == "small" and error.url == small.url
     assert "overloaded" in str(error).lower() and small.url in str(error)
     assert len(small.records) == 3  # the first try and two retries, no more
+
+
+async def test_retries_stop_at_the_deadline_even_with_retries_left(
+        servers: Any, closing: list[Any]) -> None:
+    small, target = servers
+    small.inject(Fault.status(503, times=10, retry_after=0.3))
+    closing.append(thinker := SpeculativeThinker(
+        small=TGIBackend(small.url, max_retries=10, retry_deadline=0.5),
+        target=TGIBackend(target.url), small_template="chatml", target_template="chatml"))
+
+    with pytest.raises(UnhealthyError):
+        await thinker.agenerate(QUESTION)
+
+    # attempts at 0 s and 0.3 s; a third would start at 0.6 s, past the 0.5 s deadline
+    assert len(small.records) == 2
 
 
 async def test_retry_after_header_is_obeyed(servers: Any, closing: list[Any]) -> None:
