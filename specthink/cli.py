@@ -41,6 +41,23 @@ try:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
+
+    from specthink._cli_options import (
+        ApiKey,
+        LocalSmallPort,
+        LocalStateDir,
+        LocalTargetPort,
+        SmallModel,
+        SmallTemplate,
+        TargetModel,
+        TargetTemplate,
+        api_key_option,
+        backend_option,
+        model_option,
+        preset_name,
+        stderr,
+        url_option,
+    )
 except ImportError as exc:  # the `cli` extra is missing: main() says how to install it
     _CLI_MISSING = exc
 
@@ -81,28 +98,18 @@ class WireProtocol(StrEnum):
 # ---- shared helpers ----------------------------------------------------------------------
 
 
-def _stderr() -> Console:
-    return Console(stderr=True, highlight=False)
-
-
 @contextmanager
 def _exit_codes() -> Iterator[None]:
     """Turn specthink's errors into one message on stderr and the family's exit code."""
     try:
         yield
     except KeyboardInterrupt:
-        _stderr().print("interrupted", style="dim")
+        stderr().print("interrupted", style="dim")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except SpecthinkError as error:
         code = next(code for kind, code in EXIT_CODES if isinstance(error, kind))
-        _stderr().print(Text(f"error: {error}", style="bold red"), soft_wrap=True)
+        stderr().print(Text(f"error: {error}", style="bold red"), soft_wrap=True)
         raise typer.Exit(code) from error
-
-
-def _preset_name(value: str | None) -> str | None:
-    if value is not None and value not in PRESETS:
-        raise typer.BadParameter(f"{value!r} is not a preset; choose one of {', '.join(PRESETS)}")
-    return value
 
 
 def _env_port(name: str, default: int) -> int:
@@ -239,38 +246,25 @@ async def _ask(thinker: SpeculativeThinker, messages: list[dict[str, Any]], *,
 
 def ask(
     question: Annotated[str, typer.Argument(help="The question to answer.")],
-    small: Annotated[str | None, typer.Option(
-        "--small", envvar="SPECTHINK_SMALL_URL", show_envvar=True,
-        help="URL of the small (speculative) model's server.")] = None,
-    target: Annotated[str | None, typer.Option(
-        "--target", envvar="SPECTHINK_TARGET_URL", show_envvar=True,
-        help="URL of the target model's server.")] = None,
-    backend: Annotated[WireProtocol, typer.Option(
-        "--backend", envvar="SPECTHINK_BACKEND",
+    small: Annotated[str | None, url_option(
+        "small", help="URL of the small (speculative) model's server.")] = None,
+    target: Annotated[str | None, url_option(
+        "target", help="URL of the target model's server.")] = None,
+    backend: Annotated[WireProtocol, backend_option(
         help="Wire protocol: tgi, openai (/v1/completions), or auto (GET /info decides).",
     )] = WireProtocol.auto,
     rules: Annotated[str | None, typer.Option(
-        "--rules", callback=_preset_name, help=f"Takeover rules preset: {', '.join(PRESETS)}. "
+        "--rules", callback=preset_name, help=f"Takeover rules preset: {', '.join(PRESETS)}. "
         "Default: paper; paper_instruct for the local pair, whose small model does not reason.",
     )] = None,
     template: Annotated[str | None, typer.Option(
         "--template", help="Chat template of both models: auto, server, chatml, deepseek-r1. "
         "Default: auto; chatml for the local pair.")] = None,
-    small_template: Annotated[str | None, typer.Option(
-        "--small-template", help="Chat template of the small model (overrides --template).",
-    )] = None,
-    target_template: Annotated[str | None, typer.Option(
-        "--target-template", help="Chat template of the target model (overrides --template).",
-    )] = None,
-    small_model: Annotated[str | None, typer.Option(
-        "--small-model", envvar="SPECTHINK_SMALL_MODEL",
-        help="Model name sent to an OpenAI-compatible small server.")] = None,
-    target_model: Annotated[str | None, typer.Option(
-        "--target-model", envvar="SPECTHINK_TARGET_MODEL",
-        help="Model name sent to an OpenAI-compatible target server.")] = None,
-    api_key: Annotated[str | None, typer.Option(
-        "--api-key", envvar="SPECTHINK_API_KEY", show_default=False,
-        help="Sent to both servers as Authorization: Bearer.")] = None,
+    small_template: SmallTemplate = None,
+    target_template: TargetTemplate = None,
+    small_model: SmallModel = None,
+    target_model: TargetModel = None,
+    api_key: ApiKey = None,
     system: Annotated[str | None, typer.Option("--system", help="A system message.")] = None,
     max_tokens: Annotated[int, typer.Option(
         "--max-tokens", min=1, help="Budget of accepted tokens, both models together.")] = 512,
@@ -294,7 +288,7 @@ def ask(
     """
     from specthink.engine import SpeculativeThinker
 
-    err = _stderr()
+    err = stderr()
     with _exit_codes():
         urls = _resolve_urls(small, target)
         local = urls is None
@@ -367,7 +361,7 @@ def trace(
             else:
                 printer.marker(piece.rule)
         printer.end()
-        _stderr().print(stats_table(data["stats"]))
+        stderr().print(stats_table(data["stats"]))
 
 
 # ---- local -------------------------------------------------------------------------------
@@ -399,7 +393,7 @@ def local_up(
         "--timeout", min=1.0, help="Seconds to wait for both servers.")] = 120.0,
 ) -> None:
     """Start the two llama.cpp servers on loopback (idempotent) and print their URLs."""
-    err = _stderr()
+    err = stderr()
     with _exit_codes():
         pair = _local_pair(small_port, target_port, state_dir=state_dir, small_model=small_model,
                            target_model=target_model, n_threads=threads, n_ctx=n_ctx,
@@ -414,29 +408,17 @@ def local_up(
                        "stop the pair with `specthink local down`", style="dim"))
 
 
-def local_down(
-    small_port: Annotated[int | None, typer.Option(
-        "--small-port", envvar="SPECTHINK_LOCAL_SMALL_PORT")] = None,
-    target_port: Annotated[int | None, typer.Option(
-        "--target-port", envvar="SPECTHINK_LOCAL_TARGET_PORT")] = None,
-    state_dir: Annotated[Path | None, typer.Option(
-        "--state-dir", envvar="SPECTHINK_STATE_DIR", file_okay=False)] = None,
-) -> None:
+def local_down(small_port: LocalSmallPort = None, target_port: LocalTargetPort = None,
+               state_dir: LocalStateDir = None) -> None:
     """Stop the servers that `specthink local up` started (and nothing else)."""
     with _exit_codes():
         stopped = _local_pair(small_port, target_port, state_dir=state_dir).down()
-        _stderr().print(f"stopped {len(stopped)} server(s)"
-                        + (f": pid {', '.join(map(str, stopped))}" if stopped else ""))
+        stderr().print(f"stopped {len(stopped)} server(s)"
+                       + (f": pid {', '.join(map(str, stopped))}" if stopped else ""))
 
 
-def local_status(
-    small_port: Annotated[int | None, typer.Option(
-        "--small-port", envvar="SPECTHINK_LOCAL_SMALL_PORT")] = None,
-    target_port: Annotated[int | None, typer.Option(
-        "--target-port", envvar="SPECTHINK_LOCAL_TARGET_PORT")] = None,
-    state_dir: Annotated[Path | None, typer.Option(
-        "--state-dir", envvar="SPECTHINK_STATE_DIR", file_okay=False)] = None,
-) -> None:
+def local_status(small_port: LocalSmallPort = None, target_port: LocalTargetPort = None,
+                 state_dir: LocalStateDir = None) -> None:
     """Show whether each role's server runs and answers; exit 1 unless both are healthy."""
     with _exit_codes():
         statuses = _local_pair(small_port, target_port, state_dir=state_dir).status()
@@ -480,18 +462,12 @@ async def _check(urls: dict[str, str], protocol: WireProtocol, api_key: str | No
 
 
 def servers_check(
-    small: Annotated[str | None, typer.Option(
-        "--small", envvar="SPECTHINK_SMALL_URL", show_envvar=True)] = None,
-    target: Annotated[str | None, typer.Option(
-        "--target", envvar="SPECTHINK_TARGET_URL", show_envvar=True)] = None,
-    backend: Annotated[WireProtocol, typer.Option(
-        "--backend", envvar="SPECTHINK_BACKEND")] = WireProtocol.auto,
-    small_model: Annotated[str | None, typer.Option(
-        "--small-model", envvar="SPECTHINK_SMALL_MODEL")] = None,
-    target_model: Annotated[str | None, typer.Option(
-        "--target-model", envvar="SPECTHINK_TARGET_MODEL")] = None,
-    api_key: Annotated[str | None, typer.Option(
-        "--api-key", envvar="SPECTHINK_API_KEY", show_default=False)] = None,
+    small: Annotated[str | None, url_option("small")] = None,
+    target: Annotated[str | None, url_option("target")] = None,
+    backend: Annotated[WireProtocol, backend_option()] = WireProtocol.auto,
+    small_model: Annotated[str | None, model_option("small")] = None,
+    target_model: Annotated[str | None, model_option("target")] = None,
+    api_key: Annotated[str | None, api_key_option()] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
 ) -> None:
     """Check both servers: health, protocol, model id and token limits. Exit 3 if one fails."""
@@ -518,7 +494,7 @@ def servers_check(
         Console(highlight=False).print(table)
         for row in rows:
             if "error" in row:
-                _stderr().print(Text(f"{row['role']}: {row['error']}", style="red"))
+                stderr().print(Text(f"{row['role']}: {row['error']}", style="red"))
     if not all(row["healthy"] for row in rows):
         raise typer.Exit(3)
 

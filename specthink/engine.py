@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
-import threading
 import time
 import warnings
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from ._sync import _LoopThread, close_on_sync_loop, run_sync
 from .backends.base import Backend, SamplingParams, StreamToken
 from .errors import (
     BackendError,
@@ -732,90 +731,3 @@ class _TimedStream:
                 raise
             waits[role] += clock() - started
             yield token
-
-
-def run_sync(awaitable: Awaitable[T]) -> T:
-    """Run ``awaitable`` to completion from synchronous code, on the library's private loop.
-
-    The single sync edge of specthink (adapters use it too); it works where the calling thread
-    already runs an event loop, as in a notebook.
-    """
-    return _LoopThread.get().run(awaitable)
-
-
-def close_on_sync_loop(*backends: Backend) -> None:
-    """Close ``backends``' connections on the private loop, if it ever ran, without waiting
-    (for finalizers: the sync methods' connections live on that loop)."""
-    loop_thread = _LoopThread._instance
-    if loop_thread is not None and loop_thread.loop.is_running():
-        async def close_all() -> None:
-            await asyncio.gather(*(backend.aclose() for backend in backends))
-
-        asyncio.run_coroutine_threadsafe(close_all(), loop_thread.loop)
-
-
-class _LoopThread:
-    """A private event loop on a daemon thread: the single sync edge of the library.
-
-    Running coroutines here (rather than with ``asyncio.run``) works even where the calling
-    thread already runs a loop, as in a notebook.
-    """
-
-    _instance: _LoopThread | None = None
-    _lock = threading.Lock()
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="specthink-loop",
-                                       daemon=True)
-        self.thread.start()
-
-    @classmethod
-    def get(cls) -> _LoopThread:
-        with cls._lock:
-            if cls._instance is None:
-                cls._instance = cls()
-            return cls._instance
-
-    def run(self, coroutine: Awaitable[T]) -> T:
-        async def wrapper() -> T:
-            return await coroutine
-
-        future = asyncio.run_coroutine_threadsafe(wrapper(), self.loop)
-        try:
-            return future.result()
-        except BaseException:
-            future.cancel()
-            raise
-
-    def iterate(self, stream: AsyncIterator[T]) -> Iterator[T]:
-        items: queue.Queue[tuple[str, Any]] = queue.Queue()
-
-        async def pump() -> None:
-            try:
-                async for item in stream:
-                    items.put(("item", item))
-            except BaseException as exc:  # handed to the consuming thread
-                items.put(("error", exc))
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-            else:
-                items.put(("done", None))
-            finally:
-                aclose = getattr(stream, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-
-        future = asyncio.run_coroutine_threadsafe(pump(), self.loop)
-        try:
-            while True:
-                kind, value = items.get()
-                if kind == "item":
-                    yield value
-                elif kind == "error":
-                    raise value
-                else:
-                    return
-        finally:
-            if not future.done():
-                future.cancel()

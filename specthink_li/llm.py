@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import weakref
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,7 +36,7 @@ from llama_index.core.llms.llm import ToolSelection
 from specthink import prompts
 from specthink._constants import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_RETRIES
 from specthink.backends.base import Backend, SamplingParams, ServerInfo
-from specthink.engine import SpeculativeThinker
+from specthink.engine import SpeculativeThinker, close_on_sync_loop, run_sync
 from specthink.errors import ConfigError
 from specthink.rules import TakeoverRules
 from specthink.tools import THINK_START
@@ -204,6 +205,8 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
 
     _api_key: str | None = PrivateAttr(default=None)
     _thinker: SpeculativeThinker | None = PrivateAttr(default=None)
+    _thinker_key: tuple[Any, ...] | None = PrivateAttr(default=None)
+    """The settings the engine was built from; None for an engine given to ``from_thinker``."""
     _infos: tuple[ServerInfo, ServerInfo] | None = PrivateAttr(default=None)
     _reasoning_open: bool | None = PrivateAttr(default=None)
 
@@ -283,13 +286,27 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
     @property
     def thinker(self) -> SpeculativeThinker:
         """The engine, built on first use (no connection is opened before a request)."""
-        if self._thinker is None:
-            self._thinker = SpeculativeThinker(
-                small=self._make_backend(self.small_url, self.small_model),
-                target=self._make_backend(self.target_url, self.target_model),
-                rules=self.rules, small_template=self.small_template,
-                target_template=self.target_template, on_target_error=self.on_target_error)
+        key = self._config_key()
+        if self._thinker is None or (self._thinker_key is not None and self._thinker_key != key):
+            # A copy made with model_copy(update=...) shares private state: rebuild when the
+            # servers or connection settings differ from the ones the engine was built with.
+            small = self._make_backend(self.small_url, self.small_model)
+            target = self._make_backend(self.target_url, self.target_model)
+            thinker = SpeculativeThinker(
+                small=small, target=target, rules=self.rules,
+                small_template=self.small_template, target_template=self.target_template,
+                on_target_error=self.on_target_error)
+            # The sync methods' connections live on the library's loop thread, which outlives
+            # this object: close them there once the engine is garbage.
+            weakref.finalize(thinker, close_on_sync_loop, small, target)
+            self._thinker, self._thinker_key = thinker, key
+            self._infos = self._reasoning_open = None
         return self._thinker
+
+    def _config_key(self) -> tuple[Any, ...]:
+        return (self.small_url, self.target_url, self.backend, self.small_model,
+                self.target_model, self.rules, self.small_template, self.target_template,
+                self.on_target_error, self.timeout, self.max_retries, self._api_key)
 
     def _make_backend(self, url: str, model: str | None) -> Backend:
         if self.backend == "tgi":
@@ -313,7 +330,7 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
     def close(self) -> None:
         """Close the HTTP connections the backends opened, from synchronous code."""
         if self._thinker is not None:
-            _run_sync(self._thinker.aclose())
+            run_sync(self._thinker.aclose())
 
     # ---- metadata ------------------------------------------------------------------------
 
@@ -368,7 +385,7 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
 
     def _prepare(self) -> None:
         if self._infos is None or self._reasoning_open is None:
-            _run_sync(self._aprepare())
+            run_sync(self._aprepare())
 
     # ---- per-call parameters -------------------------------------------------------------
 
@@ -595,10 +612,3 @@ async def _all_or_none(*awaitables: Coroutine[Any, Any, Any]) -> list[Any]:
         if not task.cancelled() and (error := task.exception()) is not None:
             raise error
     return [task.result() for task in tasks]
-
-
-def _run_sync(coroutine: Any) -> Any:
-    """Run a coroutine on the engine's loop thread, where the sync calls' connections live."""
-    from specthink.engine import _LoopThread
-
-    return _LoopThread.get().run(coroutine)

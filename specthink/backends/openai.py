@@ -11,18 +11,17 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 import httpx
 
 from specthink import _constants
-from specthink.backends._http import (
-    OnAttempt,
-    RetryPolicy,
-    ServerConnection,
-    ServerSentEvent,
-    SSEStream,
+from specthink.backends._http import ServerSentEvent, SSEStream
+from specthink.backends._httpbackend import (
+    HTTPBackend,
+    event_json,
+    no_finish_reason,
+    sampling_fields,
 )
 from specthink.backends.base import FinishReason, SamplingParams, ServerInfo, StreamToken
 from specthink.errors import (
@@ -69,16 +68,7 @@ def completion_body(prompt: str, *, model: str | None, max_new_tokens: int,
         body["model"] = model
     if sampling.greedy:
         body["temperature"] = 0.0
-    else:
-        body["temperature"] = sampling.temperature
-        if sampling.top_p is not None and sampling.top_p < 1.0:
-            body["top_p"] = sampling.top_p
-        if sampling.top_k:
-            body["top_k"] = sampling.top_k  # vLLM, SGLang and llama.cpp extension
-    if sampling.seed is not None:
-        body["seed"] = sampling.seed
-    if sampling.repetition_penalty is not None:
-        body["repetition_penalty"] = sampling.repetition_penalty
+    body.update(sampling_fields(sampling))
     return body
 
 
@@ -155,17 +145,6 @@ class CompletionDecoder:
         return StreamToken(held.text, held.special, held.finish_reason, prompt_tokens)
 
 
-def _check_first(event: ServerSentEvent, url: str) -> None:
-    if event.data == "[DONE]":
-        return
-    try:
-        payload = event.json()
-    except ValueError:
-        return  # reported, with context, when the stream is read
-    if _is_error(payload):
-        raise _error_event(payload, url, 0)
-
-
 class _TokenStream:
     def __init__(self, stream: SSEStream) -> None:
         self._stream = stream
@@ -192,17 +171,11 @@ class _TokenStream:
             if event is None or event.data == "[DONE]":
                 self._ready.extend(self._end())
                 if not self._ready and not decoder.finished:
-                    raise StreamDroppedError(
-                        f"stream ended after {decoder.tokens_received} tokens without a "
-                        "finish reason", url=stream.url, tokens_received=decoder.tokens_received)
+                    raise no_finish_reason(stream.url, decoder.tokens_received)
                 continue
             if decoder.finished:
                 continue  # drain what follows the answer, so the connection can be reused
-            try:
-                payload = event.json()
-            except ValueError as exc:
-                raise BackendError(f"malformed stream event after {decoder.tokens_received} "
-                                   f"tokens: {event.data[:200]!r}", url=stream.url) from exc
+            payload = event_json(event, stream.url, decoder.tokens_received)
             self._ready.extend(decoder.feed(payload))
             stream.tokens_received = decoder.tokens_received
         return self._ready.popleft()
@@ -212,7 +185,7 @@ class _TokenStream:
         return self._decoder.end()
 
 
-class OpenAICompletionsBackend:
+class OpenAICompletionsBackend(HTTPBackend):
     """An OpenAI-compatible completions server (vLLM, SGLang, llama.cpp, TGI's ``/v1``).
 
     Example::
@@ -244,42 +217,40 @@ class OpenAICompletionsBackend:
         url = url.rstrip("/") if isinstance(url, str) else url
         if isinstance(url, str) and url.endswith("/v1"):
             url = url[: -len("/v1")]  # accept the OpenAI SDK's base_url spelling too
-        self._conn = ServerConnection(
-            url, api_key=api_key, client=client, timeout=timeout,
-            connect_timeout=connect_timeout, read_timeout=read_timeout,
-            retry=RetryPolicy(max_retries=max_retries, initial_backoff=retry_backoff,
-                              max_backoff=max(retry_max_backoff, retry_backoff),
-                              deadline=retry_deadline))
-        self.url = self._conn.url
+        super().__init__(url, api_key=api_key, client=client, timeout=timeout,
+                         connect_timeout=connect_timeout, read_timeout=read_timeout,
+                         max_retries=max_retries, retry_backoff=retry_backoff,
+                         retry_max_backoff=retry_max_backoff, retry_deadline=retry_deadline)
         self.model = model
-        self._info: ServerInfo | None = None
         self.tokenize_method: TokenizeMethod | None = None
         """Which token-counting endpoint worked (found on the first ``count_tokens``)."""
 
-    def __repr__(self) -> str:
-        key = ", api_key=***" if self._conn.has_api_key else ""
-        model = f", model={self.model!r}" if self.model else ""
-        return f"{type(self).__name__}({self.url!r}{model}{key})"
+    def _repr_details(self) -> str:
+        return f", model={self.model!r}" if self.model else ""
 
     async def _model(self) -> str:
         if self.model is None:
             self.model = (await self.info()).model_id
         return self.model
 
-    @asynccontextmanager
-    async def stream(self, prompt: str, *, max_new_tokens: int, sampling: SamplingParams,
-                     on_attempt: OnAttempt | None = None,
-                     ) -> AsyncIterator[AsyncIterator[StreamToken]]:
-        """Stream the continuation of ``prompt``; leaving the block closes the connection."""
-        body = completion_body(prompt, model=await self._model(), max_new_tokens=max_new_tokens,
-                               sampling=sampling)
-        stream = await self._conn.open_stream(
-            "/v1/completions", body, on_attempt=on_attempt,
-            check_first=lambda event: _check_first(event, self.url))
+    async def _stream_request(self, prompt: str, max_new_tokens: int,
+                              sampling: SamplingParams) -> tuple[str, dict[str, Any]]:
+        return "/v1/completions", completion_body(prompt, model=await self._model(),
+                                                  max_new_tokens=max_new_tokens,
+                                                  sampling=sampling)
+
+    def _check_first(self, event: ServerSentEvent) -> None:
+        if event.data == "[DONE]":
+            return
         try:
-            yield _TokenStream(stream)
-        finally:
-            await stream.aclose()
+            payload = event.json()
+        except ValueError:
+            return  # reported, with context, when the stream is read
+        if _is_error(payload):
+            raise _error_event(payload, self.url, 0)
+
+    def _tokens(self, stream: SSEStream) -> AsyncIterator[StreamToken]:
+        return _TokenStream(stream)
 
     async def info(self) -> ServerInfo:
         """``GET /v1/models``, fetched once: the model id (``model`` if given and listed), and
@@ -369,7 +340,3 @@ class OpenAICompletionsBackend:
         """Always ``None``: completions servers do not expose their templates, so the prompt is
         rendered client-side."""
         return None
-
-    async def aclose(self) -> None:
-        """Close the HTTP clients this backend opened (never a client you passed in)."""
-        await self._conn.aclose()

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
-
-from specthink import _constants
-from specthink.backends._http import (
-    OnAttempt,
-    RetryPolicy,
-    ServerConnection,
-    ServerSentEvent,
-    SSEStream,
+from specthink.backends._http import ServerSentEvent, SSEStream
+from specthink.backends._httpbackend import (
+    HTTPBackend,
+    event_json,
+    no_finish_reason,
+    sampling_fields,
 )
 from specthink.backends.base import FinishReason, SamplingParams, ServerInfo, StreamToken
 from specthink.errors import (
@@ -29,7 +25,6 @@ from specthink.errors import (
     BackendStatusError,
     ConfigError,
     SpecthinkError,
-    StreamDroppedError,
     StreamErrorEvent,
 )
 
@@ -51,20 +46,8 @@ def generate_parameters(max_new_tokens: int, sampling: SamplingParams) -> dict[s
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    params: dict[str, Any] = {"max_new_tokens": max_new_tokens, "details": True}
-    if sampling.greedy:
-        params["do_sample"] = False
-    else:
-        params["do_sample"] = True
-        params["temperature"] = sampling.temperature
-        if sampling.top_p is not None and sampling.top_p < 1.0:
-            params["top_p"] = sampling.top_p
-        if sampling.top_k:
-            params["top_k"] = sampling.top_k
-    if sampling.seed is not None:
-        params["seed"] = sampling.seed
-    if sampling.repetition_penalty is not None:
-        params["repetition_penalty"] = sampling.repetition_penalty
+    params: dict[str, Any] = {"max_new_tokens": max_new_tokens, "details": True,
+                              "do_sample": not sampling.greedy, **sampling_fields(sampling)}
     if sampling.grammar is not None:
         params["grammar"] = sampling.grammar
     return params
@@ -100,20 +83,6 @@ def decode_stream_event(payload: dict[str, Any], *, url: str = "",
                        input_tokens)
 
 
-def _check_first(event: ServerSentEvent, url: str) -> None:
-    payload = _json_event(event, url, 0)
-    if isinstance(payload, dict) and "error" in payload:
-        raise _error_event(payload, url, 0)
-
-
-def _json_event(event: ServerSentEvent, url: str, tokens_received: int) -> Any:
-    try:
-        return event.json()
-    except ValueError as exc:
-        raise BackendError(f"malformed stream event after {tokens_received} tokens: "
-                           f"{event.data[:200]!r}", url=url) from exc
-
-
 class _TokenStream:
     """Async iterator of :class:`StreamToken` over an open ``/generate_stream`` response."""
 
@@ -131,12 +100,10 @@ class _TokenStream:
             if event is None:
                 if self._finished:
                     raise StopAsyncIteration
-                raise StreamDroppedError(
-                    f"stream ended after {stream.tokens_received} tokens without a finish reason",
-                    url=stream.url, tokens_received=stream.tokens_received)
+                raise no_finish_reason(stream.url, stream.tokens_received)
             if self._finished or event.data == "[DONE]":
                 continue  # drain to the end so the connection can be reused
-            payload = _json_event(event, stream.url, stream.tokens_received)
+            payload = event_json(event, stream.url, stream.tokens_received)
             if not isinstance(payload, dict):
                 continue
             token = decode_stream_event(payload, url=stream.url,
@@ -147,7 +114,7 @@ class _TokenStream:
             return token
 
 
-class TGIBackend:
+class TGIBackend(HTTPBackend):
     """A Text Generation Inference server.
 
     Example::
@@ -171,42 +138,18 @@ class TGIBackend:
     renders_chat_template = True
     """``/chat_tokenize`` applies the model's own chat template (``small_template="auto"``)."""
 
-    def __init__(self, url: str, *, api_key: str | None = None,
-                 client: httpx.AsyncClient | None = None,
-                 timeout: httpx.Timeout | float | None = None,
-                 connect_timeout: float = _constants.DEFAULT_CONNECT_TIMEOUT,
-                 read_timeout: float | None = _constants.DEFAULT_READ_TIMEOUT,
-                 max_retries: int = _constants.DEFAULT_MAX_RETRIES,
-                 retry_backoff: float = _constants.RETRY_INITIAL_BACKOFF,
-                 retry_max_backoff: float = _constants.RETRY_MAX_BACKOFF,
-                 retry_deadline: float | None = _constants.RETRY_DEADLINE) -> None:
-        self._conn = ServerConnection(
-            url, api_key=api_key, client=client, timeout=timeout,
-            connect_timeout=connect_timeout, read_timeout=read_timeout,
-            retry=RetryPolicy(max_retries=max_retries, initial_backoff=retry_backoff,
-                              max_backoff=max(retry_max_backoff, retry_backoff),
-                              deadline=retry_deadline))
-        self.url = self._conn.url
-        self._info: ServerInfo | None = None
+    async def _stream_request(self, prompt: str, max_new_tokens: int,
+                              sampling: SamplingParams) -> tuple[str, dict[str, Any]]:
+        return "/generate_stream", {"inputs": prompt,
+                                    "parameters": generate_parameters(max_new_tokens, sampling)}
 
-    def __repr__(self) -> str:
-        key = ", api_key=***" if self._conn.has_api_key else ""
-        return f"{type(self).__name__}({self.url!r}{key})"
+    def _check_first(self, event: ServerSentEvent) -> None:
+        payload = event_json(event, self.url, 0)
+        if isinstance(payload, dict) and "error" in payload:
+            raise _error_event(payload, self.url, 0)
 
-    @asynccontextmanager
-    async def stream(self, prompt: str, *, max_new_tokens: int, sampling: SamplingParams,
-                     on_attempt: OnAttempt | None = None,
-                     ) -> AsyncIterator[AsyncIterator[StreamToken]]:
-        """Stream the continuation of ``prompt``; leaving the block closes the connection, which
-        makes TGI cancel the generation."""
-        body = {"inputs": prompt, "parameters": generate_parameters(max_new_tokens, sampling)}
-        stream = await self._conn.open_stream(
-            "/generate_stream", body, on_attempt=on_attempt,
-            check_first=lambda event: _check_first(event, self.url))
-        try:
-            yield _TokenStream(stream)
-        finally:
-            await stream.aclose()
+    def _tokens(self, stream: SSEStream) -> AsyncIterator[StreamToken]:
+        return _TokenStream(stream)
 
     async def info(self) -> ServerInfo:
         """``GET /info``, fetched once."""
@@ -262,10 +205,6 @@ class TGIBackend:
             raise BackendError(f"/chat_tokenize answered {json.dumps(answer)[:200]}",
                                url=self.url)
         return text
-
-    async def aclose(self) -> None:
-        """Close the HTTP clients this backend opened (never a client you passed in)."""
-        await self._conn.aclose()
 
 
 def _opt_int(value: object) -> int | None:

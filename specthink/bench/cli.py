@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -19,13 +20,17 @@ __all__ = ["bench", "parse_levels", "register"]
 
 
 def parse_levels(text: str) -> tuple[Level, ...]:
-    """``"1x30,16x12,256x5"``: conversations x paragraphs per trace, per level."""
+    """``"1x30,16x12,256x5/no-rule2"``: conversations x paragraphs per trace, per level;
+    ``/no-rule2`` makes traces in which the target never verifies."""
     levels = []
     for part in text.split(","):
-        conversations, sep, paragraphs = part.strip().partition("x")
-        if not sep or not conversations.isdigit() or not paragraphs.isdigit():
-            raise typer.BadParameter(f"{part!r}: write CONVERSATIONSxPARAGRAPHS, e.g. 16x12")
-        level = Level(int(conversations), int(paragraphs))
+        shape, _, option = part.strip().partition("/")
+        conversations, sep, paragraphs = shape.partition("x")
+        if (not sep or not conversations.isdigit() or not paragraphs.isdigit()
+                or option not in ("", "no-rule2")):
+            raise typer.BadParameter(
+                f"{part!r}: write CONVERSATIONSxPARAGRAPHS[/no-rule2], e.g. 16x12")
+        level = Level(int(conversations), int(paragraphs), rule2=option != "no-rule2")
         if level.conversations < 1 or level.paragraphs < 3:
             raise typer.BadParameter(f"{part!r}: at least 1 conversation and 3 paragraphs")
         levels.append(level)
@@ -42,19 +47,19 @@ def bench(
     quick: Annotated[bool, typer.Option(
         help="Tiny traces and near-zero latencies: a smoke run of seconds.")] = False,
     levels: Annotated[str | None, typer.Option(
-        help="Concurrency levels as CONVERSATIONSxPARAGRAPHS, comma-separated "
-             "(default 1x30,16x12,256x5).")] = None,
+        help="Concurrency levels as CONVERSATIONSxPARAGRAPHS[/no-rule2], comma-separated "
+             "(default 1x30,16x12,256x5/no-rule2).")] = None,
     policies: Annotated[str | None, typer.Option(
         help="Comma-separated: engine, authors, small, target (default: all).")] = None,
     layouts: Annotated[str | None, typer.Option(
         help="Extra connection-pool layouts for the engine at the largest level "
-             "(default sharded-16,per-conversation; '' for none).")] = None,
+             "(default single-client,per-conversation; also clients-K; '' for none).")] = None,
     time_scale: Annotated[float | None, typer.Option(
         help="Multiply every latency by at least this (default: the slowest of a 5 ms "
              "per-token floor and the servers' event budget).")] = None,
     event_budget: Annotated[float | None, typer.Option(
-        help="Tokens/s all loopback servers may stream together (default: 0.6 of what one "
-             "streams on this machine, measured first).")] = None,
+        help="Tokens/s all conversations may stream together (default: half of what the "
+             "engine gets through on this machine at zero latency, measured first).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the scripted traces.")] = 0,
     throughput: Annotated[bool, typer.Option(
         help="Measure the client alone against zero-latency servers.")] = True,
@@ -83,8 +88,16 @@ def bench(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     err = Console(stderr=True, highlight=False)
-    with err.status("starting") as status:
-        result = run_bench(config, progress=lambda message: status.update(message))
+    started = time.monotonic()
+
+    def log(message: str) -> None:
+        err.print(f"[dim]{time.monotonic() - started:7.1f} s[/] {message}")
+
+    if err.is_terminal:
+        with err.status("starting") as status:
+            result = run_bench(config, progress=lambda message: status.update(message))
+    else:  # a log: one line per step, with the time since the start
+        result = run_bench(config, progress=log)
     files = write_report(result, out)
     for line in headline(result):
         err.print(f"[bold]•[/] {line}")

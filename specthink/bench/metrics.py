@@ -53,6 +53,10 @@ class CellMetrics:
     server_overhead: float
     """Mean over conversations of loopback-server time beyond the latency model / ideal."""
     requests: int
+    retries: int
+    """Requests sent again after a transient failure (they count in ``requests``)."""
+    fallbacks: int
+    """Conversations whose target failed, so that the small model finished alone."""
     handoffs: int
     rule2: int
     non_extending_requests: int
@@ -117,6 +121,13 @@ class CellMetrics:
     @property
     def cpu_us_per_token(self) -> float:
         return self.cpu_seconds / self.output_tokens * 1e6 if self.output_tokens else 0.0
+
+    @property
+    def cores_at_scale_1(self) -> float:
+        """Client CPU seconds per second of ideal time at the profiles' own speed: the cores
+        the client would need to drive these conversations against real GPUs."""
+        ideal = self.ideal_seconds_unscaled
+        return self.cpu_seconds / ideal if ideal else float("nan")
 
     @property
     def rss_kb_per_conversation(self) -> float:
@@ -199,7 +210,8 @@ def cell_metrics(*, policy: str, layout: str, scale: float, outcomes: Sequence[O
         mean_conversation_ratio=statistics.fmean(ratios) if ratios else float("nan"),
         client_overhead=statistics.fmean(client) if client else float("nan"),
         server_overhead=statistics.fmean(server) if server else float("nan"),
-        requests=len(records), handoffs=sum(o.handoffs for o in outcomes),
+        requests=len(records), retries=sum(o.retries for o in outcomes),
+        fallbacks=sum(o.fallback for o in outcomes), handoffs=sum(o.handoffs for o in outcomes),
         rule2=sum(o.takeovers.get("rule2", 0) for o in outcomes),
         non_extending_requests=sum(1 for r in with_previous if not r.extends_previous),
         cache_share_all=cached / prompt if prompt else None,

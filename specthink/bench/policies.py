@@ -27,10 +27,12 @@ from typing import Any, ClassVar
 import httpx
 
 from specthink import _constants
+from specthink.backends._http import RetryPolicy, ServerConnection, is_transient
 from specthink.backends.base import SamplingParams
 from specthink.backends.tgi import TGIBackend, generate_parameters
 from specthink.bench.traces import TraceSpec, make_trace, messages_for
 from specthink.engine import SpeculativeThinker
+from specthink.errors import BackendError
 from specthink.prompts import DEEPSEEK_R1, render_prompt
 from specthink.rules import TakeoverRules
 from specthink.testing.models import Tokenizer
@@ -73,7 +75,11 @@ class Outcome:
     """Generation requests the client sent, per role."""
     discarded_tokens: int = 0
     """Small-model tokens the client received and threw away."""
-    error: str | None = None
+    fallback: bool = False
+    """The target failed and the small model finished alone."""
+    retries: int = 0
+    """Requests sent again after a transient failure (overload, refused or dropped
+    connection)."""
 
     @property
     def output_tokens(self) -> int:
@@ -94,7 +100,7 @@ class Policy(ABC):
     """Roles whose per-token pace drives this policy's event rate."""
 
     def __init__(self, small_url: str, target_url: str, trace: TraceSpec, *,
-                 layout: str = "shared") -> None:
+                 layout: str = "default") -> None:
         self.small_url = small_url
         self.target_url = target_url
         self.trace = trace
@@ -115,32 +121,35 @@ def _client() -> httpx.AsyncClient:
 class EnginePolicy(Policy):
     """specthink's engine, paper preset, streamed to the caller.
 
-    ``layout`` places the HTTP connection pools: ``shared`` (one thinker, so one httpx client per
-    backend for every conversation: the default), ``per-conversation`` (a thinker and two
-    clients per conversation), or ``sharded-K`` (K clients per backend, conversations spread
-    round-robin).
+    ``layout`` places the HTTP connection pools: ``default`` (one thinker for every
+    conversation; its backends manage their httpx clients as the library does by default),
+    ``single-client`` (one thinker, one httpx client per server passed in, so every
+    conversation shares one connection pool), ``clients-K`` (K thinkers, each with its own
+    client per server, conversations spread round-robin) or ``per-conversation`` (a thinker,
+    so its own clients, per conversation).
     """
 
     name = "engine"
     streams_from = ("small", "target")
 
     def __init__(self, small_url: str, target_url: str, trace: TraceSpec, *,
-                 layout: str = "shared") -> None:
+                 layout: str = "default") -> None:
         super().__init__(small_url, target_url, trace, layout=layout)
         self._clients: list[httpx.AsyncClient] = []
         self._thinkers: list[SpeculativeThinker] = []
-        if layout == "shared":
+        if layout == "default":
             self._thinkers.append(self._thinker())
-        elif layout.startswith("sharded-"):
-            shards = int(layout.removeprefix("sharded-"))
-            if shards < 1:
-                raise ValueError(f"layout {layout!r}: at least one shard")
-            for _ in range(shards):
+        elif layout == "single-client" or layout.startswith("clients-"):
+            count = 1 if layout == "single-client" else int(layout.removeprefix("clients-"))
+            if count < 1:
+                raise ValueError(f"layout {layout!r}: at least one client")
+            for _ in range(count):
                 small, target = _client(), _client()
                 self._clients += [small, target]
                 self._thinkers.append(self._thinker(small, target))
         elif layout != "per-conversation":
-            raise ValueError(f"unknown layout {layout!r}: shared, per-conversation or sharded-K")
+            raise ValueError(f"unknown layout {layout!r}: default, single-client, clients-K or "
+                             "per-conversation")
 
     def _thinker(self, small: httpx.AsyncClient | None = None,
                  target: httpx.AsyncClient | None = None) -> SpeculativeThinker:
@@ -177,7 +186,8 @@ class EnginePolicy(Policy):
             target_tokens=stats.target_tokens + stats.intervention_tokens,
             handoffs=sum(stats.takeovers.get(rule.value, 0) for rule in _HANDOFF_RULES),
             takeovers={k: v for k, v in stats.takeovers.items() if v},
-            requests=dict(stats.requests), discarded_tokens=stats.discarded_tokens)
+            requests=dict(stats.requests), discarded_tokens=stats.discarded_tokens,
+            fallback=stats.fallback, retries=sum(stats.retries.values()))
 
     async def aclose(self) -> None:
         for thinker in self._thinkers:
@@ -212,11 +222,14 @@ class AuthorsLoopPolicy(Policy):
     """``sampling_params_one``'s ``max_tokens`` in the authors' code."""
 
     def __init__(self, small_url: str, target_url: str, trace: TraceSpec, *,
-                 layout: str = "shared") -> None:
+                 layout: str = "default") -> None:
         super().__init__(small_url, target_url, trace, layout=layout)
         self.rules = TakeoverRules.paper()
-        self._clients = {"small": _client(), "target": _client()}
-        self._urls = {"small": small_url + "/generate", "target": target_url + "/generate"}
+        # The engine's own HTTP plumbing (pooled clients, timeouts, error mapping), so that only
+        # the control loops differ.
+        self._servers = {"small": ServerConnection(small_url),
+                         "target": ServerConnection(target_url)}
+        self._retry = RetryPolicy()
         self._intervention_tokens = Tokenizer().count(self.rules.intervention_text)
 
     async def _generate(self, role: str, prompt: str, max_new_tokens: int,
@@ -224,12 +237,22 @@ class AuthorsLoopPolicy(Policy):
         parameters = generate_parameters(max_new_tokens, SamplingParams())
         if stop:
             parameters["stop"] = stop
-        outcome.requests[role] += 1
-        response = await self._clients[role].post(self._urls[role],
-                                                  json={"inputs": prompt,
-                                                        "parameters": parameters})
-        response.raise_for_status()
-        details = response.json()["details"]
+        body = {"inputs": prompt, "parameters": parameters}
+        attempt = 0
+        while True:
+            attempt += 1
+            outcome.requests[role] += 1
+            try:
+                answer = await self._servers[role].request_json("POST", "/generate", body,
+                                                                retry=False)
+                break
+            except BackendError as exc:
+                # The same transient failures and backoff as the engine's streams.
+                if attempt > self._retry.max_retries or not is_transient(exc):
+                    raise
+                outcome.retries += 1
+                await asyncio.sleep(self._retry.wait_seconds(attempt, exc))
+        details = answer["details"]
         tokens = [t["text"] for t in details["tokens"] if not t["special"]]
         return _Generated("".join(tokens), tokens, details["finish_reason"] == "eos_token")
 
@@ -294,8 +317,8 @@ class AuthorsLoopPolicy(Policy):
         return out
 
     async def aclose(self) -> None:
-        for client in self._clients.values():
-            await client.aclose()
+        for server in self._servers.values():
+            await server.aclose()
 
 
 class _AlonePolicy(Policy):
@@ -304,7 +327,7 @@ class _AlonePolicy(Policy):
     role: ClassVar[str]
 
     def __init__(self, small_url: str, target_url: str, trace: TraceSpec, *,
-                 layout: str = "shared") -> None:
+                 layout: str = "default") -> None:
         super().__init__(small_url, target_url, trace, layout=layout)
         self._backend = TGIBackend(small_url if self.role == "small" else target_url)
 

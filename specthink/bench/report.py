@@ -21,7 +21,7 @@ COMMAND = "specthink bench --out docs/benchmarks"
 _CELL_PROPERTIES = ("wall_over_ideal", "requests_per_handoff", "discarded_per_handoff",
                     "target_share", "tokens_per_second", "tokens_per_second_unscaled",
                     "wall_seconds_unscaled", "ideal_seconds_unscaled", "cpu_us_per_token",
-                    "rss_kb_per_conversation")
+                    "cores_at_scale_1", "rss_kb_per_conversation")
 
 
 def _cell_dict(cell: CellMetrics) -> dict[str, Any]:
@@ -48,6 +48,7 @@ def to_json(result: BenchResult) -> dict[str, Any]:
                         t.tokens_per_cpu_second, "cpu_us_per_token": t.cpu_us_per_token}
                        for t in result.throughput],
         "hot_spots": [dataclasses.asdict(h) for h in result.hot_spots],
+        "call_tree": [dataclasses.asdict(h) for h in result.call_tree],
         "errors": result.errors,
     }
     return _no_nan(data)  # type: ignore[no-any-return]
@@ -92,7 +93,7 @@ def _levels(result: BenchResult) -> list[int]:
 
 
 def _main_cells(result: BenchResult) -> list[CellMetrics]:
-    return [cell for cell in result.cells if cell.layout == "shared"]
+    return [cell for cell in result.cells if cell.layout == "default"]
 
 
 def _ratio(result: BenchResult, numerator: str, denominator: str, level: int,
@@ -111,15 +112,20 @@ def headline(result: BenchResult) -> list[str]:
     levels = _levels(result)
     lines: list[str] = []
     try:
-        one, top = result.cell("engine", levels[0]), result.cell("engine", levels[-1])
+        one = result.cell("engine", levels[0])
     except KeyError:
         return lines
     lines.append(
-        f"wall/ideal of the engine: {_num(one.wall_over_ideal, 3)} at {levels[0]} conversation "
-        f"(target <= 1.02; client share {_pct(one.client_overhead, 2)}, loopback server "
-        f"{_pct(one.server_overhead, 2)}), {_num(top.wall_over_ideal, 3)} at {levels[-1]} "
-        f"(target <= 1.05; client {_pct(top.client_overhead, 2)}, server "
-        f"{_pct(top.server_overhead, 2)})")
+        f"wall/ideal of the engine: {_num(one.wall_over_ideal, 3)} for {levels[0]} "
+        f"conversation (target <= 1.02; client {_pct(one.client_overhead, 2)} of the ideal "
+        f"time, loopback servers {_pct(one.server_overhead, 2)})")
+    pools = [c for c in result.cells if c.policy == "engine" and c.conversations == levels[-1]]
+    lines.append(
+        f"at {levels[-1]} conversations (target <= 1.05): "
+        + "; ".join(f"{c.layout} pools {_num(c.wall_over_ideal, 3)} (per conversation "
+                    f"{_num(c.mean_conversation_ratio, 3)}, client "
+                    f"{_pct(c.client_overhead, 1)}, {c.retries} retries, "
+                    f"{c.fallbacks} fallbacks to the small model)" for c in pools))
     engine_cells = [c for c in _main_cells(result) if c.policy == "engine"]
     worst = max((c.requests_per_handoff or 0.0) for c in engine_cells)
     authors = "".join(
@@ -174,11 +180,13 @@ def to_markdown(result: BenchResult, plots: list[str]) -> str:
         f"- target: {config.target.name}: {1000 * config.target.per_request:.1f} ms per request, "
         f"{1e6 * config.target.per_uncached_prompt_token:.0f} us per uncached prompt token, "
         f"{1000 * config.target.per_token:.1f} ms per token",
-        "- servers: one loopback TGI process per model; it streamed "
-        + (f"{result.server_capacity:,.0f} tokens/s at zero latency here, so "
-           if result.server_capacity else "")
+        "- servers: one loopback TGI process per model; "
+        + (f"the engine, its client and both servers got through "
+           f"{result.server_capacity:,.0f} tokens/s of reasoning traces at zero latency here, "
+           "so " if result.server_capacity else "")
         + f"the cells keep all conversations under {result.event_budget:,.0f} tokens/s "
         "(column *scale*: the factor on every latency; *at scale 1*: converted back)",
+        f"- client code: {machine.get('sources')} (sha256 prefixes)",
         "",
         "## Headline",
         "",
@@ -205,11 +213,11 @@ def to_markdown(result: BenchResult, plots: list[str]) -> str:
             _num(cell.requests_per_handoff, 2), str(cell.rule2), _pct(cell.cache_share_all),
             f"{_pct(cell.cache_share_previous, 2)} ({_pct(cell.cache_share_previous_min, 2)})",
             str(cell.non_extending_requests), _num(cell.discarded_per_handoff, 1),
-            _num(cell.target_share, 3), str(cell.errors)])
+            _num(cell.target_share, 3), f"{cell.retries} / {cell.fallbacks} / {cell.errors}"])
         resource_rows.append([
             name, str(cell.conversations), _num(cell.cpu_seconds, 3),
-            _num(cell.cpu_us_per_token, 1), _num(cell.rss_peak_kb / 1024, 1),
-            _num(cell.rss_kb_per_conversation, 1)])
+            _num(cell.cpu_us_per_token, 1), _num(cell.cores_at_scale_1, 2),
+            _num(cell.rss_peak_kb / 1024, 1), _num(cell.rss_kb_per_conversation, 1)])
     out += [
         "## Time",
         "",
@@ -229,20 +237,25 @@ def to_markdown(result: BenchResult, plots: list[str]) -> str:
         "handoff to the target (rule 1 or 3). *Cache, previous prompt*: the share of the "
         "previous request's prompt (same server, same conversation) served from the prefix "
         "cache, overall and (in brackets) the worst request. *Discarded*: small-model tokens "
-        "generated and never accepted, per handoff.",
+        "generated and never accepted, per handoff. *Retries*: requests sent again after a "
+        "refused, timed-out or dropped connection; *fallbacks*: conversations whose target "
+        "failed, so the small model finished alone (their text differs); *failed*: "
+        "conversations that raised.",
         "",
         _table(["policy", "conversations", "requests", "handoffs", "requests/handoff",
                 "rule 2", "cache, all prompt tokens", "cache, previous prompt (worst)",
                 "non-extending prompts", "discarded small tokens/handoff", "target share",
-                "errors"], count_rows),
+                "retries / fallbacks / failed"], count_rows),
         "",
         "## Client resources",
         "",
         "CPU time of the client process (one thread, so one core) while it answered the cell; "
-        "peak resident memory, and its growth over the idle client per conversation.",
+        "*cores at scale 1*: that CPU time over the ideal time at the profiles' own speed, i.e. "
+        "how many cores the client would need to keep up with real GPUs; peak resident "
+        "memory, and its growth over the idle client per conversation.",
         "",
-        _table(["policy", "conversations", "CPU s", "CPU us/token", "peak RSS MB",
-                "RSS KB/conversation"], resource_rows),
+        _table(["policy", "conversations", "CPU s", "CPU us/token", "cores at scale 1",
+                "peak RSS MB", "RSS KB/conversation"], resource_rows),
         "",
     ]
     ratio_rows = []
@@ -277,16 +290,20 @@ def to_markdown(result: BenchResult, plots: list[str]) -> str:
         out += [
             f"## Connection pools at {layouts[0].conversations} conversations",
             "",
-            "*shared*: one thinker, so one httpx client per server for every conversation (the "
-            "library's default); *sharded-K*: K clients per server; *per-conversation*: a "
-            "thinker with its own two clients per conversation.",
+            "*default*: one thinker for every conversation, its backends managing their httpx "
+            "clients as the library does by default; *single-client*: one thinker with one "
+            "httpx client per server passed in (one connection pool for everything); "
+            "*clients-K*: K thinkers with a client pair each; *per-conversation*: a thinker, so "
+            "its own clients, per conversation.",
             "",
-            _table(["layout", "wall/ideal", "client overhead", "CPU s", "CPU us/token",
-                    "peak RSS MB", "RSS KB/conversation"],
-                   [[c.layout, _num(c.wall_over_ideal, 3), _pct(c.client_overhead, 2),
-                     _num(c.cpu_seconds, 3), _num(c.cpu_us_per_token, 1),
-                     _num(c.rss_peak_kb / 1024, 1), _num(c.rss_kb_per_conversation, 1)]
-                    for c in layouts]),
+            _table(["layout", "wall/ideal", "mean wall/ideal per conversation",
+                    "client overhead", "TTFT ms", "retries / fallbacks", "CPU s",
+                    "CPU us/token", "peak RSS MB", "RSS KB/conversation"],
+                   [[c.layout, _num(c.wall_over_ideal, 3), _num(c.mean_conversation_ratio, 3),
+                     _pct(c.client_overhead, 2), _ms(c.ttft_seconds),
+                     f"{c.retries} / {c.fallbacks}", _num(c.cpu_seconds, 3),
+                     _num(c.cpu_us_per_token, 1), _num(c.rss_peak_kb / 1024, 1),
+                     _num(c.rss_kb_per_conversation, 1)] for c in layouts]),
             "",
         ]
     if result.throughput:
@@ -317,13 +334,19 @@ def to_markdown(result: BenchResult, plots: list[str]) -> str:
         out += [
             "## Client hot spots",
             "",
-            "cProfile of the reasoning-trace throughput run, by time spent in the function "
-            "itself (cProfile roughly doubles the cost of every call, so read the shares, not "
-            "the absolute times).",
+            "cProfile of the *engine, reasoning traces* throughput run (cProfile roughly "
+            "doubles the cost of every call: read the shares, not the absolute times). First "
+            "by time spent in the function itself (waiting in epoll left out), where per-token "
+            "costs show; then specthink's own functions by cumulative time, where a request's "
+            "cost shows.",
             "",
             _table(["function", "calls", "own ms", "cumulative ms"],
                    [[f"`{h.function}`", str(h.calls), _num(1000 * h.own_seconds, 1),
                      _num(1000 * h.cumulative_seconds, 1)] for h in result.hot_spots]),
+            "",
+            _table(["specthink function", "calls", "own ms", "cumulative ms"],
+                   [[f"`{h.function}`", str(h.calls), _num(1000 * h.own_seconds, 1),
+                     _num(1000 * h.cumulative_seconds, 1)] for h in result.call_tree]),
             "",
         ]
     if plots:

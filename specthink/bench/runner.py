@@ -1,44 +1,54 @@
 """The benchmark run: servers up, every policy at every concurrency, the client alone at full
 speed, then the figures.
 
-Each concurrency level gets its own pair of server processes; before each cell the servers
-forget their records and cached prefixes, take the cell's latency model, and a fresh client
+One pair of server processes serves the whole run; before each cell they switch to the cell's
+traces and latency model and forget their records and cached prefixes, and a fresh client
 process answers every conversation of the cell at once.
 
 *Time scale.* The GPU profiles' latencies are multiplied by a per-cell factor. Two limits set
 it: no generated token may come faster than ``token_floor`` seconds (so the loopback server's
 own per-token Python stays small beside the modelled time), and all conversations together may
-not ask for more than ``event_budget`` tokens per second (measured at start-up: 0.6 of what one
-loopback server streams on this machine), or the servers, not the client, would be what is
-measured. Times are reported as measured and at the profiles' own speed (``scale = 1``); the
-ratios (wall/ideal, policy against policy) do not depend on the scale.
+not ask for more than ``event_budget`` tokens per second (at start-up the engine answers
+reasoning traces against zero-latency servers; half of the tokens per second it gets through),
+or a saturated process, not the orchestration, would be what is measured. Times are reported
+as measured and at the profiles' own speed (``scale = 1``); the ratios (wall/ideal, policy
+against policy) do not depend on the scale.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import math
 import os
 import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from specthink.bench.metrics import CellMetrics, cell_metrics
 from specthink.bench.policies import POLICIES
 from specthink.bench.profiles import SMALL_1_5B_A100, TARGET_32B_A100, GPUProfile
 from specthink.bench.servers import ServerPair
 from specthink.bench.traces import TraceSpec, make_trace
-from specthink.bench.worker import CellOutcome, CellSpec, HotSpot, run_cell, run_cell_in_child
+from specthink.bench.worker import (
+    WARMUP_CONVERSATION,
+    CellOutcome,
+    CellSpec,
+    HotSpot,
+    run_cell,
+    run_cell_in_child,
+)
 from specthink.testing.server import LatencyModel
 
 __all__ = ["BenchConfig", "BenchResult", "Level", "Throughput", "run_bench"]
 
 Progress = Callable[[str], None]
 
-EVENT_BUDGET_SHARE = 0.6
-"""Share of one loopback server's measured streaming capacity that all conversations of a cell
-may use (the client and two servers share the machine)."""
+EVENT_BUDGET_SHARE = 0.5
+"""Share of the machine's measured capacity that all conversations of a cell may use, so that
+neither the client nor the servers run saturated."""
 
 EXPECTED_TARGET_SHARE = 0.2
 """Share of tokens the target writes in the speculative policies (the traces aim at the paper's
@@ -51,15 +61,17 @@ class Level:
 
     conversations: int
     paragraphs: int
+    rule2: bool = True
+    """Whether the traces let the target verify (see ``TraceSpec.rule2``)."""
 
 
 @dataclass(frozen=True, slots=True)
 class BenchConfig:
-    levels: tuple[Level, ...] = (Level(1, 30), Level(16, 12), Level(256, 5))
+    levels: tuple[Level, ...] = (Level(1, 30), Level(16, 12), Level(256, 5, rule2=False))
     policies: tuple[str, ...] = ("engine", "authors", "small", "target")
-    layouts: tuple[str, ...] = ("sharded-16", "per-conversation")
-    """Further connection-pool layouts for the engine at the largest level ("shared", the
-    default, is always run)."""
+    layouts: tuple[str, ...] = ("single-client", "per-conversation")
+    """Further connection-pool layouts for the engine at the largest level ("default" is
+    always run); see :class:`~specthink.bench.policies.EnginePolicy`."""
     time_scale: float | None = None
     """A fixed lower bound of every cell's scale instead of the ``token_floor`` rule."""
     token_floor: float = 0.005
@@ -137,7 +149,8 @@ class BenchResult:
     machine: dict[str, str]
     event_budget: float
     server_capacity: float | None
-    """Tokens per second one loopback server streamed at zero latency (the calibration)."""
+    """Tokens per second the engine, client and servers together, got through at zero latency
+    on reasoning traces (the calibration)."""
     cells: list[CellMetrics] = field(default_factory=list)
     same_text: dict[int, bool] = field(default_factory=dict)
     """Per level: the engine wrote exactly the authors' loop's text in every conversation."""
@@ -145,27 +158,40 @@ class BenchResult:
     """Per level: small alone and target alone wrote their traces' answers exactly."""
     throughput: list[Throughput] = field(default_factory=list)
     hot_spots: list[HotSpot] = field(default_factory=list)
+    call_tree: list[HotSpot] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
-    def cell(self, policy: str, conversations: int, layout: str = "shared") -> CellMetrics:
+    def cell(self, policy: str, conversations: int, layout: str = "default") -> CellMetrics:
         for cell in self.cells:
             if (cell.policy, cell.conversations, cell.layout) == (policy, conversations, layout):
                 return cell
         raise KeyError((policy, conversations, layout))
 
 
+SOURCES = ("engine.py", "backends/_http.py", "backends/tgi.py", "rules.py")
+"""The client code under test; its hashes go into the report, as the sources change often."""
+
+
 def _machine() -> dict[str, str]:
+    root = Path(__file__).resolve().parent.parent
+    sources = []
+    for name in SOURCES:
+        try:
+            digest = hashlib.sha256((root / name).read_bytes()).hexdigest()[:10]
+        except OSError:
+            digest = "missing"
+        sources.append(f"{name} {digest}")
     return {"python": platform.python_version(), "platform": platform.platform(),
-            "cpus": str(os.cpu_count())}
+            "cpus": str(os.cpu_count()), "sources": ", ".join(sources)}
 
 
-def measure_server_capacity(servers: ServerPair, seed: int = 0,
-                            conversations: int = 8) -> float:
-    """Tokens per second one loopback server streams to many conversations at zero latency."""
-    trace = TraceSpec(seed=seed, paragraphs=10, takeover_free=True)
+def measure_capacity(servers: ServerPair, seed: int = 0, conversations: int = 16) -> float:
+    """Accepted tokens per second this machine gets through when the engine answers reasoning
+    traces against zero-latency servers: client and servers at full tilt, requests included."""
+    trace = TraceSpec(seed=seed, paragraphs=12)
     servers.prepare(trace, LatencyModel(), LatencyModel())
-    out = run_cell_in_child(CellSpec("small", tuple(range(1, conversations + 1)),
+    out = run_cell_in_child(CellSpec("engine", tuple(range(1, conversations + 1)),
                                      servers.small.url, servers.target.url, trace))
     tokens = sum(o.output_tokens for o in out.outcomes)
     return tokens / out.wall_seconds if out.wall_seconds else float("inf")
@@ -176,13 +202,14 @@ def _run(config: BenchConfig, spec: CellSpec) -> CellOutcome:
 
 
 def _run_cell(config: BenchConfig, result: BenchResult, servers: ServerPair, trace: TraceSpec,
-              policy: str, conversations: int, layout: str = "shared",
+              policy: str, conversations: int, layout: str = "default",
               ) -> tuple[CellMetrics, dict[int, str]]:
     scale = config.scale_for(policy, conversations, result.event_budget)
     latencies = {"small": config.small.latency(scale), "target": config.target.latency(scale)}
-    servers.prepare(trace, latencies["small"], latencies["target"])
-    out = _run(config, CellSpec(policy, tuple(range(1, conversations + 1)), servers.small.url,
-                                servers.target.url, trace, layout=layout))
+    numbers = tuple(range(1, conversations + 1))
+    servers.prepare(trace, latencies["small"], latencies["target"], (WARMUP_CONVERSATION, *numbers))
+    out = _run(config, CellSpec(policy, numbers, servers.small.url, servers.target.url, trace,
+                                layout=layout))
     result.errors.extend(out.errors)
     metrics = cell_metrics(policy=policy, layout=layout, scale=scale, outcomes=out.outcomes,
                            records=servers.records(), latencies=latencies,
@@ -213,7 +240,7 @@ def _throughput(config: BenchConfig, result: BenchResult, servers: ServerPair,
         trace = TraceSpec(config.seed, paragraphs, takeover_free=not takeovers)
         progress(f"client throughput: {name}")
         latency = LatencyModel(per_token=per_token)
-        servers.prepare(trace, latency, latency)
+        servers.prepare(trace, latency, latency, (WARMUP_CONVERSATION, *conversations))
         spec = CellSpec(policy, conversations, servers.small.url, servers.target.url, trace)
         out = _run(config, spec)
         result.errors.extend(out.errors)
@@ -224,8 +251,9 @@ def _throughput(config: BenchConfig, result: BenchResult, servers: ServerPair,
             out.wall_seconds))
         if config.hot_spots and policy == "engine" and takeovers and not per_token:
             progress("client hot spots: the same under cProfile")
-            servers.prepare(trace, latency, latency)
-            result.hot_spots = _run(config, replace(spec, profile=True)).hot_spots
+            servers.prepare(trace, latency, latency, (WARMUP_CONVERSATION, *conversations))
+            profiled = _run(config, replace(spec, profile=True))
+            result.hot_spots, result.call_tree = profiled.hot_spots, profiled.call_tree
 
 
 def run_bench(config: BenchConfig, progress: Progress = lambda message: None) -> BenchResult:
@@ -237,8 +265,8 @@ def run_bench(config: BenchConfig, progress: Progress = lambda message: None) ->
         capacity = None
         budget = config.event_budget
         if budget is None:
-            progress("calibrating: how fast one loopback server streams on this machine")
-            capacity = measure_server_capacity(servers, config.seed)
+            progress("calibrating: how many tokens/s this machine gets through at full tilt")
+            capacity = measure_capacity(servers, config.seed)
             budget = capacity * EVENT_BUDGET_SHARE
         result = BenchResult(
             config=config, machine=_machine(), event_budget=budget, server_capacity=capacity,
@@ -255,20 +283,20 @@ def run_bench(config: BenchConfig, progress: Progress = lambda message: None) ->
 
 def _level(config: BenchConfig, result: BenchResult, servers: ServerPair, level: Level,
            progress: Progress) -> None:
-    trace = TraceSpec(config.seed, level.paragraphs)
+    trace = TraceSpec(config.seed, level.paragraphs, rule2=level.rule2)
     largest = max(lv.conversations for lv in config.levels)
     texts: dict[str, dict[int, str]] = {}
-    for policy in config.policies:
-        progress(f"{level.conversations} conversations x {level.paragraphs} paragraphs: {policy}")
-        metrics, texts[policy] = _run_cell(config, result, servers, trace, policy,
-                                           level.conversations)
-        result.cells.append(metrics)
+    cells = [(policy, "default") for policy in config.policies]
     if level.conversations == largest and "engine" in config.policies:
-        for layout in config.layouts:
-            progress(f"{level.conversations} conversations: engine, pools {layout}")
-            metrics, _ = _run_cell(config, result, servers, trace, "engine",
-                                   level.conversations, layout)
-            result.cells.append(metrics)
+        cells += [("engine", layout) for layout in config.layouts]
+    for policy, layout in cells:
+        progress(f"{level.conversations} conversations x {level.paragraphs} paragraphs: "
+                 f"{policy}" + ("" if layout == "default" else f", pools {layout}"))
+        metrics, answers = _run_cell(config, result, servers, trace, policy,
+                                     level.conversations, layout)
+        result.cells.append(metrics)
+        if layout == "default":
+            texts[policy] = answers
     if "engine" in texts and "authors" in texts:
         result.same_text[level.conversations] = texts["engine"] == texts["authors"]
     if "small" in texts and "target" in texts:

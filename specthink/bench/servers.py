@@ -13,11 +13,18 @@ import asyncio
 import multiprocessing
 import selectors
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Literal
 
-from specthink.bench.traces import SmallTraceModel, TargetTraceModel, TraceSpec, conversation_of
+from specthink.bench.traces import (
+    SmallTraceModel,
+    TargetTraceModel,
+    TraceSpec,
+    conversation_of,
+    make_trace,
+)
 from specthink.testing.server import LatencyModel, LoopbackServer, RequestRecord
 
 __all__ = ["RecordSummary", "ServerPair", "ServerProcess", "ServerSpec", "by_conversation",
@@ -118,7 +125,12 @@ def _serve(spec: ServerSpec, conn: Connection) -> None:
                 server.latency = argument
                 conn.send(None)
             elif command == "trace":
-                server.model = _model(spec.role, argument)
+                trace, conversations = argument
+                # Generated now, not inside the first request of each conversation, where it
+                # would count as the server's time.
+                for conversation in conversations:
+                    make_trace(trace, conversation)
+                server.model = _model(spec.role, trace)
                 conn.send(None)
             elif command == "reset":
                 server.reset()
@@ -169,9 +181,10 @@ class ServerProcess:
     def set_latency(self, latency: LatencyModel) -> None:
         self._call("latency", latency)
 
-    def set_trace(self, trace: TraceSpec) -> None:
-        """Play the traces of ``trace`` from the next request on."""
-        self._call("trace", trace)
+    def set_trace(self, trace: TraceSpec, conversations: Iterable[int] = ()) -> None:
+        """Play the traces of ``trace`` from the next request on (``conversations``' traces
+        generated beforehand)."""
+        self._call("trace", (trace, tuple(conversations)))
 
     def reset(self) -> None:
         """Forget records and cached prefixes (each policy starts with a cold cache)."""
@@ -227,10 +240,11 @@ class ServerPair:
         self.small.stop()
         self.target.stop()
 
-    def prepare(self, trace: TraceSpec, small: LatencyModel, target: LatencyModel) -> None:
+    def prepare(self, trace: TraceSpec, small: LatencyModel, target: LatencyModel,
+                conversations: Iterable[int] = ()) -> None:
         """Traces and latencies for the next cell; records and cached prefixes forgotten."""
         for server, latency in ((self.small, small), (self.target, target)):
-            server.set_trace(trace)
+            server.set_trace(trace, conversations)
             server.set_latency(latency)
             server.reset()
 

@@ -106,6 +106,9 @@ class TraceSpec:
     """Small-model paragraphs per trace (~45 tokens each), the closing two included."""
     takeover_free: bool = False
     """Only neutral paragraphs: the small model streams alone (a client throughput test)."""
+    rule2: bool = True
+    """The target sometimes verifies (rule 2: 125 more tokens). Off, conversations vary less in
+    length, so a cell of many is not held up by its few longest."""
 
     def __post_init__(self) -> None:
         if self.paragraphs < 3:
@@ -170,7 +173,8 @@ def make_trace(spec: TraceSpec, conversation: int) -> Trace:
     small.append(f"So the result is {answer}.\n</think>")
     small.append(f"The answer is $\\boxed{{{answer}}}$.")
     closings = tuple(rng.choice(_CLOSINGS) for _ in small)
-    target_slots = tuple(_target_slot(rng) for _ in small)
+    kinds = _TARGET_KINDS if spec.rule2 else tuple(k for k in _TARGET_KINDS if k[0] != "verify")
+    target_slots = tuple(_target_slot(rng, kinds) for _ in small)
     own = [_sentences(rng, _TARGET_SENTENCES, rng.randint(2, 4))
            for _ in range(max(1, round(0.7 * body)))]
     target_answer = "\n\n".join([*own, f"So the result is {answer}.\n</think>",
@@ -181,7 +185,7 @@ def make_trace(spec: TraceSpec, conversation: int) -> Trace:
 
 
 def _pick(rng: random.Random, weights: tuple[tuple[str, float], ...]) -> str:
-    roll = rng.random()
+    roll = rng.random() * sum(weight for _, weight in weights)
     for kind, weight in weights:
         roll -= weight
         if roll < 0:
@@ -215,8 +219,8 @@ def _small_paragraph(rng: random.Random, kind: str, *, deep_keyword: bool) -> st
     return rng.choice(_SMALL_OPENERS[kind]) + text[0].lower() + text[1:]
 
 
-def _target_slot(rng: random.Random) -> str:
-    opener = rng.choice(_TARGET_OPENERS[_pick(rng, _TARGET_KINDS)])
+def _target_slot(rng: random.Random, kinds: tuple[tuple[str, float], ...]) -> str:
+    opener = rng.choice(_TARGET_OPENERS[_pick(rng, kinds)])
     text = opener
     while _TOKENIZER.count(text) < _TARGET_SLOT_TOKENS:
         sentence = _sentence(rng, _TARGET_SENTENCES)
@@ -235,6 +239,9 @@ def _check(trace: Trace, spec: TraceSpec) -> None:
     if spec.takeover_free:
         for paragraph in trace.small:
             assert not _RULES.has_keyword(paragraph), paragraph
+    if not spec.rule2:
+        for text in trace.target_slots:
+            assert not _RULES.has_verify(text), text
 
 
 # --------------------------------------------------------------------------- the models

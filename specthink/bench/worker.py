@@ -31,7 +31,7 @@ class CellSpec:
     small_url: str
     target_url: str
     trace: TraceSpec
-    layout: str = "shared"
+    layout: str = "default"
     profile: bool = False
     warmup: bool = True
     """First answer a short conversation (number 0, never measured), as a running service
@@ -61,6 +61,9 @@ class CellOutcome:
     """Largest resident set size seen while the conversations ran, minus the size before."""
     errors: list[str] = field(default_factory=list)
     hot_spots: list[HotSpot] = field(default_factory=list)
+    """The functions that took the most time themselves (per-token costs show here)."""
+    call_tree: list[HotSpot] = field(default_factory=list)
+    """specthink's own functions by cumulative time (where a request's cost goes)."""
 
 
 WARMUP_CONVERSATION = 0
@@ -90,7 +93,8 @@ async def _sample_rss(measure: _Measure, every: float = 0.05) -> None:
         await asyncio.sleep(every)
 
 
-async def _run_all(spec: CellSpec, measure: _Measure) -> tuple[list[Outcome], list[str]]:
+async def _run_all(spec: CellSpec, measure: _Measure,
+                   profiler: cProfile.Profile | None) -> tuple[list[Outcome], list[str]]:
     policy = POLICIES[spec.policy](spec.small_url, spec.target_url, spec.trace,
                                    layout=spec.layout)
     sampler = None
@@ -100,9 +104,14 @@ async def _run_all(spec: CellSpec, measure: _Measure) -> tuple[list[Outcome], li
         gc.collect()
         measure.rss_before_kb = measure.rss_max_kb = _resident_kb()
         measure.cpu_started, measure.wall_started = time.process_time(), time.monotonic()
-        sampler = asyncio.create_task(_sample_rss(measure))
+        if profiler is not None:
+            profiler.enable()
+        else:  # the sampler's own calls would show up in the profile
+            sampler = asyncio.create_task(_sample_rss(measure))
         results = await asyncio.gather(*(policy.run(c) for c in spec.conversations),
                                        return_exceptions=True)
+        if profiler is not None:
+            profiler.disable()
         measure.rss_max_kb = max(measure.rss_max_kb, _resident_kb())
     finally:
         if sampler is not None:
@@ -114,15 +123,31 @@ async def _run_all(spec: CellSpec, measure: _Measure) -> tuple[list[Outcome], li
     return outcomes, errors
 
 
-def _hot_spots(profiler: cProfile.Profile, limit: int = 25) -> list[HotSpot]:
+def _profile_rows(profiler: cProfile.Profile) -> list[HotSpot]:
     stats = pstats.Stats(profiler)
     rows = []
     for (filename, line, function), entry in stats.stats.items():  # type: ignore[attr-defined]
-        calls, _, own, cumulative = entry[0], entry[1], entry[2], entry[3]
-        where = filename.split("site-packages/")[-1].split("/work/main/")[-1]
+        calls, own, cumulative = entry[1], entry[2], entry[3]
+        if "site-packages/" in filename:
+            where = filename.split("site-packages/")[-1]
+        elif "/specthink/" in filename:
+            where = "specthink/" + filename.split("/specthink/")[-1]
+        else:
+            where = filename.rsplit("/lib/python3", 1)[-1].split("/", 1)[-1]
         rows.append(HotSpot(f"{where}:{line}({function})", calls, own, cumulative))
-    rows.sort(key=lambda row: row.own_seconds, reverse=True)
-    return rows[:limit]
+    return rows
+
+
+def _hot_spots(rows: list[HotSpot], limit: int = 25) -> list[HotSpot]:
+    # Waiting in epoll is idle time, not work.
+    busy = [row for row in rows if "select.epoll" not in row.function]
+    return sorted(busy, key=lambda row: row.own_seconds, reverse=True)[:limit]
+
+
+def _call_tree(rows: list[HotSpot], limit: int = 25) -> list[HotSpot]:
+    ours = [row for row in rows if row.function.startswith("specthink/")
+            and not row.function.startswith("specthink/bench/")]
+    return sorted(ours, key=lambda row: row.cumulative_seconds, reverse=True)[:limit]
 
 
 def run_cell(spec: CellSpec) -> CellOutcome:
@@ -133,19 +158,16 @@ def run_cell(spec: CellSpec) -> CellOutcome:
     rss_baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     profiler = cProfile.Profile() if spec.profile else None
     measure = _Measure()
-    if profiler is not None:
-        profiler.enable()
-    outcomes, errors = asyncio.run(_run_all(spec, measure))
-    if profiler is not None:
-        profiler.disable()
+    outcomes, errors = asyncio.run(_run_all(spec, measure, profiler))
     cpu = time.process_time() - measure.cpu_started
     wall = time.monotonic() - measure.wall_started
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rows = _profile_rows(profiler) if profiler is not None else []
     return CellOutcome(outcomes=outcomes, cpu_seconds=cpu, wall_seconds=wall,
                        rss_baseline_kb=rss_baseline, rss_peak_kb=rss_peak,
                        rss_growth_kb=max(0, measure.rss_max_kb - measure.rss_before_kb),
                        errors=errors,
-                       hot_spots=_hot_spots(profiler) if profiler is not None else [])
+                       hot_spots=_hot_spots(rows), call_tree=_call_tree(rows))
 
 
 def run_cell_in_child(spec: CellSpec) -> CellOutcome:

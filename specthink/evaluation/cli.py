@@ -32,6 +32,17 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from specthink._cli_options import (
+    ApiKey,
+    SmallModel,
+    SmallTemplate,
+    TargetModel,
+    TargetTemplate,
+    backend_option,
+    preset_name,
+    stderr,
+    url_option,
+)
 from specthink.backends.base import Backend, SamplingParams
 from specthink.errors import BackendConnectionError, BackendError, ConfigError, SpecthinkError
 from specthink.rules import PRESETS
@@ -56,10 +67,6 @@ class ModeChoice(StrEnum):
     small = "small"
     speculative = "speculative"
     target = "target"
-
-
-def _stderr() -> Console:
-    return Console(stderr=True, highlight=False)
 
 
 def _missing_extras() -> list[str]:
@@ -148,12 +155,6 @@ async def _run(*, dataset: str, problems: list[Any], urls: dict[str, str | None]
         await asyncio.gather(*(backend.aclose() for backend in backends.values()))
 
 
-def _preset(value: str) -> str:
-    if value not in PRESETS:
-        raise typer.BadParameter(f"{value!r} is not a preset; choose one of {', '.join(PRESETS)}")
-    return value
-
-
 def eval_command(
     dataset: Annotated[str, typer.Option(
         "--dataset", help="Problem file (.jsonl, .json or .csv: MATH500, AIME, AMC23, "
@@ -162,14 +163,11 @@ def eval_command(
     out: Annotated[Path, typer.Option(
         "--out", file_okay=False, help="Directory for results.jsonl, run.json, summary.md, "
         "summary.json and plot.png; an existing run there is resumed.")] = Path("results"),
-    small: Annotated[str | None, typer.Option(
-        "--small", envvar="SPECTHINK_SMALL_URL", show_envvar=True,
-        help="URL of the small model's server.")] = None,
-    target: Annotated[str | None, typer.Option(
-        "--target", envvar="SPECTHINK_TARGET_URL", show_envvar=True,
-        help="URL of the target model's server.")] = None,
-    backend: Annotated[BackendChoice, typer.Option(
-        "--backend", envvar="SPECTHINK_BACKEND",
+    small: Annotated[str | None, url_option(
+        "small", help="URL of the small model's server.")] = None,
+    target: Annotated[str | None, url_option(
+        "target", help="URL of the target model's server.")] = None,
+    backend: Annotated[BackendChoice, backend_option(
         help="Wire protocol: tgi, openai (/v1/completions: vLLM, SGLang), or auto.",
     )] = BackendChoice.auto,
     mode: Annotated[list[ModeChoice] | None, typer.Option(
@@ -183,26 +181,16 @@ def eval_command(
         "--max-tokens", min=1, help="Output token budget per answer (the servers' "
         "max_total_tokens also caps prompt + output; the paper used 32768 for both).")] = 32768,
     rules: Annotated[str, typer.Option(
-        "--rules", callback=_preset, help=f"Takeover rules of the speculative mode: "
+        "--rules", callback=preset_name, help=f"Takeover rules of the speculative mode: "
         f"{', '.join(PRESETS)} (paper_instruct for a non-reasoning small model).")] = "paper",
     template: Annotated[str, typer.Option(
         "--template", help="Chat template of both models: auto (the server's), server, chatml, "
         "deepseek-r1.")] = "auto",
-    small_template: Annotated[str | None, typer.Option(
-        "--small-template", help="Chat template of the small model (overrides --template).",
-    )] = None,
-    target_template: Annotated[str | None, typer.Option(
-        "--target-template", help="Chat template of the target model (overrides --template).",
-    )] = None,
-    small_model: Annotated[str | None, typer.Option(
-        "--small-model", envvar="SPECTHINK_SMALL_MODEL",
-        help="Model name sent to an OpenAI-compatible small server.")] = None,
-    target_model: Annotated[str | None, typer.Option(
-        "--target-model", envvar="SPECTHINK_TARGET_MODEL",
-        help="Model name sent to an OpenAI-compatible target server.")] = None,
-    api_key: Annotated[str | None, typer.Option(
-        "--api-key", envvar="SPECTHINK_API_KEY", show_default=False,
-        help="Sent to both servers as Authorization: Bearer.")] = None,
+    small_template: SmallTemplate = None,
+    target_template: TargetTemplate = None,
+    small_model: SmallModel = None,
+    target_model: TargetModel = None,
+    api_key: ApiKey = None,
     temperature: Annotated[float, typer.Option(
         "--temperature", min=0.0, help="Sampling temperature (0: greedy).")] = 0.6,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
@@ -222,7 +210,7 @@ def eval_command(
     its last \\boxed{} answer, and written to OUT/results.jsonl at once; run the same command
     again to resume an interrupted run.
     """
-    err = _stderr()
+    err = stderr()
     missing = _missing_extras()
     if missing:
         err.print(Text(f"{INSTALL_HINT} (missing: {', '.join(missing)})", style="bold red"))

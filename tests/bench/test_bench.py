@@ -62,6 +62,9 @@ def test_traces_are_deterministic_and_place_keywords_in_probe_windows() -> None:
     assert any(RULES.has_verify(_probe(text)) for text in trace.target_slots)
     quiet = make_trace(TraceSpec(seed=3, paragraphs=60, takeover_free=True), 5)
     assert not any(RULES.has_keyword(p) for p in quiet.small)
+    plain = make_trace(TraceSpec(seed=3, paragraphs=60, rule2=False), 5)
+    assert plain.small == trace.small
+    assert not any(RULES.has_verify(text) for text in plain.target_slots)
 
 
 def test_models_continue_their_scripts_from_any_point() -> None:
@@ -97,11 +100,14 @@ def test_busy_seconds_is_the_length_of_the_union() -> None:
 
 
 def test_parse_levels_and_register() -> None:
-    assert parse_levels("1x30, 16x12") == (Level(1, 30), Level(16, 12))
+    assert parse_levels("1x30, 256x5/no-rule2") == (Level(1, 30), Level(256, 5, rule2=False))
+    assert parse_levels("1x30,16x12,256x5/no-rule2") == BenchConfig().levels
     with pytest.raises(typer.BadParameter):
         parse_levels("16")
     with pytest.raises(typer.BadParameter):
         parse_levels("4x2")
+    with pytest.raises(typer.BadParameter):
+        parse_levels("4x8/fast")
     app = typer.Typer()
     register(app)
     assert [command.name for command in app.registered_commands] == ["bench"]
@@ -129,6 +135,7 @@ def test_engine_beats_the_authors_loop_on_requests_and_waste(tiny_run: BenchResu
     """
     assert tiny_run.errors == []
     engine, authors = tiny_run.cell("engine", 3), tiny_run.cell("authors", 3)
+    assert (engine.retries, engine.fallbacks, authors.retries) == (0, 0, 0)
     assert tiny_run.same_text == {3: True}
     assert engine.handoffs == authors.handoffs > 0
     assert engine.requests <= engine.conversations + 2 * engine.handoffs

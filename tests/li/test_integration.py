@@ -231,6 +231,38 @@ async def test_async_calls_run_concurrently() -> None:
     assert in_flight >= 8, in_flight
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_leaving_a_stream_early_closes_the_server_stream(kind: str) -> None:
+    """Broken if an abandoned stream kept generating: the server must see the client leave."""
+    model = PromptReader(lambda c: "word " * 200)
+    with Pair(model, latency=LatencyModel(per_token=0.01)) as pair:
+        llm = pair.llm()
+        question = [ChatMessage(role="user", content="Talk.")]
+        if kind == "sync":
+            stream = llm.stream_chat(question)
+            for chunk in stream:
+                if chunk.delta:
+                    break
+            stream.close()
+        else:
+            astream = await llm.astream_chat(question)
+            async for chunk in astream:
+                if chunk.delta:
+                    break
+            await astream.aclose()
+        for _ in range(500):  # the server notices the hang-up on its own schedule
+            record = pair.small.records[-1]
+            if record.disconnected:
+                break
+            await asyncio.sleep(0.01)
+        if kind == "sync":
+            llm.close()
+        else:
+            await llm.aclose()
+    assert record.disconnected
+    assert record.tokens_sent < 200
+
+
 async def test_metadata_comes_from_the_servers_info() -> None:
     with Pair(reading_model()) as pair:
         pair.target.max_input_tokens = 3000
@@ -250,15 +282,14 @@ def free_port() -> int:
 
 
 async def test_an_unreachable_server_raises_a_specthink_error() -> None:
-    with Pair(reading_model()) as pair:
-        llm = SpeculativeThinkingLLM(small_url=pair.small.url,
-                                     target_url=f"http://127.0.0.1:{free_port()}",
-                                     max_retries=0)
-        with pytest.raises(BackendConnectionError) as caught:
-            await asyncio.wait_for(llm.achat([ChatMessage(role="user", content="Hi")]), 30)
-        await llm.aclose()
+    port = free_port()  # nothing listens there: connections are refused at once
+    llm = SpeculativeThinkingLLM(small_url=f"http://127.0.0.1:{port}",
+                                 target_url=f"http://127.0.0.1:{port}", max_retries=0)
+    with pytest.raises(BackendConnectionError) as caught:
+        await asyncio.wait_for(llm.achat([ChatMessage(role="user", content="Hi")]), 30)
+    await llm.aclose()
     assert isinstance(caught.value, SpecthinkError)
-    assert "127.0.0.1" in str(caught.value)
+    assert f"127.0.0.1:{port}" in str(caught.value)
 
 
 def test_an_unreachable_server_raises_from_sync_calls_too() -> None:

@@ -92,6 +92,12 @@ async def test_metadata_comes_from_both_servers_info() -> None:
     assert llm.metadata == meta  # cached
 
 
+def test_fetch_metadata_works_from_sync_code() -> None:
+    llm = inprocess_llm(reasoner(), max_input_tokens=2048, max_tokens=100)
+    meta = llm.fetch_metadata()
+    assert (meta.context_window, meta.num_output) == (2048, 100)
+
+
 def test_class_name_is_stable() -> None:
     assert SpeculativeThinkingLLM.class_name() == "SpeculativeThinkingLLM"
     assert inprocess_llm(reasoner()).to_dict()["class_name"] == "SpeculativeThinkingLLM"

@@ -45,6 +45,21 @@ def last(server: LoopbackServer) -> RequestRecord:
     return server.records[-1]
 
 
+async def cancel_once_streaming(model: ChatSpeculativeThinking, prompt: str,
+                                server: LoopbackServer, what: str) -> None:
+    """Stream ``prompt`` in a task, cancel the task once ``server`` streams, and check that the
+    task ends cancelled."""
+    async def consume() -> None:
+        async for _ in model.astream(prompt):
+            pass
+
+    task = asyncio.create_task(consume())
+    await wait_for(lambda: streaming(server), what)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 @pytest.fixture
 def servers() -> Iterator[ServerPair]:
     """The small model reflects after a blank line, so the target takes over and writes a long
@@ -74,15 +89,7 @@ async def test_cancelling_while_the_small_model_writes_closes_its_stream(
     servers, model = pair
     servers.small.model = ScriptedModel.single(LONG)
 
-    async def consume() -> None:
-        async for _ in model.astream("Count."):
-            pass
-
-    task = asyncio.create_task(consume())
-    await wait_for(lambda: streaming(servers.small), "the small model streams")
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_once_streaming(model, "Count.", servers.small, "the small model streams")
 
     await wait_for(lambda: last(servers.small).disconnected, "the small server sees the hang-up")
     assert last(servers.small).finish_reason is None
@@ -94,15 +101,7 @@ async def test_cancelling_while_the_target_writes_closes_its_stream(
     """If this fails, a cancelled request keeps the target server generating for nobody."""
     servers, model = pair
 
-    async def consume() -> None:
-        async for _ in model.astream("What is x?"):
-            pass
-
-    task = asyncio.create_task(consume())
-    await wait_for(lambda: streaming(servers.target), "the target model streams")
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_once_streaming(model, "What is x?", servers.target, "the target model streams")
 
     await wait_for(lambda: last(servers.target).disconnected,
                    "the target server sees the hang-up")

@@ -1,0 +1,101 @@
+"""What the ``specthink`` commands share (extra ``cli``): the options that several commands
+declare alike, the stderr console and the check of a rules preset name.
+
+``specthink.cli`` imports this module only when typer is installed. Command modules that
+``specthink.cli`` registers (``specthink.evaluation.cli``) import it instead of ``specthink.cli``,
+which imports them while it builds its app.
+
+The ``*_option`` functions return the ``typer.Option`` to put in an ``Annotated`` parameter;
+``help`` is left out where a command declares the option without one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+from rich.console import Console
+
+from specthink.rules import PRESETS
+
+__all__ = [
+    "ApiKey",
+    "LocalSmallPort",
+    "LocalStateDir",
+    "LocalTargetPort",
+    "SmallModel",
+    "SmallTemplate",
+    "TargetModel",
+    "TargetTemplate",
+    "api_key_option",
+    "backend_option",
+    "model_option",
+    "preset_name",
+    "stderr",
+    "template_option",
+    "url_option",
+]
+
+Role = Literal["small", "target"]
+
+
+def url_option(role: Role, help: str | None = None) -> Any:
+    """``--small`` / ``--target``: the role's server URL, or ``SPECTHINK_<ROLE>_URL``."""
+    return typer.Option(f"--{role}", envvar=f"SPECTHINK_{role.upper()}_URL", show_envvar=True,
+                        help=help)
+
+
+def backend_option(help: str | None = None) -> Any:
+    """``--backend``: the wire protocol of both servers, or ``SPECTHINK_BACKEND``."""
+    return typer.Option("--backend", envvar="SPECTHINK_BACKEND", help=help)
+
+
+def model_option(role: Role, help: str | None = None) -> Any:
+    """``--small-model`` / ``--target-model``: the model name an OpenAI-compatible server is
+    sent, or ``SPECTHINK_<ROLE>_MODEL``."""
+    return typer.Option(f"--{role}-model", envvar=f"SPECTHINK_{role.upper()}_MODEL", help=help)
+
+
+def template_option(role: Role) -> Any:
+    """``--small-template`` / ``--target-template``."""
+    return typer.Option(f"--{role}-template",
+                        help=f"Chat template of the {role} model (overrides --template).")
+
+
+def api_key_option(help: str | None = None) -> Any:
+    """``--api-key``, or ``SPECTHINK_API_KEY``; never shown as a default."""
+    return typer.Option("--api-key", envvar="SPECTHINK_API_KEY", show_default=False, help=help)
+
+
+# ---- declared alike by `ask` and `eval` --------------------------------------------------
+
+SmallTemplate = Annotated[str | None, template_option("small")]
+TargetTemplate = Annotated[str | None, template_option("target")]
+SmallModel = Annotated[str | None, model_option(
+    "small", help="Model name sent to an OpenAI-compatible small server.")]
+TargetModel = Annotated[str | None, model_option(
+    "target", help="Model name sent to an OpenAI-compatible target server.")]
+ApiKey = Annotated[str | None, api_key_option(
+    help="Sent to both servers as Authorization: Bearer.")]
+
+# ---- declared alike by `local down` and `local status` -----------------------------------
+
+LocalSmallPort = Annotated[int | None, typer.Option(
+    "--small-port", envvar="SPECTHINK_LOCAL_SMALL_PORT")]
+LocalTargetPort = Annotated[int | None, typer.Option(
+    "--target-port", envvar="SPECTHINK_LOCAL_TARGET_PORT")]
+LocalStateDir = Annotated[Path | None, typer.Option(
+    "--state-dir", envvar="SPECTHINK_STATE_DIR", file_okay=False)]
+
+
+def stderr() -> Console:
+    """Where progress, legends, tables and errors go (stdout is for results)."""
+    return Console(stderr=True, highlight=False)
+
+
+def preset_name(value: str | None) -> str | None:
+    """Typer callback: ``value`` unless it names no rules preset."""
+    if value is not None and value not in PRESETS:
+        raise typer.BadParameter(f"{value!r} is not a preset; choose one of {', '.join(PRESETS)}")
+    return value

@@ -1,0 +1,105 @@
+"""What the loopback server charges and keeps: the latency model, the prefix cache and a record
+of every generation request."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from specthink.testing._faults import Fault
+
+__all__ = ["LatencyModel", "PrefixCache", "RequestRecord"]
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyModel:
+    """Seconds a request takes: ``per_request`` plus ``per_uncached_prompt_token`` for each
+    prompt token not served from the prefix cache (prefill, before the first token), then
+    ``per_token`` before each generated token."""
+
+    per_request: float = 0.0
+    per_uncached_prompt_token: float = 0.0
+    per_token: float = 0.0
+
+    def prefill_seconds(self, uncached_tokens: int) -> float:
+        return self.per_request + self.per_uncached_prompt_token * uncached_tokens
+
+    def service_seconds(self, uncached_tokens: int, generated_tokens: int) -> float:
+        return self.prefill_seconds(uncached_tokens) + self.per_token * generated_tokens
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One generation request as the server saw it."""
+
+    id: int
+    path: str
+    prompt: str
+    parameters: dict[str, Any]
+    started: float
+    """``time.monotonic()`` when the request arrived."""
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    """Prompt tokens served from the prefix cache; the rest were recomputed."""
+    max_new_tokens: int = 0
+    tokens_sent: int = 0
+    """Generated tokens written to the socket (the final special token included)."""
+    finish_reason: str | None = None
+    """TGI's finish reason once the answer is complete; ``None`` if it was cut short."""
+    status: int = 200
+    error_type: str | None = None
+    """Set when the request failed: an error status, or an error event inside the stream."""
+    fault: Fault | None = None
+    disconnected: bool = False
+    """The client closed the connection before the answer was complete."""
+    finished: float | None = None
+    service_seconds: float = 0.0
+    """What the latency model charged (stalls excluded)."""
+
+    @property
+    def recomputed_prompt_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_prompt_tokens
+
+
+class PrefixCache:
+    """Exact token-id prefix matching, as TGI v3 and vLLM's prefix caching: a hash chain over
+    token ids, one entry per prefix, least recently used evicted beyond ``capacity``."""
+
+    def __init__(self, capacity: int | None = 1_000_000) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[int, None] = OrderedDict()
+
+    @staticmethod
+    def chain(ids: Iterable[int], start: int = 0) -> list[int]:
+        hashes = []
+        h = start
+        for token_id in ids:
+            h = hash((h, token_id))
+            hashes.append(h)
+        return hashes
+
+    def match(self, hashes: Sequence[int]) -> int:
+        """How many leading tokens are cached."""
+        matched = 0
+        for h in hashes:
+            if h not in self._entries:
+                break
+            self._entries.move_to_end(h)
+            matched += 1
+        return matched
+
+    def add(self, hashes: Iterable[int]) -> None:
+        for h in hashes:
+            self._entries[h] = None
+            self._entries.move_to_end(h)
+        if self.capacity is not None:
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,140 @@
+"""One generation as the loopback server runs it: the model's continuation cut into tokens,
+prefill against the prefix cache, the latency model's time, and a fault applied mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from specthink.testing._accounting import LatencyModel, PrefixCache, RequestRecord
+from specthink.testing._faults import ERROR_MESSAGES, Fault
+from specthink.testing._streaming import StreamControl, Write
+from specthink.testing._wire import EOS_ID, EOS_TEXT, Job, TGIFinish, Token
+from specthink.testing.models import TextModel, Tokenizer
+
+__all__ = ["Generation", "Host", "RenderError", "RenderToken", "continuation"]
+
+RenderToken = Callable[[int, Token, bool], bytes]
+"""The bytes of token ``index`` (the last one when the flag is set)."""
+RenderError = Callable[[str, str], bytes]
+"""The bytes of an in-stream error event (message, error type)."""
+
+
+class Host(Protocol):
+    """Where a generation finds the latency model and the prefix cache: the server, read on
+    every use, so that a test may swap them while requests run."""
+
+    @property
+    def latency(self) -> LatencyModel: ...
+
+    @property
+    def cache(self) -> PrefixCache: ...
+
+
+def continuation(model: TextModel, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
+                 stop: Sequence[str]) -> tuple[list[Token], TGIFinish]:
+    """The tokens ``model`` writes after ``prompt`` and TGI's finish reason."""
+    answer = model.continuation(prompt)
+    tokens: list[Token] = []
+    text = ""
+    for piece in tokenizer.tokenize(answer.text):
+        if len(tokens) >= max_new_tokens:
+            return tokens, "length"
+        tokens.append((piece, tokenizer.token_id(piece), False))
+        text += piece
+        if any(s and text.endswith(s) for s in stop):
+            return tokens, "stop_sequence"
+    if len(tokens) >= max_new_tokens or not answer.eos:
+        # A continuation without end-of-sequence ends as if the budget ran out.
+        return tokens, "length"
+    tokens.append((EOS_TEXT, EOS_ID, True))
+    return tokens, "eos_token"
+
+
+@dataclass(eq=False)
+class Generation:
+    """An admitted request: its record, the validated job and the fault it drew."""
+
+    record: RequestRecord
+    job: Job
+    fault: Fault | None
+    lock: threading.Lock
+    host: Host
+
+    def update(self, **changes: Any) -> None:
+        with self.lock:
+            for name, value in changes.items():
+                setattr(self.record, name, value)
+
+    def _prefill(self) -> tuple[list[int], float]:
+        """Look the prompt up in the prefix cache; returns the hash chain and prefill seconds."""
+        record, job = self.record, self.job
+        hashes = PrefixCache.chain(job.prompt_ids)
+        with self.lock:
+            cache = self.host.cache
+            matched = cache.match(hashes)
+            # Like TGI and vLLM, the last prompt token is always recomputed (its logits are
+            # needed for the first new token).
+            cached = min(matched, max(len(hashes) - 1, 0))
+            cache.add(hashes[matched:])
+            record.prompt_tokens = len(hashes)
+            record.cached_prompt_tokens = cached
+            record.max_new_tokens = job.max_new_tokens
+        seconds = self.host.latency.prefill_seconds(len(hashes) - cached)
+        return hashes, seconds
+
+    async def complete(self) -> None:
+        """A non-streamed generation: the latency model's time, then everything at once."""
+        record, job = self.record, self.job
+        hashes, prefill = self._prefill()
+        service = prefill + self.host.latency.per_token * len(job.tokens)
+        if service > 0:
+            await asyncio.sleep(service)
+        head = hashes[-1] if hashes else 0
+        with self.lock:
+            self.host.cache.add(PrefixCache.chain((i for _, i, s in job.tokens if not s), head))
+            record.tokens_sent = len(job.tokens)
+            record.finish_reason = job.finish
+            record.service_seconds = service
+            record.finished = time.monotonic()
+
+    async def stream(self, write: Write, control: StreamControl, render: RenderToken,
+                     render_error: RenderError) -> None:
+        """Prefill, then send each token with the latency model, applying the fault."""
+        record, job, fault = self.record, self.job, self.fault
+        hashes, prefill = self._prefill()
+        head = hashes[-1] if hashes else 0
+        service = prefill
+        if prefill > 0:
+            await asyncio.sleep(prefill)
+        last = len(job.tokens) - 1
+        for index, token in enumerate(job.tokens):
+            if fault is not None and fault.after_tokens == index:
+                if fault.kind == "error_event":
+                    message = ERROR_MESSAGES.get(fault.error_type,
+                                                 f"injected {fault.error_type} error")
+                    self.update(error_type=fault.error_type, service_seconds=service)
+                    await write(render_error(message, fault.error_type))
+                    return
+                if fault.kind == "drop":
+                    self.update(service_seconds=service)
+                    await control.drop_connection()
+                    return
+                if fault.kind == "stall":
+                    await asyncio.sleep(fault.seconds)
+            # Yield to the loop even without latency, so 256 streams share it fairly.
+            await asyncio.sleep(self.host.latency.per_token)
+            service += self.host.latency.per_token
+            await write(render(index, token, index == last))
+            _, token_id, special = token
+            with self.lock:
+                record.tokens_sent += 1
+                record.service_seconds = service
+                if not special:
+                    head = hash((head, token_id))
+                    self.host.cache.add((head,))
+        self.update(finish_reason=job.finish, service_seconds=service)

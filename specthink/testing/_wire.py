@@ -1,0 +1,388 @@
+"""The loopback server's wire format: TGI's and OpenAI's request bodies, TGI's validation and
+the JSON both protocols answer with. Pure functions, apart from reading a request's body."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from specthink.testing.models import Tokenizer
+
+__all__ = [
+    "DONE",
+    "EOS_ID",
+    "EOS_TEXT",
+    "GENERATION_PATHS",
+    "VERSION",
+    "CompletionRequest",
+    "GenerateRequest",
+    "Invalid",
+    "Job",
+    "Parameters",
+    "TGIFinish",
+    "Token",
+    "completion_answer",
+    "completion_chunk",
+    "completion_envelope",
+    "completion_prompt",
+    "error_body",
+    "error_response",
+    "generate_response",
+    "json_line",
+    "read_body",
+    "read_chat_body",
+    "render_chatml",
+    "simple_tokens",
+    "tgi_stream_event",
+    "validate",
+]
+
+EOS_TEXT = "</s>"
+EOS_ID = 2
+VERSION = "3.3.6"
+"""The TGI version whose wire format this server follows."""
+
+GENERATION_PATHS = ("/generate_stream", "/generate", "/v1/completions")
+
+TGIFinish = Literal["eos_token", "length", "stop_sequence"]
+
+Token = tuple[str, int, bool]
+"""(text, id, special) of a generated token."""
+
+DONE = b"data:[DONE]\n\n"
+"""The end of an OpenAI stream."""
+
+M = TypeVar("M", bound=BaseModel)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class Invalid(Exception):
+    """A request TGI would reject (its message follows TGI's validation.rs)."""
+
+    def __init__(self, message: str, error_type: str = "validation") -> None:
+        super().__init__(message)
+        self.message = message
+        self.error_type = error_type
+
+
+class Parameters(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    best_of: int | None = None
+    decoder_input_details: bool = False
+    details: bool = True
+    do_sample: bool = False
+    frequency_penalty: float | None = None
+    grammar: dict[str, Any] | None = None
+    max_new_tokens: int | None = None
+    repetition_penalty: float | None = None
+    return_full_text: bool | None = None
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    temperature: float | None = None
+    top_k: int | None = None
+    top_n_tokens: int | None = None
+    top_p: float | None = None
+    truncate: int | None = None
+    typical_p: float | None = None
+
+    @property
+    def reported_seed(self) -> int | None:
+        """The seed TGI reports: the one given, else 0 when sampling, else none."""
+        sampling = self.do_sample or any(
+            v is not None for v in (self.temperature, self.top_k, self.top_p, self.typical_p))
+        return self.seed if self.seed is not None else (0 if sampling else None)
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: str
+    parameters: Parameters = Field(default_factory=Parameters)
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str | list[str]
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+    stream: bool = False
+    suffix: str | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    def to_parameters(self) -> Parameters:
+        """As TGI: temperature 0 means greedy, anything else samples; 100 tokens by default."""
+        greedy = self.temperature == 0.0
+        return Parameters(
+            max_new_tokens=self.max_tokens if self.max_tokens is not None else 100,
+            do_sample=not greedy, temperature=None if greedy else self.temperature,
+            top_p=self.top_p, seed=self.seed, stop=self.stop or [],
+            repetition_penalty=self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty)
+
+
+async def read_body(request: Request, model: type[M]) -> M | JSONResponse:
+    """The JSON body as ``model``, or TGI's 422 answer when it does not deserialize."""
+    try:
+        raw = await request.body()
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        return error_response(422, f"Failed to deserialize the JSON body into the target type: "
+                                   f"{_first_error(exc)}", "validation")
+
+
+def read_chat_body(raw: bytes) -> tuple[list[dict[str, Any]], list[Any] | None] | JSONResponse:
+    """The messages and tools of a ``/chat_tokenize`` body, or a 422 answer."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return error_response(422, "Failed to parse the request body as JSON", "validation")
+    messages = body.get("messages") if isinstance(body, dict) else None
+    tools = body.get("tools") if isinstance(body, dict) else None
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return error_response(422, "Failed to deserialize the JSON body into the target type: "
+                              "missing field `messages`", "validation")
+    if tools is not None and not isinstance(tools, list):
+        return error_response(422, "`tools` must be a list", "validation")
+    return messages, tools
+
+
+def completion_prompt(body: CompletionRequest) -> str | JSONResponse:
+    """The one prompt of a ``/v1/completions`` body, or the 422 answer TGI gives."""
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if body.suffix is not None:
+        return error_response(422, "Suffix is not supported and can be achieved by "
+                              "preprocessing the prompt.", "suffix not supported")
+    if len(prompts) != 1:
+        return error_response(422, "the loopback server serves exactly one prompt per request",
+                              "batch size exceeded")
+    return prompts[0]
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error.get("loc", ())) or "body"
+    return f"{where}: {error.get('msg', 'invalid')}"
+
+
+def validate(inputs: str, params: Parameters, *, streaming: bool,
+             tokenize: Callable[[str], list[int]], max_input_tokens: int,
+             max_total_tokens: int, max_stop_sequences: int) -> tuple[list[int], int]:
+    """TGI's validation (router/src/validation.rs), in its order and with its messages.
+
+    Returns the prompt's token ids and ``max_new_tokens``; raises :class:`Invalid`.
+    """
+    if streaming and (params.best_of or 1) != 1:
+        raise Invalid("`best_of` != 1 is not supported when streaming tokens")
+    if streaming and params.decoder_input_details:
+        raise Invalid("`decoder_input_details` == true is not supported when streaming "
+                      "tokens")
+    if params.temperature is not None and params.temperature <= 0:
+        raise Invalid("`temperature` must be strictly positive")
+    if params.repetition_penalty is not None and params.repetition_penalty <= 0:
+        raise Invalid("`repetition_penalty` must be strictly positive")
+    if params.frequency_penalty is not None and not -2.0 <= params.frequency_penalty <= 2.0:
+        raise Invalid("`frequency_penalty` must be >= -2.0 and <= 2.0")
+    if params.top_p is not None and not 0.0 < params.top_p < 1.0:
+        raise Invalid("`top_p` must be > 0.0 and < 1.0")
+    if params.typical_p is not None and not 0.0 < params.typical_p < 1.0:
+        raise Invalid("`typical_p` must be > 0.0 and < 1.0")
+    if params.top_k is not None and params.top_k <= 0:
+        raise Invalid("`top_k` must be strictly positive")
+    if params.max_new_tokens is not None and params.max_new_tokens <= 0:
+        raise Invalid("`max_new_tokens` must be strictly positive")
+    if len(params.stop) > max_stop_sequences:
+        raise Invalid(f"`stop` supports up to {max_stop_sequences} stop sequences. "
+                      f"Given: {len(params.stop)}")
+    if not inputs:
+        raise Invalid("`inputs` cannot be empty")
+    prompt_ids = tokenize(inputs)
+    input_length = len(prompt_ids)
+    max_new_tokens = params.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = min(max(max_total_tokens - input_length, 0), 1024)
+    if input_length + max_new_tokens > max_total_tokens:
+        raise Invalid(f"`inputs` tokens + `max_new_tokens` must be <= "
+                      f"{max_total_tokens}. Given: {input_length} `inputs` tokens and "
+                      f"{max_new_tokens} `max_new_tokens`")
+    if input_length > max_input_tokens:
+        raise Invalid(f"`inputs` must have less than {max_input_tokens} tokens. "
+                      f"Given: {input_length}")
+    return prompt_ids, max_new_tokens
+
+
+@dataclass(slots=True)
+class Job:
+    """A validated generation: the prompt's token ids and the tokens the model will write."""
+
+    prompt: str
+    prompt_ids: list[int]
+    tokens: list[Token]
+    """(text, id, special) for each token to send."""
+    finish: TGIFinish
+    max_new_tokens: int
+    seed: int | None
+    details: bool = True
+
+    @property
+    def text(self) -> str:
+        """The generated text (special tokens left out)."""
+        return "".join(t for t, _, special in self.tokens if not special)
+
+
+# --------------------------------------------------------------------------- answers
+
+
+def json_line(payload: Any) -> bytes:
+    # TGI (axum) writes "data:" with no space, compact JSON, and a blank line after each event.
+    return b"data:" + json.dumps(payload, ensure_ascii=False,
+                                 separators=(",", ":")).encode() + b"\n\n"
+
+
+def error_body(message: str, error_type: str) -> dict[str, str]:
+    return {"error": message, "error_type": error_type}
+
+
+def error_response(status: int, message: str, error_type: str,
+                   headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, error_type), status_code=status,
+                        headers=dict(headers or {}))
+
+
+def tgi_stream_event(job: Job, index: int, token: Token, last: bool, *,
+                     full_text: bool) -> bytes:
+    """One ``/generate_stream`` event; the last one carries the text and the details."""
+    text, token_id, special = token
+    event: dict[str, Any] = {
+        "index": index + 1,
+        "token": {"id": token_id, "text": text, "logprob": 0.0, "special": special},
+        "top_tokens": [],
+        "generated_text": None,
+        "details": None,
+    }
+    if last:
+        event["generated_text"] = job.prompt + job.text if full_text else job.text
+        if job.details:
+            event["details"] = {"finish_reason": job.finish,
+                                "generated_tokens": len(job.tokens),
+                                "input_length": len(job.prompt_ids), "seed": job.seed}
+    return json_line(event)
+
+
+def generate_response(job: Job, params: Parameters, tokenizer: Tokenizer) -> JSONResponse:
+    """The ``/generate`` answer, with TGI's token count headers."""
+    text = job.prompt + job.text if params.return_full_text else job.text
+    answer: dict[str, Any] = {"generated_text": text}
+    if job.details or params.decoder_input_details:
+        prefill = []
+        if params.decoder_input_details:
+            prefill = [{"id": i, "text": t, "logprob": None}
+                       for t, i in zip(tokenizer.tokenize(job.prompt), job.prompt_ids,
+                                       strict=True)]
+        answer["details"] = {
+            "finish_reason": job.finish,
+            "generated_tokens": len(job.tokens),
+            "seed": job.seed,
+            "prefill": prefill,
+            "tokens": [{"id": i, "text": t, "logprob": 0.0, "special": s}
+                       for t, i, s in job.tokens],
+        }
+    return JSONResponse(answer, headers={"x-prompt-tokens": str(len(job.prompt_ids)),
+                                         "x-generated-tokens": str(len(job.tokens))})
+
+
+def completion_envelope(model_id: str, created: int) -> dict[str, Any]:
+    """What every ``/v1/completions`` answer and chunk starts with."""
+    return {"object": "text_completion", "id": "", "created": created, "model": model_id,
+            "system_fingerprint": f"{VERSION}-native"}
+
+
+def completion_answer(envelope: Mapping[str, Any], job: Job) -> dict[str, Any]:
+    """A non-streamed ``/v1/completions`` answer."""
+    return {
+        **envelope,
+        "choices": [{"index": 0, "text": job.text, "logprobs": None,
+                     "finish_reason": "stop" if job.finish == "eos_token" else job.finish}],
+        "usage": _usage(len(job.prompt_ids), len(job.tokens)),
+    }
+
+
+def completion_chunk(envelope: Mapping[str, Any], job: Job, token: Token, last: bool) -> bytes:
+    """One streamed ``/v1/completions`` chunk; the last one carries the usage and ``[DONE]``."""
+    # TGI sends the final token's text as is (e.g. "</s>") with its own finish reason
+    # ("eos_token"), and an empty finish reason before.
+    choice = {"index": 0, "text": token[0], "logprobs": None,
+              "finish_reason": job.finish if last else ""}
+    chunk: dict[str, Any] = {**envelope, "choices": [choice]}
+    if last:
+        chunk["usage"] = _usage(len(job.prompt_ids), len(job.tokens))
+    data = json_line(chunk)
+    return data + DONE if last else data
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def simple_tokens(tokenizer: Tokenizer, text: str) -> list[dict[str, Any]]:
+    """TGI's ``/tokenize`` answer: each token's id, text and character span."""
+    out = []
+    position = 0
+    for piece in tokenizer.tokenize(text):
+        start = text.find(piece, position)
+        start = position if start < 0 else start
+        position = start + len(piece)
+        out.append({"id": tokenizer.token_id(piece), "text": piece, "start": start,
+                    "stop": position})
+    return out
+
+
+def render_chatml(messages: Sequence[Mapping[str, Any]],
+                  tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """ChatML with the generation prompt; tools go into the system turn, Hermes/Qwen style.
+
+    Like TGI 3.3, only ``role`` and ``content`` of each message are kept.
+    """
+    turns = [(str(m.get("role", "user")), _content_text(m.get("content"))) for m in messages]
+    out = []
+    if tools:
+        system = "You are a helpful assistant."
+        if turns and turns[0][0] == "system":
+            system = turns.pop(0)[1]
+        listed = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
+        out.append(
+            f"<|im_start|>system\n{system}\n\n# Tools\n\nYou may call one or more functions to "
+            "assist with the user query.\n\nYou are provided with function signatures within "
+            f"<tools></tools> XML tags:\n<tools>\n{listed}\n</tools>\n\nFor each function call, "
+            "return a json object with function name and arguments within "
+            "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+            '{"name": <function-name>, "arguments": <args-json-object>}\n'
+            "</tool_call><|im_end|>\n")
+    out.extend(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in turns)
+    out.append("<|im_start|>assistant\n")
+    return "".join(out)
+
+
+def _content_text(content: object) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return str(content)
