@@ -1,7 +1,8 @@
 """Engine results and events in, LlamaIndex ``ChatResponse`` objects out.
 
-The reasoning goes into a ``ThinkingBlock``, the answer into a ``TextBlock``, tool calls (only when
-tools were offered) into ``ToolCallBlock``s, and the request's statistics into
+The reasoning goes into a ``ThinkingBlock``, the answer into a ``TextBlock``, tool calls (only
+when tools were offered) into ``ToolCallBlock``s and, OpenAI-style, into
+``additional_kwargs["tool_calls"]``, and the request's statistics into
 ``message.additional_kwargs["speculative_thinking"]``.
 """
 
@@ -37,16 +38,21 @@ def usage(stats: Statistics) -> dict[str, int]:
 
 
 def _message(reasoning: str, content: str, calls: list[ToolCall],
-             extra: dict[str, Any] | None = None) -> ChatMessage:
+             stats: Statistics | None = None) -> ChatMessage:
     blocks: list[ContentBlock] = []
     if reasoning:
-        blocks.append(ThinkingBlock(content=reasoning))
+        tokens = (stats.reasoning_tokens or None) if stats is not None else None
+        blocks.append(ThinkingBlock(content=reasoning, num_tokens=tokens))
     # Always one TextBlock, so ``message.content`` is "" rather than None for a bare tool call.
     blocks.append(TextBlock(text=content))
     blocks.extend(ToolCallBlock(tool_call_id=call.id, tool_name=call.name,
                                 tool_kwargs=call.arguments) for call in calls)
-    return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks,
-                       additional_kwargs=extra or {})
+    extra: dict[str, Any] = {STATS_KEY: stats.to_dict()} if stats is not None else {}
+    if calls:
+        # Blocks are the current form; LlamaIndex's streaming structured output still looks for
+        # OpenAI-style calls here before it reads any.
+        extra["tool_calls"] = [call.to_openai() for call in calls]
+    return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks, additional_kwargs=extra)
 
 
 def response_from_result(result: Result, *, parse_tools: bool,
@@ -57,7 +63,7 @@ def response_from_result(result: Result, *, parse_tools: bool,
     content, calls = parse_tool_calls(answer) if parse_tools else (answer, [])
     stats = result.stats
     return ChatResponse(
-        message=_message(reasoning, content, calls, {STATS_KEY: stats.to_dict()}),
+        message=_message(reasoning, content, calls, stats),
         raw={"result": result, "usage": usage(stats)},
         additional_kwargs=usage(stats),
     )
@@ -78,7 +84,7 @@ class ChatStreamAssembler:
     def __init__(self, *, parse_tools: bool, starts_in_reasoning: bool) -> None:
         self._splitter = ReasoningSplitter(starts_in_reasoning=starts_in_reasoning)
         self._parse_tools = parse_tools
-        self._raw_reasoning = ""
+        self._held_reasoning = ""
         self._reasoning = ""
         self._answer = ""
         self._shown = ""
@@ -100,18 +106,24 @@ class ChatStreamAssembler:
         )
 
     def _take(self, pieces: Sequence[tuple[str, str]]) -> str:
-        """Absorb split pieces; return the new reasoning to show. The reasoning is shown
-        stripped (a template's ``<think>\n`` leaves a newline at both ends), so whitespace at
-        its end waits until more reasoning follows."""
+        """Absorb split pieces; return the new reasoning to show.
+
+        The reasoning is shown stripped, as the final ``ThinkingBlock`` holds it (a template's
+        ``<think>\\n`` leaves a newline at both ends): whitespace at its end waits until more
+        reasoning follows.
+        """
+        pending = self._held_reasoning
         for kind, text in pieces:
             if kind == "reasoning":
-                self._raw_reasoning += text
+                pending += text
             else:
                 self._answer += text
-        shown = self._raw_reasoning.strip()
-        thinking = shown[len(self._reasoning):]
-        self._reasoning = shown
-        return thinking
+        if not self._reasoning:
+            pending = pending.lstrip()
+        shown = pending.rstrip()
+        self._held_reasoning = pending[len(shown):]
+        self._reasoning += shown
+        return shown
 
     def _visible(self) -> str:
         if not self._parse_tools:
@@ -139,7 +151,7 @@ class ChatStreamAssembler:
         if thinking:
             extra["thinking_delta"] = thinking
         return ChatResponse(
-            message=_message(self._reasoning, content, calls, {STATS_KEY: stats.to_dict()}),
+            message=_message(self._reasoning, content, calls, stats),
             delta=delta,
             raw={"event": event, "usage": usage(stats)},
             additional_kwargs=extra,

@@ -57,7 +57,7 @@ API_KEY_ENV = "SPECTHINK_API_KEY"
 BackendKind = Literal["tgi", "openai"]
 
 _CALL_PARAMS = frozenset({"tools", "tool_choice", "stop", "max_tokens", "max_new_tokens",
-                          "temperature", "top_p", "top_k", "seed", "formatted"})
+                          "temperature", "top_p", "top_k", "seed"})
 
 
 class SpeculativeThinkingLLM(FunctionCallingLLM):
@@ -147,9 +147,10 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
         # Product(value=156)
 
     Metadata (``context_window`` is the smaller ``max_input_tokens`` of the two servers'
-    ``/info``, fetched once, lazily and asynchronously; a default stands in until then)::
+    ``/info``, fetched once, lazily and asynchronously; a default stands in until then, so
+    fetch it before building a query engine, which sizes its prompts once)::
 
-        meta = await llm.afetch_metadata()
+        meta = await llm.afetch_metadata()       # or llm.fetch_metadata() in sync code
         meta.context_window, meta.num_output, meta.model_name
         # (32767, 2048, 'deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B + deepseek-ai/DeepSeek-R1-...')
 
@@ -393,7 +394,7 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
         unknown = sorted(set(kwargs) - _CALL_PARAMS)
         if unknown:
             raise ConfigError(f"SpeculativeThinkingLLM got unknown arguments {unknown}; it "
-                              f"accepts {sorted(_CALL_PARAMS - {'formatted'})}")
+                              f"accepts {sorted(_CALL_PARAMS)}")
         temperature = kwargs.get("temperature", self.temperature)
         sampling = SamplingParams(
             temperature=temperature or None,

@@ -28,6 +28,7 @@ REASONED = ("<think>\nThe user asks for 12 * 13.\n\n"
             "Wait, 12 * 13 = 12 * 10 + 12 * 3 = 120 + 36 = 156.\n\n"
             "So the product is 156.\n</think>\n\n12 * 13 = 156.")
 QUESTION = [ChatMessage(role="user", content="What is 12 * 13?")]
+THINK = "<think>\nThe product of two numbers.\n</think>\n\n"
 
 
 def reasoner() -> PromptReader:
@@ -98,6 +99,23 @@ def test_fetch_metadata_works_from_sync_code() -> None:
     assert (meta.context_window, meta.num_output) == (2048, 100)
 
 
+def test_a_copy_with_other_servers_gets_its_own_engine() -> None:
+    llm = SpeculativeThinkingLLM(small_url="http://127.0.0.1:9", target_url="http://127.0.0.1:10")
+    engine = llm.thinker
+    moved = llm.model_copy(update={"small_url": "http://127.0.0.1:11"})
+    assert moved.thinker.small.url == "http://127.0.0.1:11"
+    assert llm.thinker is engine and engine.small.url == "http://127.0.0.1:9"
+    hotter = llm.model_copy(update={"temperature": 0.7})  # a per-request setting
+    assert hotter.thinker is engine
+
+
+def test_the_public_names_are_pinned() -> None:
+    import specthink_li
+
+    assert specthink_li.__all__ == ["NoToolCallError", "SpeculativeThinkingLLM"]
+    assert issubclass(specthink_li.NoToolCallError, ValueError)
+
+
 def test_class_name_is_stable() -> None:
     assert SpeculativeThinkingLLM.class_name() == "SpeculativeThinkingLLM"
     assert inprocess_llm(reasoner()).to_dict()["class_name"] == "SpeculativeThinkingLLM"
@@ -114,6 +132,7 @@ def test_chat_splits_reasoning_from_answer_and_reports_statistics() -> None:
     assert response.message.content == "12 * 13 = 156."
     stats = response.message.additional_kwargs["speculative_thinking"]
     assert stats["takeovers"]["rule1"] >= 1 and stats["target_tokens"] > 0
+    assert thinking.num_tokens == stats["reasoning_tokens"] > 0
     assert response.additional_kwargs["completion_tokens"] == stats["output_tokens"]
     assert response.raw["usage"] == response.additional_kwargs
 
@@ -137,7 +156,10 @@ def test_a_prompt_that_opens_the_reasoning_still_splits_it() -> None:
     model = ScriptedModel.single("Two and two.\n</think>\n\n4")
     llm = inprocess_llm(model, template="deepseek-r1")
     response = llm.chat([ChatMessage(role="user", content="2 + 2?")])
-    assert response.message.blocks[0] == ThinkingBlock(content="Two and two.")
+    thinking = response.message.blocks[0]
+    assert isinstance(thinking, ThinkingBlock) and thinking.content == "Two and two."
+    stats = response.message.additional_kwargs["speculative_thinking"]
+    assert thinking.num_tokens == stats["reasoning_tokens"] > 0
     assert response.message.content == "4"
     streamed = list(llm.stream_chat([ChatMessage(role="user", content="2 + 2?")]))
     thinking = "".join(c.additional_kwargs.get("thinking_delta", "") for c in streamed)
@@ -482,3 +504,17 @@ async def test_astructured_predict_fills_a_pydantic_model() -> None:
                   '\n</tool_call>'))
     product = await llm.astructured_predict(Product, PromptTemplate("Multiply 12 by 13."))
     assert product.value == 156
+
+
+def test_stream_structured_predict_ends_with_the_filled_model() -> None:
+    from llama_index.core.prompts import PromptTemplate
+    from pydantic import BaseModel
+
+    class Product(BaseModel):
+        value: int
+
+    llm = inprocess_llm(PromptReader(
+        lambda c: THINK + '<tool_call>\n{"name": "Product", "arguments": {"value": 156}}'
+                  '\n</tool_call>'))
+    objects = list(llm.stream_structured_predict(Product, PromptTemplate("Multiply 12 by 13.")))
+    assert objects[-1].value == 156  # type: ignore[union-attr]
