@@ -13,7 +13,7 @@ Q ?= In three short paragraphs, explain how to work out 12 * 13 by hand.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install ask test lint typecheck pytest clean
+.PHONY: install ask test lint typecheck pytest bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ pytest: $(STAMP)
 	$(BIN)/pytest
 
 test: lint typecheck pytest
+
+# Speed figures: about 7 minutes on 2 cores; regenerates docs/benchmarks/ (not part of `test`).
+bench: $(STAMP)
+	$(BIN)/specthink bench --out docs/benchmarks
 
 clean:
 	rm -rf $(VENV)

@@ -57,7 +57,7 @@ def main(small_url: str, target_url: str,
 
 
 if __name__ == "__main__":
-    from li_settings import server_settings
+    from server_settings import server_settings
 
     small, target, settings = server_settings()
     main(small, target, *sys.argv[1:2], **settings)

@@ -45,7 +45,7 @@ def main(small_url: str, target_url: str, question: str = "What is 12 times 13?"
 
 
 if __name__ == "__main__":
-    from li_settings import server_settings
+    from server_settings import server_settings
 
     small, target, settings = server_settings()
     main(small, target, *sys.argv[1:2], **settings)

@@ -1,4 +1,4 @@
-"""Where the LangChain examples find their two servers.
+"""Where the examples (LangChain and LlamaIndex alike) find their two servers.
 
 ``SPECTHINK_SMALL_URL`` / ``SPECTHINK_TARGET_URL`` (and ``SPECTHINK_BACKEND``, default ``tgi``)
 name your servers. Without them the examples use the local CPU pair that ``specthink local up``
@@ -15,7 +15,8 @@ from specthink.local import DEFAULT_PORTS, LOCAL_PAIR_NOTE
 
 
 def server_settings() -> tuple[str, str, dict[str, Any]]:
-    """``(small_url, target_url, options)`` for ``ChatSpeculativeThinking``."""
+    """``(small_url, target_url, options)`` for ``ChatSpeculativeThinking`` or
+    ``SpeculativeThinkingLLM`` (both take the same arguments)."""
     small = os.environ.get("SPECTHINK_SMALL_URL")
     target = os.environ.get("SPECTHINK_TARGET_URL")
     if small and target:
