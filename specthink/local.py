@@ -257,7 +257,16 @@ class LocalPair:
                 started.append(role)
             self._wait_healthy()
         except BaseException:
-            # A half-started pair would hold a port and confuse the next `up`.
+            # A half-started pair would hold a port and confuse the next `up`. These processes
+            # are our own children: stop them by handle, not by matching their command line,
+            # which may not show the server yet a moment after the fork.
+            for role in started:
+                record = self._record(role)
+                pid = record.get("pid") if record else None
+                child = _CHILDREN.pop(pid, None) if isinstance(pid, int) else None
+                if child is not None:
+                    _terminate(child.pid, child)
+                self.pid_file(role).unlink(missing_ok=True)
             self._stop_roles(started)
             raise
         return self.urls

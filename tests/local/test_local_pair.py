@@ -66,6 +66,21 @@ def gone(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] == "Z"
 
 
+def _fake_servers() -> list[tuple[int, list[str]]]:
+    """(pid, command line) of every running fake llama.cpp server."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or gone(int(proc.name)):
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(arg.endswith("fake-llama-server") for arg in argv):
+            found.append((int(proc.name), argv))
+    return found
+
+
 @pytest.fixture
 def fake_python(tmp_path: Path) -> Path:
     script = tmp_path / "fake-llama-server"
@@ -153,6 +168,8 @@ def test_a_port_taken_by_another_program_is_refused(pair: LocalPair) -> None:
         with pytest.raises(LocalPairError, match=r"taken by another program.*--target-port"):
             pair.up()
     assert not pair.pid_file("small").exists(), "the half-started pair was not cleaned up"
+    started = [p for p in _fake_servers() if str(pair.state_dir.parent) in " ".join(p[1])]
+    assert started == [], f"a half-started server survived: {started}"
 
 
 def test_a_missing_model_file_has_a_clear_error(tmp_path: Path) -> None:
