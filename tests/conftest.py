@@ -3,8 +3,12 @@ when the test ends."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -46,3 +50,31 @@ def loopback_pair(loopback_server: Callable[..., LoopbackServer]) -> Callable[..
         return ServerPair(small, target)
 
     return start
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(scope="session")
+def load_example() -> Callable[[str], ModuleType]:
+    """Import ``examples/<name>.py`` (the folder is not a package), for smoke tests that run
+    each example's ``main`` against loopback servers so the examples cannot rot."""
+
+    def load(name: str) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="module")
+def scripted_urls(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
+    """URLs of two loopback servers, small and target, both serving the module's ``MODEL``."""
+    model = request.module.MODEL
+    with LoopbackServer(model, model_id="test/small") as small, \
+            LoopbackServer(model, model_id="test/target") as target:
+        yield small.url, target.url

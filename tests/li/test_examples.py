@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from specthink.testing import LoopbackServer, last_user_message
+from specthink.testing import last_user_message
 
 from .li_support import PromptReader, ignore_memory_leak, workflow_agent
 
@@ -62,24 +60,22 @@ def answer(conversation: str) -> str:
     return "I have no script for this question."
 
 
-@pytest.fixture(scope="module")
-def urls() -> Iterator[tuple[str, str]]:
-    model = PromptReader(answer)
-    with LoopbackServer(model, model_id="test/small") as small, \
-            LoopbackServer(model, model_id="test/target") as target:
-        yield small.url, target.url
+MODEL = PromptReader(answer)
 
 
-def example(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def urls(scripted_urls: tuple[str, str]) -> tuple[str, str]:
+    return scripted_urls
 
 
-def test_li_query_engine(urls: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture
+def example(load_example: Callable[[str], ModuleType]) -> Callable[[str], ModuleType]:
+    return load_example
+
+
+def test_li_query_engine(
+        example: Callable[[str], ModuleType], urls: tuple[str, str],
+        capsys: pytest.CaptureFixture[str]) -> None:
     assert example("li_query_engine").main(*urls, **TEMPLATES) == \
         "The capital of Zembla is Vrell."
     out = capsys.readouterr().out
@@ -87,20 +83,26 @@ def test_li_query_engine(urls: tuple[str, str], capsys: pytest.CaptureFixture[st
     assert "from 3 retrieved passages" in out
 
 
-def test_li_chat_engine(urls: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_li_chat_engine(
+        example: Callable[[str], ModuleType], urls: tuple[str, str],
+        capsys: pytest.CaptureFixture[str]) -> None:
     replies = example("li_chat_engine").main(*urls, **TEMPLATES)
     assert replies == ["Nice to meet you, Ada.", "No: 221 = 13 * 17.", "Your name is Ada."]
     assert "(6 messages in the history)" in capsys.readouterr().out
 
 
 @workflow_agent
-def test_li_react_agent(urls: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_li_react_agent(
+        example: Callable[[str], ModuleType], urls: tuple[str, str],
+        capsys: pytest.CaptureFixture[str]) -> None:
     assert example("li_react_agent").main(*urls, **TEMPLATES) == "12 times 13 is 156."
     assert "tool multiply({'a': 12, 'b': 13}) -> 156" in capsys.readouterr().out
 
 
 @workflow_agent
-def test_li_function_agent(urls: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_li_function_agent(
+        example: Callable[[str], ModuleType], urls: tuple[str, str],
+        capsys: pytest.CaptureFixture[str]) -> None:
     assert example("li_function_agent").main(*urls, **TEMPLATES) == \
         "It is sunny and 21 degrees in Paris, and 6 times 7 is 42."
     out = capsys.readouterr().out

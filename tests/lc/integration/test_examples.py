@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 from langchain_core.messages import AIMessage, ToolMessage
 
-from specthink.testing import LoopbackServer
 from specthink.testing.models import last_user_message
 
 from ..answers import AnswerModel
@@ -46,24 +43,22 @@ def answer(prompt: str) -> str:
     return "I have no script for this question."
 
 
-@pytest.fixture(scope="module")
-def urls() -> Iterator[tuple[str, str]]:
-    model = AnswerModel(answer)
-    with LoopbackServer(model, model_id="test/small") as small, \
-            LoopbackServer(model, model_id="test/target") as target:
-        yield small.url, target.url
+MODEL = AnswerModel(answer)
 
 
-def example(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def urls(scripted_urls: tuple[str, str]) -> tuple[str, str]:
+    return scripted_urls
 
 
-def test_lc_chain(urls: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture
+def example(load_example: Callable[[str], ModuleType]) -> Callable[[str], ModuleType]:
+    return load_example
+
+
+def test_lc_chain(
+        example: Callable[[str], ModuleType], urls: tuple[str, str],
+        capsys: pytest.CaptureFixture[str]) -> None:
     answer_text = example("lc_chain").main(*urls, small_template="chatml",
                                            target_template="chatml")
 
@@ -71,7 +66,7 @@ def test_lc_chain(urls: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> 
     assert capsys.readouterr().out.strip() == "12 * 13 = 156."
 
 
-def test_lc_stream_shows_the_takeovers(urls: tuple[str, str],
+def test_lc_stream_shows_the_takeovers(example: Callable[[str], ModuleType], urls: tuple[str, str],
                                        capsys: pytest.CaptureFixture[str]) -> None:
     message = example("lc_stream").main(*urls, small_template="chatml",
                                         target_template="chatml")
@@ -85,7 +80,8 @@ def test_lc_stream_shows_the_takeovers(urls: tuple[str, str],
     assert "takeovers:" in printed
 
 
-def test_lc_agent_runs_both_tools_then_answers(urls: tuple[str, str]) -> None:
+def test_lc_agent_runs_both_tools_then_answers(
+        example: Callable[[str], ModuleType], urls: tuple[str, str]) -> None:
     messages = example("lc_agent").main(*urls, small_template="chatml",
                                         target_template="chatml")
 
@@ -96,7 +92,9 @@ def test_lc_agent_runs_both_tools_then_answers(urls: tuple[str, str]) -> None:
     assert final.text == "It is sunny and 21 degrees in Paris, and 6 times 7 is 42."
 
 
-def test_lc_structured(urls: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_lc_structured(
+        example: Callable[[str], ModuleType], urls: tuple[str, str],
+        capsys: pytest.CaptureFixture[str]) -> None:
     module = example("lc_structured")
 
     report = module.main(*urls, small_template="chatml", target_template="chatml")
