@@ -109,6 +109,11 @@ class Generation:
         hashes, prefill = self._prefill()
         head = hashes[-1] if hashes else 0
         service = prefill
+        # Tokens follow a schedule, as a GPU's decode steps do: each is due a fixed time after
+        # the previous one was due, so the server's own overhead and the sleeps' overshoot do
+        # not pile up on top of the latency model.
+        clock = asyncio.get_running_loop().time
+        due = clock() + prefill
         if prefill > 0:
             await asyncio.sleep(prefill)
         last = len(job.tokens) - 1
@@ -126,8 +131,10 @@ class Generation:
                     return
                 if fault.kind == "stall":
                     await asyncio.sleep(fault.seconds)
-            # Yield to the loop even without latency, so 256 streams share it fairly.
-            await asyncio.sleep(self.host.latency.per_token)
+                    due = max(due, clock())
+            due += self.host.latency.per_token
+            # Sleep (zero seconds when late) even without latency, so 256 streams share the loop.
+            await asyncio.sleep(max(0.0, due - clock()))
             service += self.host.latency.per_token
             await write(render(index, token, index == last))
             _, token_id, special = token
