@@ -56,7 +56,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.fixture(scope="session")
-def load_example() -> Callable[[str], ModuleType]:
+def example() -> Callable[[str], ModuleType]:
     """Import ``examples/<name>.py`` (the folder is not a package), for smoke tests that run
     each example's ``main`` against loopback servers so the examples cannot rot."""
 
@@ -72,7 +72,7 @@ def load_example() -> Callable[[str], ModuleType]:
 
 
 @pytest.fixture(scope="module")
-def scripted_urls(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
+def example_urls(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
     """URLs of two loopback servers, small and target, both serving the module's ``MODEL``."""
     model = request.module.MODEL
     with LoopbackServer(model, model_id="test/small") as small, \

@@ -63,20 +63,11 @@ def answer(conversation: str) -> str:
 MODEL = PromptReader(answer)
 
 
-@pytest.fixture
-def urls(scripted_urls: tuple[str, str]) -> tuple[str, str]:
-    return scripted_urls
-
-
-@pytest.fixture
-def example(load_example: Callable[[str], ModuleType]) -> Callable[[str], ModuleType]:
-    return load_example
-
 
 def test_li_query_engine(
-        example: Callable[[str], ModuleType], urls: tuple[str, str],
+        example: Callable[[str], ModuleType], example_urls: tuple[str, str],
         capsys: pytest.CaptureFixture[str]) -> None:
-    assert example("li_query_engine").main(*urls, **TEMPLATES) == \
+    assert example("li_query_engine").main(*example_urls, **TEMPLATES) == \
         "The capital of Zembla is Vrell."
     out = capsys.readouterr().out
     assert "models: test/small + test/target, context window 4096 tokens" in out
@@ -84,26 +75,26 @@ def test_li_query_engine(
 
 
 def test_li_chat_engine(
-        example: Callable[[str], ModuleType], urls: tuple[str, str],
+        example: Callable[[str], ModuleType], example_urls: tuple[str, str],
         capsys: pytest.CaptureFixture[str]) -> None:
-    replies = example("li_chat_engine").main(*urls, **TEMPLATES)
+    replies = example("li_chat_engine").main(*example_urls, **TEMPLATES)
     assert replies == ["Nice to meet you, Ada.", "No: 221 = 13 * 17.", "Your name is Ada."]
     assert "(6 messages in the history)" in capsys.readouterr().out
 
 
 @workflow_agent
 def test_li_react_agent(
-        example: Callable[[str], ModuleType], urls: tuple[str, str],
+        example: Callable[[str], ModuleType], example_urls: tuple[str, str],
         capsys: pytest.CaptureFixture[str]) -> None:
-    assert example("li_react_agent").main(*urls, **TEMPLATES) == "12 times 13 is 156."
+    assert example("li_react_agent").main(*example_urls, **TEMPLATES) == "12 times 13 is 156."
     assert "tool multiply({'a': 12, 'b': 13}) -> 156" in capsys.readouterr().out
 
 
 @workflow_agent
 def test_li_function_agent(
-        example: Callable[[str], ModuleType], urls: tuple[str, str],
+        example: Callable[[str], ModuleType], example_urls: tuple[str, str],
         capsys: pytest.CaptureFixture[str]) -> None:
-    assert example("li_function_agent").main(*urls, **TEMPLATES) == \
+    assert example("li_function_agent").main(*example_urls, **TEMPLATES) == \
         "It is sunny and 21 degrees in Paris, and 6 times 7 is 42."
     out = capsys.readouterr().out
     assert "tool get_weather({'city': 'Paris'}) -> It is sunny and 21 degrees in Paris." in out

@@ -46,29 +46,21 @@ def answer(prompt: str) -> str:
 MODEL = AnswerModel(answer)
 
 
-@pytest.fixture
-def urls(scripted_urls: tuple[str, str]) -> tuple[str, str]:
-    return scripted_urls
-
-
-@pytest.fixture
-def example(load_example: Callable[[str], ModuleType]) -> Callable[[str], ModuleType]:
-    return load_example
-
 
 def test_lc_chain(
-        example: Callable[[str], ModuleType], urls: tuple[str, str],
+        example: Callable[[str], ModuleType], example_urls: tuple[str, str],
         capsys: pytest.CaptureFixture[str]) -> None:
-    answer_text = example("lc_chain").main(*urls, small_template="chatml",
+    answer_text = example("lc_chain").main(*example_urls, small_template="chatml",
                                            target_template="chatml")
 
     assert answer_text == "12 * 13 = 156."
     assert capsys.readouterr().out.strip() == "12 * 13 = 156."
 
 
-def test_lc_stream_shows_the_takeovers(example: Callable[[str], ModuleType], urls: tuple[str, str],
-                                       capsys: pytest.CaptureFixture[str]) -> None:
-    message = example("lc_stream").main(*urls, small_template="chatml",
+def test_lc_stream_shows_the_takeovers(
+        example: Callable[[str], ModuleType], example_urls: tuple[str, str],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    message = example("lc_stream").main(*example_urls, small_template="chatml",
                                         target_template="chatml")
 
     assert message.text == "No: 221 = 13 * 17."
@@ -81,8 +73,8 @@ def test_lc_stream_shows_the_takeovers(example: Callable[[str], ModuleType], url
 
 
 def test_lc_agent_runs_both_tools_then_answers(
-        example: Callable[[str], ModuleType], urls: tuple[str, str]) -> None:
-    messages = example("lc_agent").main(*urls, small_template="chatml",
+        example: Callable[[str], ModuleType], example_urls: tuple[str, str]) -> None:
+    messages = example("lc_agent").main(*example_urls, small_template="chatml",
                                         target_template="chatml")
 
     tool_results = [m.content for m in messages if isinstance(m, ToolMessage)]
@@ -93,11 +85,11 @@ def test_lc_agent_runs_both_tools_then_answers(
 
 
 def test_lc_structured(
-        example: Callable[[str], ModuleType], urls: tuple[str, str],
+        example: Callable[[str], ModuleType], example_urls: tuple[str, str],
         capsys: pytest.CaptureFixture[str]) -> None:
     module = example("lc_structured")
 
-    report = module.main(*urls, small_template="chatml", target_template="chatml")
+    report = module.main(*example_urls, small_template="chatml", target_template="chatml")
 
     assert report == module.WeatherReport(city="Lyon", temperature_c=21)
     assert "target share" in capsys.readouterr().out
