@@ -47,8 +47,8 @@ def bench(
     quick: Annotated[bool, typer.Option(
         help="Tiny traces and near-zero latencies: a smoke run of seconds.")] = False,
     levels: Annotated[str | None, typer.Option(
-        help="Concurrency levels as CONVERSATIONSxPARAGRAPHS[/no-rule2], comma-separated "
-             "(default 1x30,16x12,256x5/no-rule2).")] = None,
+        help="Concurrency levels as CONVERSATIONSxPARAGRAPHS, each optionally followed by "
+             "/no-rule2, comma-separated (default 1x30,16x12,256x5/no-rule2).")] = None,
     policies: Annotated[str | None, typer.Option(
         help="Comma-separated: engine, authors, small, target (default: all).")] = None,
     layouts: Annotated[str | None, typer.Option(

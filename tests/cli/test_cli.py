@@ -230,3 +230,25 @@ def test_a_local_pair_that_cannot_start_exits_with_its_own_code(tmp_path: Path) 
     assert ("is taken by another program" in result.stderr
             or "install it with" in result.stderr), result.stderr
     assert not list(tmp_path.glob("*.pid"))
+
+
+def _command_paths(group: typer.Typer, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    click_group = typer.main.get_command(group)
+    paths = [prefix]
+
+    def walk(command: object, path: tuple[str, ...]) -> None:
+        for name, sub in getattr(command, "commands", {}).items():
+            paths.append((*path, name))
+            walk(sub, (*path, name))
+
+    walk(click_group, prefix)
+    return paths
+
+
+@pytest.mark.parametrize("path", _command_paths(app), ids=lambda p: " ".join(p) or "specthink")
+def test_every_command_has_readable_help(path: tuple[str, ...]) -> None:
+    """Rich renders help text as markup: a stray ``[/...]`` in an option's help crashes it."""
+    result = runner.invoke(app, [*path, "--help"])
+
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.stdout
