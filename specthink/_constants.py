@@ -17,9 +17,9 @@ DEFAULT_MAX_RETRIES = 2
 RETRY_INITIAL_BACKOFF = 0.5
 RETRY_MAX_BACKOFF = 8.0
 RETRY_AFTER_CAP = 30.0
+"""A server's ``Retry-After`` is obeyed up to this many seconds."""
 RETRY_DEADLINE = 60.0
 """No retry starts later than this many seconds after the first attempt of a request."""
-"""A server's ``Retry-After`` is obeyed up to this many seconds."""
 
 DEFAULT_MAX_NEW_TOKENS = 4096
 

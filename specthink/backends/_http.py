@@ -18,6 +18,7 @@ import random
 import re
 import ssl
 import time
+import urllib.request
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -36,6 +37,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from specthink import _constants
+from specthink.backends._transport import lean_client
 from specthink.errors import (
     BackendConnectionError,
     BackendError,
@@ -62,6 +64,7 @@ __all__ = [
     "resolve_timeout",
     "translate_errors",
     "translated",
+    "uses_environment_proxy",
     "validate_url",
 ]
 
@@ -78,6 +81,18 @@ OnAttempt = Callable[[int], None]
 def _tls_context() -> ssl.SSLContext:
     # Loading the CA bundle costs 100-300 ms; every client (one per event loop) shares it.
     return ssl.create_default_context()
+
+
+def uses_environment_proxy(url: str) -> bool:
+    """Whether httpx would send requests to ``url`` through a proxy named in the environment
+    (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``, minus ``NO_PROXY``)."""
+    proxies = urllib.request.getproxies_environment()
+    parsed = httpx.URL(url)
+    if not (proxies.get(parsed.scheme) or proxies.get("all")):
+        return False
+    # Documented in urllib's source, missing from typeshed.
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+    return not bypass(parsed.host, proxies)
 
 
 def validate_url(url: str) -> str:
@@ -422,9 +437,10 @@ class _Shard:
 
 
 SHARD_SIZE = 16
-"""Requests in flight per ``httpx.AsyncClient`` before the next one is used. httpcore scans its
-whole pool on every request and response; 256 concurrent streams through one client took about
-twice as long here as through 16 clients of 16."""
+"""Requests in flight per ``httpx.AsyncClient`` over httpx's own transport (a proxy from the
+environment) before the next one is used. httpcore scans its whole pool on every request and
+response; 256 concurrent streams through one client took about twice as long here as through 16
+clients of 16."""
 
 
 class ServerConnection:
@@ -447,6 +463,9 @@ class ServerConnection:
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._given = None if client is None else _Shard(client)
+        self._lean = client is None and not uses_environment_proxy(self.url)
+        """Our own clients use :class:`LeanTransport`, unless a proxy from the environment
+        applies (httpx's transport knows proxies; ours does not)."""
         self._shards: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[_Shard]]
         self._shards = weakref.WeakKeyDictionary()
 
@@ -457,10 +476,12 @@ class ServerConnection:
     def _new_client(self) -> httpx.AsyncClient:
         # Plain-http servers never negotiate TLS (requests only go to self.url and redirects
         # are not followed), so they skip loading certificates altogether.
-        verify: ssl.SSLContext | bool = (
-            _tls_context() if self.url.startswith("https://") else False)
+        tls = _tls_context() if self.url.startswith("https://") else None
+        if self._lean:
+            return lean_client(timeout=self.timeout, ssl_context=tls,
+                               keepalive_expiry=_constants.POOL_LIMITS.keepalive_expiry)
         return httpx.AsyncClient(timeout=self.timeout, limits=_constants.POOL_LIMITS,
-                                 verify=verify)
+                                 verify=tls or False)
 
     def _shard(self) -> _Shard:
         if self._given is not None:
@@ -469,8 +490,10 @@ class ServerConnection:
         shards = self._shards.get(loop)
         if shards is None:
             shards = self._shards[loop] = []
+        # One lean client serves any number of requests; httpcore's pool is sharded.
+        limit = float("inf") if self._lean else SHARD_SIZE
         for shard in shards:
-            if shard.active < SHARD_SIZE and not shard.client.is_closed:
+            if shard.active < limit and not shard.client.is_closed:
                 return shard
         shards[:] = [shard for shard in shards if not shard.client.is_closed]
         shards.append(_Shard(self._new_client()))

@@ -17,11 +17,21 @@ __all__ = ["LatencyModel", "PrefixCache", "RequestRecord"]
 class LatencyModel:
     """Seconds a request takes: ``per_request`` plus ``per_uncached_prompt_token`` for each
     prompt token not served from the prefix cache (prefill, before the first token), then
-    ``per_token`` before each generated token."""
+    ``per_token`` before each generated token.
+
+    ``burst`` is how many tokens that are already due (no per-token latency, or a server that
+    has fallen behind its schedule) go out in one write, as a real server does when it is
+    ahead of its reader; 1 writes every token on its own, which tests of cancellation rely on.
+    """
 
     per_request: float = 0.0
     per_uncached_prompt_token: float = 0.0
     per_token: float = 0.0
+    burst: int = 1
+
+    def __post_init__(self) -> None:
+        if self.burst < 1:
+            raise ValueError(f"burst must be >= 1 token per write, got {self.burst}")
 
     def prefill_seconds(self, uncached_tokens: int) -> float:
         return self.per_request + self.per_uncached_prompt_token * uncached_tokens

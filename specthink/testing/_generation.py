@@ -117,8 +117,27 @@ class Generation:
         if prefill > 0:
             await asyncio.sleep(prefill)
         last = len(job.tokens) - 1
+        burst: list[bytes] = []
+        sent = 0
+
+        async def flush() -> None:
+            nonlocal head, sent
+            if not burst:
+                return
+            await write(b"".join(burst))
+            written, sent = job.tokens[sent:sent + len(burst)], sent + len(burst)
+            burst.clear()
+            with self.lock:
+                for _, token_id, special in written:
+                    record.tokens_sent += 1
+                    if not special:
+                        head = hash((head, token_id))
+                        self.host.cache.add((head,))
+                record.service_seconds = service
+
         for index, token in enumerate(job.tokens):
             if fault is not None and fault.after_tokens == index:
+                await flush()
                 if fault.kind == "error_event":
                     message = ERROR_MESSAGES.get(fault.error_type,
                                                  f"injected {fault.error_type} error")
@@ -132,16 +151,17 @@ class Generation:
                 if fault.kind == "stall":
                     await asyncio.sleep(fault.seconds)
                     due = max(due, clock())
-            due += self.host.latency.per_token
-            # Sleep (zero seconds when late) even without latency, so 256 streams share the loop.
-            await asyncio.sleep(max(0.0, due - clock()))
-            service += self.host.latency.per_token
-            await write(render(index, token, index == last))
-            _, token_id, special = token
-            with self.lock:
-                record.tokens_sent += 1
-                record.service_seconds = service
-                if not special:
-                    head = hash((head, token_id))
-                    self.host.cache.add((head,))
-        self.update(finish_reason=job.finish, service_seconds=service)
+            latency = self.host.latency
+            due += latency.per_token
+            wait = due - clock()
+            if wait > 0 or len(burst) >= latency.burst:
+                await flush()
+                # Sleep (zero seconds when late) even without latency, so 256 streams share
+                # the loop.
+                await asyncio.sleep(max(0.0, wait))
+            service += latency.per_token
+            burst.append(render(index, token, index == last))
+        # Recorded before the last write: a client that has read the end may look at once.
+        self.update(finish_reason=job.finish)
+        await flush()
+        self.update(service_seconds=service)

@@ -57,6 +57,9 @@ class EventStream(Response):
                 await self._produce(write, control)
                 if not control.dropped:
                     control.complete = True
+                    # Recorded before the last bytes: a client that has read the end of the
+                    # stream may look at the record at once.
+                    control.on_close()
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
             finally:
                 control.on_close()
@@ -74,8 +77,12 @@ class StreamControl:
     """Gives the request's concurrency permit back when the stream ends."""
     complete: bool = False
     dropped: bool = False
+    closed: bool = False
 
     def on_close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         with self.lock:
             self.record.finished = time.monotonic()
             if not self.complete and not self.dropped:

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from specthink.backends import _http as http_module
 from specthink.backends._http import (
     SHARD_SIZE,
     LineSplitter,
@@ -24,8 +25,10 @@ from specthink.backends._http import (
     parse_retry_after,
     resolve_timeout,
     translate_errors,
+    uses_environment_proxy,
     validate_url,
 )
+from specthink.backends._transport import LeanTransport
 from specthink.errors import (
     BackendConnectionError,
     BackendError,
@@ -271,8 +274,42 @@ async def test_a_passed_client_is_used_and_left_open() -> None:
         assert not client.is_closed
 
 
-async def test_requests_spread_over_clients_beyond_the_shard_size(
+async def test_one_lean_client_carries_every_request(
         loopback_server: Callable[..., LoopbackServer]) -> None:
+    server = loopback_server(ScriptedModel.single("a b c"))
+    connection = ServerConnection(server.url)
+    streams = [await connection.open_stream(
+        "/generate_stream", {"inputs": "x", "parameters": {"max_new_tokens": 5}},
+        on_attempt=None, check_first=lambda event: None) for _ in range(SHARD_SIZE + 1)]
+    [client] = connection.clients()
+    assert isinstance(client._transport, LeanTransport)
+    for stream in streams:
+        await stream.aclose()
+    await connection.aclose()
+    assert client.is_closed
+
+
+@pytest.mark.parametrize(("environment", "proxied"), [
+    ({}, False),
+    ({"HTTP_PROXY": "http://proxy:3128"}, True),
+    ({"ALL_PROXY": "http://proxy:3128"}, True),
+    ({"HTTPS_PROXY": "http://proxy:3128"}, False),  # the server is plain http
+    ({"HTTP_PROXY": "http://proxy:3128", "NO_PROXY": "gpu-box"}, False),
+])
+def test_a_proxy_from_the_environment_keeps_httpx_own_transport(
+        monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], proxied: bool) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert uses_environment_proxy("http://gpu-box:8080") is proxied
+
+
+async def test_requests_spread_over_clients_beyond_the_shard_size(
+        loopback_server: Callable[..., LoopbackServer], monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpx's own transport (used when a proxy applies) is sharded: httpcore scans its pool."""
+    monkeypatch.setattr(http_module, "uses_environment_proxy", lambda url: True)
     server = loopback_server(ScriptedModel.single("a b c"))
     connection = ServerConnection(server.url)
     streams = [await connection.open_stream(

@@ -209,6 +209,46 @@ async def test_latency_model_charges_prefill_and_each_token(
     assert latency.service_seconds(record.prompt_tokens, 5) == pytest.approx(expected)
 
 
+async def http_chunks(url: str, body: dict[str, Any]) -> list[bytes]:
+    """The body of a chunked response as the server wrote it: one item per HTTP chunk."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    payload = json.dumps(body).encode()
+    writer.write(b"POST /generate_stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(payload), payload))
+    raw = await reader.read()
+    writer.close()
+    rest = raw.split(b"\r\n\r\n", 1)[1]
+    chunks = []
+    while True:
+        size_line, rest = rest.split(b"\r\n", 1)
+        size = int(size_line, 16)
+        if size == 0:
+            return chunks
+        chunks.append(rest[:size])
+        rest = rest[size + 2:]
+
+
+@pytest.mark.parametrize(("burst", "events_per_write"), [(1, [1] * 6), (4, [4, 2])])
+async def test_due_tokens_go_out_in_bursts(loopback_server: Start, burst: int,
+                                           events_per_write: list[int]) -> None:
+    """A server with no per-token latency is ahead of its reader: with ``burst`` it writes up
+    to that many events at once, which is what a client's throughput is measured against."""
+    server = loopback_server(ScriptedModel.single(ANSWER), latency=LatencyModel(burst=burst))
+    chunks = await http_chunks(server.url, {"inputs": PROMPT,
+                                            "parameters": {"max_new_tokens": 6}})
+    assert [chunk.count(b"data:") for chunk in chunks] == events_per_write
+    events = sse_payloads(b"".join(chunks).decode())
+    assert [e["token"]["text"] for e in events] == TOKENS[:6]
+    assert server.records[0].tokens_sent == 6
+
+
+def test_a_burst_is_at_least_one_token() -> None:
+    with pytest.raises(ValueError, match="burst must be >= 1"):
+        LatencyModel(burst=0)
+
+
 # --------------------------------------------------------------------------- faults
 
 
