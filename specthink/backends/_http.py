@@ -20,7 +20,6 @@ import ssl
 import time
 import urllib.request
 import weakref
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -143,6 +142,10 @@ class LineSplitter:
         self._after_cr = False
 
     def feed(self, chunk: bytes) -> list[str]:
+        return [line.decode("utf-8", errors="replace") for line in self.feed_bytes(chunk)]
+
+    def feed_bytes(self, chunk: bytes) -> list[bytes]:
+        """As :meth:`feed`, with the lines left undecoded (a reader may not need them all)."""
         if self._after_cr and chunk.startswith(b"\n"):
             # The CR of a CRLF ended the previous chunk: this LF is not another line break.
             chunk = chunk[1:]
@@ -150,11 +153,11 @@ class LineSplitter:
         data = self._buffer + chunk if self._buffer else chunk
         if not data:
             return []
-        parts = _LINE_BREAK.split(data)
+        parts = _LINE_BREAK.split(data) if b"\r" in data else data.split(b"\n")
         self._buffer = parts.pop()
         if not self._buffer and data.endswith(b"\r"):
             self._after_cr = True
-        return [part.decode("utf-8", errors="replace") for part in parts]
+        return parts
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,17 +390,33 @@ class SSEStream:
         self._shard = shard
         self.tokens_received = 0
         self._chunks: AsyncIterator[bytes] = response.aiter_bytes()
-        self._lines = LineSplitter()
+        self._splitter = LineSplitter()
         self._decoder = SSEDecoder()
-        self._pending: deque[ServerSentEvent] = deque()
+        self._lines: list[bytes] = []
+        self._next_line = 0
+        self._pushed_back: ServerSentEvent | None = None
         self._eof = False
 
     def push_back(self, event: ServerSentEvent) -> None:
-        self._pending.appendleft(event)
+        self._pushed_back = event
 
     async def next_event(self, *, opening: bool = False) -> ServerSentEvent | None:
         """The next event, or ``None`` at the end of the stream."""
-        while not self._pending:
+        if self._pushed_back is not None:
+            event, self._pushed_back = self._pushed_back, None
+            return event
+        decode = self._decoder.decode
+        while True:
+            # Lines are decoded one event at a time: a stream left early (a handoff) does not
+            # pay for the rest of what the server had already sent.
+            lines, index = self._lines, self._next_line
+            while index < len(lines):
+                event = decode(lines[index].decode("utf-8", errors="replace"))
+                index += 1
+                if event is not None:
+                    self._next_line = index
+                    return event
+            self._next_line = index
             if self._eof:
                 return None
             try:
@@ -409,11 +428,7 @@ class SSEStream:
             except httpx.HTTPError as exc:
                 raise translated(exc, self.url, tokens_received=None if opening
                                  else self.tokens_received) from exc
-            for line in self._lines.feed(chunk):
-                event = self._decoder.decode(line)
-                if event is not None:
-                    self._pending.append(event)
-        return self._pending.popleft()
+            self._lines, self._next_line = self._splitter.feed_bytes(chunk), 0
 
     async def aclose(self) -> None:
         # Closing an unfinished HTTP/1.1 response closes its connection: that is how the server
