@@ -403,8 +403,8 @@ class SSEStream:
     async def next_event(self, *, opening: bool = False) -> ServerSentEvent | None:
         """The next event, or ``None`` at the end of the stream."""
         if self._pushed_back is not None:
-            event, self._pushed_back = self._pushed_back, None
-            return event
+            pushed, self._pushed_back = self._pushed_back, None
+            return pushed
         decode = self._decoder.decode
         while True:
             # Lines are decoded one event at a time: a stream left early (a handoff) does not
