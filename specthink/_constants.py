@@ -23,8 +23,9 @@ RETRY_DEADLINE = 60.0
 
 DEFAULT_MAX_NEW_TOKENS = 4096
 
+KEEPALIVE_EXPIRY = 4.0
 POOL_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=512,
-                           keepalive_expiry=4.0)
+                           keepalive_expiry=KEEPALIVE_EXPIRY)
 """Idle connections are dropped before common servers drop them (uvicorn, behind vLLM and
 llama.cpp's Python server, closes after 5 s), so a request never lands on a closing socket."""
 

@@ -36,7 +36,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from specthink import _constants
-from specthink.backends._transport import lean_client
+from specthink.backends._transport import LeanResponseStream, LeanTransport
 from specthink.errors import (
     BackendConnectionError,
     BackendError,
@@ -74,6 +74,13 @@ T = TypeVar("T")
 logger = logging.getLogger("specthink.backends")
 
 OnAttempt = Callable[[int], None]
+
+
+@functools.cache
+def _version() -> str:
+    from specthink import __version__
+
+    return __version__
 
 
 @functools.cache
@@ -389,7 +396,12 @@ class SSEStream:
         self.url = url
         self._shard = shard
         self.tokens_received = 0
-        self._chunks: AsyncIterator[bytes] = response.aiter_bytes()
+        body = response.stream
+        # Our transport's body is read directly: httpx's aiter_bytes is a chain of async
+        # generators, and a stream left early leaves each to the garbage collector, which
+        # schedules a task per generator to close it.
+        self._chunks: AsyncIterator[bytes] = (
+            body.__aiter__() if isinstance(body, LeanResponseStream) else response.aiter_bytes())
         self._splitter = LineSplitter()
         self._decoder = SSEDecoder()
         self._lines: list[bytes] = []
@@ -444,10 +456,12 @@ FirstEventCheck = Callable[[ServerSentEvent], None]
 
 
 class _Shard:
-    __slots__ = ("active", "client")
+    __slots__ = ("active", "client", "transport")
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    def __init__(self, client: httpx.AsyncClient, transport: LeanTransport | None = None) -> None:
         self.client = client
+        self.transport = transport
+        """Set when ``client`` runs over our own transport: requests then go to it directly."""
         self.active = 0
 
 
@@ -477,6 +491,12 @@ class ServerConnection:
         self.retry = retry or RetryPolicy()
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        # Bodies are never compressed: SSE is read straight from the transport, undecoded.
+        self._lean_headers = {**self._headers, "Accept": "*/*", "Accept-Encoding": "identity",
+                              "Content-Type": "application/json",
+                              "User-Agent": f"specthink/{_version()}"}
+        self._timeouts = self.timeout.as_dict()
+        self._urls: dict[str, httpx.URL] = {}
         self._given = None if client is None else _Shard(client)
         self._lean = client is None and not uses_environment_proxy(self.url)
         """Our own clients use :class:`LeanTransport`, unless a proxy from the environment
@@ -488,15 +508,17 @@ class ServerConnection:
     def has_api_key(self) -> bool:
         return bool(self._headers)
 
-    def _new_client(self) -> httpx.AsyncClient:
+    def _new_shard(self) -> _Shard:
         # Plain-http servers never negotiate TLS (requests only go to self.url and redirects
         # are not followed), so they skip loading certificates altogether.
         tls = _tls_context() if self.url.startswith("https://") else None
         if self._lean:
-            return lean_client(timeout=self.timeout, ssl_context=tls,
-                               keepalive_expiry=_constants.POOL_LIMITS.keepalive_expiry)
-        return httpx.AsyncClient(timeout=self.timeout, limits=_constants.POOL_LIMITS,
-                                 verify=tls or False)
+            transport = LeanTransport(ssl_context=tls,
+                                      keepalive_expiry=_constants.KEEPALIVE_EXPIRY)
+            return _Shard(httpx.AsyncClient(transport=transport, timeout=self.timeout),
+                          transport)
+        return _Shard(httpx.AsyncClient(timeout=self.timeout, limits=_constants.POOL_LIMITS,
+                                        verify=tls or False))
 
     def _shard(self) -> _Shard:
         if self._given is not None:
@@ -511,7 +533,7 @@ class ServerConnection:
             if shard.active < limit and not shard.client.is_closed:
                 return shard
         shards[:] = [shard for shard in shards if not shard.client.is_closed]
-        shards.append(_Shard(self._new_client()))
+        shards.append(self._new_shard())
         return shards[-1]
 
     def client(self) -> httpx.AsyncClient:
@@ -543,15 +565,39 @@ class ServerConnection:
     async def _send(self, method: str, path: str, body: Any, *,
                     stream: bool) -> tuple[httpx.Response, _Shard]:
         shard = self._shard()
-        request = shard.client.build_request(method, self.url + path, json=body,
-                                             headers=self._headers, timeout=self.timeout)
         shard.active += 1
         try:
             with translate_errors(self.url):
+                if shard.transport is not None:
+                    return await self._send_lean(shard.transport, method, path, body,
+                                                 stream=stream), shard
+                request = shard.client.build_request(method, self.url + path, json=body,
+                                                     headers=self._headers,
+                                                     timeout=self.timeout)
                 return await shard.client.send(request, stream=stream), shard
         except BaseException:
             shard.active -= 1
             raise
+
+    async def _send_lean(self, transport: LeanTransport, method: str, path: str, body: Any,
+                         *, stream: bool) -> httpx.Response:
+        """Straight to our transport: a client of ours has no auth flow, hooks, cookies or
+        redirects to apply, and ``AsyncClient.send`` costs about as much as the transport."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(self.url + path)
+        content = None if body is None else json.dumps(
+            body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        request = httpx.Request(method, url, content=content, headers=self._lean_headers,
+                                extensions={"timeout": self._timeouts})
+        response = await transport.handle_async_request(request)
+        response.request = request
+        if not stream:
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+        return response
 
     async def _raise_for_status(self, response: httpx.Response) -> None:
         if response.status_code < 400:

@@ -18,12 +18,11 @@ import asyncio
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
-__all__ = ["ChunkedDecoder", "LeanTransport"]
+__all__ = ["ChunkedDecoder", "LeanResponseStream", "LeanTransport", "lean_client"]
 
 MAX_HEAD_BYTES = 64 * 1024
 """Longest status line and headers accepted (asyncio's stream limit; h11 allows 16 KiB)."""
@@ -233,8 +232,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
             connection.close()
             raise
         keep_alive = keep_alive and framing != "close"
-        stream = _ResponseStream(self, connection, request, framing, keep_alive,
-                                 timeouts.get("read"))
+        stream = LeanResponseStream(self, connection, request, framing, keep_alive,
+                                    timeouts.get("read"))
         return httpx.Response(status, headers=headers, stream=stream,
                               extensions={"http_version": b"HTTP/1.1", "reason_phrase": reason})
 
@@ -302,9 +301,13 @@ def _framing(method: str, status: int, headers: list[tuple[bytes, bytes]]) -> st
     return length if length else "none"
 
 
-class _ResponseStream(httpx.AsyncByteStream):
+class LeanResponseStream(httpx.AsyncByteStream):
     """The body of one response; a fully read body gives its connection back to the pool,
-    anything else closes it."""
+    anything else closes it.
+
+    Its own async iterator rather than an async generator: a generator left unfinished (a
+    stream closed at a handoff) is closed later by a task the event loop schedules for it.
+    """
 
     def __init__(self, transport: LeanTransport, connection: _Connection,
                  request: httpx.Request, framing: str | int, keep_alive: bool,
@@ -312,9 +315,11 @@ class _ResponseStream(httpx.AsyncByteStream):
         self._transport = transport
         self._connection: _Connection | None = connection
         self._request = request
-        self._framing = framing
         self._keep_alive = keep_alive
         self._read_timeout = read_timeout
+        self._until_close = framing == "close"
+        self._decoder = ChunkedDecoder() if framing == "chunked" else None
+        self._left = framing if isinstance(framing, int) else -1
         if framing == "none":
             self._finish()
 
@@ -327,37 +332,45 @@ class _ResponseStream(httpx.AsyncByteStream):
         else:
             connection.close()
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def _abandon(self) -> None:
+        self._keep_alive = False
+        self._finish()
+
+    def __aiter__(self) -> LeanResponseStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while self._connection is not None:
+            payload = await self._read()
+            if payload:
+                return payload
+        raise StopAsyncIteration
+
+    async def _read(self) -> bytes:
+        """The next piece of the body (possibly empty); finishes the response at its end."""
         connection = self._connection
-        if connection is None:
-            return
-        reader = connection.reader
-        framing = self._framing
-        decoder = ChunkedDecoder() if framing == "chunked" else None
-        left = framing if isinstance(framing, int) else -1
-        timeout = self._read_timeout
+        assert connection is not None
+        left = self._left
         try:
-            while True:
-                async with asyncio.timeout(timeout):
-                    data = await reader.read(READ_SIZE if left < 0 else min(left, READ_SIZE))
-                if not data:
-                    if framing == "close":
-                        break
+            async with asyncio.timeout(self._read_timeout):
+                data = await connection.reader.read(READ_SIZE if left < 0
+                                                    else min(left, READ_SIZE))
+            if not data:
+                if not self._until_close:
                     raise httpx.RemoteProtocolError(
-                        "peer closed connection without sending complete message body",
-                        request=self._request)
-                if decoder is not None:
-                    payload = decoder.feed(data)
-                    if payload:
-                        yield payload
-                    if decoder.done:
-                        break
-                    continue
-                yield data
-                if left > 0:
-                    left -= len(data)
-                    if not left:
-                        break
+                        "peer closed connection without sending complete message body")
+                self._finish()
+                return b""
+            decoder = self._decoder
+            if decoder is not None:
+                data = decoder.feed(data)
+                if decoder.done:
+                    self._finish()
+            elif left > 0:
+                self._left = left = left - len(data)
+                if not left:
+                    self._finish()
+            return data
         except TimeoutError:
             self._abandon()
             raise httpx.ReadTimeout("timed out waiting for data", request=self._request) \
@@ -373,11 +386,6 @@ class _ResponseStream(httpx.AsyncByteStream):
         except BaseException:
             self._abandon()
             raise
-        self._finish()
-
-    def _abandon(self) -> None:
-        self._keep_alive = False
-        self._finish()
 
     async def aclose(self) -> None:
         # Leaving a response before its end: only closing tells the server to stop.
