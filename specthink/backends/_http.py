@@ -189,6 +189,16 @@ class SSEDecoder:
         self._id: str | None = None
         self._retry: int | None = None
 
+    @property
+    def idle(self) -> bool:
+        """No field of an undispatched event has been read."""
+        return not self._data and not self._event and self._retry is None
+
+    def single_data_event(self, value: str) -> ServerSentEvent:
+        """What ``decode`` makes of ``data:<value>`` and a blank line, when :attr:`idle`."""
+        return ServerSentEvent(value[1:] if value.startswith(" ") else value, "message",
+                               self._id, None)
+
     def decode(self, line: str) -> ServerSentEvent | None:
         if line.startswith("data:"):  # nearly every line: keep it cheap
             value = line[5:]
@@ -417,13 +427,20 @@ class SSEStream:
         if self._pushed_back is not None:
             pushed, self._pushed_back = self._pushed_back, None
             return pushed
-        decode = self._decoder.decode
+        decoder = self._decoder
         while True:
             # Lines are decoded one event at a time: a stream left early (a handoff) does not
             # pay for the rest of what the server had already sent.
             lines, index = self._lines, self._next_line
-            while index < len(lines):
-                event = decode(lines[index].decode("utf-8", errors="replace"))
+            count = len(lines)
+            while index < count:
+                line = lines[index]
+                if (line.startswith(b"data:") and index + 1 < count and not lines[index + 1]
+                        and decoder.idle):
+                    # The usual shape, one data line and a blank one: no decoder state to keep.
+                    self._next_line = index + 2
+                    return decoder.single_data_event(line[5:].decode("utf-8", errors="replace"))
+                event = decoder.decode(line.decode("utf-8", errors="replace"))
                 index += 1
                 if event is not None:
                     self._next_line = index

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
@@ -21,6 +21,7 @@ from specthink.backends._http import (
     ServerConnection,
     ServerSentEvent,
     SSEDecoder,
+    SSEStream,
     is_transient,
     parse_retry_after,
     resolve_timeout,
@@ -142,6 +143,42 @@ def test_any_chunking_gives_the_same_events(cuts: list[int]) -> None:
     chunks = [TGI_STREAM[a:b] for a, b in itertools.pairwise(bounds)]
     texts = [e.json()["token"]["text"] for e in decode(chunks)]
     assert texts == ["Ça", " va\u2028?", "</s>"]
+
+
+MIXED_STREAM = (
+    b'data:{"n":1}\n\n'
+    b"event: ping\ndata: {\"n\":2}\n\n"
+    b"id: 7\ndata:{\"n\":3}\n\n"
+    b'data: {"n":4}\n\n'
+    b"retry: 10\ndata:{\"n\":5}\ndata:{}\n\n"
+    b'data:{"n":6}\r\n\r\n'
+)
+
+
+class _Chunks(httpx.AsyncByteStream):
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks = chunks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self._chunks:
+            yield chunk
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(MIXED_STREAM)), max_size=10))
+async def test_a_stream_reads_the_same_events_as_the_decoder(cuts: list[int]) -> None:
+    """SSEStream takes a shortcut for the usual one-data-line event; it must agree with the
+    full decoder on names, ids and multi-line data, however the bytes are cut."""
+    bounds = [0, *sorted(cuts), len(MIXED_STREAM)]
+    chunks = [MIXED_STREAM[a:b] for a, b in itertools.pairwise(bounds)]
+    stream = SSEStream(httpx.Response(200, stream=_Chunks(chunks)), "http://x")
+    events = []
+    while (event := await stream.next_event()) is not None:
+        events.append(event)
+    assert events == decode([MIXED_STREAM])
+    assert [(e.event, e.id) for e in events] == [
+        ("message", None), ("ping", None), ("message", "7"), ("message", "7"),
+        ("message", "7"), ("message", "7")]
+    assert events[4].retry == 10 and events[4].data == '{"n":5}\n{}'
 
 
 # --------------------------------------------------------------------------- errors
