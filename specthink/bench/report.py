@@ -314,7 +314,9 @@ def to_markdown(result: BenchResult, plots: list[str]) -> str:
             "## Client throughput",
             "",
             "Streamed tokens per second of the client process's CPU time (one core). The first "
-            "rows use servers that send as fast as they can: *reasoning traces* hand over to "
+            "rows use servers that send as fast as they can (up to "
+            f"{result.config.throughput_burst} events per write, as a server ahead of its reader "
+            "does): *reasoning traces* hand over to "
             "the target every few dozen tokens (a new HTTP request each time), *no takeovers* "
             "is one long stream per conversation; *TGIBackend stream* reads the same stream "
             "without the engine and *bare asyncio socket* with no HTTP library at all (a "

@@ -80,6 +80,10 @@ class BenchConfig:
     seed: int = 0
     throughput_conversations: int = 4
     throughput_paragraphs: int = 40
+    throughput_burst: int = 64
+    """Events a zero-latency server writes at once: it is far ahead of its reader, so the
+    client's own cost per token is measured, not a wake-up per token (the paced rows show
+    that one)."""
     hot_spots: bool = True
     isolate: bool = True
     """Each cell in a fresh client process (``False``: in this one; for tests, where CPU time
@@ -231,11 +235,6 @@ THROUGHPUT_ROWS: tuple[tuple[str, str, bool, float], ...] = (
 the client's own cost; the paced rows add what waking up for every token costs."""
 
 
-THROUGHPUT_BURST = 64
-"""Tokens a zero-latency server writes at once: it is far ahead of its reader, so the client's
-own cost per token is measured, not a wake-up per token (the paced rows show that one)."""
-
-
 def _throughput(config: BenchConfig, result: BenchResult, servers: ServerPair,
                 progress: Progress) -> None:
     conversations = tuple(range(1, config.throughput_conversations + 1))
@@ -244,7 +243,7 @@ def _throughput(config: BenchConfig, result: BenchResult, servers: ServerPair,
         paragraphs = max(3, config.throughput_paragraphs // (2 if per_token else 1))
         trace = TraceSpec(config.seed, paragraphs, takeover_free=not takeovers)
         progress(f"client throughput: {name}")
-        latency = LatencyModel(per_token=per_token, burst=THROUGHPUT_BURST)
+        latency = LatencyModel(per_token=per_token, burst=config.throughput_burst)
         servers.prepare(trace, latency, latency, (WARMUP_CONVERSATION, *conversations))
         spec = CellSpec(policy, conversations, servers.small.url, servers.target.url, trace)
         out = _run(config, spec)
