@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
+import orjson
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -59,6 +60,7 @@ __all__ = [
     "ServerConnection",
     "ServerSentEvent",
     "is_transient",
+    "loads_json",
     "parse_retry_after",
     "resolve_timeout",
     "translate_errors",
@@ -133,6 +135,17 @@ def resolve_timeout(timeout: httpx.Timeout | float | None, *, connect: float,
 
 # --------------------------------------------------------------------------- SSE decoding
 
+
+def loads_json(text: str) -> Any:
+    """``json.loads``, through orjson (every token's event is parsed: it is ~4x faster); what
+    orjson refuses but the standard library reads (``NaN``, integers beyond 64 bits) still
+    parses, and malformed JSON raises ``ValueError`` either way."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
 
@@ -175,7 +188,7 @@ class ServerSentEvent:
     retry: int | None = None
 
     def json(self) -> Any:
-        return json.loads(self.data)
+        return loads_json(self.data)
 
 
 class SSEDecoder:
@@ -603,8 +616,7 @@ class ServerConnection:
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = httpx.URL(self.url + path)
-        content = None if body is None else json.dumps(
-            body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        content = None if body is None else orjson.dumps(body)
         request = httpx.Request(method, url, content=content, headers=self._lean_headers,
                                 extensions={"timeout": self._timeouts})
         response = await transport.handle_async_request(request)

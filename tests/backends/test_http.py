@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import threading
 from collections.abc import AsyncIterator, Callable
 
@@ -23,6 +24,7 @@ from specthink.backends._http import (
     SSEDecoder,
     SSEStream,
     is_transient,
+    loads_json,
     parse_retry_after,
     resolve_timeout,
     translate_errors,
@@ -179,6 +181,24 @@ async def test_a_stream_reads_the_same_events_as_the_decoder(cuts: list[int]) ->
         ("message", None), ("ping", None), ("message", "7"), ("message", "7"),
         ("message", "7"), ("message", "7")]
     assert events[4].retry == 10 and events[4].data == '{"n":5}\n{}'
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('{"text":"\\u00e7a","n":1.5}', {"text": "ça", "n": 1.5}),
+    ('{"seed":18446744073709551616}', {"seed": 2**64}),  # beyond 64 bits: the stdlib reads it
+])
+def test_event_json_reads_what_the_standard_library_reads(text: str, expected: object) -> None:
+    assert loads_json(text) == expected
+
+
+def test_event_json_reads_nan_as_python_does() -> None:
+    assert math.isnan(loads_json('{"logprob":NaN}')["logprob"])
+
+
+@pytest.mark.parametrize("text", ['{"a":', "", "[1,]"])
+def test_malformed_event_json_is_a_value_error(text: str) -> None:
+    with pytest.raises(ValueError):
+        loads_json(text)
 
 
 # --------------------------------------------------------------------------- errors
