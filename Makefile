@@ -38,7 +38,7 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
-# Speed figures: about 7 minutes on 2 cores; regenerates docs/benchmarks/ (not part of `test`).
+# Speed figures: about 5 minutes on 2 cores; regenerates docs/benchmarks/ (not part of `test`).
 bench: $(STAMP)
 	$(BIN)/specthink bench --out docs/benchmarks
 

@@ -168,9 +168,12 @@ class LeanTransport(httpx.AsyncBaseTransport):
     async def _connect(self, origin: _Origin, connect_seconds: float | None,
                        request: httpx.Request) -> _Connection:
         scheme, host, port = origin
-        tls = self._ssl_context if scheme == "https" else None
-        if scheme == "https" and tls is None:
-            tls = ssl.create_default_context()
+        tls = None
+        if scheme == "https":
+            if self._ssl_context is None:
+                # Loading the CA bundle takes 100-300 ms: once per transport.
+                self._ssl_context = ssl.create_default_context()
+            tls = self._ssl_context
         try:
             async with asyncio.timeout(connect_seconds):
                 reader, writer = await asyncio.open_connection(

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
 import pytest
+import trustme
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -291,3 +293,24 @@ async def test_a_closed_transport_refuses_requests() -> None:
     await transport.aclose()
     with pytest.raises(RuntimeError, match="closed"):
         await transport.handle_async_request(httpx.Request("GET", "http://127.0.0.1:9"))
+
+
+async def test_https_with_the_servers_certificate_and_keep_alive() -> None:
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    authority.configure_trust(client_context)
+    scripted = ScriptedServer([ok(b"secret"), chunked(b"again")])
+    server = await asyncio.start_server(scripted.handle, "127.0.0.1", 0, ssl=server_context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with lean_client(ssl_context=client_context) as client:
+            assert (await client.get(f"https://127.0.0.1:{port}/")).text == "secret"
+            assert (await client.get(f"https://127.0.0.1:{port}/")).text == "again"
+        assert scripted.connections == 1
+        async with lean_client() as untrusting:  # the system's CAs do not know this one
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await untrusting.get(f"https://127.0.0.1:{port}/")
+    finally:
+        server.close()
