@@ -180,8 +180,11 @@ class LineSplitter:
         return parts
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ServerSentEvent:
+    """One dispatched event. Not frozen: one is made per token, and a frozen dataclass's
+    ``__init__`` costs about three times as much."""
+
     data: str
     event: str = "message"
     id: str | None = None

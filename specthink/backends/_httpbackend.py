@@ -27,7 +27,7 @@ from specthink.backends._http import (
 from specthink.backends.base import SamplingParams, ServerInfo, StreamToken
 from specthink.errors import BackendError, StreamDroppedError
 
-__all__ = ["HTTPBackend", "event_json", "no_finish_reason", "sampling_fields"]
+__all__ = ["HTTPBackend", "event_json", "malformed_event", "no_finish_reason", "sampling_fields"]
 
 
 def sampling_fields(sampling: SamplingParams) -> dict[str, Any]:
@@ -52,8 +52,13 @@ def event_json(event: ServerSentEvent, url: str, tokens_received: int) -> Any:
     try:
         return event.json()
     except ValueError as exc:
-        raise BackendError(f"malformed stream event after {tokens_received} tokens: "
-                           f"{event.data[:200]!r}", url=url) from exc
+        raise malformed_event(event, url, tokens_received) from exc
+
+
+def malformed_event(event: ServerSentEvent, url: str, tokens_received: int) -> BackendError:
+    """The error for an event whose data is not JSON (raise it ``from`` the parser's)."""
+    return BackendError(f"malformed stream event after {tokens_received} tokens: "
+                        f"{event.data[:200]!r}", url=url)
 
 
 def no_finish_reason(url: str, tokens_received: int) -> StreamDroppedError:

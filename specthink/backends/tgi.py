@@ -12,10 +12,11 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from specthink.backends._http import ServerSentEvent, SSEStream
+from specthink.backends._http import ServerSentEvent, SSEStream, loads_json
 from specthink.backends._httpbackend import (
     HTTPBackend,
     event_json,
+    malformed_event,
     no_finish_reason,
     sampling_fields,
 )
@@ -103,7 +104,10 @@ class _TokenStream:
                 raise no_finish_reason(stream.url, stream.tokens_received)
             if self._finished or event.data == "[DONE]":
                 continue  # drain to the end so the connection can be reused
-            payload = event_json(event, stream.url, stream.tokens_received)
+            try:  # event_json, inlined: this runs for every token
+                payload = loads_json(event.data)
+            except ValueError as exc:
+                raise malformed_event(event, stream.url, stream.tokens_received) from exc
             if not isinstance(payload, dict):
                 continue
             token = decode_stream_event(payload, url=stream.url,

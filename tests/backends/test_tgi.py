@@ -15,6 +15,7 @@ from specthink.backends import Backend, SamplingParams, ServerInfo, StreamToken,
 from specthink.backends.tgi import generate_parameters
 from specthink.errors import (
     BackendConnectionError,
+    BackendError,
     BackendStatusError,
     BackendTimeoutError,
     ConfigError,
@@ -306,6 +307,11 @@ async def test_connection_broken_after_tokens_is_a_dropped_stream() -> None:
 async def test_stream_ending_without_a_finish_is_a_dropped_stream() -> None:
     with pytest.raises(StreamDroppedError, match="without a finish reason"):
         await collect(backend(Recorder(sse(event("a")))))
+
+
+async def test_an_event_that_is_not_json_is_a_backend_error_naming_it() -> None:
+    with pytest.raises(BackendError, match=r"malformed stream event after 1 tokens: '\{oops'"):
+        await collect(backend(Recorder(sse(event("a"), b"data:{oops\n\n", final()))))
 
 
 async def test_leaving_the_block_closes_the_response_at_once() -> None:
