@@ -290,9 +290,10 @@ def to_markdown(result: BenchResult, plots: list[str]) -> str:
         out += [
             f"## Connection pools at {layouts[0].conversations} conversations",
             "",
-            "*default*: one thinker for every conversation, its backends managing their httpx "
-            "clients as the library does by default; *single-client*: one thinker with one "
-            "httpx client per server passed in (one connection pool for everything); "
+            "*default*: one thinker for every conversation, its backends opening their own "
+            "clients as the library does by default (specthink's lean transport); "
+            "*single-client*: one thinker with one httpx client per server passed in (httpx's "
+            "own transport, one connection pool for everything); "
             "*clients-K*: K thinkers with a client pair each; *per-conversation*: a thinker, so "
             "its own clients, per conversation.",
             "",

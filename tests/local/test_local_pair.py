@@ -173,8 +173,11 @@ def test_a_port_taken_by_another_program_is_refused(pair: LocalPair) -> None:
 
 
 def test_a_missing_model_file_has_a_clear_error(tmp_path: Path) -> None:
+    # Free ports: a pair the developer left running holds the default ones.
+    small_port = free_port()
+    target_port = next(port for port in iter(free_port, None) if port != small_port)
     local = LocalPair(small_model=tmp_path / "nope.gguf", state_dir=tmp_path / "state",
-                      python="/bin/false")
+                      python="/bin/false", small_port=small_port, target_port=target_port)
     with pytest.raises(LocalPairMissingError, match=r"nope\.gguf does not exist"):
         local.up()
 
