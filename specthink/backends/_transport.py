@@ -18,11 +18,12 @@ import asyncio
 import socket
 import ssl
 import time
-from typing import Any
 
 import httpx
 
-__all__ = ["ChunkedDecoder", "LeanResponseStream", "LeanTransport", "lean_client"]
+from specthink import _constants
+
+__all__ = ["ChunkedDecoder", "LeanResponseStream", "LeanTransport"]
 
 MAX_HEAD_BYTES = 64 * 1024
 """Longest status line and headers accepted (asyncio's stream limit; h11 allows 16 KiB)."""
@@ -121,7 +122,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
     """
 
     def __init__(self, *, ssl_context: ssl.SSLContext | None = None,
-                 keepalive_expiry: float = 4.0, max_idle_per_origin: int = 512) -> None:
+                 keepalive_expiry: float = _constants.KEEPALIVE_EXPIRY,
+                 max_idle_per_origin: int = 512) -> None:
         self._ssl_context = ssl_context
         self._keepalive_expiry = keepalive_expiry
         self._max_idle = max_idle_per_origin
@@ -286,7 +288,7 @@ def _parse_head(raw: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], bool
 
 def _framing(method: str, status: int, headers: list[tuple[bytes, bytes]]) -> str | int:
     """``"none"``, ``"chunked"``, ``"close"`` (read until the server closes) or a length."""
-    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+    if method == "HEAD" or status in (204, 304):  # informational answers never get here
         return "none"
     length: int | None = None
     for name, value in headers:
@@ -393,11 +395,3 @@ class LeanResponseStream(httpx.AsyncByteStream):
     async def aclose(self) -> None:
         # Leaving a response before its end: only closing tells the server to stop.
         self._abandon()
-
-
-def lean_client(**options: Any) -> httpx.AsyncClient:
-    """An ``httpx.AsyncClient`` over :class:`LeanTransport` (``options`` go to the client,
-    except ``ssl_context`` and ``keepalive_expiry``, which go to the transport)."""
-    transport = LeanTransport(ssl_context=options.pop("ssl_context", None),
-                              keepalive_expiry=options.pop("keepalive_expiry", 4.0))
-    return httpx.AsyncClient(transport=transport, **options)

@@ -8,6 +8,7 @@ import itertools
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import pytest
@@ -15,7 +16,15 @@ import trustme
 from hypothesis import given
 from hypothesis import strategies as st
 
-from specthink.backends._transport import ChunkedDecoder, LeanTransport, lean_client
+from specthink.backends._transport import ChunkedDecoder, LeanTransport
+
+
+def lean_client(*, timeout: httpx.Timeout | None = None,
+                **transport_options: Any) -> httpx.AsyncClient:
+    """An httpx client over the lean transport, as ``ServerConnection`` builds one."""
+    return httpx.AsyncClient(transport=LeanTransport(**transport_options),
+                             timeout=timeout or httpx.Timeout(5.0))
+
 
 # --------------------------------------------------------------------------- chunked framing
 
