@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import openai
 import pytest
 import uvicorn
 
@@ -179,3 +180,21 @@ def fresh(served: Served) -> Served:
     """``served`` with the pair's records forgotten."""
     served.pair.reset()
     return served
+
+
+_CLIENTS: list[openai.OpenAI] = []
+
+
+def client(served: Served, **options: Any) -> openai.OpenAI:
+    """An ``openai`` SDK client of ``served``, closed when the test ends."""
+    options = {"api_key": "unused", "max_retries": 0, **options}
+    sdk = openai.OpenAI(base_url=served.base_url, **options)
+    _CLIENTS.append(sdk)
+    return sdk
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()

@@ -15,14 +15,10 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from specthink.testing import LoopbackServer
 from specthink.testing.models import Continuation
 
-from .conftest import CHATML_ASSISTANT, REASONING, Pair, Served
+from .conftest import CHATML_ASSISTANT, REASONING, Pair, Served, client
 
 HELLO = [{"role": "user", "content": "hello there"}]
 HELLO_REASONING = REASONING.format(topic="about 'hello there'")
-
-
-def client(served: Served, **options: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=served.base_url, api_key="unused", max_retries=0, **options)
 
 
 def sse_lines(served: Served, body: dict[str, Any]) -> list[bytes]:

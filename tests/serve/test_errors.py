@@ -16,8 +16,8 @@ from specthink.backends.tgi import TGIBackend
 from specthink.serve import create_app
 from specthink.testing import Fault, LatencyModel, LoopbackServer
 
-from .conftest import AppServer, ConversationModel, Pair, Served, settings_for
-from .test_chat import HELLO, client
+from .conftest import AppServer, ConversationModel, Pair, Served, client, settings_for
+from .test_chat import HELLO
 
 OK = {"model": "specthink", "messages": HELLO}
 
@@ -140,12 +140,11 @@ def test_api_keys_401_without_or_with_a_wrong_key_and_the_key_is_never_echoed(
     error_of(httpx.get(f"{served.base_url}/models", timeout=10), 401)
     assert pair.requests() == 0
     for key in KEYS:
-        sdk = openai.OpenAI(base_url=served.base_url, api_key=key, max_retries=0)
+        sdk = client(served, api_key=key)
         assert sdk.chat.completions.create(model="specthink", messages=HELLO).choices
         assert [m.id for m in sdk.models.list()] == ["specthink"]
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=served.base_url, api_key=wrong,
-                      max_retries=0).models.list()
+        client(served, api_key=wrong).models.list()
     # Probes and scrapers need no key.
     assert httpx.get(f"{served.url}/health", timeout=10).status_code == 200
     assert httpx.get(f"{served.url}/metrics", timeout=10).status_code == 200

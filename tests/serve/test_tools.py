@@ -11,8 +11,8 @@ import openai
 import orjson
 from openai.types.chat import ChatCompletionChunk
 
-from .conftest import Served
-from .test_chat import client, sse_lines
+from .conftest import Served, client
+from .test_chat import sse_lines
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city.",
