@@ -28,6 +28,7 @@ from specthink.bench.serve_policy import ServePolicy
 from specthink.bench.servers import ServerPair
 from specthink.bench.traces import TraceSpec
 from specthink.bench.worker import WARMUP_CONVERSATION, CellSpec, run_cell_in_child
+from specthink.output import split_reasoning
 
 __all__ = ["ServeBenchResult", "ServePolicy", "ServeRow", "run_serve_bench", "write_report"]
 
@@ -44,6 +45,8 @@ class ServeRow:
     added_ttft_p50: float | None = None
     """Per conversation: this cell's time to first text minus the in-process engine's."""
     added_ttft_p99: float | None = None
+    same_text: bool | None = None
+    """Every conversation's reasoning and answer equal the in-process engine's."""
     errors: int = 0
 
 
@@ -92,6 +95,7 @@ def run_serve_bench(config: BenchConfig | None = None, progress: object = print,
                          "target": config.target.latency(scale)}
             numbers = tuple(range(1, level.conversations + 1))
             firsts: dict[int, float] = {}
+            texts: dict[int, str] = {}
             for how, policy, layout in CELLS:
                 say(f"{level.conversations} conversations: {how}")
                 servers.prepare(trace, latencies["small"], latencies["target"],
@@ -112,7 +116,13 @@ def run_serve_bench(config: BenchConfig | None = None, progress: object = print,
                                _percentile(list(ttft.values()), 99), errors=len(out.errors))
                 if policy == "engine":
                     firsts = ttft
+                    # The DeepSeek-R1 template opens the reasoning in the prompt.
+                    texts = {o.conversation: "\x00".join(
+                        split_reasoning(o.text, starts_in_reasoning=True))
+                        for o in out.outcomes}
                 else:
+                    row.same_text = bool(texts) and all(
+                        texts.get(o.conversation) == o.text for o in out.outcomes)
                     added = [ttft[c] - firsts[c] for c in ttft if c in firsts]
                     row.added_ttft_p50 = _percentile(added, 50)
                     row.added_ttft_p99 = _percentile(added, 99)
@@ -123,6 +133,10 @@ def run_serve_bench(config: BenchConfig | None = None, progress: object = print,
 
 def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value * 1000:.2f} ms"
+
+
+def _same(value: bool | None) -> str:
+    return "—" if value is None else ("yes" if value else "NO")
 
 
 def write_report(result: ServeBenchResult, out: Path) -> Path:
@@ -140,17 +154,18 @@ def write_report(result: ServeBenchResult, out: Path) -> Path:
         "Wall/ideal: a conversation's wall time over the time the latency model needs for "
         "its requests (mean over conversations). Added time to first token: per conversation, "
         "the time to its first text through the server minus the in-process engine's, same "
-        "trace and latencies (p50/p99 over conversations). The server's own CPU is on the "
-        "same 2 cores as the client and the model servers.",
+        "trace and latencies (p50/p99 over conversations). Same text: every conversation's "
+        "reasoning and answer, as the client received them, equal the in-process engine's. "
+        "The server's own CPU is on the same 2 cores as the client and the model servers.",
         "",
         "| conversations | how | wall/ideal | TTFT p50 | TTFT p99 | added TTFT p50 | "
-        "added TTFT p99 | errors |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "added TTFT p99 | same text | errors |",
+        "|---:|---|---:|---:|---:|---:|---:|:---:|---:|",
     ]
     for row in result.rows:
         lines.append(f"| {row.conversations} | {row.how} | {row.wall_over_ideal:.4f} | "
                      f"{_ms(row.ttft_p50)} | {_ms(row.ttft_p99)} | {_ms(row.added_ttft_p50)} | "
-                     f"{_ms(row.added_ttft_p99)} | {row.errors} |")
+                     f"{_ms(row.added_ttft_p99)} | {_same(row.same_text)} | {row.errors} |")
     lines += ["", "Targets (issue 15): ≤ 1 ms p50 added, wall/ideal ≤ 1.03 at 1 and ≤ 1.08 at "
               "256 conversations.", ""]
     if result.errors:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -78,7 +79,7 @@ class ServePolicy(Policy):
         first: float | None = None
         reasoning: list[str] = []
         content: list[str] = []
-        stats: dict[str, object] = {}
+        stats: dict[str, Any] = {}
         async with self._client.stream("POST", f"{self.url}/v1/chat/completions",
                                        json=body) as response:
             response.raise_for_status()
@@ -98,20 +99,20 @@ class ServePolicy(Policy):
                 if "usage" in chunk:
                     stats = chunk["specthink"]
         finished = time.monotonic()
-        takeovers = {k: v for k, v in stats["takeovers"].items() if v}  # type: ignore[attr-defined]
-        requests = dict(stats["requests"])  # type: ignore[call-overload]
+        takeovers = {k: v for k, v in stats["takeovers"].items() if v}
+        requests = dict(stats["requests"])
         return Outcome(
             conversation=conversation, started=started, finished=finished, first_text=first,
             text="".join(reasoning) + "\x00" + "".join(content),
-            small_tokens=int(stats["small_tokens"]),  # type: ignore[call-overload]
-            target_tokens=int(stats["target_tokens"])  # type: ignore[call-overload]
-            + int(stats["intervention_tokens"]),  # type: ignore[call-overload]
+            small_tokens=int(stats["small_tokens"]),
+            target_tokens=int(stats["target_tokens"])
+            + int(stats["intervention_tokens"]),
             handoffs=sum(takeovers.get(r, 0) for r in ("rule1", "rule3", "begin",
                                                        "every_trigger")),
             takeovers=takeovers, requests=requests,
-            discarded_tokens=int(stats["discarded_tokens"]),  # type: ignore[call-overload]
+            discarded_tokens=int(stats["discarded_tokens"]),
             fallback=bool(stats["fallback"]),
-            retries=sum(stats["retries"].values()))  # type: ignore[attr-defined]
+            retries=sum(stats["retries"].values()))
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -263,7 +263,8 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
             limit = settings.max_concurrency
             if limit is not None and state.in_flight >= limit:
                 raise errors.too_busy(limit)
-        except APIError as error:
+        except Exception as exc:
+            error = errors.from_exception(exc)  # a bug here is a 500 like anywhere else
             state.metrics.requests.labels(str(error.status)).inc()
             return _error(error)
         state.in_flight += 1

@@ -231,3 +231,16 @@ def test_bad_options_are_refused_before_serving(pair_for_process: Pair) -> None:
         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
         timeout=60)
     assert result.returncode == 2 and "fastest" in result.stderr
+
+
+def test_without_the_server_extra_serve_prints_the_install_hint() -> None:
+    """The command is listed with only typer installed; running it without starlette says
+    which extra to install instead of a traceback."""
+    code = ("import sys; sys.modules['starlette'] = None\n"
+            "from specthink.cli import main\n"
+            "sys.argv = ['specthink', 'serve', '--small', 'http://a', '--target', 'http://b']\n"
+            "main()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60, check=False)
+    assert done.returncode == 1
+    assert "pip install 'specthink[server]'" in done.stderr

@@ -83,6 +83,24 @@ async def test_client_hanging_up_closes_the_model_servers_stream(
     assert served.metrics.requests.labels("499")._value.get() == 1
 
 
+async def test_a_client_that_gives_up_on_a_whole_answer_cancels_it(
+        reflecting_pair: Pair, serve: Callable[..., Served]) -> None:
+    """Not streamed: the client's read timeout closes the connection while the target writes;
+    the server notices without writing anything and closes the target's stream."""
+    served = serve(reflecting_pair)
+    async with httpx.AsyncClient(timeout=30) as client:
+        request = asyncio.ensure_future(client.post(
+            f"{served.base_url}/chat/completions", json={
+                "model": "specthink", "messages": [{"role": "user", "content": "Solve."}]}))
+        await wait_for(lambda: streaming(reflecting_pair.target), "the target streams")
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    await wait_for(lambda: last(reflecting_pair.target).disconnected,
+                   "the target server sees the hang-up")
+    await wait_for(lambda: served.metrics.in_flight._value.get() == 0, "the request ends")
+
+
 async def read_stream(client: httpx.AsyncClient, served: Served, question: str,
                       ) -> tuple[str, str, str]:
     """(reasoning, content, finish_reason) of one streamed answer."""
