@@ -76,6 +76,12 @@ class _Run:
     n3: int
     stats: Statistics = field(default_factory=Statistics)
     prompt_tokens: dict[Role, int] = field(default_factory=lambda: {"small": 0, "target": 0})
+    """An upper bound of each prompt's tokens (its UTF-8 length), or the exact count."""
+    exact_prompt_tokens: dict[Role, int] = field(default_factory=dict)
+    """Prompt tokens as the server counted them, where it was asked."""
+    reports_prompt_tokens: bool = False
+    """The open small stream is the conversation's first: its prompt is the prompt alone, so
+    the count the server reports at its end is the call's ``input_tokens``."""
     total_limits: dict[Role, int] = field(default_factory=dict)
     """Each server's max_total_tokens (prompt + generated), where it said."""
     text: str = ""
@@ -368,6 +374,7 @@ class SpeculativeThinker:
                       or length + run.budget_left <= info.max_total_tokens)
         if not (fits_input and fits_total):
             length = await backend.count_tokens(prompt)
+            run.exact_prompt_tokens[role] = length
         run.prompt_tokens[role] = length
         if info.max_total_tokens is not None:
             run.total_limits[role] = info.max_total_tokens
@@ -406,8 +413,9 @@ class SpeculativeThinker:
             run.finish("stop")
         if not run.stats.input_tokens:
             # The server reports prompt tokens on a stream's last token, which a takeover cuts
-            # (and llama.cpp's server never sends them when streaming).
-            run.stats.input_tokens = run.prompt_tokens["small"]
+            # (and llama.cpp's server never sends them when streaming): one /tokenize then.
+            # Never a resumed request's count (prompt plus accepted text), never a byte bound.
+            run.stats.input_tokens = run.exact_prompt_tokens.get("small", 0)
             if not run.stats.input_tokens:
                 with contextlib.suppress(BackendError):
                     run.stats.input_tokens = await self.small.count_tokens(run.prompts["small"])
@@ -442,7 +450,7 @@ class SpeculativeThinker:
                 async with self._open("small", run, room) as tokens:
                     async for token in tokens:
                         got_tokens += 1
-                        if token.input_tokens and not run.stats.input_tokens:
+                        if token.input_tokens and run.reports_prompt_tokens:
                             run.stats.input_tokens = token.input_tokens
                         finish_reason = token.finish_reason
                         if token.special:
@@ -758,6 +766,8 @@ class SpeculativeThinker:
                 stats.retries[role] += 1
 
         prompt = run.prompts[role] + run.text
+        if role == "small":
+            run.reports_prompt_tokens = not run.text and not run.stats.input_tokens
         sampling = run.sampling
         if sampling.grammar is not None and not backend.supports_grammar:
             sampling = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
