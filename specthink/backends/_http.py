@@ -20,7 +20,7 @@ import ssl
 import time
 import urllib.request
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -595,32 +595,36 @@ class ServerConnection:
                     # That loop's thread owns the sockets; let it close them.
                     asyncio.run_coroutine_threadsafe(shard.client.aclose(), loop)
 
-    async def _send(self, method: str, path: str, body: Any, *,
-                    stream: bool) -> tuple[httpx.Response, _Shard]:
+    async def _send(self, method: str, path: str, body: Any, *, stream: bool,
+                    headers: Mapping[str, str] | None = None) -> tuple[httpx.Response, _Shard]:
         shard = self._shard()
         shard.active += 1
         try:
             with translate_errors(self.url):
                 if shard.transport is not None:
                     return await self._send_lean(shard.transport, method, path, body,
-                                                 stream=stream), shard
-                request = shard.client.build_request(method, self.url + path, json=body,
-                                                     headers=self._headers,
-                                                     timeout=self.timeout)
+                                                 stream=stream, headers=headers), shard
+                request = shard.client.build_request(
+                    method, self.url + path, json=body,
+                    headers={**self._headers, **headers} if headers else self._headers,
+                    timeout=self.timeout)
                 return await shard.client.send(request, stream=stream), shard
         except BaseException:
             shard.active -= 1
             raise
 
     async def _send_lean(self, transport: LeanTransport, method: str, path: str, body: Any,
-                         *, stream: bool) -> httpx.Response:
+                         *, stream: bool,
+                         headers: Mapping[str, str] | None = None) -> httpx.Response:
         """Straight to our transport: a client of ours has no auth flow, hooks, cookies or
         redirects to apply, and ``AsyncClient.send`` costs about as much as the transport."""
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = httpx.URL(self.url + path)
         content = None if body is None else orjson.dumps(body)
-        request = httpx.Request(method, url, content=content, headers=self._lean_headers,
+        request = httpx.Request(method, url, content=content,
+                                headers={**self._lean_headers, **headers} if headers
+                                else self._lean_headers,
                                 extensions={"timeout": self._timeouts})
         response = await transport.handle_async_request(request)
         response.request = request
@@ -661,8 +665,10 @@ class ServerConnection:
             raise BackendError(f"{method} {path} answered with invalid JSON", url=self.url) from exc
 
     async def open_stream(self, path: str, body: Any, *, on_attempt: OnAttempt | None,
-                          check_first: FirstEventCheck) -> SSEStream:
-        """POST ``body`` and return the stream once its first event has arrived.
+                          check_first: FirstEventCheck,
+                          headers: Mapping[str, str] | None = None) -> SSEStream:
+        """POST ``body`` and return the stream once its first event has arrived; ``headers``
+        are added to every attempt.
 
         Everything up to that first event is retried on transient failures (tenacity); what
         happens later is the engine's business (it resumes from the accepted text).
@@ -674,7 +680,7 @@ class ServerConnection:
             attempts += 1
             if on_attempt is not None:
                 on_attempt(attempts)
-            response, shard = await self._send("POST", path, body, stream=True)
+            response, shard = await self._send("POST", path, body, stream=True, headers=headers)
             stream = SSEStream(response, self.url, shard)
             try:
                 await self._raise_for_status(response)

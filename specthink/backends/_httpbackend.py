@@ -9,8 +9,11 @@ stream's first event and the decoder of its events.
 
 from __future__ import annotations
 
+import asyncio
+import re
+import weakref
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -25,9 +28,35 @@ from specthink.backends._http import (
     SSEStream,
 )
 from specthink.backends.base import SamplingParams, ServerInfo, StreamToken
-from specthink.errors import BackendError, StreamDroppedError
+from specthink.errors import BackendConnectionError, BackendError, ConfigError, StreamDroppedError
 
-__all__ = ["HTTPBackend", "event_json", "malformed_event", "no_finish_reason", "sampling_fields"]
+__all__ = [
+    "DEFAULT_ROUTING_HEADERS",
+    "HTTPBackend",
+    "event_json",
+    "malformed_event",
+    "no_finish_reason",
+    "sampling_fields",
+    "validate_routing_headers",
+]
+
+DEFAULT_ROUTING_HEADERS: tuple[str, ...] = ("X-Session-ID",)
+"""Read by ``vllm-router --policy consistent_hash``; ``smg --sticky-sessions`` reads the ones
+named by ``--routing-key-headers``."""
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""An HTTP field name (RFC 9110 ``token``)."""
+
+
+def validate_routing_headers(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` as a tuple of valid HTTP header names; anything else is a ``ConfigError``."""
+    if isinstance(names, str | bytes) or not isinstance(names, Sequence):
+        raise ConfigError(f"routing_headers must be a sequence of header names, such as "
+                          f"('X-Session-ID',), got {names!r}")
+    for name in names:
+        if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+            raise ConfigError(f"routing_headers: {name!r} is not a valid HTTP header name")
+    return tuple(names)
 
 
 def sampling_fields(sampling: SamplingParams) -> dict[str, Any]:
@@ -79,7 +108,10 @@ class HTTPBackend(ABC):
                  max_retries: int = _constants.DEFAULT_MAX_RETRIES,
                  retry_backoff: float = _constants.RETRY_INITIAL_BACKOFF,
                  retry_max_backoff: float = _constants.RETRY_MAX_BACKOFF,
-                 retry_deadline: float | None = _constants.RETRY_DEADLINE) -> None:
+                 retry_deadline: float | None = _constants.RETRY_DEADLINE,
+                 routing_headers: Sequence[str] = DEFAULT_ROUTING_HEADERS) -> None:
+        self.routing_headers = validate_routing_headers(routing_headers)
+        """Headers that carry a call's routing key, so a router keeps the call on one replica."""
         self._conn = ServerConnection(
             url, api_key=api_key, client=client, timeout=timeout,
             connect_timeout=connect_timeout, read_timeout=read_timeout,
@@ -88,6 +120,9 @@ class HTTPBackend(ABC):
                               deadline=retry_deadline))
         self.url = self._conn.url
         self._info: ServerInfo | None = None
+        self._info_fetches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
+                                                      asyncio.Task[ServerInfo]]
+        self._info_fetches = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         key = ", api_key=***" if self._conn.has_api_key else ""
@@ -97,15 +132,33 @@ class HTTPBackend(ABC):
         """What ``repr`` shows between the URL and the API key."""
         return ""
 
+    def routing(self, routing_key: str | None) -> dict[str, str] | None:
+        """The headers that carry ``routing_key`` (``None``: no headers)."""
+        if routing_key is None:
+            return None
+        if not isinstance(routing_key, str) or not routing_key or any(
+                c in routing_key for c in "\r\n\0"):
+            raise ConfigError(f"routing_key must be a non-empty single-line string, "
+                              f"got {routing_key!r}")
+        return dict.fromkeys(self.routing_headers, routing_key)
+
     @asynccontextmanager
     async def stream(self, prompt: str, *, max_new_tokens: int, sampling: SamplingParams,
-                     on_attempt: OnAttempt | None = None,
+                     on_attempt: OnAttempt | None = None, routing_key: str | None = None,
                      ) -> AsyncIterator[AsyncIterator[StreamToken]]:
         """Stream the continuation of ``prompt``; leaving the block closes the connection, which
-        makes the server cancel the generation."""
+        makes the server cancel the generation. ``routing_key`` is sent in each of
+        :attr:`routing_headers` on every attempt."""
+        headers = self.routing(routing_key)
         path, body = await self._stream_request(prompt, max_new_tokens, sampling)
-        stream = await self._conn.open_stream(path, body, on_attempt=on_attempt,
-                                              check_first=self._check_first)
+        try:
+            stream = await self._conn.open_stream(path, body, on_attempt=on_attempt,
+                                                  check_first=self._check_first,
+                                                  headers=headers)
+        except BackendConnectionError:
+            # The server may be coming back after a restart, perhaps with other limits.
+            self._info = None
+            raise
         try:
             yield self._tokens(stream)
         finally:
@@ -123,6 +176,35 @@ class HTTPBackend(ABC):
     @abstractmethod
     def _tokens(self, stream: SSEStream) -> AsyncIterator[StreamToken]:
         """The tokens of an open stream."""
+
+    async def info(self, *, refresh: bool = False) -> ServerInfo:
+        """What the server says about itself, fetched once and cached; ``refresh`` fetches it
+        again. Concurrent callers share one request; a refused connection forgets it."""
+        if self._info is not None and not refresh:
+            return self._info
+        loop = asyncio.get_running_loop()
+        fetch = self._info_fetches.get(loop)
+        if fetch is None:
+            fetch = self._info_fetches[loop] = loop.create_task(self._cache_info())
+            fetch.add_done_callback(self._info_fetched)
+        # Shielded: one caller cancelled does not cancel the request the others wait for.
+        return await asyncio.shield(fetch)
+
+    async def _cache_info(self) -> ServerInfo:
+        info = await self._fetch_info()
+        self._info = info
+        return info
+
+    def _info_fetched(self, task: asyncio.Task[ServerInfo]) -> None:
+        loop = task.get_loop()
+        if self._info_fetches.get(loop) is task:
+            del self._info_fetches[loop]
+        if not task.cancelled():
+            task.exception()  # every waiter may have been cancelled: retrieved, not logged
+
+    @abstractmethod
+    async def _fetch_info(self) -> ServerInfo:
+        """Ask the server (one request, retried on transient failures)."""
 
     async def aclose(self) -> None:
         """Close the HTTP clients this backend opened (never a client you passed in)."""

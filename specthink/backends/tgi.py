@@ -27,6 +27,7 @@ from specthink.errors import (
     ConfigError,
     SpecthinkError,
     StreamErrorEvent,
+    in_stream_error,
 )
 
 __all__ = ["TGIBackend", "decode_stream_event", "generate_parameters"]
@@ -55,9 +56,10 @@ def generate_parameters(max_new_tokens: int, sampling: SamplingParams) -> dict[s
 
 
 def _error_event(payload: dict[str, Any], url: str, tokens_received: int) -> StreamErrorEvent:
-    return StreamErrorEvent(str(payload.get("error") or "error event"), url=url,
-                            error_type=payload.get("error_type"),
-                            tokens_received=tokens_received)
+    error_type = payload.get("error_type")
+    return in_stream_error(str(payload.get("error") or "error event"), url=url,
+                           error_type=None if error_type is None else str(error_type),
+                           tokens_received=tokens_received)
 
 
 def decode_stream_event(payload: dict[str, Any], *, url: str = "",
@@ -155,22 +157,19 @@ class TGIBackend(HTTPBackend):
     def _tokens(self, stream: SSEStream) -> AsyncIterator[StreamToken]:
         return _TokenStream(stream)
 
-    async def info(self) -> ServerInfo:
-        """``GET /info``, fetched once."""
-        if self._info is None:
-            raw = await self._conn.request_json("GET", "/info")
-            if not isinstance(raw, dict) or "model_id" not in raw:
-                raise BackendError(f"/info answered without a model_id: {str(raw)[:200]}",
-                                   url=self.url)
-            self._info = ServerInfo(
-                model_id=str(raw["model_id"]),
-                # TGI before 2.1 called it max_input_length.
-                max_input_tokens=_opt_int(raw.get("max_input_tokens",
-                                                  raw.get("max_input_length"))),
-                max_total_tokens=_opt_int(raw.get("max_total_tokens")),
-                max_stop_sequences=_opt_int(raw.get("max_stop_sequences")),
-                raw=raw)
-        return self._info
+    async def _fetch_info(self) -> ServerInfo:
+        """``GET /info``."""
+        raw = await self._conn.request_json("GET", "/info")
+        if not isinstance(raw, dict) or "model_id" not in raw:
+            raise BackendError(f"/info answered without a model_id: {str(raw)[:200]}",
+                               url=self.url)
+        return ServerInfo(
+            model_id=str(raw["model_id"]),
+            # TGI before 2.1 called it max_input_length.
+            max_input_tokens=_opt_int(raw.get("max_input_tokens", raw.get("max_input_length"))),
+            max_total_tokens=_opt_int(raw.get("max_total_tokens")),
+            max_stop_sequences=_opt_int(raw.get("max_stop_sequences")),
+            raw=raw)
 
     async def health(self) -> bool:
         """``GET /health``: True when the server answers 200; False when it is down or
