@@ -121,12 +121,13 @@ def resolve_timeout(timeout: httpx.Timeout | float | None, *, connect: float,
                     read: float | None) -> httpx.Timeout:
     """An ``httpx.Timeout`` with connect and read limits and never a total limit.
 
-    ``timeout`` (a number or an ``httpx.Timeout``) overrides ``connect``/``read`` when given.
+    ``timeout``, when given, is the read timeout (seconds between two bytes), as everywhere in
+    specthink; an ``httpx.Timeout`` is taken as it is.
     """
     if isinstance(timeout, httpx.Timeout):
         return timeout
     if timeout is not None:
-        connect = read = float(timeout)
+        read = float(timeout)
     for name, value in (("connect_timeout", connect), ("read_timeout", read)):
         if value is not None and value <= 0:
             raise ConfigError(f"{name} must be > 0 seconds, got {value}")
@@ -518,16 +519,18 @@ class ServerConnection:
                  timeout: httpx.Timeout | float | None = None,
                  connect_timeout: float = _constants.DEFAULT_CONNECT_TIMEOUT,
                  read_timeout: float | None = _constants.DEFAULT_READ_TIMEOUT,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
         self.url = validate_url(url)
         self.timeout = resolve_timeout(timeout, connect=connect_timeout, read=read_timeout)
         self.retry = retry or RetryPolicy()
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
-        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._has_key = bool(key)
+        self._headers = {**(headers or {}), **({"Authorization": f"Bearer {key}"} if key else {})}
         # Bodies are never compressed: SSE is read straight from the transport, undecoded.
-        self._lean_headers = {**self._headers, "Accept": "*/*", "Accept-Encoding": "identity",
-                              "Content-Type": "application/json",
-                              "User-Agent": f"specthink/{_version()}"}
+        self._lean_headers = {"Accept": "*/*", "User-Agent": f"specthink/{_version()}",
+                              **self._headers, "Accept-Encoding": "identity",
+                              "Content-Type": "application/json"}
         self._timeouts = self.timeout.as_dict()
         self._urls: dict[str, httpx.URL] = {}
         self._given = None if client is None else _Shard(client)
@@ -539,7 +542,7 @@ class ServerConnection:
 
     @property
     def has_api_key(self) -> bool:
-        return bool(self._headers)
+        return self._has_key
 
     def _new_shard(self) -> _Shard:
         # Plain-http servers never negotiate TLS (requests only go to self.url and redirects

@@ -13,7 +13,7 @@ import asyncio
 import re
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -37,6 +37,7 @@ __all__ = [
     "malformed_event",
     "no_finish_reason",
     "sampling_fields",
+    "validate_headers",
     "validate_routing_headers",
 ]
 
@@ -46,6 +47,21 @@ named by ``--routing-key-headers``."""
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 """An HTTP field name (RFC 9110 ``token``)."""
+
+
+def validate_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """Extra headers sent with every request: valid names, single-line string values."""
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise ConfigError(f"headers must be a mapping of header names to values, got "
+                          f"{headers!r}")
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+            raise ConfigError(f"headers: {name!r} is not a valid HTTP header name")
+        if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
+            raise ConfigError(f"headers: the value of {name} must be a single-line string")
+    return dict(headers)
 
 
 def validate_routing_headers(names: Sequence[str]) -> tuple[str, ...]:
@@ -109,12 +125,14 @@ class HTTPBackend(ABC):
                  retry_backoff: float = _constants.RETRY_INITIAL_BACKOFF,
                  retry_max_backoff: float = _constants.RETRY_MAX_BACKOFF,
                  retry_deadline: float | None = _constants.RETRY_DEADLINE,
-                 routing_headers: Sequence[str] = DEFAULT_ROUTING_HEADERS) -> None:
+                 routing_headers: Sequence[str] = DEFAULT_ROUTING_HEADERS,
+                 headers: Mapping[str, str] | None = None) -> None:
         self.routing_headers = validate_routing_headers(routing_headers)
         """Headers that carry a call's routing key, so a router keeps the call on one replica."""
         self._conn = ServerConnection(
             url, api_key=api_key, client=client, timeout=timeout,
             connect_timeout=connect_timeout, read_timeout=read_timeout,
+            headers=validate_headers(headers),
             retry=RetryPolicy(max_retries=max_retries, initial_backoff=retry_backoff,
                               max_backoff=max(retry_max_backoff, retry_backoff),
                               deadline=retry_deadline))
@@ -123,6 +141,11 @@ class HTTPBackend(ABC):
         self._info_fetches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
                                                       asyncio.Task[ServerInfo]]
         self._info_fetches = weakref.WeakKeyDictionary()
+
+    @property
+    def timeout(self) -> httpx.Timeout:
+        """Connect and read (between two bytes) limits; never a total one."""
+        return self._conn.timeout
 
     def __repr__(self) -> str:
         key = ", api_key=***" if self._conn.has_api_key else ""

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import httpx
 
@@ -36,7 +36,7 @@ from specthink.errors import (
     in_stream_error,
 )
 
-__all__ = ["CompletionDecoder", "OpenAICompletionsBackend", "completion_body"]
+__all__ = ["BACKEND", "CompletionDecoder", "OpenAICompletionsBackend", "completion_body"]
 
 logger = logging.getLogger("specthink.backends")
 
@@ -203,6 +203,8 @@ class OpenAICompletionsBackend(HTTPBackend):
     :meth:`render_chat` returns ``None``. Auth, timeouts and retries as :class:`TGIBackend`.
     """
 
+    kind: ClassVar[str] = "openai"
+    """The name :func:`specthink.backends.create` knows this protocol by."""
     adds_bos_token = True
     """vLLM, SGLang and llama.cpp tokenize raw prompts with BOS, as TGI does."""
     supports_grammar = False
@@ -216,7 +218,8 @@ class OpenAICompletionsBackend(HTTPBackend):
                  retry_backoff: float = _constants.RETRY_INITIAL_BACKOFF,
                  retry_max_backoff: float = _constants.RETRY_MAX_BACKOFF,
                  retry_deadline: float | None = _constants.RETRY_DEADLINE,
-                 routing_headers: Sequence[str] = DEFAULT_ROUTING_HEADERS) -> None:
+                 routing_headers: Sequence[str] = DEFAULT_ROUTING_HEADERS,
+                 headers: Mapping[str, str] | None = None) -> None:
         url = url.rstrip("/") if isinstance(url, str) else url
         if isinstance(url, str) and url.endswith("/v1"):
             url = url[: -len("/v1")]  # accept the OpenAI SDK's base_url spelling too
@@ -224,7 +227,7 @@ class OpenAICompletionsBackend(HTTPBackend):
                          connect_timeout=connect_timeout, read_timeout=read_timeout,
                          max_retries=max_retries, retry_backoff=retry_backoff,
                          retry_max_backoff=retry_max_backoff, retry_deadline=retry_deadline,
-                         routing_headers=routing_headers)
+                         routing_headers=routing_headers, headers=headers)
         self.model = model
         self.tokenize_method: TokenizeMethod | None = None
         """Which token-counting endpoint worked (found on the first ``count_tokens``)."""
@@ -342,3 +345,7 @@ class OpenAICompletionsBackend(HTTPBackend):
         """Always ``None``: completions servers do not expose their templates, so the prompt is
         rendered client-side."""
         return None
+
+
+BACKEND = OpenAICompletionsBackend
+"""The class :func:`specthink.backends.create` builds for this protocol."""

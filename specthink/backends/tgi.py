@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from specthink.backends._http import ServerSentEvent, SSEStream, loads_json
 from specthink.backends._httpbackend import (
@@ -30,7 +30,7 @@ from specthink.errors import (
     in_stream_error,
 )
 
-__all__ = ["TGIBackend", "decode_stream_event", "generate_parameters"]
+__all__ = ["BACKEND", "TGIBackend", "decode_stream_event", "generate_parameters"]
 
 _FINISH: dict[str, FinishReason] = {
     "eos_token": "eos",
@@ -138,6 +138,8 @@ class TGIBackend(HTTPBackend):
     times, with exponential backoff from ``retry_backoff`` to ``retry_max_backoff`` seconds.
     """
 
+    kind: ClassVar[str] = "tgi"
+    """The name :func:`specthink.backends.create` knows this protocol by."""
     adds_bos_token = True
     """TGI tokenizes ``inputs`` with special tokens: a rendered template must not carry BOS."""
     supports_grammar = True
@@ -212,3 +214,7 @@ class TGIBackend(HTTPBackend):
 
 def _opt_int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+BACKEND = TGIBackend
+"""The class :func:`specthink.backends.create` builds for this protocol."""

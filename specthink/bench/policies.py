@@ -27,9 +27,10 @@ from typing import Any, ClassVar
 import httpx
 
 from specthink import _constants
+from specthink.backends import create
 from specthink.backends._http import RetryPolicy, ServerConnection, is_transient
 from specthink.backends.base import SamplingParams
-from specthink.backends.tgi import TGIBackend, generate_parameters
+from specthink.backends.tgi import generate_parameters
 from specthink.bench.traces import TraceSpec, make_trace, messages_for
 from specthink.engine import SpeculativeThinker
 from specthink.errors import BackendError
@@ -153,8 +154,8 @@ class EnginePolicy(Policy):
 
     def _thinker(self, small: httpx.AsyncClient | None = None,
                  target: httpx.AsyncClient | None = None) -> SpeculativeThinker:
-        return SpeculativeThinker(small=TGIBackend(self.small_url, client=small),
-                                  target=TGIBackend(self.target_url, client=target),
+        return SpeculativeThinker(small=create("tgi", self.small_url, client=small),
+                                  target=create("tgi", self.target_url, client=target),
                                   rules=TakeoverRules.paper(), small_template="deepseek-r1",
                                   target_template="deepseek-r1")
 
@@ -329,7 +330,7 @@ class _AlonePolicy(Policy):
     def __init__(self, small_url: str, target_url: str, trace: TraceSpec, *,
                  layout: str = "default") -> None:
         super().__init__(small_url, target_url, trace, layout=layout)
-        self._backend = TGIBackend(small_url if self.role == "small" else target_url)
+        self._backend = create("tgi", small_url if self.role == "small" else target_url)
 
     async def run(self, conversation: int, budget: int | None = None) -> Outcome:
         trace = make_trace(self.trace, conversation)

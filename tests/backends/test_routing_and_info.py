@@ -119,8 +119,12 @@ async def test_a_bad_routing_key_is_refused_before_any_request(key: str) -> None
     """Broken: a key with a line break reaches the wire (header injection) or an empty key is
     sent as a blank header."""
     sent: list[httpx.Request] = []
-    client = httpx.AsyncClient(transport=httpx.MockTransport(
-        lambda request: sent.append(request) or httpx.Response(500)))
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(500)
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     backend = TGIBackend("http://tgi.test", client=client)
     with pytest.raises(ConfigError, match="routing_key"):
         await collect(backend, routing_key=key)
