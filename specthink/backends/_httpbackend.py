@@ -1,10 +1,11 @@
-"""What :class:`~specthink.backends.tgi.TGIBackend` and
-:class:`~specthink.backends.openai.OpenAICompletionsBackend` share: one
-:class:`~specthink.backends._http.ServerConnection` built from the same options, the life of a
-stream (opened with retries, closed on leaving the block), ``repr`` and ``aclose``.
+"""What every HTTP backend shares: one
+:class:`~specthink.backends._connection.ServerConnection` built from the same options, the
+life of a stream (opened with retries, closed on leaving the block), the routing key, the
+cached ``/info``, ``repr`` and ``aclose``.
 
-A protocol module supplies the request (:meth:`HTTPBackend._stream_request`), the check of a
-stream's first event and the decoder of its events.
+A protocol module supplies the request (:meth:`HTTPBackend._stream_request`), how a fresh
+response body is opened (:meth:`HTTPBackend._opened`: :class:`SSEBackend` reads server-sent
+events and checks the first one) and the decoder of its tokens (:meth:`HTTPBackend._tokens`).
 """
 
 from __future__ import annotations
@@ -15,24 +16,21 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import httpx
 
 from specthink import _constants
-from specthink.backends._http import (
-    OnAttempt,
-    RetryPolicy,
-    ServerConnection,
-    ServerSentEvent,
-    SSEStream,
-)
+from specthink.backends._connection import OnAttempt, ResponseBody, ServerConnection
+from specthink.backends._retry import RetryPolicy
+from specthink.backends._sse import ServerSentEvent, SSEStream, opening_sse
 from specthink.backends.base import SamplingParams, ServerInfo, StreamToken
 from specthink.errors import BackendConnectionError, BackendError, ConfigError, StreamDroppedError
 
 __all__ = [
     "DEFAULT_ROUTING_HEADERS",
     "HTTPBackend",
+    "SSEBackend",
     "event_json",
     "malformed_event",
     "no_finish_reason",
@@ -113,8 +111,16 @@ def no_finish_reason(url: str, tokens_received: int) -> StreamDroppedError:
         url=url, tokens_received=tokens_received)
 
 
-class HTTPBackend(ABC):
-    """A server spoken to over HTTP (see the subclasses for the options)."""
+class _Reader(Protocol):
+    async def aclose(self) -> None: ...
+
+
+ReaderT = TypeVar("ReaderT", bound=_Reader)
+
+
+class HTTPBackend(ABC, Generic[ReaderT]):
+    """A server spoken to over HTTP (see the subclasses for the options); ``ReaderT`` frames
+    an open response body (server-sent events, lines of JSON, ...)."""
 
     def __init__(self, url: str, *, api_key: str | None = None,
                  client: httpx.AsyncClient | None = None,
@@ -175,9 +181,8 @@ class HTTPBackend(ABC):
         headers = self.routing(routing_key)
         path, body = await self._stream_request(prompt, max_new_tokens, sampling)
         try:
-            stream = await self._conn.open_stream(path, body, on_attempt=on_attempt,
-                                                  check_first=self._check_first,
-                                                  headers=headers)
+            stream = await self._conn.open_stream(path, body, opened=self._opened,
+                                                  on_attempt=on_attempt, headers=headers)
         except BackendConnectionError:
             # The server may be coming back after a restart, perhaps with other limits.
             self._info = None
@@ -193,11 +198,12 @@ class HTTPBackend(ABC):
         """The path and JSON body of a streamed generation request."""
 
     @abstractmethod
-    def _check_first(self, event: ServerSentEvent) -> None:
-        """Raise (e.g. ``StreamErrorEvent``) when the first event of a stream is an error."""
+    async def _opened(self, body: ResponseBody) -> ReaderT:
+        """The reader of a fresh response body, once its beginning is known not to be an error
+        (raise, e.g. ``StreamErrorEvent``, for one: the attempt may then be retried)."""
 
     @abstractmethod
-    def _tokens(self, stream: SSEStream) -> AsyncIterator[StreamToken]:
+    def _tokens(self, stream: ReaderT) -> AsyncIterator[StreamToken]:
         """The tokens of an open stream."""
 
     async def info(self, *, refresh: bool = False) -> ServerInfo:
@@ -232,3 +238,14 @@ class HTTPBackend(ABC):
     async def aclose(self) -> None:
         """Close the HTTP clients this backend opened (never a client you passed in)."""
         await self._conn.aclose()
+
+
+class SSEBackend(HTTPBackend[SSEStream]):
+    """A protocol whose streams are server-sent events (TGI, OpenAI-compatible servers)."""
+
+    async def _opened(self, body: ResponseBody) -> SSEStream:
+        return await opening_sse(self._check_first)(body)
+
+    @abstractmethod
+    def _check_first(self, event: ServerSentEvent) -> None:
+        """Raise (e.g. ``StreamErrorEvent``) when the first event of a stream is an error."""

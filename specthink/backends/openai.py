@@ -16,14 +16,14 @@ from typing import Any, ClassVar, Literal
 import httpx
 
 from specthink import _constants
-from specthink.backends._http import ServerSentEvent, SSEStream
 from specthink.backends._httpbackend import (
     DEFAULT_ROUTING_HEADERS,
-    HTTPBackend,
+    SSEBackend,
     event_json,
     no_finish_reason,
     sampling_fields,
 )
+from specthink.backends._sse import ServerSentEvent, SSEStream
 from specthink.backends.base import FinishReason, SamplingParams, ServerInfo, StreamToken
 from specthink.errors import (
     BackendConnectionError,
@@ -187,7 +187,7 @@ class _TokenStream:
         return self._decoder.end()
 
 
-class OpenAICompletionsBackend(HTTPBackend):
+class OpenAICompletionsBackend(SSEBackend):
     """An OpenAI-compatible completions server (vLLM, SGLang, llama.cpp, TGI's ``/v1``).
 
     Example::
