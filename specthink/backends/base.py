@@ -79,10 +79,17 @@ class Backend(Protocol):
     model's template expects (vLLM, llama.cpp); TGI keeps only role and content."""
 
     def stream(self, prompt: str, *, max_new_tokens: int, sampling: SamplingParams,
-               on_attempt: OnAttempt | None = None,
-               ) -> AbstractAsyncContextManager[AsyncIterator[StreamToken]]: ...
+               on_attempt: OnAttempt | None = None, routing_key: str | None = None,
+               ) -> AbstractAsyncContextManager[AsyncIterator[StreamToken]]:
+        """``routing_key`` goes in the backend's routing headers (``X-Session-ID`` by default)
+        of every attempt, so a router in front of replicas keeps one call on one replica."""
+        ...
 
-    async def info(self) -> ServerInfo: ...
+    async def info(self, *, refresh: bool = False) -> ServerInfo:
+        """Cached after the first call (concurrent first callers share one request);
+        ``refresh`` asks the server again (after a :class:`~specthink.errors.ContextLimitError`,
+        for instance)."""
+        ...
 
     async def health(self) -> bool: ...
 

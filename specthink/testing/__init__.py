@@ -25,6 +25,7 @@ from specthink.testing.models import (
 
 if TYPE_CHECKING:
     from specthink.testing.server import (
+        CallRecord,
         Fault,
         LatencyModel,
         LoopbackServer,
@@ -33,11 +34,12 @@ if TYPE_CHECKING:
         render_chatml,
     )
 
-_SERVER_NAMES = frozenset({"Fault", "LatencyModel", "LoopbackServer", "PrefixCache",
+_SERVER_NAMES = frozenset({"CallRecord", "Fault", "LatencyModel", "LoopbackServer", "PrefixCache",
                            "RequestRecord", "render_chatml"})
 
 __all__ = [
     "ASSISTANT_MARKERS",
+    "CallRecord",
     "Continuation",
     "EchoModel",
     "Fault",

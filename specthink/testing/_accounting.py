@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from specthink.testing._faults import Fault
 
-__all__ = ["LatencyModel", "PrefixCache", "RequestRecord"]
+__all__ = ["CallRecord", "LatencyModel", "PrefixCache", "RequestRecord"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +67,34 @@ class RequestRecord:
     finished: float | None = None
     service_seconds: float = 0.0
     """What the latency model charged (stalls excluded)."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """The request's headers, names in lower case (``authorization`` left out)."""
 
     @property
     def recomputed_prompt_tokens(self) -> int:
         return self.prompt_tokens - self.cached_prompt_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """Any request the server received (generation or not), in arrival order."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    """Names in lower case; ``authorization`` left out."""
+    started: float
+    """``time.monotonic()`` when the request arrived."""
+
+
+def recorded_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """ASGI headers as a dict for the records: lower-case names, no credentials."""
+    headers: dict[str, str] = {}
+    for name, value in raw:
+        key = name.decode("latin-1").lower()
+        if key != "authorization":
+            headers[key] = value.decode("latin-1")
+    return headers
 
 
 class PrefixCache:

@@ -40,8 +40,15 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from specthink.testing._accounting import LatencyModel, PrefixCache, RequestRecord
+from specthink.testing._accounting import (
+    CallRecord,
+    LatencyModel,
+    PrefixCache,
+    RequestRecord,
+    recorded_headers,
+)
 from specthink.testing._faults import OVERLOADED, STATUS_BODIES, Fault
 from specthink.testing._faults import FaultKind as FaultKind
 from specthink.testing._generation import Generation, RenderError, RenderToken, continuation
@@ -76,6 +83,7 @@ from specthink.testing._wire import TGIFinish as TGIFinish
 from specthink.testing.models import TextModel, Tokenizer
 
 __all__ = [
+    "CallRecord",
     "Fault",
     "LatencyModel",
     "LoopbackServer",
@@ -129,6 +137,7 @@ class LoopbackServer:
         self.cache = PrefixCache(cache_capacity)
         self._lock = threading.Lock()
         self._records: list[RequestRecord] = []
+        self._calls: list[CallRecord] = []
         self._faults: list[list[Any]] = []  # [fault, remaining times]
         self._next_id = 1
         self._active = 0
@@ -219,8 +228,8 @@ class LoopbackServer:
             self._started.set()
 
     async def _serve(self) -> None:
-        config = uvicorn.Config(self.app, host=self.host, port=self.port, lifespan="off",
-                                http="h11", loop="asyncio", log_level="warning",
+        config = uvicorn.Config(self._logging_calls(self.app), host=self.host, port=self.port,
+                                lifespan="off", http="h11", loop="asyncio", log_level="warning",
                                 access_log=False, backlog=4096)
         config.load()
         server = uvicorn.Server(config)
@@ -265,6 +274,16 @@ class LoopbackServer:
             return [dataclasses.replace(record) for record in self._records]
 
     @property
+    def calls(self) -> list[CallRecord]:
+        """Every request so far (``/info``, ``/tokenize``, ... and generations), oldest first."""
+        with self._lock:
+            return list(self._calls)
+
+    def calls_to(self, path: str) -> list[CallRecord]:
+        """The requests so far to ``path``."""
+        return [call for call in self.calls if call.path == path]
+
+    @property
     def pending_faults(self) -> list[Fault]:
         with self._lock:
             return [fault for fault, _ in self._faults]
@@ -273,6 +292,7 @@ class LoopbackServer:
         """Forget records, cached prefixes and pending faults."""
         with self._lock:
             self._records.clear()
+            self._calls.clear()
             self._faults.clear()
             self.cache.clear()
 
@@ -289,9 +309,23 @@ class LoopbackServer:
                     return fault  # type: ignore[no-any-return]
         return None
 
-    def _new_record(self, path: str, prompt: str, parameters: dict[str, Any]) -> RequestRecord:
+    def _logging_calls(self, app: ASGIApp) -> ASGIApp:
+        """``app``, keeping a :class:`CallRecord` of each HTTP request before it is served."""
+        async def logged(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http":
+                call = CallRecord(scope["method"], scope["path"],
+                                  recorded_headers(scope["headers"]), time.monotonic())
+                with self._lock:
+                    self._calls.append(call)
+            await app(scope, receive, send)
+
+        return logged
+
+    def _new_record(self, path: str, prompt: str, parameters: dict[str, Any],
+                    headers: dict[str, str]) -> RequestRecord:
         with self._lock:
-            record = RequestRecord(self._next_id, path, prompt, parameters, time.monotonic())
+            record = RequestRecord(self._next_id, path, prompt, parameters, time.monotonic(),
+                                   headers=headers)
             self._next_id += 1
             self._records.append(record)
         return record
@@ -318,12 +352,14 @@ class LoopbackServer:
         return Job(inputs, prompt_ids, tokens, finish, max_new_tokens, params.reported_seed,
                    params.details)
 
-    def _admit(self, path: str, prompt: str, params: Parameters, parameters: dict[str, Any],
-               *, streaming: bool, done: bool = False) -> Generation | Response:
+    def _admit(self, request: Request, path: str, prompt: str, params: Parameters,
+               parameters: dict[str, Any], *, streaming: bool,
+               done: bool = False) -> Generation | Response:
         """Record a generation request, then, as TGI: answer a status fault, take a concurrency
         permit (or answer "overloaded") and validate. ``done`` ends in-stream errors with
         ``[DONE]`` (OpenAI streams)."""
-        record = self._new_record(path, prompt, parameters)
+        record = self._new_record(path, prompt, parameters,
+                                  recorded_headers(request.scope["headers"]))
         fault = self._take_fault(path, streaming=streaming)
         if fault is not None:
             self._update(record, fault=fault)
@@ -402,8 +438,8 @@ class LoopbackServer:
         if isinstance(body, Response):
             return body
         params = body.parameters
-        admitted = self._admit(path, body.inputs, params, params.model_dump(exclude_unset=True),
-                               streaming=streaming)
+        admitted = self._admit(request, path, body.inputs, params,
+                               params.model_dump(exclude_unset=True), streaming=streaming)
         return admitted if isinstance(admitted, Response) else (params, admitted)
 
     async def _generate_stream(self, request: Request) -> Response:
@@ -475,7 +511,7 @@ class LoopbackServer:
         prompt = completion_prompt(body)
         if isinstance(prompt, Response):
             return prompt
-        admitted = self._admit("/v1/completions", prompt, body.to_parameters(),
+        admitted = self._admit(request, "/v1/completions", prompt, body.to_parameters(),
                                body.model_dump(exclude_unset=True, exclude={"prompt"}),
                                streaming=body.stream, done=True)
         if isinstance(admitted, Response):
