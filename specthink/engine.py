@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 import warnings
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -24,6 +25,7 @@ from .backends.base import Backend, SamplingParams, StreamToken
 from .errors import (
     BackendError,
     ConfigError,
+    ContextLimitError,
     PromptTooLongError,
     StreamDroppedError,
     TargetFallbackWarning,
@@ -770,12 +772,29 @@ class SpeculativeThinker:
             run.reports_prompt_tokens = not run.text and not run.stats.input_tokens
         sampling = run.sampling
         if sampling.grammar is not None and not backend.supports_grammar:
-            sampling = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                                      top_k=sampling.top_k, seed=sampling.seed,
-                                      repetition_penalty=sampling.repetition_penalty)
-        context = backend.stream(prompt, max_new_tokens=max(1, max_new_tokens),
-                                 sampling=sampling, on_attempt=on_attempt)
-        return _TimedStream(context, stats, role)
+            sampling = dataclasses.replace(sampling, grammar=None)
+
+        def open_stream(tokens: int) -> AbstractAsyncContextManager[AsyncIterator[StreamToken]]:
+            return backend.stream(prompt, max_new_tokens=max(1, tokens), sampling=sampling,
+                                  on_attempt=on_attempt, routing_key=run.routing_key)
+
+        async def with_fresh_limits() -> AbstractAsyncContextManager[AsyncIterator[StreamToken]]:
+            # The server refused a length: its limits may have changed since /info was cached.
+            await self._refresh_limits(run, role)
+            return open_stream(self._room(run, role, max_new_tokens))
+
+        return _TimedStream(open_stream(max_new_tokens), stats, role, with_fresh_limits)
+
+    async def _refresh_limits(self, run: _Run, role: Role) -> None:
+        try:
+            info = await self.backends[role].info(refresh=True)
+        except BackendError as exc:
+            exc.role = role
+            raise
+        if info.max_total_tokens is not None:
+            run.total_limits[role] = info.max_total_tokens
+        else:
+            run.total_limits.pop(role, None)
 
 
 def _routing_key(session_id: str | None) -> str:
@@ -786,32 +805,52 @@ def _routing_key(session_id: str | None) -> str:
     return session_id
 
 
+Reopen = Callable[[], Awaitable[AbstractAsyncContextManager[AsyncIterator[StreamToken]]]]
+
+
 class _TimedStream:
     """Wraps a backend stream: counts the time spent waiting on the model and tags errors.
+
+    A length limit refused before the first token (``ContextLimitError``) reopens the stream
+    once through ``reopen``, which refreshes the server's limits first.
 
     A class rather than an async generator: it sits on every token's path, and an async
     generator's frame switches cost more than a plain ``__anext__`` call.
     """
 
-    __slots__ = ("_context", "_iterator", "_role", "_stats", "_waits")
+    __slots__ = ("_context", "_iterator", "_reopen", "_role", "_started", "_stats", "_waits")
 
-    def __init__(self, context: Any, stats: Statistics, role: Role) -> None:
+    def __init__(self, context: AbstractAsyncContextManager[AsyncIterator[StreamToken]],
+                 stats: Statistics, role: Role, reopen: Reopen | None = None) -> None:
         self._context = context
         self._stats = stats
         self._role = role
         self._waits = stats.wait_seconds
         self._iterator: AsyncIterator[StreamToken] | None = None
+        self._reopen = reopen
+        self._started = False
 
     async def __aenter__(self) -> _TimedStream:
         started = time.perf_counter()
         try:
-            self._iterator = (await self._context.__aenter__()).__aiter__()
+            try:
+                self._iterator = (await self._context.__aenter__()).__aiter__()
+            except ContextLimitError:
+                if self._reopen is None:
+                    raise
+                await self._open_again()
         except BackendError as exc:
             exc.role = self._role
             raise
         finally:
             self._waits[self._role] += time.perf_counter() - started
         return self
+
+    async def _open_again(self) -> None:
+        assert self._reopen is not None
+        reopen, self._reopen = self._reopen, None
+        self._context = await reopen()
+        self._iterator = (await self._context.__aenter__()).__aiter__()
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         result: bool | None = await self._context.__aexit__(*exc_info)
@@ -824,9 +863,23 @@ class _TimedStream:
         assert self._iterator is not None
         started = time.perf_counter()
         try:
-            return await self._iterator.__anext__()
+            token = await self._iterator.__anext__()
+        except ContextLimitError as exc:
+            # TGI says it inside the 200 stream, before any token.
+            if self._started or self._reopen is None:
+                exc.role = self._role
+                raise
+            await self._context.__aexit__(None, None, None)
+            try:
+                await self._open_again()
+                token = await self._iterator.__anext__()
+            except BackendError as again:
+                again.role = self._role
+                raise
         except BackendError as exc:
             exc.role = self._role
             raise
         finally:
             self._waits[self._role] += time.perf_counter() - started
+        self._started = True
+        return token
