@@ -1,5 +1,5 @@
-"""What the loopback server charges and keeps: the latency model, the prefix cache and a record
-of every generation request."""
+"""What the loopback server charges and keeps: the latency model, the prefix cache, a record of
+every generation request and a shorter one of every request of any kind."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from specthink.testing._faults import Fault
 
-__all__ = ["LatencyModel", "PrefixCache", "RequestRecord"]
+__all__ = ["CallRecord", "LatencyModel", "PrefixCache", "RequestRecord"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +67,29 @@ class RequestRecord:
     finished: float | None = None
     service_seconds: float = 0.0
     """What the latency model charged (stalls excluded)."""
+    model_input: str = ""
+    """The text the model continued: the BOS text the server's tokenizer adds to a raw prompt
+    (none for ChatML models, or when the request asked for no special tokens), then
+    ``prompt``."""
 
     @property
     def recomputed_prompt_tokens(self) -> int:
         return self.prompt_tokens - self.cached_prompt_tokens
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """One HTTP request of any kind (generation, ``/info``, ``/tokenize``, ...), as it arrived."""
+
+    method: str
+    path: str
+    started: float
+    """``time.monotonic()`` when the request arrived."""
+    generation: bool
+    """The path is a generation endpoint (``/generate_stream``, ``/generate``,
+    ``/v1/completions``)."""
+    status: int | None = None
+    """The answer's HTTP status, once it has started (``None`` before)."""
 
 
 class PrefixCache:
