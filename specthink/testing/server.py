@@ -590,7 +590,11 @@ class LoopbackServer:
         body = await read_body(request, GenerateRequest)
         if isinstance(body, Response):
             return body
-        return JSONResponse(simple_tokens(self.tokenizer, body.inputs))
+        # TGI tokenizes with special tokens, as /generate does: BOS first where the model
+        # has one.
+        bos = self.template.bos_token
+        head = [{"id": self.tokenizer.token_id(bos), "text": bos, "start": 0, "stop": 0}]
+        return JSONResponse((head if bos else []) + simple_tokens(self.tokenizer, body.inputs))
 
     async def _chat_tokenize(self, request: Request) -> Response:
         chat = read_chat_body(await request.body())
