@@ -29,12 +29,14 @@ from .errors import (
 )
 from .rules import TakeoverRules
 from .trace import (
+    REASONING_START,
     Event,
     FallbackEvent,
     FinishEvent,
     Result,
     Rule,
     Source,
+    StartEvent,
     Statistics,
     TakeoverEvent,
     TextEvent,
@@ -47,7 +49,6 @@ TargetErrorPolicy = Literal["fallback", "raise"]
 T = TypeVar("T")
 
 DEFAULT_MAX_NEW_TOKENS = 4096
-REASONING_START = "<think>"
 CONTEXT_MARGIN_TOKENS = 8
 """Slack for re-tokenising accepted text, which may take a few more tokens than were generated."""
 
@@ -83,6 +84,10 @@ class _Run:
     events: list[Event] = field(default_factory=list)
     target_ok: bool = True
     in_scope: bool = True
+    model_ids: dict[str, str] = field(default_factory=dict)
+    starts_in_reasoning: bool = False
+    """The small prompt opened the reasoning and no grammar constrains the output."""
+    routing_key: str = ""
     reasoning: bool | None = None
     """Inside a reasoning section: the prompt or the text opened ``<think>`` and it has not
     closed yet (``None`` until the first accepted text tells)."""
@@ -175,12 +180,29 @@ class SpeculativeThinker:
         """Stream events as text is accepted; the last event is a :class:`FinishEvent`."""
         run = await self._prepare(messages, max_new_tokens=max_new_tokens, stop=stop,
                                   sampling=sampling, tools=tools, tool_choice=tool_choice)
+        # Yielded with the first event the loop produces, so a call that fails before it
+        # writes anything yields nothing at all.
+        start: StartEvent | None = StartEvent(
+            starts_in_reasoning=run.starts_in_reasoning, reasoning_end=self.rules.thinking_end,
+            routing_key=run.routing_key)
         for early in tuple(run.events):  # a target found down before the first request
+            if start is not None:
+                yield start
+                start = None
             yield early
         async with aclosing(self._drive(run)) as stream:
             async for event in stream:
+                if start is not None:
+                    yield start
+                    start = None
                 yield event
-        result = Result(text=run.text, events=tuple(run.events), stats=run.stats)
+        if start is not None:
+            yield start
+        models = {role: run.model_ids.get(role) or self.backends[role].url
+                  for role in ("small", "target")}
+        result = Result(text=run.text, events=tuple(run.events), stats=run.stats,
+                        starts_in_reasoning=run.starts_in_reasoning,
+                        reasoning_end=self.rules.thinking_end, models=models)
         yield FinishEvent(result)
 
     def generate(self, messages: Sequence[dict[str, Any]], **params: Any) -> Result:
@@ -241,6 +263,11 @@ class SpeculativeThinker:
         if isinstance(target_ready, BackendError):
             # the target is unreachable before we start: the policy decides, as mid-answer
             self._target_failed(run, target_ready)
+        # The one decision about the reasoning, from the prompt actually sent; a grammar makes
+        # the model write the constrained output at once.
+        constrained = run.sampling.grammar is not None and self.small.supports_grammar
+        run.starts_in_reasoning = (not constrained
+                                   and run.prompts["small"].rstrip().endswith(REASONING_START))
         return run
 
     @staticmethod
@@ -272,6 +299,7 @@ class SpeculativeThinker:
         except BackendError as exc:
             exc.role = role
             raise
+        run.model_ids[role] = info.model_id
         if info.max_stop_sequences is not None and stop_count > info.max_stop_sequences:
             raise ConfigError(
                 f"{stop_count} stop sequences given, but the {role} server {backend.url} allows "
@@ -598,7 +626,7 @@ class SpeculativeThinker:
         run.text += text
         end = self.rules.thinking_end
         if run.reasoning is None:
-            run.reasoning = (run.prompts["small"].rstrip().endswith(REASONING_START)
+            run.reasoning = (run.starts_in_reasoning
                              or run.text.lstrip().startswith(REASONING_START))
         if run.reasoning or (run.in_scope and self.rules.scope == "thinking"):
             closed = end in run.text[max(0, before - len(end)):]
