@@ -584,6 +584,11 @@ class OpenAICompletionsBackend(HTTPBackend):
             text = None if strs is None or len(strs) != len(ids) else decode_token_strs(strs)
         if text is None:
             text = await self._detokenize(ids)
+        # The BOS is cut here rather than sending add_special_tokens=false with the completion:
+        # every prompt this backend sends then follows one rule (client-side templates drop
+        # their BOS too, since adds_bos_token is True), the field is vLLM's own (llama.cpp,
+        # llama-cpp-python, TGI's /v1 and routers in between do not take it), and the server
+        # adds back the same id, so the prefix cache sees identical tokens.
         bos = rendering.bos_ids
         if bos and tuple(ids[:len(bos)]) == bos and text.startswith(rendering.bos_text):
             text = text[len(rendering.bos_text):]
