@@ -208,16 +208,17 @@ async def test_servers_without_a_template_endpoint_render_nothing_and_ask_once(
 class Scripted:
     """Answers by path (a callable gets the JSON body), keeps the paths asked."""
 
-    def __init__(self, routes: dict[str, Callable[[Any], httpx.Response]]) -> None:
+    def __init__(self, routes: dict[str, Callable[[Any], Any]]) -> None:
         self.routes = routes
         self.paths: list[str] = []
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
         self.paths.append(request.url.path)
         route = self.routes.get(request.url.path)
         if route is None:
             return httpx.Response(404, json={"detail": "Not Found"})
-        return route(json.loads(request.content) if request.content else None)
+        answer = route(json.loads(request.content) if request.content else None)
+        return await answer if asyncio.iscoroutine(answer) else answer  # type: ignore[no-any-return]
 
 
 @pytest.fixture
@@ -323,3 +324,85 @@ async def test_tgi_backend_tokenize(loopback_server: Start) -> None:
         assert await backend.count_tokens("Hi there") == 3
     finally:
         await backend.aclose()
+
+
+async def test_a_failed_detection_is_not_kept(
+        scripted: Callable[[Scripted], OpenAICompletionsBackend]) -> None:
+    """A server error while probing says nothing about what the server speaks: the next call
+    probes again. If this fails, one hiccup at start-up switches server rendering off for
+    the backend's life."""
+    answers = [httpx.Response(500, json={"error": {"message": "warming up", "type": "x",
+                                                   "code": 500}})]
+
+    def apply(body: Any) -> httpx.Response:
+        return answers.pop() if answers else httpx.Response(200, json={"prompt": "rendered"})
+
+    server = Scripted({"/tokenize": lambda body: httpx.Response(
+        200, json={"tokens": [1] if "content" in body else []}), "/apply-template": apply})
+    backend = scripted(server)
+    with pytest.raises(BackendStatusError, match="warming up"):
+        await backend.render_chat(MESSAGES)
+    assert await backend.render_chat(MESSAGES) == "rendered"
+
+    failing = Scripted({"/tokenize": lambda body: httpx.Response(
+        500, json={"error": {"message": "down", "type": "x", "code": 500}})})
+    backend = scripted(failing)
+    with pytest.raises(BackendStatusError):
+        await backend.render_chat(MESSAGES)
+    assert backend.chat_rendering is None and backend.tokenize_method is None
+
+
+def old_vllm(body: Any) -> httpx.Response:
+    """A vLLM from before ``return_token_strs``: ids only; BOS id 1 added to raw prompts."""
+    if "messages" in body:
+        ids = [1, 10, 11]
+    else:
+        ids = [1, *([1, 10, 11] if body["prompt"] == "<s>Hi" else [10])]
+    return httpx.Response(200, json={"count": len(ids), "max_model_len": 8, "tokens": ids})
+
+
+def old_detokenize(body: Any) -> httpx.Response:
+    text = {1: "<s>", 10: "H", 11: "i"}
+    return httpx.Response(200, json={"prompt": "".join(text[i] for i in body["tokens"])})
+
+
+async def test_a_vllm_without_token_strings_renders_through_detokenize(
+        scripted: Callable[[Scripted], OpenAICompletionsBackend]) -> None:
+    """Without token strings nothing can be decoded client-side: ``/detokenize`` renders, and
+    the BOS text comes from it too. If this fails, an older vLLM gets a doubled BOS."""
+    server = Scripted({"/tokenize": old_vllm, "/detokenize": old_detokenize})
+    backend = scripted(server)
+    assert await backend.render_chat(MESSAGES) == "Hi"
+    assert backend.chat_rendering == ChatRendering("vllm", False, (1,), "<s>")
+    asked = len(server.paths)
+    assert await backend.render_chat(MESSAGES) == "Hi"
+    assert server.paths[asked:] == ["/tokenize", "/detokenize"]
+
+
+def test_detection_is_shared_within_each_event_loop_in_turn() -> None:
+    """The sync edge runs its own loop: a detection that failed under concurrent callers on
+    one loop is retried by concurrent callers on another. If this fails, the second loop's
+    callers raise about a lock bound to the first loop."""
+    up = False
+
+    async def tokenize(body: Any) -> httpx.Response:
+        await asyncio.sleep(0)  # let the other callers queue on the detection
+        if not up:
+            return httpx.Response(500, json={"error": {"message": "down", "type": "x",
+                                                       "code": 500}})
+        return httpx.Response(200, json={"tokens": [1] if "content" in body else []})
+
+    server = Scripted({"/tokenize": tokenize, "/apply-template": lambda body: httpx.Response(
+        200, json={"prompt": "rendered"})})
+    client = httpx.AsyncClient(transport=httpx.MockTransport(server))
+    backend = OpenAICompletionsBackend("http://server.test", model="m", client=client,
+                                       retry_backoff=0.0)
+
+    async def render_four() -> list[Any]:
+        return await asyncio.gather(*(backend.render_chat(MESSAGES) for _ in range(4)),
+                                    return_exceptions=True)
+
+    assert all(isinstance(r, BackendStatusError) for r in asyncio.run(render_four()))
+    up = True
+    assert asyncio.run(render_four()) == ["rendered"] * 4
+    asyncio.run(client.aclose())
