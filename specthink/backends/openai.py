@@ -12,6 +12,7 @@ shared error mapper and thin I/O on :class:`OpenAICompletionsBackend`.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -41,7 +42,7 @@ from specthink.errors import (
 )
 
 __all__ = ["ChatRendering", "CompletionDecoder", "OpenAICompletionsBackend", "completion_body",
-           "decode_token_strs"]
+           "decode_token_strs", "openai_messages"]
 
 logger = logging.getLogger("specthink.backends")
 
@@ -555,8 +556,8 @@ class OpenAICompletionsBackend(HTTPBackend):
     def _vllm_chat_body(messages: Sequence[dict[str, Any]],
                         tools: Sequence[dict[str, Any]] | None,
                         model: str | None) -> dict[str, Any]:
-        body: dict[str, Any] = {"messages": list(messages), "add_generation_prompt": True,
-                                "return_token_strs": True}
+        body: dict[str, Any] = {"messages": openai_messages(messages),
+                                "add_generation_prompt": True, "return_token_strs": True}
         if model is not None:
             body["model"] = model
         if tools:
@@ -596,7 +597,8 @@ class OpenAICompletionsBackend(HTTPBackend):
 
     async def _render_llama_cpp(self, messages: Sequence[dict[str, Any]],
                                 tools: Sequence[dict[str, Any]] | None) -> str | None:
-        body: dict[str, Any] = {"messages": list(messages), "add_generation_prompt": True}
+        body: dict[str, Any] = {"messages": openai_messages(messages),
+                                "add_generation_prompt": True}
         if tools:
             body["tools"] = list(tools)
         try:
@@ -611,6 +613,27 @@ class OpenAICompletionsBackend(HTTPBackend):
         if not isinstance(prompt, str):
             raise BackendError(f"/apply-template answered {str(answer)[:200]}", url=self.url)
         return prompt
+
+
+def openai_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` as OpenAI's chat schema has them, which vLLM and llama.cpp validate: a tool
+    call's ``arguments`` is a JSON string (``prompts.validate_messages`` decodes it to the
+    object chat templates want; the servers decode it again before rendering)."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls")
+        if calls:
+            message = {**message, "tool_calls": [_string_arguments(call) for call in calls]}
+        out.append(message)
+    return out
+
+
+def _string_arguments(call: Any) -> Any:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or isinstance(function.get("arguments"), str):
+        return call
+    arguments = json.dumps(function.get("arguments") or {}, ensure_ascii=False)
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def _int_list(value: object) -> list[int] | None:

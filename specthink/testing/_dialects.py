@@ -65,6 +65,17 @@ def vllm_error(status: int, message: str, error_type: str = "BadRequestError") -
                               "code": status}}
 
 
+def _schema_error(messages: list[dict[str, Any]]) -> str | None:
+    """What OpenAI's message schema (vLLM's ChatCompletionMessageParam, llama.cpp's
+    oaicompat parser) rejects here: a tool call whose ``arguments`` is not a JSON string."""
+    for index, message in enumerate(messages):
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+                return f"messages.{index}.tool_calls.function.arguments: Input should be a string"
+    return None
+
+
 def _flag(body: dict[str, Any], name: str, default: bool) -> bool | None:
     value = body.get(name, default)
     return value if isinstance(value, bool) else None
@@ -96,6 +107,9 @@ def vllm_tokenize(body: Any, served: Served) -> Answer:
         messages, tools = body.get("messages"), body.get("tools")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             return vllm_error(400, "`messages` must be a list of messages")
+        wrong_schema = _schema_error(messages)
+        if wrong_schema is not None:
+            return vllm_error(400, wrong_schema)
         if tools is not None and not isinstance(tools, list):
             return vllm_error(400, "`tools` must be a list")
         generation_prompt = _flag(body, "add_generation_prompt", True)
@@ -176,6 +190,9 @@ def llamacpp_apply_template(body: Any, served: Served) -> Answer:
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         return 400, {"error": {"code": 400, "message": "'messages' is required",
                                "type": "invalid_request_error"}}
+    wrong_schema = _schema_error(messages)
+    if wrong_schema is not None:
+        return 500, {"error": {"code": 500, "message": wrong_schema, "type": "server_error"}}
     tools = body.get("tools")
     prompt = served.template.render(messages, tools if isinstance(tools, list) else None)
     bos = served.template.bos_token

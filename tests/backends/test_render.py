@@ -406,3 +406,24 @@ def test_detection_is_shared_within_each_event_loop_in_turn() -> None:
     up = True
     assert asyncio.run(render_four()) == ["rendered"] * 4
     asyncio.run(client.aclose())
+
+
+TOOL_TURNS = [
+    {"role": "user", "content": "2+3?"},
+    {"role": "assistant", "content": None, "tool_calls": [{
+        "id": "call_1", "type": "function",
+        "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+]
+"""A tool round trip as ``prompts.validate_messages`` leaves it: ``arguments`` decoded."""
+
+
+@pytest.mark.parametrize("flavor", ["vllm", "llamacpp"])
+async def test_tool_call_arguments_go_as_json_strings(loopback_server: Start, backends: Make,
+                                                      flavor: str) -> None:
+    """vLLM and llama.cpp validate messages against OpenAI's schema, where ``arguments`` is a
+    string; if this fails, every conversation with a tool call is a 400 (or 500)."""
+    server = serve(loopback_server, flavor)
+    prompt = await backends(server.url).render_chat(TOOL_TURNS, [TOOL])
+    assert prompt == server.template.render(TOOL_TURNS, [TOOL]).removeprefix(R1_BOS)
+    assert TOOL_TURNS[1]["tool_calls"][0]["function"]["arguments"] == {"a": 2, "b": 3}

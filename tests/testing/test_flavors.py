@@ -139,6 +139,9 @@ async def test_vllm_tokenize_messages_renders_the_template_and_detokenize_revers
 
 @pytest.mark.parametrize(("body", "status"), [
     ({"text": "x"}, 400),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "add", "arguments": {}}}]}]},
+     400),
     ({"prompt": "x", "model": "other/model"}, 404),
     ({"messages": USER, "add_generation_prompt": True, "continue_final_message": True}, 400),
 ])
