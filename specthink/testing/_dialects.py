@@ -8,11 +8,13 @@ body to ``(status, answer)``.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from specthink.testing._templates import ServerChatTemplate, TokenStrings, Vocabulary, token_strings
+from specthink.testing._wire import Job, Token
 from specthink.testing.models import Tokenizer
 
 __all__ = [
@@ -25,6 +27,10 @@ __all__ = [
     "llamacpp_props",
     "llamacpp_tokenize",
     "models_answer",
+    "openai_completion_answer",
+    "openai_completion_chunk",
+    "openai_envelope",
+    "openai_error_event",
     "python_detokenize",
     "python_tokenize",
     "vllm_detokenize",
@@ -269,3 +275,61 @@ def models_answer(flavor: Flavor, served: Served, total_slots: int) -> dict[str,
     return {"object": "list", "data": [
         {"id": model_id, "object": "model", "created": 0, "owned_by": model_id}]}
 
+
+
+# --------------------------------------------------------------------------- /v1/completions
+
+
+def openai_envelope(model_id: str, created: int) -> dict[str, Any]:
+    """What vLLM's (and llama.cpp's) completion answers and chunks start with."""
+    return {"id": "cmpl-loopback", "object": "text_completion", "created": created,
+            "model": model_id}
+
+
+def _finish(job: Job) -> str:
+    # OpenAI's finish reasons: a stop sequence and end-of-sequence are both "stop".
+    return "length" if job.finish == "length" else "stop"
+
+
+def _usage(job: Job) -> dict[str, int]:
+    prompt, completion = len(job.prompt_ids), len(job.tokens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _event(payload: Any) -> bytes:
+    # vLLM (FastAPI) and llama.cpp write "data: " with a space.
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def openai_completion_chunk(envelope: dict[str, Any], job: Job, token: Token, last: bool, *,
+                            include_usage: bool) -> bytes:
+    """One streamed chunk as vLLM writes it: the end-of-sequence step has empty text and
+    finish reason "stop"; with ``stream_options.include_usage`` the usage follows in a chunk of
+    its own with no choices, then ``[DONE]``."""
+    text, _, special = token
+    choice = {"index": 0, "text": "" if special else text, "logprobs": None,
+              "finish_reason": _finish(job) if last else None, "stop_reason": None}
+    data = _event({**envelope, "choices": [choice], "usage": None})
+    if not last:
+        return data
+    if include_usage:
+        data += _event({**envelope, "choices": [], "usage": _usage(job)})
+    return data + DONE
+
+
+def openai_completion_answer(envelope: dict[str, Any], job: Job) -> dict[str, Any]:
+    """A non-streamed completion answer as vLLM gives it."""
+    return {**envelope, "choices": [{"index": 0, "text": job.text, "logprobs": None,
+                                     "finish_reason": _finish(job), "stop_reason": None}],
+            "usage": _usage(job)}
+
+
+def openai_error_event(message: str, error_type: str) -> bytes:
+    """An error inside a 200 stream, as vLLM sends one (``{"error": {...}}``), then
+    ``[DONE]``."""
+    return _event({"error": {"message": message, "type": error_type, "param": None,
+                             "code": 500}}) + DONE

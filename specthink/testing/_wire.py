@@ -126,8 +126,13 @@ class CompletionRequest(BaseModel):
     suffix: str | None = None
     add_special_tokens: bool = True
     """vLLM's extension: false sends the prompt without the BOS the tokenizer adds."""
+    stream_options: dict[str, Any] | None = None
     repetition_penalty: float | None = None
     frequency_penalty: float | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
 
     def to_parameters(self) -> Parameters:
         """As TGI: temperature 0 means greedy, anything else samples; 100 tokens by default."""

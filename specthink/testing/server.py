@@ -627,6 +627,8 @@ class LoopbackServer:
         if isinstance(admitted, Response):
             return admitted
         job = admitted.job
+        if self.flavor != "tgi":
+            return await self._openai_completion(admitted, body)
         envelope = completion_envelope(self.model_id, int(time.time()))
         if not body.stream:
             await self._complete(admitted)
@@ -634,3 +636,18 @@ class LoopbackServer:
         return self._token_stream(
             admitted, lambda index, token, last: completion_chunk(envelope, job, token, last),
             lambda message, kind: json_line(error_body(message, kind)) + DONE)
+
+    async def _openai_completion(self, admitted: Generation,
+                                 body: CompletionRequest) -> Response:
+        """vLLM's and llama.cpp's completions: OpenAI's finish reasons, the usage in a chunk of
+        its own when asked for (llama-cpp-python's server never sends it in a stream)."""
+        job = admitted.job
+        envelope = _dialects.openai_envelope(self.model_id, int(time.time()))
+        if not body.stream:
+            await self._complete(admitted)
+            return JSONResponse(_dialects.openai_completion_answer(envelope, job))
+        usage = body.include_usage and self.flavor != "llama-cpp-python"
+        return self._token_stream(
+            admitted, lambda index, token, last: _dialects.openai_completion_chunk(
+                envelope, job, token, last, include_usage=usage),
+            _dialects.openai_error_event)

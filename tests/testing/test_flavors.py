@@ -14,7 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from specthink.testing import LoopbackServer, ScriptedModel
+from specthink.backends import OpenAICompletionsBackend, SamplingParams
+from specthink.errors import StreamErrorEvent
+from specthink.testing import Fault, LoopbackServer, ScriptedModel
 from specthink.testing._templates import (
     CHAT_TEMPLATES,
     Vocabulary,
@@ -301,3 +303,73 @@ async def test_every_request_is_recorded_in_order_with_its_status(
     assert len(server.records) == 1
     server.reset()
     assert server.calls == []
+
+
+# --------------------------------------------------------------------------- /v1/completions
+
+
+def events(body: str) -> list[Any]:
+    return [json.loads(line[len("data: "):]) for line in body.splitlines()
+            if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+async def test_vllm_completion_stream_has_its_own_usage_chunk(
+        loopback_server: Start, http: httpx.AsyncClient) -> None:
+    """vLLM: OpenAI's finish reasons, the end-of-sequence step as an empty "stop" chunk, the
+    usage in a chunk with no choices only when asked. If this fails, the client's handling of
+    vLLM's stream is tested against TGI's."""
+    server = serve(loopback_server, "vllm")
+    request = {"prompt": "<｜User｜>2+2?<｜Assistant｜>", "max_tokens": 32, "stream": True,
+               "temperature": 0, "stream_options": {"include_usage": True}}
+    answer = await http.post(f"{server.url}/v1/completions", json=request)
+    assert answer.text.endswith("data: [DONE]\n\n")
+    stream = events(answer.text)
+    *tokens, finish, usage = stream
+    assert "".join(c["choices"][0]["text"] for c in tokens) == "Fine.</think>Four."
+    assert all(c["choices"][0]["finish_reason"] is None for c in tokens)
+    assert finish["choices"] == [{"index": 0, "text": "", "logprobs": None,
+                                  "finish_reason": "stop", "stop_reason": None}]
+    assert usage["choices"] == [] and usage["usage"]["prompt_tokens"] == (
+        server.records[-1].prompt_tokens)
+    without = await http.post(f"{server.url}/v1/completions",
+                              json={**request, "stream_options": None})
+    assert all(c["choices"] for c in events(without.text))
+    plain = (await http.post(f"{server.url}/v1/completions",
+                             json={"prompt": request["prompt"], "max_tokens": 2})).json()
+    assert plain["choices"][0]["finish_reason"] == "length" and "usage" in plain
+
+
+async def test_the_backend_reads_each_flavors_usage(loopback_server: Start) -> None:
+    """The prompt count arrives from vLLM (BOS included) and llama.cpp; llama-cpp-python's
+    server sends none in a stream. If this fails, ``input_tokens`` tests prove nothing about
+    the vLLM path."""
+    for flavor, counted in (("vllm", True), ("llamacpp", True), ("llama-cpp-python", False)):
+        server = serve(loopback_server, flavor)
+        backend = OpenAICompletionsBackend(server.url)
+        try:
+            async with backend.stream("<｜User｜>Hi<｜Assistant｜>", max_new_tokens=16,
+                                      sampling=SamplingParams()) as stream:
+                tokens = [token async for token in stream]
+        finally:
+            await backend.aclose()
+        assert "".join(t.text for t in tokens) == "Fine.</think>Four."
+        assert tokens[-1].finish_reason == "eos"
+        expected = server.records[-1].prompt_tokens if counted else None
+        assert tokens[-1].input_tokens == expected, flavor
+
+
+async def test_an_injected_error_event_has_vllms_shape(loopback_server: Start) -> None:
+    """vLLM reports an error inside the stream as ``{"error": {message, type}}``; the client
+    still sees the error type (so overload is retried)."""
+    server = serve(loopback_server, "vllm")
+    server.inject(Fault.error_event(after_tokens=1, error_type="generation"))
+    backend = OpenAICompletionsBackend(server.url)
+    try:
+        with pytest.raises(StreamErrorEvent) as info:
+            async with backend.stream("<｜User｜>Hi<｜Assistant｜>", max_new_tokens=16,
+                                      sampling=SamplingParams()) as stream:
+                async for _ in stream:
+                    pass
+    finally:
+        await backend.aclose()
+    assert info.value.error_type == "generation"
