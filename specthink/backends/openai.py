@@ -393,25 +393,25 @@ class OpenAICompletionsBackend(HTTPBackend):
         (``{"content"}``), llama-cpp-python's ``/extras/tokenize`` (``{"input"}``); concurrent
         first callers share that search, and its answer is kept (:attr:`tokenize_method`).
         """
-        method, ids = await self._tokenizer(text)
-        if method == "estimate":
-            return -(-len(text) // 4)
-        if ids is None:
-            ids = await self._ids(method, text)
-        if ids is None:
-            raise BackendError(f"{self.url} answered its tokenizer ({method}) with an "
-                               "unexpected shape", url=self.url)
-        return len(ids)
+        ids = await self._server_ids(text)
+        return -(-len(text) // 4) if ids is None else len(ids)
 
     async def tokenize(self, text: str) -> list[int]:
         """The server's token ids of ``text`` as a raw prompt (BOS first where the server adds
         it), from the endpoint :meth:`count_tokens` describes. Raises ``BackendError`` when the
         server has no tokenizer endpoint."""
-        method, ids = await self._tokenizer(text)
-        if method == "estimate":
+        ids = await self._server_ids(text)
+        if ids is None:
             raise BackendError(f"{self.url} has no tokenizer endpoint (tried vLLM's and TGI's "
                                "/tokenize, llama.cpp's /tokenize, llama-cpp-python's "
                                "/extras/tokenize)", url=self.url)
+        return ids
+
+    async def _server_ids(self, text: str) -> list[int] | None:
+        """``text``'s ids from the server's tokenizer; ``None`` when it has none."""
+        method, ids = await self._tokenizer(text)
+        if method == "estimate":
+            return None
         if ids is None:
             ids = await self._ids(method, text)
         if ids is None:

@@ -427,3 +427,16 @@ async def test_tool_call_arguments_go_as_json_strings(loopback_server: Start, ba
     prompt = await backends(server.url).render_chat(TOOL_TURNS, [TOOL])
     assert prompt == server.template.render(TOOL_TURNS, [TOOL]).removeprefix(R1_BOS)
     assert TOOL_TURNS[1]["tool_calls"][0]["function"]["arguments"] == {"a": 2, "b": 3}
+
+
+async def test_concurrent_first_counts_share_one_search(loopback_server: Start,
+                                                        backends: Make) -> None:
+    """Eight conversations counting at once: the tokenizer endpoint is searched once, then
+    each count is one request. If this fails, a burst repeats the search per conversation."""
+    server = serve(loopback_server, "llama-cpp-python")
+    backend = backends(server.url)
+    counts = await asyncio.gather(*(backend.count_tokens(" ".join(["Hi"] * n))
+                                    for n in range(1, 9)))
+    assert counts == [1 + n for n in range(1, 9)]  # BOS, then one token per "Hi"
+    assert paths(server) == ["/v1/models", "/tokenize", "/tokenize", "/tokenize",
+                             *["/extras/tokenize"] * 8]
