@@ -15,21 +15,22 @@ import asyncio
 import json
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import httpx
 
 from specthink import _constants
-from specthink.backends._http import ServerSentEvent, SSEStream
 from specthink.backends._httpbackend import (
-    HTTPBackend,
+    DEFAULT_ROUTING_HEADERS,
+    SSEBackend,
     event_json,
     no_finish_reason,
     sampling_fields,
 )
+from specthink.backends._sse import ServerSentEvent, SSEStream
 from specthink.backends.base import FinishReason, SamplingParams, ServerInfo, StreamToken
 from specthink.errors import (
     BackendConnectionError,
@@ -39,10 +40,11 @@ from specthink.errors import (
     ConfigError,
     StreamDroppedError,
     StreamErrorEvent,
+    in_stream_error,
 )
 
-__all__ = ["ChatRendering", "CompletionDecoder", "OpenAICompletionsBackend", "completion_body",
-           "decode_token_strs", "openai_messages"]
+__all__ = ["BACKEND", "ChatRendering", "CompletionDecoder", "OpenAICompletionsBackend",
+           "completion_body", "decode_token_strs", "openai_messages"]
 
 logger = logging.getLogger("specthink.backends")
 
@@ -169,9 +171,9 @@ def _error_event(payload: dict[str, Any], url: str, tokens_received: int) -> Str
         message, error_type = error, payload.get("error_type")
     else:  # older vLLM: {"object": "error", "message", "type"}
         message, error_type = payload.get("message"), payload.get("type")
-    return StreamErrorEvent(str(message or "error event"), url=url,
-                            error_type=None if error_type is None else str(error_type),
-                            tokens_received=tokens_received)
+    return in_stream_error(str(message or "error event"), url=url,
+                           error_type=None if error_type is None else str(error_type),
+                           tokens_received=tokens_received)
 
 
 def _is_error(payload: object) -> bool:
@@ -274,7 +276,7 @@ class _TokenStream:
         return self._decoder.end()
 
 
-class OpenAICompletionsBackend(HTTPBackend):
+class OpenAICompletionsBackend(SSEBackend):
     """An OpenAI-compatible completions server (vLLM, SGLang, llama.cpp, TGI's ``/v1``).
 
     Example::
@@ -292,10 +294,13 @@ class OpenAICompletionsBackend(HTTPBackend):
     timeouts and retries as :class:`TGIBackend`.
     """
 
+    kind: ClassVar[str] = "openai"
+    """The name :func:`specthink.backends.create` knows this protocol by."""
     adds_bos_token = True
     """vLLM, SGLang and llama.cpp tokenize raw prompts with BOS, as TGI does: a prompt from
     :meth:`render_chat` comes without it, and a client-side rendering must drop its own."""
     supports_grammar = False
+    keeps_tool_turns = True
 
     def __init__(self, url: str, *, model: str | None = None, api_key: str | None = None,
                  client: httpx.AsyncClient | None = None,
@@ -305,14 +310,17 @@ class OpenAICompletionsBackend(HTTPBackend):
                  max_retries: int = _constants.DEFAULT_MAX_RETRIES,
                  retry_backoff: float = _constants.RETRY_INITIAL_BACKOFF,
                  retry_max_backoff: float = _constants.RETRY_MAX_BACKOFF,
-                 retry_deadline: float | None = _constants.RETRY_DEADLINE) -> None:
+                 retry_deadline: float | None = _constants.RETRY_DEADLINE,
+                 routing_headers: Sequence[str] = DEFAULT_ROUTING_HEADERS,
+                 headers: Mapping[str, str] | None = None) -> None:
         url = url.rstrip("/") if isinstance(url, str) else url
         if isinstance(url, str) and url.endswith("/v1"):
             url = url[: -len("/v1")]  # accept the OpenAI SDK's base_url spelling too
         super().__init__(url, api_key=api_key, client=client, timeout=timeout,
                          connect_timeout=connect_timeout, read_timeout=read_timeout,
                          max_retries=max_retries, retry_backoff=retry_backoff,
-                         retry_max_backoff=retry_max_backoff, retry_deadline=retry_deadline)
+                         retry_max_backoff=retry_max_backoff, retry_deadline=retry_deadline,
+                         routing_headers=routing_headers, headers=headers)
         self.model = model
         self.tokenize_method: TokenizeMethod | None = None
         """Which tokenizer endpoint worked (found on first use, then kept)."""
@@ -348,25 +356,23 @@ class OpenAICompletionsBackend(HTTPBackend):
     def _tokens(self, stream: SSEStream) -> AsyncIterator[StreamToken]:
         return _TokenStream(stream)
 
-    async def info(self) -> ServerInfo:
-        """``GET /v1/models``, fetched once: the model id (``model`` if given and listed), and
-        the context length where the server reports one (vLLM's ``max_model_len``)."""
-        if self._info is None:
-            raw = await self._conn.request_json("GET", "/v1/models")
-            data = raw.get("data") if isinstance(raw, dict) else None
-            entries = [e for e in data or () if isinstance(e, dict) and "id" in e]
-            if not entries:
-                raise BackendError(f"/v1/models lists no model: {str(raw)[:200]}", url=self.url)
-            entry = next((e for e in entries if e["id"] == self.model), entries[0])
-            max_len = entry.get("max_model_len")
-            max_len = max_len if isinstance(max_len, int) and max_len > 0 else None
-            self._info = ServerInfo(
-                model_id=str(entry["id"]),
-                # A prompt must leave room for at least one new token.
-                max_input_tokens=max_len - 1 if max_len else None,
-                max_total_tokens=max_len,
-                raw=raw)
-        return self._info
+    async def _fetch_info(self) -> ServerInfo:
+        """``GET /v1/models``: the model id (``model`` if given and listed), and the context
+        length where the server reports one (vLLM's ``max_model_len``)."""
+        raw = await self._conn.request_json("GET", "/v1/models")
+        data = raw.get("data") if isinstance(raw, dict) else None
+        entries = [e for e in data or () if isinstance(e, dict) and "id" in e]
+        if not entries:
+            raise BackendError(f"/v1/models lists no model: {str(raw)[:200]}", url=self.url)
+        entry = next((e for e in entries if e["id"] == self.model), entries[0])
+        max_len = entry.get("max_model_len")
+        max_len = max_len if isinstance(max_len, int) and max_len > 0 else None
+        return ServerInfo(
+            model_id=str(entry["id"]),
+            # A prompt must leave room for at least one new token.
+            max_input_tokens=max_len - 1 if max_len else None,
+            max_total_tokens=max_len,
+            raw=raw)
 
     async def health(self) -> bool:
         """True when ``/health`` (vLLM, SGLang, TGI, llama.cpp) or else ``/v1/models`` answers
@@ -647,3 +653,7 @@ def _str_list(value: object) -> list[str] | None:
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return value
     return None
+
+
+BACKEND = OpenAICompletionsBackend
+"""The class :func:`specthink.backends.create` builds for this protocol."""

@@ -46,10 +46,16 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from specthink.testing import _dialects
-from specthink.testing._accounting import CallRecord, LatencyModel, PrefixCache, RequestRecord
+from specthink.testing._accounting import (
+    CallRecord,
+    LatencyModel,
+    PrefixCache,
+    RequestRecord,
+    recorded_headers,
+)
 from specthink.testing._dialects import FLAVORS, Flavor, Served
 from specthink.testing._faults import OVERLOADED, STATUS_BODIES, Fault
 from specthink.testing._faults import FaultKind as FaultKind
@@ -304,9 +310,9 @@ class LoopbackServer:
             self._started.set()
 
     async def _serve(self) -> None:
-        config = uvicorn.Config(self._record_calls, interface="asgi3", host=self.host,
-                                port=self.port, lifespan="off", http="h11", loop="asyncio",
-                                log_level="warning", access_log=False, backlog=4096)
+        config = uvicorn.Config(self._logging_calls(self.app), host=self.host, port=self.port,
+                                lifespan="off", http="h11", loop="asyncio", log_level="warning",
+                                access_log=False, backlog=4096)
         config.load()
         server = uvicorn.Server(config)
         server.lifespan = config.lifespan_class(config)
@@ -351,10 +357,15 @@ class LoopbackServer:
 
     @property
     def calls(self) -> list[CallRecord]:
-        """A snapshot of every request so far (generation or not), in order of arrival: what a
-        client asked of this server, e.g. before its first generation request."""
+        """A snapshot of every request so far (``/info``, ``/tokenize``, ... and generations),
+        in order of arrival: what a client asked of this server, e.g. before its first
+        generation request."""
         with self._lock:
             return [dataclasses.replace(call) for call in self._calls]
+
+    def calls_to(self, path: str) -> list[CallRecord]:
+        """The requests so far to ``path``."""
+        return [call for call in self.calls if call.path == path]
 
     @property
     def pending_faults(self) -> list[Fault]:
@@ -370,24 +381,6 @@ class LoopbackServer:
             self.cache.clear()
 
     # ----------------------------------------------------------------- plumbing
-
-    async def _record_calls(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The ASGI app uvicorn runs: the routes, with every HTTP request recorded on arrival
-        and its status on the answer's start."""
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        call = CallRecord(scope["method"], path, time.monotonic(), path in GENERATION_PATHS)
-        with self._lock:
-            self._calls.append(call)
-
-        async def record_status(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                call.status = message["status"]
-            await send(message)
-
-        await self.app(scope, receive, record_status)
 
     @property
     def served(self) -> Served:
@@ -419,11 +412,33 @@ class LoopbackServer:
                     return fault  # type: ignore[no-any-return]
         return None
 
+    def _logging_calls(self, app: ASGIApp) -> ASGIApp:
+        """``app``, keeping a :class:`CallRecord` of each HTTP request before it is served, and
+        its status once the answer starts."""
+        async def logged(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            path = scope["path"]
+            call = CallRecord(scope["method"], path, recorded_headers(scope["headers"]),
+                              time.monotonic(), path in GENERATION_PATHS)
+            with self._lock:
+                self._calls.append(call)
+
+            async def record_status(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    call.status = message["status"]
+                await send(message)
+
+            await app(scope, receive, record_status)
+
+        return logged
+
     def _new_record(self, path: str, prompt: str, parameters: dict[str, Any],
-                    model_input: str) -> RequestRecord:
+                    headers: dict[str, str], model_input: str) -> RequestRecord:
         with self._lock:
             record = RequestRecord(self._next_id, path, prompt, parameters, time.monotonic(),
-                                   model_input=model_input)
+                                   headers=headers, model_input=model_input)
             self._next_id += 1
             self._records.append(record)
         return record
@@ -453,15 +468,16 @@ class LoopbackServer:
         return Job(inputs, prompt_ids, tokens, finish, max_new_tokens, params.reported_seed,
                    params.details)
 
-    def _admit(self, path: str, prompt: str, params: Parameters, parameters: dict[str, Any],
-               *, streaming: bool, done: bool = False,
+    def _admit(self, request: Request, path: str, prompt: str, params: Parameters,
+               parameters: dict[str, Any], *, streaming: bool, done: bool = False,
                add_bos: bool = True) -> Generation | Response:
         """Record a generation request, then, as TGI: answer a status fault, take a concurrency
         permit (or answer "overloaded") and validate. ``done`` ends in-stream errors with
         ``[DONE]`` (OpenAI streams); ``add_bos`` prepends the tokenizer's BOS, as every server
         does to a raw prompt."""
         model_input = (self.template.bos_token if add_bos else "") + prompt
-        record = self._new_record(path, prompt, parameters, model_input)
+        record = self._new_record(path, prompt, parameters,
+                                  recorded_headers(request.scope["headers"]), model_input)
         fault = self._take_fault(path, streaming=streaming)
         if fault is not None:
             self._update(record, fault=fault)
@@ -540,8 +556,8 @@ class LoopbackServer:
         if isinstance(body, Response):
             return body
         params = body.parameters
-        admitted = self._admit(path, body.inputs, params, params.model_dump(exclude_unset=True),
-                               streaming=streaming)
+        admitted = self._admit(request, path, body.inputs, params,
+                               params.model_dump(exclude_unset=True), streaming=streaming)
         return admitted if isinstance(admitted, Response) else (params, admitted)
 
     async def _generate_stream(self, request: Request) -> Response:
@@ -620,7 +636,7 @@ class LoopbackServer:
         prompt = completion_prompt(body)
         if isinstance(prompt, Response):
             return prompt
-        admitted = self._admit("/v1/completions", prompt, body.to_parameters(),
+        admitted = self._admit(request, "/v1/completions", prompt, body.to_parameters(),
                                body.model_dump(exclude_unset=True, exclude={"prompt"}),
                                streaming=body.stream, done=True,
                                add_bos=body.add_special_tokens or self.flavor != "vllm")
