@@ -95,12 +95,19 @@ class Backend(Protocol):
 
     async def count_tokens(self, text: str) -> int: ...
 
+    async def tokenize(self, text: str) -> list[int]:
+        """The server's token ids of ``text`` as a raw prompt (BOS first where the server adds
+        it); ``BackendError`` when the server has no tokenizer endpoint."""
+        ...
+
     async def render_chat(self, messages: Sequence[dict[str, Any]],
                           tools: Sequence[dict[str, Any]] | None = None, *,
                           tool_choice: str | dict[str, Any] | None = None) -> str | None:
         """The server's own chat template applied to ``messages`` with the generation prompt,
         or ``None`` when the server cannot render templates (found out once per backend).
-        ``tool_choice`` is OpenAI's: ``"auto"``, ``"none"``, ``"required"`` or a function."""
+        ``tool_choice`` is OpenAI's: ``"auto"``, ``"none"``, ``"required"`` or a function; it
+        goes to servers whose template endpoint takes one (TGI), others render ``tools`` as
+        given."""
         ...
 
     async def aclose(self) -> None: ...

@@ -124,6 +124,9 @@ class ScriptedBackend:
     async def count_tokens(self, text: str) -> int:
         return self.tokenizer.count(text)
 
+    async def tokenize(self, text: str) -> list[int]:
+        return [self.tokenizer.token_id(piece) for piece in self.tokenizer.tokenize(text)]
+
     async def render_chat(self, messages: Sequence[dict[str, Any]],
                           tools: Sequence[dict[str, Any]] | None = None, *,
                           tool_choice: str | dict[str, Any] | None = None) -> str | None:
