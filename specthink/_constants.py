@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import httpx
 
+VERSION = "0.1.0"
+"""The package's version (``specthink.__version__``; pyproject.toml says the same, tested)."""
+
+API_KEY_ENV = "SPECTHINK_API_KEY"
+"""Where a backend finds its bearer token when none is passed."""
+
 DEFAULT_CONNECT_TIMEOUT = 5.0
 """Seconds to open a TCP connection to a server."""
 

@@ -291,8 +291,8 @@ class ChatSpeculativeThinking(BaseChatModel):
     stop: list[str] | None = Field(default=None, alias="stop_sequences")
     """Stop sequences: the output is cut where the first one begins."""
     timeout: float | None = Field(default=None, gt=0, alias="request_timeout")
-    """Seconds a server may stay silent (connecting or mid-stream) before the request fails;
-    a long, healthy stream is never cut. Default: 120 s of silence."""
+    """Read timeout: seconds a server may stay silent between two bytes before the request
+    fails; a long, healthy stream is never cut. Default: 120 s (5 s to connect)."""
     max_retries: int | None = Field(default=None, ge=0)
     """Retries of a request that failed before its first token; default 2."""
     api_key: SecretStr | None = Field(
@@ -449,21 +449,15 @@ class ChatSpeculativeThinking(BaseChatModel):
                 self.api_key, id(self._backends))
 
     def _build_backends(self) -> tuple[Backend, Backend]:
-        secret = self.api_key.get_secret_value() if self.api_key else None
-        options: dict[str, Any] = {"api_key": secret}
+        from specthink.backends import create
+
+        options: dict[str, Any] = {"api_key": self.api_key}
         if self.timeout is not None:
             options["read_timeout"] = self.timeout
         if self.max_retries is not None:
             options["max_retries"] = self.max_retries
-        if self.backend == "tgi":
-            from specthink.backends.tgi import TGIBackend
-
-            return (TGIBackend(self.small_url, **options),
-                    TGIBackend(self.target_url, **options))
-        from specthink.backends.openai import OpenAICompletionsBackend
-
-        return (OpenAICompletionsBackend(self.small_url, model=self.small_model, **options),
-                OpenAICompletionsBackend(self.target_url, model=self.target_model, **options))
+        return (create(self.backend, self.small_url, model=self.small_model, **options),
+                create(self.backend, self.target_url, model=self.target_model, **options))
 
     # ---- one request ---------------------------------------------------------------------
 

@@ -188,8 +188,8 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
     stop: list[str] | None = Field(default=None, description="Default stop sequences.")
     timeout: float | None = Field(
         default=None, gt=0.0,
-        description="Seconds to connect and between two bytes of a stream (None: 5 s to "
-                    "connect, 120 s between bytes); never a limit on a whole answer.")
+        description="Read timeout: seconds between two bytes of an answer (None: 120 s; "
+                    "connecting has its own 5 s); never a limit on a whole answer.")
     max_retries: int = Field(
         default=DEFAULT_MAX_RETRIES, ge=0,
         description="Retries of a request that fails before its first token (429, 503, ...).")
@@ -308,17 +308,12 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
                 self.on_target_error, self.timeout, self.max_retries, self._api_key)
 
     def _make_backend(self, url: str, model: str | None) -> Backend:
-        if self.backend == "tgi":
-            from specthink.backends.tgi import TGIBackend
+        from specthink.backends import create
 
-            return TGIBackend(url, api_key=self._api_key, timeout=self.timeout,
-                              max_retries=self.max_retries)
-        from specthink.backends.openai import OpenAICompletionsBackend
-
-        backend: Backend = OpenAICompletionsBackend(
-            url, model=model, api_key=self._api_key, timeout=self.timeout,
-            max_retries=self.max_retries)
-        return backend
+        options: dict[str, Any] = {"api_key": self._api_key, "max_retries": self.max_retries}
+        if self.timeout is not None:
+            options["read_timeout"] = self.timeout
+        return create(self.backend, url, model=model, **options)
 
     async def aclose(self) -> None:
         """Close the HTTP connections the backends opened (those of other running event loops,

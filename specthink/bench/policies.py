@@ -27,12 +27,10 @@ from typing import Any, ClassVar
 import httpx
 
 from specthink import _constants
-from specthink.backends._http import RetryPolicy, ServerConnection, is_transient
-from specthink.backends.base import SamplingParams
-from specthink.backends.tgi import TGIBackend, generate_parameters
+from specthink.backends import SamplingParams, ServerInfo, TGIBackend, create
+from specthink.backends.tgi import generate_parameters
 from specthink.bench.traces import TraceSpec, make_trace, messages_for
 from specthink.engine import SpeculativeThinker
-from specthink.errors import BackendError
 from specthink.prompts import DEEPSEEK_R1, render_prompt
 from specthink.rules import TakeoverRules
 from specthink.testing.models import Tokenizer
@@ -153,8 +151,8 @@ class EnginePolicy(Policy):
 
     def _thinker(self, small: httpx.AsyncClient | None = None,
                  target: httpx.AsyncClient | None = None) -> SpeculativeThinker:
-        return SpeculativeThinker(small=TGIBackend(self.small_url, client=small),
-                                  target=TGIBackend(self.target_url, client=target),
+        return SpeculativeThinker(small=create("tgi", self.small_url, client=small),
+                                  target=create("tgi", self.target_url, client=target),
                                   rules=TakeoverRules.paper(), small_template="deepseek-r1",
                                   target_template="deepseek-r1")
 
@@ -207,10 +205,16 @@ class _Generated:
 class _BOSStripping:
     """What ``render_prompt`` needs to know about a TGI server: it adds BOS itself."""
 
+    url = "bench://prompt"
     adds_bos_token = True
+    keeps_tool_turns = False
 
-    async def render_chat(self, messages: Any, tools: Any = None) -> str | None:
+    async def render_chat(self, messages: Any, tools: Any = None, *,
+                          tool_choice: Any = None) -> str | None:
         return None
+
+    async def info(self) -> ServerInfo:
+        return ServerInfo(model_id="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B")
 
 
 class AuthorsLoopPolicy(Policy):
@@ -225,36 +229,23 @@ class AuthorsLoopPolicy(Policy):
                  layout: str = "default") -> None:
         super().__init__(small_url, target_url, trace, layout=layout)
         self.rules = TakeoverRules.paper()
-        # The engine's own HTTP plumbing (pooled clients, timeouts, error mapping), so that only
-        # the control loops differ.
-        self._servers = {"small": ServerConnection(small_url),
-                         "target": ServerConnection(target_url)}
-        self._retry = RetryPolicy()
+        # The engine's own backends (pooled clients, timeouts, error mapping, retry policy),
+        # so that only the control loops differ.
+        self._servers = {"small": TGIBackend(small_url), "target": TGIBackend(target_url)}
         self._intervention_tokens = Tokenizer().count(self.rules.intervention_text)
 
     async def _generate(self, role: str, prompt: str, max_new_tokens: int,
                         outcome: Outcome, stop: list[str] | None = None) -> _Generated:
-        parameters = generate_parameters(max_new_tokens, SamplingParams())
-        if stop:
-            parameters["stop"] = stop
-        body = {"inputs": prompt, "parameters": parameters}
-        attempt = 0
-        while True:
-            attempt += 1
+        def attempt(number: int) -> None:
             outcome.requests[role] += 1
-            try:
-                answer = await self._servers[role].request_json("POST", "/generate", body,
-                                                                retry=False)
-                break
-            except BackendError as exc:
-                # The same transient failures and backoff as the engine's streams.
-                if attempt > self._retry.max_retries or not is_transient(exc):
-                    raise
+            if number > 1:  # the same transient failures and backoff as the engine's streams
                 outcome.retries += 1
-                await asyncio.sleep(self._retry.wait_seconds(attempt, exc))
-        details = answer["details"]
-        tokens = [t["text"] for t in details["tokens"] if not t["special"]]
-        return _Generated("".join(tokens), tokens, details["finish_reason"] == "eos_token")
+
+        answer = await self._servers[role].generate(
+            prompt, max_new_tokens=max_new_tokens, sampling=SamplingParams(),
+            stop=stop or (), on_attempt=attempt)
+        tokens = [t.text for t in answer.tokens if not t.special]
+        return _Generated("".join(tokens), tokens, answer.finish_reason == "eos")
 
     async def run(self, conversation: int, budget: int | None = None) -> Outcome:
         rules = self.rules
@@ -329,7 +320,7 @@ class _AlonePolicy(Policy):
     def __init__(self, small_url: str, target_url: str, trace: TraceSpec, *,
                  layout: str = "default") -> None:
         super().__init__(small_url, target_url, trace, layout=layout)
-        self._backend = TGIBackend(small_url if self.role == "small" else target_url)
+        self._backend = create("tgi", small_url if self.role == "small" else target_url)
 
     async def run(self, conversation: int, budget: int | None = None) -> Outcome:
         trace = make_trace(self.trace, conversation)
