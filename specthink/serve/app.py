@@ -25,6 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from specthink.backends import create
 from specthink.backends.base import Backend
 from specthink.engine import SpeculativeThinker
 from specthink.errors import BackendError
@@ -51,18 +52,15 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
 
 
 def build_backends(settings: ServeSettings) -> tuple[Backend, Backend]:
-    """The two model servers' backends: the one place ``specthink serve`` builds them."""
-    key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
-    if settings.backend == "tgi":
-        from specthink.backends.tgi import TGIBackend
+    """The two model servers' backends, from the core's one factory."""
+    def one(url: str, model: str | None) -> Backend:
+        options: dict[str, Any] = {"api_key": settings.upstream_api_key}
+        if model is not None:
+            options["model"] = model
+        return create(settings.backend, url, **options)
 
-        return TGIBackend(settings.small_url, api_key=key), TGIBackend(settings.target_url,
-                                                                         api_key=key)
-    from specthink.backends.openai import OpenAICompletionsBackend
-
-    return (OpenAICompletionsBackend(settings.small_url, model=settings.small_model, api_key=key),
-            OpenAICompletionsBackend(settings.target_url, model=settings.target_model,
-                                     api_key=key))
+    return (one(settings.small_url, settings.small_model),
+            one(settings.target_url, settings.target_model))
 
 
 def _json(body: dict[str, Any] | bytes, status: int = 200,

@@ -94,7 +94,7 @@ def serve(
 
         from specthink.serve.app import create_app
     except ImportError:
-        stderr().print(INSTALL_HINT)
+        stderr().print(INSTALL_HINT, markup=False)
         raise typer.Exit(1) from None
     keys = api_key or list(parse_keys(os.environ.get(ENV_CLIENT_KEYS, "")))
     upstream = os.environ.get(ENV_UPSTREAM_KEY) or None

@@ -8,7 +8,6 @@ before any model server is asked.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -28,9 +27,6 @@ from specthink.structured import grammar_for, json_instruction, with_system_text
 from specthink.trace import Event, FinishEvent, Result
 
 __all__ = ["ChatCall", "Thinkers", "prepare", "stream_events", "whole_answer"]
-
-_ENGINE_TAKES_SESSION = "session_id" in inspect.signature(SpeculativeThinker.astream).parameters
-"""Whether the engine sends a caller's routing key (``session_id=``) to the model servers."""
 
 MAX_STOP_SEQUENCES = 4
 """OpenAI's limit."""
@@ -156,7 +152,8 @@ def prepare(request: ChatCompletionRequest, settings: ServeSettings, thinkers: T
         params["tools"] = offered
         if request.tool_choice is not None:
             params["tool_choice"] = request.tool_choice
-    if session_id and _ENGINE_TAKES_SESSION:
+    if session_id:
+        # The engine sends it as the routing key of every generation request of the call.
         params["session_id"] = session_id
     tool_names = (tuple(tool["function"]["name"] for tool in offered)
                   if offered and request.tool_choice != "none" else None)

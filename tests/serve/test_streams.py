@@ -135,9 +135,6 @@ async def test_256_concurrent_streams_each_equal_its_solo_run(fresh: Served) -> 
                for _, content, finish in solo)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the engine's session_id= (sent as the routing "
-                   "key) and the loopback server's recorded request headers, which land with "
-                   "the scale-out work; remove this mark after merging main")
 def test_session_id_header_or_user_becomes_the_routing_key(fresh: Served) -> None:
     """X-Session-ID (else ``user``) reaches both model servers as the routing key, so a router
     keeps the conversation on the replica holding its prefix. Failing: every request of a
@@ -152,5 +149,4 @@ def test_session_id_header_or_user_becomes_the_routing_key(fresh: Served) -> Non
         assert response.status_code == 200
         records = [*fresh.pair.small.records, *fresh.pair.target.records]
         assert len(records) >= 2
-        assert {record.headers.get("x-session-id")  # type: ignore[attr-defined]
-                for record in records} == {key}
+        assert {record.headers.get("x-session-id") for record in records} == {key}
