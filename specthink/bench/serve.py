@@ -58,6 +58,8 @@ class ServeBenchResult:
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
     event_budget: float = 0.0
+    loadavg: str = ""
+    """The machine's load average (1, 5, 15 min) before and after the run."""
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -79,6 +81,7 @@ def run_serve_bench(config: BenchConfig | None = None, progress: object = print,
     config = config or BenchConfig()
     say = progress if callable(progress) else (lambda message: None)
     started = time.monotonic()
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     result = ServeBenchResult(
         started=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         levels=config.levels)
@@ -128,6 +131,8 @@ def run_serve_bench(config: BenchConfig | None = None, progress: object = print,
                     row.added_ttft_p99 = _percentile(added, 99)
                 result.rows.append(row)
     result.seconds = time.monotonic() - started
+    result.loadavg = (f"{load_before} before, "
+                      + " ".join(f"{x:.2f}" for x in os.getloadavg()) + " after")
     return result
 
 
@@ -146,10 +151,11 @@ def write_report(result: ServeBenchResult, out: Path) -> Path:
         "# Benchmark: through `specthink serve`",
         "",
         f"Run {result.started}, {result.seconds:.0f} s, on {os.cpu_count()} CPUs "
-        f"(Python {sys.version.split()[0]}). Same loopback TGI servers, traces and latency "
-        "model as `specthink bench` (docs/benchmarks/results.md); the client streams from a "
-        "`specthink serve` process (OpenAI protocol, `include_usage`) instead of running the "
-        "engine itself. Written by `specthink bench-serve`.",
+        f"(Python {sys.version.split()[0]}; load average {result.loadavg}). Same loopback TGI "
+        "servers, traces and latency model as `specthink bench` (docs/benchmarks/results.md); "
+        "the client streams from a `specthink serve` process (OpenAI protocol, "
+        "`include_usage`) instead of running the engine itself. Written by "
+        "`specthink bench-serve`.",
         "",
         "Wall/ideal: a conversation's wall time over the time the latency model needs for "
         "its requests (mean over conversations). Added time to first token: per conversation, "

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import orjson
 
+from specthink.backends._transport import LeanTransport
 from specthink.bench.policies import Outcome, Policy, budget_for
 from specthink.bench.traces import TraceSpec, make_trace, messages_for
 
@@ -55,9 +56,11 @@ class ServePolicy(Policy):
         env.pop("SPECTHINK_SERVE_API_KEYS", None)
         self._process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL)
+        # The engine's own lean transport, so the client's cost per request is what the
+        # in-process engine pays towards its model servers and only the server's cost differs.
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=10, read=300, write=10, pool=None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=1024))
+            transport=LeanTransport())
         deadline = time.monotonic() + 60
         while True:
             try:
