@@ -82,7 +82,8 @@ STYLES: dict[str, str] = {
     "fallback": "bold red",
 }
 
-EXTENSIONS = ("specthink.bench.cli", "specthink.evaluation.cli", "specthink.serve.cli")
+EXTENSIONS = ("specthink.bench.cli", "specthink.bench.serve", "specthink.evaluation.cli",
+              "specthink.serve.cli")
 """Modules that add commands through ``register(app: typer.Typer) -> None`` when installed."""
 
 

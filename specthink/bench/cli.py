@@ -111,21 +111,6 @@ def bench(
         raise typer.Exit(1)
 
 
-def bench_serve(
-    out: Annotated[Path, typer.Option(help="Directory for serve.md and serve.json.")]
-    = Path("docs/benchmarks"),
-    quick: Annotated[bool, typer.Option(help="Tiny traces, near-zero latencies.")] = False,
-) -> None:
-    """The engine in-process against the same conversations through `specthink serve` (one
-    worker and --workers 2): wall/ideal and the time to first token the server adds."""
-    from specthink.bench.serve import run_serve_bench, write_report
-
-    config = BenchConfig.quick() if quick else BenchConfig()
-    err = Console(stderr=True, highlight=False)
-    print(write_report(run_serve_bench(config, progress=err.print), out))
-
-
 def register(app: typer.Typer) -> None:
-    """Add the ``bench`` and ``bench-serve`` commands to the ``specthink`` application."""
+    """Add the ``bench`` command to the ``specthink`` application."""
     app.command("bench")(bench)
-    app.command("bench-serve")(bench_serve)

@@ -19,8 +19,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import orjson
+import typer
+from rich.console import Console
 
 from specthink.bench.metrics import cell_metrics
 from specthink.bench.runner import BenchConfig, Level, measure_capacity
@@ -30,7 +33,8 @@ from specthink.bench.traces import TraceSpec
 from specthink.bench.worker import WARMUP_CONVERSATION, CellSpec, run_cell_in_child
 from specthink.output import split_reasoning
 
-__all__ = ["ServeBenchResult", "ServePolicy", "ServeRow", "run_serve_bench", "write_report"]
+__all__ = ["ServeBenchResult", "ServePolicy", "ServeRow", "bench_serve", "register",
+           "run_serve_bench", "write_report"]
 
 @dataclass(slots=True)
 class ServeRow:
@@ -181,6 +185,24 @@ def write_report(result: ServeBenchResult, out: Path) -> Path:
     (out / "serve.json").write_bytes(orjson.dumps(dataclasses.asdict(result),
                                                   option=orjson.OPT_INDENT_2))
     return path
+
+
+def bench_serve(
+    out: Annotated[Path, typer.Option(help="Directory for serve.md and serve.json.")]
+    = Path("docs/benchmarks"),
+    quick: Annotated[bool, typer.Option(help="Tiny traces, near-zero latencies.")] = False,
+) -> None:
+    """The engine in-process against the same conversations through specthink serve.
+
+    One worker and two: wall/ideal and the time to first token the server adds."""
+    config = BenchConfig.quick() if quick else BenchConfig()
+    err = Console(stderr=True, highlight=False)
+    print(write_report(run_serve_bench(config, progress=err.print), out))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``bench-serve`` command to the ``specthink`` application."""
+    app.command("bench-serve")(bench_serve)
 
 
 def main(argv: list[str] | None = None) -> None:
