@@ -526,3 +526,10 @@ def test_whole_answers_keep_the_counters_within_their_caps(
         assert 0 <= policy.reflection_count
         assert rules.reflection_threshold <= policy.reflection_threshold <= rules.threshold_max
         assert rules.n3 <= policy.n3 <= rules.n3_max
+
+
+def test_every_rule_has_a_label_and_says_whether_it_hands_over() -> None:
+    # a new Rule member needs a label (traces, reports) and tells the bench whether it opens a
+    # target request: rule 2 is the only one that lengthens another's
+    assert all(rule.label != rule.value for rule in Rule)
+    assert [rule for rule in Rule if not rule.hands_over] == [Rule.VERIFY]
