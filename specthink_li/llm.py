@@ -56,7 +56,7 @@ API_KEY_ENV = "SPECTHINK_API_KEY"
 BackendKind = Literal["tgi", "openai"]
 
 _CALL_PARAMS = frozenset({"tools", "tool_choice", "stop", "max_tokens", "max_new_tokens",
-                          "temperature", "top_p", "top_k", "seed"})
+                          "temperature", "top_p", "top_k", "seed", "session_id"})
 
 
 class SpeculativeThinkingLLM(FunctionCallingLLM):
@@ -371,6 +371,11 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
         if self._infos is None:
             run_sync(self._aprepare())
 
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` from the small model's server (its ``/tokenize``), e.g. for
+        ``Settings.tokenizer = llm.get_token_ids`` and LlamaIndex's token counting."""
+        return run_sync(self.thinker.small.tokenize(text))
+
     # ---- per-call parameters -------------------------------------------------------------
 
     def _engine_params(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -395,6 +400,8 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
             "sampling": sampling,
             "tools": tools or None,
             "tool_choice": kwargs.get("tool_choice") if tools else None,
+            # The routing key: a router keeps the conversation on its warm replica.
+            "session_id": kwargs.get("session_id"),
         }
 
     def _inputs(self, messages: Sequence[ChatMessage],
