@@ -74,6 +74,10 @@ class Backend(Protocol):
     adds_bos_token: bool
     """True when the server prepends BOS itself, so a rendered template must not start with it."""
     supports_grammar: bool
+    """True when ``SamplingParams.grammar`` is honoured (constrained output)."""
+    renders_chat_template: bool
+    """True when :meth:`render_chat` can apply the model's own chat template (the ``auto``
+    template then picks the server's)."""
 
     def stream(self, prompt: str, *, max_new_tokens: int, sampling: SamplingParams,
                on_attempt: OnAttempt | None = None, routing_key: str | None = None,

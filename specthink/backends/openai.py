@@ -208,6 +208,7 @@ class OpenAICompletionsBackend(SSEBackend):
     adds_bos_token = True
     """vLLM, SGLang and llama.cpp tokenize raw prompts with BOS, as TGI does."""
     supports_grammar = False
+    renders_chat_template = False
 
     def __init__(self, url: str, *, model: str | None = None, api_key: str | None = None,
                  client: httpx.AsyncClient | None = None,
@@ -219,7 +220,8 @@ class OpenAICompletionsBackend(SSEBackend):
                  retry_max_backoff: float = _constants.RETRY_MAX_BACKOFF,
                  retry_deadline: float | None = _constants.RETRY_DEADLINE,
                  routing_headers: Sequence[str] = DEFAULT_ROUTING_HEADERS,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None,
+                 transport: Literal["lean", "httpx"] = "lean") -> None:
         url = url.rstrip("/") if isinstance(url, str) else url
         if isinstance(url, str) and url.endswith("/v1"):
             url = url[: -len("/v1")]  # accept the OpenAI SDK's base_url spelling too
@@ -227,7 +229,8 @@ class OpenAICompletionsBackend(SSEBackend):
                          connect_timeout=connect_timeout, read_timeout=read_timeout,
                          max_retries=max_retries, retry_backoff=retry_backoff,
                          retry_max_backoff=retry_max_backoff, retry_deadline=retry_deadline,
-                         routing_headers=routing_headers, headers=headers)
+                         routing_headers=routing_headers, headers=headers,
+                         transport=transport)
         self.model = model
         self.tokenize_method: TokenizeMethod | None = None
         """Which token-counting endpoint worked (found on the first ``count_tokens``)."""

@@ -50,7 +50,6 @@ from specthink.testing._accounting import (
     recorded_headers,
 )
 from specthink.testing._faults import OVERLOADED, STATUS_BODIES, Fault
-from specthink.testing._faults import FaultKind as FaultKind
 from specthink.testing._generation import Generation, RenderError, RenderToken, continuation
 from specthink.testing._streaming import EventStream, StreamControl, Write
 from specthink.testing._wire import (
@@ -76,10 +75,6 @@ from specthink.testing._wire import (
     tgi_stream_event,
     validate,
 )
-from specthink.testing._wire import EOS_ID as EOS_ID
-from specthink.testing._wire import EOS_TEXT as EOS_TEXT
-from specthink.testing._wire import GENERATION_PATHS as GENERATION_PATHS
-from specthink.testing._wire import TGIFinish as TGIFinish
 from specthink.testing.models import TextModel, Tokenizer
 
 __all__ = [
@@ -91,8 +86,6 @@ __all__ = [
     "RequestRecord",
     "render_chatml",
 ]
-# EOS_ID, EOS_TEXT, GENERATION_PATHS, TGIFinish and FaultKind are imported "as" themselves above:
-# they were defined here before the split, and stay importable from here.
 
 
 class LoopbackServer:
