@@ -231,6 +231,7 @@ _CONTEXT_LIMIT = re.compile(
     r"|maximum model length"                      # vLLM: ... longer than the maximum model length
     r"|longer than the model's context length"    # SGLang
     r"|exceeds? the available context size"       # llama.cpp
+    r"|exceeds the context length"                # Ollama
     r"|context_length_exceeded|exceed_context_size",
     re.IGNORECASE)
 _CONTEXT_LIMIT_STATUSES = (400, 413, 422)
