@@ -75,9 +75,9 @@ class Backend(Protocol):
     """True when the server prepends BOS itself, so a rendered template must not start with it."""
     supports_grammar: bool
     """True when ``SamplingParams.grammar`` is honoured (constrained output)."""
-    renders_chat_template: bool
-    """True when :meth:`render_chat` can apply the model's own chat template (the ``auto``
-    template then picks the server's)."""
+    keeps_tool_turns: bool
+    """The server's own chat template sees assistant ``tool_calls`` and tool results as the
+    model's template expects (vLLM, llama.cpp); TGI keeps only role and content."""
 
     def stream(self, prompt: str, *, max_new_tokens: int, sampling: SamplingParams,
                on_attempt: OnAttempt | None = None, routing_key: str | None = None,
@@ -96,10 +96,19 @@ class Backend(Protocol):
 
     async def count_tokens(self, text: str) -> int: ...
 
+    async def tokenize(self, text: str) -> list[int]:
+        """The server's token ids of ``text`` as a raw prompt (BOS first where the server adds
+        it); ``BackendError`` when the server has no tokenizer endpoint."""
+        ...
+
     async def render_chat(self, messages: Sequence[dict[str, Any]],
-                          tools: Sequence[dict[str, Any]] | None = None) -> str | None:
+                          tools: Sequence[dict[str, Any]] | None = None, *,
+                          tool_choice: str | dict[str, Any] | None = None) -> str | None:
         """The server's own chat template applied to ``messages`` with the generation prompt,
-        or ``None`` when the server cannot render templates."""
+        or ``None`` when the server cannot render templates (found out once per backend).
+        ``tool_choice`` is OpenAI's: ``"auto"``, ``"none"``, ``"required"`` or a function; it
+        goes to servers whose template endpoint takes one (TGI), others render ``tools`` as
+        given."""
         ...
 
     async def aclose(self) -> None: ...

@@ -155,7 +155,9 @@ class OllamaBackend(HTTPBackend[NDJSONStream]):
     adds_bos_token = True
     """Ollama's runner tokenizes raw prompts with the model's BOS, as llama.cpp does."""
     supports_grammar = False
-    renders_chat_template = False
+    keeps_tool_turns = True
+    """Moot: Ollama renders no template here (``raw``), so tool turns are rendered
+    client-side, whole."""
 
     def __init__(self, url: str, *, model: str | None = None, api_key: str | None = None,
                  client: httpx.AsyncClient | None = None,
@@ -221,8 +223,13 @@ class OllamaBackend(HTTPBackend[NDJSONStream]):
         """An estimate (Ollama has no tokenize endpoint): a quarter of the characters."""
         return -(-len(text) // 4)
 
+    async def tokenize(self, text: str) -> list[int]:
+        """Ollama has no tokenizer endpoint: always a ``BackendError``."""
+        raise BackendError("Ollama has no tokenizer endpoint", url=self.url)
+
     async def render_chat(self, messages: Sequence[dict[str, Any]],
-                          tools: Sequence[dict[str, Any]] | None = None) -> str | None:
+                          tools: Sequence[dict[str, Any]] | None = None, *,
+                          tool_choice: str | dict[str, Any] | None = None) -> str | None:
         """Always ``None``: raw prompts are rendered client-side."""
         return None
 

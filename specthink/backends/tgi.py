@@ -9,7 +9,7 @@ event decoder (:func:`decode_stream_event`), the shared error mapper
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -37,7 +37,8 @@ from specthink.errors import (
     in_stream_error,
 )
 
-__all__ = ["BACKEND", "Generated", "TGIBackend", "decode_stream_event", "generate_parameters"]
+__all__ = ["BACKEND", "Generated", "TGIBackend", "decode_stream_event", "generate_parameters",
+           "tgi_tool_choice"]
 
 _FINISH: dict[str, FinishReason] = {
     "eos_token": "eos",
@@ -60,6 +61,29 @@ def generate_parameters(max_new_tokens: int, sampling: SamplingParams) -> dict[s
     if sampling.grammar is not None:
         params["grammar"] = sampling.grammar
     return params
+
+
+def tgi_tool_choice(tool_choice: str | Mapping[str, Any]) -> str | dict[str, Any]:
+    """``tool_choice`` in the form TGI's ``ChatRequest`` takes (``ToolChoice`` in its OpenAPI):
+    ``"auto"``, ``"none"``, ``"required"`` (LangChain's ``"any"`` too), or a tool name, plain
+    or as OpenAI's ``{"type": "function", "function": {"name": ...}}``, sent in the latter form
+    (TGI's typed variant is tagged by ``type``). Anything else is a ``ConfigError``.
+    """
+    if isinstance(tool_choice, str):
+        if tool_choice in ("auto", "none", "required"):
+            return tool_choice
+        if tool_choice == "any":
+            return "required"
+        name: object = tool_choice
+    elif isinstance(tool_choice, Mapping):
+        function = tool_choice.get("function")
+        name = function.get("name") if isinstance(function, Mapping) else tool_choice.get("name")
+    else:
+        name = None
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"tool_choice {tool_choice!r} is not 'auto', 'none', 'required', "
+                          "'any', a tool name or {'type': 'function', 'function': {'name': ...}}")
+    return {"type": "function", "function": {"name": name}}
 
 
 def _error_event(payload: dict[str, Any], url: str, tokens_received: int) -> StreamErrorEvent:
@@ -162,8 +186,8 @@ class TGIBackend(SSEBackend):
     adds_bos_token = True
     """TGI tokenizes ``inputs`` with special tokens: a rendered template must not carry BOS."""
     supports_grammar = True
-    renders_chat_template = True
-    """``/chat_tokenize`` applies the model's own chat template (``small_template="auto"``)."""
+    keeps_tool_turns = False
+    """TGI 3.3 keeps only role and content of each message it renders."""
 
     async def _stream_request(self, prompt: str, max_new_tokens: int,
                               sampling: SamplingParams) -> tuple[str, dict[str, Any]]:
@@ -224,21 +248,42 @@ class TGIBackend(SSEBackend):
 
     async def count_tokens(self, text: str) -> int:
         """``POST /tokenize``: the server's token count, special tokens (BOS) included."""
+        return len(await self._tokenized(text))
+
+    async def tokenize(self, text: str) -> list[int]:
+        """``POST /tokenize``: the server's token ids of ``text`` as a raw prompt, BOS first
+        where the model's tokenizer adds it."""
+        ids = [token.get("id") if isinstance(token, dict) else None
+               for token in await self._tokenized(text)]
+        checked = [i for i in ids if isinstance(i, int)]
+        if len(checked) != len(ids):
+            raise BackendError("/tokenize answered tokens without ids", url=self.url)
+        return checked
+
+    async def _tokenized(self, text: str) -> list[Any]:
         tokens = await self._conn.request_json("POST", "/tokenize", {"inputs": text})
         if not isinstance(tokens, list):
             raise BackendError(f"/tokenize answered {str(tokens)[:200]}", url=self.url)
-        return len(tokens)
+        return tokens
 
     async def render_chat(self, messages: Sequence[dict[str, Any]],
-                          tools: Sequence[dict[str, Any]] | None = None) -> str | None:
+                          tools: Sequence[dict[str, Any]] | None = None, *,
+                          tool_choice: str | dict[str, Any] | None = None) -> str | None:
         """``POST /chat_tokenize``: the model's own chat template with the generation prompt.
 
-        ``None`` when the server has no such endpoint (TGI before 2.2). TGI 3.3 keeps only
-        ``role`` and ``content`` of each message.
+        With ``tools``, ``tool_choice`` (see :func:`tgi_tool_choice`) goes along: TGI renders
+        only the named tool for a name, all of them for ``"required"``, none for ``"none"``,
+        and adds its ``no_tool`` pseudo-function only for ``"auto"`` (its default when none is
+        sent). A name not among the tools is TGI's 422 ``tool_error`` (a
+        ``RequestValidationError``). ``None`` when the server has no such endpoint (TGI before
+        2.2). TGI 3.3 keeps only ``role`` and ``content`` of each message; the text keeps the
+        template's BOS (``/generate`` adds another: the caller cuts it).
         """
         body: dict[str, Any] = {"model": "tgi", "messages": list(messages)}
         if tools:
             body["tools"] = list(tools)
+            if tool_choice is not None:
+                body["tool_choice"] = tgi_tool_choice(tool_choice)
         try:
             answer = await self._conn.request_json("POST", "/chat_tokenize", body)
         except BackendStatusError as exc:

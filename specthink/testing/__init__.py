@@ -1,5 +1,5 @@
-"""Offline doubles for tests, benchmarks and examples: deterministic "models" and a
-TGI-protocol server on loopback.
+"""Offline doubles for tests, benchmarks and examples: deterministic "models" and a server on
+loopback that speaks TGI's protocol, or vLLM's, llama.cpp's or llama-cpp-python's.
 
 The server needs the ``testing`` extra (starlette, uvicorn); it is imported on first use, so the
 models work without it.

@@ -1,5 +1,5 @@
-"""What the loopback server charges and keeps: the latency model, the prefix cache and a record
-of every generation request."""
+"""What the loopback server charges and keeps: the latency model, the prefix cache, a record of
+every generation request and a shorter one of every request of any kind."""
 
 from __future__ import annotations
 
@@ -67,6 +67,10 @@ class RequestRecord:
     finished: float | None = None
     service_seconds: float = 0.0
     """What the latency model charged (stalls excluded)."""
+    model_input: str = ""
+    """The text the model continued: the BOS text the server's tokenizer adds to a raw prompt
+    (none for ChatML models, or when the request asked for no special tokens), then
+    ``prompt``."""
     headers: dict[str, str] = field(default_factory=dict)
     """The request's headers, names in lower case (``authorization`` left out)."""
 
@@ -75,9 +79,10 @@ class RequestRecord:
         return self.prompt_tokens - self.cached_prompt_tokens
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CallRecord:
-    """Any request the server received (generation or not), in arrival order."""
+    """Any request the server received (generation, ``/info``, ``/tokenize``, ...), in arrival
+    order."""
 
     method: str
     path: str
@@ -85,6 +90,11 @@ class CallRecord:
     """Names in lower case; ``authorization`` left out."""
     started: float
     """``time.monotonic()`` when the request arrived."""
+    generation: bool = False
+    """The path is a generation endpoint (``/generate_stream``, ``/generate``,
+    ``/v1/completions``)."""
+    status: int | None = None
+    """The answer's HTTP status, once it has started (``None`` before)."""
 
 
 def recorded_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
