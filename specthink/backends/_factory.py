@@ -41,7 +41,7 @@ from specthink.errors import (
 __all__ = ["BackendKind", "BackendOptions", "backend_class", "create", "discover", "kind_of",
            "kinds"]
 
-BackendKind = Literal["tgi", "openai"]
+BackendKind = Literal["tgi", "openai", "ollama"]
 """The kinds that ship with specthink (:func:`kinds` lists every installed one)."""
 
 _NOT_PROTOCOLS = frozenset({"base"})
