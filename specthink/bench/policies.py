@@ -48,7 +48,7 @@ __all__ = [
     "budget_for",
 ]
 
-_HANDOFF_RULES = (Rule.AFFIRM_REFLECT, Rule.EXCESSIVE_REFLECTION, Rule.BEGIN, Rule.EVERY_TRIGGER)
+_HANDOFF_RULES = tuple(rule for rule in Rule if rule.hands_over)
 """Rules that hand control to the target. Rule 2 only lengthens a rule-1 takeover."""
 
 
