@@ -20,7 +20,7 @@ from langchain_core.utils import from_env, secret_from_env
 from langchain_core.utils.utils import _build_model_kwargs
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
-from specthink import prompts
+from specthink import _constants, prompts
 from specthink.backends.base import Backend, SamplingParams
 from specthink.engine import SpeculativeThinker, close_on_sync_loop, run_sync
 from specthink.errors import ConfigError
@@ -265,9 +265,9 @@ class ChatSpeculativeThinking(BaseChatModel):
 
     model_config = ConfigDict(populate_by_name=True)
 
-    small_url: str = Field(default_factory=from_env("SPECTHINK_SMALL_URL"))
+    small_url: str = Field(default_factory=from_env(_constants.SMALL_URL_ENV))
     """URL of the small (speculative) model's server; default ``$SPECTHINK_SMALL_URL``."""
-    target_url: str = Field(default_factory=from_env("SPECTHINK_TARGET_URL"))
+    target_url: str = Field(default_factory=from_env(_constants.TARGET_URL_ENV))
     """URL of the target model's server; default ``$SPECTHINK_TARGET_URL``."""
     backend: Literal["tgi", "openai"] = "tgi"
     """Wire protocol of both servers: TGI's ``/generate_stream`` or OpenAI ``/v1/completions``."""
@@ -297,7 +297,7 @@ class ChatSpeculativeThinking(BaseChatModel):
     max_retries: int | None = Field(default=None, ge=0)
     """Retries of a request that failed before its first token; default 2."""
     api_key: SecretStr | None = Field(
-        default_factory=secret_from_env("SPECTHINK_API_KEY", default=None))
+        default_factory=secret_from_env(_constants.API_KEY_ENV, default=None))
     """Bearer token for both servers; default ``$SPECTHINK_API_KEY``. Never printed."""
     streaming: bool = False
     """Whether ``invoke`` streams internally (callbacks then see every token)."""
@@ -370,7 +370,7 @@ class ChatSpeculativeThinking(BaseChatModel):
 
     @property
     def lc_secrets(self) -> dict[str, str]:
-        return {"api_key": "SPECTHINK_API_KEY"}
+        return {"api_key": _constants.API_KEY_ENV}
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
