@@ -21,8 +21,9 @@ from langchain_core.utils.utils import _build_model_kwargs
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
 from specthink import _constants, prompts
+from specthink._sync import close_on_sync_loop, run_sync
 from specthink.backends.base import Backend, SamplingParams
-from specthink.engine import SpeculativeThinker, close_on_sync_loop, run_sync
+from specthink.engine import SpeculativeThinker
 from specthink.errors import ConfigError
 from specthink.rules import PRESETS, TakeoverRules
 from specthink.trace import Event
@@ -422,7 +423,7 @@ class ChatSpeculativeThinking(BaseChatModel):
                 if self._backends is None:
                     # Pooled connections of an engine nobody holds any more (copies of a model
                     # share it) would otherwise stay open until the process ends.
-                    weakref.finalize(thinker, _close_in_background, small, target)
+                    weakref.finalize(thinker, close_on_sync_loop, small, target)
                 self._thinker = thinker
                 self._thinker_key = key
             return self._thinker
@@ -439,7 +440,7 @@ class ChatSpeculativeThinking(BaseChatModel):
     def close(self) -> None:
         """Close the pooled HTTP connections of the sync methods (``invoke``, ``stream``)."""
         if self._thinker is not None:
-            _run_sync(self._thinker.aclose())
+            run_sync(self._thinker.aclose())
 
     def _config_key(self) -> tuple[Any, ...]:
         # A copy made with model_copy(update=...) shares private state; rebuild if the servers,
@@ -600,7 +601,7 @@ class ChatSpeculativeThinking(BaseChatModel):
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` as the small model's server tokenises it (its ``/tokenize``);
         ``get_num_tokens`` and ``get_num_tokens_from_messages`` count with it."""
-        return _run_sync(self._get_thinker().small.tokenize(text))
+        return run_sync(self._get_thinker().small.tokenize(text))
 
     # ---- agents --------------------------------------------------------------------------
 
@@ -663,8 +664,6 @@ class ChatSpeculativeThinking(BaseChatModel):
         return structured_runnable(bound, schema, method, include_raw=include_raw)
 
 
-_run_sync = run_sync
-_close_in_background = close_on_sync_loop
 
 
 def _session_id(
