@@ -312,7 +312,8 @@ class OpenAICompletionsBackend(SSEBackend):
                  retry_max_backoff: float = _constants.RETRY_MAX_BACKOFF,
                  retry_deadline: float | None = _constants.RETRY_DEADLINE,
                  routing_headers: Sequence[str] = DEFAULT_ROUTING_HEADERS,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None,
+                 transport: Literal["lean", "httpx"] = "lean") -> None:
         url = url.rstrip("/") if isinstance(url, str) else url
         if isinstance(url, str) and url.endswith("/v1"):
             url = url[: -len("/v1")]  # accept the OpenAI SDK's base_url spelling too
@@ -320,7 +321,8 @@ class OpenAICompletionsBackend(SSEBackend):
                          connect_timeout=connect_timeout, read_timeout=read_timeout,
                          max_retries=max_retries, retry_backoff=retry_backoff,
                          retry_max_backoff=retry_max_backoff, retry_deadline=retry_deadline,
-                         routing_headers=routing_headers, headers=headers)
+                         routing_headers=routing_headers, headers=headers,
+                         transport=transport)
         self.model = model
         self.tokenize_method: TokenizeMethod | None = None
         """Which tokenizer endpoint worked (found on first use, then kept)."""

@@ -22,7 +22,7 @@ import json
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import httpx
 
@@ -48,7 +48,7 @@ __all__ = [
     "budget_for",
 ]
 
-_HANDOFF_RULES = (Rule.AFFIRM_REFLECT, Rule.EXCESSIVE_REFLECTION, Rule.BEGIN, Rule.EVERY_TRIGGER)
+_HANDOFF_RULES = tuple(rule for rule in Rule if rule.hands_over)
 """Rules that hand control to the target. Rule 2 only lengthens a rule-1 takeover."""
 
 
@@ -121,6 +121,7 @@ class EnginePolicy(Policy):
 
     ``layout`` places the HTTP connection pools: ``default`` (one thinker for every
     conversation; its backends manage their httpx clients as the library does by default),
+    ``httpx`` (the same with ``transport="httpx"``: httpx's own transport, pools sharded),
     ``single-client`` (one thinker, one httpx client per server passed in, so every
     conversation shares one connection pool), ``clients-K`` (K thinkers, each with its own
     client per server, conversations spread round-robin) or ``per-conversation`` (a thinker,
@@ -137,6 +138,8 @@ class EnginePolicy(Policy):
         self._thinkers: list[SpeculativeThinker] = []
         if layout == "default":
             self._thinkers.append(self._thinker())
+        elif layout == "httpx":
+            self._thinkers.append(self._thinker(transport="httpx"))
         elif layout == "single-client" or layout.startswith("clients-"):
             count = 1 if layout == "single-client" else int(layout.removeprefix("clients-"))
             if count < 1:
@@ -146,13 +149,16 @@ class EnginePolicy(Policy):
                 self._clients += [small, target]
                 self._thinkers.append(self._thinker(small, target))
         elif layout != "per-conversation":
-            raise ValueError(f"unknown layout {layout!r}: default, single-client, clients-K or "
-                             "per-conversation")
+            raise ValueError(f"unknown layout {layout!r}: default, httpx, single-client, "
+                             "clients-K or per-conversation")
 
     def _thinker(self, small: httpx.AsyncClient | None = None,
-                 target: httpx.AsyncClient | None = None) -> SpeculativeThinker:
-        return SpeculativeThinker(small=create("tgi", self.small_url, client=small),
-                                  target=create("tgi", self.target_url, client=target),
+                 target: httpx.AsyncClient | None = None,
+                 transport: Literal["lean", "httpx"] = "lean") -> SpeculativeThinker:
+        return SpeculativeThinker(small=create("tgi", self.small_url, client=small,
+                                               transport=transport),
+                                  target=create("tgi", self.target_url, client=target,
+                                                transport=transport),
                                   rules=TakeoverRules.paper(), small_template="deepseek-r1",
                                   target_template="deepseek-r1")
 

@@ -122,7 +122,7 @@ def vllm_tokenize(body: Any, served: Served) -> Answer:
         if generation_prompt and body.get("continue_final_message"):
             return vllm_error(400, "Cannot set both `continue_final_message` and "
                                    "`add_generation_prompt` to True.")
-        text = served.template.render(messages, tools)
+        text = served.template.render(messages, tools, tool_calls=True)
     else:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
@@ -200,7 +200,8 @@ def llamacpp_apply_template(body: Any, served: Served) -> Answer:
     if wrong_schema is not None:
         return 500, {"error": {"code": 500, "message": wrong_schema, "type": "server_error"}}
     tools = body.get("tools")
-    prompt = served.template.render(messages, tools if isinstance(tools, list) else None)
+    prompt = served.template.render(messages, tools if isinstance(tools, list) else None,
+                                    tool_calls=True)
     bos = served.template.bos_token
     if bos and prompt.startswith(bos):
         prompt = prompt[len(bos):]

@@ -40,6 +40,17 @@ tokens ``<0x0A>``)."""
 Turns = list[tuple[str, str]]
 Render = Callable[[Turns, str], str]
 """(role, text) turns and the rendered tool section ("" without tools) -> the prompt."""
+RenderCall = Callable[[str, Any], str]
+"""A tool call (name, arguments) as the family writes it in an assistant turn."""
+
+
+def _hermes_call(name: str, arguments: Any) -> str:
+    call = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+    return f"<tool_call>\n{call}\n</tool_call>"
+
+
+def _llama3_call(name: str, arguments: Any) -> str:
+    return json.dumps({"name": name, "parameters": arguments}, ensure_ascii=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,13 +62,49 @@ class ServerChatTemplate:
     """The BOS text the template writes first, and the BOS the server's tokenizer prepends to a
     raw prompt ("" for models without one)."""
     _render: Render
+    _call: RenderCall = _hermes_call
 
     def render(self, messages: Sequence[Mapping[str, Any]],
-               tools: Sequence[Mapping[str, Any]] | None = None) -> str:
-        """The prompt with the generation prompt, tools described Hermes-style."""
-        turns = [(str(m.get("role", "user")), _content_text(m.get("content")))
-                 for m in messages]
+               tools: Sequence[Mapping[str, Any]] | None = None, *,
+               tool_calls: bool = False) -> str:
+        """The prompt with the generation prompt, tools described Hermes-style, tool results
+        in the family's layout. An assistant turn's ``tool_calls`` are written out only with
+        ``tool_calls`` (vLLM and llama.cpp hand them to the template; TGI 3.3 keeps only role
+        and content)."""
+        turns = []
+        for message in messages:
+            role, text = str(message.get("role", "user")), _content_text(message.get("content"))
+            calls = message.get("tool_calls") if tool_calls and role == "assistant" else None
+            if calls:
+                written = [self._call(*_name_and_arguments(call)) for call in calls]
+                text = "\n".join([text, *written] if text else written)
+            turns.append((role, text))
         return self._render(turns, _tool_section(tools) if tools else "")
+
+
+def _name_and_arguments(call: Any) -> tuple[str, Any]:
+    function = call.get("function") if isinstance(call, Mapping) else None
+    function = function if isinstance(function, Mapping) else {}
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):  # OpenAI's wire form; servers decode it for the template
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            pass
+    return str(function.get("name", "")), arguments
+
+
+def _responses(turns: Turns) -> Turns:
+    """Consecutive ``tool`` turns as one, each result in ``<tool_response>`` tags (Qwen's and the
+    R1 distills' layout)."""
+    out: Turns = []
+    for role, text in turns:
+        block = f"<tool_response>\n{text}\n</tool_response>" if role == "tool" else text
+        if role == "tool" and out and out[-1][0] == "tool":
+            out[-1] = ("tool", f"{out[-1][1]}\n{block}")
+        else:
+            out.append((role, block))
+    return out
 
 
 def _tool_section(tools: Sequence[Mapping[str, Any]]) -> str:
@@ -84,7 +131,8 @@ def _chatml(generation_prompt: str) -> Render:
     def render(turns: Turns, tool_section: str) -> str:
         system, rest = _system(turns, tool_section, "You are a helpful assistant.")
         out = [] if system is None else [f"<|im_start|>system\n{system}<|im_end|>\n"]
-        out.extend(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in rest)
+        out.extend(f"<|im_start|>{'user' if role == 'tool' else role}\n{text}<|im_end|>\n"
+                   for role, text in _responses(rest))
         out.append(generation_prompt)
         return "".join(out)
 
@@ -97,7 +145,7 @@ _R1_BOS = "<｜begin▁of▁sentence｜>"
 def _deepseek_r1(turns: Turns, tool_section: str) -> str:
     system, rest = _system(turns, tool_section)
     out = [_R1_BOS, system or ""]
-    for role, text in rest:
+    for role, text in _responses(rest):
         if role == "assistant":
             out.append(f"<｜Assistant｜>{text.split('</think>')[-1]}<｜end▁of▁sentence｜>")
         else:
@@ -114,8 +162,9 @@ def _llama3(turns: Turns, tool_section: str) -> str:
     out = [_LLAMA3_BOS]
     if system is not None:
         rest = [("system", system), *rest]
-    out.extend(f"<|start_header_id|>{role}<|end_header_id|>\n\n{text.strip()}<|eot_id|>"
-               for role, text in rest)
+    # Llama 3.1 hands tool results to the "ipython" role.
+    out.extend(f"<|start_header_id|>{'ipython' if role == 'tool' else role}<|end_header_id|>"
+               f"\n\n{text.strip()}<|eot_id|>" for role, text in rest)
     out.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
     return "".join(out)
 
@@ -125,7 +174,7 @@ CHAT_TEMPLATES: dict[TemplateName, ServerChatTemplate] = {
     # Qwen3's thinking checkpoints (QwQ, Qwen3-*-Thinking-2507) open the reasoning in the prompt.
     "qwen3": ServerChatTemplate("qwen3", "", _chatml("<|im_start|>assistant\n<think>\n")),
     "deepseek-r1": ServerChatTemplate("deepseek-r1", _R1_BOS, _deepseek_r1),
-    "llama3": ServerChatTemplate("llama3", _LLAMA3_BOS, _llama3),
+    "llama3": ServerChatTemplate("llama3", _LLAMA3_BOS, _llama3, _llama3_call),
 }
 
 

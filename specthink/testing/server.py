@@ -58,7 +58,6 @@ from specthink.testing._accounting import (
 )
 from specthink.testing._dialects import FLAVORS, Flavor, Served
 from specthink.testing._faults import OVERLOADED, STATUS_BODIES, Fault
-from specthink.testing._faults import FaultKind as FaultKind
 from specthink.testing._generation import Generation, RenderError, RenderToken, continuation
 from specthink.testing._streaming import EventStream, StreamControl, Write
 from specthink.testing._templates import (
@@ -70,6 +69,7 @@ from specthink.testing._templates import (
 )
 from specthink.testing._wire import (
     DONE,
+    GENERATION_PATHS,
     VERSION,
     CompletionRequest,
     GenerateRequest,
@@ -91,10 +91,6 @@ from specthink.testing._wire import (
     tgi_stream_event,
     validate,
 )
-from specthink.testing._wire import EOS_ID as EOS_ID
-from specthink.testing._wire import EOS_TEXT as EOS_TEXT
-from specthink.testing._wire import GENERATION_PATHS as GENERATION_PATHS
-from specthink.testing._wire import TGIFinish as TGIFinish
 from specthink.testing.models import TextModel, Tokenizer
 
 __all__ = [
@@ -106,8 +102,6 @@ __all__ = [
     "RequestRecord",
     "render_chatml",
 ]
-# EOS_ID, EOS_TEXT, GENERATION_PATHS, TGIFinish and FaultKind are imported "as" themselves above:
-# they were defined here before the split, and stay importable from here.
 
 
 class LoopbackServer:

@@ -425,7 +425,10 @@ async def test_tool_call_arguments_go_as_json_strings(loopback_server: Start, ba
     string; if this fails, every conversation with a tool call is a 400 (or 500)."""
     server = serve(loopback_server, flavor)
     prompt = await backends(server.url).render_chat(TOOL_TURNS, [TOOL])
-    assert prompt == server.template.render(TOOL_TURNS, [TOOL]).removeprefix(R1_BOS)
+    assert prompt == server.template.render(TOOL_TURNS, [TOOL], tool_calls=True).removeprefix(
+        R1_BOS)
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>' in prompt
+    assert "<tool_response>\n5\n</tool_response>" in prompt
     assert TOOL_TURNS[1]["tool_calls"][0]["function"]["arguments"] == {"a": 2, "b": 3}
 
 

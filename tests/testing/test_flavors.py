@@ -74,6 +74,45 @@ def test_each_template_has_its_familys_markers() -> None:
     assert with_tools.startswith(f"{R1_BOS}# Tools\n") and json.dumps(TOOL) in with_tools
 
 
+ROUND_TRIP = [
+    {"role": "user", "content": "2+3?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2}'}}]},
+    {"role": "tool", "content": "5"},
+    {"role": "tool", "content": "6"},
+]
+
+
+def test_tool_turns_in_each_familys_layout() -> None:
+    """vLLM and llama.cpp hand tool calls to the template (TGI keeps only role and content);
+    tool results go where each family puts them. If this fails, tests of tool round trips on
+    the vLLM path see TGI's flattening."""
+    chatml = CHAT_TEMPLATES["chatml"].render(ROUND_TRIP, tool_calls=True)
+    assert ('<|im_start|>assistant\n<tool_call>\n{"name": "add", "arguments": {"a": 2}}\n'
+            "</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n5\n</tool_response>\n"
+            "<tool_response>\n6\n</tool_response><|im_end|>\n") in chatml
+    flattened = CHAT_TEMPLATES["chatml"].render(ROUND_TRIP)
+    assert "<tool_call>" not in flattened and "<tool_response>\n5" in flattened
+    r1 = CHAT_TEMPLATES["deepseek-r1"].render(ROUND_TRIP, tool_calls=True)
+    assert "<｜Assistant｜><tool_call>" in r1 and "<｜User｜><tool_response>\n5" in r1
+    llama3 = CHAT_TEMPLATES["llama3"].render(ROUND_TRIP, tool_calls=True)
+    assert '{"name": "add", "parameters": {"a": 2}}<|eot_id|>' in llama3
+    assert llama3.count("<|start_header_id|>ipython<|end_header_id|>") == 2
+
+
+async def test_vllm_renders_tool_calls_and_tgi_drops_them(
+        loopback_server: Start, http: httpx.AsyncClient) -> None:
+    """The servers differ exactly where TGI 3.3 flattens: assistant ``tool_calls``."""
+    vllm = serve(loopback_server, "vllm")
+    ids = (await http.post(f"{vllm.url}/tokenize", json={"messages": ROUND_TRIP})).json()
+    text = (await http.post(f"{vllm.url}/detokenize", json=ids)).json()["prompt"]
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 2}}' in text
+    tgi = serve(loopback_server, "tgi")
+    rendered = (await http.post(f"{tgi.url}/chat_tokenize",
+                                json={"messages": ROUND_TRIP})).json()["templated_text"]
+    assert "<tool_call>" not in rendered and "<tool_response>\n5" in rendered
+
+
 def test_byte_level_and_sentencepiece_token_strings() -> None:
     """vLLM's ``token_strs`` are the vocabulary's spelling; if this fails, the client's
     byte-level decoder is tested against the wrong alphabet."""
