@@ -22,7 +22,8 @@ from specthink.bench.traces import make_trace, messages_for
 from specthink.errors import BackendStatusError
 from specthink.testing import LatencyModel
 from specthink.trace import FinishEvent, TextEvent
-from tests.integration.conftest import TRACE, Protocol, Role, ScaleOut
+
+from .scale_support import TRACE, Protocol, Role, ScaleOut
 
 pytestmark = pytest.mark.timeout(90)
 
