@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 import warnings
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from contextlib import aclosing
@@ -29,12 +30,14 @@ from .errors import (
 )
 from .rules import TakeoverRules
 from .trace import (
+    REASONING_START,
     Event,
     FallbackEvent,
     FinishEvent,
     Result,
     Rule,
     Source,
+    StartEvent,
     Statistics,
     TakeoverEvent,
     TextEvent,
@@ -47,7 +50,6 @@ TargetErrorPolicy = Literal["fallback", "raise"]
 T = TypeVar("T")
 
 DEFAULT_MAX_NEW_TOKENS = 4096
-REASONING_START = "<think>"
 CONTEXT_MARGIN_TOKENS = 8
 """Slack for re-tokenising accepted text, which may take a few more tokens than were generated."""
 
@@ -83,6 +85,13 @@ class _Run:
     events: list[Event] = field(default_factory=list)
     target_ok: bool = True
     in_scope: bool = True
+    model_ids: dict[str, str] = field(default_factory=dict)
+    starts_in_reasoning: bool = False
+    """The small prompt opened the reasoning and no grammar constrains the output."""
+    routing_key: str = ""
+    """Sent with every generation request of this call (``routing_headers``)."""
+    target_preparation: asyncio.Future[None] | None = None
+    """The target's prompt and limits, prepared beside the small model's first stream."""
     reasoning: bool | None = None
     """Inside a reasoning section: the prompt or the text opened ``<think>`` and it has not
     closed yet (``None`` until the first accepted text tells)."""
@@ -134,12 +143,21 @@ class SpeculativeThinker:
         self.small = small
         self.target = target
         self.rules = TakeoverRules.preset(rules) if isinstance(rules, str) else rules
+        from . import prompts  # imported late: prompts pulls in jinja2
+
         self.small_template = small_template
         self.target_template = target_template
+        # Resolved once: a bad template name or file fails here, before any request.
+        self._templates: dict[Role, prompts.ChatTemplate] = {
+            "small": prompts.resolve_template(small_template, "small"),
+            "target": prompts.resolve_template(target_template, "target")}
         self.on_target_error: TargetErrorPolicy = on_target_error
         self.max_stream_resumes = max_stream_resumes
         self.check_prompt_length = check_prompt_length
         self._intervention_tokens: int | None = None
+        self._target_checked = False
+        """The target's template and limits were checked once; later calls prepare its prompt
+        beside the small model's first stream."""
 
     def __repr__(self) -> str:
         return (f"SpeculativeThinker(small={self.small!r}, target={self.target!r}, "
@@ -171,16 +189,43 @@ class SpeculativeThinker:
         sampling: SamplingParams | None = None,
         tools: Sequence[dict[str, Any]] | None = None,
         tool_choice: Any = None,
+        session_id: str | None = None,
     ) -> AsyncIterator[Event]:
-        """Stream events as text is accepted; the last event is a :class:`FinishEvent`."""
+        """Stream events as text is accepted; the last event is a :class:`FinishEvent`.
+
+        ``session_id`` (the caller's conversation or user session) is the routing key sent
+        with every generation request of the call, so a router keeps the conversation on the
+        replica that holds its prefix; without one, each call gets a fresh random key.
+        """
         run = await self._prepare(messages, max_new_tokens=max_new_tokens, stop=stop,
-                                  sampling=sampling, tools=tools, tool_choice=tool_choice)
+                                  sampling=sampling, tools=tools, tool_choice=tool_choice,
+                                  session_id=session_id)
+        # Yielded with the first event the loop produces, so a call that fails before it
+        # writes anything yields nothing at all.
+        start: StartEvent | None = StartEvent(
+            starts_in_reasoning=run.starts_in_reasoning, reasoning_end=self.rules.thinking_end,
+            routing_key=run.routing_key)
         for early in tuple(run.events):  # a target found down before the first request
+            if start is not None:
+                yield start
+                start = None
             yield early
-        async with aclosing(self._drive(run)) as stream:
-            async for event in stream:
-                yield event
-        result = Result(text=run.text, events=tuple(run.events), stats=run.stats)
+        try:
+            async with aclosing(self._drive(run)) as stream:
+                async for event in stream:
+                    if start is not None:
+                        yield start
+                        start = None
+                    yield event
+        finally:
+            self._end_preparation(run)
+        if start is not None:
+            yield start
+        models = {role: run.model_ids.get(role) or self.backends[role].url
+                  for role in ("small", "target")}
+        result = Result(text=run.text, events=tuple(run.events), stats=run.stats,
+                        starts_in_reasoning=run.starts_in_reasoning,
+                        reasoning_end=self.rules.thinking_end, models=models)
         yield FinishEvent(result)
 
     def generate(self, messages: Sequence[dict[str, Any]], **params: Any) -> Result:
@@ -195,8 +240,9 @@ class SpeculativeThinker:
 
     async def _prepare(self, messages: Sequence[dict[str, Any]], *, max_new_tokens: int | None,
                        stop: Sequence[str] | None, sampling: SamplingParams | None,
-                       tools: Sequence[dict[str, Any]] | None, tool_choice: Any) -> _Run:
-        from . import prompts  # imported late: prompts pulls in jinja2
+                       tools: Sequence[dict[str, Any]] | None, tool_choice: Any,
+                       session_id: str | None) -> _Run:
+        from . import prompts
 
         budget = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
         if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
@@ -206,54 +252,88 @@ class SpeculativeThinker:
             raise ConfigError(f"stop sequences must be non-empty strings, got {list(stops)!r}")
         checked = prompts.validate_messages(messages)
         if tools is not None or tool_choice is not None:
-            checked, tools = prompts.apply_tool_choice(checked, tools, tool_choice)
-
-        async def render(role: Role) -> str:
-            backend = self.backends[role]
-            spec = self.small_template if role == "small" else self.target_template
-            try:
-                if spec == "auto":
-                    spec = await self._auto_template(backend, checked)
-                template = prompts.resolve_template(spec, backend)
-                return await prompts.render_prompt(template, checked, tools, backend)
-            except BackendError as exc:
-                exc.role = role
-                raise
-
+            prompts.apply_tool_choice(checked, tools, tool_choice)  # a bad choice fails here
         rules = self.rules
         run = _Run(prompts={"small": "", "target": ""}, budget_left=budget, stop=stops,
                    sampling=sampling or SamplingParams(),
                    reflection_count=0, reflection_threshold=rules.reflection_threshold,
-                   n3=rules.n3)
+                   n3=rules.n3, routing_key=_routing_key(session_id))
 
         async def prepare_role(role: Role) -> None:
-            run.prompts[role] = await render(role)
-            if self.check_prompt_length:
-                await self._check_limits(run, role, len(stops))
+            backend = self.backends[role]
+            try:
+                run.prompts[role] = await prompts.render_prompt(
+                    self._templates[role], checked, tools, backend, tool_choice=tool_choice)
+                if self.check_prompt_length:
+                    await self._check_limits(run, role, len(stops))
+            except BackendError as exc:
+                exc.role = role
+                raise
 
-        small_ready, target_ready = await asyncio.gather(
-            prepare_role("small"), prepare_role("target"), return_exceptions=True)
-        for outcome in (small_ready, target_ready):
-            if isinstance(outcome, BaseException) and not isinstance(outcome, BackendError):
-                raise outcome
-        if isinstance(small_ready, BaseException):
-            raise small_ready
-        if isinstance(target_ready, BackendError):
-            # the target is unreachable before we start: the policy decides, as mid-answer
-            self._target_failed(run, target_ready)
+        target = asyncio.ensure_future(prepare_role("target"))
+        if self._target_checked:
+            # Off the critical path: the small model's first request needs only its own
+            # prompt; the target's is awaited at the first handoff (``_target_prepared``).
+            try:
+                await prepare_role("small")
+            except BaseException:
+                target.cancel()
+                await asyncio.gather(target, return_exceptions=True)
+                raise
+            run.target_preparation = target
+        else:
+            # The first call checks the target's configuration (its template, its limits)
+            # before any generation request, side by side with the small model's.
+            small_ready, target_ready = await asyncio.gather(
+                prepare_role("small"), target, return_exceptions=True)
+            for outcome in (small_ready, target_ready):
+                if isinstance(outcome, BaseException) and not isinstance(outcome, BackendError):
+                    raise outcome
+            if isinstance(small_ready, BaseException):
+                raise small_ready
+            if isinstance(target_ready, BackendError):
+                # the target is unreachable before we start: the policy decides, as mid-answer
+                self._target_failed(run, target_ready)
+            else:
+                self._target_checked = True
+        # The one decision about the reasoning, from the prompt actually sent; a grammar makes
+        # the model write the constrained output at once.
+        constrained = run.sampling.grammar is not None and self.small.supports_grammar
+        run.starts_in_reasoning = (not constrained
+                                   and run.prompts["small"].rstrip().endswith(REASONING_START))
         return run
 
+    async def _target_prepared(self, run: _Run) -> FallbackEvent | None:
+        """Wait for the target's prompt and limits before its first request. A target that
+        cannot serve is the ``on_target_error`` policy's business: the returned event says the
+        small model goes on alone (``run.target_ok`` is then false)."""
+        preparation, run.target_preparation = run.target_preparation, None
+        if preparation is None:
+            return None
+        try:
+            await preparation
+        except BackendError as exc:
+            return self._target_failed(run, exc)
+        except ConfigError as exc:
+            # e.g. a prompt too long for the target alone: it cannot take over in this call
+            if self.on_target_error == "raise":
+                raise
+            return self._target_failed(run, BackendError(
+                f"the target cannot take over in this conversation: {exc}",
+                url=self.target.url))
+        return None
+
     @staticmethod
-    async def _auto_template(backend: Backend, messages: Sequence[dict[str, Any]]) -> str:
-        """The server's own template where it renders one, except for tool turns: TGI keeps only
-        role and content of each message, so an assistant's tool calls and the tool results
-        would be flattened; those conversations use the client-side template of the model's
-        family (DeepSeek-R1 or ChatML), read from the model id."""
-        tool_turns = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
-        if getattr(backend, "renders_chat_template", False) and not tool_turns:
-            return "server"
-        model_id = (await backend.info()).model_id.lower()
-        return "deepseek-r1" if "deepseek" in model_id and "r1" in model_id else "chatml"
+    def _end_preparation(run: _Run) -> None:
+        """A call that never handed over does not wait for the target's preparation."""
+        preparation, run.target_preparation = run.target_preparation, None
+        if preparation is None:
+            return
+        if preparation.done():
+            if not preparation.cancelled():
+                preparation.exception()  # retrieved: nothing was waiting for it
+        else:
+            preparation.cancel()
 
     def _room(self, run: _Run, role: Role, wanted: int) -> int:
         """``wanted`` tokens, cut so that prompt + output fits the server's max_total_tokens
@@ -272,6 +352,7 @@ class SpeculativeThinker:
         except BackendError as exc:
             exc.role = role
             raise
+        run.model_ids[role] = info.model_id
         if info.max_stop_sequences is not None and stop_count > info.max_stop_sequences:
             raise ConfigError(
                 f"{stop_count} stop sequences given, but the {role} server {backend.url} allows "
@@ -477,6 +558,10 @@ class SpeculativeThinker:
                              first: int) -> AsyncGenerator[Event, None]:
         """The target writes ``first`` tokens; after a rule-1 style takeover it may go on for
         ``n2`` more (rule 2) when its own text holds a verify word. One request serves both."""
+        if (fallback := await self._target_prepared(run)) is not None:
+            yield fallback
+        if not run.target_ok:
+            return
         rules = self.rules
         counts_reflection = rule in (Rule.AFFIRM_REFLECT, Rule.EVERY_TRIGGER)
         may_verify = counts_reflection and rules.verify_takeover
@@ -598,7 +683,7 @@ class SpeculativeThinker:
         run.text += text
         end = self.rules.thinking_end
         if run.reasoning is None:
-            run.reasoning = (run.prompts["small"].rstrip().endswith(REASONING_START)
+            run.reasoning = (run.starts_in_reasoning
                              or run.text.lstrip().startswith(REASONING_START))
         if run.reasoning or (run.in_scope and self.rules.scope == "thinking"):
             closed = end in run.text[max(0, before - len(end)):]
@@ -681,6 +766,14 @@ class SpeculativeThinker:
         context = backend.stream(prompt, max_new_tokens=max(1, max_new_tokens),
                                  sampling=sampling, on_attempt=on_attempt)
         return _TimedStream(context, stats, role)
+
+
+def _routing_key(session_id: str | None) -> str:
+    if session_id is None:
+        return uuid.uuid4().hex
+    if not isinstance(session_id, str) or not session_id.strip():
+        raise ConfigError(f"session_id must be a non-empty string, got {session_id!r}")
+    return session_id
 
 
 class _TimedStream:

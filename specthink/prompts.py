@@ -18,26 +18,34 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from specthink.backends.base import ServerInfo
 from specthink.errors import ConfigError
 
 __all__ = [
     "CHATML",
     "COMMON_BOS_TOKENS",
     "DEEPSEEK_R1",
+    "LLAMA3",
+    "MISTRAL",
     "ROLES",
+    "AutoTemplate",
     "ChatTemplate",
     "JinjaTemplate",
+    "ServerRenderedTemplate",
     "ServerTemplate",
     "TemplateBackend",
     "apply_tool_choice",
+    "family_template",
     "render_prompt",
     "resolve_template",
+    "template_from_file",
     "tool_instruction",
     "validate_messages",
     "validate_tools",
@@ -53,10 +61,15 @@ Mistral, Llama 3, DeepSeek)."""
 class TemplateBackend(Protocol):
     """The part of a backend a template needs (every ``specthink.backends.Backend`` has it)."""
 
+    url: str
     adds_bos_token: bool
+    keeps_tool_turns: bool
 
     async def render_chat(self, messages: Sequence[dict[str, Any]],
-                          tools: Sequence[dict[str, Any]] | None = None) -> str | None: ...
+                          tools: Sequence[dict[str, Any]] | None = None, *,
+                          tool_choice: str | dict[str, Any] | None = None) -> str | None: ...
+
+    async def info(self) -> ServerInfo: ...
 
 
 # --- input validation -------------------------------------------------------------------------
@@ -239,6 +252,20 @@ def apply_tool_choice(messages: Sequence[Mapping[str, Any]],
     return valid_messages, valid_tools
 
 
+def _wire_tool_choice(tool_choice: str | Mapping[str, Any] | None,
+                      tools: Sequence[Mapping[str, Any]] | None) -> str | dict[str, Any] | None:
+    """``tool_choice`` as OpenAI-style servers take it: ``"auto"``, ``"none"``, ``"required"``
+    (LangChain's ``"any"``) or ``{"type": "function", "function": {"name": ...}}``."""
+    if not tools or tool_choice is None:
+        return None
+    name = _chosen_name(tool_choice)
+    if name in ("auto", "none"):
+        return name
+    if name in ("required", "any"):
+        return "required"
+    return {"type": "function", "function": {"name": name}}
+
+
 # --- templates -------------------------------------------------------------------------------
 
 class ChatTemplate(ABC):
@@ -251,6 +278,18 @@ class ChatTemplate(ABC):
     async def render(self, messages: Sequence[Mapping[str, Any]],
                      tools: Sequence[Mapping[str, Any]] | None,
                      backend: TemplateBackend) -> str:
+        """The full prompt text, ending with the assistant's generation prompt."""
+
+
+class ServerRenderedTemplate(ChatTemplate):
+    """A template the server may apply itself, so it is told the caller's ``tool_choice``:
+    ``messages`` and ``tools`` are already shaped by it (:func:`apply_tool_choice`), and the
+    server must offer no escape it would not honour (TGI's ``no_tool``)."""
+
+    @abstractmethod
+    async def render(self, messages: Sequence[Mapping[str, Any]],
+                     tools: Sequence[Mapping[str, Any]] | None, backend: TemplateBackend, *,
+                     tool_choice: str | Mapping[str, Any] | None = None) -> str:
         """The full prompt text, ending with the assistant's generation prompt."""
 
 
@@ -326,7 +365,7 @@ class JinjaTemplate(ChatTemplate):
         return f"JinjaTemplate(<{len(self.source)} characters>, bos_token={self.bos_token!r})"
 
 
-class ServerTemplate(ChatTemplate):
+class ServerTemplate(ServerRenderedTemplate):
     """The server's own chat template (TGI ``/chat_tokenize``, its ``templated_text``).
 
     TGI keeps only role and content of each message, so assistant ``tool_calls`` reach the
@@ -334,13 +373,15 @@ class ServerTemplate(ChatTemplate):
     """
 
     async def render(self, messages: Sequence[Mapping[str, Any]],
-                     tools: Sequence[Mapping[str, Any]] | None,
-                     backend: TemplateBackend) -> str:
-        text = await backend.render_chat(validate_messages(messages), validate_tools(tools))
+                     tools: Sequence[Mapping[str, Any]] | None, backend: TemplateBackend, *,
+                     tool_choice: str | Mapping[str, Any] | None = None) -> str:
+        text = await backend.render_chat(validate_messages(messages), validate_tools(tools),
+                                         tool_choice=_wire_tool_choice(tool_choice, tools))
         if text is None:
             raise ConfigError(
-                f"the server {getattr(backend, 'url', '')} cannot render chat templates; choose "
-                "a client-side template: 'chatml', 'deepseek-r1' or a Jinja template source")
+                f"the server {backend.url} cannot render chat templates; choose a client-side "
+                f"template: {', '.join(repr(n) for n in _BUILTIN)}, a Jinja template source or "
+                "the path of the model's tokenizer_config.json")
         return text
 
     def __repr__(self) -> str:
@@ -444,6 +485,73 @@ _DEEPSEEK_R1_SOURCE = r"""
 {%- endif %}
 """
 
+_LLAMA3_SOURCE = r"""
+{%- set ns = namespace(system='') %}
+{%- for message in messages if message.role == 'system' %}
+    {%- set ns.system = ns.system + ('\n\n' if ns.system else '') + message.content %}
+{%- endfor %}
+{{- bos_token }}
+{%- if ns.system or tools %}
+    {{- '<|start_header_id|>system<|end_header_id|>\n\n' + ns.system }}
+    {%- if tools %}
+        {%- if ns.system %}
+            {{- '\n\n' }}
+        {%- endif %}
+""" + _TOOLS_SECTION + r"""
+    {%- endif %}
+    {{- '<|eot_id|>' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.role == 'user' %}
+        {{- '<|start_header_id|>user<|end_header_id|>\n\n' + message.content + '<|eot_id|>' }}
+    {%- elif message.role == 'assistant' %}
+        {%- set content = message.content or '' %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' + content }}
+""" + _TOOL_CALLS + r"""
+        {{- '<|eot_id|>' }}
+    {%- elif message.role == 'tool' %}
+        {{- '<|start_header_id|>ipython<|end_header_id|>\n\n<tool_response>\n' + message.content + '\n</tool_response><|eot_id|>' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"""  # noqa: E501
+
+_MISTRAL_SOURCE = r"""
+{%- set ns = namespace(system='', pending=False) %}
+{%- for message in messages if message.role == 'system' %}
+    {%- set ns.system = ns.system + ('\n\n' if ns.system else '') + message.content %}
+{%- endfor %}
+{%- if tools %}
+    {%- set ns.system = ns.system + ('\n\n' if ns.system else '') %}
+{%- endif %}
+{{- bos_token }}
+{%- for message in messages %}
+    {%- if message.role == 'user' %}
+        {{- '[INST] ' }}
+        {%- if loop.first or (ns.system and not ns.pending) %}
+            {%- if tools and not ns.pending %}
+""" + _TOOLS_SECTION + r"""
+                {{- '\n\n' }}
+            {%- endif %}
+            {%- if ns.system and not ns.pending %}
+                {{- ns.system.rstrip() + '\n\n' }}
+            {%- endif %}
+            {%- set ns.pending = True %}
+        {%- endif %}
+        {{- message.content + ' [/INST]' }}
+    {%- elif message.role == 'assistant' %}
+        {%- set content = message.content or '' %}
+        {{- ' ' + content }}
+""" + _TOOL_CALLS + r"""
+        {{- eos_token }}
+    {%- elif message.role == 'tool' %}
+        {{- '[INST] <tool_response>\n' + message.content + '\n</tool_response> [/INST]' }}
+    {%- endif %}
+{%- endfor %}
+"""
+
 CHATML = JinjaTemplate(_CHATML_SOURCE, eos_token="<|im_end|>")
 """ChatML as Qwen2.5-Instruct lays it out, tools included (``<tools>`` in the system turn,
 ``<tool_call>`` blocks, ``<tool_response>`` in a user turn); SmolLM2 uses the same turns.
@@ -458,18 +566,128 @@ turns, earlier answers without their reasoning, and the generation prompt
 ``<｜Assistant｜><think>\\n`` (so the output begins inside the reasoning). Tools use the Hermes
 form in the system text, since the distills never learnt DeepSeek-V3's tool tokens."""
 
-_BUILTIN: dict[str, ChatTemplate] = {"chatml": CHATML, "deepseek-r1": DEEPSEEK_R1}
+LLAMA3 = JinjaTemplate(_LLAMA3_SOURCE, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+"""Llama 3 / 3.1 / 3.3 Instruct turns (``<|start_header_id|>role<|end_header_id|>``); tools in
+the Hermes form in the system turn, results in an ``ipython`` turn."""
+
+MISTRAL = JinjaTemplate(_MISTRAL_SOURCE, bos_token="<s>", eos_token="</s>")
+"""Mistral Instruct turns (``[INST] ... [/INST]``), the system text at the start of the first
+user turn; tools in the Hermes form."""
+
+_BUILTIN: dict[str, ChatTemplate] = {"chatml": CHATML, "deepseek-r1": DEEPSEEK_R1,
+                                     "llama3": LLAMA3, "mistral": MISTRAL}
+
+_FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # Most specific first: the R1 distills are Qwen and Llama models.
+    ("deepseek-r1", ("deepseek-r1", "deepseek_r1", "r1-distill", "deepseekr1")),
+    ("llama3", ("llama-3", "llama3", "llama_3")),
+    ("mistral", ("mistral", "mixtral", "magistral", "ministral", "devstral")),
+    ("chatml", ("qwen", "smollm", "hermes", "chatml", "openhermes", "yi-")),
+)
+"""Built-in template of a model family, found by a substring of the lower-cased model id."""
 
 
-def resolve_template(spec: ChatTemplate | str, backend: object) -> ChatTemplate:
-    """The template ``spec`` names, for ``backend``.
+def family_template(model_id: str) -> str | None:
+    """The built-in template name for ``model_id``, or ``None`` for an unknown family.
 
-    ``spec`` is a ``ChatTemplate``; ``"auto"`` (the server's template when the backend renders
-    chat templates, i.e. has ``renders_chat_template = True``, else ``CHATML``); ``"server"``;
-    ``"chatml"``; ``"deepseek-r1"``; or a Jinja template source.
+    >>> family_template("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B")
+    'deepseek-r1'
+    >>> family_template("meta-llama/Llama-3.1-8B-Instruct")
+    'llama3'
+    >>> family_template("google/gemma-3-4b-it") is None
+    True
+    """
+    lowered = model_id.lower()
+    for name, needles in _FAMILIES:
+        if any(needle in lowered for needle in needles):
+            return name
+    return None
+
+
+def template_from_file(path: str | Path) -> JinjaTemplate:
+    """A ``JinjaTemplate`` from a Hugging Face ``tokenizer_config.json`` (its ``chat_template``,
+    ``bos_token`` and ``eos_token``), or from a ``.jinja`` file holding the template alone."""
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the chat template file {str(file)!r}: {exc}") from exc
+    if file.suffix != ".json":
+        return JinjaTemplate(text)
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{str(file)!r} is not JSON: {exc}") from exc
+    source = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(source, list):  # several named templates: "default" is the chat one
+        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+        source = named.get("default")
+    if not isinstance(source, str) or not source:
+        raise ConfigError(f"{str(file)!r} has no chat_template")
+    return JinjaTemplate(source, bos_token=_special_text(config.get("bos_token")),
+                         eos_token=_special_text(config.get("eos_token")))
+
+
+def _special_text(token: object) -> str:
+    if isinstance(token, dict):  # {"content": "<s>", "lstrip": false, ...}
+        token = token.get("content")
+    return token if isinstance(token, str) else ""
+
+
+class AutoTemplate(ServerRenderedTemplate):
+    """``"auto"``: the server's own template wherever it renders one; else the built-in
+    template of the model's family, read from the model id; else a ``ConfigError`` before any
+    generation request, saying which template to pass.
+
+    A server that renders its template but keeps only role and content of each message (TGI)
+    gets the family template for tool turns, whose calls and results it would flatten (its
+    own rendering where the family is unknown).
+    """
+
+    def __init__(self, role: str = "small") -> None:
+        self.role = role
+
+    async def render(self, messages: Sequence[Mapping[str, Any]],
+                     tools: Sequence[Mapping[str, Any]] | None, backend: TemplateBackend, *,
+                     tool_choice: str | Mapping[str, Any] | None = None) -> str:
+        tool_turns = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+        flattens = tool_turns and not backend.keeps_tool_turns
+        if flattens:
+            family = family_template((await backend.info()).model_id)
+            if family is not None:
+                return await _BUILTIN[family].render(messages, tools, backend)
+            # No better rendering is known: the server's, with its tool turns flattened.
+        # One request: a server that renders nothing answers None (detected once per backend).
+        text = await backend.render_chat(validate_messages(messages), validate_tools(tools),
+                                         tool_choice=_wire_tool_choice(tool_choice, tools))
+        if text is not None:
+            return text
+        model_id = (await backend.info()).model_id
+        family = family_template(model_id)
+        if family is None:
+            option = f"{self.role}_template" if self.role in ("small", "target") else "template"
+            raise ConfigError(
+                f"the {self.role} server {backend.url} renders no chat template and the model "
+                f"{model_id!r} is of no family specthink knows; pass {option}= one of "
+                f"{', '.join(repr(n) for n in _BUILTIN)}, a Jinja template source, or the path "
+                "of the model's tokenizer_config.json")
+        return await _BUILTIN[family].render(messages, tools, backend)
+
+    def __repr__(self) -> str:
+        return "AutoTemplate()"
+
+
+def resolve_template(spec: ChatTemplate | str | Path, role: str = "small") -> ChatTemplate:
+    """The template ``spec`` names; checked at once, so a bad name fails before any request.
+
+    ``spec`` is a ``ChatTemplate``; ``"auto"`` (:class:`AutoTemplate`); ``"server"``; a built-in
+    name (``"chatml"``, ``"deepseek-r1"``, ``"llama3"``, ``"mistral"``); a Jinja template
+    source; or the path of a ``tokenizer_config.json`` / ``.jinja`` file.
     """
     if isinstance(spec, ChatTemplate):
         return spec
+    if isinstance(spec, Path):
+        return template_from_file(spec)
     if not isinstance(spec, str):
         raise ConfigError(f"chat template must be a ChatTemplate or a string, "
                           f"got {type(spec).__name__}")
@@ -477,13 +695,16 @@ def resolve_template(spec: ChatTemplate | str, backend: object) -> ChatTemplate:
         return JinjaTemplate(spec)
     name = spec.strip().lower().replace("_", "-")
     if name == "auto":
-        return ServerTemplate() if getattr(backend, "renders_chat_template", False) else CHATML
+        return AutoTemplate(role)
     if name == "server":
         return ServerTemplate()
     if name in _BUILTIN:
         return _BUILTIN[name]
+    if name.endswith((".json", ".jinja", ".j2")) or "/" in name or "\\" in name:
+        return template_from_file(spec.strip())
     raise ConfigError(f"unknown chat template {spec!r}; choose 'auto', 'server', "
-                      f"{', '.join(repr(n) for n in _BUILTIN)}, or pass a Jinja template source")
+                      f"{', '.join(repr(n) for n in _BUILTIN)}, a Jinja template source, or "
+                      "the path of a tokenizer_config.json")
 
 
 async def render_prompt(template: ChatTemplate, messages: Sequence[Mapping[str, Any]],
@@ -491,7 +712,11 @@ async def render_prompt(template: ChatTemplate, messages: Sequence[Mapping[str, 
                         *, tool_choice: str | Mapping[str, Any] | None = "auto") -> str:
     """Validate, apply ``tool_choice``, render, and drop a leading BOS the server would repeat."""
     valid_messages, valid_tools = apply_tool_choice(messages, tools, tool_choice)
-    prompt = await template.render(valid_messages, valid_tools, backend)
+    if isinstance(template, ServerRenderedTemplate):
+        prompt = await template.render(valid_messages, valid_tools, backend,
+                                       tool_choice=tool_choice if valid_tools else None)
+    else:
+        prompt = await template.render(valid_messages, valid_tools, backend)
     if backend.adds_bos_token:
         for bos in (template.bos_token, *COMMON_BOS_TOKENS):
             if bos and prompt.startswith(bos):

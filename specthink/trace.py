@@ -24,6 +24,28 @@ class Rule(StrEnum):
     """Instruct preset: the target writes ``n1`` tokens at every trigger, without a probe."""
 
 
+REASONING_START = "<think>"
+REASONING_END = "</think>"
+
+
+@dataclass(frozen=True, slots=True)
+class StartEvent:
+    """The first event of every stream, before any text: how to read the output.
+
+    ``starts_in_reasoning`` is true when the small model's rendered prompt opened the reasoning
+    (DeepSeek-R1 and Qwen3 templates end the generation prompt with ``<think>``), so the output
+    begins inside it without an opening tag. The engine decides this once, from the prompt it
+    sends; ``specthink.output.OutputSplitter`` reads it, so no adapter decides for itself.
+    """
+
+    starts_in_reasoning: bool
+    reasoning_start: str = REASONING_START
+    reasoning_end: str = REASONING_END
+    """The tag that closes the reasoning (the rules' ``thinking_end``)."""
+    routing_key: str = ""
+    """The key sent with every generation request of this call (routing headers)."""
+
+
 @dataclass(frozen=True, slots=True)
 class TextEvent:
     """Accepted text, in order. Concatenating every ``text`` gives the final output."""
@@ -59,7 +81,7 @@ class FinishEvent:
     result: Result
 
 
-Event = TextEvent | TakeoverEvent | FallbackEvent | FinishEvent
+Event = StartEvent | TextEvent | TakeoverEvent | FallbackEvent | FinishEvent
 
 
 def _per_role() -> dict[str, int]:
@@ -127,6 +149,17 @@ class Result:
     text: str
     events: tuple[Event, ...]
     stats: Statistics
+    starts_in_reasoning: bool = False
+    """The prompt opened the reasoning (see :class:`StartEvent`)."""
+    reasoning_start: str = REASONING_START
+    reasoning_end: str = REASONING_END
+    models: dict[str, str] = field(default_factory=dict)
+    """Model id of each role as its server reported it (``"small"``, ``"target"``)."""
+
+    @property
+    def model_name(self) -> str:
+        """The pair's name: the servers' model ids joined by ``+``."""
+        return "+".join(self.models[role] for role in ("small", "target") if role in self.models)
 
     @property
     def finish_reason(self) -> str | None:

@@ -18,89 +18,67 @@ from langchain_core.messages.tool import ToolCall as LCToolCall
 from langchain_core.messages.tool import ToolCallChunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk
 
-from specthink.tools import (
-    ReasoningSplitter,
-    SplitKind,
-    ToolCall,
-    parse_tool_calls,
-    split_reasoning,
-)
-from specthink.trace import Result, TextEvent
+from specthink.output import OutputDelta, OutputSplitter, split_result
+from specthink.tools import ToolCall
+from specthink.trace import Event, FinishEvent, Result
 
 __all__ = ["PROVIDER", "ChunkAssembler", "OutputShape", "message_from_result"]
 
 PROVIDER = "specthink"
-TOOL_CALL_OPEN = "<tool_call>"
 
 
 @dataclass(frozen=True, slots=True)
 class OutputShape:
     """What the caller's request tells us about the output before it arrives."""
 
-    model_name: str
-    opens_reasoning: bool
-    """The rendered prompt ends inside ``<think>`` (DeepSeek-R1 templates), so the output
-    starts as reasoning without an opening tag."""
-    parse_tools: bool
-    """Tools were offered, so ``<tool_call>`` blocks in the answer become ``tool_calls``."""
+    model_name: str | None = None
+    """The name the user gave the pair; default: the servers' model ids joined by ``+``."""
+    tools: tuple[str, ...] | None = None
+    """Names of the tools offered (``None``: no tools, so ``<tool_call>`` text stays text)."""
     max_tool_calls: int | None = None
     """Keep only this many calls (``parallel_tool_calls=False`` keeps one)."""
 
 
 def message_from_result(result: Result, shape: OutputShape) -> ChatGeneration:
     """The whole answer as one ``AIMessage`` (the ``invoke`` path)."""
-    reasoning, answer = split_reasoning(result.text, starts_in_reasoning=shape.opens_reasoning)
-    calls: list[ToolCall] = []
-    if shape.parse_tools:
-        answer, calls = parse_tool_calls(answer)
-        calls = calls[:shape.max_tool_calls]
+    output = split_result(result, tools=shape.tools, max_tool_calls=shape.max_tool_calls)
     message = AIMessage(
-        content=answer,
-        additional_kwargs={"reasoning_content": reasoning} if reasoning else {},
-        tool_calls=[_lc_tool_call(call) for call in calls],
-        usage_metadata=usage_metadata(result, has_reasoning=bool(reasoning)),
+        content=output.answer,
+        additional_kwargs={"reasoning_content": output.reasoning} if output.reasoning else {},
+        tool_calls=[_lc_tool_call(call) for call in output.tool_calls],
+        usage_metadata=usage_metadata(result, has_reasoning=bool(output.reasoning)),
         response_metadata=response_metadata(result, shape),
     )
     return ChatGeneration(message=message)
 
 
 class ChunkAssembler:
-    """Turns the engine's accepted text into ``ChatGenerationChunk``s as it arrives.
+    """Turns engine events into ``ChatGenerationChunk``s as text is accepted.
 
-    Reasoning and answer never share a chunk. With tools offered, answer text from a
-    ``<tool_call>`` on (and a partial tag or whitespace that may precede one) is held back and
-    parsed at the end, so the calls arrive whole, as ``tool_call_chunks`` of the last chunk, and
-    their markup never shows up as content. Usage and response metadata go on the last chunk
+    The split itself is the core's (:class:`specthink.output.OutputSplitter`): reasoning and
+    answer never share a chunk, and tool calls arrive whole, as ``tool_call_chunks`` of the last
+    chunk, their markup never shown as content. Usage and response metadata go on the last chunk
     only (``chunk_position="last"``), so summing the chunks counts tokens once.
     """
 
     def __init__(self, shape: OutputShape) -> None:
         self.shape = shape
-        self._splitter = ReasoningSplitter(starts_in_reasoning=shape.opens_reasoning)
-        self._unsure = ""
-        """Answer text that may be (the start of) a tool call, or whitespace before one."""
-        self._in_call = False
+        self._splitter = OutputSplitter(tools=shape.tools, max_tool_calls=shape.max_tool_calls)
         self._had_reasoning = False
 
-    def feed(self, event: TextEvent) -> list[ChatGenerationChunk]:
-        return self._chunks(self._splitter.feed(event.text))
+    def feed(self, event: Event) -> list[ChatGenerationChunk]:
+        if isinstance(event, FinishEvent):
+            return self.finish(event.result)
+        return self._chunks(self._splitter.feed(event))
 
     def finish(self, result: Result) -> list[ChatGenerationChunk]:
         """The chunks still held back, then the last chunk with calls, usage and metadata."""
-        out = self._chunks(self._splitter.flush())
-        rest = self._unsure
-        calls: list[ToolCall] = []
-        if self.shape.parse_tools and rest:
-            content, calls = parse_tool_calls(rest)
-            calls = calls[:self.shape.max_tool_calls]
-            if calls:
-                # Whitespace held before the call still separates shown text from what follows.
-                space = rest[:len(rest) - len(rest.lstrip())]
-                rest = space + content if content else ""
+        final = self._splitter.finish()
+        out = self._chunks(final.deltas)
         last = AIMessageChunk(
-            content=rest,
+            content=final.rest,
             tool_call_chunks=[_lc_tool_call_chunk(call, index)
-                              for index, call in enumerate(calls)],
+                              for index, call in enumerate(final.tool_calls)],
             usage_metadata=usage_metadata(result, has_reasoning=self._had_reasoning),
             response_metadata=response_metadata(result, self.shape),
             chunk_position="last",
@@ -108,36 +86,16 @@ class ChunkAssembler:
         out.append(ChatGenerationChunk(message=last))
         return out
 
-    def _chunks(self, pieces: list[tuple[SplitKind, str]]) -> list[ChatGenerationChunk]:
+    def _chunks(self, deltas: list[OutputDelta]) -> list[ChatGenerationChunk]:
         out: list[ChatGenerationChunk] = []
-        for kind, text in pieces:
-            if kind == "reasoning":
+        for delta in deltas:
+            if delta.kind == "reasoning":
                 self._had_reasoning = True
                 out.append(ChatGenerationChunk(message=AIMessageChunk(
-                    content="", additional_kwargs={"reasoning_content": text})))
-                continue
-            shown = self._answer(text) if self.shape.parse_tools else text
-            if shown:
-                out.append(ChatGenerationChunk(message=AIMessageChunk(content=shown)))
+                    content="", additional_kwargs={"reasoning_content": delta.text})))
+            else:
+                out.append(ChatGenerationChunk(message=AIMessageChunk(content=delta.text)))
         return out
-
-    def _answer(self, text: str) -> str:
-        """The part of the answer that is surely not tool-call markup; the rest is held."""
-        if self._in_call:
-            self._unsure += text
-            return ""
-        pending = self._unsure + text
-        at = pending.find(TOOL_CALL_OPEN)
-        if at >= 0:
-            self._in_call = True
-            shown, self._unsure = _split_trailing_space(pending[:at])
-            self._unsure += pending[at:]
-            return shown
-        keep = _partial_suffix(pending, TOOL_CALL_OPEN)
-        shown, held = pending[:len(pending) - keep], pending[len(pending) - keep:]
-        shown, space = _split_trailing_space(shown)
-        self._unsure = space + held
-        return shown
 
 
 def usage_metadata(result: Result, *, has_reasoning: bool) -> UsageMetadata:
@@ -153,7 +111,7 @@ def usage_metadata(result: Result, *, has_reasoning: bool) -> UsageMetadata:
 def response_metadata(result: Result, shape: OutputShape) -> dict[str, Any]:
     trace = result.to_dict()
     return {
-        "model_name": shape.model_name,
+        "model_name": shape.model_name or result.model_name,
         "model_provider": PROVIDER,
         "finish_reason": result.finish_reason,
         "speculative_thinking": trace["stats"],
@@ -168,16 +126,3 @@ def _lc_tool_call(call: ToolCall) -> LCToolCall:
 def _lc_tool_call_chunk(call: ToolCall, index: int) -> ToolCallChunk:
     return ToolCallChunk(name=call.name, args=json.dumps(call.arguments, ensure_ascii=False),
                          id=call.id, index=index, type="tool_call_chunk")
-
-
-def _split_trailing_space(text: str) -> tuple[str, str]:
-    stripped = text.rstrip()
-    return stripped, text[len(stripped):]
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of ``text`` that is a proper beginning of ``tag``."""
-    for size in range(min(len(text), len(tag) - 1), 0, -1):
-        if text.endswith(tag[:size]):
-            return size
-    return 0

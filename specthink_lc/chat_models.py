@@ -23,9 +23,9 @@ from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator,
 from specthink import prompts
 from specthink.backends.base import Backend, SamplingParams
 from specthink.engine import SpeculativeThinker, close_on_sync_loop, run_sync
-from specthink.errors import BackendError, ConfigError
+from specthink.errors import ConfigError
 from specthink.rules import PRESETS, TakeoverRules
-from specthink.trace import Event, FinishEvent, TextEvent
+from specthink.trace import Event
 
 from ._messages import to_engine_messages
 from ._output import ChunkAssembler, OutputShape, message_from_result
@@ -44,7 +44,6 @@ __all__ = ["ChatSpeculativeThinking"]
 
 _T = TypeVar("_T")
 _LLM_TYPE = "specthink-chat"
-_PROBE_MESSAGES = [{"role": "user", "content": "Hi"}]
 _EXTRA_SAMPLING = frozenset(f.name for f in fields(SamplingParams)) - {
     "temperature", "top_p", "top_k", "seed", "grammar"}
 """Sampling settings without a field of their own; they go through ``model_kwargs``."""
@@ -58,17 +57,10 @@ class _Call:
 
     messages: list[dict[str, Any]]
     params: dict[str, Any]
-    parse_tools: bool
-    constrained: bool
-    """A grammar constrains the whole output, so the model cannot write reasoning first."""
+    tool_names: tuple[str, ...] | None
+    """The tools whose ``<tool_call>`` blocks count (``None`` when none were offered)."""
     single_tool_call: bool = False
     """``parallel_tool_calls=False``: only the first tool call counts."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Description:
-    model_name: str
-    opens_reasoning: bool
 
 
 class ChatSpeculativeThinking(BaseChatModel):
@@ -322,7 +314,6 @@ class ChatSpeculativeThinking(BaseChatModel):
     _backends: tuple[Backend, Backend] | None = PrivateAttr(default=None)
     _thinker: SpeculativeThinker | None = PrivateAttr(default=None)
     _thinker_key: tuple[Any, ...] | None = PrivateAttr(default=None)
-    _description: _Description | None = PrivateAttr(default=None)
 
     # ---- construction --------------------------------------------------------------------
 
@@ -434,7 +425,6 @@ class ChatSpeculativeThinking(BaseChatModel):
                     weakref.finalize(thinker, _close_in_background, small, target)
                 self._thinker = thinker
                 self._thinker_key = key
-                self._description = None
             return self._thinker
 
     async def aclose(self) -> None:
@@ -476,29 +466,6 @@ class ChatSpeculativeThinking(BaseChatModel):
         return (OpenAICompletionsBackend(self.small_url, model=self.small_model, **options),
                 OpenAICompletionsBackend(self.target_url, model=self.target_model, **options))
 
-    async def _adescribe(self, thinker: SpeculativeThinker) -> _Description:
-        """The pair's name and whether the small prompt opens ``<think>``; asked once."""
-        if self._description is not None:
-            return self._description
-        names = []
-        for backend in (thinker.small, thinker.target):
-            try:
-                names.append((await backend.info()).model_id)
-            except BackendError:
-                # A failing target is the fallback policy's business, not the name's.
-                names.append(backend.url)
-        template = prompts.resolve_template(self.small_template, thinker.small)
-        probe = await prompts.render_prompt(template, _PROBE_MESSAGES, None, thinker.small)
-        description = _Description(model_name=self.model_name or "+".join(names),
-                                    opens_reasoning=probe.rstrip().endswith("<think>"))
-        self._description = description
-        return description
-
-    def _describe(self, thinker: SpeculativeThinker) -> _Description:
-        if self._description is not None:
-            return self._description
-        return _run_sync(self._adescribe(thinker))
-
     # ---- one request ---------------------------------------------------------------------
 
     def _prepare(self, thinker: SpeculativeThinker, messages: list[BaseMessage],
@@ -525,15 +492,15 @@ class ChatSpeculativeThinking(BaseChatModel):
                               "max_tokens, temperature, "
                               f"top_p, top_k, seed, {', '.join(sorted(_EXTRA_SAMPLING))}")
         engine_messages = to_engine_messages(messages)
-        constrained = False
         if response_format is not None:
             grammar = grammar_for(response_format)
             if instruction := json_instruction(response_format):
                 engine_messages = _with_system_text(engine_messages, instruction)
-            if grammar is not None and thinker.small.supports_grammar \
+            # A grammar constrains the whole output: with tools offered it would make them
+            # uncallable (LangChain's ProviderStrategy sends both), so then the answer is parsed.
+            if grammar is not None and not tools and thinker.small.supports_grammar \
                     and thinker.target.supports_grammar:
                 sampling["grammar"] = grammar
-                constrained = True
         params: dict[str, Any] = {
             "max_new_tokens": max_tokens,
             "stop": stop if stop is not None else self.stop,
@@ -543,14 +510,14 @@ class ChatSpeculativeThinking(BaseChatModel):
             params["tools"] = tools
             if tool_choice is not None:
                 params["tool_choice"] = tool_choice
-        parse_tools = bool(tools) and tool_choice != "none"
-        return _Call(engine_messages, params, parse_tools, constrained,
+        offered = prompts.validate_tools(tools) or []
+        tool_names = (tuple(tool["function"]["name"] for tool in offered)
+                      if offered and tool_choice != "none" else None)
+        return _Call(engine_messages, params, tool_names,
                      single_tool_call=parallel_tool_calls is False)
 
-    def _shape(self, description: _Description, call: _Call) -> OutputShape:
-        return OutputShape(model_name=description.model_name,
-                           opens_reasoning=description.opens_reasoning and not call.constrained,
-                           parse_tools=call.parse_tools,
+    def _shape(self, call: _Call) -> OutputShape:
+        return OutputShape(model_name=self.model_name, tools=call.tool_names,
                            max_tool_calls=1 if call.single_tool_call else None)
 
     # ---- BaseChatModel hooks -------------------------------------------------------------
@@ -563,7 +530,7 @@ class ChatSpeculativeThinking(BaseChatModel):
                 self._astream(messages, stop=stop, run_manager=run_manager, **kwargs))
         thinker = self._get_thinker()
         call = self._prepare(thinker, messages, stop, kwargs)
-        shape = self._shape(await self._adescribe(thinker), call)
+        shape = self._shape(call)
         result = await thinker.agenerate(call.messages, **call.params)
         return ChatResult(generations=[message_from_result(result, shape)])
 
@@ -575,7 +542,7 @@ class ChatSpeculativeThinking(BaseChatModel):
                 self._stream(messages, stop=stop, run_manager=run_manager, **kwargs))
         thinker = self._get_thinker()
         call = self._prepare(thinker, messages, stop, kwargs)
-        shape = self._shape(self._describe(thinker), call)
+        shape = self._shape(call)
         result = thinker.generate(call.messages, **call.params)
         return ChatResult(generations=[message_from_result(result, shape)])
 
@@ -584,13 +551,13 @@ class ChatSpeculativeThinking(BaseChatModel):
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         thinker = self._get_thinker()
         call = self._prepare(thinker, messages, stop, kwargs)
-        assembler = ChunkAssembler(self._shape(await self._adescribe(thinker), call))
+        assembler = ChunkAssembler(self._shape(call))
         events = cast(AsyncGenerator[Event, None], thinker.astream(call.messages, **call.params))
         # Closing the engine's generator closes both server streams: a caller that stops
         # reading (or is cancelled) stops the generation on the servers too.
         async with aclosing(events):
             async for event in events:
-                for chunk in _chunks(assembler, event):
+                for chunk in assembler.feed(event):
                     if run_manager is not None:
                         await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                     yield chunk
@@ -600,11 +567,11 @@ class ChatSpeculativeThinking(BaseChatModel):
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         thinker = self._get_thinker()
         call = self._prepare(thinker, messages, stop, kwargs)
-        assembler = ChunkAssembler(self._shape(self._describe(thinker), call))
+        assembler = ChunkAssembler(self._shape(call))
         events = thinker.stream(call.messages, **call.params)
         try:
             for event in events:
-                for chunk in _chunks(assembler, event):
+                for chunk in assembler.feed(event):
                     if run_manager is not None:
                         run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                     yield chunk
@@ -676,14 +643,6 @@ class ChatSpeculativeThinking(BaseChatModel):
 
 _run_sync = run_sync
 _close_in_background = close_on_sync_loop
-
-
-def _chunks(assembler: ChunkAssembler, event: Event) -> list[ChatGenerationChunk]:
-    if isinstance(event, TextEvent):
-        return assembler.feed(event)
-    if isinstance(event, FinishEvent):
-        return assembler.finish(event.result)
-    return []
 
 
 def _with_system_text(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:

@@ -21,13 +21,13 @@ from llama_index.core.base.llms.types import (
     ToolCallBlock,
 )
 
-from specthink.tools import ReasoningSplitter, ToolCall, parse_tool_calls, split_reasoning
-from specthink.trace import Event, FinishEvent, Result, Statistics, TextEvent
+from specthink.output import OutputDelta, OutputSplitter, split_result
+from specthink.tools import ToolCall
+from specthink.trace import Event, FinishEvent, Result, StartEvent, Statistics
 
 __all__ = ["STATS_KEY", "ChatStreamAssembler", "response_from_result", "usage"]
 
 STATS_KEY = "speculative_thinking"
-TOOL_CALL_OPEN = "<tool_call>"
 
 
 def usage(stats: Statistics) -> dict[str, int]:
@@ -55,15 +55,13 @@ def _message(reasoning: str, content: str, calls: list[ToolCall],
     return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks, additional_kwargs=extra)
 
 
-def response_from_result(result: Result, *, parse_tools: bool,
-                         starts_in_reasoning: bool | None) -> ChatResponse:
-    """The whole answer of ``agenerate`` as one ``ChatResponse``."""
-    reasoning, answer = split_reasoning(result.text, starts_in_reasoning=starts_in_reasoning)
-    reasoning = reasoning.strip()
-    content, calls = parse_tool_calls(answer) if parse_tools else (answer, [])
+def response_from_result(result: Result, *, tools: Sequence[str] | None) -> ChatResponse:
+    """The whole answer of ``agenerate`` as one ``ChatResponse``; ``tools`` names the tools
+    offered, whose calls are read from the answer."""
+    output = split_result(result, tools=tools)
     stats = result.stats
     return ChatResponse(
-        message=_message(reasoning, content, calls, stats),
+        message=_message(output.reasoning.strip(), output.answer, output.tool_calls, stats),
         raw={"result": result, "usage": usage(stats)},
         additional_kwargs=usage(stats),
     )
@@ -74,27 +72,28 @@ class ChatStreamAssembler:
 
     Each item carries the cumulative message, the answer ``delta`` since the previous item,
     ``additional_kwargs["thinking_delta"]`` for new reasoning (read by LlamaIndex agents; they add
-    up to the final ``ThinkingBlock``) and
-    ``raw={"event": engine_event}``. Concatenating every ``delta`` gives the final
-    ``message.content``: when tools were offered, text from a ``<tool_call>`` tag on (and trailing
-    whitespace, which the final parse strips) is held back, and the last item, built from the
-    engine's ``FinishEvent``, carries the parsed tool calls and the statistics.
+    up to the final ``ThinkingBlock``) and ``raw={"event": engine_event}``. Concatenating every
+    ``delta`` gives the final ``message.content``. The split is the core's
+    (:class:`specthink.output.OutputSplitter`): tool-call markup is never shown, and the last
+    item, built from the engine's ``FinishEvent``, carries the parsed calls and the statistics.
+    The engine's ``StartEvent`` yields no item (``feed`` returns ``None``).
     """
 
-    def __init__(self, *, parse_tools: bool, starts_in_reasoning: bool) -> None:
-        self._splitter = ReasoningSplitter(starts_in_reasoning=starts_in_reasoning)
-        self._parse_tools = parse_tools
+    def __init__(self, *, tools: Sequence[str] | None) -> None:
+        self._splitter = OutputSplitter(tools=tools)
+        self._strip_answer = bool(tools)
         self._held_reasoning = ""
         self._reasoning = ""
         self._answer = ""
         self._shown = ""
 
-    def feed(self, event: Event) -> ChatResponse:
+    def feed(self, event: Event) -> ChatResponse | None:
         if isinstance(event, FinishEvent):
             return self._finish(event)
-        thinking = ""
-        if isinstance(event, TextEvent):
-            thinking = self._take(self._splitter.feed(event.text))
+        deltas = self._splitter.feed(event)
+        if isinstance(event, StartEvent):
+            return None
+        thinking = self._take(deltas)
         visible = self._visible()
         delta = visible[len(self._shown):]
         self._shown = visible
@@ -105,7 +104,7 @@ class ChatStreamAssembler:
             additional_kwargs={"thinking_delta": thinking} if thinking else {},
         )
 
-    def _take(self, pieces: Sequence[tuple[str, str]]) -> str:
+    def _take(self, deltas: Sequence[OutputDelta]) -> str:
         """Absorb split pieces; return the new reasoning to show.
 
         The reasoning is shown stripped, as the final ``ThinkingBlock`` holds it (a template's
@@ -113,11 +112,11 @@ class ChatStreamAssembler:
         reasoning follows.
         """
         pending = self._held_reasoning
-        for kind, text in pieces:
-            if kind == "reasoning":
-                pending += text
+        for delta in deltas:
+            if delta.kind == "reasoning":
+                pending += delta.text
             else:
-                self._answer += text
+                self._answer += delta.text
         if not self._reasoning:
             pending = pending.lstrip()
         shown = pending.rstrip()
@@ -126,22 +125,12 @@ class ChatStreamAssembler:
         return shown
 
     def _visible(self) -> str:
-        if not self._parse_tools:
-            return self._answer
-        text = self._answer
-        at = text.find(TOOL_CALL_OPEN)
-        if at >= 0:
-            text = text[:at]
-        else:
-            text = text[:len(text) - _partial_suffix(text, TOOL_CALL_OPEN)]
-        return text.strip()
+        return self._answer.strip() if self._strip_answer else self._answer
 
     def _finish(self, event: FinishEvent) -> ChatResponse:
-        thinking = self._take(self._splitter.flush())
-        if self._parse_tools:
-            content, calls = parse_tool_calls(self._answer)
-        else:
-            content, calls = self._answer, []
+        final = self._splitter.finish()
+        thinking = self._take(final.deltas)
+        content = final.answer
         # ``content`` extends what was shown (the held-back tail is only a suffix), so the last
         # delta completes the text.
         delta = content[len(self._shown):] if content.startswith(self._shown) else ""
@@ -151,16 +140,8 @@ class ChatStreamAssembler:
         if thinking:
             extra["thinking_delta"] = thinking
         return ChatResponse(
-            message=_message(self._reasoning, content, calls, stats),
+            message=_message(self._reasoning, content, final.tool_calls, stats),
             delta=delta,
             raw={"event": event, "usage": usage(stats)},
             additional_kwargs=extra,
         )
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of ``text`` that is a proper beginning of ``tag``."""
-    for size in range(min(len(text), len(tag) - 1), 0, -1):
-        if text.endswith(tag[:size]):
-            return size
-    return 0

@@ -39,7 +39,6 @@ from specthink.backends.base import Backend, SamplingParams, ServerInfo
 from specthink.engine import SpeculativeThinker, close_on_sync_loop, run_sync
 from specthink.errors import ConfigError
 from specthink.rules import TakeoverRules
-from specthink.tools import THINK_START
 
 from ._messages import to_engine_messages
 from ._responses import ChatStreamAssembler, response_from_result
@@ -209,7 +208,6 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
     _thinker_key: tuple[Any, ...] | None = PrivateAttr(default=None)
     """The settings the engine was built from; None for an engine given to ``from_thinker``."""
     _infos: tuple[ServerInfo, ServerInfo] | None = PrivateAttr(default=None)
-    _reasoning_open: bool | None = PrivateAttr(default=None)
 
     def __init__(
         self,
@@ -301,7 +299,7 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
             # this object: close them there once the engine is garbage.
             weakref.finalize(thinker, close_on_sync_loop, small, target)
             self._thinker, self._thinker_key = thinker, key
-            self._infos = self._reasoning_open = None
+            self._infos = None
         return self._thinker
 
     def _config_key(self) -> tuple[Any, ...]:
@@ -366,26 +364,16 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
         return self.metadata
 
     async def _aprepare(self) -> None:
-        """Fetch what a first request needs to know, once: the servers' limits and whether
-        the small model's prompt opens its reasoning block (DeepSeek-R1 templates end with
-        ``<think>``), which decides how a stream is split before ``</think>`` arrives."""
-        if self._infos is not None and self._reasoning_open is not None:
+        """Fetch the servers' limits for ``metadata``, once. Calls never wait for it: whether
+        the output starts in the reasoning comes with the engine's stream."""
+        if self._infos is not None:
             return
         thinker = self.thinker
-        small, target, opened = await _all_or_none(
-            thinker.small.info(), thinker.target.info(), self._aprobe_reasoning(thinker))
+        small, target = await _all_or_none(thinker.small.info(), thinker.target.info())
         self._infos = (small, target)
-        self._reasoning_open = opened
-
-    @staticmethod
-    async def _aprobe_reasoning(thinker: SpeculativeThinker) -> bool:
-        template = prompts.resolve_template(thinker.small_template, thinker.small)
-        prompt = await prompts.render_prompt(template, [{"role": "user", "content": "Hi"}],
-                                             None, thinker.small)
-        return prompt.rstrip().endswith(THINK_START)
 
     def _prepare(self) -> None:
-        if self._infos is None or self._reasoning_open is None:
+        if self._infos is None:
             run_sync(self._aprepare())
 
     # ---- per-call parameters -------------------------------------------------------------
@@ -426,10 +414,9 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
         return params, engine_messages
 
     def _finish_response(self, response: ChatResponse, params: dict[str, Any]) -> ChatResponse:
-        tools = params["tools"]
-        if tools is not None:
-            response.additional_kwargs[TOOLS_OFFERED_KEY] = [t["function"]["name"]
-                                                             for t in tools]
+        names = _tool_names(params)
+        if names is not None:
+            response.additional_kwargs[TOOLS_OFFERED_KEY] = list(names)
         return response
 
     # ---- chat: async on the engine, sync through its sync edge ----------------------------
@@ -453,24 +440,21 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
 
     async def _achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         params, engine_messages = self._inputs(messages, kwargs)
-        await self._aprepare()
         result = await self.thinker.agenerate(engine_messages, **params)
-        response = response_from_result(result, parse_tools=params["tools"] is not None,
-                                        starts_in_reasoning=self._reasoning_open)
+        response = response_from_result(result, tools=_tool_names(params))
         return self._finish_response(response, params)
 
     async def _astream_chat(self, messages: Sequence[ChatMessage],
                             **kwargs: Any) -> ChatResponseAsyncGen:
         params, engine_messages = self._inputs(messages, kwargs)
-        await self._aprepare()
-        assembler = ChatStreamAssembler(parse_tools=params["tools"] is not None,
-                                        starts_in_reasoning=bool(self._reasoning_open))
+        assembler = ChatStreamAssembler(tools=_tool_names(params))
         events = self.thinker.astream(engine_messages, **params)
 
         async def gen() -> ChatResponseAsyncGen:
             try:
                 async for event in events:
-                    yield self._finish_response(assembler.feed(event), params)
+                    if (response := assembler.feed(event)) is not None:
+                        yield self._finish_response(response, params)
             finally:
                 # Leaving early (break, cancellation) closes both servers' streams at once.
                 aclose = getattr(events, "aclose", None)
@@ -481,23 +465,20 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
 
     def _chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         params, engine_messages = self._inputs(messages, kwargs)
-        self._prepare()
         result = self.thinker.generate(engine_messages, **params)
-        response = response_from_result(result, parse_tools=params["tools"] is not None,
-                                        starts_in_reasoning=self._reasoning_open)
+        response = response_from_result(result, tools=_tool_names(params))
         return self._finish_response(response, params)
 
     def _stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         params, engine_messages = self._inputs(messages, kwargs)
-        self._prepare()
-        assembler = ChatStreamAssembler(parse_tools=params["tools"] is not None,
-                                        starts_in_reasoning=bool(self._reasoning_open))
+        assembler = ChatStreamAssembler(tools=_tool_names(params))
         events = self.thinker.stream(engine_messages, **params)
 
         def gen() -> ChatResponseGen:
             try:
                 for event in events:
-                    yield self._finish_response(assembler.feed(event), params)
+                    if (response := assembler.feed(event)) is not None:
+                        yield self._finish_response(response, params)
             finally:
                 close = getattr(events, "close", None)
                 if close is not None:
@@ -584,6 +565,14 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
         parsed. With ``error_on_no_tool_call`` an answer without one raises
         ``NoToolCallError`` (a ``ValueError``) naming the tools that were offered."""
         return tool_selections(response, error_on_no_tool_call=error_on_no_tool_call)
+
+
+def _tool_names(params: dict[str, Any]) -> tuple[str, ...] | None:
+    """The tools whose calls count: those offered, unless ``tool_choice`` hid them."""
+    tools = params["tools"]
+    if tools is None or params["tool_choice"] == "none":
+        return None
+    return tuple(tool["function"]["name"] for tool in tools)
 
 
 def _context_window(infos: tuple[ServerInfo, ServerInfo] | None) -> int | None:

@@ -74,6 +74,9 @@ class Backend(Protocol):
     adds_bos_token: bool
     """True when the server prepends BOS itself, so a rendered template must not start with it."""
     supports_grammar: bool
+    keeps_tool_turns: bool
+    """The server's own chat template sees assistant ``tool_calls`` and tool results as the
+    model's template expects (vLLM, llama.cpp); TGI keeps only role and content."""
 
     def stream(self, prompt: str, *, max_new_tokens: int, sampling: SamplingParams,
                on_attempt: OnAttempt | None = None,
@@ -86,9 +89,11 @@ class Backend(Protocol):
     async def count_tokens(self, text: str) -> int: ...
 
     async def render_chat(self, messages: Sequence[dict[str, Any]],
-                          tools: Sequence[dict[str, Any]] | None = None) -> str | None:
+                          tools: Sequence[dict[str, Any]] | None = None, *,
+                          tool_choice: str | dict[str, Any] | None = None) -> str | None:
         """The server's own chat template applied to ``messages`` with the generation prompt,
-        or ``None`` when the server cannot render templates."""
+        or ``None`` when the server cannot render templates (found out once per backend).
+        ``tool_choice`` is OpenAI's: ``"auto"``, ``"none"``, ``"required"`` or a function."""
         ...
 
     async def aclose(self) -> None: ...

@@ -213,6 +213,7 @@ class OpenAICompletionsBackend(HTTPBackend):
     adds_bos_token = True
     """vLLM, SGLang and llama.cpp tokenize raw prompts with BOS, as TGI does."""
     supports_grammar = False
+    keeps_tool_turns = True
 
     def __init__(self, url: str, *, model: str | None = None, api_key: str | None = None,
                  client: httpx.AsyncClient | None = None,
@@ -345,7 +346,8 @@ class OpenAICompletionsBackend(HTTPBackend):
         return len(tokens) if isinstance(tokens, list) else None
 
     async def render_chat(self, messages: Sequence[dict[str, Any]],
-                          tools: Sequence[dict[str, Any]] | None = None) -> str | None:
+                          tools: Sequence[dict[str, Any]] | None = None, *,
+                          tool_choice: str | dict[str, Any] | None = None) -> str | None:
         """Always ``None``: completions servers do not expose their templates, so the prompt is
         rendered client-side."""
         return None

@@ -141,6 +141,8 @@ class TGIBackend(HTTPBackend):
     supports_grammar = True
     renders_chat_template = True
     """``/chat_tokenize`` applies the model's own chat template (``small_template="auto"``)."""
+    keeps_tool_turns = False
+    """TGI 3.3 keeps only role and content of each message it renders."""
 
     async def _stream_request(self, prompt: str, max_new_tokens: int,
                               sampling: SamplingParams) -> tuple[str, dict[str, Any]]:
@@ -189,7 +191,8 @@ class TGIBackend(HTTPBackend):
         return len(tokens)
 
     async def render_chat(self, messages: Sequence[dict[str, Any]],
-                          tools: Sequence[dict[str, Any]] | None = None) -> str | None:
+                          tools: Sequence[dict[str, Any]] | None = None, *,
+                          tool_choice: str | dict[str, Any] | None = None) -> str | None:
         """``POST /chat_tokenize``: the model's own chat template with the generation prompt.
 
         ``None`` when the server has no such endpoint (TGI before 2.2). TGI 3.3 keeps only

@@ -28,7 +28,7 @@ import httpx
 
 from specthink import _constants
 from specthink.backends._http import RetryPolicy, ServerConnection, is_transient
-from specthink.backends.base import SamplingParams
+from specthink.backends.base import SamplingParams, ServerInfo
 from specthink.backends.tgi import TGIBackend, generate_parameters
 from specthink.bench.traces import TraceSpec, make_trace, messages_for
 from specthink.engine import SpeculativeThinker
@@ -207,10 +207,16 @@ class _Generated:
 class _BOSStripping:
     """What ``render_prompt`` needs to know about a TGI server: it adds BOS itself."""
 
+    url = "bench://prompt"
     adds_bos_token = True
+    keeps_tool_turns = False
 
-    async def render_chat(self, messages: Any, tools: Any = None) -> str | None:
+    async def render_chat(self, messages: Any, tools: Any = None, *,
+                          tool_choice: Any = None) -> str | None:
         return None
+
+    async def info(self) -> ServerInfo:
+        return ServerInfo(model_id="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B")
 
 
 class AuthorsLoopPolicy(Policy):

@@ -43,7 +43,8 @@ class ScriptedBackend:
 
     adds_bos_token = False
     supports_grammar = False
-    renders_chat_template = False
+    renders_chat_template = True
+    keeps_tool_turns = True
 
     def __init__(self, model: TextModel, *, tokenizer: Tokenizer | None = None,
                  url: str = "inprocess://scripted", model_id: str = "specthink/scripted",
@@ -120,8 +121,12 @@ class ScriptedBackend:
         return self.tokenizer.count(text)
 
     async def render_chat(self, messages: Sequence[dict[str, Any]],
-                          tools: Sequence[dict[str, Any]] | None = None) -> str | None:
-        return None
+                          tools: Sequence[dict[str, Any]] | None = None, *,
+                          tool_choice: str | dict[str, Any] | None = None) -> str | None:
+        """ChatML, as a server whose model uses it would render (SmolLM2, Qwen)."""
+        from specthink.prompts import CHATML
+
+        return CHATML.render_text(messages, tools)
 
     async def aclose(self) -> None:
         return None

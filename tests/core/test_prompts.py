@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from specthink.backends.base import ServerInfo
 from specthink.errors import ConfigError
 from specthink.prompts import (
     CHATML,
     DEEPSEEK_R1,
+    LLAMA3,
+    MISTRAL,
     ChatTemplate,
     JinjaTemplate,
     ServerTemplate,
@@ -31,6 +36,7 @@ WEATHER: dict[str, Any] = {
                        "required": ["city"]},
     },
 }
+HI: list[dict[str, Any]] = [{"role": "user", "content": "Hi"}]
 CLOCK: dict[str, Any] = {"type": "function",
                          "function": {"name": "now", "parameters": {"type": "object"}}}
 
@@ -65,17 +71,25 @@ class FakeBackend:
     """A backend as far as templates care: BOS handling and optional server rendering."""
 
     def __init__(self, *, adds_bos_token: bool = False, rendered: str | None = None,
-                 renders_chat_template: bool = False) -> None:
+                 model_id: str = "Qwen/Qwen2.5-7B-Instruct", keeps_tool_turns: bool = True,
+                 ) -> None:
         self.url = "http://127.0.0.1:1"
         self.adds_bos_token = adds_bos_token
-        self.renders_chat_template = renders_chat_template
+        self.keeps_tool_turns = keeps_tool_turns
         self.rendered = rendered
+        self.model_id = model_id
         self.calls: list[tuple[list[dict[str, Any]], list[dict[str, Any]] | None]] = []
+        self.tool_choices: list[object] = []
 
     async def render_chat(self, messages: Sequence[dict[str, Any]],
-                          tools: Sequence[dict[str, Any]] | None = None) -> str | None:
+                          tools: Sequence[dict[str, Any]] | None = None, *,
+                          tool_choice: str | dict[str, Any] | None = None) -> str | None:
         self.calls.append((list(messages), None if tools is None else list(tools)))
+        self.tool_choices.append(tool_choice)
         return self.rendered
+
+    async def info(self) -> ServerInfo:
+        return ServerInfo(model_id=self.model_id)
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -296,27 +310,87 @@ async def test_common_bos_texts_are_stripped_from_server_and_custom_templates() 
     assert custom_prompt == "Hi"
 
 
-def test_auto_uses_the_server_template_where_the_backend_renders_one() -> None:
-    assert isinstance(resolve_template("auto", FakeBackend(renders_chat_template=True)),
-                      ServerTemplate)
-    assert resolve_template("auto", FakeBackend()) is CHATML
+async def test_auto_uses_the_server_template_where_the_backend_renders_one() -> None:
+    """If this fails, a server's own template is ignored for a guessed one."""
+    backend = FakeBackend(rendered="[server]", model_id="google/gemma-3-4b-it")
+    assert await render_prompt(resolve_template("auto"), HI, None, backend) == "[server]"
+
+
+@pytest.mark.parametrize(("model_id", "template"), [
+    ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", DEEPSEEK_R1),
+    ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", DEEPSEEK_R1),
+    ("Qwen/Qwen2.5-7B-Instruct", CHATML),
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", CHATML),
+    ("meta-llama/Llama-3.1-8B-Instruct", LLAMA3),
+    ("mistralai/Mistral-7B-Instruct-v0.3", MISTRAL),
+])
+async def test_auto_picks_the_family_template_where_the_server_renders_none(
+        model_id: str, template: JinjaTemplate) -> None:
+    """A server without template rendering gets the built-in template of the model's family."""
+    backend = FakeBackend(model_id=model_id)
+    assert await render_prompt(resolve_template("auto"), HI, None, backend) == (
+        await render_prompt(template, HI, None, backend))
+
+
+async def test_auto_refuses_to_guess_an_unknown_family() -> None:
+    """Gemma, Phi, gpt-oss...: no silent ChatML; the error names the option to pass."""
+    backend = FakeBackend(model_id="google/gemma-3-4b-it")
+    with pytest.raises(ConfigError, match=r"target_template=.*tokenizer_config\.json"):
+        await render_prompt(resolve_template("auto", "target"), HI, None, backend)
+
+
+async def test_auto_uses_the_family_template_for_tool_turns_on_tgi() -> None:
+    """TGI flattens assistant tool calls and tool results, so those turns render client-side."""
+    backend = FakeBackend(rendered="[server]", keeps_tool_turns=False,
+                          model_id="Qwen/Qwen2.5-7B-Instruct")
+    turns = [*HI, {"role": "assistant", "content": None,
+                   "tool_calls": [{"id": "1", "function": {"name": "now", "arguments": "{}"}}]},
+             {"role": "tool", "content": "12:00", "tool_call_id": "1"}]
+    prompt = await render_prompt(resolve_template("auto"), turns, [CLOCK], backend)
+    assert prompt == CHATML.render_text(turns, [CLOCK])
+    assert backend.calls == []
+
+
+async def test_tool_choice_reaches_a_server_that_renders_tools() -> None:
+    """TGI offers its `no_tool` escape unless told the call is required."""
+    backend = FakeBackend(rendered="[server]")
+    for choice, sent in (("required", "required"), ("any", "required"), ("auto", "auto"),
+                         ("now", {"type": "function", "function": {"name": "now"}})):
+        await render_prompt(ServerTemplate(), HI, [CLOCK], backend, tool_choice=choice)
+        assert backend.tool_choices[-1] == sent
+    await render_prompt(ServerTemplate(), HI, [CLOCK], backend, tool_choice="none")
+    assert backend.calls[-1][1] is None and backend.tool_choices[-1] is None
+
+
+def test_a_tokenizer_config_file_is_a_template(tmp_path: Path) -> None:
+    """A user's tokenizer_config.json wins: its chat_template, bos and eos tokens."""
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({
+        "chat_template": "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+                         "{% endfor %}<assistant>",
+        "bos_token": {"content": "<s>"}, "eos_token": "</s>"}), encoding="utf-8")
+    template = resolve_template(str(config))
+    assert isinstance(template, JinjaTemplate)
+    assert template.render_text(HI) == "<s><user>Hi<assistant>"
+    with pytest.raises(ConfigError, match="cannot read"):
+        resolve_template(str(tmp_path / "missing" / "tokenizer_config.json"))
 
 
 def test_templates_resolve_by_name_or_source() -> None:
-    backend = FakeBackend()
-    custom = resolve_template("{{ messages[0].content }}", backend)
+    custom = resolve_template("{{ messages[0].content }}")
 
-    assert resolve_template("chatml", backend) is CHATML
-    assert resolve_template("deepseek-r1", backend) is DEEPSEEK_R1
-    assert isinstance(resolve_template("server", backend), ServerTemplate)
-    assert resolve_template(DEEPSEEK_R1, backend) is DEEPSEEK_R1
+    assert resolve_template("chatml") is CHATML
+    assert resolve_template("deepseek-r1") is DEEPSEEK_R1
+    assert resolve_template("llama3") is LLAMA3
+    assert isinstance(resolve_template("server"), ServerTemplate)
+    assert resolve_template(DEEPSEEK_R1) is DEEPSEEK_R1
     assert isinstance(custom, JinjaTemplate)
     assert custom.render_text([{"role": "user", "content": "echo"}]) == "echo"
 
 
 def test_an_unknown_template_name_lists_the_choices() -> None:
-    with pytest.raises(ConfigError, match="'chatml', 'deepseek-r1'"):
-        resolve_template("llama", FakeBackend())
+    with pytest.raises(ConfigError, match="'chatml', 'deepseek-r1', 'llama3', 'mistral'"):
+        resolve_template("gemma")
 
 
 async def test_a_custom_chat_template_subclass_plugs_in() -> None:
@@ -386,3 +460,18 @@ async def test_render_prompt_applies_tool_choice() -> None:
 
     assert prompt.startswith("<|im_start|>system\nYou must call the tool now.\n\n# Tools")
     assert '"name": "get_weather"' not in prompt
+
+
+def test_llama3_and_mistral_lay_out_their_turns() -> None:
+    """The built-in family templates write their models' turn markers, tools included."""
+    assert LLAMA3.render_text([{"role": "system", "content": "Be brief."}, *HI]) == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert MISTRAL.render_text([{"role": "system", "content": "Be brief."}, *HI]) == (
+        "<s>[INST] Be brief.\n\nHi [/INST]")
+    for template in (LLAMA3, MISTRAL):
+        prompt = template.render_text(TOOL_CONVERSATION, [WEATHER])
+        assert HERMES_TOOLS in prompt
+        assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}' in prompt
+        assert "<tool_response>\n25\n</tool_response>" in prompt

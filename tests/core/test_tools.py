@@ -7,8 +7,9 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
+from specthink.output import ReasoningSplitter, split_reasoning
 from specthink.prompts import CHATML, DEEPSEEK_R1
-from specthink.tools import ReasoningSplitter, ToolCall, parse_tool_calls, split_reasoning
+from specthink.tools import ToolCall, parse_tool_calls
 
 CALL_ID = re.compile(r"call_[0-9a-f]{12}")
 

@@ -198,7 +198,9 @@ async def test_a_react_agent_calls_a_tool_and_returns_its_result(streaming: bool
 async def test_a_function_agent_calls_a_tool_and_returns_its_result(streaming: bool) -> None:
     calls: list[tuple[int, int]] = []
     with Pair(function_model()) as pair:
-        llm = pair.llm()
+        # A ChatML model whose id names no family: TGI would flatten the tool turns, so the
+        # conversation is rendered client-side, as the caller says.
+        llm = pair.llm(small_template="chatml", target_template="chatml")
         agent = FunctionAgent(tools=[multiplier(calls)], llm=llm, streaming=streaming)
         response = await agent.run(user_msg="What is 12 * 13?")
         await llm.aclose()

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from llama_index.core.base.llms.types import ThinkingBlock, ToolCallBlock
 
-from specthink.trace import FinishEvent, Result, Statistics, TextEvent
+from specthink.trace import FinishEvent, Result, StartEvent, Statistics, TextEvent
 from specthink_li._responses import ChatStreamAssembler, response_from_result
 
 words = st.text(alphabet=st.sampled_from(list("ab <>/\n")), max_size=12)
@@ -46,13 +46,17 @@ def test_a_stream_adds_up_to_the_whole_result(output: tuple[str, bool], points: 
     text, opened = output
     pieces = cut(text, points)
     result = Result(text=text, events=tuple(TextEvent("small", p) for p in pieces),
-                    stats=Statistics())
-    whole = response_from_result(result, parse_tools=parse_tools, starts_in_reasoning=opened)
+                    stats=Statistics(), starts_in_reasoning=opened)
+    tools = ("add", "multiply") if parse_tools else None
+    whole = response_from_result(result, tools=tools)
 
-    assembler = ChatStreamAssembler(parse_tools=parse_tools, starts_in_reasoning=opened)
+    assembler = ChatStreamAssembler(tools=tools)
+    assert assembler.feed(StartEvent(starts_in_reasoning=opened)) is None
     chunks = [assembler.feed(event) for event in (*result.events, FinishEvent(result))]
+    assert all(chunk is not None for chunk in chunks)
 
     final = chunks[-1]
+    assert final is not None
     assert "".join(c.delta or "" for c in chunks) == final.message.content
     thinking = "".join(c.additional_kwargs.get("thinking_delta", "") for c in chunks)
     assert [b.content for b in final.message.blocks if isinstance(b, ThinkingBlock)] == (

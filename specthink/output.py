@@ -1,0 +1,327 @@
+"""The engine's accepted text in, reasoning / answer / tool calls out: one splitter for every
+adapter (LangChain, LlamaIndex, ``specthink serve``) and for whole results and streams alike.
+
+Whether the output starts inside the reasoning is the engine's decision, made once from the
+prompt it rendered; it arrives on the :class:`~specthink.trace.StartEvent` that opens every
+stream (and on ``Result.starts_in_reasoning``), together with the reasoning tags, so no adapter
+probes a template of its own. Tool calls are read from the answer only: a ``<tool_call>`` the
+model merely drafted while thinking is never executed.
+
+>>> splitter = OutputSplitter(tools=["multiply"])
+>>> splitter.feed(StartEvent(starts_in_reasoning=True))
+[]
+>>> splitter.feed(TextEvent("small", "Maybe <tool_call>{}</tool_call>?\\n</think>\\n\\nSure."))
+[OutputDelta(kind='reasoning', text='Maybe <tool_call>{}</tool_call>?\\n'), OutputDelta(kind='answer', text='Sure.')]
+"""  # noqa: E501
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .tools import TOOL_CALL_OPEN, ToolCall, parse_tool_calls
+from .trace import Event, Result, StartEvent, TextEvent
+
+__all__ = [
+    "NO_TOOL",
+    "THINK_END",
+    "THINK_START",
+    "FinalOutput",
+    "OutputDelta",
+    "OutputSplitter",
+    "ReasoningSplitter",
+    "SplitKind",
+    "split_reasoning",
+    "split_result",
+]
+
+THINK_START = "<think>"
+THINK_END = "</think>"
+NO_TOOL = "no_tool"
+"""TGI's pseudo-function for "answer without a tool"; its ``content`` argument is the answer."""
+
+SplitKind = Literal["reasoning", "answer"]
+
+
+@dataclass(frozen=True, slots=True)
+class OutputDelta:
+    """A new piece of reasoning or of the answer, in order. Never tool-call markup."""
+
+    kind: SplitKind
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class FinalOutput:
+    """What remains at the end of a stream, and the whole output split."""
+
+    deltas: list[OutputDelta]
+    """Pieces held back until the end (a partial tag, whitespace that may precede a call)."""
+    rest: str
+    """Answer text held back while it could have been a tool call and was not one, with the
+    whitespace before it; shown after ``deltas``."""
+    reasoning: str
+    answer: str
+    """The whole answer without tool-call markup, stripped (what ``invoke`` returns)."""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+# ---- the reasoning split ---------------------------------------------------------------------
+
+def split_reasoning(text: str, *, start: str = THINK_START, end: str = THINK_END,
+                    starts_in_reasoning: bool | None = None) -> tuple[str, str]:
+    """Split a model's output into ``(reasoning, answer)``.
+
+    A leading ``start`` tag (after optional whitespace) opens the reasoning and is removed; the
+    first ``end`` tag closes it, and the answer is what follows, left-stripped.
+    ``starts_in_reasoning`` says whether the prompt itself already opened the block (DeepSeek-R1
+    templates end their generation prompt with ``<think>\\n``):
+
+    - ``True``: the text begins inside the reasoning;
+    - ``False``: only a leading ``start`` tag opens a reasoning block;
+    - ``None`` (default): an ``end`` tag anywhere means the text began inside the reasoning.
+      Only a complete text allows this inference; a stream must decide up front
+      (see :class:`ReasoningSplitter`).
+
+    An unclosed block is all reasoning (the model was cut off while thinking).
+    """
+    if starts_in_reasoning is None:
+        starts_in_reasoning = end in text
+    stripped = text.lstrip()
+    if stripped.startswith(start):
+        body = stripped[len(start):]
+    elif starts_in_reasoning:
+        body = text
+    else:
+        return "", text
+    reasoning, closed, answer = body.partition(end)
+    return (reasoning, answer.lstrip()) if closed else (body, "")
+
+
+_OPENING, _REASONING, _ANSWER_START, _ANSWER = range(4)
+
+
+class ReasoningSplitter:
+    """Split a stream of text deltas into reasoning and answer pieces as they arrive.
+
+    Feeding any split of a text gives the same pieces, joined per kind, as
+    ``split_reasoning(text, starts_in_reasoning=...)``. Text that might still become a tag (a
+    partial ``</think>`` at a chunk boundary, leading whitespace that may precede ``<think>``,
+    whitespace after ``</think>``) is held back until the next delta or :meth:`flush`.
+    Empty pieces are never returned.
+
+    >>> splitter = ReasoningSplitter()
+    >>> splitter.feed("<think>Two plus two</th")
+    [('reasoning', 'Two plus two')]
+    >>> splitter.feed("ink>\\n\\nFour.")
+    [('answer', 'Four.')]
+    """
+
+    def __init__(self, *, start: str = THINK_START, end: str = THINK_END,
+                 starts_in_reasoning: bool = False) -> None:
+        if not start or not end:
+            raise ValueError("start and end tags must be non-empty")
+        self.start = start
+        self.end = end
+        self.starts_in_reasoning = starts_in_reasoning
+        self._state = _OPENING
+        self._pending = ""
+
+    @classmethod
+    def for_prompt(cls, prompt: str, *, start: str = THINK_START,
+                   end: str = THINK_END) -> ReasoningSplitter:
+        """A splitter for the output of ``prompt``: in reasoning when the prompt opened it."""
+        return cls(start=start, end=end, starts_in_reasoning=prompt.rstrip().endswith(start))
+
+    def feed(self, delta: str) -> list[tuple[SplitKind, str]]:
+        """Take the next piece of output; return what can be classified so far."""
+        self._pending += delta
+        out: list[tuple[SplitKind, str]] = []
+        if self._state == _OPENING:
+            self._open(final=False)
+        if self._state == _REASONING:
+            self._reason(out)
+        if self._state == _ANSWER_START:
+            self._pending = self._pending.lstrip()
+            if self._pending:
+                self._state = _ANSWER
+        if self._state == _ANSWER and self._pending:
+            out.append(("answer", self._pending))
+            self._pending = ""
+        return out
+
+    def flush(self) -> list[tuple[SplitKind, str]]:
+        """End of stream: classify what was held back."""
+        out: list[tuple[SplitKind, str]] = []
+        if self._state == _OPENING:
+            self._open(final=True)
+        if self._state == _REASONING and self._pending:
+            out.append(("reasoning", self._pending))
+        elif self._state == _ANSWER and self._pending:
+            out.append(("answer", self._pending))
+        self._pending = ""
+        return out
+
+    def _open(self, *, final: bool) -> None:
+        stripped = self._pending.lstrip()
+        if stripped.startswith(self.start):
+            self._pending = stripped[len(self.start):]
+            self._state = _REASONING
+        elif final or (stripped and not self.start.startswith(stripped)):
+            self._state = _REASONING if self.starts_in_reasoning else _ANSWER
+        # Otherwise only whitespace or a prefix of the start tag has arrived: wait.
+
+    def _reason(self, out: list[tuple[SplitKind, str]]) -> None:
+        before, closed, after = self._pending.partition(self.end)
+        if closed:
+            if before:
+                out.append(("reasoning", before))
+            self._pending = after
+            self._state = _ANSWER_START
+            return
+        ready = self._pending[:len(self._pending) - _partial_suffix(self._pending, self.end)]
+        if ready:
+            out.append(("reasoning", ready))
+        self._pending = self._pending[len(ready):]
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest end of ``text`` that is a proper beginning of ``tag``."""
+    for size in range(min(len(text), len(tag) - 1), 0, -1):
+        if text.endswith(tag[:size]):
+            return size
+    return 0
+
+
+def _split_trailing_space(text: str) -> tuple[str, str]:
+    stripped = text.rstrip()
+    return stripped, text[len(stripped):]
+
+
+# ---- reasoning, answer and tool calls --------------------------------------------------------
+
+def _read_calls(answer: str, tools: frozenset[str] | None,
+                max_tool_calls: int | None) -> tuple[str, list[ToolCall], bool]:
+    """``(content, calls, parsed)``: the calls of ``answer`` when tools were offered, TGI's
+    ``no_tool`` answer turned back into text; ``parsed`` tells whether any block was read."""
+    if not tools:
+        return answer, [], False
+    content, calls = parse_tool_calls(answer)
+    kept: list[ToolCall] = []
+    texts = [content] if content else []
+    for call in calls:
+        if call.name == NO_TOOL and NO_TOOL not in tools:
+            said = call.arguments.get("content")
+            if isinstance(said, str) and said.strip():
+                texts.append(said.strip())
+        else:
+            kept.append(call)
+    return "\n\n".join(texts), kept[:max_tool_calls], bool(calls)
+
+
+def split_result(result: Result, *, tools: Iterable[str] | None = None,
+                 max_tool_calls: int | None = None) -> FinalOutput:
+    """A whole result split: reasoning, answer and (when ``tools`` names offered tools) calls."""
+    reasoning, answer = split_reasoning(result.text, start=result.reasoning_start,
+                                        end=result.reasoning_end,
+                                        starts_in_reasoning=result.starts_in_reasoning)
+    names = frozenset(tools) if tools is not None else None
+    content, calls, _ = _read_calls(answer, names, max_tool_calls)
+    return FinalOutput(deltas=[], rest="", reasoning=reasoning, answer=content, tool_calls=calls)
+
+
+class OutputSplitter:
+    """Engine events in, :class:`OutputDelta` pieces out, as text is accepted.
+
+    Reasoning and answer never share a piece. With ``tools`` offered, answer text from a
+    ``<tool_call>`` on (and a partial tag or whitespace that may precede one) is held back and
+    parsed at the end, so calls arrive whole in :meth:`finish` and their markup is never shown.
+    ``max_tool_calls=1`` keeps only the first call (``parallel_tool_calls=False``).
+
+    Joining every answer delta and then ``FinalOutput.rest`` gives the answer as shown; joining
+    the reasoning deltas gives the reasoning. A splitter serves one stream.
+    """
+
+    def __init__(self, *, tools: Iterable[str] | None = None,
+                 max_tool_calls: int | None = None) -> None:
+        self.tools = frozenset(tools) if tools is not None else None
+        self.max_tool_calls = max_tool_calls
+        self._splitter: ReasoningSplitter | None = None
+        self._unsure = ""
+        """Answer text that may be (the start of) a tool call, or whitespace before one."""
+        self._in_call = False
+        self._reasoning: list[str] = []
+        self._answer: list[str] = []
+
+    @property
+    def parses_tools(self) -> bool:
+        return bool(self.tools)
+
+    def feed(self, event: Event) -> list[OutputDelta]:
+        """Take the next engine event; return the pieces that can be shown now."""
+        if isinstance(event, StartEvent):
+            self._splitter = ReasoningSplitter(start=event.reasoning_start,
+                                               end=event.reasoning_end,
+                                               starts_in_reasoning=event.starts_in_reasoning)
+            return []
+        if isinstance(event, TextEvent):
+            return self._pieces(self._reasoning_splitter().feed(event.text))
+        return []
+
+    def finish(self) -> FinalOutput:
+        """End of the stream: what was held back, and the whole output split."""
+        deltas = self._pieces(self._reasoning_splitter().flush())
+        rest = self._unsure
+        calls: list[ToolCall] = []
+        if rest:
+            # Shown answer text never holds markup (holding starts at the first tag), so only
+            # the held tail can hold calls.
+            content, calls, parsed = _read_calls(rest, self.tools, self.max_tool_calls)
+            if parsed:
+                # Whitespace held before a call still separates shown text from what follows.
+                space = rest[:len(rest) - len(rest.lstrip())]
+                rest = space + content if content else ""
+        # The whole answer read at once, as split_result reads it (text around the calls may
+        # join differently than the shown pieces plus the held tail).
+        answer, _, _ = _read_calls("".join(self._answer) + self._unsure, self.tools,
+                                   self.max_tool_calls)
+        return FinalOutput(deltas=deltas, rest=rest, reasoning="".join(self._reasoning),
+                           answer=answer, tool_calls=calls)
+
+    def _reasoning_splitter(self) -> ReasoningSplitter:
+        if self._splitter is None:
+            raise RuntimeError("OutputSplitter fed text before the StartEvent that opens "
+                               "every engine stream")
+        return self._splitter
+
+    def _pieces(self, pieces: list[tuple[SplitKind, str]]) -> list[OutputDelta]:
+        out: list[OutputDelta] = []
+        for kind, text in pieces:
+            if kind == "reasoning":
+                self._reasoning.append(text)
+                out.append(OutputDelta("reasoning", text))
+                continue
+            shown = self._answer_piece(text) if self.parses_tools else text
+            if shown:
+                self._answer.append(shown)
+                out.append(OutputDelta("answer", shown))
+        return out
+
+    def _answer_piece(self, text: str) -> str:
+        """The part of the answer that is surely not tool-call markup; the rest is held."""
+        if self._in_call:
+            self._unsure += text
+            return ""
+        pending = self._unsure + text
+        at = pending.find(TOOL_CALL_OPEN)
+        if at >= 0:
+            self._in_call = True
+            shown, self._unsure = _split_trailing_space(pending[:at])
+            self._unsure += pending[at:]
+            return shown
+        keep = _partial_suffix(pending, TOOL_CALL_OPEN)
+        shown, held = pending[:len(pending) - keep], pending[len(pending) - keep:]
+        shown, space = _split_trailing_space(shown)
+        self._unsure = space + held
+        return shown
