@@ -28,7 +28,8 @@ import httpx
 
 from specthink import _constants
 from specthink.backends._http import RetryPolicy, ServerConnection, is_transient
-from specthink.backends.base import SamplingParams, ServerInfo
+from specthink.backends.base import Backend, SamplingParams, ServerInfo
+from specthink.backends.openai import OpenAICompletionsBackend
 from specthink.backends.tgi import TGIBackend, generate_parameters
 from specthink.bench.traces import TraceSpec, make_trace, messages_for
 from specthink.engine import SpeculativeThinker
@@ -45,8 +46,10 @@ __all__ = [
     "Outcome",
     "Policy",
     "RawStreamPolicy",
+    "RoutedEnginePolicy",
     "SmallAlonePolicy",
     "TargetAlonePolicy",
+    "UnkeyedRoutedEnginePolicy",
     "budget_for",
 ]
 
@@ -194,6 +197,34 @@ class EnginePolicy(Policy):
             await thinker.aclose()
         for client in self._clients:
             await client.aclose()
+
+
+class RoutedEnginePolicy(EnginePolicy):
+    """The engine over OpenAI ``/v1/completions`` (``smg`` proxies no TGI stream), for pools
+    of replicas behind a router: every request of a call carries one routing key in
+    ``X-Session-ID``, which the router pins to a replica (``specthink bench --replicas``)."""
+
+    name = "engine-routed"
+    routing_headers: ClassVar[tuple[str, ...]] = ("X-Session-ID",)
+
+    def _thinker(self, small: httpx.AsyncClient | None = None,
+                 target: httpx.AsyncClient | None = None) -> SpeculativeThinker:
+        def backend(url: str, role: str, client: httpx.AsyncClient | None) -> Backend:
+            return OpenAICompletionsBackend(url, model=f"bench/{role}", client=client,
+                                            routing_headers=self.routing_headers)
+
+        return SpeculativeThinker(small=backend(self.small_url, "small", small),
+                                  target=backend(self.target_url, "target", target),
+                                  rules=TakeoverRules.paper(), small_template="deepseek-r1",
+                                  target_template="deepseek-r1")
+
+
+class UnkeyedRoutedEnginePolicy(RoutedEnginePolicy):
+    """The same with no routing header: the router places each request by its own policy
+    (``cache_aware``: prefix match and load), as for a client that sends no session."""
+
+    name = "engine-routed-unkeyed"
+    routing_headers = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,5 +461,5 @@ class TargetAlonePolicy(_AlonePolicy):
 POLICIES: dict[str, type[Policy]] = {
     policy.name: policy
     for policy in (EnginePolicy, AuthorsLoopPolicy, SmallAlonePolicy, TargetAlonePolicy,
-                   RawStreamPolicy)
+                   RawStreamPolicy, RoutedEnginePolicy, UnkeyedRoutedEnginePolicy)
 }
