@@ -68,7 +68,7 @@ def bench(
         "--json", help="Print every figure as JSON on stdout.")] = False,
     replicas: Annotated[str | None, typer.Option(
         help="Scale-out instead: comma-separated replicas per role behind smg (e.g. 1,2,4), "
-             "with and without the routing key; --levels default 64x5,256x5. Writes "
+             "with and without the routing key; --levels default 64x8,256x6. Writes "
              "scale-out.md and scale-out.json.")] = None,
 ) -> None:
     """Measure the engine against the latency model's limit, the authors' control loop, and

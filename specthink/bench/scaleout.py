@@ -55,15 +55,19 @@ COMMAND = "specthink bench --replicas 1,2,4 --out docs/benchmarks"
 class ScaleOutConfig:
     replicas: tuple[int, ...] = (1, 2, 4)
     """Replicas per role in each cell."""
-    levels: tuple[Level, ...] = (Level(64, 5, rule2=False), Level(256, 5, rule2=False))
-    max_batch: int = 8
-    """Generations one replica runs at full speed (see :attr:`LatencyModel.max_batch`)."""
-    event_budget: float = 2500.0
-    """Tokens per second all replicas of the largest pool may stream at once when every slot
-    is busy; sets the time scale (the same for every cell, so cells compare directly)."""
+    levels: tuple[Level, ...] = (Level(64, 8, rule2=False), Level(256, 6, rule2=False))
+    max_batch: int = 4
+    """Generations one replica runs at full speed (see :attr:`LatencyModel.max_batch`). Small
+    beside the conversations per replica, so that every cell is bound by the pools' capacity,
+    not by its longest conversation."""
+    event_budget: float = 4000.0
+    """Tokens per second the largest pools would stream with every slot of both busy; sets
+    the time scale (the same for every cell, so cells compare directly)."""
     time_scale: float | None = None
     """A fixed factor on every latency instead of the one the budget gives."""
     router: RouterKind = "smg"
+    router_args: tuple[str, ...] = ()
+    """More router flags, beyond :func:`~specthink.testing.routers.router_command`'s recipe."""
     seed: int = 0
     isolate: bool = True
     """Each cell's client in a fresh process (``False``: in this one, for tests)."""
@@ -90,9 +94,9 @@ class ScaleOutConfig:
     def scale(self) -> float:
         if self.time_scale is not None:
             return self.time_scale
-        # Every slot of the largest pool streaming the small model's tokens at once.
-        peak = max(self.replicas) * self.max_batch / self.small.per_token
-        return peak / self.event_budget
+        # Every slot of both of the largest pools streaming at once.
+        slots = max(self.replicas) * self.max_batch
+        return slots * (1 / self.small.per_token + 1 / self.target.per_token) / self.event_budget
 
     def latency(self, role: Role) -> LatencyModel:
         profile = self.small if role == "small" else self.target
@@ -232,7 +236,8 @@ def _cell(config: ScaleOutConfig, result: ScaleOutResult, pools: dict[Role, list
             server.set_latency(latencies[role])
             server.reset()
     routers = {role: Router(config.router, [s.url for s in pools[role][:replicas]],
-                            startup_timeout=60) for role in ROLES}
+                            extra_args=config.router_args, startup_timeout=60)
+               for role in ROLES}
     try:
         for router in routers.values():
             router.start()
@@ -328,7 +333,8 @@ def scale_headline(result: ScaleOutResult) -> list[str]:
             loss = 1 - cell.tokens_per_second / with_key.tokens_per_second
             lines.append(
                 f"{level} conversations, {cell.replicas} replicas per role without the key: "
-                f"{100 * loss:.1f} % less throughput, {cell.recomputed_per_request:,.0f} prompt "
+                f"throughput {-100 * loss:+.1f} % against the key, "
+                f"{cell.recomputed_per_request:,.0f} prompt "
                 f"tokens recomputed per request (with the key "
                 f"{with_key.recomputed_per_request:,.0f}), previous prompt cached "
                 f"{_pct(cell.cache_share_previous)} (worst {_pct(cell.cache_share_previous_min)})")
@@ -360,8 +366,10 @@ def scale_to_markdown(result: ScaleOutResult) -> str:
         f"*tokens/s at scale 1* converts back), each running up to {config.max_batch} "
         f"generations at full speed and sharing itself beyond that",
         f"- router: one `{config.router}` per role (`--policy cache_aware --sticky-sessions "
-        f"--routing-key-headers x-session-id`), fresh for every cell, in front of the first K "
-        f"replicas; the engine speaks OpenAI `/v1/completions` through it",
+        f"--routing-key-headers x-session-id --assignment-mode min_load`"
+        f"{' ' + ' '.join(config.router_args) if config.router_args else ''}), fresh for "
+        f"every cell, in front of the first K replicas; the engine speaks OpenAI "
+        f"`/v1/completions` through it",
         "- *with the key*: every request of a call carries the call's routing key in "
         "`X-Session-ID` (the default); *without*: no routing header "
         "(`routing_headers=()`), so the router places each request by prefix match and load",

@@ -3,10 +3,10 @@
 Two routers are supported, both installed from PyPI by the ``dev`` extra:
 
 - ``smg`` (SGLang Model Gateway, ``python -m smg launch``): ``--policy cache_aware
-  --sticky-sessions --routing-key-headers x-session-id`` keeps every request carrying one
-  ``X-Session-ID`` on one replica; it proxies OpenAI ``/v1/completions`` but answers TGI's
-  ``/generate_stream`` with 404. It binds every interface unless told otherwise, so both its
-  listeners are given ``127.0.0.1``.
+  --sticky-sessions --routing-key-headers x-session-id --assignment-mode min_load`` keeps every
+  request carrying one ``X-Session-ID`` on one replica; it proxies OpenAI
+  ``/v1/completions`` but answers TGI's ``/generate_stream`` with 404. It binds every
+  interface unless told otherwise, so both its listeners are given ``127.0.0.1``.
 - ``vllm-router``: ``--policy consistent_hash`` hashes ``X-Session-ID`` (falling back to the
   request body) onto a replica; it proxies ``/v1/completions`` and TGI's ``/generate_stream``.
 
@@ -106,7 +106,11 @@ def router_command(kind: RouterKind, worker_urls: Sequence[str], *, port: int,
                "--worker-urls", *worker_urls, "--policy", policy or _DEFAULT_POLICY[kind]]
     if kind == "smg":
         if routing_key_headers:
-            command += ["--sticky-sessions", "--routing-key-headers", *routing_key_headers]
+            # A new key goes to the replica with the fewest requests in flight: smg's default
+            # asks cache_aware, which piles conversations sharing an instruction prefix onto
+            # one replica.
+            command += ["--sticky-sessions", "--routing-key-headers", *routing_key_headers,
+                        "--assignment-mode", "min_load"]
         # In-flight requests are the test's own; a long drain only delays the next test.
         command += ["--shutdown-grace-period-secs", "1"]
     else:

@@ -370,6 +370,7 @@ def test_smg_routers_discover_their_pool_and_keep_sessions() -> None:
         assert flag(arguments, "--policy") == ["cache_aware"]
         assert "--sticky-sessions" in arguments
         assert [h.lower() for h in flag(arguments, "--routing-key-headers")] == ["x-session-id"]
+        assert flag(arguments, "--assignment-mode") == ["min_load"]
         _assert_can_watch(docs, router, "pods")
         # serve: this role's URL is this router's Service, on a port that reaches smg.
         host, port = _service_host(urls[role])

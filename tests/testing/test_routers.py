@@ -43,8 +43,10 @@ def test_smg_is_sticky_on_the_session_header_unless_told_not_to() -> None:
     assert _value(command, "--policy") == "cache_aware"
     assert "--sticky-sessions" in command
     assert _value(command, "--routing-key-headers") == "x-session-id"
+    assert _value(command, "--assignment-mode") == "min_load"
     loose = router_command("smg", URLS, port=1, prometheus_port=2, routing_key_headers=())
     assert "--sticky-sessions" not in loose and "--routing-key-headers" not in loose
+    assert "--assignment-mode" not in loose
 
 
 def test_vllm_router_hashes_the_session_and_opens_a_dead_replicas_circuit() -> None:
