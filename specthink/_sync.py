@@ -19,6 +19,9 @@ __all__ = ["close_on_sync_loop", "run_sync"]
 
 T = TypeVar("T")
 
+STREAM_BUFFER = 64
+"""Items a sync stream may run ahead of its consumer before the producer waits for it."""
+
 
 def run_sync(awaitable: Awaitable[T]) -> T:
     """Run ``awaitable`` to completion from synchronous code, on the library's private loop.
@@ -74,12 +77,21 @@ class _LoopThread:
             future.cancel()
             raise
 
-    def iterate(self, stream: AsyncIterator[T]) -> Iterator[T]:
-        items: queue.Queue[tuple[str, Any]] = queue.Queue()
+    def iterate(self, stream: AsyncIterator[T], *, buffer: int = STREAM_BUFFER) -> Iterator[T]:
+        """Iterate ``stream`` (run on the private loop) from the calling thread.
+
+        At most ``buffer`` items wait for the consumer: then the producer awaits a free slot, so
+        a slow reader slows the generation down instead of piling the answer up in memory (and
+        the loop, shared by every sync call, never blocks).
+        """
+        items: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        space = asyncio.Semaphore(buffer)  # bound to the private loop at its first wait
+        loop = self.loop
 
         async def pump() -> None:
             try:
                 async for item in stream:
+                    await space.acquire()
                     items.put(("item", item))
             except BaseException as exc:  # handed to the consuming thread
                 items.put(("error", exc))
@@ -92,11 +104,12 @@ class _LoopThread:
                 if aclose is not None:
                     await aclose()
 
-        future = asyncio.run_coroutine_threadsafe(pump(), self.loop)
+        future = asyncio.run_coroutine_threadsafe(pump(), loop)
         try:
             while True:
                 kind, value = items.get()
                 if kind == "item":
+                    loop.call_soon_threadsafe(space.release)
                     yield value
                 elif kind == "error":
                     raise value

@@ -1,34 +1,49 @@
 """The speculative-thinking engine: one async state machine driving two backends.
 
-The small model writes from ``prompt + text_so_far``. Every token it writes is watched for the
-delimiter; after a trigger point, the next ``probe_tokens`` small tokens are held back (never shown)
-until they are known to be neutral. A keyword in a probe window closes the small model's stream at
-once (the server cancels on disconnect), throws the probe away and lets the target write. The
-rules themselves live in :mod:`specthink.rules`; this module only sequences them.
+The small model writes from ``prompt + text_so_far``. Every token either model writes is reported
+to the answer's :class:`~specthink.rules.TakeoverPolicy`, which decides everything: hold a probe
+back, release it, hand over to the target (the small model's stream is closed at once, so the
+server cancels the generation), extend, intervene, hand back. This module only carries those
+actions out: it opens and closes streams, resumes dropped ones, accounts tokens and the budget,
+applies stop sequences, and yields events.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 import warnings
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from ._sync import _LoopThread, close_on_sync_loop, run_sync
+from ._constants import DEFAULT_MAX_NEW_TOKENS
+from ._sync import _LoopThread, run_sync
 from .backends.base import Backend, SamplingParams, StreamToken
 from .errors import (
     BackendError,
     ConfigError,
+    ContextLimitError,
     PromptTooLongError,
     StreamDroppedError,
     TargetFallbackWarning,
 )
-from .rules import TakeoverRules
+from .rules import (
+    ACCEPT,
+    HAND_BACK,
+    HOLD,
+    Extend,
+    Handover,
+    Intervene,
+    Release,
+    SmallAction,
+    TakeoverPolicy,
+    TakeoverRules,
+)
 from .trace import (
     REASONING_START,
     Event,
@@ -43,48 +58,49 @@ from .trace import (
     TextEvent,
 )
 
-__all__ = ["SpeculativeThinker", "close_on_sync_loop", "run_sync"]
+__all__ = ["SpeculativeThinker"]
 
 Role = Literal["small", "target"]
 TargetErrorPolicy = Literal["fallback", "raise"]
 T = TypeVar("T")
 
-DEFAULT_MAX_NEW_TOKENS = 4096
 CONTEXT_MARGIN_TOKENS = 8
 """Slack for re-tokenising accepted text, which may take a few more tokens than were generated."""
 
 
 @dataclass(slots=True)
-class _Window:
-    """An open probe window: held-back tokens from ``start`` on belong to it."""
-
-    start: int
-    pending_delimiter: str
-    """Small-run text since the last delimiter, as it was when the window opened."""
-
-
-@dataclass(slots=True)
 class _Run:
-    """The state of one request: accepted text, budget, counters and statistics."""
+    """The state of one request: accepted text, budget, the policy and statistics."""
 
     prompts: dict[Role, str]
     budget_left: int
     stop: tuple[str, ...]
     sampling: SamplingParams
-    reflection_count: int
-    reflection_threshold: int
-    n3: int
+    policy: TakeoverPolicy
+    """Every takeover decision of this request, and the rules' counters."""
     stats: Statistics = field(default_factory=Statistics)
     prompt_tokens: dict[Role, int] = field(default_factory=lambda: {"small": 0, "target": 0})
+    """An upper bound of each prompt's tokens (its UTF-8 length), or the exact count."""
+    exact_prompt_tokens: dict[Role, int] = field(default_factory=dict)
+    """Prompt tokens as the server counted them, where it was asked."""
+    reports_prompt_tokens: bool = False
+    """The open small stream is the conversation's first: its prompt is the prompt alone, so
+    the count the server reports at its end is the call's ``input_tokens``."""
     total_limits: dict[Role, int] = field(default_factory=dict)
     """Each server's max_total_tokens (prompt + generated), where it said."""
-    text: str = ""
+    pieces: list[str] = field(default_factory=list)
+    """The accepted text in pieces (``text`` joins them): appending to one string would copy
+    the whole answer at every token."""
+    length: int = 0
+    """Characters of accepted text."""
+    recent: str = ""
+    """The last ``keep`` characters of accepted text before the newest piece, and that piece:
+    all a stop sequence or the end of the reasoning can still complete in."""
+    keep: int = field(init=False)
     emitted: int = 0
     """Characters of ``text`` already yielded; the rest may be the start of a stop sequence."""
     unemitted: list[TextEvent] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
-    target_ok: bool = True
-    in_scope: bool = True
     model_ids: dict[str, str] = field(default_factory=dict)
     starts_in_reasoning: bool = False
     """The small prompt opened the reasoning and no grammar constrains the output."""
@@ -96,19 +112,37 @@ class _Run:
     """Inside a reasoning section: the prompt or the text opened ``<think>`` and it has not
     closed yet (``None`` until the first accepted text tells)."""
     done: bool = False
-    next_rule: Rule | None = None
+
+    def __post_init__(self) -> None:
+        longest = max((len(s) for s in self.stop), default=0)
+        self.keep = max(longest, len(self.policy.rules.thinking_end)) - 1
+
+    @property
+    def text(self) -> str:
+        """The accepted text (joined once, then kept as one piece)."""
+        pieces = self.pieces
+        if len(pieces) > 1:
+            pieces[:] = ["".join(pieces)]
+        return pieces[0] if pieces else ""
+
+    def append(self, piece: str) -> str:
+        """Append accepted text; return ``recent``."""
+        self.pieces.append(piece)
+        self.length += len(piece)
+        keep = self.keep
+        recent = self.recent = (self.recent[-keep:] if keep else "") + piece
+        return recent
+
+    def truncate(self, length: int) -> None:
+        text = self.text[:length]
+        self.pieces[:] = [text]
+        self.length = length
+        self.recent = text[-self.keep:] if self.keep else ""
 
     def finish(self, reason: str) -> None:
         if not self.done:
             self.done = True
             self.stats.finish_reason = reason
-
-
-@dataclass(slots=True)
-class _WindowOutcome:
-    events: list[Event]
-    takeover_at: int | None = None
-    """Held index of the window whose probe holds a keyword (everything from there is dropped)."""
 
 
 class SpeculativeThinker:
@@ -253,11 +287,12 @@ class SpeculativeThinker:
         checked = prompts.validate_messages(messages)
         if tools is not None or tool_choice is not None:
             prompts.apply_tool_choice(checked, tools, tool_choice)  # a bad choice fails here
-        rules = self.rules
+        sampling = sampling or SamplingParams()
+        # A grammar restarts with every request, so a handoff inside constrained output would
+        # break it: constrained answers are written by the small model alone.
+        policy = TakeoverPolicy(self.rules, handoffs=sampling.grammar is None)
         run = _Run(prompts={"small": "", "target": ""}, budget_left=budget, stop=stops,
-                   sampling=sampling or SamplingParams(),
-                   reflection_count=0, reflection_threshold=rules.reflection_threshold,
-                   n3=rules.n3, routing_key=_routing_key(session_id))
+                   sampling=sampling, policy=policy, routing_key=_routing_key(session_id))
 
         async def prepare_role(role: Role) -> None:
             backend = self.backends[role]
@@ -306,7 +341,7 @@ class SpeculativeThinker:
     async def _target_prepared(self, run: _Run) -> FallbackEvent | None:
         """Wait for the target's prompt and limits before its first request. A target that
         cannot serve is the ``on_target_error`` policy's business: the returned event says the
-        small model goes on alone (``run.target_ok`` is then false)."""
+        small model goes on alone (the policy then hands no more over)."""
         preparation, run.target_preparation = run.target_preparation, None
         if preparation is None:
             return None
@@ -368,6 +403,7 @@ class SpeculativeThinker:
                       or length + run.budget_left <= info.max_total_tokens)
         if not (fits_input and fits_total):
             length = await backend.count_tokens(prompt)
+            run.exact_prompt_tokens[role] = length
         run.prompt_tokens[role] = length
         if info.max_total_tokens is not None:
             run.total_limits[role] = info.max_total_tokens
@@ -376,62 +412,47 @@ class SpeculativeThinker:
                 f"the prompt has {length} tokens, more than the {role} server's "
                 f"max_input_tokens={info.max_input_tokens} ({backend.url})")
 
-    # ---- the loop ------------------------------------------------------------------------
+    # ---- the loop: carrying out the policy's actions ----------------------------------------
 
     async def _drive(self, run: _Run) -> AsyncGenerator[Event, None]:
-        rules = self.rules
-        if rules.mode == "instruct" and rules.begin_tokens and self._triggers_active(run):
-            yield self._note_takeover(run, Rule.BEGIN, discarded=0)
-            begin = self._target_writes(run, Rule.BEGIN, rules.begin_tokens)
-            async with aclosing(begin) as stream:
-                async for event in stream:
-                    yield event
+        policy = run.policy
+        handover = policy.start()
         while not run.done:
-            run.next_rule = None
+            if handover is not None:
+                yield self._note_takeover(run, handover.rule, handover.discard)
+                part = (self._intervene(run, handover) if isinstance(handover, Intervene)
+                        else self._target_writes(run, handover))
+                async with aclosing(part) as stream:
+                    async for event in stream:
+                        yield event
+                if run.done:
+                    break
             async with aclosing(self._small_writes(run)) as stream:
                 async for event in stream:
                     yield event
-            rule = run.next_rule
-            if run.done or rule is None:
+            # the small model's part ends with the run, or with a takeover the policy decided
+            handover = policy.handover
+            if handover is None:
                 break
-            if rule is Rule.EXCESSIVE_REFLECTION:
-                async with aclosing(self._intervene(run)) as stream:
-                    async for event in stream:
-                        yield event
-            else:
-                async with aclosing(self._target_writes(run, rule, rules.n1)) as stream:
-                    async for event in stream:
-                        yield event
         if not run.done:
             run.finish("stop")
         if not run.stats.input_tokens:
             # The server reports prompt tokens on a stream's last token, which a takeover cuts
-            # (and llama.cpp's server never sends them when streaming).
-            run.stats.input_tokens = run.prompt_tokens["small"]
+            # (and llama.cpp's server never sends them when streaming): one /tokenize then.
+            # Never a resumed request's count (prompt plus accepted text), never a byte bound.
+            run.stats.input_tokens = run.exact_prompt_tokens.get("small", 0)
             if not run.stats.input_tokens:
                 with contextlib.suppress(BackendError):
                     run.stats.input_tokens = await self.small.count_tokens(run.prompts["small"])
         for event in self._flush(run):
             yield event
 
-    def _triggers_active(self, run: _Run) -> bool:
-        # A grammar restarts with every request, so a handoff inside constrained output would
-        # break it: constrained answers are written by the small model alone.
-        return run.target_ok and run.in_scope and run.sampling.grammar is None
-
     async def _small_writes(self, run: _Run) -> AsyncGenerator[Event, None]:
-        """The small model writes until end-of-sequence, the budget, or a takeover decision."""
-        rules = self.rules
-        delimiter = rules.delimiter
-        tail_len = len(delimiter) - 1
-        instruct = rules.mode == "instruct"
-        held: list[str] = []
-        windows: list[_Window] = []
-        pending = ""  # small-run text since the last delimiter (its tail is all that matters)
+        """The small model writes until end-of-sequence, the budget, or a takeover decision
+        (then ``run.policy.handover`` holds it)."""
+        policy = run.policy
         resumes = 0
         while not run.done:
-            decided: Rule | None = None
-            discarded = 0
             got_tokens = 0
             finish_reason: str | None = None
             room = self._room(run, "small", run.budget_left)
@@ -442,80 +463,38 @@ class SpeculativeThinker:
                 async with self._open("small", run, room) as tokens:
                     async for token in tokens:
                         got_tokens += 1
-                        if token.input_tokens and not run.stats.input_tokens:
+                        if token.input_tokens and run.reports_prompt_tokens:
                             run.stats.input_tokens = token.input_tokens
                         finish_reason = token.finish_reason
                         if token.special:
                             continue
-                        text = token.text
-                        if windows:
-                            held.append(text)
-                            outcome = self._resolve_windows(run, held, windows, complete=False)
-                            for event in outcome.events:
+                        action = policy.small_token(token.text)
+                        if action is ACCEPT:
+                            for event in self._accept(run, "small", token.text, None, 1):
                                 yield event
-                            if outcome.takeover_at is not None:
-                                discarded = len(held) - outcome.takeover_at
-                                decided = Rule.AFFIRM_REFLECT
+                            if run.done:
                                 break
-                        else:
-                            for event in self._accept(run, "small", text, None, 1):
+                        elif action is not HOLD:
+                            for event in self._release(run, action):
                                 yield event
-                        if run.done:
-                            break
-                        # trigger detection on the small model's own text
-                        combined = pending + text
-                        cut = combined.rfind(delimiter)
-                        after = combined[cut + len(delimiter):] if cut >= 0 else combined
-                        pending = after[-tail_len:] if tail_len else ""
-                        if cut >= 0 and self._triggers_active(run):
-                            if instruct:
-                                decided = Rule.EVERY_TRIGGER
+                            if run.done or policy.handover is not None:
                                 break
-                            if (rules.excessive_reflection_takeover and not windows
-                                    and run.reflection_count >= run.reflection_threshold):
-                                decided = Rule.EXCESSIVE_REFLECTION
-                                break
-                            if rules.reflection_takeover:
-                                windows.append(_Window(len(held), pending))
-                eos = finish_reason in ("eos", "stop")
             except StreamDroppedError as exc:
                 exc.role = "small"
                 resumes += 1
                 if resumes > self.max_stream_resumes:
                     raise
                 run.stats.resumed_streams["small"] += 1
-                # Held tokens were never accepted: go back to the earliest open window, whose
-                # tokens the resumed stream will write again.
-                if windows:
-                    pending = windows[0].pending_delimiter
-                    del windows[1:]
-                    windows[0].start = 0
-                    held.clear()
+                policy.small_dropped()
                 continue
-            if decided is not None:
-                if decided is Rule.AFFIRM_REFLECT:
-                    run.stats.discarded_tokens += discarded
-                yield self._note_takeover(run, decided, discarded)
-                run.next_rule = decided
+            if run.done or policy.handover is not None:
                 return
             # The stream ended: open windows close with what they hold.
-            if windows:
-                outcome = self._resolve_windows(run, held, windows, complete=True)
-                for event in outcome.events:
-                    yield event
-                if outcome.takeover_at is not None:
-                    discarded = len(held) - outcome.takeover_at
-                    run.stats.discarded_tokens += discarded
-                    yield self._note_takeover(run, Rule.AFFIRM_REFLECT, discarded)
-                    run.next_rule = Rule.AFFIRM_REFLECT
-                    return
-                for event in self._accept(run, "small", "".join(held), None, len(held)):
-                    yield event
-                held.clear()
-                windows.clear()
-            if run.done:
-                break
-            if eos or got_tokens == 0:
+            for event in self._release(run, policy.small_ended()):
+                yield event
+            if run.done or policy.handover is not None:
+                return
+            if finish_reason in ("eos", "stop") or got_tokens == 0:
                 run.finish("stop")
             elif run.budget_left <= 0:
                 run.finish("length")
@@ -523,58 +502,31 @@ class SpeculativeThinker:
                 run.finish("stop")
             # else: the server stopped at its own limit before ours; ask again from here
 
-    def _resolve_windows(self, run: _Run, held: list[str], windows: list[_Window], *,
-                         complete: bool) -> _WindowOutcome:
-        """Decide open windows in order: the earliest whose probe holds a keyword wins.
-
-        Held tokens before the earliest open window are released; ``held`` and ``windows`` are
-        shifted so that the earliest open window starts at 0 again.
-        """
-        rules = self.rules
-        probe = rules.probe_tokens
-        events: list[Event] = []
-        while windows:
-            first = windows[0]
-            end = first.start + probe
-            window_complete = complete or len(held) >= end
-            if rules.has_keyword("".join(held[first.start:end]), complete=window_complete):
-                return _WindowOutcome(events, first.start)
-            if not window_complete:
-                break
-            windows.pop(0)
-            release = windows[0].start if windows else len(held)
-            if release:
-                events.extend(self._accept(run, "small", "".join(held[:release]), None, release))
-                del held[:release]
-                for window in windows:
-                    window.start -= release
+    def _release(self, run: _Run, action: SmallAction) -> list[TextEvent]:
+        """Accept the held text the policy released, up to its next decision (a handover is then
+        the policy's ``handover``)."""
+        events: list[TextEvent] = []
+        while isinstance(action, Release):
+            events.extend(self._accept(run, "small", action.text, None, action.tokens))
             if run.done:
-                windows.clear()
-                held.clear()
                 break
-        return _WindowOutcome(events)
+            action = action.then
+        return events
 
-    async def _target_writes(self, run: _Run, rule: Rule,
-                             first: int) -> AsyncGenerator[Event, None]:
-        """The target writes ``first`` tokens; after a rule-1 style takeover it may go on for
-        ``n2`` more (rule 2) when its own text holds a verify word. One request serves both."""
+    async def _target_writes(self, run: _Run,
+                             handover: Handover) -> AsyncGenerator[Event, None]:
+        """The target writes until the policy hands back; one request serves the first
+        ``handover.tokens`` and a rule-2 extension."""
         if (fallback := await self._target_prepared(run)) is not None:
-            yield fallback
-        if not run.target_ok:
-            return
-        rules = self.rules
-        counts_reflection = rule in (Rule.AFFIRM_REFLECT, Rule.EVERY_TRIGGER)
-        may_verify = counts_reflection and rules.verify_takeover
-        wanted = first + (rules.n2 if may_verify else 0)
-        got = 0
-        first_parts: list[str] = []
-        current = rule
+            yield fallback  # the policy hands no more over: the loop below does not start
+        policy = run.policy
+        rule = handover.rule
         resumes = 0
         try:
-            while not run.done and got < wanted and run.budget_left > 0:
+            while not run.done and policy.handover is handover and run.budget_left > 0:
                 eos = False
                 received = 0
-                room = self._room(run, "target", min(wanted - got, run.budget_left))
+                room = self._room(run, "target", min(policy.target_left, run.budget_left))
                 if room <= 0:
                     run.finish("length")
                     return
@@ -586,24 +538,18 @@ class SpeculativeThinker:
                                 eos = True
                             if token.special:
                                 continue
-                            for event in self._accept(run, "target", token.text, current, 1):
+                            for event in self._accept(run, "target", token.text, rule, 1):
                                 yield event
-                            got += 1
-                            if got <= first:
-                                first_parts.append(token.text)
                             if run.done:
                                 return
-                            if got == first and current is rule:
-                                written = "".join(first_parts)
-                                if counts_reflection and rules.score(written) < 0:
-                                    run.reflection_count += 1
-                                if may_verify and rules.has_verify(written):
-                                    current = Rule.VERIFY
-                                    yield self._note_takeover(run, Rule.VERIFY, 0)
-                                else:
-                                    return
-                            if got >= wanted:
+                            action = policy.target_token(token.text)
+                            if action is ACCEPT:
+                                continue
+                            if action is HAND_BACK:
                                 return
+                            if isinstance(action, Extend):
+                                rule = action.rule
+                                yield self._note_takeover(run, rule, 0)
                     except StreamDroppedError as exc:
                         exc.role = "target"
                         resumes += 1
@@ -623,44 +569,40 @@ class SpeculativeThinker:
         exc.role = "target"
         if self.on_target_error == "raise":
             raise exc
-        run.target_ok = False
+        run.policy.target_failed()
         run.stats.fallback = True
         run.stats.fallback_error = str(exc)
         warnings.warn(f"target server failed, the small model continues alone: {exc}",
                       TargetFallbackWarning, stacklevel=3)
-        fallback = FallbackEvent(offset=len(run.text), error=str(exc))
+        fallback = FallbackEvent(offset=run.length, error=str(exc))
         run.events.append(fallback)
         return fallback
 
-    async def _intervene(self, run: _Run) -> AsyncGenerator[Event, None]:
-        """Rule 3: the intervention text, then ``n3`` target tokens; the counters adapt."""
-        rules = self.rules
+    async def _intervene(self, run: _Run, handover: Intervene) -> AsyncGenerator[Event, None]:
+        """Rule 3: the intervention text, then the target's ``n3`` tokens (the policy has
+        adapted its counters already)."""
         if self._intervention_tokens is None:
             try:
                 self._intervention_tokens = await self.target.count_tokens(
-                    rules.intervention_text)
+                    self.rules.intervention_text)
             except BackendError:
-                self._intervention_tokens = max(1, len(rules.intervention_text) // 4)
-        for piece in self._accept(run, "intervention", rules.intervention_text,
-                                  Rule.EXCESSIVE_REFLECTION, self._intervention_tokens):
+                self._intervention_tokens = max(1, len(self.rules.intervention_text) // 4)
+        for piece in self._accept(run, "intervention", handover.text, handover.rule,
+                                  self._intervention_tokens):
             yield piece
         if not run.done:
-            rule3 = self._target_writes(run, Rule.EXCESSIVE_REFLECTION, run.n3)
-            async with aclosing(rule3) as stream:
+            async with aclosing(self._target_writes(run, handover)) as stream:
                 async for event in stream:
                     yield event
-        run.reflection_count = 0
-        run.n3 = min(run.n3 + rules.n3_step, rules.n3_max)
-        run.reflection_threshold = min(run.reflection_threshold + rules.threshold_step,
-                                       rules.threshold_max)
 
     def _note_takeover(self, run: _Run, rule: Rule, discarded: int) -> TakeoverEvent:
         run.stats.takeovers[rule.value] += 1
-        event = TakeoverEvent(rule=rule, offset=len(run.text), discarded_tokens=discarded)
+        run.stats.discarded_tokens += discarded
+        event = TakeoverEvent(rule=rule, offset=run.length, discarded_tokens=discarded)
         run.events.append(event)
         return event
 
-    # ---- accepting text: budget, stop sequences, scope -------------------------------------
+    # ---- accepting text: budget, stop sequences, reasoning ---------------------------------
 
     def _accept(self, run: _Run, source: Source, text: str, rule: Rule | None,
                 tokens: int) -> list[TextEvent]:
@@ -679,22 +621,17 @@ class SpeculativeThinker:
         else:
             stats.intervention_tokens += tokens
         run.budget_left -= tokens
-        before = len(run.text)
-        run.text += text
-        end = self.rules.thinking_end
+        before = run.length
+        recent = run.append(text)
         if run.reasoning is None:
             run.reasoning = (run.starts_in_reasoning
                              or run.text.lstrip().startswith(REASONING_START))
-        if run.reasoning or (run.in_scope and self.rules.scope == "thinking"):
-            closed = end in run.text[max(0, before - len(end)):]
-            if run.reasoning:
-                stats.reasoning_tokens += tokens
-                run.reasoning = not closed
-            if closed and self.rules.scope == "thinking":
-                run.in_scope = False
+        if run.reasoning:
+            stats.reasoning_tokens += tokens
+            run.reasoning = self.rules.thinking_end not in recent
         piece = TextEvent(source, text, rule)
         if not run.stop:
-            run.emitted = len(run.text)
+            run.emitted = run.length
             run.events.append(piece)
             out = [piece]
         else:
@@ -707,18 +644,22 @@ class SpeculativeThinker:
 
     def _release_checked(self, run: _Run, appended_at: int) -> list[TextEvent]:
         longest = max(len(s) for s in run.stop)
-        search_from = max(0, appended_at - longest + 1)
-        cut = min((at for s in run.stop if (at := run.text.find(s, search_from)) >= 0),
+        recent = run.recent
+        base = run.length - len(recent)  # where ``recent`` starts in the accepted text
+        search_from = max(0, appended_at - longest + 1 - base)
+        cut = min((at for s in run.stop if (at := recent.find(s, search_from)) >= 0),
                   default=-1)
         if cut >= 0:
-            run.text = run.text[:cut]
+            cut += base
+            run.truncate(cut)
             run.finish("stop")
             return self._emit_until(run, cut)
-        safe = len(run.text)
+        length = run.length
+        safe = length
         for s in run.stop:
-            for size in range(min(len(s) - 1, len(run.text)), 0, -1):
-                if run.text.endswith(s[:size]):
-                    safe = min(safe, len(run.text) - size)
+            for size in range(min(len(s) - 1, length), 0, -1):
+                if recent.endswith(s[:size]):
+                    safe = min(safe, length - size)
                     break
         return self._emit_until(run, safe)
 
@@ -744,7 +685,7 @@ class SpeculativeThinker:
     def _flush(self, run: _Run) -> list[TextEvent]:
         if not run.unemitted:
             return []
-        return self._emit_until(run, len(run.text))
+        return self._emit_until(run, run.length)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -758,14 +699,33 @@ class SpeculativeThinker:
                 stats.retries[role] += 1
 
         prompt = run.prompts[role] + run.text
+        if role == "small":
+            run.reports_prompt_tokens = not run.text and not run.stats.input_tokens
         sampling = run.sampling
         if sampling.grammar is not None and not backend.supports_grammar:
-            sampling = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                                      top_k=sampling.top_k, seed=sampling.seed,
-                                      repetition_penalty=sampling.repetition_penalty)
-        context = backend.stream(prompt, max_new_tokens=max(1, max_new_tokens),
-                                 sampling=sampling, on_attempt=on_attempt)
-        return _TimedStream(context, stats, role)
+            sampling = dataclasses.replace(sampling, grammar=None)
+
+        def open_stream(tokens: int) -> AbstractAsyncContextManager[AsyncIterator[StreamToken]]:
+            return backend.stream(prompt, max_new_tokens=max(1, tokens), sampling=sampling,
+                                  on_attempt=on_attempt, routing_key=run.routing_key)
+
+        async def with_fresh_limits() -> AbstractAsyncContextManager[AsyncIterator[StreamToken]]:
+            # The server refused a length: its limits may have changed since /info was cached.
+            await self._refresh_limits(run, role)
+            return open_stream(self._room(run, role, max_new_tokens))
+
+        return _TimedStream(open_stream(max_new_tokens), stats, role, with_fresh_limits)
+
+    async def _refresh_limits(self, run: _Run, role: Role) -> None:
+        try:
+            info = await self.backends[role].info(refresh=True)
+        except BackendError as exc:
+            exc.role = role
+            raise
+        if info.max_total_tokens is not None:
+            run.total_limits[role] = info.max_total_tokens
+        else:
+            run.total_limits.pop(role, None)
 
 
 def _routing_key(session_id: str | None) -> str:
@@ -776,32 +736,52 @@ def _routing_key(session_id: str | None) -> str:
     return session_id
 
 
+Reopen = Callable[[], Awaitable[AbstractAsyncContextManager[AsyncIterator[StreamToken]]]]
+
+
 class _TimedStream:
     """Wraps a backend stream: counts the time spent waiting on the model and tags errors.
+
+    A length limit refused before the first token (``ContextLimitError``) reopens the stream
+    once through ``reopen``, which refreshes the server's limits first.
 
     A class rather than an async generator: it sits on every token's path, and an async
     generator's frame switches cost more than a plain ``__anext__`` call.
     """
 
-    __slots__ = ("_context", "_iterator", "_role", "_stats", "_waits")
+    __slots__ = ("_context", "_iterator", "_reopen", "_role", "_started", "_stats", "_waits")
 
-    def __init__(self, context: Any, stats: Statistics, role: Role) -> None:
+    def __init__(self, context: AbstractAsyncContextManager[AsyncIterator[StreamToken]],
+                 stats: Statistics, role: Role, reopen: Reopen | None = None) -> None:
         self._context = context
         self._stats = stats
         self._role = role
         self._waits = stats.wait_seconds
         self._iterator: AsyncIterator[StreamToken] | None = None
+        self._reopen = reopen
+        self._started = False
 
     async def __aenter__(self) -> _TimedStream:
         started = time.perf_counter()
         try:
-            self._iterator = (await self._context.__aenter__()).__aiter__()
+            try:
+                self._iterator = (await self._context.__aenter__()).__aiter__()
+            except ContextLimitError:
+                if self._reopen is None:
+                    raise
+                await self._open_again()
         except BackendError as exc:
             exc.role = self._role
             raise
         finally:
             self._waits[self._role] += time.perf_counter() - started
         return self
+
+    async def _open_again(self) -> None:
+        assert self._reopen is not None
+        reopen, self._reopen = self._reopen, None
+        self._context = await reopen()
+        self._iterator = (await self._context.__aenter__()).__aiter__()
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         result: bool | None = await self._context.__aexit__(*exc_info)
@@ -814,9 +794,23 @@ class _TimedStream:
         assert self._iterator is not None
         started = time.perf_counter()
         try:
-            return await self._iterator.__anext__()
+            token = await self._iterator.__anext__()
+        except ContextLimitError as exc:
+            # TGI says it inside the 200 stream, before any token.
+            if self._started or self._reopen is None:
+                exc.role = self._role
+                raise
+            await self._context.__aexit__(None, None, None)
+            try:
+                await self._open_again()
+                token = await self._iterator.__anext__()
+            except BackendError as again:
+                again.role = self._role
+                raise
         except BackendError as exc:
             exc.role = self._role
             raise
         finally:
             self._waits[self._role] += time.perf_counter() - started
+        self._started = True
+        return token

@@ -23,6 +23,26 @@ class Rule(StrEnum):
     EVERY_TRIGGER = "every_trigger"
     """Instruct preset: the target writes ``n1`` tokens at every trigger, without a probe."""
 
+    @property
+    def label(self) -> str:
+        """How traces and reports name the rule."""
+        return _RULE_LABELS.get(self, self.value)
+
+    @property
+    def hands_over(self) -> bool:
+        """The rule hands control to the target (a new target request); rule 2 only
+        lengthens a rule-1 takeover."""
+        return self is not Rule.VERIFY
+
+
+_RULE_LABELS: dict[Rule, str] = {
+    Rule.AFFIRM_REFLECT: "rule 1 · affirmation/reflection",
+    Rule.VERIFY: "rule 2 · verification",
+    Rule.EXCESSIVE_REFLECTION: "rule 3 · excessive reflection",
+    Rule.BEGIN: "begin · the target opens the answer",
+    Rule.EVERY_TRIGGER: "every trigger (instruct preset)",
+}
+
 
 REASONING_START = "<think>"
 REASONING_END = "</think>"

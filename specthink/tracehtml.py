@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from specthink.errors import ConfigError
+from specthink.trace import Rule
 
 __all__ = [
     "RULE_LABELS",
@@ -26,13 +27,7 @@ __all__ = [
     "write_html",
 ]
 
-RULE_LABELS: dict[str, str] = {
-    "rule1": "rule 1 · affirmation/reflection",
-    "rule2": "rule 2 · verification",
-    "rule3": "rule 3 · excessive reflection",
-    "begin": "begin · the target opens the answer",
-    "every_trigger": "every trigger (instruct preset)",
-}
+RULE_LABELS: dict[str, str] = {rule.value: rule.label for rule in Rule}
 
 SOURCE_LABELS: dict[str, str] = {
     "small": "small model",

@@ -428,3 +428,18 @@ async def test_reasoning_tokens_are_counted_until_the_think_block_closes() -> No
     plain = await pair(ScriptedModel.single("The answer is 2."),
                        ScriptedModel.single("no")).agenerate(QUESTION)
     assert plain.stats.reasoning_tokens == 0
+
+
+async def test_stop_sequence_spanning_many_tokens_and_a_released_probe(
+        make_pair: PairFactory) -> None:
+    # The stop sequence begins in the small model's plain text and ends inside a probe window
+    # released as one piece: the accepted text is kept in pieces, so the search must look back
+    # across them.
+    text = "So x is 4.\n\nWe say the answer is 4 and more words follow here."
+    thinker = make_pair(ScriptedModel.single(text), ScriptedModel.single("unused"))
+    stop = ["x is 4.\n\nWe say the answer"]
+    shown = [e.text async for e in thinker.astream(QUESTION, stop=stop)
+             if isinstance(e, TextEvent)]
+    result = await thinker.agenerate(QUESTION, stop=stop)
+    assert "".join(shown) == result.text == "So "
+    assert result.stats.finish_reason == "stop"
