@@ -81,6 +81,20 @@ async def test_each_conversation_stays_on_one_warm_replica_per_role(
     assert_one_replica_and_warm(setup, conversations)
 
 
+async def test_without_the_key_vllm_router_scatters_a_conversation(
+        scale_out: Callable[..., ScaleOut]) -> None:
+    """``routing_headers=()`` sends no key: ``consistent_hash`` then hashes each request's
+    body, and every follow-up has a new one. If this fails, vllm-router keeps conversations
+    together without a key and docs/scale-out.md says otherwise (each conversation makes
+    several requests per pool, so all six staying put by chance is vanishingly unlikely)."""
+    setup = scale_out("vllm-router", small_latency=SMALL, target_latency=TARGET)
+    conversations = range(1, 7)
+    async with aclosing(setup.thinker("openai", routing_headers=())) as thinker:
+        await asyncio.gather(*(answer(thinker, c) for c in conversations))
+    spread = [c for c in conversations if len(setup.replicas_of("small", c)) > 1]
+    assert spread, "every conversation stayed on one small replica without a routing key"
+
+
 @pytest.mark.parametrize(("kind", "protocol"), COMBINATIONS)
 async def test_two_turns_keyed_by_one_session_stay_on_their_replicas(
         scale_out: Callable[..., ScaleOut], kind: str, protocol: Protocol) -> None:
