@@ -247,6 +247,8 @@ def test_serve_is_replicated_probed_budgeted_and_autoscaled(
     assert flag(arguments, "--backend") == ["openai"]
     assert flag(arguments, "--host") == ["0.0.0.0"]
     assert flag(arguments, "--port") == [str(SERVE_PORT)]
+    drain = float(flag(arguments, "--drain-timeout")[0])
+    assert serve["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain
     ports = container_ports(serve)
     for probe in ("readinessProbe", "livenessProbe"):
         check = container[probe]["httpGet"]
