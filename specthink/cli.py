@@ -18,16 +18,15 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
-
+from specthink import _constants
 from specthink.backends.base import Backend, SamplingParams
-from specthink.errors import BackendConnectionError, BackendError, ConfigError, SpecthinkError
+from specthink.errors import BackendError, ConfigError, SpecthinkError
 from specthink.local import DEFAULT_PORTS, LOCAL_PAIR_NOTE, LocalPair, LocalPairError
 from specthink.rules import PRESETS
 
@@ -126,48 +125,55 @@ def _local_pair(small_port: int | None = None, target_port: int | None = None,
                 **options: Any) -> LocalPair:
     # `ask` starts the pair without port options, so the variables are read here too.
     return LocalPair(
-        small_port=small_port or _env_port("SPECTHINK_LOCAL_SMALL_PORT", DEFAULT_PORTS["small"]),
-        target_port=target_port or _env_port("SPECTHINK_LOCAL_TARGET_PORT",
+        small_port=small_port or _env_port(_constants.LOCAL_SMALL_PORT_ENV,
+                                           DEFAULT_PORTS["small"]),
+        target_port=target_port or _env_port(_constants.LOCAL_TARGET_PORT_ENV,
                                              DEFAULT_PORTS["target"]),
         **options)
 
 
-def _detect_protocol(url: str, api_key: str | None, role: str | None = None) -> WireProtocol:
-    """TGI answers ``GET /info`` with its ``model_id``; other servers speak OpenAI completions."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+async def _backend(url: str, protocol: WireProtocol, *, api_key: str | None,
+                   model: str | None, role: str | None = None) -> Backend:
+    """The role's backend; ``auto`` asks the server (``GET /info``, without blocking the
+    loop): TGI answers with its ``model_id``, other servers speak OpenAI completions."""
+    from specthink.backends import create, discover
+
+    options: dict[str, Any] = {"api_key": api_key, "model": model}
     try:
-        response = httpx.get(f"{url.rstrip('/')}/info", headers=headers, timeout=5.0)
-    except httpx.HTTPError as exc:
-        raise BackendConnectionError(f"cannot reach the server: {exc}", url=url,
-                                     role=role) from exc
-    if response.status_code == 200:
-        try:
-            info = response.json()
-        except ValueError:
-            info = None
-        if isinstance(info, dict) and "model_id" in info:
-            return WireProtocol.tgi
-    return WireProtocol.openai
+        if protocol is WireProtocol.auto:
+            return await discover(url, **options)
+        if protocol is WireProtocol.tgi:
+            options.pop("model")  # only OpenAI-compatible servers are sent a model name
+        return create(protocol.value, url, **options)
+    except BackendError as exc:
+        exc.role = role
+        raise
 
 
-def _backend(url: str, protocol: WireProtocol, *, api_key: str | None, model: str | None,
-             role: str | None = None) -> Backend:
-    if protocol is WireProtocol.auto:
-        protocol = _detect_protocol(url, api_key, role)
-    if protocol is WireProtocol.tgi:
-        from specthink.backends.tgi import TGIBackend
-
-        return TGIBackend(url, api_key=api_key)
-    from specthink.backends.openai import OpenAICompletionsBackend
-
-    return OpenAICompletionsBackend(url, model=model, api_key=api_key)
+async def _pair(urls: tuple[str, str], protocol: WireProtocol, *, api_key: str | None,
+                models: tuple[str | None, str | None]) -> tuple[Backend, Backend]:
+    """Both backends, detected concurrently; if one fails the other is closed."""
+    made = await asyncio.gather(
+        _backend(urls[0], protocol, api_key=api_key, model=models[0], role="small"),
+        _backend(urls[1], protocol, api_key=api_key, model=models[1], role="target"),
+        return_exceptions=True)
+    failed = [outcome for outcome in made if isinstance(outcome, BaseException)]
+    if failed:
+        for outcome in made:
+            if not isinstance(outcome, BaseException):
+                await outcome.aclose()
+        raise failed[0]
+    small, target = made
+    assert not isinstance(small, BaseException) and not isinstance(target, BaseException)
+    return small, target
 
 
 def _resolve_urls(small: str | None, target: str | None) -> tuple[str, str] | None:
     if small and target:
         return small, target
     if small or target:
-        missing = "--target / SPECTHINK_TARGET_URL" if small else "--small / SPECTHINK_SMALL_URL"
+        missing = (f"--target / {_constants.TARGET_URL_ENV}" if small
+                   else f"--small / {_constants.SMALL_URL_ENV}")
         raise ConfigError(f"both servers are needed: {missing} is not set "
                           "(set neither to use the local pair)")
     return None
@@ -217,28 +223,33 @@ def stats_table(stats: dict[str, Any], title: str = "speculative thinking") -> T
     return table
 
 
-async def _ask(thinker: SpeculativeThinker, messages: list[dict[str, Any]], *,
-               max_tokens: int, sampling: SamplingParams, printer: _Printer | None) -> Result:
+async def _ask(build: Callable[[], Awaitable[SpeculativeThinker]],
+               messages: list[dict[str, Any]], *, max_tokens: int, sampling: SamplingParams,
+               printer: Callable[[], _Printer | None]) -> Result:
+    """Build the thinker (protocol detection included), then make the printer (which shows the
+    legend, so it follows a failed detection's error only if the servers answer) and stream."""
     from specthink.trace import FallbackEvent, FinishEvent, TakeoverEvent, TextEvent
 
     result: Result | None = None
+    thinker = await build()
+    view = printer()
     try:
         async for event in thinker.astream(messages, max_new_tokens=max_tokens, sampling=sampling):
             if isinstance(event, FinishEvent):
                 result = event.result
-            elif printer is None:
+            elif view is None:
                 continue
             elif isinstance(event, TextEvent):
-                printer.text(event.source, event.text)
+                view.text(event.source, event.text)
             elif isinstance(event, TakeoverEvent):
-                printer.marker(event.rule.value)
+                view.marker(event.rule.value)
             elif isinstance(event, FallbackEvent):
-                printer.marker(f"target failed, small continues: {event.error}",
+                view.marker(f"target failed, small continues: {event.error}",
                                STYLES["fallback"])
     finally:
         await thinker.aclose()
-        if printer is not None:
-            printer.end()
+        if view is not None:
+            view.end()
     if result is None:  # pragma: no cover - astream always ends with a FinishEvent
         raise SpecthinkError("the engine ended without a result")
     return result
@@ -309,17 +320,23 @@ def ask(
             messages.append({"role": "system", "content": system})
         messages.append({"role": "user", "content": question})
         sampling = SamplingParams(temperature=temperature or None, top_p=top_p, seed=seed)
-        thinker = SpeculativeThinker(
-            small=_backend(urls[0], backend, api_key=api_key, model=small_model, role="small"),
-            target=_backend(urls[1], backend, api_key=api_key, model=target_model,
-                            role="target"),
-            rules=preset, small_template=templates[0], target_template=templates[1])
-        printer = None
-        if not as_json:
+        servers = urls
+
+        async def build() -> SpeculativeThinker:
+            small_backend, target_backend = await _pair(
+                servers, backend, api_key=api_key, models=(small_model, target_model))
+            return SpeculativeThinker(small=small_backend, target=target_backend, rules=preset,
+                                      small_template=templates[0],
+                                      target_template=templates[1])
+
+        def printer() -> _Printer | None:
+            if as_json:
+                return None
             if not plain:
                 err.print(_legend())
-            printer = _Printer(Console(highlight=False), markers=not plain)
-        result = asyncio.run(_ask(thinker, messages, max_tokens=max_tokens, sampling=sampling,
+            return _Printer(Console(highlight=False), markers=not plain)
+
+        result = asyncio.run(_ask(build, messages, max_tokens=max_tokens, sampling=sampling,
                                   printer=printer))
         trace = result.to_dict()
         if as_json:
@@ -368,13 +385,13 @@ def trace(
 
 def local_up(
     small_port: Annotated[int | None, typer.Option(
-        "--small-port", envvar="SPECTHINK_LOCAL_SMALL_PORT",
+        "--small-port", envvar=_constants.LOCAL_SMALL_PORT_ENV,
         help=f"Port of the small model's server [default: {DEFAULT_PORTS['small']}].")] = None,
     target_port: Annotated[int | None, typer.Option(
-        "--target-port", envvar="SPECTHINK_LOCAL_TARGET_PORT",
+        "--target-port", envvar=_constants.LOCAL_TARGET_PORT_ENV,
         help=f"Port of the target model's server [default: {DEFAULT_PORTS['target']}].")] = None,
     state_dir: Annotated[Path | None, typer.Option(
-        "--state-dir", envvar="SPECTHINK_STATE_DIR", file_okay=False,
+        "--state-dir", envvar=_constants.STATE_DIR_ENV, file_okay=False,
         help="Pid files and logs [default: ~/.cache/specthink/local].")] = None,
     small_model: Annotated[Path | None, typer.Option(
         "--small-model", exists=True, dir_okay=False,
@@ -402,8 +419,8 @@ def local_up(
             err.print(Text(LOCAL_PAIR_NOTE, style="dim"))
         with err.status("starting the local llama.cpp pair…"):
             urls = pair.up()
-        sys.stdout.write(f"SPECTHINK_SMALL_URL={urls['small']}\n"
-                         f"SPECTHINK_TARGET_URL={urls['target']}\n")
+        sys.stdout.write(f"{_constants.SMALL_URL_ENV}={urls['small']}\n"
+                         f"{_constants.TARGET_URL_ENV}={urls['target']}\n")
         err.print(Text("use them with --backend openai --template chatml; "
                        "stop the pair with `specthink local down`", style="dim"))
 
@@ -439,13 +456,14 @@ def local_status(small_port: LocalSmallPort = None, target_port: LocalTargetPort
 
 async def _check(urls: dict[str, str], protocol: WireProtocol, api_key: str | None,
                  models: dict[str, str | None]) -> list[dict[str, Any]]:
+    from specthink.backends import kind_of
+
     async def one(role: str, url: str) -> dict[str, Any]:
         row: dict[str, Any] = {"role": role, "url": url, "healthy": False}
         try:
-            chosen = (_detect_protocol(url, api_key, role) if protocol is WireProtocol.auto
-                      else protocol)
-            row["protocol"] = chosen.value
-            backend = _backend(url, chosen, api_key=api_key, model=models[role])
+            backend = await _backend(url, protocol, api_key=api_key, model=models[role],
+                                     role=role)
+            row["protocol"] = kind_of(backend)
             try:
                 row["healthy"] = bool(await backend.health())
                 info = await backend.info()

@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 import warnings
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from ._sync import _LoopThread, close_on_sync_loop, run_sync
+from ._constants import DEFAULT_MAX_NEW_TOKENS
+from ._sync import _LoopThread, run_sync
 from .backends.base import Backend, SamplingParams, StreamToken
 from .errors import (
     BackendError,
     ConfigError,
+    ContextLimitError,
     PromptTooLongError,
     StreamDroppedError,
     TargetFallbackWarning,
@@ -55,13 +58,12 @@ from .trace import (
     TextEvent,
 )
 
-__all__ = ["SpeculativeThinker", "close_on_sync_loop", "run_sync"]
+__all__ = ["SpeculativeThinker"]
 
 Role = Literal["small", "target"]
 TargetErrorPolicy = Literal["fallback", "raise"]
 T = TypeVar("T")
 
-DEFAULT_MAX_NEW_TOKENS = 4096
 CONTEXT_MARGIN_TOKENS = 8
 """Slack for re-tokenising accepted text, which may take a few more tokens than were generated."""
 
@@ -78,6 +80,12 @@ class _Run:
     """Every takeover decision of this request, and the rules' counters."""
     stats: Statistics = field(default_factory=Statistics)
     prompt_tokens: dict[Role, int] = field(default_factory=lambda: {"small": 0, "target": 0})
+    """An upper bound of each prompt's tokens (its UTF-8 length), or the exact count."""
+    exact_prompt_tokens: dict[Role, int] = field(default_factory=dict)
+    """Prompt tokens as the server counted them, where it was asked."""
+    reports_prompt_tokens: bool = False
+    """The open small stream is the conversation's first: its prompt is the prompt alone, so
+    the count the server reports at its end is the call's ``input_tokens``."""
     total_limits: dict[Role, int] = field(default_factory=dict)
     """Each server's max_total_tokens (prompt + generated), where it said."""
     pieces: list[str] = field(default_factory=list)
@@ -395,6 +403,7 @@ class SpeculativeThinker:
                       or length + run.budget_left <= info.max_total_tokens)
         if not (fits_input and fits_total):
             length = await backend.count_tokens(prompt)
+            run.exact_prompt_tokens[role] = length
         run.prompt_tokens[role] = length
         if info.max_total_tokens is not None:
             run.total_limits[role] = info.max_total_tokens
@@ -429,8 +438,9 @@ class SpeculativeThinker:
             run.finish("stop")
         if not run.stats.input_tokens:
             # The server reports prompt tokens on a stream's last token, which a takeover cuts
-            # (and llama.cpp's server never sends them when streaming).
-            run.stats.input_tokens = run.prompt_tokens["small"]
+            # (and llama.cpp's server never sends them when streaming): one /tokenize then.
+            # Never a resumed request's count (prompt plus accepted text), never a byte bound.
+            run.stats.input_tokens = run.exact_prompt_tokens.get("small", 0)
             if not run.stats.input_tokens:
                 with contextlib.suppress(BackendError):
                     run.stats.input_tokens = await self.small.count_tokens(run.prompts["small"])
@@ -453,7 +463,7 @@ class SpeculativeThinker:
                 async with self._open("small", run, room) as tokens:
                     async for token in tokens:
                         got_tokens += 1
-                        if token.input_tokens and not run.stats.input_tokens:
+                        if token.input_tokens and run.reports_prompt_tokens:
                             run.stats.input_tokens = token.input_tokens
                         finish_reason = token.finish_reason
                         if token.special:
@@ -689,14 +699,33 @@ class SpeculativeThinker:
                 stats.retries[role] += 1
 
         prompt = run.prompts[role] + run.text
+        if role == "small":
+            run.reports_prompt_tokens = not run.text and not run.stats.input_tokens
         sampling = run.sampling
         if sampling.grammar is not None and not backend.supports_grammar:
-            sampling = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                                      top_k=sampling.top_k, seed=sampling.seed,
-                                      repetition_penalty=sampling.repetition_penalty)
-        context = backend.stream(prompt, max_new_tokens=max(1, max_new_tokens),
-                                 sampling=sampling, on_attempt=on_attempt)
-        return _TimedStream(context, stats, role)
+            sampling = dataclasses.replace(sampling, grammar=None)
+
+        def open_stream(tokens: int) -> AbstractAsyncContextManager[AsyncIterator[StreamToken]]:
+            return backend.stream(prompt, max_new_tokens=max(1, tokens), sampling=sampling,
+                                  on_attempt=on_attempt, routing_key=run.routing_key)
+
+        async def with_fresh_limits() -> AbstractAsyncContextManager[AsyncIterator[StreamToken]]:
+            # The server refused a length: its limits may have changed since /info was cached.
+            await self._refresh_limits(run, role)
+            return open_stream(self._room(run, role, max_new_tokens))
+
+        return _TimedStream(open_stream(max_new_tokens), stats, role, with_fresh_limits)
+
+    async def _refresh_limits(self, run: _Run, role: Role) -> None:
+        try:
+            info = await self.backends[role].info(refresh=True)
+        except BackendError as exc:
+            exc.role = role
+            raise
+        if info.max_total_tokens is not None:
+            run.total_limits[role] = info.max_total_tokens
+        else:
+            run.total_limits.pop(role, None)
 
 
 def _routing_key(session_id: str | None) -> str:
@@ -707,32 +736,52 @@ def _routing_key(session_id: str | None) -> str:
     return session_id
 
 
+Reopen = Callable[[], Awaitable[AbstractAsyncContextManager[AsyncIterator[StreamToken]]]]
+
+
 class _TimedStream:
     """Wraps a backend stream: counts the time spent waiting on the model and tags errors.
+
+    A length limit refused before the first token (``ContextLimitError``) reopens the stream
+    once through ``reopen``, which refreshes the server's limits first.
 
     A class rather than an async generator: it sits on every token's path, and an async
     generator's frame switches cost more than a plain ``__anext__`` call.
     """
 
-    __slots__ = ("_context", "_iterator", "_role", "_stats", "_waits")
+    __slots__ = ("_context", "_iterator", "_reopen", "_role", "_started", "_stats", "_waits")
 
-    def __init__(self, context: Any, stats: Statistics, role: Role) -> None:
+    def __init__(self, context: AbstractAsyncContextManager[AsyncIterator[StreamToken]],
+                 stats: Statistics, role: Role, reopen: Reopen | None = None) -> None:
         self._context = context
         self._stats = stats
         self._role = role
         self._waits = stats.wait_seconds
         self._iterator: AsyncIterator[StreamToken] | None = None
+        self._reopen = reopen
+        self._started = False
 
     async def __aenter__(self) -> _TimedStream:
         started = time.perf_counter()
         try:
-            self._iterator = (await self._context.__aenter__()).__aiter__()
+            try:
+                self._iterator = (await self._context.__aenter__()).__aiter__()
+            except ContextLimitError:
+                if self._reopen is None:
+                    raise
+                await self._open_again()
         except BackendError as exc:
             exc.role = self._role
             raise
         finally:
             self._waits[self._role] += time.perf_counter() - started
         return self
+
+    async def _open_again(self) -> None:
+        assert self._reopen is not None
+        reopen, self._reopen = self._reopen, None
+        self._context = await reopen()
+        self._iterator = (await self._context.__aenter__()).__aiter__()
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         result: bool | None = await self._context.__aexit__(*exc_info)
@@ -745,9 +794,23 @@ class _TimedStream:
         assert self._iterator is not None
         started = time.perf_counter()
         try:
-            return await self._iterator.__anext__()
+            token = await self._iterator.__anext__()
+        except ContextLimitError as exc:
+            # TGI says it inside the 200 stream, before any token.
+            if self._started or self._reopen is None:
+                exc.role = self._role
+                raise
+            await self._context.__aexit__(None, None, None)
+            try:
+                await self._open_again()
+                token = await self._iterator.__anext__()
+            except BackendError as again:
+                again.role = self._role
+                raise
         except BackendError as exc:
             exc.role = self._role
             raise
         finally:
             self._waits[self._role] += time.perf_counter() - started
+        self._started = True
+        return token

@@ -5,12 +5,19 @@ The tree::
     SpecthinkError
     ├── ConfigError (also ValueError)        bad rules or bad input; raised before any request
     │   └── PromptTooLongError               the prompt exceeds a server's max_input_tokens
+    ├── NoToolCallError (also ValueError)    a tool call was required but the answer held none
+    ├── LocalPairError                       the local llama.cpp pair failed to start or stop
+    │   └── LocalPairMissingError            its server or model file is not installed
     └── BackendError                         anything a server did or failed to do
         ├── BackendConnectionError           could not connect, or the connection broke
         │   └── StreamDroppedError           the connection broke after the first token
         ├── BackendTimeoutError              connect or read timeout (a stall)
         ├── BackendStatusError               an HTTP error answer: carries status and error_type
         │   ├── RequestValidationError       422 "validation"
+        │   │   └── ContextLimitError        a length limit exceeded (the server's limits may
+        │   │       │                        have changed: refresh /info, retry once)
+        │   │       └── ContextLimitEvent    the same, reported inside a 200 stream (TGI); also
+        │   │                                a StreamErrorEvent
         │   ├── GenerationError              424 "generation"
         │   ├── OverloadedError              429 "overloaded"
         │   ├── IncompleteGenerationError    500 "incomplete_generation"
@@ -23,14 +30,21 @@ the server ``url``, and chains the httpx exception that caused it (``raise ... f
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "BackendConnectionError",
     "BackendError",
     "BackendStatusError",
     "BackendTimeoutError",
     "ConfigError",
+    "ContextLimitError",
+    "ContextLimitEvent",
     "GenerationError",
     "IncompleteGenerationError",
+    "LocalPairError",
+    "LocalPairMissingError",
+    "NoToolCallError",
     "OverloadedError",
     "PromptTooLongError",
     "RequestValidationError",
@@ -40,6 +54,8 @@ __all__ = [
     "TargetFallbackWarning",
     "UnhealthyError",
     "error_from_response",
+    "in_stream_error",
+    "is_context_limit_message",
 ]
 
 
@@ -53,6 +69,19 @@ class ConfigError(SpecthinkError, ValueError):
 
 class PromptTooLongError(ConfigError):
     """The rendered prompt has more tokens than a server accepts (``max_input_tokens`` of /info)."""
+
+
+class NoToolCallError(SpecthinkError, ValueError):
+    """A tool call was required (``tool_choice`` / ``error_on_no_tool_call``) but the answer held
+    none. A ``ValueError``, as LlamaIndex callers of ``get_tool_calls_from_response`` expect."""
+
+
+class LocalPairError(SpecthinkError):
+    """The local llama.cpp pair could not be started, reached or stopped."""
+
+
+class LocalPairMissingError(LocalPairError):
+    """llama-cpp-python's server or the GGUF model file is not installed."""
 
 
 class BackendError(SpecthinkError):
@@ -153,6 +182,29 @@ class StreamErrorEvent(BackendError):
         return f"[in-stream {self.error_type}] {super().__str__()}"
 
 
+class ContextLimitError(RequestValidationError):
+    """The server refused the request because the prompt, or the prompt plus ``max_new_tokens``,
+    exceeds one of its length limits (TGI's 422 ``validation``, vLLM's and SGLang's 400, llama.cpp's
+    ``exceed_context_size_error``).
+
+    The limits cached from ``/info`` may be stale (the server restarted with other limits): the
+    engine refreshes them (``backend.info(refresh=True)``) and retries once.
+    """
+
+
+class ContextLimitEvent(ContextLimitError, StreamErrorEvent):
+    """A :class:`ContextLimitError` reported as an error event inside a 200 stream (TGI's
+    ``/generate_stream`` validates after answering 200); it is a :class:`StreamErrorEvent` too."""
+
+    def __init__(self, message: str, *, url: str = "", role: str | None = None,
+                 error_type: str | None = "validation", tokens_received: int = 0) -> None:
+        BackendStatusError.__init__(self, message, url=url, role=role, status_code=422,
+                                    error_type=error_type)
+        self.tokens_received = tokens_received
+
+    __str__ = StreamErrorEvent.__str__
+
+
 class TargetFallbackWarning(UserWarning):
     """The target failed; the small model went on alone (``on_target_error="fallback"``)."""
 
@@ -172,17 +224,56 @@ _BY_STATUS: dict[int, type[BackendStatusError]] = {
 }
 
 
+_CONTEXT_LIMIT = re.compile(
+    r"must have less than \d+ tokens"            # TGI: `inputs` must have less than N tokens
+    r"|tokens \+ `max_new_tokens` must be <="     # TGI: `inputs` tokens + `max_new_tokens` ...
+    r"|maximum context length"                    # vLLM (older), OpenAI
+    r"|maximum model length"                      # vLLM: ... longer than the maximum model length
+    r"|longer than the model's context length"    # SGLang
+    r"|exceeds? the available context size"       # llama.cpp
+    r"|exceeds the context length"                # Ollama
+    r"|context_length_exceeded|exceed_context_size",
+    re.IGNORECASE)
+_CONTEXT_LIMIT_STATUSES = (400, 413, 422)
+
+
+def is_context_limit_message(message: str) -> bool:
+    """Whether a server's error message says a length limit was exceeded."""
+    return _CONTEXT_LIMIT.search(message) is not None
+
+
 def error_from_response(status_code: int, payload: object, *, url: str = "",
                         retry_after: float | None = None) -> BackendStatusError:
-    """Map an HTTP error answer to an exception: TGI's ``error_type`` first, the status second.
+    """Map an HTTP error answer to an exception: TGI's ``error_type`` first, the status second;
+    a 400, 413 or 422 whose message says a length limit was exceeded is a
+    :class:`ContextLimitError`.
 
     ``payload`` is the decoded JSON body (TGI: ``{"error", "error_type"}``; OpenAI-compatible
     servers: ``{"error": {"message", "type"}}`` or ``{"detail": ...}``), or raw text.
     """
     message, error_type = _message_and_type(payload)
-    cls = _BY_ERROR_TYPE.get(error_type or "") or _BY_STATUS.get(status_code, BackendStatusError)
+    cls: type[BackendStatusError]
+    if status_code in _CONTEXT_LIMIT_STATUSES and is_context_limit_message(
+            f"{message} {error_type or ''}"):
+        cls = ContextLimitError
+    else:
+        cls = (_BY_ERROR_TYPE.get(error_type or "")
+               or _BY_STATUS.get(status_code, BackendStatusError))
     return cls(message or f"HTTP {status_code}", url=url, status_code=status_code,
                error_type=error_type, retry_after=retry_after)
+
+
+def in_stream_error(message: str, *, url: str = "", error_type: str | None = None,
+                    tokens_received: int = 0) -> StreamErrorEvent:
+    """The exception for an error event inside a 200 stream: a :class:`ContextLimitEvent` when
+    a validation error says a length limit was exceeded, else a :class:`StreamErrorEvent`."""
+    if error_type in (None, "validation", "invalid_request_error", "BadRequestError",
+                      "context_length_exceeded", "exceed_context_size_error") and (
+            is_context_limit_message(f"{message} {error_type or ''}")):
+        return ContextLimitEvent(message, url=url, error_type=error_type,
+                                 tokens_received=tokens_received)
+    return StreamErrorEvent(message, url=url, error_type=error_type,
+                            tokens_received=tokens_received)
 
 
 def _message_and_type(payload: object) -> tuple[str, str | None]:

@@ -13,16 +13,17 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
-from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from langchain_core.utils import from_env, secret_from_env
 from langchain_core.utils.utils import _build_model_kwargs
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
-from specthink import prompts
+from specthink import _constants, prompts
+from specthink._sync import close_on_sync_loop, run_sync
 from specthink.backends.base import Backend, SamplingParams
-from specthink.engine import SpeculativeThinker, close_on_sync_loop, run_sync
+from specthink.engine import SpeculativeThinker
 from specthink.errors import ConfigError
 from specthink.rules import PRESETS, TakeoverRules
 from specthink.trace import Event
@@ -265,9 +266,9 @@ class ChatSpeculativeThinking(BaseChatModel):
 
     model_config = ConfigDict(populate_by_name=True)
 
-    small_url: str = Field(default_factory=from_env("SPECTHINK_SMALL_URL"))
+    small_url: str = Field(default_factory=from_env(_constants.SMALL_URL_ENV))
     """URL of the small (speculative) model's server; default ``$SPECTHINK_SMALL_URL``."""
-    target_url: str = Field(default_factory=from_env("SPECTHINK_TARGET_URL"))
+    target_url: str = Field(default_factory=from_env(_constants.TARGET_URL_ENV))
     """URL of the target model's server; default ``$SPECTHINK_TARGET_URL``."""
     backend: Literal["tgi", "openai"] = "tgi"
     """Wire protocol of both servers: TGI's ``/generate_stream`` or OpenAI ``/v1/completions``."""
@@ -292,12 +293,12 @@ class ChatSpeculativeThinking(BaseChatModel):
     stop: list[str] | None = Field(default=None, alias="stop_sequences")
     """Stop sequences: the output is cut where the first one begins."""
     timeout: float | None = Field(default=None, gt=0, alias="request_timeout")
-    """Seconds a server may stay silent (connecting or mid-stream) before the request fails;
-    a long, healthy stream is never cut. Default: 120 s of silence."""
+    """Read timeout: seconds a server may stay silent between two bytes before the request
+    fails; a long, healthy stream is never cut. Default: 120 s (5 s to connect)."""
     max_retries: int | None = Field(default=None, ge=0)
     """Retries of a request that failed before its first token; default 2."""
     api_key: SecretStr | None = Field(
-        default_factory=secret_from_env("SPECTHINK_API_KEY", default=None))
+        default_factory=secret_from_env(_constants.API_KEY_ENV, default=None))
     """Bearer token for both servers; default ``$SPECTHINK_API_KEY``. Never printed."""
     streaming: bool = False
     """Whether ``invoke`` streams internally (callbacks then see every token)."""
@@ -370,7 +371,7 @@ class ChatSpeculativeThinking(BaseChatModel):
 
     @property
     def lc_secrets(self) -> dict[str, str]:
-        return {"api_key": "SPECTHINK_API_KEY"}
+        return {"api_key": _constants.API_KEY_ENV}
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
@@ -422,7 +423,7 @@ class ChatSpeculativeThinking(BaseChatModel):
                 if self._backends is None:
                     # Pooled connections of an engine nobody holds any more (copies of a model
                     # share it) would otherwise stay open until the process ends.
-                    weakref.finalize(thinker, _close_in_background, small, target)
+                    weakref.finalize(thinker, close_on_sync_loop, small, target)
                 self._thinker = thinker
                 self._thinker_key = key
             return self._thinker
@@ -439,7 +440,7 @@ class ChatSpeculativeThinking(BaseChatModel):
     def close(self) -> None:
         """Close the pooled HTTP connections of the sync methods (``invoke``, ``stream``)."""
         if self._thinker is not None:
-            _run_sync(self._thinker.aclose())
+            run_sync(self._thinker.aclose())
 
     def _config_key(self) -> tuple[Any, ...]:
         # A copy made with model_copy(update=...) shares private state; rebuild if the servers,
@@ -450,28 +451,25 @@ class ChatSpeculativeThinking(BaseChatModel):
                 self.api_key, id(self._backends))
 
     def _build_backends(self) -> tuple[Backend, Backend]:
-        secret = self.api_key.get_secret_value() if self.api_key else None
-        options: dict[str, Any] = {"api_key": secret}
+        from specthink.backends import create
+
+        options: dict[str, Any] = {"api_key": self.api_key}
         if self.timeout is not None:
             options["read_timeout"] = self.timeout
         if self.max_retries is not None:
             options["max_retries"] = self.max_retries
-        if self.backend == "tgi":
-            from specthink.backends.tgi import TGIBackend
-
-            return (TGIBackend(self.small_url, **options),
-                    TGIBackend(self.target_url, **options))
-        from specthink.backends.openai import OpenAICompletionsBackend
-
-        return (OpenAICompletionsBackend(self.small_url, model=self.small_model, **options),
-                OpenAICompletionsBackend(self.target_url, model=self.target_model, **options))
+        return (create(self.backend, self.small_url, model=self.small_model, **options),
+                create(self.backend, self.target_url, model=self.target_model, **options))
 
     # ---- one request ---------------------------------------------------------------------
 
     def _prepare(self, thinker: SpeculativeThinker, messages: list[BaseMessage],
-                 stop: list[str] | None, kwargs: dict[str, Any]) -> _Call:
+                 stop: list[str] | None, kwargs: dict[str, Any],
+                 run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None,
+                 ) -> _Call:
         call = dict(kwargs)
         call.pop("stream", None)
+        session_id = call.pop("session_id", None)
         if "model" in call:
             raise ConfigError(
                 "ChatSpeculativeThinking serves the models at small_url and target_url; "
@@ -489,7 +487,7 @@ class ChatSpeculativeThinking(BaseChatModel):
         if call:
             raise ConfigError(f"unexpected call arguments {sorted(call)}; accepted: tools, "
                               "tool_choice, parallel_tool_calls, response_format, stop, "
-                              "max_tokens, temperature, "
+                              "session_id, max_tokens, temperature, "
                               f"top_p, top_k, seed, {', '.join(sorted(_EXTRA_SAMPLING))}")
         engine_messages = to_engine_messages(messages)
         if response_format is not None:
@@ -505,6 +503,7 @@ class ChatSpeculativeThinking(BaseChatModel):
             "max_new_tokens": max_tokens,
             "stop": stop if stop is not None else self.stop,
             "sampling": SamplingParams(**sampling),
+            "session_id": session_id or _session_id(run_manager),
         }
         if tools:
             params["tools"] = tools
@@ -529,7 +528,7 @@ class ChatSpeculativeThinking(BaseChatModel):
             return await agenerate_from_stream(
                 self._astream(messages, stop=stop, run_manager=run_manager, **kwargs))
         thinker = self._get_thinker()
-        call = self._prepare(thinker, messages, stop, kwargs)
+        call = self._prepare(thinker, messages, stop, kwargs, run_manager)
         shape = self._shape(call)
         result = await thinker.agenerate(call.messages, **call.params)
         return ChatResult(generations=[message_from_result(result, shape)])
@@ -541,7 +540,7 @@ class ChatSpeculativeThinking(BaseChatModel):
             return generate_from_stream(
                 self._stream(messages, stop=stop, run_manager=run_manager, **kwargs))
         thinker = self._get_thinker()
-        call = self._prepare(thinker, messages, stop, kwargs)
+        call = self._prepare(thinker, messages, stop, kwargs, run_manager)
         shape = self._shape(call)
         result = thinker.generate(call.messages, **call.params)
         return ChatResult(generations=[message_from_result(result, shape)])
@@ -550,7 +549,7 @@ class ChatSpeculativeThinking(BaseChatModel):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         thinker = self._get_thinker()
-        call = self._prepare(thinker, messages, stop, kwargs)
+        call = self._prepare(thinker, messages, stop, kwargs, run_manager)
         assembler = ChunkAssembler(self._shape(call))
         events = cast(AsyncGenerator[Event, None], thinker.astream(call.messages, **call.params))
         # Closing the engine's generator closes both server streams: a caller that stops
@@ -566,7 +565,7 @@ class ChatSpeculativeThinking(BaseChatModel):
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         thinker = self._get_thinker()
-        call = self._prepare(thinker, messages, stop, kwargs)
+        call = self._prepare(thinker, messages, stop, kwargs, run_manager)
         assembler = ChunkAssembler(self._shape(call))
         events = thinker.stream(call.messages, **call.params)
         try:
@@ -579,6 +578,30 @@ class ChatSpeculativeThinking(BaseChatModel):
             close = getattr(events, "close", None)
             if close is not None:
                 close()
+
+    # ---- streams: the run's session reaches the engine -------------------------------------
+
+    def stream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+               stop: list[str] | None = None, **kwargs: Any) -> Iterator[AIMessageChunk]:
+        # langchain-core calls _stream without the run manager, so the run's metadata (its
+        # session) comes along as a call argument.
+        yield from super().stream(input, config, stop=stop, **_with_session(config, kwargs))
+
+    async def astream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+                      stop: list[str] | None = None, **kwargs: Any,
+                      ) -> AsyncIterator[AIMessageChunk]:
+        # aclosing: leaving this stream early must close the engine's, and so the servers'.
+        chunks = super().astream(input, config, stop=stop, **_with_session(config, kwargs))
+        async with aclosing(cast(AsyncGenerator[AIMessageChunk, None], chunks)):
+            async for chunk in chunks:
+                yield chunk
+
+    # ---- token counting ------------------------------------------------------------------
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` as the small model's server tokenises it (its ``/tokenize``);
+        ``get_num_tokens`` and ``get_num_tokens_from_messages`` count with it."""
+        return run_sync(self._get_thinker().small.tokenize(text))
 
     # ---- agents --------------------------------------------------------------------------
 
@@ -641,8 +664,29 @@ class ChatSpeculativeThinking(BaseChatModel):
         return structured_runnable(bound, schema, method, include_raw=include_raw)
 
 
-_run_sync = run_sync
-_close_in_background = close_on_sync_loop
+
+
+def _session_id(
+        run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None,
+) -> str | None:
+    """The conversation's routing key: ``session_id`` or LangGraph's ``thread_id`` from the
+    run's metadata (``config={"metadata": {"session_id": ...}}``); else the engine makes one."""
+    return _session_from(run_manager.metadata if run_manager is not None else {})
+
+
+def _with_session(config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if "session_id" in kwargs:
+        return kwargs
+    session = _session_from(ensure_config(config).get("metadata") or {})
+    return {**kwargs, "session_id": session} if session is not None else kwargs
+
+
+def _session_from(metadata: dict[str, Any]) -> str | None:
+    for key in ("session_id", "thread_id"):
+        value = metadata.get(key)
+        if value is not None and str(value).strip():
+            return str(value)
+    return None
 
 
 def _with_system_text(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:

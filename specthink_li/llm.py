@@ -34,9 +34,16 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
 from specthink import prompts
-from specthink._constants import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_RETRIES
+from specthink._constants import (
+    API_KEY_ENV,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MAX_RETRIES,
+    SMALL_URL_ENV,
+    TARGET_URL_ENV,
+)
+from specthink._sync import close_on_sync_loop, run_sync
 from specthink.backends.base import Backend, SamplingParams, ServerInfo
-from specthink.engine import SpeculativeThinker, close_on_sync_loop, run_sync
+from specthink.engine import SpeculativeThinker
 from specthink.errors import ConfigError
 from specthink.rules import TakeoverRules
 
@@ -49,14 +56,11 @@ if TYPE_CHECKING:
 
 __all__ = ["SpeculativeThinkingLLM"]
 
-SMALL_URL_ENV = "SPECTHINK_SMALL_URL"
-TARGET_URL_ENV = "SPECTHINK_TARGET_URL"
-API_KEY_ENV = "SPECTHINK_API_KEY"
 
 BackendKind = Literal["tgi", "openai"]
 
 _CALL_PARAMS = frozenset({"tools", "tool_choice", "stop", "max_tokens", "max_new_tokens",
-                          "temperature", "top_p", "top_k", "seed"})
+                          "temperature", "top_p", "top_k", "seed", "session_id"})
 
 
 class SpeculativeThinkingLLM(FunctionCallingLLM):
@@ -188,8 +192,8 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
     stop: list[str] | None = Field(default=None, description="Default stop sequences.")
     timeout: float | None = Field(
         default=None, gt=0.0,
-        description="Seconds to connect and between two bytes of a stream (None: 5 s to "
-                    "connect, 120 s between bytes); never a limit on a whole answer.")
+        description="Read timeout: seconds between two bytes of an answer (None: 120 s; "
+                    "connecting has its own 5 s); never a limit on a whole answer.")
     max_retries: int = Field(
         default=DEFAULT_MAX_RETRIES, ge=0,
         description="Retries of a request that fails before its first token (429, 503, ...).")
@@ -308,17 +312,12 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
                 self.on_target_error, self.timeout, self.max_retries, self._api_key)
 
     def _make_backend(self, url: str, model: str | None) -> Backend:
-        if self.backend == "tgi":
-            from specthink.backends.tgi import TGIBackend
+        from specthink.backends import create
 
-            return TGIBackend(url, api_key=self._api_key, timeout=self.timeout,
-                              max_retries=self.max_retries)
-        from specthink.backends.openai import OpenAICompletionsBackend
-
-        backend: Backend = OpenAICompletionsBackend(
-            url, model=model, api_key=self._api_key, timeout=self.timeout,
-            max_retries=self.max_retries)
-        return backend
+        options: dict[str, Any] = {"api_key": self._api_key, "max_retries": self.max_retries}
+        if self.timeout is not None:
+            options["read_timeout"] = self.timeout
+        return create(self.backend, url, model=model, **options)
 
     async def aclose(self) -> None:
         """Close the HTTP connections the backends opened (those of other running event loops,
@@ -376,6 +375,11 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
         if self._infos is None:
             run_sync(self._aprepare())
 
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` from the small model's server (its ``/tokenize``), e.g. for
+        ``Settings.tokenizer = llm.get_token_ids`` and LlamaIndex's token counting."""
+        return run_sync(self.thinker.small.tokenize(text))
+
     # ---- per-call parameters -------------------------------------------------------------
 
     def _engine_params(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -400,6 +404,8 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
             "sampling": sampling,
             "tools": tools or None,
             "tool_choice": kwargs.get("tool_choice") if tools else None,
+            # The routing key: a router keeps the conversation on its warm replica.
+            "session_id": kwargs.get("session_id"),
         }
 
     def _inputs(self, messages: Sequence[ChatMessage],

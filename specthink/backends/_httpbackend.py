@@ -1,33 +1,76 @@
-"""What :class:`~specthink.backends.tgi.TGIBackend` and
-:class:`~specthink.backends.openai.OpenAICompletionsBackend` share: one
-:class:`~specthink.backends._http.ServerConnection` built from the same options, the life of a
-stream (opened with retries, closed on leaving the block), ``repr`` and ``aclose``.
+"""What every HTTP backend shares: one
+:class:`~specthink.backends._connection.ServerConnection` built from the same options, the
+life of a stream (opened with retries, closed on leaving the block), the routing key, the
+cached ``/info``, ``repr`` and ``aclose``.
 
-A protocol module supplies the request (:meth:`HTTPBackend._stream_request`), the check of a
-stream's first event and the decoder of its events.
+A protocol module supplies the request (:meth:`HTTPBackend._stream_request`), how a fresh
+response body is opened (:meth:`HTTPBackend._opened`: :class:`SSEBackend` reads server-sent
+events and checks the first one) and the decoder of its tokens (:meth:`HTTPBackend._tokens`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
+import weakref
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import httpx
 
 from specthink import _constants
-from specthink.backends._http import (
-    OnAttempt,
-    RetryPolicy,
-    ServerConnection,
-    ServerSentEvent,
-    SSEStream,
-)
-from specthink.backends.base import SamplingParams, ServerInfo, StreamToken
-from specthink.errors import BackendError, StreamDroppedError
+from specthink.backends._connection import ResponseBody, ServerConnection
+from specthink.backends._retry import RetryPolicy
+from specthink.backends._sse import ServerSentEvent, SSEStream, opening_sse
+from specthink.backends.base import OnAttempt, SamplingParams, ServerInfo, StreamToken
+from specthink.errors import BackendConnectionError, BackendError, ConfigError, StreamDroppedError
 
-__all__ = ["HTTPBackend", "event_json", "malformed_event", "no_finish_reason", "sampling_fields"]
+__all__ = [
+    "DEFAULT_ROUTING_HEADERS",
+    "HTTPBackend",
+    "SSEBackend",
+    "event_json",
+    "malformed_event",
+    "no_finish_reason",
+    "sampling_fields",
+    "validate_headers",
+    "validate_routing_headers",
+]
+
+DEFAULT_ROUTING_HEADERS: tuple[str, ...] = ("X-Session-ID",)
+"""Read by ``vllm-router --policy consistent_hash``; ``smg --sticky-sessions`` reads the ones
+named by ``--routing-key-headers``."""
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""An HTTP field name (RFC 9110 ``token``)."""
+
+
+def validate_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """Extra headers sent with every request: valid names, single-line string values."""
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise ConfigError(f"headers must be a mapping of header names to values, got "
+                          f"{headers!r}")
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+            raise ConfigError(f"headers: {name!r} is not a valid HTTP header name")
+        if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
+            raise ConfigError(f"headers: the value of {name} must be a single-line string")
+    return dict(headers)
+
+
+def validate_routing_headers(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` as a tuple of valid HTTP header names; anything else is a ``ConfigError``."""
+    if isinstance(names, str | bytes) or not isinstance(names, Sequence):
+        raise ConfigError(f"routing_headers must be a sequence of header names, such as "
+                          f"('X-Session-ID',), got {names!r}")
+    for name in names:
+        if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+            raise ConfigError(f"routing_headers: {name!r} is not a valid HTTP header name")
+    return tuple(names)
 
 
 def sampling_fields(sampling: SamplingParams) -> dict[str, Any]:
@@ -68,8 +111,16 @@ def no_finish_reason(url: str, tokens_received: int) -> StreamDroppedError:
         url=url, tokens_received=tokens_received)
 
 
-class HTTPBackend(ABC):
-    """A server spoken to over HTTP (see the subclasses for the options)."""
+class _Reader(Protocol):
+    async def aclose(self) -> None: ...
+
+
+ReaderT = TypeVar("ReaderT", bound=_Reader)
+
+
+class HTTPBackend(ABC, Generic[ReaderT]):
+    """A server spoken to over HTTP (see the subclasses for the options); ``ReaderT`` frames
+    an open response body (server-sent events, lines of JSON, ...)."""
 
     def __init__(self, url: str, *, api_key: str | None = None,
                  client: httpx.AsyncClient | None = None,
@@ -79,15 +130,29 @@ class HTTPBackend(ABC):
                  max_retries: int = _constants.DEFAULT_MAX_RETRIES,
                  retry_backoff: float = _constants.RETRY_INITIAL_BACKOFF,
                  retry_max_backoff: float = _constants.RETRY_MAX_BACKOFF,
-                 retry_deadline: float | None = _constants.RETRY_DEADLINE) -> None:
+                 retry_deadline: float | None = _constants.RETRY_DEADLINE,
+                 routing_headers: Sequence[str] = DEFAULT_ROUTING_HEADERS,
+                 headers: Mapping[str, str] | None = None,
+                 transport: Literal["lean", "httpx"] = "lean") -> None:
+        self.routing_headers = validate_routing_headers(routing_headers)
+        """Headers that carry a call's routing key, so a router keeps the call on one replica."""
         self._conn = ServerConnection(
             url, api_key=api_key, client=client, timeout=timeout,
             connect_timeout=connect_timeout, read_timeout=read_timeout,
+            headers=validate_headers(headers), transport=transport,
             retry=RetryPolicy(max_retries=max_retries, initial_backoff=retry_backoff,
                               max_backoff=max(retry_max_backoff, retry_backoff),
                               deadline=retry_deadline))
         self.url = self._conn.url
         self._info: ServerInfo | None = None
+        self._info_fetches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
+                                                      asyncio.Task[ServerInfo]]
+        self._info_fetches = weakref.WeakKeyDictionary()
+
+    @property
+    def timeout(self) -> httpx.Timeout:
+        """Connect and read (between two bytes) limits; never a total one."""
+        return self._conn.timeout
 
     def __repr__(self) -> str:
         key = ", api_key=***" if self._conn.has_api_key else ""
@@ -97,15 +162,32 @@ class HTTPBackend(ABC):
         """What ``repr`` shows between the URL and the API key."""
         return ""
 
+    def routing(self, routing_key: str | None) -> dict[str, str] | None:
+        """The headers that carry ``routing_key`` (``None``: no headers)."""
+        if routing_key is None:
+            return None
+        if not isinstance(routing_key, str) or not routing_key or any(
+                c in routing_key for c in "\r\n\0"):
+            raise ConfigError(f"routing_key must be a non-empty single-line string, "
+                              f"got {routing_key!r}")
+        return dict.fromkeys(self.routing_headers, routing_key)
+
     @asynccontextmanager
     async def stream(self, prompt: str, *, max_new_tokens: int, sampling: SamplingParams,
-                     on_attempt: OnAttempt | None = None,
+                     on_attempt: OnAttempt | None = None, routing_key: str | None = None,
                      ) -> AsyncIterator[AsyncIterator[StreamToken]]:
         """Stream the continuation of ``prompt``; leaving the block closes the connection, which
-        makes the server cancel the generation."""
+        makes the server cancel the generation. ``routing_key`` is sent in each of
+        :attr:`routing_headers` on every attempt."""
+        headers = self.routing(routing_key)
         path, body = await self._stream_request(prompt, max_new_tokens, sampling)
-        stream = await self._conn.open_stream(path, body, on_attempt=on_attempt,
-                                              check_first=self._check_first)
+        try:
+            stream = await self._conn.open_stream(path, body, opened=self._opened,
+                                                  on_attempt=on_attempt, headers=headers)
+        except BackendConnectionError:
+            # The server may be coming back after a restart, perhaps with other limits.
+            self._info = None
+            raise
         try:
             yield self._tokens(stream)
         finally:
@@ -117,13 +199,54 @@ class HTTPBackend(ABC):
         """The path and JSON body of a streamed generation request."""
 
     @abstractmethod
-    def _check_first(self, event: ServerSentEvent) -> None:
-        """Raise (e.g. ``StreamErrorEvent``) when the first event of a stream is an error."""
+    async def _opened(self, body: ResponseBody) -> ReaderT:
+        """The reader of a fresh response body, once its beginning is known not to be an error
+        (raise, e.g. ``StreamErrorEvent``, for one: the attempt may then be retried)."""
 
     @abstractmethod
-    def _tokens(self, stream: SSEStream) -> AsyncIterator[StreamToken]:
+    def _tokens(self, stream: ReaderT) -> AsyncIterator[StreamToken]:
         """The tokens of an open stream."""
+
+    async def info(self, *, refresh: bool = False) -> ServerInfo:
+        """What the server says about itself, fetched once and cached; ``refresh`` fetches it
+        again. Concurrent callers share one request; a refused connection forgets it."""
+        if self._info is not None and not refresh:
+            return self._info
+        loop = asyncio.get_running_loop()
+        fetch = self._info_fetches.get(loop)
+        if fetch is None:
+            fetch = self._info_fetches[loop] = loop.create_task(self._cache_info())
+            fetch.add_done_callback(self._info_fetched)
+        # Shielded: one caller cancelled does not cancel the request the others wait for.
+        return await asyncio.shield(fetch)
+
+    async def _cache_info(self) -> ServerInfo:
+        info = await self._fetch_info()
+        self._info = info
+        return info
+
+    def _info_fetched(self, task: asyncio.Task[ServerInfo]) -> None:
+        loop = task.get_loop()
+        if self._info_fetches.get(loop) is task:
+            del self._info_fetches[loop]
+        if not task.cancelled():
+            task.exception()  # every waiter may have been cancelled: retrieved, not logged
+
+    @abstractmethod
+    async def _fetch_info(self) -> ServerInfo:
+        """Ask the server (one request, retried on transient failures)."""
 
     async def aclose(self) -> None:
         """Close the HTTP clients this backend opened (never a client you passed in)."""
         await self._conn.aclose()
+
+
+class SSEBackend(HTTPBackend[SSEStream]):
+    """A protocol whose streams are server-sent events (TGI, OpenAI-compatible servers)."""
+
+    async def _opened(self, body: ResponseBody) -> SSEStream:
+        return await opening_sse(self._check_first)(body)
+
+    @abstractmethod
+    def _check_first(self, event: ServerSentEvent) -> None:
+        """Raise (e.g. ``StreamErrorEvent``) when the first event of a stream is an error."""

@@ -74,26 +74,41 @@ class Backend(Protocol):
     adds_bos_token: bool
     """True when the server prepends BOS itself, so a rendered template must not start with it."""
     supports_grammar: bool
+    """True when ``SamplingParams.grammar`` is honoured (constrained output)."""
     keeps_tool_turns: bool
     """The server's own chat template sees assistant ``tool_calls`` and tool results as the
     model's template expects (vLLM, llama.cpp); TGI keeps only role and content."""
 
     def stream(self, prompt: str, *, max_new_tokens: int, sampling: SamplingParams,
-               on_attempt: OnAttempt | None = None,
-               ) -> AbstractAsyncContextManager[AsyncIterator[StreamToken]]: ...
+               on_attempt: OnAttempt | None = None, routing_key: str | None = None,
+               ) -> AbstractAsyncContextManager[AsyncIterator[StreamToken]]:
+        """``routing_key`` goes in the backend's routing headers (``X-Session-ID`` by default)
+        of every attempt, so a router in front of replicas keeps one call on one replica."""
+        ...
 
-    async def info(self) -> ServerInfo: ...
+    async def info(self, *, refresh: bool = False) -> ServerInfo:
+        """Cached after the first call (concurrent first callers share one request);
+        ``refresh`` asks the server again (after a :class:`~specthink.errors.ContextLimitError`,
+        for instance)."""
+        ...
 
     async def health(self) -> bool: ...
 
     async def count_tokens(self, text: str) -> int: ...
+
+    async def tokenize(self, text: str) -> list[int]:
+        """The server's token ids of ``text`` as a raw prompt (BOS first where the server adds
+        it); ``BackendError`` when the server has no tokenizer endpoint."""
+        ...
 
     async def render_chat(self, messages: Sequence[dict[str, Any]],
                           tools: Sequence[dict[str, Any]] | None = None, *,
                           tool_choice: str | dict[str, Any] | None = None) -> str | None:
         """The server's own chat template applied to ``messages`` with the generation prompt,
         or ``None`` when the server cannot render templates (found out once per backend).
-        ``tool_choice`` is OpenAI's: ``"auto"``, ``"none"``, ``"required"`` or a function."""
+        ``tool_choice`` is OpenAI's: ``"auto"``, ``"none"``, ``"required"`` or a function; it
+        goes to servers whose template endpoint takes one (TGI), others render ``tools`` as
+        given."""
         ...
 
     async def aclose(self) -> None: ...

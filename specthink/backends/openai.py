@@ -1,28 +1,36 @@
 """OpenAI-compatible ``/v1/completions`` (vLLM, SGLang, llama.cpp's and llama-cpp-python's
-servers, TGI), spoken with httpx over raw prompts: the chat template is rendered client-side.
+servers, TGI), spoken with httpx over raw prompts, plus each server's own tokenizer and chat
+template endpoints where it has them: vLLM's ``/tokenize`` (a prompt, or ``messages`` through
+the model's template) and ``/detokenize``, llama.cpp's ``/tokenize`` and ``/apply-template``,
+TGI's and llama-cpp-python's tokenizers. What a server speaks is found once per backend.
 
 Layers: a pure request builder (:func:`completion_body`), a pure chunk decoder
-(:class:`CompletionDecoder`), the shared error mapper and thin I/O on
-:class:`OpenAICompletionsBackend`.
+(:class:`CompletionDecoder`), a pure byte-level token decoder (:func:`decode_token_strs`), the
+shared error mapper and thin I/O on :class:`OpenAICompletionsBackend`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, ClassVar, Literal
 
 import httpx
 
 from specthink import _constants
-from specthink.backends._http import ServerSentEvent, SSEStream
 from specthink.backends._httpbackend import (
-    HTTPBackend,
+    DEFAULT_ROUTING_HEADERS,
+    SSEBackend,
     event_json,
     no_finish_reason,
     sampling_fields,
 )
+from specthink.backends._sse import ServerSentEvent, SSEStream
 from specthink.backends.base import FinishReason, SamplingParams, ServerInfo, StreamToken
 from specthink.errors import (
     BackendConnectionError,
@@ -32,9 +40,11 @@ from specthink.errors import (
     ConfigError,
     StreamDroppedError,
     StreamErrorEvent,
+    in_stream_error,
 )
 
-__all__ = ["CompletionDecoder", "OpenAICompletionsBackend", "completion_body"]
+__all__ = ["BACKEND", "ChatRendering", "CompletionDecoder", "OpenAICompletionsBackend",
+           "completion_body", "decode_token_strs", "openai_messages"]
 
 logger = logging.getLogger("specthink.backends")
 
@@ -47,6 +57,87 @@ _FINISH: dict[str, FinishReason] = {
 }
 
 TokenizeMethod = Literal["vllm", "tgi", "llama_cpp", "llama_cpp_python", "estimate"]
+_METHODS: tuple[TokenizeMethod, ...] = ("vllm", "tgi", "llama_cpp", "llama_cpp_python")
+
+_ABSENT_STATUSES = frozenset({400, 404, 405, 422, 501})
+"""Answers that mean "this server has no such endpoint, or not in this form" while probing
+(vLLM and SGLang answer a body they cannot validate with 400, FastAPI with 422)."""
+
+_PROBE_MESSAGES = ({"role": "user", "content": "Hi there,\nvoilà: 日本語 (1+2) 🙂"},)
+"""The conversation that finds out, once per backend, whether vLLM's ``/tokenize`` renders
+chat templates and whether its token strings decode byte-level: ASCII, a newline, Latin,
+CJK and an emoji (multi-byte tokens), and no space before punctuation, which
+``clean_up_tokenization_spaces`` would change in ``/detokenize``'s answer."""
+
+
+@cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's printable character -> byte table, in which byte-level BPE vocabularies (GPT-2,
+    Qwen, Llama 3, DeepSeek) spell their tokens (a space is ``Ġ``, a newline ``Ċ``)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    table = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+def decode_token_strs(token_strs: Sequence[str]) -> str | None:
+    """The text of tokens spelled as ``convert_ids_to_tokens`` spells them in a byte-level BPE
+    vocabulary: ordinary tokens through GPT-2's byte table, added tokens (specials such as
+    ``<｜User｜>``, which use characters outside the table) as they are. ``None`` if the bytes
+    are not UTF-8 (the vocabulary is not byte-level, or a character is cut).
+
+    >>> decode_token_strs(["Hello", "Ġworld", "Ċ", "<｜Assistant｜>"])
+    'Hello world\n<｜Assistant｜>'
+    """
+    table = _byte_decoder()
+    out = bytearray()
+    for piece in token_strs:
+        if all(ch in table for ch in piece):
+            out.extend(table[ch] for ch in piece)
+        else:
+            out.extend(piece.encode())
+    try:
+        return out.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRendering:
+    """How a server renders chat templates, found once per backend by :meth:`render_chat`.
+
+    ``endpoint`` is ``"vllm"`` (``/tokenize`` with ``messages``), ``"llama_cpp"``
+    (``/apply-template``) or ``None`` (the server renders nothing: llama-cpp-python, SGLang,
+    TGI's ``/v1``, or a model without a template). For vLLM, ``decodes_token_strs`` says that
+    ``return_token_strs`` was checked once against ``/detokenize`` and is trusted from then on
+    (one request per rendering instead of two); ``bos_ids``/``bos_text`` are the BOS the server
+    prepends to a raw prompt, cut from a rendering that starts with it.
+    """
+
+    endpoint: Literal["vllm", "llama_cpp"] | None
+    decodes_token_strs: bool = False
+    bos_ids: tuple[int, ...] = ()
+    bos_text: str = ""
+
+
+class _Once:
+    """A lock per event loop (a backend may be used from the sync edge's loop and the caller's),
+    so that concurrent first callers share one detection."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = asyncio.Lock()
+
+    def lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._loop, self._lock = loop, asyncio.Lock()
+        return self._lock
 
 
 def completion_body(prompt: str, *, model: str | None, max_new_tokens: int,
@@ -80,9 +171,9 @@ def _error_event(payload: dict[str, Any], url: str, tokens_received: int) -> Str
         message, error_type = error, payload.get("error_type")
     else:  # older vLLM: {"object": "error", "message", "type"}
         message, error_type = payload.get("message"), payload.get("type")
-    return StreamErrorEvent(str(message or "error event"), url=url,
-                            error_type=None if error_type is None else str(error_type),
-                            tokens_received=tokens_received)
+    return in_stream_error(str(message or "error event"), url=url,
+                           error_type=None if error_type is None else str(error_type),
+                           tokens_received=tokens_received)
 
 
 def _is_error(payload: object) -> bool:
@@ -185,7 +276,7 @@ class _TokenStream:
         return self._decoder.end()
 
 
-class OpenAICompletionsBackend(HTTPBackend):
+class OpenAICompletionsBackend(SSEBackend):
     """An OpenAI-compatible completions server (vLLM, SGLang, llama.cpp, TGI's ``/v1``).
 
     Example::
@@ -197,12 +288,17 @@ class OpenAICompletionsBackend(HTTPBackend):
         await backend.aclose()
 
     ``model`` defaults to the first id of ``/v1/models`` (for TGI pass ``model="tgi"``: TGI
-    reads any other name as a LoRA adapter id). Chat templates are rendered client-side:
-    :meth:`render_chat` returns ``None``. Auth, timeouts and retries as :class:`TGIBackend`.
+    reads any other name as a LoRA adapter id). :meth:`render_chat` applies the server's own
+    chat template where the server has an endpoint for it (vLLM, llama.cpp), else returns
+    ``None``; :meth:`tokenize` and :meth:`count_tokens` use the server's tokenizer. Auth,
+    timeouts and retries as :class:`TGIBackend`.
     """
 
+    kind: ClassVar[str] = "openai"
+    """The name :func:`specthink.backends.create` knows this protocol by."""
     adds_bos_token = True
-    """vLLM, SGLang and llama.cpp tokenize raw prompts with BOS, as TGI does."""
+    """vLLM, SGLang and llama.cpp tokenize raw prompts with BOS, as TGI does: a prompt from
+    :meth:`render_chat` comes without it, and a client-side rendering must drop its own."""
     supports_grammar = False
     keeps_tool_turns = True
 
@@ -214,17 +310,26 @@ class OpenAICompletionsBackend(HTTPBackend):
                  max_retries: int = _constants.DEFAULT_MAX_RETRIES,
                  retry_backoff: float = _constants.RETRY_INITIAL_BACKOFF,
                  retry_max_backoff: float = _constants.RETRY_MAX_BACKOFF,
-                 retry_deadline: float | None = _constants.RETRY_DEADLINE) -> None:
+                 retry_deadline: float | None = _constants.RETRY_DEADLINE,
+                 routing_headers: Sequence[str] = DEFAULT_ROUTING_HEADERS,
+                 headers: Mapping[str, str] | None = None,
+                 transport: Literal["lean", "httpx"] = "lean") -> None:
         url = url.rstrip("/") if isinstance(url, str) else url
         if isinstance(url, str) and url.endswith("/v1"):
             url = url[: -len("/v1")]  # accept the OpenAI SDK's base_url spelling too
         super().__init__(url, api_key=api_key, client=client, timeout=timeout,
                          connect_timeout=connect_timeout, read_timeout=read_timeout,
                          max_retries=max_retries, retry_backoff=retry_backoff,
-                         retry_max_backoff=retry_max_backoff, retry_deadline=retry_deadline)
+                         retry_max_backoff=retry_max_backoff, retry_deadline=retry_deadline,
+                         routing_headers=routing_headers, headers=headers,
+                         transport=transport)
         self.model = model
         self.tokenize_method: TokenizeMethod | None = None
-        """Which token-counting endpoint worked (found on the first ``count_tokens``)."""
+        """Which tokenizer endpoint worked (found on first use, then kept)."""
+        self.chat_rendering: ChatRendering | None = None
+        """How the server renders chat templates (found on the first :meth:`render_chat`)."""
+        self._detecting = _Once()
+        self._probing_chat = _Once()
 
     def _repr_details(self) -> str:
         return f", model={self.model!r}" if self.model else ""
@@ -253,25 +358,23 @@ class OpenAICompletionsBackend(HTTPBackend):
     def _tokens(self, stream: SSEStream) -> AsyncIterator[StreamToken]:
         return _TokenStream(stream)
 
-    async def info(self) -> ServerInfo:
-        """``GET /v1/models``, fetched once: the model id (``model`` if given and listed), and
-        the context length where the server reports one (vLLM's ``max_model_len``)."""
-        if self._info is None:
-            raw = await self._conn.request_json("GET", "/v1/models")
-            data = raw.get("data") if isinstance(raw, dict) else None
-            entries = [e for e in data or () if isinstance(e, dict) and "id" in e]
-            if not entries:
-                raise BackendError(f"/v1/models lists no model: {str(raw)[:200]}", url=self.url)
-            entry = next((e for e in entries if e["id"] == self.model), entries[0])
-            max_len = entry.get("max_model_len")
-            max_len = max_len if isinstance(max_len, int) and max_len > 0 else None
-            self._info = ServerInfo(
-                model_id=str(entry["id"]),
-                # A prompt must leave room for at least one new token.
-                max_input_tokens=max_len - 1 if max_len else None,
-                max_total_tokens=max_len,
-                raw=raw)
-        return self._info
+    async def _fetch_info(self) -> ServerInfo:
+        """``GET /v1/models``: the model id (``model`` if given and listed), and the context
+        length where the server reports one (vLLM's ``max_model_len``)."""
+        raw = await self._conn.request_json("GET", "/v1/models")
+        data = raw.get("data") if isinstance(raw, dict) else None
+        entries = [e for e in data or () if isinstance(e, dict) and "id" in e]
+        if not entries:
+            raise BackendError(f"/v1/models lists no model: {str(raw)[:200]}", url=self.url)
+        entry = next((e for e in entries if e["id"] == self.model), entries[0])
+        max_len = entry.get("max_model_len")
+        max_len = max_len if isinstance(max_len, int) and max_len > 0 else None
+        return ServerInfo(
+            model_id=str(entry["id"]),
+            # A prompt must leave room for at least one new token.
+            max_input_tokens=max_len - 1 if max_len else None,
+            max_total_tokens=max_len,
+            raw=raw)
 
     async def health(self) -> bool:
         """True when ``/health`` (vLLM, SGLang, TGI, llama.cpp) or else ``/v1/models`` answers
@@ -289,56 +392,270 @@ class OpenAICompletionsBackend(HTTPBackend):
         return False
 
     async def count_tokens(self, text: str) -> int:
-        """The server's token count, BOS included where the server adds it.
+        """The server's token count of ``text`` as a raw prompt, BOS included where the server
+        adds it; ``len(text) / 4`` rounded up when the server has no tokenizer endpoint.
 
-        Tried in order: vLLM ``/tokenize`` (``{"model", "prompt"}`` -> ``count``), TGI
-        ``/tokenize`` (``{"inputs"}``), llama.cpp's ``/tokenize`` (``{"content"}``),
-        llama-cpp-python's ``/extras/tokenize`` (``{"input"}``); if none answers,
-        ``len(text) / 4`` rounded up. The first method that works is remembered.
+        The endpoint is found on first use (here, in :meth:`tokenize` or :meth:`render_chat`),
+        trying in order: vLLM's and SGLang's ``/tokenize`` (``{"model", "prompt"}`` ->
+        ``count``), TGI's ``/tokenize`` (``{"inputs"}``), llama.cpp's ``/tokenize``
+        (``{"content"}``), llama-cpp-python's ``/extras/tokenize`` (``{"input"}``); concurrent
+        first callers share that search, and its answer is kept (:attr:`tokenize_method`).
         """
-        methods: tuple[TokenizeMethod, ...] = (
-            (self.tokenize_method,) if self.tokenize_method
-            else ("vllm", "tgi", "llama_cpp", "llama_cpp_python", "estimate"))
-        for method in methods:
-            try:
-                count = await self._count(method, text)
-            except BackendStatusError as exc:
-                if self.tokenize_method is not None or exc.status_code not in (400, 404, 405,
-                                                                               422, 501):
-                    raise
-                continue
-            if count is None:
-                continue
-            if self.tokenize_method is None:
-                logger.debug("%s counts tokens with %s", self.url, method)
-            self.tokenize_method = method
-            return count
-        raise AssertionError("unreachable: the estimate always answers")  # pragma: no cover
+        ids = await self._server_ids(text)
+        return -(-len(text) // 4) if ids is None else len(ids)
 
-    async def _count(self, method: TokenizeMethod, text: str) -> int | None:
+    async def tokenize(self, text: str) -> list[int]:
+        """The server's token ids of ``text`` as a raw prompt (BOS first where the server adds
+        it), from the endpoint :meth:`count_tokens` describes. Raises ``BackendError`` when the
+        server has no tokenizer endpoint."""
+        ids = await self._server_ids(text)
+        if ids is None:
+            raise BackendError(f"{self.url} has no tokenizer endpoint (tried vLLM's and TGI's "
+                               "/tokenize, llama.cpp's /tokenize, llama-cpp-python's "
+                               "/extras/tokenize)", url=self.url)
+        return ids
+
+    async def _server_ids(self, text: str) -> list[int] | None:
+        """``text``'s ids from the server's tokenizer; ``None`` when it has none."""
+        method, ids = await self._tokenizer(text)
         if method == "estimate":
-            return -(-len(text) // 4)
+            return None
+        if ids is None:
+            ids = await self._ids(method, text)
+        if ids is None:
+            raise BackendError(f"{self.url} answered its tokenizer ({method}) with an "
+                               "unexpected shape", url=self.url)
+        return ids
+
+    async def _tokenizer(self, text: str) -> tuple[TokenizeMethod, list[int] | None]:
+        """The tokenizer endpoint, found once; with ``text``'s ids when finding it just
+        tokenized ``text``."""
+        if self.tokenize_method is not None:
+            return self.tokenize_method, None
+        async with self._detecting.lock():
+            if self.tokenize_method is not None:
+                return self.tokenize_method, None
+            for method in _METHODS:
+                try:
+                    ids = await self._ids(method, text)
+                except BackendStatusError as exc:
+                    if exc.status_code not in _ABSENT_STATUSES:
+                        raise
+                    continue
+                if ids is not None:
+                    logger.debug("%s tokenizes with %s", self.url, method)
+                    self.tokenize_method = method
+                    return method, ids
+            logger.debug("%s has no tokenizer endpoint; token counts are estimated", self.url)
+            self.tokenize_method = "estimate"
+            return "estimate", None
+
+    async def _ids(self, method: TokenizeMethod, text: str) -> list[int] | None:
+        """``text``'s ids from one tokenizer endpoint, or ``None`` if the answer has another
+        server's shape (servers answer each other's bodies with 200s: llama.cpp answers a body
+        without ``content`` with ``{"tokens": []}``)."""
         if method == "vllm":
             answer = await self._conn.request_json(
                 "POST", "/tokenize", {"model": await self._model(), "prompt": text})
-            # Only vLLM answers with "count"; llama.cpp answers this body with {"tokens": []}.
-            count = answer.get("count") if isinstance(answer, dict) else None
-            return count if isinstance(count, int) else None
+            # Only vLLM and SGLang answer with "count".
+            if isinstance(answer, dict) and isinstance(answer.get("count"), int):
+                return _int_list(answer.get("tokens"))
+            return None
         if method == "tgi":
             answer = await self._conn.request_json("POST", "/tokenize", {"inputs": text})
-            return len(answer) if isinstance(answer, list) else None
+            if isinstance(answer, list):
+                return _int_list([t.get("id") if isinstance(t, dict) else None for t in answer])
+            return None
         if method == "llama_cpp":
             answer = await self._conn.request_json("POST", "/tokenize",
                                                    {"content": text, "add_special": True})
-            tokens = answer.get("tokens") if isinstance(answer, dict) else None
-            return len(tokens) if isinstance(tokens, list) else None
-        answer = await self._conn.request_json("POST", "/extras/tokenize", {"input": text})
+        else:
+            answer = await self._conn.request_json("POST", "/extras/tokenize", {"input": text})
         tokens = answer.get("tokens") if isinstance(answer, dict) else None
-        return len(tokens) if isinstance(tokens, list) else None
+        if isinstance(tokens, list):  # llama.cpp's with_pieces form is {"id", "piece"} objects
+            return _int_list([t.get("id") if isinstance(t, dict) else t for t in tokens])
+        return None
+
+    # ----------------------------------------------------------------- chat templates
 
     async def render_chat(self, messages: Sequence[dict[str, Any]],
                           tools: Sequence[dict[str, Any]] | None = None, *,
                           tool_choice: str | dict[str, Any] | None = None) -> str | None:
-        """Always ``None``: completions servers do not expose their templates, so the prompt is
-        rendered client-side."""
+        """The server's own chat template applied to ``messages`` (and ``tools``) with the
+        generation prompt, ready for :meth:`stream`: a BOS the server prepends to raw prompts
+        is cut from its start, so the model sees exactly one. ``None`` when the server renders
+        nothing (llama-cpp-python; SGLang, whose ``/tokenize`` takes no ``messages``; TGI's
+        ``/v1``, which ``TGIBackend`` renders through ``/chat_tokenize``).
+
+        - vLLM: ``POST /tokenize`` with ``messages``, ``add_generation_prompt`` and
+          ``return_token_strs``: the token strings are decoded client-side, once checked
+          against ``/detokenize`` on a probe conversation (then one request per rendering;
+          else ``/detokenize`` every time, two).
+        - llama.cpp: ``POST /apply-template``, which already leaves out the BOS the server
+          adds.
+
+        What the server speaks is found on the first call and kept (:attr:`chat_rendering`),
+        shared by concurrent callers; a 404 marks an endpoint absent. ``tool_choice`` is not
+        sent: neither endpoint takes one, so narrow ``tools`` before (as
+        ``prompts.apply_tool_choice`` does). Errors of the server's template on these
+        messages raise ``BackendStatusError``.
+        """
+        rendering = self.chat_rendering or await self._chat_rendering()
+        if rendering.endpoint == "vllm":
+            return await self._render_vllm(rendering, messages, tools)
+        if rendering.endpoint == "llama_cpp":
+            return await self._render_llama_cpp(messages, tools)
         return None
+
+    async def _chat_rendering(self) -> ChatRendering:
+        async with self._probing_chat.lock():
+            if self.chat_rendering is None:
+                self.chat_rendering = await self._probe_chat()
+                logger.debug("%s renders chat templates with %s", self.url,
+                             self.chat_rendering)
+            return self.chat_rendering
+
+    async def _probe_chat(self) -> ChatRendering:
+        if self.tokenize_method in (None, "vllm"):
+            vllm = await self._probe_vllm()
+            if vllm is not None:
+                self.tokenize_method = self.tokenize_method or "vllm"
+                return vllm
+        method, _ = await self._tokenizer("Hi")
+        # llama.cpp's /apply-template is tried on the first rendering (a 404 there marks it
+        # absent); the other servers have no template endpoint over HTTP.
+        return ChatRendering("llama_cpp" if method == "llama_cpp" else None)
+
+    async def _probe_vllm(self) -> ChatRendering | None:
+        """Render a probe conversation with vLLM's ``/tokenize``; ``None`` if the server is no
+        vLLM, a ``ChatRendering(None)`` if it is one that renders nothing (no template)."""
+        try:
+            answer = await self._conn.request_json("POST", "/tokenize", self._vllm_chat_body(
+                _PROBE_MESSAGES, None, await self._model()))
+        except BackendStatusError as exc:
+            if exc.status_code not in _ABSENT_STATUSES:
+                raise
+            # vLLM-family servers that take no messages (SGLang) or a model without a
+            # template answer 400; a vLLM tokenizer then still counts tokens.
+            return None
+        if not (isinstance(answer, dict) and isinstance(answer.get("count"), int)):
+            return None  # another server's answer to a body it does not know (llama.cpp)
+        ids = _int_list(answer.get("tokens")) or []
+        strs = _str_list(answer.get("token_strs"))
+        detokenized = await self._detokenize(ids)
+        decoded = None if strs is None else decode_token_strs(strs)
+        trusted = decoded is not None and decoded == detokenized
+        # What the server prepends to a raw prompt: the rendering sent back as a prompt gains
+        # those ids at its front.
+        raw = await self._ids("vllm", detokenized)
+        added = len(raw or ()) - len(ids)
+        bos_ids: tuple[int, ...] = ()
+        bos_text = ""
+        if raw is not None and added > 0 and raw[added:] == ids and raw[:added] == ids[:added]:
+            bos_ids = tuple(ids[:added])
+            head = None if strs is None else decode_token_strs(strs[:added])
+            bos_text = head if head is not None else await self._detokenize(list(bos_ids))
+        if not trusted:
+            logger.debug("%s: vLLM token strings do not decode byte-level; rendering "
+                         "uses /detokenize", self.url)
+        return ChatRendering("vllm", trusted, bos_ids, bos_text)
+
+    @staticmethod
+    def _vllm_chat_body(messages: Sequence[dict[str, Any]],
+                        tools: Sequence[dict[str, Any]] | None,
+                        model: str | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"messages": openai_messages(messages),
+                                "add_generation_prompt": True, "return_token_strs": True}
+        if model is not None:
+            body["model"] = model
+        if tools:
+            body["tools"] = list(tools)
+        return body
+
+    async def _detokenize(self, ids: list[int]) -> str:
+        body: dict[str, Any] = {"model": await self._model(), "tokens": ids}
+        answer = await self._conn.request_json("POST", "/detokenize", body)
+        text = answer.get("prompt") if isinstance(answer, dict) else None
+        if not isinstance(text, str):
+            raise BackendError(f"/detokenize answered {str(answer)[:200]}", url=self.url)
+        return text
+
+    async def _render_vllm(self, rendering: ChatRendering, messages: Sequence[dict[str, Any]],
+                           tools: Sequence[dict[str, Any]] | None) -> str:
+        answer = await self._conn.request_json("POST", "/tokenize", self._vllm_chat_body(
+            messages, tools, await self._model()))
+        ids = _int_list(answer.get("tokens")) if isinstance(answer, dict) else None
+        if ids is None:
+            raise BackendError(f"/tokenize answered {str(answer)[:200]}", url=self.url)
+        text = None
+        if rendering.decodes_token_strs:
+            strs = _str_list(answer.get("token_strs"))
+            text = None if strs is None or len(strs) != len(ids) else decode_token_strs(strs)
+        if text is None:
+            text = await self._detokenize(ids)
+        # The BOS is cut here rather than sending add_special_tokens=false with the completion:
+        # every prompt this backend sends then follows one rule (client-side templates drop
+        # their BOS too, since adds_bos_token is True), the field is vLLM's own (llama.cpp,
+        # llama-cpp-python, TGI's /v1 and routers in between do not take it), and the server
+        # adds back the same id, so the prefix cache sees identical tokens.
+        bos = rendering.bos_ids
+        if bos and tuple(ids[:len(bos)]) == bos and text.startswith(rendering.bos_text):
+            text = text[len(rendering.bos_text):]
+        return text
+
+    async def _render_llama_cpp(self, messages: Sequence[dict[str, Any]],
+                                tools: Sequence[dict[str, Any]] | None) -> str | None:
+        body: dict[str, Any] = {"messages": openai_messages(messages),
+                                "add_generation_prompt": True}
+        if tools:
+            body["tools"] = list(tools)
+        try:
+            answer = await self._conn.request_json("POST", "/apply-template", body)
+        except BackendStatusError as exc:
+            if exc.status_code not in (404, 405, 501):
+                raise
+            # A llama.cpp server from before /apply-template (early 2025).
+            self.chat_rendering = ChatRendering(None)
+            return None
+        prompt = answer.get("prompt") if isinstance(answer, dict) else None
+        if not isinstance(prompt, str):
+            raise BackendError(f"/apply-template answered {str(answer)[:200]}", url=self.url)
+        return prompt
+
+
+def openai_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` as OpenAI's chat schema has them, which vLLM and llama.cpp validate: a tool
+    call's ``arguments`` is a JSON string (``prompts.validate_messages`` decodes it to the
+    object chat templates want; the servers decode it again before rendering)."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls")
+        if calls:
+            message = {**message, "tool_calls": [_string_arguments(call) for call in calls]}
+        out.append(message)
+    return out
+
+
+def _string_arguments(call: Any) -> Any:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or isinstance(function.get("arguments"), str):
+        return call
+    arguments = json.dumps(function.get("arguments") or {}, ensure_ascii=False)
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
+def _int_list(value: object) -> list[int] | None:
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool)
+                                       for v in value):
+        return value
+    return None
+
+
+def _str_list(value: object) -> list[str] | None:
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    return None
+
+
+BACKEND = OpenAICompletionsBackend
+"""The class :func:`specthink.backends.create` builds for this protocol."""

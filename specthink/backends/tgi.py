@@ -9,27 +9,36 @@ event decoder (:func:`decode_stream_event`), the shared error mapper
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from specthink.backends._http import ServerSentEvent, SSEStream, loads_json
 from specthink.backends._httpbackend import (
-    HTTPBackend,
+    SSEBackend,
     event_json,
     malformed_event,
     no_finish_reason,
     sampling_fields,
 )
-from specthink.backends.base import FinishReason, SamplingParams, ServerInfo, StreamToken
+from specthink.backends._sse import ServerSentEvent, SSEStream, loads_json
+from specthink.backends.base import (
+    FinishReason,
+    OnAttempt,
+    SamplingParams,
+    ServerInfo,
+    StreamToken,
+)
 from specthink.errors import (
     BackendError,
     BackendStatusError,
     ConfigError,
     SpecthinkError,
     StreamErrorEvent,
+    in_stream_error,
 )
 
-__all__ = ["TGIBackend", "decode_stream_event", "generate_parameters"]
+__all__ = ["BACKEND", "Generated", "TGIBackend", "decode_stream_event", "generate_parameters",
+           "tgi_tool_choice"]
 
 _FINISH: dict[str, FinishReason] = {
     "eos_token": "eos",
@@ -54,10 +63,34 @@ def generate_parameters(max_new_tokens: int, sampling: SamplingParams) -> dict[s
     return params
 
 
+def tgi_tool_choice(tool_choice: str | Mapping[str, Any]) -> str | dict[str, Any]:
+    """``tool_choice`` in the form TGI's ``ChatRequest`` takes (``ToolChoice`` in its OpenAPI):
+    ``"auto"``, ``"none"``, ``"required"`` (LangChain's ``"any"`` too), or a tool name, plain
+    or as OpenAI's ``{"type": "function", "function": {"name": ...}}``, sent in the latter form
+    (TGI's typed variant is tagged by ``type``). Anything else is a ``ConfigError``.
+    """
+    if isinstance(tool_choice, str):
+        if tool_choice in ("auto", "none", "required"):
+            return tool_choice
+        if tool_choice == "any":
+            return "required"
+        name: object = tool_choice
+    elif isinstance(tool_choice, Mapping):
+        function = tool_choice.get("function")
+        name = function.get("name") if isinstance(function, Mapping) else tool_choice.get("name")
+    else:
+        name = None
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"tool_choice {tool_choice!r} is not 'auto', 'none', 'required', "
+                          "'any', a tool name or {'type': 'function', 'function': {'name': ...}}")
+    return {"type": "function", "function": {"name": name}}
+
+
 def _error_event(payload: dict[str, Any], url: str, tokens_received: int) -> StreamErrorEvent:
-    return StreamErrorEvent(str(payload.get("error") or "error event"), url=url,
-                            error_type=payload.get("error_type"),
-                            tokens_received=tokens_received)
+    error_type = payload.get("error_type")
+    return in_stream_error(str(payload.get("error") or "error event"), url=url,
+                           error_type=None if error_type is None else str(error_type),
+                           tokens_received=tokens_received)
 
 
 def decode_stream_event(payload: dict[str, Any], *, url: str = "",
@@ -82,6 +115,18 @@ def decode_stream_event(payload: dict[str, Any], *, url: str = "",
         finish = "eos" if special else "length"
     return StreamToken("" if special else str(token.get("text", "")), special, finish,
                        input_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Generated:
+    """A non-streamed answer (:meth:`TGIBackend.generate`)."""
+
+    tokens: tuple[StreamToken, ...]
+    finish_reason: FinishReason
+
+    @property
+    def text(self) -> str:
+        return "".join(token.text for token in self.tokens)
 
 
 class _TokenStream:
@@ -118,7 +163,7 @@ class _TokenStream:
             return token
 
 
-class TGIBackend(HTTPBackend):
+class TGIBackend(SSEBackend):
     """A Text Generation Inference server.
 
     Example::
@@ -136,11 +181,11 @@ class TGIBackend(HTTPBackend):
     times, with exponential backoff from ``retry_backoff`` to ``retry_max_backoff`` seconds.
     """
 
+    kind: ClassVar[str] = "tgi"
+    """The name :func:`specthink.backends.create` knows this protocol by."""
     adds_bos_token = True
     """TGI tokenizes ``inputs`` with special tokens: a rendered template must not carry BOS."""
     supports_grammar = True
-    renders_chat_template = True
-    """``/chat_tokenize`` applies the model's own chat template (``small_template="auto"``)."""
     keeps_tool_turns = False
     """TGI 3.3 keeps only role and content of each message it renders."""
 
@@ -157,22 +202,40 @@ class TGIBackend(HTTPBackend):
     def _tokens(self, stream: SSEStream) -> AsyncIterator[StreamToken]:
         return _TokenStream(stream)
 
-    async def info(self) -> ServerInfo:
-        """``GET /info``, fetched once."""
-        if self._info is None:
-            raw = await self._conn.request_json("GET", "/info")
-            if not isinstance(raw, dict) or "model_id" not in raw:
-                raise BackendError(f"/info answered without a model_id: {str(raw)[:200]}",
-                                   url=self.url)
-            self._info = ServerInfo(
-                model_id=str(raw["model_id"]),
-                # TGI before 2.1 called it max_input_length.
-                max_input_tokens=_opt_int(raw.get("max_input_tokens",
-                                                  raw.get("max_input_length"))),
-                max_total_tokens=_opt_int(raw.get("max_total_tokens")),
-                max_stop_sequences=_opt_int(raw.get("max_stop_sequences")),
-                raw=raw)
-        return self._info
+    async def generate(self, prompt: str, *, max_new_tokens: int, sampling: SamplingParams,
+                       stop: Sequence[str] = (), on_attempt: OnAttempt | None = None,
+                       routing_key: str | None = None) -> Generated:
+        """``POST /generate``: the whole continuation in one answer, cut at the first of
+        ``stop`` (which is kept, as TGI does). Retried as a stream's opening is."""
+        parameters = generate_parameters(max_new_tokens, sampling)
+        if stop:
+            parameters["stop"] = list(stop)
+        answer = await self._conn.request_json(
+            "POST", "/generate", {"inputs": prompt, "parameters": parameters},
+            on_attempt=on_attempt, headers=self.routing(routing_key))
+        details = answer.get("details") if isinstance(answer, dict) else None
+        tokens = details.get("tokens") if isinstance(details, dict) else None
+        if not isinstance(details, dict) or not isinstance(tokens, list):
+            raise BackendError(f"/generate answered without details: {str(answer)[:200]}",
+                               url=self.url)
+        return Generated(
+            tuple(StreamToken("" if t.get("special") else str(t.get("text", "")),
+                              bool(t.get("special"))) for t in tokens if isinstance(t, dict)),
+            _FINISH.get(str(details.get("finish_reason")), "eos"))
+
+    async def _fetch_info(self) -> ServerInfo:
+        """``GET /info``."""
+        raw = await self._conn.request_json("GET", "/info")
+        if not isinstance(raw, dict) or "model_id" not in raw:
+            raise BackendError(f"/info answered without a model_id: {str(raw)[:200]}",
+                               url=self.url)
+        return ServerInfo(
+            model_id=str(raw["model_id"]),
+            # TGI before 2.1 called it max_input_length.
+            max_input_tokens=_opt_int(raw.get("max_input_tokens", raw.get("max_input_length"))),
+            max_total_tokens=_opt_int(raw.get("max_total_tokens")),
+            max_stop_sequences=_opt_int(raw.get("max_stop_sequences")),
+            raw=raw)
 
     async def health(self) -> bool:
         """``GET /health``: True when the server answers 200; False when it is down or
@@ -185,22 +248,42 @@ class TGIBackend(HTTPBackend):
 
     async def count_tokens(self, text: str) -> int:
         """``POST /tokenize``: the server's token count, special tokens (BOS) included."""
+        return len(await self._tokenized(text))
+
+    async def tokenize(self, text: str) -> list[int]:
+        """``POST /tokenize``: the server's token ids of ``text`` as a raw prompt, BOS first
+        where the model's tokenizer adds it."""
+        ids = [token.get("id") if isinstance(token, dict) else None
+               for token in await self._tokenized(text)]
+        checked = [i for i in ids if isinstance(i, int)]
+        if len(checked) != len(ids):
+            raise BackendError("/tokenize answered tokens without ids", url=self.url)
+        return checked
+
+    async def _tokenized(self, text: str) -> list[Any]:
         tokens = await self._conn.request_json("POST", "/tokenize", {"inputs": text})
         if not isinstance(tokens, list):
             raise BackendError(f"/tokenize answered {str(tokens)[:200]}", url=self.url)
-        return len(tokens)
+        return tokens
 
     async def render_chat(self, messages: Sequence[dict[str, Any]],
                           tools: Sequence[dict[str, Any]] | None = None, *,
                           tool_choice: str | dict[str, Any] | None = None) -> str | None:
         """``POST /chat_tokenize``: the model's own chat template with the generation prompt.
 
-        ``None`` when the server has no such endpoint (TGI before 2.2). TGI 3.3 keeps only
-        ``role`` and ``content`` of each message.
+        With ``tools``, ``tool_choice`` (see :func:`tgi_tool_choice`) goes along: TGI renders
+        only the named tool for a name, all of them for ``"required"``, none for ``"none"``,
+        and adds its ``no_tool`` pseudo-function only for ``"auto"`` (its default when none is
+        sent). A name not among the tools is TGI's 422 ``tool_error`` (a
+        ``RequestValidationError``). ``None`` when the server has no such endpoint (TGI before
+        2.2). TGI 3.3 keeps only ``role`` and ``content`` of each message; the text keeps the
+        template's BOS (``/generate`` adds another: the caller cuts it).
         """
         body: dict[str, Any] = {"model": "tgi", "messages": list(messages)}
         if tools:
             body["tools"] = list(tools)
+            if tool_choice is not None:
+                body["tool_choice"] = tgi_tool_choice(tool_choice)
         try:
             answer = await self._conn.request_json("POST", "/chat_tokenize", body)
         except BackendStatusError as exc:
@@ -216,3 +299,7 @@ class TGIBackend(HTTPBackend):
 
 def _opt_int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+BACKEND = TGIBackend
+"""The class :func:`specthink.backends.create` builds for this protocol."""

@@ -22,17 +22,15 @@ import json
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import httpx
 
 from specthink import _constants
-from specthink.backends._http import RetryPolicy, ServerConnection, is_transient
-from specthink.backends.base import SamplingParams, ServerInfo
-from specthink.backends.tgi import TGIBackend, generate_parameters
+from specthink.backends import SamplingParams, ServerInfo, TGIBackend, create
+from specthink.backends.tgi import generate_parameters
 from specthink.bench.traces import TraceSpec, make_trace, messages_for
 from specthink.engine import SpeculativeThinker
-from specthink.errors import BackendError
 from specthink.prompts import DEEPSEEK_R1, render_prompt
 from specthink.rules import TakeoverRules
 from specthink.testing.models import Tokenizer
@@ -123,6 +121,7 @@ class EnginePolicy(Policy):
 
     ``layout`` places the HTTP connection pools: ``default`` (one thinker for every
     conversation; its backends manage their httpx clients as the library does by default),
+    ``httpx`` (the same with ``transport="httpx"``: httpx's own transport, pools sharded),
     ``single-client`` (one thinker, one httpx client per server passed in, so every
     conversation shares one connection pool), ``clients-K`` (K thinkers, each with its own
     client per server, conversations spread round-robin) or ``per-conversation`` (a thinker,
@@ -139,6 +138,8 @@ class EnginePolicy(Policy):
         self._thinkers: list[SpeculativeThinker] = []
         if layout == "default":
             self._thinkers.append(self._thinker())
+        elif layout == "httpx":
+            self._thinkers.append(self._thinker(transport="httpx"))
         elif layout == "single-client" or layout.startswith("clients-"):
             count = 1 if layout == "single-client" else int(layout.removeprefix("clients-"))
             if count < 1:
@@ -148,13 +149,16 @@ class EnginePolicy(Policy):
                 self._clients += [small, target]
                 self._thinkers.append(self._thinker(small, target))
         elif layout != "per-conversation":
-            raise ValueError(f"unknown layout {layout!r}: default, single-client, clients-K or "
-                             "per-conversation")
+            raise ValueError(f"unknown layout {layout!r}: default, httpx, single-client, "
+                             "clients-K or per-conversation")
 
     def _thinker(self, small: httpx.AsyncClient | None = None,
-                 target: httpx.AsyncClient | None = None) -> SpeculativeThinker:
-        return SpeculativeThinker(small=TGIBackend(self.small_url, client=small),
-                                  target=TGIBackend(self.target_url, client=target),
+                 target: httpx.AsyncClient | None = None,
+                 transport: Literal["lean", "httpx"] = "lean") -> SpeculativeThinker:
+        return SpeculativeThinker(small=create("tgi", self.small_url, client=small,
+                                               transport=transport),
+                                  target=create("tgi", self.target_url, client=target,
+                                                transport=transport),
                                   rules=TakeoverRules.paper(), small_template="deepseek-r1",
                                   target_template="deepseek-r1")
 
@@ -231,36 +235,23 @@ class AuthorsLoopPolicy(Policy):
                  layout: str = "default") -> None:
         super().__init__(small_url, target_url, trace, layout=layout)
         self.rules = TakeoverRules.paper()
-        # The engine's own HTTP plumbing (pooled clients, timeouts, error mapping), so that only
-        # the control loops differ.
-        self._servers = {"small": ServerConnection(small_url),
-                         "target": ServerConnection(target_url)}
-        self._retry = RetryPolicy()
+        # The engine's own backends (pooled clients, timeouts, error mapping, retry policy),
+        # so that only the control loops differ.
+        self._servers = {"small": TGIBackend(small_url), "target": TGIBackend(target_url)}
         self._intervention_tokens = Tokenizer().count(self.rules.intervention_text)
 
     async def _generate(self, role: str, prompt: str, max_new_tokens: int,
                         outcome: Outcome, stop: list[str] | None = None) -> _Generated:
-        parameters = generate_parameters(max_new_tokens, SamplingParams())
-        if stop:
-            parameters["stop"] = stop
-        body = {"inputs": prompt, "parameters": parameters}
-        attempt = 0
-        while True:
-            attempt += 1
+        def attempt(number: int) -> None:
             outcome.requests[role] += 1
-            try:
-                answer = await self._servers[role].request_json("POST", "/generate", body,
-                                                                retry=False)
-                break
-            except BackendError as exc:
-                # The same transient failures and backoff as the engine's streams.
-                if attempt > self._retry.max_retries or not is_transient(exc):
-                    raise
+            if number > 1:  # the same transient failures and backoff as the engine's streams
                 outcome.retries += 1
-                await asyncio.sleep(self._retry.wait_seconds(attempt, exc))
-        details = answer["details"]
-        tokens = [t["text"] for t in details["tokens"] if not t["special"]]
-        return _Generated("".join(tokens), tokens, details["finish_reason"] == "eos_token")
+
+        answer = await self._servers[role].generate(
+            prompt, max_new_tokens=max_new_tokens, sampling=SamplingParams(),
+            stop=stop or (), on_attempt=attempt)
+        tokens = [t.text for t in answer.tokens if not t.special]
+        return _Generated("".join(tokens), tokens, answer.finish_reason == "eos")
 
     async def run(self, conversation: int, budget: int | None = None) -> Outcome:
         rules = self.rules
@@ -335,7 +326,7 @@ class _AlonePolicy(Policy):
     def __init__(self, small_url: str, target_url: str, trace: TraceSpec, *,
                  layout: str = "default") -> None:
         super().__init__(small_url, target_url, trace, layout=layout)
-        self._backend = TGIBackend(small_url if self.role == "small" else target_url)
+        self._backend = create("tgi", small_url if self.role == "small" else target_url)
 
     async def run(self, conversation: int, budget: int | None = None) -> Outcome:
         trace = make_trace(self.trace, conversation)

@@ -173,7 +173,8 @@ class BenchResult:
         raise KeyError((policy, conversations, layout))
 
 
-SOURCES = ("engine.py", "backends/_http.py", "backends/tgi.py", "rules.py")
+SOURCES = ("engine.py", "backends/_connection.py", "backends/_sse.py", "backends/_transport.py",
+           "backends/tgi.py", "rules.py")
 """The client code under test; its hashes go into the report, as the sources change often."""
 
 

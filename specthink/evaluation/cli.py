@@ -19,7 +19,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -44,7 +43,7 @@ from specthink._cli_options import (
     url_option,
 )
 from specthink.backends.base import Backend, SamplingParams
-from specthink.errors import BackendConnectionError, BackendError, ConfigError, SpecthinkError
+from specthink.errors import BackendError, ConfigError, SpecthinkError
 from specthink.rules import PRESETS
 
 __all__ = ["eval_command", "register"]
@@ -74,29 +73,15 @@ def _missing_extras() -> list[str]:
             if importlib.util.find_spec(name) is None]
 
 
-async def _is_tgi(url: str, api_key: str | None) -> bool:
-    """TGI answers ``GET /info`` with its ``model_id``; OpenAI-compatible servers do not."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        async with httpx.AsyncClient(timeout=10.0) as client:
-            response = await client.get(f"{url.rstrip('/')}/info", headers=headers)
-    except httpx.HTTPError as exc:
-        raise BackendConnectionError(f"cannot reach the server: {exc}", url=url) from exc
-    try:
-        return response.status_code == 200 and "model_id" in response.json()
-    except ValueError:
-        return False
-
-
 async def _open_backend(url: str, protocol: BackendChoice, *, api_key: str | None,
                         model: str | None) -> Backend:
-    from specthink.backends.openai import OpenAICompletionsBackend
-    from specthink.backends.tgi import TGIBackend
+    from specthink.backends import create, discover
 
-    if protocol is BackendChoice.tgi or (protocol is BackendChoice.auto
-                                         and await _is_tgi(url, api_key)):
-        return TGIBackend(url, api_key=api_key)
-    return OpenAICompletionsBackend(url, model=model, api_key=api_key)
+    if protocol is BackendChoice.auto:
+        return await discover(url, api_key=api_key, model=model)
+    # Only OpenAI-compatible servers are sent a model name.
+    return create(protocol.value, url, api_key=api_key,
+                  model=model if protocol is BackendChoice.openai else None)
 
 
 class _ProgressView:

@@ -1,5 +1,5 @@
-"""Offline doubles for tests, benchmarks and examples: deterministic "models" and a
-TGI-protocol server on loopback.
+"""Offline doubles for tests, benchmarks and examples: deterministic "models" and a server on
+loopback that speaks TGI's protocol, or vLLM's, llama.cpp's or llama-cpp-python's.
 
 The server needs the ``testing`` extra (starlette, uvicorn); it is imported on first use, so the
 models work without it.
@@ -25,6 +25,7 @@ from specthink.testing.models import (
 
 if TYPE_CHECKING:
     from specthink.testing.server import (
+        CallRecord,
         Fault,
         LatencyModel,
         LoopbackServer,
@@ -33,11 +34,12 @@ if TYPE_CHECKING:
         render_chatml,
     )
 
-_SERVER_NAMES = frozenset({"Fault", "LatencyModel", "LoopbackServer", "PrefixCache",
+_SERVER_NAMES = frozenset({"CallRecord", "Fault", "LatencyModel", "LoopbackServer", "PrefixCache",
                            "RequestRecord", "render_chatml"})
 
 __all__ = [
     "ASSISTANT_MARKERS",
+    "CallRecord",
     "Continuation",
     "EchoModel",
     "Fault",

@@ -1,7 +1,10 @@
-"""Run a loopback TGI-protocol server from a shell::
+"""Run a loopback server (TGI's protocol, or vLLM's, llama.cpp's, llama-cpp-python's) from a
+shell::
 
     python -m specthink.testing --port 8080 --echo
     python -m specthink.testing --port 8080 --script answers.json --per-token 0.02
+    python -m specthink.testing --port 8000 --echo --flavor vllm \
+        --model-id deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B
 
 A script file is a JSON list of scripts, each ``{"after": "", "text": "...", "eos": true}`` or
 just the text to write from the start of the answer; or an object
@@ -18,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from specthink.testing._dialects import FLAVORS
+from specthink.testing._templates import CHAT_TEMPLATES
 from specthink.testing.models import EchoModel, Script, ScriptedModel, TextModel, Tokenizer
 from specthink.testing.server import LatencyModel, LoopbackServer
 
@@ -43,7 +48,7 @@ def load_model(path: Path) -> ScriptedModel:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m specthink.testing",
-                                description="A TGI-protocol server on loopback whose model is "
+                                description="An inference server on loopback whose model is "
                                             "a script (or an echo of the last user message).")
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--script", type=Path, metavar="FILE.json",
@@ -52,7 +57,12 @@ def parser() -> argparse.ArgumentParser:
                        help="answer with the last user message")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080, help="0 picks a free port (default 8080)")
-    p.add_argument("--model-id", default="specthink/scripted")
+    p.add_argument("--model-id", default="specthink/scripted",
+                   help="also picks the chat template: DeepSeek-R1, Qwen3, Llama 3, else ChatML")
+    p.add_argument("--flavor", choices=FLAVORS, default="tgi",
+                   help="whose endpoints to serve besides /v1/completions (default tgi)")
+    p.add_argument("--chat-template", choices=sorted(CHAT_TEMPLATES), default=None,
+                   help="the served model's template, instead of the one the model id implies")
     p.add_argument("--max-input-tokens", type=int, default=4096)
     p.add_argument("--max-total-tokens", type=int, default=8192)
     p.add_argument("--split-newlines", action="store_true",
@@ -71,7 +81,8 @@ def build_server(args: argparse.Namespace) -> LoopbackServer:
                              per_uncached_prompt_token=args.per_uncached_prompt_token,
                              per_token=args.per_token),
         model_id=args.model_id, max_input_tokens=args.max_input_tokens,
-        max_total_tokens=args.max_total_tokens, host=args.host, port=args.port)
+        max_total_tokens=args.max_total_tokens, host=args.host, port=args.port,
+        flavor=args.flavor, chat_template=args.chat_template)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,16 +1,16 @@
-"""What the loopback server charges and keeps: the latency model, the prefix cache and a record
-of every generation request."""
+"""What the loopback server charges and keeps: the latency model, the prefix cache, a record of
+every generation request and a shorter one of every request of any kind."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from specthink.testing._faults import Fault
 
-__all__ = ["LatencyModel", "PrefixCache", "RequestRecord"]
+__all__ = ["CallRecord", "LatencyModel", "PrefixCache", "RequestRecord"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +67,44 @@ class RequestRecord:
     finished: float | None = None
     service_seconds: float = 0.0
     """What the latency model charged (stalls excluded)."""
+    model_input: str = ""
+    """The text the model continued: the BOS text the server's tokenizer adds to a raw prompt
+    (none for ChatML models, or when the request asked for no special tokens), then
+    ``prompt``."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """The request's headers, names in lower case (``authorization`` left out)."""
 
     @property
     def recomputed_prompt_tokens(self) -> int:
         return self.prompt_tokens - self.cached_prompt_tokens
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """Any request the server received (generation, ``/info``, ``/tokenize``, ...), in arrival
+    order."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    """Names in lower case; ``authorization`` left out."""
+    started: float
+    """``time.monotonic()`` when the request arrived."""
+    generation: bool = False
+    """The path is a generation endpoint (``/generate_stream``, ``/generate``,
+    ``/v1/completions``)."""
+    status: int | None = None
+    """The answer's HTTP status, once it has started (``None`` before)."""
+
+
+def recorded_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """ASGI headers as a dict for the records: lower-case names, no credentials."""
+    headers: dict[str, str] = {}
+    for name, value in raw:
+        key = name.decode("latin-1").lower()
+        if key != "authorization":
+            headers[key] = value.decode("latin-1")
+    return headers
 
 
 class PrefixCache:

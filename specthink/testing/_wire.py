@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from specthink.testing._templates import CHAT_TEMPLATES
 from specthink.testing.models import Tokenizer
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "EOS_ID",
     "EOS_TEXT",
     "GENERATION_PATHS",
+    "NO_TOOL",
     "VERSION",
     "CompletionRequest",
     "GenerateRequest",
@@ -40,6 +42,7 @@ __all__ = [
     "render_chatml",
     "simple_tokens",
     "tgi_stream_event",
+    "tools_for_choice",
     "validate",
 ]
 
@@ -121,8 +124,15 @@ class CompletionRequest(BaseModel):
     stop: list[str] | None = None
     stream: bool = False
     suffix: str | None = None
+    add_special_tokens: bool = True
+    """vLLM's extension: false sends the prompt without the BOS the tokenizer adds."""
+    stream_options: dict[str, Any] | None = None
     repetition_penalty: float | None = None
     frequency_penalty: float | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
 
     def to_parameters(self) -> Parameters:
         """As TGI: temperature 0 means greedy, anything else samples; 100 tokens by default."""
@@ -146,7 +156,8 @@ async def read_body(request: Request, model: type[M]) -> M | JSONResponse:
 
 
 def read_chat_body(raw: bytes) -> tuple[list[dict[str, Any]], list[Any] | None] | JSONResponse:
-    """The messages and tools of a ``/chat_tokenize`` body, or a 422 answer."""
+    """The messages and the tools to render of a ``/chat_tokenize`` body (``tool_choice``
+    applied, see :func:`tools_for_choice`), or TGI's 422 answer."""
     try:
         body = json.loads(raw)
     except ValueError:
@@ -158,7 +169,59 @@ def read_chat_body(raw: bytes) -> tuple[list[dict[str, Any]], list[Any] | None] 
                               "missing field `messages`", "validation")
     if tools is not None and not isinstance(tools, list):
         return error_response(422, "`tools` must be a list", "validation")
-    return messages, tools
+    assert isinstance(body, dict)
+    try:
+        return messages, tools_for_choice(tools, body.get("tool_choice", _ABSENT))
+    except Invalid as exc:
+        return error_response(422, exc.message, exc.error_type)
+
+
+_ABSENT: Any = object()
+
+NO_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "no_tool",
+        "description": "Open ended response with no specific tool selected",
+        "arguments": {"type": "object", "properties": {"content": {
+            "type": "string", "description": "The response content"}}, "required": ["content"]},
+    },
+}
+"""The pseudo-function TGI adds to the tools when ``tool_choice`` is ``"auto"``."""
+
+
+def tools_for_choice(tools: list[Any] | None, tool_choice: Any = _ABSENT) -> list[Any] | None:
+    """The tools TGI renders for ``tool_choice`` (router ``ToolGrammar::apply``).
+
+    ``"auto"`` adds :data:`NO_TOOL`; ``"required"`` keeps the tools; ``"none"`` or ``null``
+    renders none; a name (a plain string, or ``{"type": "function", "function": {"name"}}``)
+    keeps that tool only, and a name not among the tools is a 422 ``tool_error``. Anything else
+    does not deserialize (422 ``validation``). Without a ``tool_choice`` the tools are rendered
+    as given: TGI would treat that as ``"auto"`` and offer ``no_tool`` too, which the older
+    tests of this server do not expect.
+    """
+    if tool_choice is _ABSENT or not tools:
+        return tools
+    if tool_choice is None or tool_choice == "none":
+        return None
+    if tool_choice == "auto":
+        return [*tools, NO_TOOL]
+    if tool_choice == "required":
+        return tools
+    name: object = tool_choice
+    if not isinstance(tool_choice, str):
+        function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        kind = tool_choice.get("type", "function") if isinstance(tool_choice, dict) else None
+        if not isinstance(name, str) or kind != "function":
+            raise Invalid("Failed to deserialize the JSON body into the target type: "
+                          "tool_choice: data did not match any variant of untagged enum "
+                          "ToolTypeDeserializer", "validation")
+    chosen = [tool for tool in tools if isinstance(tool, dict)
+              and isinstance(tool.get("function"), dict) and tool["function"].get("name") == name]
+    if not chosen:
+        raise Invalid(f"Tool error: Tool with name {name} not found", "tool_error")
+    return chosen[:1]
 
 
 def completion_prompt(body: CompletionRequest) -> str | JSONResponse:
@@ -358,31 +421,4 @@ def render_chatml(messages: Sequence[Mapping[str, Any]],
 
     Like TGI 3.3, only ``role`` and ``content`` of each message are kept.
     """
-    turns = [(str(m.get("role", "user")), _content_text(m.get("content"))) for m in messages]
-    out = []
-    if tools:
-        system = "You are a helpful assistant."
-        if turns and turns[0][0] == "system":
-            system = turns.pop(0)[1]
-        listed = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
-        out.append(
-            f"<|im_start|>system\n{system}\n\n# Tools\n\nYou may call one or more functions to "
-            "assist with the user query.\n\nYou are provided with function signatures within "
-            f"<tools></tools> XML tags:\n<tools>\n{listed}\n</tools>\n\nFor each function call, "
-            "return a json object with function name and arguments within "
-            "<tool_call></tool_call> XML tags:\n<tool_call>\n"
-            '{"name": <function-name>, "arguments": <args-json-object>}\n'
-            "</tool_call><|im_end|>\n")
-    out.extend(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in turns)
-    out.append("<|im_start|>assistant\n")
-    return "".join(out)
-
-
-def _content_text(content: object) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-    return str(content)
+    return CHAT_TEMPLATES["chatml"].render(messages, tools)

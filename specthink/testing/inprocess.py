@@ -23,6 +23,7 @@ class InProcessRequest:
     prompt: str
     max_new_tokens: int
     sampling: SamplingParams
+    routing_key: str | None = None
     tokens_sent: int = 0
     closed_early: bool = False
     """The caller left the stream before it ended (the server would cancel the generation)."""
@@ -43,7 +44,6 @@ class ScriptedBackend:
 
     adds_bos_token = False
     supports_grammar = False
-    renders_chat_template = True
     keeps_tool_turns = True
 
     def __init__(self, model: TextModel, *, tokenizer: Tokenizer | None = None,
@@ -58,6 +58,7 @@ class ScriptedBackend:
         self.max_total_tokens = max_total_tokens
         self.max_stop_sequences = max_stop_sequences
         self.requests: list[InProcessRequest] = []
+        self.info_calls = 0
         self._faults = _Faults()
 
     def __repr__(self) -> str:
@@ -74,13 +75,13 @@ class ScriptedBackend:
 
     @asynccontextmanager
     async def stream(self, prompt: str, *, max_new_tokens: int, sampling: SamplingParams,
-                     on_attempt: OnAttempt | None = None,
+                     on_attempt: OnAttempt | None = None, routing_key: str | None = None,
                      ) -> AsyncIterator[AsyncIterator[StreamToken]]:
         if on_attempt is not None:
             on_attempt(1)
         if self._faults.unreachable:
             raise BackendConnectionError("connection refused", url=self.url)
-        record = InProcessRequest(prompt, max_new_tokens, sampling)
+        record = InProcessRequest(prompt, max_new_tokens, sampling, routing_key)
         self.requests.append(record)
         drop_after = self._faults.drop_after.pop(0) if self._faults.drop_after else None
         iterator = self._tokens(record, drop_after)
@@ -109,7 +110,9 @@ class ScriptedBackend:
             record.tokens_sent += 1
             yield StreamToken("", special=True, finish_reason="eos", input_tokens=input_tokens)
 
-    async def info(self) -> ServerInfo:
+    async def info(self, *, refresh: bool = False) -> ServerInfo:
+        """Always current: the limits are read from this object's attributes on each call."""
+        self.info_calls += 1
         return ServerInfo(model_id=self.model_id, max_input_tokens=self.max_input_tokens,
                           max_total_tokens=self.max_total_tokens,
                           max_stop_sequences=self.max_stop_sequences)
@@ -119,6 +122,9 @@ class ScriptedBackend:
 
     async def count_tokens(self, text: str) -> int:
         return self.tokenizer.count(text)
+
+    async def tokenize(self, text: str) -> list[int]:
+        return [self.tokenizer.token_id(piece) for piece in self.tokenizer.tokenize(text)]
 
     async def render_chat(self, messages: Sequence[dict[str, Any]],
                           tools: Sequence[dict[str, Any]] | None = None, *,

@@ -1,14 +1,18 @@
-"""A Text Generation Inference server on loopback whose "model" is a deterministic function of the
-prompt (see :mod:`specthink.testing.models`).
+"""An inference server on loopback whose "model" is a deterministic function of the prompt (see
+:mod:`specthink.testing.models`).
 
-It speaks TGI's wire format (validated against TGI's OpenAPI file by the test suite), plus
-``/v1/completions``, over real sockets (uvicorn in a background thread), and adds what tests
-and benchmarks need:
+It speaks TGI's wire format by default (validated against TGI's OpenAPI file by the test suite),
+or the endpoints of vLLM, llama.cpp's server or llama-cpp-python's server (``flavor``), each
+with ``/v1/completions``, over real sockets (uvicorn in a background thread), and adds what
+tests and benchmarks need:
 
 - a latency model (prefill per uncached prompt token, then a cost per token),
 - a prefix cache matching exact token ids, counting reused vs. recomputed prompt tokens,
 - fault injection (error statuses, in-stream error events, dropped connections, stalls),
-- a record of every generation request, including whether the client hung up early.
+- a record of every generation request, including whether the client hung up early, and a
+  record of every request of any kind (:attr:`LoopbackServer.calls`),
+- a chat template of the served model's family (:mod:`specthink.testing._templates`) behind the
+  flavor's template endpoints, and the BOS its tokenizer adds to a raw prompt.
 
 Example::
 
@@ -31,8 +35,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import uvicorn
@@ -40,14 +46,30 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from specthink.testing._accounting import LatencyModel, PrefixCache, RequestRecord
+from specthink.testing import _dialects
+from specthink.testing._accounting import (
+    CallRecord,
+    LatencyModel,
+    PrefixCache,
+    RequestRecord,
+    recorded_headers,
+)
+from specthink.testing._dialects import FLAVORS, Flavor, Served
 from specthink.testing._faults import OVERLOADED, STATUS_BODIES, Fault
-from specthink.testing._faults import FaultKind as FaultKind
 from specthink.testing._generation import Generation, RenderError, RenderToken, continuation
 from specthink.testing._streaming import EventStream, StreamControl, Write
+from specthink.testing._templates import (
+    CHAT_TEMPLATES,
+    TemplateName,
+    TokenStrings,
+    Vocabulary,
+    template_for_model,
+)
 from specthink.testing._wire import (
     DONE,
+    GENERATION_PATHS,
     VERSION,
     CompletionRequest,
     GenerateRequest,
@@ -69,13 +91,10 @@ from specthink.testing._wire import (
     tgi_stream_event,
     validate,
 )
-from specthink.testing._wire import EOS_ID as EOS_ID
-from specthink.testing._wire import EOS_TEXT as EOS_TEXT
-from specthink.testing._wire import GENERATION_PATHS as GENERATION_PATHS
-from specthink.testing._wire import TGIFinish as TGIFinish
 from specthink.testing.models import TextModel, Tokenizer
 
 __all__ = [
+    "CallRecord",
     "Fault",
     "LatencyModel",
     "LoopbackServer",
@@ -83,12 +102,11 @@ __all__ = [
     "RequestRecord",
     "render_chatml",
 ]
-# EOS_ID, EOS_TEXT, GENERATION_PATHS, TGIFinish and FaultKind are imported "as" themselves above:
-# they were defined here before the split, and stay importable from here.
 
 
 class LoopbackServer:
-    """A TGI-protocol server on 127.0.0.1 serving ``model``.
+    """A TGI-protocol (or vLLM, llama.cpp, llama-cpp-python) server on 127.0.0.1 serving
+    ``model``.
 
     Use it as a context manager (``with`` or ``async with``) or call :meth:`start` and
     :meth:`stop`; ``url`` is known once started (``port=0`` picks a free port).
@@ -101,11 +119,28 @@ class LoopbackServer:
       does and reported by ``/info``; ``max_concurrent_requests`` generations may run at once,
       the next ones are "overloaded" (in the stream for ``/generate_stream``, 429 otherwise).
     - ``cache_capacity`` bounds the prefix cache (token prefixes, least recently used evicted).
+    - ``chat_template`` names the served model's template (``"chatml"``, ``"qwen3"`` whose
+      generation prompt opens ``<think>``, ``"deepseek-r1"``, ``"llama3"``); by default the one
+      ``model_id`` implies (DeepSeek-R1, Qwen3, Llama 3, else ChatML). A template with a BOS
+      text (DeepSeek-R1, Llama 3) makes the tokenizer prepend that BOS to every raw prompt, as
+      the real servers do (vLLM: unless ``add_special_tokens`` is false); records show the
+      result in :attr:`RequestRecord.model_input`.
+    - ``token_strings``: how vLLM's ``return_token_strs`` spells tokens (``"byte-level"`` BPE,
+      or ``"sentencepiece"``).
 
-    Endpoints: ``/generate_stream``, ``/generate``, ``/info``, ``/health``, ``/tokenize``,
-    ``/chat_tokenize`` (ChatML, see :func:`render_chatml`), ``/v1/completions`` (streamed or
-    not) and ``/v1/models``. Generation requests are kept in :attr:`records`; faults are queued
-    with :meth:`inject`; :meth:`reset` forgets both and the cache.
+    Endpoints of every flavor: ``/v1/completions`` (streamed or not) and ``/v1/models``; then
+
+    - ``"tgi"`` (the default): ``/generate_stream``, ``/generate``, ``/info``, ``/health``,
+      ``/tokenize`` and ``/chat_tokenize`` (with TGI's ``tool_choice``);
+    - ``"vllm"``: ``/health``, ``/tokenize`` (a ``prompt``, or ``messages`` through the chat
+      template) and ``/detokenize``; ``/v1/models`` reports ``max_model_len``;
+    - ``"llamacpp"``: ``/health``, ``/props``, ``/tokenize``, ``/detokenize`` and
+      ``/apply-template``;
+    - ``"llama-cpp-python"``: ``/extras/tokenize``, ``/extras/tokenize/count`` and
+      ``/extras/detokenize`` (no template endpoint: a 404, as the real one).
+
+    Generation requests are kept in :attr:`records`, every request in :attr:`calls`; faults are
+    queued with :meth:`inject`; :meth:`reset` forgets all three and the cache.
     """
 
     def __init__(self, model: TextModel, *, tokenizer: Tokenizer | None = None,
@@ -113,8 +148,23 @@ class LoopbackServer:
                  max_input_tokens: int = 4096, max_total_tokens: int = 8192,
                  max_stop_sequences: int = 4, max_concurrent_requests: int = 1024,
                  cache_capacity: int | None = 1_000_000, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0, flavor: Flavor = "tgi",
+                 chat_template: TemplateName | None = None,
+                 token_strings: TokenStrings = "byte-level") -> None:
+        if flavor not in FLAVORS:
+            raise ValueError(f"flavor must be one of {', '.join(FLAVORS)}; got {flavor!r}")
+        if chat_template is not None and chat_template not in CHAT_TEMPLATES:
+            raise ValueError(f"chat_template must be one of {', '.join(CHAT_TEMPLATES)}; "
+                             f"got {chat_template!r}")
+        if token_strings not in ("byte-level", "sentencepiece"):
+            raise ValueError(f"token_strings must be 'byte-level' or 'sentencepiece'; "
+                             f"got {token_strings!r}")
         self.model = model
+        self.flavor: Flavor = flavor
+        self.template = (CHAT_TEMPLATES[chat_template] if chat_template is not None
+                         else template_for_model(model_id))
+        """The served model's chat template (its ``bos_token`` is what the tokenizer adds)."""
+        self.token_strings: TokenStrings = token_strings
         self.tokenizer = tokenizer or Tokenizer()
         self.latency = latency or LatencyModel()
         self.model_id = model_id
@@ -127,8 +177,10 @@ class LoopbackServer:
         self.healthy = True
         """Set to False to make ``/health`` answer 503."""
         self.cache = PrefixCache(cache_capacity)
+        self.vocabulary = Vocabulary(self.tokenizer)
         self._lock = threading.Lock()
         self._records: list[RequestRecord] = []
+        self._calls: list[CallRecord] = []
         self._faults: list[list[Any]] = []  # [fault, remaining times]
         self._next_id = 1
         self._active = 0
@@ -139,15 +191,48 @@ class LoopbackServer:
         self._started = threading.Event()
         self._startup_error: BaseException | None = None
         self.app = Starlette(routes=[
-            Route("/generate_stream", self._generate_stream, methods=["POST"]),
-            Route("/generate", self._generate, methods=["POST"]),
-            Route("/info", self._info, methods=["GET"]),
-            Route("/health", self._health, methods=["GET"]),
-            Route("/tokenize", self._tokenize, methods=["POST"]),
-            Route("/chat_tokenize", self._chat_tokenize, methods=["POST"]),
             Route("/v1/completions", self._completions, methods=["POST"]),
             Route("/v1/models", self._models, methods=["GET"]),
+            *self._flavor_routes(),
         ])
+
+    def _flavor_routes(self) -> list[Route]:
+        if self.flavor == "tgi":
+            return [
+                Route("/generate_stream", self._generate_stream, methods=["POST"]),
+                Route("/generate", self._generate, methods=["POST"]),
+                Route("/info", self._info, methods=["GET"]),
+                Route("/health", self._health, methods=["GET"]),
+                Route("/tokenize", self._tokenize, methods=["POST"]),
+                Route("/chat_tokenize", self._chat_tokenize, methods=["POST"]),
+            ]
+        if self.flavor == "vllm":
+            return [
+                Route("/health", self._health, methods=["GET"]),
+                Route("/tokenize", self._dialect(_dialects.vllm_tokenize), methods=["POST"]),
+                Route("/detokenize", self._dialect(_dialects.vllm_detokenize),
+                      methods=["POST"]),
+            ]
+        if self.flavor == "llamacpp":
+            return [
+                Route("/health", self._health, methods=["GET"]),
+                Route("/props", self._props, methods=["GET"]),
+                Route("/tokenize", self._dialect(_dialects.llamacpp_tokenize),
+                      methods=["POST"]),
+                Route("/detokenize", self._dialect(_dialects.llamacpp_detokenize),
+                      methods=["POST"]),
+                Route("/apply-template", self._dialect(_dialects.llamacpp_apply_template),
+                      methods=["POST"]),
+            ]
+        return [
+            Route("/extras/tokenize", self._dialect(_dialects.python_tokenize),
+                  methods=["POST"]),
+            Route("/extras/tokenize/count", self._dialect(
+                lambda body, served: _dialects.python_tokenize(body, served, count=True)),
+                  methods=["POST"]),
+            Route("/extras/detokenize", self._dialect(_dialects.python_detokenize),
+                  methods=["POST"]),
+        ]
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -219,8 +304,8 @@ class LoopbackServer:
             self._started.set()
 
     async def _serve(self) -> None:
-        config = uvicorn.Config(self.app, host=self.host, port=self.port, lifespan="off",
-                                http="h11", loop="asyncio", log_level="warning",
+        config = uvicorn.Config(self._logging_calls(self.app), host=self.host, port=self.port,
+                                lifespan="off", http="h11", loop="asyncio", log_level="warning",
                                 access_log=False, backlog=4096)
         config.load()
         server = uvicorn.Server(config)
@@ -265,18 +350,50 @@ class LoopbackServer:
             return [dataclasses.replace(record) for record in self._records]
 
     @property
+    def calls(self) -> list[CallRecord]:
+        """A snapshot of every request so far (``/info``, ``/tokenize``, ... and generations),
+        in order of arrival: what a client asked of this server, e.g. before its first
+        generation request."""
+        with self._lock:
+            return [dataclasses.replace(call) for call in self._calls]
+
+    def calls_to(self, path: str) -> list[CallRecord]:
+        """The requests so far to ``path``."""
+        return [call for call in self.calls if call.path == path]
+
+    @property
     def pending_faults(self) -> list[Fault]:
         with self._lock:
             return [fault for fault, _ in self._faults]
 
     def reset(self) -> None:
-        """Forget records, cached prefixes and pending faults."""
+        """Forget records, calls, cached prefixes and pending faults."""
         with self._lock:
             self._records.clear()
+            self._calls.clear()
             self._faults.clear()
             self.cache.clear()
 
     # ----------------------------------------------------------------- plumbing
+
+    @property
+    def served(self) -> Served:
+        """What the flavor's tokenizer and template endpoints serve."""
+        return Served(self.model_id, self.template, self.tokenizer, self.vocabulary,
+                      self.max_total_tokens, self.token_strings)
+
+    def _dialect(self, endpoint: Callable[[Any, Served], _dialects.Answer],
+                 ) -> Callable[[Request], Awaitable[Response]]:
+        """A route for one of the other servers' JSON endpoints."""
+        async def route(request: Request) -> Response:
+            try:
+                body = json.loads(await request.body())
+            except ValueError:
+                body = None
+            status, answer = endpoint(body, self.served)
+            return JSONResponse(answer, status_code=status)
+
+        return route
 
     def _take_fault(self, path: str, streaming: bool) -> Fault | None:
         with self._lock:
@@ -289,9 +406,33 @@ class LoopbackServer:
                     return fault  # type: ignore[no-any-return]
         return None
 
-    def _new_record(self, path: str, prompt: str, parameters: dict[str, Any]) -> RequestRecord:
+    def _logging_calls(self, app: ASGIApp) -> ASGIApp:
+        """``app``, keeping a :class:`CallRecord` of each HTTP request before it is served, and
+        its status once the answer starts."""
+        async def logged(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            path = scope["path"]
+            call = CallRecord(scope["method"], path, recorded_headers(scope["headers"]),
+                              time.monotonic(), path in GENERATION_PATHS)
+            with self._lock:
+                self._calls.append(call)
+
+            async def record_status(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    call.status = message["status"]
+                await send(message)
+
+            await app(scope, receive, record_status)
+
+        return logged
+
+    def _new_record(self, path: str, prompt: str, parameters: dict[str, Any],
+                    headers: dict[str, str], model_input: str) -> RequestRecord:
         with self._lock:
-            record = RequestRecord(self._next_id, path, prompt, parameters, time.monotonic())
+            record = RequestRecord(self._next_id, path, prompt, parameters, time.monotonic(),
+                                   headers=headers, model_input=model_input)
             self._next_id += 1
             self._records.append(record)
         return record
@@ -308,22 +449,29 @@ class LoopbackServer:
     def _token_ids(self, text: str) -> list[int]:
         return [self.tokenizer.token_id(piece) for piece in self.tokenizer.tokenize(text)]
 
-    def _validate(self, inputs: str, params: Parameters, *, streaming: bool) -> Job:
+    def _validate(self, inputs: str, model_input: str, params: Parameters, *,
+                  streaming: bool) -> Job:
+        bos = model_input[:len(model_input) - len(inputs)]
         prompt_ids, max_new_tokens = validate(
-            inputs, params, streaming=streaming, tokenize=self._token_ids,
+            inputs, params, streaming=streaming,
+            tokenize=lambda text: self._token_ids(bos + text),
             max_input_tokens=self.max_input_tokens, max_total_tokens=self.max_total_tokens,
             max_stop_sequences=self.max_stop_sequences)
-        tokens, finish = continuation(self.model, self.tokenizer, inputs, max_new_tokens,
+        tokens, finish = continuation(self.model, self.tokenizer, model_input, max_new_tokens,
                                       params.stop)
         return Job(inputs, prompt_ids, tokens, finish, max_new_tokens, params.reported_seed,
                    params.details)
 
-    def _admit(self, path: str, prompt: str, params: Parameters, parameters: dict[str, Any],
-               *, streaming: bool, done: bool = False) -> Generation | Response:
+    def _admit(self, request: Request, path: str, prompt: str, params: Parameters,
+               parameters: dict[str, Any], *, streaming: bool, done: bool = False,
+               add_bos: bool = True) -> Generation | Response:
         """Record a generation request, then, as TGI: answer a status fault, take a concurrency
         permit (or answer "overloaded") and validate. ``done`` ends in-stream errors with
-        ``[DONE]`` (OpenAI streams)."""
-        record = self._new_record(path, prompt, parameters)
+        ``[DONE]`` (OpenAI streams); ``add_bos`` prepends the tokenizer's BOS, as every server
+        does to a raw prompt."""
+        model_input = (self.template.bos_token if add_bos else "") + prompt
+        record = self._new_record(path, prompt, parameters,
+                                  recorded_headers(request.scope["headers"]), model_input)
         fault = self._take_fault(path, streaming=streaming)
         if fault is not None:
             self._update(record, fault=fault)
@@ -335,7 +483,7 @@ class LoopbackServer:
             self._update(record, status=429, error_type="overloaded", finished=time.monotonic())
             return error_response(429, *OVERLOADED)
         try:
-            job = self._validate(prompt, params, streaming=streaming)
+            job = self._validate(prompt, model_input, params, streaming=streaming)
         except Invalid as exc:
             message = f"Input validation error: {exc.message}"
             if streaming:
@@ -402,8 +550,8 @@ class LoopbackServer:
         if isinstance(body, Response):
             return body
         params = body.parameters
-        admitted = self._admit(path, body.inputs, params, params.model_dump(exclude_unset=True),
-                               streaming=streaming)
+        admitted = self._admit(request, path, body.inputs, params,
+                               params.model_dump(exclude_unset=True), streaming=streaming)
         return admitted if isinstance(admitted, Response) else (params, admitted)
 
     async def _generate_stream(self, request: Request) -> Response:
@@ -452,21 +600,28 @@ class LoopbackServer:
         body = await read_body(request, GenerateRequest)
         if isinstance(body, Response):
             return body
-        return JSONResponse(simple_tokens(self.tokenizer, body.inputs))
+        # TGI tokenizes with special tokens, as /generate does: BOS first where the model
+        # has one.
+        bos = self.template.bos_token
+        head = [{"id": self.tokenizer.token_id(bos), "text": bos, "start": 0, "stop": 0}]
+        return JSONResponse((head if bos else []) + simple_tokens(self.tokenizer, body.inputs))
 
     async def _chat_tokenize(self, request: Request) -> Response:
         chat = read_chat_body(await request.body())
         if isinstance(chat, Response):
             return chat
-        text = render_chatml(*chat)
+        text = self.template.render(*chat)
         return JSONResponse({"tokenize_response": simple_tokens(self.tokenizer, text),
                              "templated_text": text})
 
     # ----------------------------------------------------------------- OpenAI endpoints
 
     async def _models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [
-            {"id": self.model_id, "object": "model", "created": 0, "owned_by": self.model_id}]})
+        return JSONResponse(_dialects.models_answer(self.flavor, self.served,
+                                                    self.max_concurrent_requests))
+
+    async def _props(self, request: Request) -> Response:
+        return JSONResponse(_dialects.llamacpp_props(self.served, self.max_concurrent_requests))
 
     async def _completions(self, request: Request) -> Response:
         body = await read_body(request, CompletionRequest)
@@ -475,12 +630,15 @@ class LoopbackServer:
         prompt = completion_prompt(body)
         if isinstance(prompt, Response):
             return prompt
-        admitted = self._admit("/v1/completions", prompt, body.to_parameters(),
+        admitted = self._admit(request, "/v1/completions", prompt, body.to_parameters(),
                                body.model_dump(exclude_unset=True, exclude={"prompt"}),
-                               streaming=body.stream, done=True)
+                               streaming=body.stream, done=True,
+                               add_bos=body.add_special_tokens or self.flavor != "vllm")
         if isinstance(admitted, Response):
             return admitted
         job = admitted.job
+        if self.flavor != "tgi":
+            return await self._openai_completion(admitted, body)
         envelope = completion_envelope(self.model_id, int(time.time()))
         if not body.stream:
             await self._complete(admitted)
@@ -488,3 +646,18 @@ class LoopbackServer:
         return self._token_stream(
             admitted, lambda index, token, last: completion_chunk(envelope, job, token, last),
             lambda message, kind: json_line(error_body(message, kind)) + DONE)
+
+    async def _openai_completion(self, admitted: Generation,
+                                 body: CompletionRequest) -> Response:
+        """vLLM's and llama.cpp's completions: OpenAI's finish reasons, the usage in a chunk of
+        its own when asked for (llama-cpp-python's server never sends it in a stream)."""
+        job = admitted.job
+        envelope = _dialects.openai_envelope(self.model_id, int(time.time()))
+        if not body.stream:
+            await self._complete(admitted)
+            return JSONResponse(_dialects.openai_completion_answer(envelope, job))
+        usage = body.include_usage and self.flavor != "llama-cpp-python"
+        return self._token_stream(
+            admitted, lambda index, token, last: _dialects.openai_completion_chunk(
+                envelope, job, token, last, include_usage=usage),
+            _dialects.openai_error_event)

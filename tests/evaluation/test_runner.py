@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -164,6 +165,20 @@ async def test_a_limited_run_resumes_without_asking_again(
     assert summarize(second.records)[0].correct == 8
 
 
+async def settled(*servers: LoopbackServer) -> None:
+    """Wait (at most 10 s) until requests the crashed run had already sent have reached the
+    servers and ended: the servers record them on their own threads, maybe after the crash."""
+    previous = None
+    for _ in range(100):
+        records = [server.records for server in servers]
+        counts = [len(r) for r in records]
+        busy = any(r.finished is None and not r.disconnected for rs in records for r in rs)
+        if counts == previous and not busy:
+            return
+        previous = counts
+        await asyncio.sleep(0.1)
+
+
 async def test_an_interrupted_run_resumes_where_it_stopped(
         pair: Pair, sample: list[Problem], grader: Grader, tmp_path: Path) -> None:
     """A crash mid-run (here an exception after the 7th record) and a torn last line: the rerun
@@ -186,6 +201,7 @@ async def test_an_interrupted_run_resumes_where_it_stopped(
     recorded = set(ResultsFile(tmp_path / RESULTS_FILE).load())
     with (tmp_path / RESULTS_FILE).open("a", encoding="utf-8") as handle:
         handle.write('{"id": "sample-20", "mode": "small", "expec')  # killed mid-write
+    await settled(pair.small, pair.target)
     before = {"small": len(pair.small.records), "target": len(pair.target.records)}
 
     run = await evaluate(pair, sample, tmp_path, grader, modes=modes)

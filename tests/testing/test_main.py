@@ -40,6 +40,17 @@ def test_options_reach_the_server(tmp_path: Path) -> None:
     assert server.tokenizer.tokenize("a\n\nb") == ["a", "\n", "\n", "b"]
 
 
+def test_flavor_and_template_options_reach_the_server() -> None:
+    """If this fails, ``python -m specthink.testing`` can only pose as TGI."""
+    args = parser().parse_args(["--echo", "--flavor", "vllm", "--model-id",
+                                "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"])
+    server = build_server(args)
+    assert (server.flavor, server.template.name) == ("vllm", "deepseek-r1")
+    args = parser().parse_args(["--echo", "--flavor", "llamacpp", "--chat-template", "qwen3"])
+    server = build_server(args)
+    assert (server.flavor, server.template.name) == ("llamacpp", "qwen3")
+
+
 def test_a_bad_script_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"text": "no list"}))

@@ -141,6 +141,28 @@ async def test_chat_tokenize(http: httpx.AsyncClient) -> None:
     conforms(answer.json(), "ChatTokenizeResponse")
 
 
+TOOL = {"type": "function", "function": {"name": "add", "description": "Add numbers",
+                                         "arguments": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("tool_choice", [
+    "auto", "none", "required", {"type": "function", "function": {"name": "add"}}])
+async def test_chat_tokenize_with_tool_choice(http: httpx.AsyncClient, tool_choice: Any) -> None:
+    body = {"model": "tgi", "messages": [{"role": "user", "content": "2+2?"}], "tools": [TOOL],
+            "tool_choice": tool_choice}
+    conforms(body, "ChatRequest")
+    answer = await http.post("/chat_tokenize", json=body)
+    conforms(answer.json(), "ChatTokenizeResponse")
+
+
+async def test_chat_tokenize_tool_error_body(http: httpx.AsyncClient) -> None:
+    answer = await http.post("/chat_tokenize", json={
+        "model": "tgi", "messages": [{"role": "user", "content": "x"}], "tools": [TOOL],
+        "tool_choice": {"type": "function", "function": {"name": "divide"}}})
+    assert (answer.status_code, answer.json()["error_type"]) == (422, "tool_error")
+    conforms(answer.json(), "ErrorResponse")
+
+
 @pytest.mark.parametrize("status", [424, 429, 500, 503])
 async def test_error_bodies(http: httpx.AsyncClient, server: LoopbackServer,
                             status: int) -> None:
@@ -218,6 +240,17 @@ async def test_render_chat_request() -> None:
         backend = TGIBackend("http://tgi.test", client=client)
         await backend.render_chat([{"role": "system", "content": "Be brief."},
                                    {"role": "user", "content": "2+2?"}])
+    conforms(capture.bodies[0], "ChatRequest")
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", "none", "required", "any", "add",
+                                         {"type": "function", "function": {"name": "add"}}])
+async def test_render_chat_request_with_tool_choice(tool_choice: Any) -> None:
+    capture = Capture(httpx.Response(200, json={"templated_text": "x", "tokenize_response": []}))
+    async with httpx.AsyncClient(transport=httpx.MockTransport(capture)) as client:
+        backend = TGIBackend("http://tgi.test", client=client)
+        await backend.render_chat([{"role": "user", "content": "2+2?"}], [TOOL],
+                                  tool_choice=tool_choice)
     conforms(capture.bodies[0], "ChatRequest")
 
 

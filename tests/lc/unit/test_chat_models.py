@@ -548,12 +548,13 @@ class CountingBackend(ScriptedBackend):
 
     @asynccontextmanager
     async def stream(self, prompt: str, *, max_new_tokens: int, sampling: SamplingParams,
-                     on_attempt: Any = None) -> AsyncIterator[AsyncIterator[StreamToken]]:
+                     on_attempt: Any = None, routing_key: str | None = None,
+                     ) -> AsyncIterator[AsyncIterator[StreamToken]]:
         type(self).open_now += 1
         type(self).most_open = max(type(self).most_open, type(self).open_now)
         try:
             async with super().stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling,
-                                      on_attempt=on_attempt) as tokens:
+                                      on_attempt=on_attempt, routing_key=routing_key) as tokens:
                 yield tokens
         finally:
             type(self).open_now -= 1
@@ -600,9 +601,10 @@ async def test_cancelling_the_task_closes_the_server_stream() -> None:
     class Slow(ScriptedBackend):
         @asynccontextmanager
         async def stream(self, prompt: str, *, max_new_tokens: int, sampling: SamplingParams,
-                         on_attempt: Any = None) -> AsyncIterator[AsyncIterator[StreamToken]]:
-            async with super().stream(prompt, max_new_tokens=max_new_tokens,
-                                      sampling=sampling, on_attempt=on_attempt) as tokens:
+                         on_attempt: Any = None, routing_key: str | None = None,
+                         ) -> AsyncIterator[AsyncIterator[StreamToken]]:
+            async with super().stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling,
+                                      on_attempt=on_attempt, routing_key=routing_key) as tokens:
                 async def slow() -> AsyncIterator[StreamToken]:
                     async for token in tokens:
                         yield token

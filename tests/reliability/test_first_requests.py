@@ -1,0 +1,134 @@
+"""What a conversation asks the servers before its first generation request (issue "First token
+fast under a burst"), and the length limits refreshed when a server changed them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+
+from specthink import SpeculativeThinker
+from specthink.backends.tgi import TGIBackend
+from specthink.testing.models import Script, ScriptedModel
+from specthink.testing.server import LoopbackServer
+
+QUESTION = [{"role": "user", "content": "What is x?"}]
+SMALL = ScriptedModel([Script("", "Let x be 2.\n\nWait, x is 3.\n\nSo x is 3.")])
+TARGET = ScriptedModel([Script("", "Actually x is two, since both terms are equal.")])
+GENERATION = "/generate_stream"
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[LoopbackServer, LoopbackServer]]:
+    with LoopbackServer(SMALL, model_id="Qwen/Qwen2.5-1.5B-Instruct") as small, \
+            LoopbackServer(TARGET, model_id="Qwen/Qwen2.5-32B-Instruct") as target:
+        yield small, target
+
+
+def before_first_generation(server: LoopbackServer, since: int = 0) -> list[str]:
+    paths = []
+    for call in server.calls[since:]:
+        if call.path == GENERATION:
+            break
+        paths.append(call.path)
+    return paths
+
+
+async def test_a_conversation_asks_only_for_its_prompt_before_generating(
+        pair: tuple[LoopbackServer, LoopbackServer]) -> None:
+    """After the first call, the small server sees one render and then the generation: no
+    /info, no render probe, nothing of the target's (broken: each call paid four requests
+    before its first token)."""
+    small, target = pair
+    thinker = SpeculativeThinker(small=TGIBackend(small.url), target=TGIBackend(target.url))
+    try:
+        await thinker.agenerate(QUESTION)
+        assert before_first_generation(small) == ["/chat_tokenize", "/info"]
+        mark = len(small.calls)
+        await thinker.agenerate(QUESTION)
+        assert before_first_generation(small, mark) == ["/chat_tokenize"]
+    finally:
+        await thinker.aclose()
+
+
+async def test_a_template_known_client_side_needs_no_request_at_all(
+        pair: tuple[LoopbackServer, LoopbackServer]) -> None:
+    """With the template given, the generation request is the conversation's first."""
+    small, target = pair
+    thinker = SpeculativeThinker(small=TGIBackend(small.url), target=TGIBackend(target.url),
+                                 small_template="chatml", target_template="chatml")
+    try:
+        await thinker.agenerate(QUESTION)
+        mark = len(small.calls)
+        await thinker.agenerate(QUESTION)
+        assert before_first_generation(small, mark) == []
+    finally:
+        await thinker.aclose()
+
+
+async def test_info_is_fetched_once_per_backend_across_many_conversations(
+        pair: tuple[LoopbackServer, LoopbackServer]) -> None:
+    """32 conversations at once share one /info per server (broken: one per conversation)."""
+    small, target = pair
+    thinker = SpeculativeThinker(small=TGIBackend(small.url), target=TGIBackend(target.url))
+    try:
+        results = await asyncio.gather(*(thinker.agenerate(QUESTION) for _ in range(32)))
+    finally:
+        await thinker.aclose()
+    assert len({r.text for r in results}) == 1
+    assert len(small.calls_to("/info")) == 1
+    assert len(target.calls_to("/info")) == 1
+
+
+async def test_the_targets_preparation_never_delays_the_small_models_first_request(
+        pair: tuple[LoopbackServer, LoopbackServer]) -> None:
+    """The target's render waits until the small server has a generation request: if the
+    engine waited for the target before asking the small model, this would never finish."""
+    small, target = pair
+
+    class HeldTarget(TGIBackend):
+        async def render_chat(self, messages: Sequence[dict[str, Any]],
+                              tools: Sequence[dict[str, Any]] | None = None, *,
+                              tool_choice: str | dict[str, Any] | None = None) -> str | None:
+            if held:
+                while len(small.records) <= seen:  # noqa: ASYNC110 - another thread's records
+                    await asyncio.sleep(0.005)
+            return await super().render_chat(messages, tools, tool_choice=tool_choice)
+
+    held = False
+    seen = 0
+    thinker = SpeculativeThinker(small=TGIBackend(small.url), target=HeldTarget(target.url))
+    try:
+        first = await thinker.agenerate(QUESTION)  # checks the target's template once
+        held, seen = True, len(small.records)
+        again = await asyncio.wait_for(thinker.agenerate(QUESTION), timeout=30)
+    finally:
+        await thinker.aclose()
+    assert again.text == first.text
+    assert again.stats.takeovers["rule1"] == 1
+
+
+async def test_a_limit_lowered_on_the_server_refreshes_info_and_retries_once(
+        pair: tuple[LoopbackServer, LoopbackServer]) -> None:
+    """The server restarted with a smaller max_total_tokens: the cached /info is stale, the
+    first request gets a length error, the engine refreshes /info and asks again with room
+    that fits (broken: the call failed, or every later call did)."""
+    small, target = pair
+    thinker = SpeculativeThinker(small=TGIBackend(small.url), target=TGIBackend(target.url),
+                                 small_template="chatml", target_template="chatml")
+    try:
+        await thinker.agenerate(QUESTION, max_new_tokens=300)
+        prompt_tokens = small.records[0].prompt_tokens
+        small.max_total_tokens = prompt_tokens + 120
+        mark = len(small.records)
+        result = await thinker.agenerate(QUESTION, max_new_tokens=300)
+    finally:
+        await thinker.aclose()
+    refused, retried = small.records[mark:mark + 2]
+    assert refused.status == 422 or refused.error_type == "validation"
+    assert refused.parameters["max_new_tokens"] > retried.parameters["max_new_tokens"]
+    assert retried.prompt_tokens + retried.max_new_tokens <= small.max_total_tokens
+    assert len(small.calls_to("/info")) == 2
+    assert result.text.startswith("Let x be 2.")
