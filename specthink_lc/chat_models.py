@@ -26,6 +26,7 @@ from specthink.backends.base import Backend, SamplingParams
 from specthink.engine import SpeculativeThinker
 from specthink.errors import ConfigError
 from specthink.rules import PRESETS, TakeoverRules
+from specthink.structured import grammar_for, json_instruction, with_system_text
 from specthink.trace import Event
 
 from ._messages import to_engine_messages
@@ -34,8 +35,6 @@ from ._structured import (
     StructuredMethod,
     ToolLike,
     format_tools,
-    grammar_for,
-    json_instruction,
     normalize_tool_choice,
     response_format_for,
     structured_runnable,
@@ -493,7 +492,7 @@ class ChatSpeculativeThinking(BaseChatModel):
         if response_format is not None:
             grammar = grammar_for(response_format)
             if instruction := json_instruction(response_format):
-                engine_messages = _with_system_text(engine_messages, instruction)
+                engine_messages = with_system_text(engine_messages, instruction)
             # A grammar constrains the whole output: with tools offered it would make them
             # uncallable (LangChain's ProviderStrategy sends both), so then the answer is parsed.
             if grammar is not None and not tools and thinker.small.supports_grammar \
@@ -687,15 +686,6 @@ def _session_from(metadata: dict[str, Any]) -> str | None:
         if value is not None and str(value).strip():
             return str(value)
     return None
-
-
-def _with_system_text(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
-    """``text`` appended to the leading system message, or as a new one."""
-    if messages and messages[0]["role"] == "system":
-        first = dict(messages[0])
-        first["content"] = f"{first['content']}\n\n{text}" if first["content"] else text
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]
 
 
 def _field_names(cls: type[ChatSpeculativeThinking]) -> set[str]:

@@ -423,3 +423,9 @@ POLICIES: dict[str, type[Policy]] = {
     for policy in (EnginePolicy, AuthorsLoopPolicy, SmallAlonePolicy, TargetAlonePolicy,
                    RawStreamPolicy)
 }
+
+# "Through specthink serve" sits beside the in-process engine; its module needs this one, so it
+# is added once this module is complete.
+from specthink.bench.serve_policy import ServePolicy  # noqa: E402
+
+POLICIES[ServePolicy.name] = ServePolicy
