@@ -700,7 +700,7 @@ class SpeculativeThinker:
 
         prompt = run.prompts[role] + run.text
         if role == "small":
-            run.reports_prompt_tokens = not run.text and not run.stats.input_tokens
+            run.reports_prompt_tokens = not run.length and not run.stats.input_tokens
         sampling = run.sampling
         if sampling.grammar is not None and not backend.supports_grammar:
             sampling = dataclasses.replace(sampling, grammar=None)
