@@ -177,8 +177,11 @@ class ThinkingModel:
     ``(reasoning, answer)``; the model writes ``<think>\\n{reasoning}\\n</think>\\n\\n{answer}``.
     After a generation prompt that already opened the block (DeepSeek-R1 and Qwen3 thinking
     templates end with ``<think>\\n``) it does not write the tag again, as those models do not;
-    after any other (ChatML) it writes the tag itself. Empty reasoning: the answer alone (an
-    opened block is closed first).
+    after any other (ChatML) it writes the tag itself, unless ``writes_start`` is false: models
+    trained only under templates that open the block (the R1 distills, QwQ, Qwen3 thinking
+    checkpoints) never write it, so under another template their reasoning arrives untagged
+    and only ``</think>`` ends it. Empty reasoning: the answer alone (an opened block is closed
+    first).
 
     It continues from the assistant text the prompt already holds, whichever model wrote it,
     as greedy decoding would: a takeover changes who writes a passage, not its words. Text the
@@ -193,8 +196,9 @@ class ThinkingModel:
 
     def __init__(self, think: Callable[[str], tuple[str, str]], *,
                  markers: Sequence[str] = ASSISTANT_MARKERS, start: str = "<think>",
-                 end: str = "</think>") -> None:
+                 end: str = "</think>", writes_start: bool = True) -> None:
         self.think = think
+        self.writes_start = writes_start
         self.markers = tuple(markers)
         self.start = start
         self.end = end
@@ -205,7 +209,9 @@ class ThinkingModel:
             prompt, "")
         reasoning, answer = self.think(conversation)
         if reasoning:
-            full = f"{self.start}\n{reasoning}\n{self.end}\n\n{answer}"
+            full = f"{reasoning}\n{self.end}\n\n{answer}"
+            if self.writes_start or written.startswith(self.start):
+                full = f"{self.start}\n{full}"
         elif written.startswith(self.start):
             full = f"{self.start}\n{self.end}\n\n{answer}"
         else:

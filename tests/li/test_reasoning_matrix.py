@@ -3,9 +3,10 @@ calls read from the answer only.
 
 Each server pair reports real model ids (the paper's DeepSeek-R1-Distill-Qwen 1.5B + 32B, a
 Qwen3 thinking pair, a Qwen2.5 ChatML pair) and renders with that family's template, as TGI,
-vLLM and llama.cpp do. The model is one reasoning script: under a template whose generation
-prompt opens ``<think>`` (DeepSeek-R1, Qwen3) it starts inside the reasoning, under ChatML it
-writes the tag itself. Its reasoning says "Wait" after a blank line, so the target takes over
+vLLM and llama.cpp do. The model is one reasoning script, written as each family writes it:
+the R1 distills and Qwen3 thinking models were trained under templates that open ``<think>``
+and never write the tag themselves (under any other template their reasoning arrives untagged);
+the ChatML model writes it. Its reasoning says "Wait" after a blank line, so the target takes over
 mid-reasoning and the split holds across authors; where tools are offered it drafts a decoy
 ``<tool_call>`` while thinking, which must never be executed. (The LangChain side of the same
 matrix is ``tests/lc/integration/test_reasoning_matrix.py``.)
@@ -36,7 +37,7 @@ from .li_support import ignore_memory_leak, workflow_agent
 pytestmark = ignore_memory_leak
 
 R1 = ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B")
-QWEN3 = ("Qwen/Qwen3-1.7B", "Qwen/Qwen3-32B")
+QWEN3 = ("Qwen/Qwen3-4B-Thinking-2507", "Qwen/QwQ-32B")
 CHATML = ("Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-32B-Instruct")
 R1_BOS = "<｜begin▁of▁sentence｜>"
 
@@ -141,10 +142,10 @@ class Pair(NamedTuple):
 def servers() -> Iterator[Callable[[Server], Pair]]:
     """One loopback pair per flavour and model family, started on first use."""
     started: dict[Server, Pair] = {}
-    model = ThinkingModel(think)
 
     def pair(server: Server) -> Pair:
         if server not in started:
+            model = ThinkingModel(think, writes_start=server.models == CHATML)
             small, target = (LoopbackServer(model, model_id=model_id, flavor=server.flavor)
                              for model_id in server.models)
             started[server] = Pair(small.start(), target.start())

@@ -53,3 +53,11 @@ def test_without_reasoning_an_opened_block_is_closed_first() -> None:
     thinking = model(reasoning="")
     assert thinking.continuation(CHATML).text == "Four."
     assert thinking.continuation(R1).text == "</think>\n\nFour."
+
+
+def test_a_model_trained_under_an_opening_template_never_writes_the_tag() -> None:
+    """QwQ and Qwen3 thinking checkpoints: under ChatML their reasoning arrives untagged."""
+    thinking = ThinkingModel(lambda c: ("Two and two.", "Four."), writes_start=False)
+    assert thinking.continuation(CHATML).text == "Two and two.\n</think>\n\nFour."
+    assert thinking.continuation(QWEN3).text == "Two and two.\n</think>\n\nFour."
+    assert thinking.continuation(CHATML + "Two and").text == " two.\n</think>\n\nFour."

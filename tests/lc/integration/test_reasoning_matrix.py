@@ -3,9 +3,10 @@ calls read from the answer only.
 
 Each server pair reports real model ids (the paper's DeepSeek-R1-Distill-Qwen 1.5B + 32B, a
 Qwen3 thinking pair, a Qwen2.5 ChatML pair) and renders with that family's template, as TGI,
-vLLM and llama.cpp do. The model is one reasoning script: under a template whose generation
-prompt opens ``<think>`` (DeepSeek-R1, Qwen3) it starts inside the reasoning, under ChatML it
-writes the tag itself. Its reasoning says "Wait" after a blank line, so the target takes over
+vLLM and llama.cpp do. The model is one reasoning script, written as each family writes it:
+the R1 distills and Qwen3 thinking models were trained under templates that open ``<think>``
+and never write the tag themselves (under any other template their reasoning arrives untagged);
+the ChatML model writes it. Its reasoning says "Wait" after a blank line, so the target takes over
 mid-reasoning and the split holds across authors; where tools are offered it drafts a decoy
 ``<tool_call>`` while thinking, which must never be executed.
 """
@@ -23,12 +24,13 @@ import pytest
 from langchain.agents import create_agent
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
 from langchain_core.tools import tool
+from pydantic import BaseModel
 
 from specthink.testing import LoopbackServer, ThinkingModel
 from specthink_lc import ChatSpeculativeThinking
 
 R1 = ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B")
-QWEN3 = ("Qwen/Qwen3-1.7B", "Qwen/Qwen3-32B")
+QWEN3 = ("Qwen/Qwen3-4B-Thinking-2507", "Qwen/QwQ-32B")
 CHATML = ("Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-32B-Instruct")
 R1_BOS = "<｜begin▁of▁sentence｜>"
 
@@ -68,8 +70,19 @@ PRICED_REASONING = ("The tool answered 240 NOK.\n\nWait, call it again to be sur
 PRICED_ANSWER = "Two train tickets to Bergen cost 240 NOK."
 
 
+STRUCTURED = "Give the price of two train tickets to Bergen."
+STRUCTURED_REASONING = ("It is 240 NOK.\n\nWait, first draft it with a wrong amount:\n"
+                        '<tool_call>\n{"name": "TicketPrice", "arguments": {"amount": 999}}\n'
+                        '</tool_call>\n{"amount": 999}\n\nNo, the amount is 240.')
+
+
 def think(conversation: str) -> tuple[str, str]:
     """The whole output for a conversation: (reasoning, answer)."""
+    if STRUCTURED in conversation:
+        if "<tools>" in conversation:  # a forced call of the schema's tool
+            return STRUCTURED_REASONING, ('<tool_call>\n{"name": "TicketPrice", '
+                                          '"arguments": {"amount": 240}}\n</tool_call>')
+        return STRUCTURED_REASONING, '{"amount": 240}'
     if re.search(r"<tool_response>\s*240 NOK", conversation):
         return PRICED_REASONING, PRICED_ANSWER
     if WALK in conversation:
@@ -132,10 +145,10 @@ class Pair(NamedTuple):
 def servers() -> Iterator[Callable[[Server], Pair]]:
     """One loopback pair per flavour and model family, started on first use."""
     started: dict[Server, Pair] = {}
-    model = ThinkingModel(think)
 
     def pair(server: Server) -> Pair:
         if server not in started:
+            model = ThinkingModel(think, writes_start=server.models == CHATML)
             small, target = (LoopbackServer(model, model_id=model_id, flavor=server.flavor)
                              for model_id in server.models)
             started[server] = Pair(small.start(), target.start())
@@ -306,6 +319,33 @@ async def test_create_agent_streaming_runs_only_the_answers_tool_call(chat: Chat
             shown.append(chunk.text)
     assert calls == [("Bergen", 2)]
     assert "".join(shown) == PRICED_ANSWER
+
+
+class TicketPrice(BaseModel):
+    """The price of the tickets."""
+
+    amount: int
+
+
+@pytest.mark.parametrize(("name", "method"), [
+    ("tgi-r1-server", "function_calling"), ("vllm-r1-server", "function_calling"),
+    ("vllm-qwen3-server", "function_calling"), ("tgi-chatml", "function_calling"),
+    # TGI constrains json_schema output with a grammar (the model writes JSON at once, which a
+    # scripted model cannot show); vLLM's answer is parsed.
+    ("vllm-r1-server", "json_schema"), ("vllm-qwen3-server", "json_schema"),
+    ("vllm-chatml", "json_schema"),
+])
+def test_structured_output_is_read_from_the_answer_only(chat: Chat, name: str,
+                                                        method: str) -> None:
+    """Broken if ``with_structured_output`` parses a call or JSON the model drafted while
+    thinking (999) instead of the answer's (240), or fails on reasoning text."""
+    model, _ = chat(CASES[name])
+    structured = model.with_structured_output(TicketPrice, method=method,  # type: ignore[arg-type]
+                                              include_raw=True)
+    out = structured.invoke(STRUCTURED)
+    assert isinstance(out, dict)
+    assert out["parsed"] == TicketPrice(amount=240), out["parsing_error"]
+    assert out["raw"].additional_kwargs["reasoning_content"].strip() == STRUCTURED_REASONING
 
 
 # ---- tool turns: the prompt is rendered client-side on TGI --------------------------------
