@@ -649,7 +649,7 @@ class AutoTemplate(ServerRenderedTemplate):
     thinking checkpoints are ChatML models whose template ends with ``<think>\\n``), the tag
     is added, since such a model never writes it and its reasoning would read as answer. What
     the server's prompt opens is learnt from its earlier renderings (an agent's first turn),
-    else read from the model id ("thinking", "qwq").
+    else read from the model id ("thinking", "qwq"), as on a server that renders nothing.
     """
 
     def __init__(self, role: str = "small") -> None:
@@ -685,7 +685,8 @@ class AutoTemplate(ServerRenderedTemplate):
                 f"{model_id!r} is of no family specthink knows; pass {option}= one of "
                 f"{', '.join(repr(n) for n in _BUILTIN)}, a Jinja template source, or the path "
                 "of the model's tokenizer_config.json")
-        return await _BUILTIN[family].render(messages, tools, backend)
+        prompt = await _BUILTIN[family].render(messages, tools, backend)
+        return prompt + self._reasoning_opener(prompt, backend, model_id)
 
     def _learn_opener(self, backend: TemplateBackend, rendered: str) -> None:
         tail = rendered[rendered.rfind(REASONING_START):] if REASONING_START in rendered else ""

@@ -385,6 +385,18 @@ async def test_before_any_server_rendering_the_model_id_says_whether_it_opens(
     assert backend.calls == []
 
 
+@pytest.mark.parametrize(("model_id", "opens"), [
+    ("Qwen/QwQ-32B", True), ("Qwen/Qwen3-4B-Thinking-2507", True), ("Qwen/Qwen3-8B", False),
+    ("Qwen/Qwen2.5-7B-Instruct", False)])
+async def test_a_server_that_renders_nothing_gets_the_thinking_opener_from_the_id(
+        model_id: str, opens: bool) -> None:
+    """llama-cpp-python renders no template: QwQ's built-in ChatML must still open the
+    reasoning, or its untagged reasoning becomes the answer."""
+    backend = FakeBackend(rendered=None, model_id=model_id)
+    prompt = await render_prompt(resolve_template("auto"), HI, None, backend)
+    assert prompt == CHATML.render_text(HI) + ("<think>\n" if opens else "")
+
+
 async def test_tool_choice_reaches_a_server_that_renders_tools() -> None:
     """TGI offers its `no_tool` escape unless told the call is required."""
     backend = FakeBackend(rendered="[server]")

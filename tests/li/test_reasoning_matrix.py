@@ -117,6 +117,7 @@ CASES = {
     "vllm-r1-server": Case(Server("vllm", R1), "auto", True),
     "llamacpp-r1-server": Case(Server("llamacpp", R1), "auto", True),
     "llama-cpp-python-r1-family": Case(Server("llama-cpp-python", R1), "auto", True),
+    "llama-cpp-python-qwen3-family": Case(Server("llama-cpp-python", QWEN3), "auto", True),
     "tgi-qwen3-server": Case(Server("tgi", QWEN3), "auto", True),
     "vllm-qwen3-server": Case(Server("vllm", QWEN3), "auto", True),
     # a template the user names, rendered client-side
@@ -128,7 +129,8 @@ CASES = {
     "vllm-qwen3-jinja": Case(Server("vllm", QWEN3), QWEN3_THINKING, True),
 }
 TOOL_CASES = ["tgi-r1-server", "vllm-r1-server", "llamacpp-r1-server",
-              "llama-cpp-python-r1-family", "tgi-qwen3-server", "vllm-qwen3-server",
+              "llama-cpp-python-r1-family", "llama-cpp-python-qwen3-family",
+              "tgi-qwen3-server", "vllm-qwen3-server",
               "tgi-chatml", "vllm-chatml"]
 """Cases whose templates render tools (a user's plain Jinja template may not)."""
 
