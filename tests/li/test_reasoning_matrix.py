@@ -208,7 +208,8 @@ def user(text: str) -> list[ChatMessage]:
 async def test_achat_puts_the_reasoning_in_a_thinking_block(llm: Build, name: str) -> None:
     """Broken if ``message.content`` holds the reasoning or ``</think>``, or no ThinkingBlock
     holds it (the output was read as if it began outside the reasoning while the prompt had
-    opened it, or the reverse)."""
+    opened it, or the reverse), or if the prompt tokens LlamaIndex counts are not the small
+    server's count."""
     case = CASES[name]
     model, pair = llm(case)
     response = await model.achat(user(QUESTION))
@@ -216,6 +217,7 @@ async def test_achat_puts_the_reasoning_in_a_thinking_block(llm: Build, name: st
     assert thinking(response.message) == REASONING
     assert isinstance(response.message.blocks[0], ThinkingBlock)
     assert_prompt(case, pair)
+    assert response.additional_kwargs["prompt_tokens"] == pair.small.records[0].prompt_tokens
 
 
 @pytest.mark.parametrize("name", CASES)

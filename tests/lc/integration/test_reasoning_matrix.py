@@ -207,12 +207,15 @@ def assert_split(message: AIMessage, reasoning: str, answer: str) -> None:
 @pytest.mark.parametrize("name", CASES)
 def test_invoke_puts_the_reasoning_in_reasoning_content(chat: Chat, name: str) -> None:
     """Broken if ``content`` holds the reasoning or ``</think>`` (the adapter read the output as
-    if it began outside the reasoning while the prompt had opened it, or the reverse)."""
+    if it began outside the reasoning while the prompt had opened it, or the reverse), or if
+    ``input_tokens`` is not the prompt as the small server counted it."""
     case = CASES[name]
     model, pair = chat(case)
     message = model.invoke(QUESTION)
     assert_split(message, REASONING, ANSWER)
     assert_prompt(case, pair)
+    assert message.usage_metadata is not None
+    assert message.usage_metadata["input_tokens"] == pair.small.records[0].prompt_tokens
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -236,8 +239,11 @@ def test_stream_sends_reasoning_and_answer_in_separate_chunks(chat: Chat, name: 
         assert not (chunk.content and chunk.additional_kwargs.get("reasoning_content"))
         assert "think>" not in chunk.text
     assert "".join(chunk.text for chunk in chunks) == ANSWER
-    assert_split(reduce(operator.add, chunks), REASONING, ANSWER)
+    message = reduce(operator.add, chunks)
+    assert_split(message, REASONING, ANSWER)
     assert_prompt(case, pair)
+    assert message.usage_metadata is not None
+    assert message.usage_metadata["input_tokens"] == pair.small.records[0].prompt_tokens
 
 
 @pytest.mark.parametrize("name", CASES)
