@@ -22,6 +22,7 @@ from typing import Any, Literal, NamedTuple
 
 import pytest
 from langchain.agents import create_agent
+from langchain.agents.structured_output import ProviderStrategy, ToolStrategy
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from pydantic import BaseModel
@@ -84,6 +85,11 @@ def think(conversation: str) -> tuple[str, str]:
                                           '"arguments": {"amount": 240}}\n</tool_call>')
         return STRUCTURED_REASONING, '{"amount": 240}'
     if re.search(r"<tool_response>\s*240 NOK", conversation):
+        if '"name": "TicketPrice"' in conversation:  # create_agent's ToolStrategy
+            return STRUCTURED_REASONING, ('<tool_call>\n{"name": "TicketPrice", '
+                                          '"arguments": {"amount": 240}}\n</tool_call>')
+        if '"amount"' in conversation:  # ProviderStrategy: the schema is in the prompt
+            return STRUCTURED_REASONING, '{"amount": 240}'
         return PRICED_REASONING, PRICED_ANSWER
     if WALK in conversation:
         return WALK_REASONING, WALK_ANSWER
@@ -355,6 +361,23 @@ def test_structured_output_is_read_from_the_answer_only(chat: Chat, name: str,
     assert isinstance(out, dict)
     assert out["parsed"] == TicketPrice(amount=240), out["parsing_error"]
     assert out["raw"].additional_kwargs["reasoning_content"].strip() == STRUCTURED_REASONING
+
+
+@pytest.mark.parametrize("strategy", [ToolStrategy, ProviderStrategy])
+@pytest.mark.parametrize("name", ["tgi-r1-server", "vllm-r1-server", "tgi-qwen3-server",
+                                  "vllm-chatml"])
+async def test_create_agent_structured_response_comes_from_the_answer(
+        chat: Chat, name: str, strategy: type[ToolStrategy[Any] | ProviderStrategy[Any]]) -> None:
+    """Broken if an agent's ``response_format`` is filled from a call or JSON drafted in the
+    reasoning (999), if the drafted ticket call runs, or if ProviderStrategy's schema together
+    with the tools forced a grammar that left the tools uncallable."""
+    calls: list[tuple[str, int]] = []
+    model, pair = chat(CASES[name])
+    agent = create_agent(model, tools=[ticket_tool(calls)], response_format=strategy(TicketPrice))
+    state = await agent.ainvoke({"messages": [HumanMessage(TICKETS)]})
+    assert calls == [("Bergen", 2)]
+    assert state["structured_response"] == TicketPrice(amount=240)
+    assert all("grammar" not in record.parameters for record in pair.small.records)
 
 
 # ---- tool turns: the prompt is rendered client-side on TGI --------------------------------
