@@ -6,6 +6,7 @@
     specthink local up | down | status                # the llama.cpp pair on loopback
     specthink servers check                           # health, model ids and limits of both servers
     specthink trace trace.json --html trace.html      # a saved trace as a self-contained page
+    specthink serve --small URL --target URL          # an OpenAI-compatible server (extra `server`)
 
 Results go to stdout; progress, legends and tables go to stderr. Each error family has its own
 exit code (``EXIT_CODES``).
@@ -82,7 +83,8 @@ STYLES: dict[str, str] = {
     "fallback": "bold red",
 }
 
-EXTENSIONS = ("specthink.bench.cli", "specthink.evaluation.cli")
+EXTENSIONS = ("specthink.bench.cli", "specthink.bench.serve", "specthink.evaluation.cli",
+              "specthink.serve.cli")
 """Modules that add commands through ``register(app: typer.Typer) -> None`` when installed."""
 
 

@@ -41,8 +41,9 @@ from specthink._constants import (
     SMALL_URL_ENV,
     TARGET_URL_ENV,
 )
+from specthink._sync import close_on_sync_loop, run_sync
 from specthink.backends.base import Backend, SamplingParams, ServerInfo
-from specthink.engine import SpeculativeThinker, close_on_sync_loop, run_sync
+from specthink.engine import SpeculativeThinker
 from specthink.errors import ConfigError
 from specthink.rules import TakeoverRules
 

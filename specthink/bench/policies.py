@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal
 import httpx
 
 from specthink import _constants
-from specthink.backends import SamplingParams, ServerInfo, TGIBackend, create
+from specthink.backends import Backend, SamplingParams, ServerInfo, TGIBackend, create
 from specthink.backends.tgi import generate_parameters
 from specthink.bench.traces import TraceSpec, make_trace, messages_for
 from specthink.engine import SpeculativeThinker
@@ -43,8 +43,10 @@ __all__ = [
     "Outcome",
     "Policy",
     "RawStreamPolicy",
+    "RoutedEnginePolicy",
     "SmallAlonePolicy",
     "TargetAlonePolicy",
+    "UnkeyedRoutedEnginePolicy",
     "budget_for",
 ]
 
@@ -198,6 +200,35 @@ class EnginePolicy(Policy):
             await thinker.aclose()
         for client in self._clients:
             await client.aclose()
+
+
+class RoutedEnginePolicy(EnginePolicy):
+    """The engine over OpenAI ``/v1/completions`` (``smg`` proxies no TGI stream), for pools
+    of replicas behind a router: every request of a call carries one routing key in
+    ``X-Session-ID``, which the router pins to a replica (``specthink bench --replicas``)."""
+
+    name = "engine-routed"
+    routing_headers: ClassVar[tuple[str, ...]] = ("X-Session-ID",)
+
+    def _thinker(self, small: httpx.AsyncClient | None = None,
+                 target: httpx.AsyncClient | None = None,
+                 transport: Literal["lean", "httpx"] = "lean") -> SpeculativeThinker:
+        def backend(url: str, role: str, client: httpx.AsyncClient | None) -> Backend:
+            return create("openai", url, model=f"bench/{role}", client=client,
+                          transport=transport, routing_headers=self.routing_headers)
+
+        return SpeculativeThinker(small=backend(self.small_url, "small", small),
+                                  target=backend(self.target_url, "target", target),
+                                  rules=TakeoverRules.paper(), small_template="deepseek-r1",
+                                  target_template="deepseek-r1")
+
+
+class UnkeyedRoutedEnginePolicy(RoutedEnginePolicy):
+    """The same with no routing header: the router places each request by its own policy
+    (``cache_aware``: prefix match and load), as for a client that sends no session."""
+
+    name = "engine-routed-unkeyed"
+    routing_headers = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,5 +452,11 @@ class TargetAlonePolicy(_AlonePolicy):
 POLICIES: dict[str, type[Policy]] = {
     policy.name: policy
     for policy in (EnginePolicy, AuthorsLoopPolicy, SmallAlonePolicy, TargetAlonePolicy,
-                   RawStreamPolicy)
+                   RawStreamPolicy, RoutedEnginePolicy, UnkeyedRoutedEnginePolicy)
 }
+
+# "Through specthink serve" sits beside the in-process engine; its module needs this one, so it
+# is added once this module is complete.
+from specthink.bench.serve_policy import ServePolicy  # noqa: E402
+
+POLICIES[ServePolicy.name] = ServePolicy

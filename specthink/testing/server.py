@@ -529,6 +529,11 @@ class LoopbackServer:
         return StreamControl(record, self._lock, self._connections,
                              release=self._release if permit else None)
 
+    @property
+    def in_flight(self) -> int:
+        """Generations holding a concurrency permit now (read by the latency model)."""
+        return self._active
+
     def _acquire(self) -> bool:
         """A concurrency permit, as TGI's ``max_concurrent_requests`` (false when full)."""
         with self._lock:
