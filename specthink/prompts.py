@@ -668,7 +668,7 @@ class AutoTemplate(ServerRenderedTemplate):
             family = family_template(model_id)
             if family is not None:
                 prompt = await _BUILTIN[family].render(messages, tools, backend)
-                return prompt + self._reasoning_opener(prompt, backend, model_id)
+                return prompt + self._reasoning_opener(family, prompt, backend, model_id)
             # No better rendering is known: the server's, with its tool turns flattened.
         # One request: a server that renders nothing answers None (detected once per backend).
         text = await backend.render_chat(validate_messages(messages), validate_tools(tools),
@@ -686,17 +686,18 @@ class AutoTemplate(ServerRenderedTemplate):
                 f"{', '.join(repr(n) for n in _BUILTIN)}, a Jinja template source, or the path "
                 "of the model's tokenizer_config.json")
         prompt = await _BUILTIN[family].render(messages, tools, backend)
-        return prompt + self._reasoning_opener(prompt, backend, model_id)
+        return prompt + self._reasoning_opener(family, prompt, backend, model_id)
 
     def _learn_opener(self, backend: TemplateBackend, rendered: str) -> None:
         tail = rendered[rendered.rfind(REASONING_START):] if REASONING_START in rendered else ""
         with contextlib.suppress(TypeError):  # a backend that cannot be a weak key: not kept
             self._openers[backend] = tail if tail.rstrip() == REASONING_START else ""
 
-    def _reasoning_opener(self, family_text: str, backend: TemplateBackend,
+    def _reasoning_opener(self, family: str, family_text: str, backend: TemplateBackend,
                           model_id: str) -> str:
         """The reasoning tag the server's generation prompt opens and ``family_text``'s does
-        not: as the server's own renderings showed, else as the model id suggests."""
+        not: as the server's own renderings showed, else as the model id suggests (QwQ and
+        the Qwen3 "Thinking" checkpoints; thinking models of other families tag otherwise)."""
         if family_text.rstrip().endswith(REASONING_START):
             return ""
         with contextlib.suppress(TypeError):
@@ -704,7 +705,8 @@ class AutoTemplate(ServerRenderedTemplate):
             if known is not None:
                 return known
         lowered = model_id.lower()
-        thinking = "thinking" in lowered or ("qwq" in lowered and "preview" not in lowered)
+        thinking = family == "chatml" and (
+            "thinking" in lowered or ("qwq" in lowered and "preview" not in lowered))
         return f"{REASONING_START}\n" if thinking else ""
 
     def __repr__(self) -> str:

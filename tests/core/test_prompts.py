@@ -397,6 +397,14 @@ async def test_a_server_that_renders_nothing_gets_the_thinking_opener_from_the_i
     assert prompt == CHATML.render_text(HI) + ("<think>\n" if opens else "")
 
 
+async def test_only_chatml_thinking_ids_get_the_opener() -> None:
+    """Thinking checkpoints of other families mark their reasoning otherwise: a Llama 3 model
+    named "Thinking" keeps Llama 3's own generation prompt."""
+    backend = FakeBackend(rendered=None, model_id="acme/Llama-3.1-8B-Thinking")
+    prompt = await render_prompt(resolve_template("auto"), HI, None, backend)
+    assert prompt == LLAMA3.render_text(HI)
+
+
 async def test_tool_choice_reaches_a_server_that_renders_tools() -> None:
     """TGI offers its `no_tool` escape unless told the call is required."""
     backend = FakeBackend(rendered="[server]")
