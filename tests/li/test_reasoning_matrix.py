@@ -239,12 +239,15 @@ async def test_astream_chat_streams_the_reasoning_as_thinking_deltas(llm: Build,
 
 @pytest.mark.parametrize("name", CASES)
 async def test_acomplete_returns_the_answer_only(llm: Build, name: str) -> None:
-    """Broken if a completion's ``text`` (what query engines show) holds the reasoning."""
+    """Broken if a completion's ``text`` or streamed deltas (what query engines show) hold the
+    reasoning."""
     case = CASES[name]
     model, pair = llm(case)
     completion = await model.acomplete(QUESTION)
     assert completion.text == ANSWER
     assert_prompt(case, pair)
+    pieces = [item.delta or "" async for item in await model.astream_complete(QUESTION)]
+    assert "".join(pieces) == ANSWER
 
 
 # ---- a decoy tool call in the reasoning --------------------------------------------------

@@ -253,6 +253,18 @@ def test_stream_sends_reasoning_and_answer_in_separate_chunks(chat: Chat, name: 
 
 
 @pytest.mark.parametrize("name", CASES)
+async def test_astream_sends_reasoning_and_answer_in_separate_chunks(chat: Chat,
+                                                                     name: str) -> None:
+    """Broken if the async stream splits differently from the sync one."""
+    case = CASES[name]
+    model, pair = chat(case)
+    chunks = [chunk async for chunk in model.astream(QUESTION)]
+    assert all(not (c.content and c.additional_kwargs.get("reasoning_content")) for c in chunks)
+    assert_split(reduce(operator.add, chunks), REASONING, ANSWER)
+    assert_prompt(case, pair)
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_output_version_v1_gives_a_reasoning_block(chat: Chat, name: str) -> None:
     """Broken if LangChain's standard content blocks lose the reasoning or show it as text."""
     case = CASES[name]
