@@ -70,24 +70,24 @@ PRICED_REASONING = ("The tool answered 240 NOK.\n\nWait, call it again to be sur
                     + "\n\nNo, one answer is enough.")
 PRICED_ANSWER = "Two train tickets to Bergen cost 240 NOK."
 
-
 STRUCTURED = "Give the price of two train tickets to Bergen."
 STRUCTURED_REASONING = ("It is 240 NOK.\n\nWait, first draft it with a wrong amount:\n"
                         '<tool_call>\n{"name": "TicketPrice", "arguments": {"amount": 999}}\n'
                         '</tool_call>\n{"amount": 999}\n\nNo, the amount is 240.')
+"""A drafted call of the schema's tool and drafted JSON, both wrong: parsing either is the bug."""
+STRUCTURED_CALL = ('<tool_call>\n{"name": "TicketPrice", "arguments": {"amount": 240}}\n'
+                   "</tool_call>")
 
 
 def think(conversation: str) -> tuple[str, str]:
     """The whole output for a conversation: (reasoning, answer)."""
     if STRUCTURED in conversation:
         if "<tools>" in conversation:  # a forced call of the schema's tool
-            return STRUCTURED_REASONING, ('<tool_call>\n{"name": "TicketPrice", '
-                                          '"arguments": {"amount": 240}}\n</tool_call>')
+            return STRUCTURED_REASONING, STRUCTURED_CALL
         return STRUCTURED_REASONING, '{"amount": 240}'
     if re.search(r"<tool_response>\s*240 NOK", conversation):
         if '"name": "TicketPrice"' in conversation:  # create_agent's ToolStrategy
-            return STRUCTURED_REASONING, ('<tool_call>\n{"name": "TicketPrice", '
-                                          '"arguments": {"amount": 240}}\n</tool_call>')
+            return STRUCTURED_REASONING, STRUCTURED_CALL
         if '"amount"' in conversation:  # ProviderStrategy: the schema is in the prompt
             return STRUCTURED_REASONING, '{"amount": 240}'
         return PRICED_REASONING, PRICED_ANSWER
