@@ -14,7 +14,9 @@ back out of the answer.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -27,6 +29,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from specthink.backends.base import ServerInfo
 from specthink.errors import ConfigError
+from specthink.trace import REASONING_START
 
 __all__ = [
     "CHATML",
@@ -641,11 +644,19 @@ class AutoTemplate(ServerRenderedTemplate):
 
     A server that renders its template but keeps only role and content of each message (TGI)
     gets the family template for tool turns, whose calls and results it would flatten (its
-    own rendering where the family is unknown).
+    own rendering where the family is unknown), ending as the server's generation prompt
+    does: where that opens the reasoning and the family's does not (QwQ and the Qwen3
+    thinking checkpoints are ChatML models whose template ends with ``<think>\\n``), the tag
+    is added, since such a model never writes it and its reasoning would read as answer. What
+    the server's prompt opens is learnt from its earlier renderings (an agent's first turn),
+    else read from the model id ("thinking", "qwq"), as on a server that renders nothing.
     """
 
     def __init__(self, role: str = "small") -> None:
         self.role = role
+        self._openers: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        """What each server's generation prompt opens ("" or ``<think>\\n``), as its own
+        renderings showed: a property of its template, learnt without a request of its own."""
 
     async def render(self, messages: Sequence[Mapping[str, Any]],
                      tools: Sequence[Mapping[str, Any]] | None, backend: TemplateBackend, *,
@@ -653,14 +664,17 @@ class AutoTemplate(ServerRenderedTemplate):
         tool_turns = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
         flattens = tool_turns and not backend.keeps_tool_turns
         if flattens:
-            family = family_template((await backend.info()).model_id)
+            model_id = (await backend.info()).model_id
+            family = family_template(model_id)
             if family is not None:
-                return await _BUILTIN[family].render(messages, tools, backend)
+                prompt = await _BUILTIN[family].render(messages, tools, backend)
+                return prompt + self._reasoning_opener(family, prompt, backend, model_id)
             # No better rendering is known: the server's, with its tool turns flattened.
         # One request: a server that renders nothing answers None (detected once per backend).
         text = await backend.render_chat(validate_messages(messages), validate_tools(tools),
                                          tool_choice=_wire_tool_choice(tool_choice, tools))
         if text is not None:
+            self._learn_opener(backend, text)
             return text
         model_id = (await backend.info()).model_id
         family = family_template(model_id)
@@ -671,7 +685,29 @@ class AutoTemplate(ServerRenderedTemplate):
                 f"{model_id!r} is of no family specthink knows; pass {option}= one of "
                 f"{', '.join(repr(n) for n in _BUILTIN)}, a Jinja template source, or the path "
                 "of the model's tokenizer_config.json")
-        return await _BUILTIN[family].render(messages, tools, backend)
+        prompt = await _BUILTIN[family].render(messages, tools, backend)
+        return prompt + self._reasoning_opener(family, prompt, backend, model_id)
+
+    def _learn_opener(self, backend: TemplateBackend, rendered: str) -> None:
+        tail = rendered[rendered.rfind(REASONING_START):] if REASONING_START in rendered else ""
+        with contextlib.suppress(TypeError):  # a backend that cannot be a weak key: not kept
+            self._openers[backend] = tail if tail.rstrip() == REASONING_START else ""
+
+    def _reasoning_opener(self, family: str, family_text: str, backend: TemplateBackend,
+                          model_id: str) -> str:
+        """The reasoning tag the server's generation prompt opens and ``family_text``'s does
+        not: as the server's own renderings showed, else as the model id suggests (QwQ and
+        the Qwen3 "Thinking" checkpoints; thinking models of other families tag otherwise)."""
+        if family_text.rstrip().endswith(REASONING_START):
+            return ""
+        with contextlib.suppress(TypeError):
+            known = self._openers.get(backend)
+            if known is not None:
+                return known
+        lowered = model_id.lower()
+        thinking = family == "chatml" and (
+            "thinking" in lowered or ("qwq" in lowered and "preview" not in lowered))
+        return f"{REASONING_START}\n" if thinking else ""
 
     def __repr__(self) -> str:
         return "AutoTemplate()"

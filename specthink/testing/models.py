@@ -18,6 +18,7 @@ __all__ = [
     "Script",
     "ScriptedModel",
     "TextModel",
+    "ThinkingModel",
     "Tokenizer",
     "assistant_text",
     "last_user_message",
@@ -166,6 +167,58 @@ class ScriptedModel:
 
     def continuation(self, prompt: str) -> Continuation:
         return self.continue_text(assistant_text(prompt, self.markers))
+
+
+class ThinkingModel:
+    """A reasoning model whose whole output is a function of the conversation, under any chat
+    template.
+
+    ``think(conversation)`` gets the prompt before the assistant's generation marker and returns
+    ``(reasoning, answer)``; the model writes ``<think>\\n{reasoning}\\n</think>\\n\\n{answer}``.
+    After a generation prompt that already opened the block (DeepSeek-R1 and Qwen3 thinking
+    templates end with ``<think>\\n``) it does not write the tag again, as those models do not;
+    after any other (ChatML) it writes the tag itself, unless ``writes_start`` is false: models
+    trained only under templates that open the block (the R1 distills, QwQ, Qwen3 thinking
+    checkpoints) never write it, so under another template their reasoning arrives untagged
+    and only ``</think>`` ends it. Empty reasoning: the answer alone (an opened block is closed
+    first).
+
+    It continues from the assistant text the prompt already holds, whichever model wrote it,
+    as greedy decoding would: a takeover changes who writes a passage, not its words. Text the
+    output does not hold makes it stop.
+
+    >>> model = ThinkingModel(lambda conversation: ("Two and two.", "Four."))
+    >>> model.continuation("<|im_start|>user\\n2+2?<|im_end|>\\n<|im_start|>assistant\\n").text
+    '<think>\\nTwo and two.\\n</think>\\n\\nFour.'
+    >>> model.continuation("<｜User｜>2+2?<｜Assistant｜><think>\\n").text
+    'Two and two.\\n</think>\\n\\nFour.'
+    """
+
+    def __init__(self, think: Callable[[str], tuple[str, str]], *,
+                 markers: Sequence[str] = ASSISTANT_MARKERS, start: str = "<think>",
+                 end: str = "</think>", writes_start: bool = True) -> None:
+        self.think = think
+        self.writes_start = writes_start
+        self.markers = tuple(markers)
+        self.start = start
+        self.end = end
+
+    def continuation(self, prompt: str) -> Continuation:
+        at, marker = max((prompt.rfind(m), m) for m in self.markers)
+        conversation, written = (prompt[:at], prompt[at + len(marker):]) if at >= 0 else (
+            prompt, "")
+        reasoning, answer = self.think(conversation)
+        if reasoning:
+            full = f"{reasoning}\n{self.end}\n\n{answer}"
+            if self.writes_start or written.startswith(self.start):
+                full = f"{self.start}\n{full}"
+        elif written.startswith(self.start):
+            full = f"{self.start}\n{self.end}\n\n{answer}"
+        else:
+            full = answer
+        if full.startswith(written):
+            return Continuation(full[len(written):], True)
+        return Continuation("", True)
 
 
 class RoutedModel:

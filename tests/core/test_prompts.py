@@ -351,6 +351,60 @@ async def test_auto_uses_the_family_template_for_tool_turns_on_tgi() -> None:
     assert backend.calls == []
 
 
+TOOL_TURNS: list[dict[str, Any]] = [
+    *HI, {"role": "assistant", "content": None,
+          "tool_calls": [{"id": "1", "function": {"name": "now", "arguments": "{}"}}]},
+    {"role": "tool", "content": "12:00", "tool_call_id": "1"}]
+THINKING_CHATML = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+"""How a QwQ / Qwen3 thinking checkpoint's own template ends: it opens the reasoning."""
+
+
+async def test_tool_turns_on_tgi_end_as_the_servers_own_generation_prompt() -> None:
+    """A ChatML model whose server template opens ``<think>`` never writes the tag itself; if
+    this fails, after a tool turn on TGI (rendered with the family's ChatML) its reasoning
+    arrives untagged and becomes the answer, drafted tool calls included."""
+    backend = FakeBackend(rendered=THINKING_CHATML, keeps_tool_turns=False,
+                          model_id="acme/Qwen2.5-7B-Reasoner")
+    auto = resolve_template("auto")
+    assert await render_prompt(auto, HI, [CLOCK], backend) == THINKING_CHATML
+    prompt = await render_prompt(auto, TOOL_TURNS, [CLOCK], backend)
+    assert prompt == CHATML.render_text(TOOL_TURNS, [CLOCK]) + "<think>\n"
+    assert len(backend.calls) == 1  # learnt from the first turn's rendering, not asked again
+
+
+@pytest.mark.parametrize(("model_id", "opens"), [
+    ("Qwen/QwQ-32B", True), ("Qwen/Qwen3-30B-A3B-Thinking-2507", True),
+    ("Qwen/QwQ-32B-Preview", False), ("Qwen/Qwen3-8B", False)])
+async def test_before_any_server_rendering_the_model_id_says_whether_it_opens(
+        model_id: str, opens: bool) -> None:
+    """A conversation that starts with tool turns: QwQ and the Qwen3 thinking checkpoints open
+    the reasoning in their template (QwQ's preview and the hybrid Qwen3 do not)."""
+    backend = FakeBackend(rendered="[server]", keeps_tool_turns=False, model_id=model_id)
+    prompt = await render_prompt(resolve_template("auto"), TOOL_TURNS, [CLOCK], backend)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n") is opens
+    assert backend.calls == []
+
+
+@pytest.mark.parametrize(("model_id", "opens"), [
+    ("Qwen/QwQ-32B", True), ("Qwen/Qwen3-4B-Thinking-2507", True), ("Qwen/Qwen3-8B", False),
+    ("Qwen/Qwen2.5-7B-Instruct", False)])
+async def test_a_server_that_renders_nothing_gets_the_thinking_opener_from_the_id(
+        model_id: str, opens: bool) -> None:
+    """llama-cpp-python renders no template: QwQ's built-in ChatML must still open the
+    reasoning, or its untagged reasoning becomes the answer."""
+    backend = FakeBackend(rendered=None, model_id=model_id)
+    prompt = await render_prompt(resolve_template("auto"), HI, None, backend)
+    assert prompt == CHATML.render_text(HI) + ("<think>\n" if opens else "")
+
+
+async def test_only_chatml_thinking_ids_get_the_opener() -> None:
+    """Thinking checkpoints of other families mark their reasoning otherwise: a Llama 3 model
+    named "Thinking" keeps Llama 3's own generation prompt."""
+    backend = FakeBackend(rendered=None, model_id="acme/Llama-3.1-8B-Thinking")
+    prompt = await render_prompt(resolve_template("auto"), HI, None, backend)
+    assert prompt == LLAMA3.render_text(HI)
+
+
 async def test_tool_choice_reaches_a_server_that_renders_tools() -> None:
     """TGI offers its `no_tool` escape unless told the call is required."""
     backend = FakeBackend(rendered="[server]")

@@ -1,0 +1,420 @@
+"""The reasoning split of ``ChatSpeculativeThinking`` on every server and template, and tool
+calls read from the answer only.
+
+Each server pair reports real model ids (the paper's DeepSeek-R1-Distill-Qwen 1.5B + 32B, a
+Qwen3 thinking pair, a Qwen2.5 ChatML pair) and renders with that family's template, as TGI,
+vLLM and llama.cpp do. The model is one reasoning script, written as each family writes it:
+the R1 distills and Qwen3 thinking models were trained under templates that open ``<think>``
+and never write the tag themselves (under any other template their reasoning arrives untagged);
+the ChatML model writes it. Its reasoning says "Wait" after a blank line, so the target takes over
+mid-reasoning and the split holds across authors; where tools are offered it drafts a decoy
+``<tool_call>`` while thinking, which must never be executed.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import re
+from collections.abc import AsyncIterator, Callable, Iterator
+from functools import reduce
+from typing import Any, Literal, NamedTuple
+
+import pytest
+from langchain.agents import create_agent
+from langchain.agents.structured_output import ProviderStrategy, ToolStrategy
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
+from langchain_core.tools import tool
+from pydantic import BaseModel
+
+from specthink.testing import LoopbackServer, ThinkingModel
+from specthink_lc import ChatSpeculativeThinking
+
+R1 = ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B")
+QWEN3 = ("Qwen/Qwen3-4B-Thinking-2507", "Qwen/QwQ-32B")
+CHATML = ("Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-32B-Instruct")
+R1_BOS = "<｜begin▁of▁sentence｜>"
+
+QWEN3_THINKING = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}")
+"""A Qwen3-thinking-style Jinja template the user passes: its generation prompt opens the
+reasoning."""
+
+
+# ---- the model's script ------------------------------------------------------------------
+
+QUESTION = "What is 12 * 13?"
+REASONING = "12 * 13 = 120 + 36.\n\nWait, let me check: 120 + 36 = 156."
+ANSWER = "12 * 13 = 156."
+
+
+def call(city: str, travellers: int) -> str:
+    arguments = {"city": city, "travellers": travellers}
+    return ("<tool_call>\n" + json.dumps({"name": "get_ticket_price", "arguments": arguments})
+            + "\n</tool_call>")
+
+
+DECOY = call("Oslo", 4)
+"""Drafted inside the reasoning only: executing it is the bug."""
+TICKETS = "How much are train tickets to Bergen for two?"
+WALK = "Do I need a ticket to walk around Bergen?"
+TICKETS_REASONING = ("The user wants a price.\n\nWait, maybe Oslo first:\n" + DECOY
+                     + "\n\nNo, the question is about Bergen, for two travellers.")
+WALK_REASONING = ("Walking is free.\n\nWait, should I look up a price anyway?\n" + DECOY
+                  + "\n\nNo, there is nothing to buy.")
+WALK_ANSWER = "No, walking around Bergen needs no ticket."
+PRICED_REASONING = ("The tool answered 240 NOK.\n\nWait, call it again to be sure?\n" + DECOY
+                    + "\n\nNo, one answer is enough.")
+PRICED_ANSWER = "Two train tickets to Bergen cost 240 NOK."
+
+STRUCTURED = "Give the price of two train tickets to Bergen."
+STRUCTURED_REASONING = ("It is 240 NOK.\n\nWait, first draft it with a wrong amount:\n"
+                        '<tool_call>\n{"name": "TicketPrice", "arguments": {"amount": 999}}\n'
+                        '</tool_call>\n{"amount": 999}\n\nNo, the amount is 240.')
+"""A drafted call of the schema's tool and drafted JSON, both wrong: parsing either is the bug."""
+STRUCTURED_CALL = ('<tool_call>\n{"name": "TicketPrice", "arguments": {"amount": 240}}\n'
+                   "</tool_call>")
+
+
+def think(conversation: str) -> tuple[str, str]:
+    """The whole output for a conversation: (reasoning, answer)."""
+    if STRUCTURED in conversation:
+        if "<tools>" in conversation:  # a forced call of the schema's tool
+            return STRUCTURED_REASONING, STRUCTURED_CALL
+        return STRUCTURED_REASONING, '{"amount": 240}'
+    if re.search(r"<tool_response>\s*240 NOK", conversation):
+        if '"name": "TicketPrice"' in conversation:  # create_agent's ToolStrategy
+            return STRUCTURED_REASONING, STRUCTURED_CALL
+        if '"amount"' in conversation:  # ProviderStrategy: the schema is in the prompt
+            return STRUCTURED_REASONING, '{"amount": 240}'
+        return PRICED_REASONING, PRICED_ANSWER
+    if WALK in conversation:
+        return WALK_REASONING, WALK_ANSWER
+    if TICKETS in conversation:
+        return TICKETS_REASONING, call("Bergen", 2)
+    if QUESTION in conversation:
+        return REASONING, ANSWER
+    return "", "I have no script for this."
+
+
+# ---- the servers -------------------------------------------------------------------------
+
+class Server(NamedTuple):
+    flavor: Literal["tgi", "vllm", "llamacpp", "llama-cpp-python"]
+    """Whose endpoints the loopback pair speaks."""
+    models: tuple[str, str]
+    """The small and target model ids; each server renders with its family's template."""
+
+    @property
+    def backend(self) -> Literal["tgi", "openai"]:
+        return "tgi" if self.flavor == "tgi" else "openai"
+
+
+class Case(NamedTuple):
+    server: Server
+    template: str
+    """``small_template`` / ``target_template``: "auto" is the server's own rendering."""
+    opens_reasoning: bool
+    """The prompt sent ends inside ``<think>``, so the output starts in the reasoning."""
+
+
+CASES = {
+    # the server's own template (or, where the server renders none, the family's by model id)
+    "tgi-r1-server": Case(Server("tgi", R1), "auto", True),
+    "vllm-r1-server": Case(Server("vllm", R1), "auto", True),
+    "llamacpp-r1-server": Case(Server("llamacpp", R1), "auto", True),
+    "llama-cpp-python-r1-family": Case(Server("llama-cpp-python", R1), "auto", True),
+    "llama-cpp-python-qwen3-family": Case(Server("llama-cpp-python", QWEN3), "auto", True),
+    "tgi-qwen3-server": Case(Server("tgi", QWEN3), "auto", True),
+    "vllm-qwen3-server": Case(Server("vllm", QWEN3), "auto", True),
+    # a template the user names, rendered client-side
+    "tgi-r1-builtin": Case(Server("tgi", R1), "deepseek-r1", True),
+    "vllm-r1-builtin": Case(Server("vllm", R1), "deepseek-r1", True),
+    "tgi-chatml": Case(Server("tgi", CHATML), "chatml", False),
+    "vllm-chatml": Case(Server("vllm", CHATML), "chatml", False),
+    "tgi-qwen3-jinja": Case(Server("tgi", QWEN3), QWEN3_THINKING, True),
+    "vllm-qwen3-jinja": Case(Server("vllm", QWEN3), QWEN3_THINKING, True),
+}
+TOOL_CASES = ["tgi-r1-server", "vllm-r1-server", "llamacpp-r1-server",
+              "llama-cpp-python-r1-family", "llama-cpp-python-qwen3-family",
+              "tgi-qwen3-server", "vllm-qwen3-server",
+              "tgi-chatml", "vllm-chatml"]
+"""Cases whose templates render tools (a user's plain Jinja template may not)."""
+
+
+class Pair(NamedTuple):
+    small: LoopbackServer
+    target: LoopbackServer
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[Callable[[Server], Pair]]:
+    """One loopback pair per flavour and model family, started on first use."""
+    started: dict[Server, Pair] = {}
+
+    def pair(server: Server) -> Pair:
+        if server not in started:
+            model = ThinkingModel(think, writes_start=server.models == CHATML)
+            small, target = (LoopbackServer(model, model_id=model_id, flavor=server.flavor)
+                             for model_id in server.models)
+            started[server] = Pair(small.start(), target.start())
+        found = started[server]
+        found.small.reset()
+        found.target.reset()
+        return found
+
+    yield pair
+    for found in started.values():
+        found.small.stop()
+        found.target.stop()
+
+
+Chat = Callable[..., tuple[ChatSpeculativeThinking, Pair]]
+
+
+@pytest.fixture
+async def chat(servers: Callable[[Server], Pair]) -> AsyncIterator[Chat]:
+    """``chat(case, **options)``: a model over the case's pair, closed after the test."""
+    made: list[ChatSpeculativeThinking] = []
+
+    def build(case: Case, **options: Any) -> tuple[ChatSpeculativeThinking, Pair]:
+        pair = servers(case.server)
+        model = ChatSpeculativeThinking(
+            small_url=pair.small.url, target_url=pair.target.url, backend=case.server.backend,
+            small_template=case.template, target_template=case.template, max_retries=0,
+            **options)
+        made.append(model)
+        return model, pair
+
+    yield build
+    for model in made:
+        await model.aclose()
+        model.close()
+
+
+def assert_prompt(case: Case, pair: Pair) -> None:
+    """The small model saw the template the case names, once-BOS, and the target took over."""
+    first = pair.small.records[0]
+    assert first.prompt.endswith("<think>\n") is case.opens_reasoning, first.prompt
+    assert not first.model_input.startswith(R1_BOS * 2)
+    assert pair.target.records, "no takeover: the split was not tested across authors"
+
+
+def assert_split(message: AIMessage, reasoning: str, answer: str) -> None:
+    assert message.content == answer
+    assert message.additional_kwargs["reasoning_content"].strip() == reasoning
+
+
+# ---- the reasoning split -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", CASES)
+def test_invoke_puts_the_reasoning_in_reasoning_content(chat: Chat, name: str) -> None:
+    """Broken if ``content`` holds the reasoning or ``</think>`` (the adapter read the output as
+    if it began outside the reasoning while the prompt had opened it, or the reverse), or if
+    ``input_tokens`` is not the prompt as the small server counted it."""
+    case = CASES[name]
+    model, pair = chat(case)
+    message = model.invoke(QUESTION)
+    assert_split(message, REASONING, ANSWER)
+    assert_prompt(case, pair)
+    assert message.usage_metadata is not None
+    assert message.usage_metadata["input_tokens"] == pair.small.records[0].prompt_tokens
+
+
+@pytest.mark.parametrize("name", CASES)
+async def test_ainvoke_puts_the_reasoning_in_reasoning_content(chat: Chat, name: str) -> None:
+    """Broken if the async path splits differently from ``invoke``."""
+    case = CASES[name]
+    model, pair = chat(case)
+    message = await model.ainvoke(QUESTION)
+    assert_split(message, REASONING, ANSWER)
+    assert_prompt(case, pair)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_stream_sends_reasoning_and_answer_in_separate_chunks(chat: Chat, name: str) -> None:
+    """Broken if a streamed chunk's text holds reasoning or a tag, if a chunk mixes both kinds,
+    or if the chunks add up to a different message than ``invoke`` gives."""
+    case = CASES[name]
+    model, pair = chat(case)
+    chunks = list(model.stream(QUESTION))
+    for chunk in chunks:
+        assert not (chunk.content and chunk.additional_kwargs.get("reasoning_content"))
+        assert "think>" not in chunk.text
+    assert "".join(chunk.text for chunk in chunks) == ANSWER
+    message = reduce(operator.add, chunks)
+    assert_split(message, REASONING, ANSWER)
+    assert_prompt(case, pair)
+    assert message.usage_metadata is not None
+    assert message.usage_metadata["input_tokens"] == pair.small.records[0].prompt_tokens
+
+
+@pytest.mark.parametrize("name", CASES)
+async def test_astream_sends_reasoning_and_answer_in_separate_chunks(chat: Chat,
+                                                                     name: str) -> None:
+    """Broken if the async stream splits differently from the sync one."""
+    case = CASES[name]
+    model, pair = chat(case)
+    chunks = [chunk async for chunk in model.astream(QUESTION)]
+    assert all(not (c.content and c.additional_kwargs.get("reasoning_content")) for c in chunks)
+    assert_split(reduce(operator.add, chunks), REASONING, ANSWER)
+    assert_prompt(case, pair)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_output_version_v1_gives_a_reasoning_block(chat: Chat, name: str) -> None:
+    """Broken if LangChain's standard content blocks lose the reasoning or show it as text."""
+    case = CASES[name]
+    model, pair = chat(case, output_version="v1")
+    message = model.invoke(QUESTION)
+    blocks = message.content_blocks
+    assert [block["type"] for block in blocks] == ["reasoning", "text"]
+    assert str(blocks[0].get("reasoning")).strip() == REASONING
+    assert blocks[1].get("text") == ANSWER
+    assert_prompt(case, pair)
+
+
+# ---- a decoy tool call in the reasoning --------------------------------------------------
+
+def ticket_tool(calls: list[tuple[str, int]]) -> Any:
+    @tool
+    def get_ticket_price(city: str, travellers: int) -> str:
+        """The price of train tickets to a city for a number of travellers."""
+        calls.append((city, travellers))
+        return "240 NOK" if (city, travellers) == ("Bergen", 2) else "unknown"
+    return get_ticket_price
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["invoke", "stream"])
+@pytest.mark.parametrize("name", TOOL_CASES)
+def test_bind_tools_reads_calls_from_the_answer_only(chat: Chat, name: str,
+                                                     streaming: bool) -> None:
+    """Broken if a ``<tool_call>`` drafted inside the reasoning becomes a tool call (the agent
+    would run ``get_ticket_price('Oslo', 4)``), or if the answer's own call is lost."""
+    model, _ = chat(CASES[name])
+    bound = model.bind_tools([ticket_tool([])])
+    for question, reasoning, calls in [
+            (TICKETS, TICKETS_REASONING, [{"city": "Bergen", "travellers": 2}]),
+            (WALK, WALK_REASONING, [])]:
+        if streaming:
+            message: AIMessage = reduce(operator.add, bound.stream(question))
+        else:
+            message = bound.invoke(question)
+        assert [call["args"] for call in message.tool_calls] == calls
+        assert message.content == ("" if calls else WALK_ANSWER)
+        assert message.additional_kwargs["reasoning_content"].strip() == reasoning
+
+
+@pytest.mark.parametrize("name", TOOL_CASES)
+@pytest.mark.parametrize("question", [TICKETS, WALK], ids=["answer-calls", "answer-only"])
+async def test_create_agent_runs_only_the_answers_tool_call(chat: Chat, name: str,
+                                                            question: str) -> None:
+    """Broken if a LangChain agent executes a call the model only drafted while thinking: the
+    tool must run exactly once with the answer's arguments, or not at all. On TGI the tool turn
+    is rendered client-side (TGI flattens tool calls), so this also breaks if the two renderings
+    disagree about where the reasoning starts."""
+    calls: list[tuple[str, int]] = []
+    model, _ = chat(CASES[name])
+    agent = create_agent(model, tools=[ticket_tool(calls)])
+    state = await agent.ainvoke({"messages": [HumanMessage(question)]})
+    final = state["messages"][-1]
+    if question == TICKETS:
+        assert calls == [("Bergen", 2)]
+        assert final.content == PRICED_ANSWER
+        assert final.additional_kwargs["reasoning_content"].strip() == PRICED_REASONING
+    else:
+        assert calls == []
+        assert final.content == WALK_ANSWER
+    assert all("</think>" not in str(m.content) for m in state["messages"])
+
+
+@pytest.mark.parametrize("name", TOOL_CASES)
+async def test_create_agent_streaming_runs_only_the_answers_tool_call(chat: Chat,
+                                                                      name: str) -> None:
+    """Broken if the streamed path (``stream_mode="messages"`` streams the model's chunks)
+    turns the decoy into a call, or shows reasoning as message text."""
+    calls: list[tuple[str, int]] = []
+    model, _ = chat(CASES[name])
+    agent = create_agent(model, tools=[ticket_tool(calls)])
+    shown = []
+    async for chunk, _meta in agent.astream({"messages": [HumanMessage(TICKETS)]},
+                                            stream_mode="messages"):
+        if isinstance(chunk, AIMessageChunk):
+            shown.append(chunk.text)
+    assert calls == [("Bergen", 2)]
+    assert "".join(shown) == PRICED_ANSWER
+
+
+class TicketPrice(BaseModel):
+    """The price of the tickets."""
+
+    amount: int
+
+
+@pytest.mark.parametrize(("name", "method"), [
+    ("tgi-r1-server", "function_calling"), ("vllm-r1-server", "function_calling"),
+    ("vllm-qwen3-server", "function_calling"), ("tgi-chatml", "function_calling"),
+    # TGI constrains json_schema output with a grammar (the model writes JSON at once, which a
+    # scripted model cannot show); vLLM's answer is parsed.
+    ("vllm-r1-server", "json_schema"), ("vllm-qwen3-server", "json_schema"),
+    ("vllm-chatml", "json_schema"),
+])
+def test_structured_output_is_read_from_the_answer_only(chat: Chat, name: str,
+                                                        method: str) -> None:
+    """Broken if ``with_structured_output`` parses a call or JSON the model drafted while
+    thinking (999) instead of the answer's (240), or fails on reasoning text."""
+    model, _ = chat(CASES[name])
+    structured = model.with_structured_output(TicketPrice, method=method,  # type: ignore[arg-type]
+                                              include_raw=True)
+    out = structured.invoke(STRUCTURED)
+    assert isinstance(out, dict)
+    assert out["parsed"] == TicketPrice(amount=240), out["parsing_error"]
+    assert out["raw"].additional_kwargs["reasoning_content"].strip() == STRUCTURED_REASONING
+
+
+@pytest.mark.parametrize("strategy", [ToolStrategy, ProviderStrategy])
+@pytest.mark.parametrize("name", ["tgi-r1-server", "vllm-r1-server", "tgi-qwen3-server",
+                                  "vllm-chatml"])
+async def test_create_agent_structured_response_comes_from_the_answer(
+        chat: Chat, name: str, strategy: type[ToolStrategy[Any] | ProviderStrategy[Any]]) -> None:
+    """Broken if an agent's ``response_format`` is filled from a call or JSON drafted in the
+    reasoning (999), if the drafted ticket call runs, or if ProviderStrategy's schema together
+    with the tools forced a grammar that left the tools uncallable."""
+    calls: list[tuple[str, int]] = []
+    model, pair = chat(CASES[name])
+    agent = create_agent(model, tools=[ticket_tool(calls)], response_format=strategy(TicketPrice))
+    state = await agent.ainvoke({"messages": [HumanMessage(TICKETS)]})
+    assert calls == [("Bergen", 2)]
+    assert state["structured_response"] == TicketPrice(amount=240)
+    assert all("grammar" not in record.parameters for record in pair.small.records)
+
+
+# ---- tool turns: the prompt is rendered client-side on TGI --------------------------------
+
+TOOL_TURNS = [
+    HumanMessage(TICKETS),
+    AIMessage("", tool_calls=[{"name": "get_ticket_price", "id": "call_1",
+                               "args": {"city": "Bergen", "travellers": 2}}]),
+    ToolMessage("240 NOK", tool_call_id="call_1"),
+]
+
+
+@pytest.mark.parametrize("name", TOOL_CASES)
+def test_after_a_tool_turn_invoke_and_stream_split_alike(chat: Chat, name: str) -> None:
+    """After a tool result, ``invoke`` and ``stream`` must make the same decision about where
+    the reasoning starts (they once decided separately and disagreed on TGI, whose tool turns
+    are rendered with the family template rather than by the server). Broken if the answer
+    holds the reasoning, or the decoy in it becomes a call."""
+    model, pair = chat(CASES[name])
+    bound = model.bind_tools([ticket_tool([])])
+    invoked = bound.invoke(TOOL_TURNS)
+    streamed: AIMessage = reduce(operator.add, bound.stream(TOOL_TURNS))
+    for message in (invoked, streamed):
+        assert message.content == PRICED_ANSWER
+        assert message.tool_calls == []
+        assert message.additional_kwargs["reasoning_content"].strip() == PRICED_REASONING
+    prompt = pair.small.records[0].prompt
+    assert "<tool_response>\n240 NOK\n</tool_response>" in prompt
