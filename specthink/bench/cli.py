@@ -66,9 +66,19 @@ def bench(
     hot_spots: Annotated[bool, typer.Option(help="Profile the client (cProfile).")] = True,
     json_output: Annotated[bool, typer.Option(
         "--json", help="Print every figure as JSON on stdout.")] = False,
+    ttft: Annotated[bool, typer.Option(
+        help="Instead: time to first token at 1, 16 and 256 conversations for specthink and "
+             "bare clients, written to ttft.md and ttft.json.")] = False,
+    ttft_rounds: Annotated[int | None, typer.Option(
+        min=1, help="With --ttft: rounds of every client at every level (default 3).")] = None,
 ) -> None:
     """Measure the engine against the latency model's limit, the authors' control loop, and
     each model alone, on loopback servers that behave like GPU servers."""
+    if ttft:
+        from specthink.bench.ttft import ttft_command
+
+        ttft_command(out, quick=quick, seed=seed, rounds=ttft_rounds, json_output=json_output)
+        return
     config = BenchConfig.quick() if quick else BenchConfig()
     changes: dict[str, object] = {"seed": seed, "hot_spots": hot_spots}
     if not throughput:
