@@ -452,8 +452,8 @@ class TTFTCell:
     first: Requests | None
     """The client's first conversation ever (its warm-up)."""
     later: Requests | None
-    """A later conversation: exact for one conversation at a time, else the burst's mean
-    (with ``*_before`` counted by arrival, so a neighbour's may be in it)."""
+    """A later conversation: exact for one conversation at a time; in a burst only the totals
+    per conversation (``*_before`` is NaN)."""
     cpu_seconds: float
     """Client CPU time per conversation."""
     errors: int
@@ -477,8 +477,10 @@ def cell_figures(spec: CellSpec, run: CellRun, calls: dict[str, list[CallRecord]
         end = max((c.finished for c in run.conversations), default=t0)
         n = max(len(run.conversations), 1)
         whole = _window_requests(calls, t0, end)
-        later: Requests | None = Requests(whole.small_before / n, whole.target_before / n,
-                         whole.small_total / n, whole.target_total / n)
+        # Which conversation a render belongs to is not recorded, so in a burst only the
+        # totals per conversation are known.
+        later: Requests | None = Requests(math.nan, math.nan, whole.small_total / n,
+                                          whole.target_total / n)
     else:
         ttft = [(c.first_text - c.started) * ms for c in run.conversations if c.first_text]
         arrivals = []
@@ -656,11 +658,17 @@ def targets(result: TTFTResult) -> list[Target]:
     for name, limit in ((TARGET_CLIENT, 1.0), ("langchain-chatml", 0.0), ("engine-chatml", 0.0)):
         later = [c.later for c in result.cells if c.client == name and c.conversations == 1
                  and c.later is not None]
-        if later:
-            worst = max(r.small_before + r.target_before for r in later)
-            out.append(Target(
-                f"non-generation requests before a later conversation's first generation "
-                f"request, {name} (≤ {limit:g})", _ms(worst, 2), worst <= limit, ""))
+        if not later:
+            continue
+        small = statistics.fmean(r.small_before for r in later)
+        both = statistics.fmean(r.small_before + r.target_before for r in later)
+        out.append(Target(
+            f"non-generation requests before a later conversation's first generation request "
+            f"on the small server (the critical path), {name} (≤ {limit:g})", _ms(small, 2),
+            small <= limit, ""))
+        out.append(Target(
+            f"the same, both servers, by arrival (the target's render runs beside the small "
+            f"model's first stream), {name} (≤ {limit:g})", _ms(both, 2), both <= limit, ""))
     return out
 
 
@@ -745,7 +753,8 @@ def to_markdown(result: TTFTResult) -> str:
     burst = max(config.levels)
     header = ["client", "first: before (paths)", "later: small before", "later: target before",
               f"{burst} at once: per conversation", "1: reaches the server",
-              f"{burst}: reaches the server p50 / p95", f"CPU ms per conversation at {burst}"]
+              f"{burst}: reaches the server p50 / p95",
+              f"client CPU ms per conversation at {burst} (/ httpx)"]
     rows = []
     for name in config.clients:
         solo = [c for c in result.cells_of(name, 1)]
@@ -756,6 +765,9 @@ def to_markdown(result: TTFTResult) -> str:
         arrivals_1 = [v for c in solo for v in c.arrival_ms]
         arrivals_n = [v for c in big for v in c.arrival_ms]
         cpu = [c.cpu_seconds * 1000 for c in big]
+        floor_cpu = [c.cpu_seconds * 1000 for c in result.cells_of(FLOOR_CLIENT, burst)]
+        cpu_ratio = (statistics.fmean(cpu) / statistics.fmean(floor_cpu)
+                     if cpu and floor_cpu and burst > 1 else None)
         rows.append([
             name,
             "—" if first is None else (f"{first.small_before + first.target_before:g} ("
@@ -766,7 +778,7 @@ def to_markdown(result: TTFTResult) -> str:
             f"{per_conv.small_total + per_conv.target_total:.2f}",
             _ms(percentile(arrivals_1, 0.5)),
             f"{_ms(percentile(arrivals_n, 0.5))} / {_ms(percentile(arrivals_n, 0.95))}",
-            _ms(statistics.fmean(cpu) if cpu else None, 2)])
+            f"{_ms(statistics.fmean(cpu) if cpu else None, 2)} ({_x(cpu_ratio)})"])
     lines += _table(header, rows)
     if result.errors:
         lines += ["", f"**{len(result.errors)} conversation(s) failed**; the first:", "",

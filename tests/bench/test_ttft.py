@@ -76,7 +76,7 @@ def test_the_report_states_the_targets(result: object, tmp_path: Path) -> None:
     markdown, data = write_ttft(result, tmp_path)
     text = markdown.read_text(encoding="utf-8")
     names = [target.name for target in targets(result)]
-    assert len(names) == 4 and all(name in text for name in names)
+    assert len(names) == 6 and all(name in text for name in names)
     figures = json.loads(data.read_text(encoding="utf-8"))
     assert len(figures["cells"]) == 2 * len(CLIENT_SUBSET)
     assert set(figures["summary"]) == set(CLIENT_SUBSET)
