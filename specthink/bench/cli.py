@@ -71,13 +71,17 @@ def bench(
              "bare clients, written to ttft.md and ttft.json.")] = False,
     ttft_rounds: Annotated[int | None, typer.Option(
         min=1, help="With --ttft: rounds of every client at every level (default 3).")] = None,
+    ttft_gc_freeze: Annotated[bool, typer.Option(
+        help="With --ttft: each client process calls gc.freeze() after its warm-up; written "
+             "to ttft-gc-freeze.md and .json.")] = False,
 ) -> None:
     """Measure the engine against the latency model's limit, the authors' control loop, and
     each model alone, on loopback servers that behave like GPU servers."""
     if ttft:
         from specthink.bench.ttft import ttft_command
 
-        ttft_command(out, quick=quick, seed=seed, rounds=ttft_rounds, json_output=json_output)
+        ttft_command(out, quick=quick, seed=seed, rounds=ttft_rounds,
+                     gc_freeze=ttft_gc_freeze, json_output=json_output)
         return
     config = BenchConfig.quick() if quick else BenchConfig()
     changes: dict[str, object] = {"seed": seed, "hot_spots": hot_spots}

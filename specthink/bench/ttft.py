@@ -311,6 +311,29 @@ class CellSpec:
     small_url: str
     target_url: str
     trace: TraceSpec
+    gc_freeze: bool = False
+    """``gc.freeze()`` after the warm-up, as a service may do once started."""
+
+
+class _GCPauses:
+    """The cyclic garbage collector's pauses while installed (``gc.callbacks``)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], time.perf_counter() - self._started))
+
+    def __enter__(self) -> _GCPauses:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self)
 
 
 @dataclass(slots=True)
@@ -330,6 +353,8 @@ class CellRun:
     burst_started: float
     cpu_seconds: float
     errors: list[str] = field(default_factory=list)
+    gc_pauses: list[tuple[int, float]] = field(default_factory=list)
+    """(generation, seconds) of every collection while the conversations ran."""
 
 
 async def _one(client: Client, number: int, prepared: Any) -> Conversation:
@@ -343,29 +368,34 @@ async def _cell(spec: CellSpec) -> CellRun:
     errors: list[str] = []
     try:
         warmup = await _one(client, WARMUP, client.setup(WARMUP))
-        gc.collect()
         prepared = {n: client.setup(n) for n in spec.conversations}
+        gc.collect()
+        if spec.gc_freeze:
+            gc.freeze()
         cpu = time.process_time()
         burst_started = time.monotonic()
         done: list[Conversation | BaseException]
-        if spec.burst:
-            done = list(await asyncio.gather(
-                *(_one(client, n, prepared[n]) for n in spec.conversations),
-                return_exceptions=True))
-        else:
-            done = []
-            for n in spec.conversations:
-                try:
-                    done.append(await _one(client, n, prepared[n]))
-                except Exception as exc:  # reported; the cell goes on
-                    done.append(exc)
+        with _GCPauses() as collector:
+            if spec.burst:
+                done = list(await asyncio.gather(
+                    *(_one(client, n, prepared[n]) for n in spec.conversations),
+                    return_exceptions=True))
+            else:
+                done = []
+                for n in spec.conversations:
+                    try:
+                        done.append(await _one(client, n, prepared[n]))
+                    except Exception as exc:  # reported; the cell goes on
+                        done.append(exc)
         cpu = time.process_time() - cpu
     finally:
+        if spec.gc_freeze:
+            gc.unfreeze()
         await client.aclose()
     errors += ["".join(traceback.format_exception(r)) for r in done
                if isinstance(r, BaseException)]
     return CellRun(warmup, [r for r in done if isinstance(r, Conversation)], burst_started,
-                   cpu, errors)
+                   cpu, errors, collector.pauses)
 
 
 def run_cell(spec: CellSpec) -> CellRun:
@@ -457,6 +487,10 @@ class TTFTCell:
     cpu_seconds: float
     """Client CPU time per conversation."""
     errors: int
+    gc_full: int = 0
+    """Full (generation 2) collections while the conversations ran."""
+    gc_ms: float = 0.0
+    """Time spent in all collections while the conversations ran."""
 
     def p(self, share: float) -> float:
         return percentile(self.ttft_ms, share)
@@ -495,7 +529,9 @@ def cell_figures(spec: CellSpec, run: CellRun, calls: dict[str, list[CallRecord]
     own = [(c.first_text - c.started) * ms for c in run.conversations if c.first_text]
     level = len(spec.conversations) if spec.burst else 1
     return TTFTCell(spec.client, level, round_number, ttft, own, arrivals, first, later,
-                    run.cpu_seconds / len(spec.conversations), len(run.errors))
+                    run.cpu_seconds / len(spec.conversations), len(run.errors),
+                    gc_full=sum(1 for generation, _ in run.gc_pauses if generation == 2),
+                    gc_ms=sum(seconds for _, seconds in run.gc_pauses) * ms)
 
 
 # --------------------------------------------------------------------------- the run
@@ -512,6 +548,8 @@ class TTFTConfig:
     per_token: float = 0.040
     """Latency of the small server's tokens (the target's too: it writes none here)."""
     seed: int = 0
+    gc_freeze: bool = False
+    """Every client process calls ``gc.freeze()`` after its warm-up (see ``CellSpec``)."""
     isolate: bool = True
     """Each cell in a fresh client process (``False``: in this one, for tests)."""
 
@@ -601,7 +639,7 @@ def run_ttft(config: TTFTConfig, progress: Progress = lambda message: None) -> T
                              f"conversation(s), {name}")
                     servers.prepare(trace, config.latency, config.latency, (WARMUP, *numbers))
                     spec = CellSpec(name, numbers, not solo, servers.small.url,
-                                    servers.target.url, trace)
+                                    servers.target.url, trace, config.gc_freeze)
                     run = run_cell_in_child(spec) if config.isolate else run_cell(spec)
                     result.errors.extend(run.errors)
                     result.cells.append(cell_figures(spec, run, _server_calls(servers),
@@ -672,17 +710,26 @@ def targets(result: TTFTResult) -> list[Target]:
     return out
 
 
+def _command(config: TTFTConfig) -> str:
+    return ("specthink bench --ttft" + (" --ttft-gc-freeze" if config.gc_freeze else "")
+            + " --out docs/benchmarks")
+
+
 def to_markdown(result: TTFTResult) -> str:
     config = result.config
+    freeze = (" Every client process called `gc.freeze()` after its warm-up (as a service "
+              "may once started), so the collector no longer walks the start-up heap."
+              if config.gc_freeze else "")
     lines = [
-        "# Time to first token under a burst",
+        "# Time to first token under a burst" + (", start-up heap frozen" if freeze else ""),
         "",
-        f"Generated by `specthink bench --ttft --out docs/benchmarks` "
+        f"Generated by `{_command(config)}` "
         f"({result.started}, {result.seconds / 60:.1f} min; Python "
         f"{result.machine['python']}, {result.machine['cpus']} CPUs, load average "
         f"{result.machine['loadavg']} before and {result.machine.get('loadavg_after', '?')} "
-        f"after). Every figure is also in [ttft.json](ttft.json); how the bench works is in "
-        f"the docstring of `specthink/bench/ttft.py` and in [methodology](methodology.md#ttft).",
+        f"after). Every figure is also in [{_stem(config)}.json]({_stem(config)}.json); how "
+        f"the bench works is in the docstring of `specthink/bench/ttft.py` and in "
+        f"[methodology](methodology.md#ttft)." + freeze,
         "",
         f"- servers: the bench's two loopback TGI servers in child processes; "
         f"{config.per_request * 1000:g} ms per generation request, "
@@ -754,7 +801,8 @@ def to_markdown(result: TTFTResult) -> str:
     header = ["client", "first: before (paths)", "later: small before", "later: target before",
               f"{burst} at once: per conversation", "1: reaches the server",
               f"{burst}: reaches the server p50 / p95",
-              f"client CPU ms per conversation at {burst} (/ httpx)"]
+              f"client CPU ms per conversation at {burst} (/ httpx)",
+              f"GC ms per burst of {burst} (full collections in all rounds)"]
     rows = []
     for name in config.clients:
         solo = [c for c in result.cells_of(name, 1)]
@@ -766,6 +814,8 @@ def to_markdown(result: TTFTResult) -> str:
         arrivals_n = [v for c in big for v in c.arrival_ms]
         cpu = [c.cpu_seconds * 1000 for c in big]
         floor_cpu = [c.cpu_seconds * 1000 for c in result.cells_of(FLOOR_CLIENT, burst)]
+        full = sum(c.gc_full for c in big)
+        gc_ms = statistics.fmean(c.gc_ms for c in big) if big else None
         cpu_ratio = (statistics.fmean(cpu) / statistics.fmean(floor_cpu)
                      if cpu and floor_cpu and burst > 1 else None)
         rows.append([
@@ -778,7 +828,8 @@ def to_markdown(result: TTFTResult) -> str:
             f"{per_conv.small_total + per_conv.target_total:.2f}",
             _ms(percentile(arrivals_1, 0.5)),
             f"{_ms(percentile(arrivals_n, 0.5))} / {_ms(percentile(arrivals_n, 0.95))}",
-            f"{_ms(statistics.fmean(cpu) if cpu else None, 2)} ({_x(cpu_ratio)})"])
+            f"{_ms(statistics.fmean(cpu) if cpu else None, 2)} ({_x(cpu_ratio)})",
+            f"{_ms(gc_ms)} ({full} in {len(big)})"])
     lines += _table(header, rows)
     if result.errors:
         lines += ["", f"**{len(result.errors)} conversation(s) failed**; the first:", "",
@@ -805,7 +856,7 @@ def to_json(result: TTFTResult) -> dict[str, Any]:
             for level in result.config.levels}
         for name in result.config.clients}
     data = {
-        "command": "specthink bench --ttft --out docs/benchmarks",
+        "command": _command(result.config),
         "started": result.started, "seconds": result.seconds, "machine": result.machine,
         "config": dataclasses.asdict(result.config),
         "targets": [dataclasses.asdict(t) for t in targets(result)],
@@ -816,23 +867,29 @@ def to_json(result: TTFTResult) -> dict[str, Any]:
     return clean(data)  # type: ignore[no-any-return]
 
 
+def _stem(config: TTFTConfig) -> str:
+    return "ttft-gc-freeze" if config.gc_freeze else "ttft"
+
+
 def write_ttft(result: TTFTResult, out: Path) -> list[Path]:
-    """Write ``ttft.md`` and ``ttft.json`` into ``out``; returns the files."""
+    """Write ``ttft.md`` and ``ttft.json`` (``ttft-gc-freeze.*`` with ``gc_freeze``) into
+    ``out``; returns the files."""
     out.mkdir(parents=True, exist_ok=True)
-    markdown, data = out / "ttft.md", out / "ttft.json"
+    stem = _stem(result.config)
+    markdown, data = out / f"{stem}.md", out / f"{stem}.json"
     markdown.write_text(to_markdown(result) + "\n", encoding="utf-8")
     data.write_text(json.dumps(to_json(result), indent=2) + "\n", encoding="utf-8")
     return [markdown, data]
 
 
 def ttft_command(out: Path, *, quick: bool = False, seed: int = 0, rounds: int | None = None,
-                 json_output: bool = False) -> None:
+                 gc_freeze: bool = False, json_output: bool = False) -> None:
     """``specthink bench --ttft``: run, write ``ttft.md``/``ttft.json``, print the targets."""
     import typer
     from rich.console import Console
 
     config = TTFTConfig.quick() if quick else TTFTConfig()
-    config = dataclasses.replace(config, seed=seed,
+    config = dataclasses.replace(config, seed=seed, gc_freeze=gc_freeze,
                                  rounds=config.rounds if rounds is None else rounds)
     err = Console(stderr=True, highlight=False)
     started = time.monotonic()
