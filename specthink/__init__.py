@@ -4,6 +4,7 @@ A small reasoning model writes; at paragraph breaks followed by reflection a lar
 over for a few tokens, then hands back.
 """
 
+from . import _constants
 from .engine import SpeculativeThinker
 from .errors import (
     BackendConnectionError,
@@ -52,12 +53,4 @@ __all__ = [
     "TextEvent",
 ]
 
-__version__ = "0.1.0"
-
-for _name in __all__:
-    _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("specthink."):
-        try:
-            _obj.__module__ = "specthink"
-        except (AttributeError, TypeError):  # pragma: no cover - some objects refuse it
-            pass
+__version__ = _constants.VERSION

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 import typer
 from rich.console import Console
 
+from specthink import _constants
 from specthink.rules import PRESETS
 
 __all__ = [
@@ -42,19 +43,19 @@ Role = Literal["small", "target"]
 
 def url_option(role: Role, help: str | None = None) -> Any:
     """``--small`` / ``--target``: the role's server URL, or ``SPECTHINK_<ROLE>_URL``."""
-    return typer.Option(f"--{role}", envvar=f"SPECTHINK_{role.upper()}_URL", show_envvar=True,
+    return typer.Option(f"--{role}", envvar=_constants.URL_ENV[role], show_envvar=True,
                         help=help)
 
 
 def backend_option(help: str | None = None) -> Any:
     """``--backend``: the wire protocol of both servers, or ``SPECTHINK_BACKEND``."""
-    return typer.Option("--backend", envvar="SPECTHINK_BACKEND", help=help)
+    return typer.Option("--backend", envvar=_constants.BACKEND_ENV, help=help)
 
 
 def model_option(role: Role, help: str | None = None) -> Any:
     """``--small-model`` / ``--target-model``: the model name an OpenAI-compatible server is
     sent, or ``SPECTHINK_<ROLE>_MODEL``."""
-    return typer.Option(f"--{role}-model", envvar=f"SPECTHINK_{role.upper()}_MODEL", help=help)
+    return typer.Option(f"--{role}-model", envvar=_constants.MODEL_ENV[role], help=help)
 
 
 def template_option(role: Role) -> Any:
@@ -65,7 +66,8 @@ def template_option(role: Role) -> Any:
 
 def api_key_option(help: str | None = None) -> Any:
     """``--api-key``, or ``SPECTHINK_API_KEY``; never shown as a default."""
-    return typer.Option("--api-key", envvar="SPECTHINK_API_KEY", show_default=False, help=help)
+    return typer.Option("--api-key", envvar=_constants.API_KEY_ENV, show_default=False,
+                        help=help)
 
 
 # ---- declared alike by `ask` and `eval` --------------------------------------------------
@@ -82,11 +84,11 @@ ApiKey = Annotated[str | None, api_key_option(
 # ---- declared alike by `local down` and `local status` -----------------------------------
 
 LocalSmallPort = Annotated[int | None, typer.Option(
-    "--small-port", envvar="SPECTHINK_LOCAL_SMALL_PORT")]
+    "--small-port", envvar=_constants.LOCAL_SMALL_PORT_ENV)]
 LocalTargetPort = Annotated[int | None, typer.Option(
-    "--target-port", envvar="SPECTHINK_LOCAL_TARGET_PORT")]
+    "--target-port", envvar=_constants.LOCAL_TARGET_PORT_ENV)]
 LocalStateDir = Annotated[Path | None, typer.Option(
-    "--state-dir", envvar="SPECTHINK_STATE_DIR", file_okay=False)]
+    "--state-dir", envvar=_constants.STATE_DIR_ENV, file_okay=False)]
 
 
 def stderr() -> Console:

@@ -7,8 +7,20 @@ import httpx
 VERSION = "0.1.0"
 """The package's version (``specthink.__version__``; pyproject.toml says the same, tested)."""
 
+# ---- environment variables (the CLI, both adapters and the backends read the same ones)
+
 API_KEY_ENV = "SPECTHINK_API_KEY"
 """Where a backend finds its bearer token when none is passed."""
+SMALL_URL_ENV = "SPECTHINK_SMALL_URL"
+TARGET_URL_ENV = "SPECTHINK_TARGET_URL"
+SMALL_MODEL_ENV = "SPECTHINK_SMALL_MODEL"
+TARGET_MODEL_ENV = "SPECTHINK_TARGET_MODEL"
+BACKEND_ENV = "SPECTHINK_BACKEND"
+LOCAL_SMALL_PORT_ENV = "SPECTHINK_LOCAL_SMALL_PORT"
+LOCAL_TARGET_PORT_ENV = "SPECTHINK_LOCAL_TARGET_PORT"
+STATE_DIR_ENV = "SPECTHINK_STATE_DIR"
+URL_ENV = {"small": SMALL_URL_ENV, "target": TARGET_URL_ENV}
+MODEL_ENV = {"small": SMALL_MODEL_ENV, "target": TARGET_MODEL_ENV}
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 """Seconds to open a TCP connection to a server."""
@@ -28,6 +40,7 @@ RETRY_DEADLINE = 60.0
 """No retry starts later than this many seconds after the first attempt of a request."""
 
 DEFAULT_MAX_NEW_TOKENS = 4096
+"""Tokens a call may generate, both models together, when the caller sets no budget."""
 
 KEEPALIVE_EXPIRY = 4.0
 POOL_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=512,

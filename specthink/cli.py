@@ -6,6 +6,7 @@
     specthink local up | down | status                # the llama.cpp pair on loopback
     specthink servers check                           # health, model ids and limits of both servers
     specthink trace trace.json --html trace.html      # a saved trace as a self-contained page
+    specthink serve --small URL --target URL          # an OpenAI-compatible server (extra `server`)
 
 Results go to stdout; progress, legends and tables go to stderr. Each error family has its own
 exit code (``EXIT_CODES``).
@@ -24,6 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
+from specthink import _constants
 from specthink.backends.base import Backend, SamplingParams
 from specthink.errors import BackendError, ConfigError, SpecthinkError
 from specthink.local import DEFAULT_PORTS, LOCAL_PAIR_NOTE, LocalPair, LocalPairError
@@ -81,7 +83,8 @@ STYLES: dict[str, str] = {
     "fallback": "bold red",
 }
 
-EXTENSIONS = ("specthink.bench.cli", "specthink.evaluation.cli")
+EXTENSIONS = ("specthink.bench.cli", "specthink.bench.serve", "specthink.evaluation.cli",
+              "specthink.serve.cli")
 """Modules that add commands through ``register(app: typer.Typer) -> None`` when installed."""
 
 
@@ -124,8 +127,9 @@ def _local_pair(small_port: int | None = None, target_port: int | None = None,
                 **options: Any) -> LocalPair:
     # `ask` starts the pair without port options, so the variables are read here too.
     return LocalPair(
-        small_port=small_port or _env_port("SPECTHINK_LOCAL_SMALL_PORT", DEFAULT_PORTS["small"]),
-        target_port=target_port or _env_port("SPECTHINK_LOCAL_TARGET_PORT",
+        small_port=small_port or _env_port(_constants.LOCAL_SMALL_PORT_ENV,
+                                           DEFAULT_PORTS["small"]),
+        target_port=target_port or _env_port(_constants.LOCAL_TARGET_PORT_ENV,
                                              DEFAULT_PORTS["target"]),
         **options)
 
@@ -170,7 +174,8 @@ def _resolve_urls(small: str | None, target: str | None) -> tuple[str, str] | No
     if small and target:
         return small, target
     if small or target:
-        missing = "--target / SPECTHINK_TARGET_URL" if small else "--small / SPECTHINK_SMALL_URL"
+        missing = (f"--target / {_constants.TARGET_URL_ENV}" if small
+                   else f"--small / {_constants.SMALL_URL_ENV}")
         raise ConfigError(f"both servers are needed: {missing} is not set "
                           "(set neither to use the local pair)")
     return None
@@ -382,13 +387,13 @@ def trace(
 
 def local_up(
     small_port: Annotated[int | None, typer.Option(
-        "--small-port", envvar="SPECTHINK_LOCAL_SMALL_PORT",
+        "--small-port", envvar=_constants.LOCAL_SMALL_PORT_ENV,
         help=f"Port of the small model's server [default: {DEFAULT_PORTS['small']}].")] = None,
     target_port: Annotated[int | None, typer.Option(
-        "--target-port", envvar="SPECTHINK_LOCAL_TARGET_PORT",
+        "--target-port", envvar=_constants.LOCAL_TARGET_PORT_ENV,
         help=f"Port of the target model's server [default: {DEFAULT_PORTS['target']}].")] = None,
     state_dir: Annotated[Path | None, typer.Option(
-        "--state-dir", envvar="SPECTHINK_STATE_DIR", file_okay=False,
+        "--state-dir", envvar=_constants.STATE_DIR_ENV, file_okay=False,
         help="Pid files and logs [default: ~/.cache/specthink/local].")] = None,
     small_model: Annotated[Path | None, typer.Option(
         "--small-model", exists=True, dir_okay=False,
@@ -416,8 +421,8 @@ def local_up(
             err.print(Text(LOCAL_PAIR_NOTE, style="dim"))
         with err.status("starting the local llama.cpp pair…"):
             urls = pair.up()
-        sys.stdout.write(f"SPECTHINK_SMALL_URL={urls['small']}\n"
-                         f"SPECTHINK_TARGET_URL={urls['target']}\n")
+        sys.stdout.write(f"{_constants.SMALL_URL_ENV}={urls['small']}\n"
+                         f"{_constants.TARGET_URL_ENV}={urls['target']}\n")
         err.print(Text("use them with --backend openai --template chatml; "
                        "stop the pair with `specthink local down`", style="dim"))
 

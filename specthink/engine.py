@@ -21,7 +21,8 @@ from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from ._sync import _LoopThread, close_on_sync_loop, run_sync
+from ._constants import DEFAULT_MAX_NEW_TOKENS
+from ._sync import _LoopThread, run_sync
 from .backends.base import Backend, SamplingParams, StreamToken
 from .errors import (
     BackendError,
@@ -57,13 +58,12 @@ from .trace import (
     TextEvent,
 )
 
-__all__ = ["SpeculativeThinker", "close_on_sync_loop", "run_sync"]
+__all__ = ["SpeculativeThinker"]
 
 Role = Literal["small", "target"]
 TargetErrorPolicy = Literal["fallback", "raise"]
 T = TypeVar("T")
 
-DEFAULT_MAX_NEW_TOKENS = 4096
 CONTEXT_MARGIN_TOKENS = 8
 """Slack for re-tokenising accepted text, which may take a few more tokens than were generated."""
 
@@ -697,7 +697,7 @@ class SpeculativeThinker:
 
         prompt = run.prompts[role] + run.text
         if role == "small":
-            run.reports_prompt_tokens = not run.text and not run.stats.input_tokens
+            run.reports_prompt_tokens = not run.length and not run.stats.input_tokens
         sampling = run.sampling
         if sampling.grammar is not None and not backend.supports_grammar:
             sampling = dataclasses.replace(sampling, grammar=None)

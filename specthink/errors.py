@@ -5,6 +5,9 @@ The tree::
     SpecthinkError
     ├── ConfigError (also ValueError)        bad rules or bad input; raised before any request
     │   └── PromptTooLongError               the prompt exceeds a server's max_input_tokens
+    ├── NoToolCallError (also ValueError)    a tool call was required but the answer held none
+    ├── LocalPairError                       the local llama.cpp pair failed to start or stop
+    │   └── LocalPairMissingError            its server or model file is not installed
     └── BackendError                         anything a server did or failed to do
         ├── BackendConnectionError           could not connect, or the connection broke
         │   └── StreamDroppedError           the connection broke after the first token
@@ -39,6 +42,9 @@ __all__ = [
     "ContextLimitEvent",
     "GenerationError",
     "IncompleteGenerationError",
+    "LocalPairError",
+    "LocalPairMissingError",
+    "NoToolCallError",
     "OverloadedError",
     "PromptTooLongError",
     "RequestValidationError",
@@ -63,6 +69,19 @@ class ConfigError(SpecthinkError, ValueError):
 
 class PromptTooLongError(ConfigError):
     """The rendered prompt has more tokens than a server accepts (``max_input_tokens`` of /info)."""
+
+
+class NoToolCallError(SpecthinkError, ValueError):
+    """A tool call was required (``tool_choice`` / ``error_on_no_tool_call``) but the answer held
+    none. A ``ValueError``, as LlamaIndex callers of ``get_tool_calls_from_response`` expect."""
+
+
+class LocalPairError(SpecthinkError):
+    """The local llama.cpp pair could not be started, reached or stopped."""
+
+
+class LocalPairMissingError(LocalPairError):
+    """llama-cpp-python's server or the GGUF model file is not installed."""
 
 
 class BackendError(SpecthinkError):
@@ -212,6 +231,7 @@ _CONTEXT_LIMIT = re.compile(
     r"|maximum model length"                      # vLLM: ... longer than the maximum model length
     r"|longer than the model's context length"    # SGLang
     r"|exceeds? the available context size"       # llama.cpp
+    r"|exceeds the context length"                # Ollama
     r"|context_length_exceeded|exceed_context_size",
     re.IGNORECASE)
 _CONTEXT_LIMIT_STATUSES = (400, 413, 422)

@@ -33,7 +33,8 @@ from typing import Any, Literal
 
 import httpx
 
-from specthink.errors import SpecthinkError
+from specthink import _constants
+from specthink.errors import LocalPairError, LocalPairMissingError
 
 __all__ = [
     "DEFAULT_PORTS",
@@ -71,17 +72,9 @@ _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 _POLL_SECONDS = 0.2
 
 
-class LocalPairError(SpecthinkError):
-    """The local llama.cpp pair could not be started, reached or stopped."""
-
-
-class LocalPairMissingError(LocalPairError):
-    """llama-cpp-python's server or the GGUF model file is not installed."""
-
-
 def default_state_dir() -> Path:
     """``$SPECTHINK_STATE_DIR``, else ``~/.cache/specthink/local``: pid files and server logs."""
-    configured = os.environ.get("SPECTHINK_STATE_DIR")
+    configured = os.environ.get(_constants.STATE_DIR_ENV)
     if configured:
         return Path(configured).expanduser()
     return Path.home() / ".cache" / "specthink" / "local"

@@ -165,6 +165,11 @@ class TakeoverRules(BaseModel):
         return self.positive + self.negative + self.verify
 
     @cached_property
+    def _any_keyword(self) -> re.Pattern[str]:
+        # One scan for every keyword: a probe window is searched at every held token.
+        return re.compile("|".join(re.escape(w) for w in self.keywords))
+
+    @cached_property
     def _word_patterns(self) -> dict[str, re.Pattern[str]]:
         return {w: re.compile(rf"(?<!\w){re.escape(w)}(?!\w)") for w in self.keywords}
 
@@ -195,7 +200,7 @@ class TakeoverRules(BaseModel):
         """
         lowered = text.lower()
         if self.match == "substring":
-            return any(w in lowered for w in self.keywords)
+            return self._any_keyword.search(lowered) is not None
         for pattern in self._word_patterns.values():
             for found in pattern.finditer(lowered):
                 if complete or found.end() < len(lowered):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any, Literal
@@ -20,11 +19,13 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
 from specthink.errors import ConfigError
+from specthink.structured import grammar_for, json_instruction
 
 __all__ = [
     "StructuredMethod",
     "ToolLike",
     "format_tools",
+    "grammar_for",
     "json_instruction",
     "normalize_tool_choice",
     "response_format_for",
@@ -87,32 +88,6 @@ def response_format_for(schema: dict[str, Any] | type | None, method: Structured
     name = str(json_schema.get("title") or "response")
     return {"type": "json_schema",
             "json_schema": {"name": name, "schema": json_schema, "strict": bool(strict)}}
-
-
-def json_instruction(response_format: dict[str, Any]) -> str | None:
-    """The system sentence that shows the model the schema it must answer in.
-
-    A text model sees only its prompt, so the schema has to be in it; a grammar (where the
-    servers take one) then only guarantees the form.
-    """
-    if response_format.get("type") != "json_schema":
-        return None
-    schema = response_format["json_schema"]["schema"]
-    return ("Answer with a JSON object that conforms to this JSON schema, and nothing else:\n"
-            + json.dumps(schema, ensure_ascii=False))
-
-
-def grammar_for(response_format: dict[str, Any]) -> dict[str, Any] | None:
-    """The TGI grammar for a ``response_format``."""
-    kind = response_format.get("type")
-    if kind == "json_schema":
-        return {"type": "json", "value": response_format["json_schema"]["schema"]}
-    if kind == "json_object":
-        return {"type": "json", "value": {"type": "object"}}
-    if kind == "text":
-        return None
-    raise ConfigError(f"response_format type must be 'json_schema', 'json_object' or 'text', "
-                      f"got {kind!r}")
 
 
 def structured_runnable(

@@ -20,11 +20,13 @@ from langchain_core.utils import from_env, secret_from_env
 from langchain_core.utils.utils import _build_model_kwargs
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
-from specthink import prompts
+from specthink import _constants, prompts
+from specthink._sync import close_on_sync_loop, run_sync
 from specthink.backends.base import Backend, SamplingParams
-from specthink.engine import SpeculativeThinker, close_on_sync_loop, run_sync
+from specthink.engine import SpeculativeThinker
 from specthink.errors import ConfigError
 from specthink.rules import PRESETS, TakeoverRules
+from specthink.structured import grammar_for, json_instruction, with_system_text
 from specthink.trace import Event
 
 from ._messages import to_engine_messages
@@ -33,8 +35,6 @@ from ._structured import (
     StructuredMethod,
     ToolLike,
     format_tools,
-    grammar_for,
-    json_instruction,
     normalize_tool_choice,
     response_format_for,
     structured_runnable,
@@ -265,9 +265,9 @@ class ChatSpeculativeThinking(BaseChatModel):
 
     model_config = ConfigDict(populate_by_name=True)
 
-    small_url: str = Field(default_factory=from_env("SPECTHINK_SMALL_URL"))
+    small_url: str = Field(default_factory=from_env(_constants.SMALL_URL_ENV))
     """URL of the small (speculative) model's server; default ``$SPECTHINK_SMALL_URL``."""
-    target_url: str = Field(default_factory=from_env("SPECTHINK_TARGET_URL"))
+    target_url: str = Field(default_factory=from_env(_constants.TARGET_URL_ENV))
     """URL of the target model's server; default ``$SPECTHINK_TARGET_URL``."""
     backend: Literal["tgi", "openai"] = "tgi"
     """Wire protocol of both servers: TGI's ``/generate_stream`` or OpenAI ``/v1/completions``."""
@@ -297,7 +297,7 @@ class ChatSpeculativeThinking(BaseChatModel):
     max_retries: int | None = Field(default=None, ge=0)
     """Retries of a request that failed before its first token; default 2."""
     api_key: SecretStr | None = Field(
-        default_factory=secret_from_env("SPECTHINK_API_KEY", default=None))
+        default_factory=secret_from_env(_constants.API_KEY_ENV, default=None))
     """Bearer token for both servers; default ``$SPECTHINK_API_KEY``. Never printed."""
     streaming: bool = False
     """Whether ``invoke`` streams internally (callbacks then see every token)."""
@@ -370,7 +370,7 @@ class ChatSpeculativeThinking(BaseChatModel):
 
     @property
     def lc_secrets(self) -> dict[str, str]:
-        return {"api_key": "SPECTHINK_API_KEY"}
+        return {"api_key": _constants.API_KEY_ENV}
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
@@ -422,7 +422,7 @@ class ChatSpeculativeThinking(BaseChatModel):
                 if self._backends is None:
                     # Pooled connections of an engine nobody holds any more (copies of a model
                     # share it) would otherwise stay open until the process ends.
-                    weakref.finalize(thinker, _close_in_background, small, target)
+                    weakref.finalize(thinker, close_on_sync_loop, small, target)
                 self._thinker = thinker
                 self._thinker_key = key
             return self._thinker
@@ -439,7 +439,7 @@ class ChatSpeculativeThinking(BaseChatModel):
     def close(self) -> None:
         """Close the pooled HTTP connections of the sync methods (``invoke``, ``stream``)."""
         if self._thinker is not None:
-            _run_sync(self._thinker.aclose())
+            run_sync(self._thinker.aclose())
 
     def _config_key(self) -> tuple[Any, ...]:
         # A copy made with model_copy(update=...) shares private state; rebuild if the servers,
@@ -492,7 +492,7 @@ class ChatSpeculativeThinking(BaseChatModel):
         if response_format is not None:
             grammar = grammar_for(response_format)
             if instruction := json_instruction(response_format):
-                engine_messages = _with_system_text(engine_messages, instruction)
+                engine_messages = with_system_text(engine_messages, instruction)
             # A grammar constrains the whole output: with tools offered it would make them
             # uncallable (LangChain's ProviderStrategy sends both), so then the answer is parsed.
             if grammar is not None and not tools and thinker.small.supports_grammar \
@@ -600,7 +600,7 @@ class ChatSpeculativeThinking(BaseChatModel):
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` as the small model's server tokenises it (its ``/tokenize``);
         ``get_num_tokens`` and ``get_num_tokens_from_messages`` count with it."""
-        return _run_sync(self._get_thinker().small.tokenize(text))
+        return run_sync(self._get_thinker().small.tokenize(text))
 
     # ---- agents --------------------------------------------------------------------------
 
@@ -663,8 +663,6 @@ class ChatSpeculativeThinking(BaseChatModel):
         return structured_runnable(bound, schema, method, include_raw=include_raw)
 
 
-_run_sync = run_sync
-_close_in_background = close_on_sync_loop
 
 
 def _session_id(
@@ -688,15 +686,6 @@ def _session_from(metadata: dict[str, Any]) -> str | None:
         if value is not None and str(value).strip():
             return str(value)
     return None
-
-
-def _with_system_text(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
-    """``text`` appended to the leading system message, or as a new one."""
-    if messages and messages[0]["role"] == "system":
-        first = dict(messages[0])
-        first["content"] = f"{first['content']}\n\n{text}" if first["content"] else text
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]
 
 
 def _field_names(cls: type[ChatSpeculativeThinking]) -> set[str]:

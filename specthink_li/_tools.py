@@ -10,7 +10,7 @@ from llama_index.core.base.llms.types import ChatResponse, ToolCallBlock
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.llms.utils import parse_partial_json
 
-from specthink.errors import SpecthinkError
+from specthink.errors import NoToolCallError
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -27,13 +27,6 @@ TOOLS_OFFERED_KEY = "tools_offered"
 """``ChatResponse.additional_kwargs`` key naming the tools a request offered."""
 
 _OPENAI_CHOICES = ("auto", "none", "required")
-
-
-class NoToolCallError(SpecthinkError, ValueError):
-    """A tool call was required (``error_on_no_tool_call``) but the answer held none.
-
-    A ``ValueError``, as LlamaIndex callers of ``get_tool_calls_from_response`` expect.
-    """
 
 
 def openai_tools(tools: Sequence[BaseTool]) -> list[dict[str, Any]]:

@@ -34,9 +34,16 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
 from specthink import prompts
-from specthink._constants import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_RETRIES
+from specthink._constants import (
+    API_KEY_ENV,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MAX_RETRIES,
+    SMALL_URL_ENV,
+    TARGET_URL_ENV,
+)
+from specthink._sync import close_on_sync_loop, run_sync
 from specthink.backends.base import Backend, SamplingParams, ServerInfo
-from specthink.engine import SpeculativeThinker, close_on_sync_loop, run_sync
+from specthink.engine import SpeculativeThinker
 from specthink.errors import ConfigError
 from specthink.rules import TakeoverRules
 
@@ -49,9 +56,6 @@ if TYPE_CHECKING:
 
 __all__ = ["SpeculativeThinkingLLM"]
 
-SMALL_URL_ENV = "SPECTHINK_SMALL_URL"
-TARGET_URL_ENV = "SPECTHINK_TARGET_URL"
-API_KEY_ENV = "SPECTHINK_API_KEY"
 
 BackendKind = Literal["tgi", "openai"]
 

@@ -56,7 +56,7 @@ class MemoryBackend:
 
     @asynccontextmanager
     async def stream(self, prompt: str, *, max_new_tokens: int, sampling: Any,
-                     on_attempt: Any = None) -> AsyncIterator[_Tokens]:
+                     on_attempt: Any = None, **_: Any) -> AsyncIterator[_Tokens]:
         if on_attempt is not None:
             on_attempt(1)
         text, eos = self.continuation(assistant_text(prompt))
@@ -72,7 +72,7 @@ class MemoryBackend:
             self._cache[key] = items
         yield _Counting(items, self)
 
-    async def info(self) -> ServerInfo:
+    async def info(self, **_: Any) -> ServerInfo:
         return ServerInfo(model_id="memory")
 
     async def health(self) -> bool:

@@ -13,7 +13,7 @@ import ssl
 import urllib.request
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 import orjson
@@ -22,12 +22,11 @@ from specthink import _constants
 from specthink.backends._errors import error_for_status, translate_errors, translated
 from specthink.backends._retry import RetryPolicy
 from specthink.backends._transport import LeanResponseStream, LeanTransport
+from specthink.backends.base import OnAttempt
 from specthink.errors import BackendError, ConfigError
 
 __all__ = [
-    "API_KEY_ENV",
     "SHARD_SIZE",
-    "OnAttempt",
     "ResponseBody",
     "ServerConnection",
     "resolve_timeout",
@@ -35,11 +34,7 @@ __all__ = [
     "validate_url",
 ]
 
-API_KEY_ENV = _constants.API_KEY_ENV
-
 R = TypeVar("R")
-
-OnAttempt = Callable[[int], None]
 
 
 @functools.cache
@@ -157,11 +152,12 @@ class ServerConnection:
                  connect_timeout: float = _constants.DEFAULT_CONNECT_TIMEOUT,
                  read_timeout: float | None = _constants.DEFAULT_READ_TIMEOUT,
                  retry: RetryPolicy | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None,
+                 transport: Literal["lean", "httpx"] = "lean") -> None:
         self.url = validate_url(url)
         self.timeout = resolve_timeout(timeout, connect=connect_timeout, read=read_timeout)
         self.retry = retry or RetryPolicy()
-        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        key = api_key if api_key is not None else os.environ.get(_constants.API_KEY_ENV)
         self._has_key = bool(key)
         self._headers = {**(headers or {}), **({"Authorization": f"Bearer {key}"} if key else {})}
         # Bodies are never compressed: they are read straight from the transport, undecoded.
@@ -171,9 +167,12 @@ class ServerConnection:
         self._timeouts = self.timeout.as_dict()
         self._urls: dict[str, httpx.URL] = {}
         self._given = None if client is None else _Shard(client)
-        self._lean = client is None and not uses_environment_proxy(self.url)
-        """Our own clients use :class:`LeanTransport`, unless a proxy from the environment
-        applies (httpx's transport knows proxies; ours does not)."""
+        if transport not in ("lean", "httpx"):
+            raise ConfigError(f"transport must be 'lean' or 'httpx', got {transport!r}")
+        self._lean = (transport == "lean" and client is None
+                      and not uses_environment_proxy(self.url))
+        """Our own clients use :class:`LeanTransport`, unless ``transport="httpx"`` or a proxy
+        from the environment applies (httpx's transport knows proxies; ours does not)."""
         self._shards: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[_Shard]]
         self._shards = weakref.WeakKeyDictionary()
 

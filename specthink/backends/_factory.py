@@ -41,7 +41,7 @@ from specthink.errors import (
 __all__ = ["BackendKind", "BackendOptions", "backend_class", "create", "discover", "kind_of",
            "kinds"]
 
-BackendKind = Literal["tgi", "openai"]
+BackendKind = Literal["tgi", "openai", "ollama"]
 """The kinds that ship with specthink (:func:`kinds` lists every installed one)."""
 
 _NOT_PROTOCOLS = frozenset({"base"})
@@ -83,6 +83,10 @@ class BackendOptions(BaseModel):
     """Extra headers on every request."""
     routing_headers: tuple[str, ...] = DEFAULT_ROUTING_HEADERS
     """Headers that carry a call's routing key (see ``docs/scale-out.md``)."""
+    transport: Literal["lean", "httpx"] = "lean"
+    """``lean``: specthink's own HTTP/1.1 transport (the least client CPU per request, see
+    ``docs/architecture.md``); ``httpx``: httpx's (httpcore). A proxy from the environment, or
+    a ``client`` passed in, always goes through httpx."""
     client: httpx.AsyncClient | None = None
     """An httpx client to send every request through; it is left open by ``aclose``."""
     model: str | None = None

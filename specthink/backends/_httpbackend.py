@@ -16,15 +16,15 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import httpx
 
 from specthink import _constants
-from specthink.backends._connection import OnAttempt, ResponseBody, ServerConnection
+from specthink.backends._connection import ResponseBody, ServerConnection
 from specthink.backends._retry import RetryPolicy
 from specthink.backends._sse import ServerSentEvent, SSEStream, opening_sse
-from specthink.backends.base import SamplingParams, ServerInfo, StreamToken
+from specthink.backends.base import OnAttempt, SamplingParams, ServerInfo, StreamToken
 from specthink.errors import BackendConnectionError, BackendError, ConfigError, StreamDroppedError
 
 __all__ = [
@@ -132,13 +132,14 @@ class HTTPBackend(ABC, Generic[ReaderT]):
                  retry_max_backoff: float = _constants.RETRY_MAX_BACKOFF,
                  retry_deadline: float | None = _constants.RETRY_DEADLINE,
                  routing_headers: Sequence[str] = DEFAULT_ROUTING_HEADERS,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None,
+                 transport: Literal["lean", "httpx"] = "lean") -> None:
         self.routing_headers = validate_routing_headers(routing_headers)
         """Headers that carry a call's routing key, so a router keeps the call on one replica."""
         self._conn = ServerConnection(
             url, api_key=api_key, client=client, timeout=timeout,
             connect_timeout=connect_timeout, read_timeout=read_timeout,
-            headers=validate_headers(headers),
+            headers=validate_headers(headers), transport=transport,
             retry=RetryPolicy(max_retries=max_retries, initial_backoff=retry_backoff,
                               max_backoff=max(retry_max_backoff, retry_backoff),
                               deadline=retry_deadline))

@@ -61,10 +61,11 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Worth another attempt: 429/503 answers, a refused or reset connection, and an
-    ``overloaded`` event before the first token. Never a timeout or a dropped stream."""
+    """Worth another attempt: 429/503 answers, a router's 502 (it could not reach the replica,
+    so nothing was generated), a refused or reset connection, and an ``overloaded`` event
+    before the first token. Never a timeout or a dropped stream."""
     if isinstance(exc, BackendStatusError):
-        return exc.status_code in (429, 503)
+        return exc.status_code in (429, 502, 503)
     if isinstance(exc, StreamErrorEvent):
         return exc.error_type == "overloaded" and exc.tokens_received == 0
     return isinstance(exc, BackendConnectionError) and not isinstance(exc, StreamDroppedError)

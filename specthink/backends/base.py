@@ -74,6 +74,7 @@ class Backend(Protocol):
     adds_bos_token: bool
     """True when the server prepends BOS itself, so a rendered template must not start with it."""
     supports_grammar: bool
+    """True when ``SamplingParams.grammar`` is honoured (constrained output)."""
     keeps_tool_turns: bool
     """The server's own chat template sees assistant ``tool_calls`` and tool results as the
     model's template expects (vLLM, llama.cpp); TGI keeps only role and content."""

@@ -163,7 +163,13 @@ def completion_body(prompt: str, *, model: str | None, max_new_tokens: int,
     return body
 
 
-def _error_event(payload: dict[str, Any], url: str, tokens_received: int) -> StreamErrorEvent:
+PROXY_STREAM_ERROR = "stream_error"
+"""The error type a router (smg) sends in the stream when its upstream replica's body broke off:
+the same as a dropped connection, so the engine resumes (through the router, on a live replica)."""
+
+
+def _error_event(payload: dict[str, Any], url: str,
+                 tokens_received: int) -> StreamErrorEvent | StreamDroppedError:
     error = payload.get("error")
     if isinstance(error, dict):  # OpenAI / newer vLLM: {"error": {"message", "type"}}
         message, error_type = error.get("message"), error.get("type")
@@ -171,6 +177,9 @@ def _error_event(payload: dict[str, Any], url: str, tokens_received: int) -> Str
         message, error_type = error, payload.get("error_type")
     else:  # older vLLM: {"object": "error", "message", "type"}
         message, error_type = payload.get("message"), payload.get("type")
+    if error_type == PROXY_STREAM_ERROR:
+        return StreamDroppedError(f"the router's upstream stream broke: {message}", url=url,
+                                  tokens_received=tokens_received)
     return in_stream_error(str(message or "error event"), url=url,
                            error_type=None if error_type is None else str(error_type),
                            tokens_received=tokens_received)
@@ -312,7 +321,8 @@ class OpenAICompletionsBackend(SSEBackend):
                  retry_max_backoff: float = _constants.RETRY_MAX_BACKOFF,
                  retry_deadline: float | None = _constants.RETRY_DEADLINE,
                  routing_headers: Sequence[str] = DEFAULT_ROUTING_HEADERS,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None,
+                 transport: Literal["lean", "httpx"] = "lean") -> None:
         url = url.rstrip("/") if isinstance(url, str) else url
         if isinstance(url, str) and url.endswith("/v1"):
             url = url[: -len("/v1")]  # accept the OpenAI SDK's base_url spelling too
@@ -320,7 +330,8 @@ class OpenAICompletionsBackend(SSEBackend):
                          connect_timeout=connect_timeout, read_timeout=read_timeout,
                          max_retries=max_retries, retry_backoff=retry_backoff,
                          retry_max_backoff=retry_max_backoff, retry_deadline=retry_deadline,
-                         routing_headers=routing_headers, headers=headers)
+                         routing_headers=routing_headers, headers=headers,
+                         transport=transport)
         self.model = model
         self.tokenize_method: TokenizeMethod | None = None
         """Which tokenizer endpoint worked (found on first use, then kept)."""

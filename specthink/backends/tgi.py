@@ -186,8 +186,6 @@ class TGIBackend(SSEBackend):
     adds_bos_token = True
     """TGI tokenizes ``inputs`` with special tokens: a rendered template must not carry BOS."""
     supports_grammar = True
-    renders_chat_template = True
-    """``/chat_tokenize`` applies the model's own chat template (``small_template="auto"``)."""
     keeps_tool_turns = False
     """TGI 3.3 keeps only role and content of each message it renders."""
 

@@ -74,6 +74,10 @@ def bench(
     ttft_gc_freeze: Annotated[bool, typer.Option(
         help="With --ttft: each client process calls gc.freeze() after its warm-up; written "
              "to ttft-gc-freeze.md and .json.")] = False,
+    replicas: Annotated[str | None, typer.Option(
+        help="Scale-out instead: comma-separated replicas per role behind smg (e.g. 1,2,4), "
+             "with and without the routing key; --levels default 64x8,256x6. Writes "
+             "scale-out.md and scale-out.json.")] = None,
 ) -> None:
     """Measure the engine against the latency model's limit, the authors' control loop, and
     each model alone, on loopback servers that behave like GPU servers."""
@@ -82,6 +86,9 @@ def bench(
 
         ttft_command(out, quick=quick, seed=seed, rounds=ttft_rounds,
                      gc_freeze=ttft_gc_freeze, json_output=json_output)
+        return
+    if replicas is not None:
+        _scale_out(out, replicas, levels, quick=quick, seed=seed, json_output=json_output)
         return
     config = BenchConfig.quick() if quick else BenchConfig()
     changes: dict[str, object] = {"seed": seed, "hot_spots": hot_spots}
@@ -117,6 +124,49 @@ def bench(
         err.print(f"[bold]•[/] {line}")
     if json_output:
         print(json.dumps(to_json(result), indent=2))
+    else:
+        for path in files:
+            print(path)
+    if result.errors:
+        err.print(f"[red]{len(result.errors)} conversation(s) failed; see {files[0]}[/]")
+        raise typer.Exit(1)
+
+
+def _replica_counts(text: str) -> tuple[int, ...]:
+    counts = _names(text)
+    if not counts or not all(c.isdigit() and int(c) >= 1 for c in counts):
+        raise typer.BadParameter(f"{text!r}: write replica counts per role, e.g. 1,2,4")
+    return tuple(sorted({int(c) for c in counts}))
+
+
+def _scale_out(out: Path, replicas: str, levels: str | None, *, quick: bool, seed: int,
+               json_output: bool) -> None:
+    """``--replicas``: the scale-out cells (see :mod:`specthink.bench.scaleout`)."""
+    from specthink.bench.scaleout import (
+        ScaleOutConfig,
+        run_scale_out,
+        scale_headline,
+        scale_to_json,
+        write_scale_report,
+    )
+
+    config = ScaleOutConfig.quick() if quick else ScaleOutConfig()
+    changes: dict[str, object] = {"replicas": _replica_counts(replicas), "seed": seed}
+    if levels is not None:
+        changes["levels"] = parse_levels(levels)
+    try:
+        config = dataclasses.replace(config, **changes)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    err = Console(stderr=True, highlight=False)
+    started = time.monotonic()
+    result = run_scale_out(config, progress=lambda message: err.print(
+        f"[dim]{time.monotonic() - started:7.1f} s[/] {message}"))
+    files = write_scale_report(result, out)
+    for line in scale_headline(result):
+        err.print(f"[bold]•[/] {line}")
+    if json_output:
+        print(json.dumps(scale_to_json(result), indent=2))
     else:
         for path in files:
             print(path)

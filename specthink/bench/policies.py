@@ -22,12 +22,12 @@ import json
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import httpx
 
 from specthink import _constants
-from specthink.backends import SamplingParams, ServerInfo, TGIBackend, create
+from specthink.backends import Backend, SamplingParams, ServerInfo, TGIBackend, create
 from specthink.backends.tgi import generate_parameters
 from specthink.bench.traces import TraceSpec, make_trace, messages_for
 from specthink.engine import SpeculativeThinker
@@ -43,8 +43,10 @@ __all__ = [
     "Outcome",
     "Policy",
     "RawStreamPolicy",
+    "RoutedEnginePolicy",
     "SmallAlonePolicy",
     "TargetAlonePolicy",
+    "UnkeyedRoutedEnginePolicy",
     "budget_for",
 ]
 
@@ -121,6 +123,7 @@ class EnginePolicy(Policy):
 
     ``layout`` places the HTTP connection pools: ``default`` (one thinker for every
     conversation; its backends manage their httpx clients as the library does by default),
+    ``httpx`` (the same with ``transport="httpx"``: httpx's own transport, pools sharded),
     ``single-client`` (one thinker, one httpx client per server passed in, so every
     conversation shares one connection pool), ``clients-K`` (K thinkers, each with its own
     client per server, conversations spread round-robin) or ``per-conversation`` (a thinker,
@@ -137,6 +140,8 @@ class EnginePolicy(Policy):
         self._thinkers: list[SpeculativeThinker] = []
         if layout == "default":
             self._thinkers.append(self._thinker())
+        elif layout == "httpx":
+            self._thinkers.append(self._thinker(transport="httpx"))
         elif layout == "single-client" or layout.startswith("clients-"):
             count = 1 if layout == "single-client" else int(layout.removeprefix("clients-"))
             if count < 1:
@@ -146,13 +151,16 @@ class EnginePolicy(Policy):
                 self._clients += [small, target]
                 self._thinkers.append(self._thinker(small, target))
         elif layout != "per-conversation":
-            raise ValueError(f"unknown layout {layout!r}: default, single-client, clients-K or "
-                             "per-conversation")
+            raise ValueError(f"unknown layout {layout!r}: default, httpx, single-client, "
+                             "clients-K or per-conversation")
 
     def _thinker(self, small: httpx.AsyncClient | None = None,
-                 target: httpx.AsyncClient | None = None) -> SpeculativeThinker:
-        return SpeculativeThinker(small=create("tgi", self.small_url, client=small),
-                                  target=create("tgi", self.target_url, client=target),
+                 target: httpx.AsyncClient | None = None,
+                 transport: Literal["lean", "httpx"] = "lean") -> SpeculativeThinker:
+        return SpeculativeThinker(small=create("tgi", self.small_url, client=small,
+                                               transport=transport),
+                                  target=create("tgi", self.target_url, client=target,
+                                                transport=transport),
                                   rules=TakeoverRules.paper(), small_template="deepseek-r1",
                                   target_template="deepseek-r1")
 
@@ -192,6 +200,35 @@ class EnginePolicy(Policy):
             await thinker.aclose()
         for client in self._clients:
             await client.aclose()
+
+
+class RoutedEnginePolicy(EnginePolicy):
+    """The engine over OpenAI ``/v1/completions`` (``smg`` proxies no TGI stream), for pools
+    of replicas behind a router: every request of a call carries one routing key in
+    ``X-Session-ID``, which the router pins to a replica (``specthink bench --replicas``)."""
+
+    name = "engine-routed"
+    routing_headers: ClassVar[tuple[str, ...]] = ("X-Session-ID",)
+
+    def _thinker(self, small: httpx.AsyncClient | None = None,
+                 target: httpx.AsyncClient | None = None,
+                 transport: Literal["lean", "httpx"] = "lean") -> SpeculativeThinker:
+        def backend(url: str, role: str, client: httpx.AsyncClient | None) -> Backend:
+            return create("openai", url, model=f"bench/{role}", client=client,
+                          transport=transport, routing_headers=self.routing_headers)
+
+        return SpeculativeThinker(small=backend(self.small_url, "small", small),
+                                  target=backend(self.target_url, "target", target),
+                                  rules=TakeoverRules.paper(), small_template="deepseek-r1",
+                                  target_template="deepseek-r1")
+
+
+class UnkeyedRoutedEnginePolicy(RoutedEnginePolicy):
+    """The same with no routing header: the router places each request by its own policy
+    (``cache_aware``: prefix match and load), as for a client that sends no session."""
+
+    name = "engine-routed-unkeyed"
+    routing_headers = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,5 +452,11 @@ class TargetAlonePolicy(_AlonePolicy):
 POLICIES: dict[str, type[Policy]] = {
     policy.name: policy
     for policy in (EnginePolicy, AuthorsLoopPolicy, SmallAlonePolicy, TargetAlonePolicy,
-                   RawStreamPolicy)
+                   RawStreamPolicy, RoutedEnginePolicy, UnkeyedRoutedEnginePolicy)
 }
+
+# "Through specthink serve" sits beside the in-process engine; its module needs this one, so it
+# is added once this module is complete.
+from specthink.bench.serve_policy import ServePolicy  # noqa: E402
+
+POLICIES[ServePolicy.name] = ServePolicy

@@ -292,6 +292,8 @@ def to_markdown(result: BenchResult, plots: list[str]) -> str:
             "",
             "*default*: one thinker for every conversation, its backends opening their own "
             "clients as the library does by default (specthink's lean transport); "
+            "*httpx*: the same with `transport=\"httpx\"` (httpx's own transport, its pools "
+            "sharded by 16 requests); "
             "*single-client*: one thinker with one httpx client per server passed in (httpx's "
             "own transport, one connection pool for everything); "
             "*clients-K*: K thinkers with a client pair each; *per-conversation*: a thinker, so "

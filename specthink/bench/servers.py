@@ -62,6 +62,8 @@ class RecordSummary:
     extends_previous: bool | None
     """This prompt extends (or repeats) that previous prompt textually, so the prefix cache can
     serve all of it."""
+    replica: int = 0
+    """Which replica of its pool served it (scale-out runs tag it; one server per role is 0)."""
 
     @property
     def generated_text_tokens(self) -> int:

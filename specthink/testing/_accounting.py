@@ -22,16 +22,31 @@ class LatencyModel:
     ``burst`` is how many tokens that are already due (no per-token latency, or a server that
     has fallen behind its schedule) go out in one write, as a real server does when it is
     ahead of its reader; 1 writes every token on its own, which tests of cancellation rely on.
+
+    ``max_batch`` bounds what one replica gets through, as a GPU's batch does: up to that many
+    generations in flight each run at the modelled speed; beyond it they share the replica
+    (processor sharing), each prefill and token taking ``in flight / max_batch`` times
+    longer. ``None`` (the default) models no contention. Scale-out benchmarks need it: without
+    a bound, more replicas could not serve more.
     """
 
     per_request: float = 0.0
     per_uncached_prompt_token: float = 0.0
     per_token: float = 0.0
     burst: int = 1
+    max_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.burst < 1:
             raise ValueError(f"burst must be >= 1 token per write, got {self.burst}")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1 generation, got {self.max_batch}")
+
+    def slowdown(self, in_flight: int) -> float:
+        """How many times longer prefill and tokens take with ``in_flight`` generations."""
+        if self.max_batch is None or in_flight <= self.max_batch:
+            return 1.0
+        return in_flight / self.max_batch
 
     def prefill_seconds(self, uncached_tokens: int) -> float:
         return self.per_request + self.per_uncached_prompt_token * uncached_tokens

@@ -34,6 +34,11 @@ class Host(Protocol):
     @property
     def cache(self) -> PrefixCache: ...
 
+    @property
+    def in_flight(self) -> int:
+        """Generations holding a concurrency permit now (for ``LatencyModel.max_batch``)."""
+        ...
+
 
 def continuation(model: TextModel, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
                  stop: Sequence[str]) -> tuple[list[Token], TGIFinish]:
@@ -84,14 +89,17 @@ class Generation:
             record.prompt_tokens = len(hashes)
             record.cached_prompt_tokens = cached
             record.max_new_tokens = job.max_new_tokens
-        seconds = self.host.latency.prefill_seconds(len(hashes) - cached)
-        return hashes, seconds
+        latency = self.host.latency
+        seconds = latency.prefill_seconds(len(hashes) - cached)
+        return hashes, seconds * latency.slowdown(self.host.in_flight)
 
     async def complete(self) -> None:
         """A non-streamed generation: the latency model's time, then everything at once."""
         record, job = self.record, self.job
         hashes, prefill = self._prefill()
-        service = prefill + self.host.latency.per_token * len(job.tokens)
+        latency = self.host.latency
+        service = prefill + latency.per_token * len(job.tokens) * latency.slowdown(
+            self.host.in_flight)
         if service > 0:
             await asyncio.sleep(service)
         head = hashes[-1] if hashes else 0
@@ -152,14 +160,15 @@ class Generation:
                     await asyncio.sleep(fault.seconds)
                     due = max(due, clock())
             latency = self.host.latency
-            due += latency.per_token
+            step = latency.per_token * latency.slowdown(self.host.in_flight)
+            due += step
             wait = due - clock()
             if wait > 0 or len(burst) >= latency.burst:
                 await flush()
                 # Sleep (zero seconds when late) even without latency, so 256 streams share
                 # the loop.
                 await asyncio.sleep(max(0.0, wait))
-            service += latency.per_token
+            service += step
             burst.append(render(index, token, index == last))
         # Recorded before the last write: a client that has read the end may look at once.
         self.update(finish_reason=job.finish)

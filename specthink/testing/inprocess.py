@@ -44,7 +44,6 @@ class ScriptedBackend:
 
     adds_bos_token = False
     supports_grammar = False
-    renders_chat_template = True
     keeps_tool_turns = True
 
     def __init__(self, model: TextModel, *, tokenizer: Tokenizer | None = None,

@@ -58,7 +58,6 @@ from specthink.testing._accounting import (
 )
 from specthink.testing._dialects import FLAVORS, Flavor, Served
 from specthink.testing._faults import OVERLOADED, STATUS_BODIES, Fault
-from specthink.testing._faults import FaultKind as FaultKind
 from specthink.testing._generation import Generation, RenderError, RenderToken, continuation
 from specthink.testing._streaming import EventStream, StreamControl, Write
 from specthink.testing._templates import (
@@ -70,6 +69,7 @@ from specthink.testing._templates import (
 )
 from specthink.testing._wire import (
     DONE,
+    GENERATION_PATHS,
     VERSION,
     CompletionRequest,
     GenerateRequest,
@@ -91,10 +91,6 @@ from specthink.testing._wire import (
     tgi_stream_event,
     validate,
 )
-from specthink.testing._wire import EOS_ID as EOS_ID
-from specthink.testing._wire import EOS_TEXT as EOS_TEXT
-from specthink.testing._wire import GENERATION_PATHS as GENERATION_PATHS
-from specthink.testing._wire import TGIFinish as TGIFinish
 from specthink.testing.models import TextModel, Tokenizer
 
 __all__ = [
@@ -106,8 +102,6 @@ __all__ = [
     "RequestRecord",
     "render_chatml",
 ]
-# EOS_ID, EOS_TEXT, GENERATION_PATHS, TGIFinish and FaultKind are imported "as" themselves above:
-# they were defined here before the split, and stay importable from here.
 
 
 class LoopbackServer:
@@ -534,6 +528,11 @@ class LoopbackServer:
     def _control(self, record: RequestRecord, *, permit: bool = True) -> StreamControl:
         return StreamControl(record, self._lock, self._connections,
                              release=self._release if permit else None)
+
+    @property
+    def in_flight(self) -> int:
+        """Generations holding a concurrency permit now (read by the latency model)."""
+        return self._active
 
     def _acquire(self) -> bool:
         """A concurrency permit, as TGI's ``max_concurrent_requests`` (false when full)."""

@@ -162,3 +162,27 @@ async def test_discover_of_a_server_that_is_down_says_so(unused_tcp_port: int) -
     confusing OpenAI one."""
     with pytest.raises(BackendConnectionError, match="cannot reach the server"):
         await discover(f"http://127.0.0.1:{unused_tcp_port}", max_retries=0)
+
+
+@pytest.mark.parametrize("transport", ["lean", "httpx"])
+async def test_both_transports_carry_a_stream(transport: str, loopback_server: Start) -> None:
+    """Broken: ``transport="httpx"`` (the documented alternative to the lean transport) is
+    ignored, or one of the two cannot stream."""
+    from specthink.backends._transport import LeanTransport
+
+    server = loopback_server(EchoModel())
+    backend = create("tgi", server.url, transport=transport)
+    try:
+        async with backend.stream("Hello there", max_new_tokens=4,
+                                  sampling=SamplingParams()) as tokens:
+            assert [token async for token in tokens]
+        [client] = backend._conn.clients()  # type: ignore[attr-defined]
+        assert isinstance(client._transport, LeanTransport) is (transport == "lean")
+    finally:
+        await backend.aclose()
+
+
+def test_an_unknown_transport_is_a_config_error() -> None:
+    """Broken: a misspelt transport silently falls back to the default."""
+    with pytest.raises(ConfigError, match="transport"):
+        create("tgi", "http://127.0.0.1:1", transport="h2")

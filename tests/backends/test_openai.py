@@ -203,6 +203,18 @@ async def test_error_events_of_every_server_family(openai: Make, payload: Any) -
     assert "out of memory" in str(info.value)
 
 
+async def test_a_routers_stream_error_event_is_a_dropped_stream(openai: Make) -> None:
+    """smg reports a replica whose body broke off as an in-stream ``stream_error`` event (then
+    ``[DONE]``); if this fails, the engine gives up instead of resuming through the router."""
+    broke = {"error": {"message": "Stream error: error decoding response body: unexpected EOF",
+                       "type": "stream_error"}}
+    server = Server({"/v1/completions": sse(chunk("a"), chunk("b"), broke)})
+    with pytest.raises(StreamDroppedError) as info:
+        await collect(openai(server, model="m"))
+    assert info.value.tokens_received == 2
+    assert "unexpected EOF" in str(info.value)
+
+
 @pytest.mark.parametrize(("answer", "expected"), [
     (httpx.Response(400, json={"error": {"message": "max_tokens too large",
                                          "type": "BadRequestError"}}), BackendStatusError),

@@ -9,6 +9,7 @@ import pytest
 from specthink.backends._retry import RetryPolicy, is_transient, parse_retry_after
 from specthink.errors import (
     BackendConnectionError,
+    BackendStatusError,
     BackendTimeoutError,
     ConfigError,
     GenerationError,
@@ -38,6 +39,9 @@ def test_retry_after_forms() -> None:
     (StreamErrorEvent("bad", error_type="validation"), False),
     (RequestValidationError("bad"), False),
     (GenerationError("oom"), False),
+    # a router (vllm-router, smg) that could not reach its replica: nothing was generated
+    (BackendStatusError("error sending request", status_code=502), True),
+    (BackendStatusError("incomplete generation", status_code=500), False),
     (StreamDroppedError("reset", tokens_received=4), False),
     (BackendTimeoutError("stall"), False),
 ])

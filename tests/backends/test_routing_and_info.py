@@ -28,7 +28,7 @@ from specthink.testing.server import Fault
 
 GREEDY = SamplingParams()
 Start = Callable[..., LoopbackServer]
-Make = Callable[..., HTTPBackend]
+Make = Callable[..., HTTPBackend[Any]]
 
 PATHS = {TGIBackend: "/generate_stream", OpenAICompletionsBackend: "/v1/completions"}
 INFO_PATHS = {TGIBackend: "/info", OpenAICompletionsBackend: "/v1/models"}
@@ -36,10 +36,10 @@ INFO_PATHS = {TGIBackend: "/info", OpenAICompletionsBackend: "/v1/models"}
 
 @pytest.fixture(params=[TGIBackend, OpenAICompletionsBackend], ids=["tgi", "openai"])
 async def make(request: pytest.FixtureRequest) -> AsyncIterator[Make]:
-    cls: type[HTTPBackend] = request.param
-    made: list[HTTPBackend] = []
+    cls: type[HTTPBackend[Any]] = request.param
+    made: list[HTTPBackend[Any]] = []
 
-    def build(server: LoopbackServer, **options: Any) -> HTTPBackend:
+    def build(server: LoopbackServer, **options: Any) -> HTTPBackend[Any]:
         options.setdefault("retry_backoff", 0.0)
         backend = cls(server.url, **options)
         made.append(backend)
@@ -50,12 +50,12 @@ async def make(request: pytest.FixtureRequest) -> AsyncIterator[Make]:
         await backend.aclose()
 
 
-async def collect(backend: HTTPBackend, prompt: str = "Hello there", **options: Any) -> str:
+async def collect(backend: HTTPBackend[Any], prompt: str = "Hello there", **options: Any) -> str:
     async with backend.stream(prompt, max_new_tokens=8, sampling=GREEDY, **options) as tokens:
         return "".join([token.text async for token in tokens])
 
 
-def generation_records(server: LoopbackServer, backend: HTTPBackend) -> list[Any]:
+def generation_records(server: LoopbackServer, backend: HTTPBackend[Any]) -> list[Any]:
     return [r for r in server.records if r.path == PATHS[type(backend)]]
 
 

@@ -10,16 +10,17 @@ input minus the discarded probe.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from specthink import TakeoverRules
+from specthink import SpeculativeThinker, TakeoverRules
 from specthink.rules import (
     ACCEPT,
     HAND_BACK,
@@ -32,8 +33,9 @@ from specthink.rules import (
     SmallAction,
     TakeoverPolicy,
 )
-from specthink.testing.models import Tokenizer
-from specthink.trace import Rule
+from specthink.testing.inprocess import ScriptedBackend
+from specthink.testing.models import Continuation, Tokenizer, assistant_text
+from specthink.trace import Rule, TakeoverEvent
 
 TOKENS = Tokenizer()
 PAPER = TakeoverRules.paper()
@@ -533,3 +535,93 @@ def test_every_rule_has_a_label_and_says_whether_it_hands_over() -> None:
     # target request: rule 2 is the only one that lengthens another's
     assert all(rule.label != rule.value for rule in Rule)
     assert [rule for rule in Rule if not rule.hands_over] == [Rule.VERIFY]
+
+
+# ---- the engine carries the policy's decisions out, and nothing else ----------------------
+
+TARGET_TEXTS = [" fine" * 400, " hmm wait" * 300, " let me verify" * 300,
+                (" yes" * 3 + " check") * 100]
+"""What the target writes wherever it is asked: neutral, doubting (rule 3 comes), verifying
+(rule 2), or affirming with a verify word."""
+
+
+class ScriptFollower:
+    """A small model writing ``script``; after a takeover it goes on with the paragraph after
+    the one the target took over (the target writes no paragraph break)."""
+
+    def __init__(self, script: str) -> None:
+        self.script = script
+
+    def continuation(self, prompt: str) -> Continuation:
+        written = assistant_text(prompt)
+        if self.script.startswith(written):
+            return Continuation(self.script[len(written):])
+        rest = self.script.split("\n\n")[written.count("\n\n") + 1:]
+        return Continuation("\n\n" + "\n\n".join(rest) if rest else "")
+
+
+def simulate(model: ScriptFollower, rules: TakeoverRules,
+             target_text: str) -> tuple[str, list[Rule], int]:
+    """The answer as the policy alone decides it, the I/O done by hand: the accepted text,
+    the takeovers in order and the discarded tokens."""
+    policy = TakeoverPolicy(rules)
+    text = ""
+    decided: list[Rule] = []
+    discarded = 0
+    handover = policy.start()
+    while True:
+        if handover is not None:
+            decided.append(handover.rule)
+            discarded += handover.discard
+            if isinstance(handover, Intervene):
+                text += handover.text
+            for token in TOKENS.tokenize(target_text):
+                text += token
+                action = policy.target_token(token)
+                if isinstance(action, Extend):
+                    decided.append(action.rule)
+                elif action is HAND_BACK:
+                    break
+        prompt = "<|im_start|>assistant\n" + text
+        stream = small_part(policy, TOKENS.tokenize(model.continuation(prompt).text))
+        text += "".join(stream.accepted)
+        handover = stream.handover
+        if handover is None:
+            return text, decided, discarded
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(TEXT, st.integers(1, 6), st.sampled_from(["substring", "word"]),
+       st.sampled_from(["reasoning", "instruct"]), st.integers(1, 3),
+       st.sampled_from(TARGET_TEXTS))
+@example("so\n\nx\n\nthe", 6, "substring", "reasoning", 1, TARGET_TEXTS[0])  # two windows end
+@example("x\n\nwait\n\nso\n\nwait\n\nso\n\nwait", 2, "word", "reasoning", 1, TARGET_TEXTS[1])
+def test_the_engine_carries_out_exactly_the_policys_decisions(
+        script: str, probe: int, match: str, mode: str, threshold: int,
+        target_text: str) -> None:
+    rules = TakeoverRules.paper(probe_tokens=probe, match=match, mode=mode, n1=3, n2=4, n3=3,
+                                reflection_threshold=threshold, threshold_max=threshold + 5,
+                                begin_tokens=2 if mode == "instruct" else 0)
+    model = ScriptFollower(script)
+    expected_text, expected_rules, expected_discarded = simulate(model, rules, target_text)
+    thinker = SpeculativeThinker(
+        small=ScriptedBackend(model), target=ScriptedBackend(EchoText(target_text)),
+        small_template="chatml", target_template="chatml", rules=rules)
+
+    result = asyncio.run(thinker.agenerate([{"role": "user", "content": "Go."}],
+                                           max_new_tokens=100_000))
+
+    assert result.text == expected_text
+    assert [e.rule for e in result.events if isinstance(e, TakeoverEvent)] == expected_rules
+    assert result.stats.discarded_tokens == expected_discarded
+    assert result.stats.finish_reason == "stop"
+
+
+class EchoText:
+    """A target that writes ``text`` wherever it is asked (and never ends on its own)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def continuation(self, prompt: str) -> Continuation:
+        return Continuation(self.text, eos=False)

@@ -130,3 +130,13 @@ def test_rules_are_frozen_and_copyable() -> None:
     with pytest.raises(ValidationError):
         PAPER.n1 = 5  # type: ignore[misc]
     assert PAPER.model_copy(update={"n1": 5}).n1 == 5
+
+
+@given(st.lists(st.text(alphabet="ab.|*( ", min_size=1, max_size=4).filter(str.strip),
+                min_size=1, max_size=4),
+       st.text(alphabet="abAB.|*( x", max_size=30))
+def test_substring_keywords_are_literal_text(words: list[str], text: str) -> None:
+    # one compiled scan serves every keyword: regex characters in a keyword must stay literal
+    rules = TakeoverRules.paper(positive=tuple(words), negative=("wait",), verify=("verify",))
+    lowered = text.lower()
+    assert rules.has_keyword(text) == any(w in lowered for w in rules.keywords)

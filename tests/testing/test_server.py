@@ -209,6 +209,36 @@ async def test_latency_model_charges_prefill_and_each_token(
     assert latency.service_seconds(record.prompt_tokens, 5) == pytest.approx(expected)
 
 
+def test_a_full_batch_shares_the_replica() -> None:
+    """If this fails, a replica's throughput has no bound and a scale-out benchmark cannot
+    show what more replicas buy."""
+    latency = LatencyModel(per_token=0.001, max_batch=4)
+    assert [latency.slowdown(n) for n in (0, 1, 4, 6, 8)] == [1.0, 1.0, 1.0, 1.5, 2.0]
+    assert LatencyModel(per_token=0.001).slowdown(1000) == 1.0
+    with pytest.raises(ValueError, match="max_batch"):
+        LatencyModel(max_batch=0)
+
+
+async def test_a_generation_beyond_the_batch_is_charged_its_share(
+        tgi: Make, loopback_server: Start) -> None:
+    """One stream stalls holding its slot while a second runs: with ``max_batch=1`` every
+    step of the second takes twice as long (two in flight on a batch of one)."""
+    latency = LatencyModel(per_request=0.001, per_token=0.002, max_batch=1)
+    server = loopback_server(ScriptedModel.single(ANSWER), latency=latency)
+    server.inject(Fault.stall(after_tokens=0, seconds=0.5))
+    backend = tgi(server)
+    held = asyncio.create_task(collect(backend, max_new_tokens=5))
+    for _ in range(500):  # until the held request is in flight (boundedly)
+        if server.records:
+            break
+        await asyncio.sleep(0.005)
+    await collect(backend, max_new_tokens=5)
+    await held
+    second = server.records[1]
+    nominal = latency.service_seconds(second.prompt_tokens - second.cached_prompt_tokens, 5)
+    assert second.service_seconds == pytest.approx(2 * nominal)
+
+
 async def http_chunks(url: str, body: dict[str, Any]) -> list[bytes]:
     """The body of a chunked response as the server wrote it: one item per HTTP chunk."""
     host, port = url.removeprefix("http://").split(":")

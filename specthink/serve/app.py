@@ -1,0 +1,324 @@
+"""The ASGI application of ``specthink serve`` (Starlette): routes, the API-key check, the body
+limit, the concurrency limit, and a response that cancels the engine when the client hangs up.
+
+``create_app(settings)`` builds it; ``app_from_environment()`` is the factory uvicorn's worker
+processes call (``--workers``), reading the settings the CLI left in the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from specthink.backends import create
+from specthink.backends.base import Backend
+from specthink.engine import SpeculativeThinker
+from specthink.errors import BackendError
+from specthink.serve import errors
+from specthink.serve.errors import APIError
+from specthink.serve.metrics import (
+    CONTENT_TYPE_LATEST,
+    ServeMetrics,
+    multiprocess,
+    multiprocess_dir,
+)
+from specthink.serve.protocol import ChunkWriter, parse_request
+from specthink.serve.serving import ChatCall, Thinkers, prepare, stream_events, whole_answer
+from specthink.serve.settings import ServeSettings
+from specthink.trace import Result
+
+__all__ = ["app_from_environment", "build_backends", "create_app"]
+
+logger = logging.getLogger("specthink.serve")
+
+JSON = "application/json"
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
+               (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+def build_backends(settings: ServeSettings) -> tuple[Backend, Backend]:
+    """The two model servers' backends, from the core's one factory."""
+    def one(url: str, model: str | None) -> Backend:
+        options: dict[str, Any] = {"api_key": settings.upstream_api_key}
+        if model is not None:
+            options["model"] = model
+        return create(settings.backend, url, **options)
+
+    return (one(settings.small_url, settings.small_model),
+            one(settings.target_url, settings.target_model))
+
+
+def _json(body: dict[str, Any] | bytes, status: int = 200,
+          headers: dict[str, str] | None = None) -> Response:
+    content = body if isinstance(body, bytes) else orjson.dumps(body)
+    return Response(content, status_code=status, media_type=JSON, headers=headers)
+
+
+def _error(error: APIError) -> Response:
+    return _json(error.json(), error.status, error.headers)
+
+
+class _State:
+    """What the routes share: settings, metrics, the engines, the requests in flight."""
+
+    def __init__(self, settings: ServeSettings, metrics: ServeMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.thinkers: Thinkers | None = None
+        self.in_flight = 0
+        self.created = int(time.time())
+        self._keys = tuple(key.get_secret_value().encode() for key in settings.api_keys)
+
+    def authorized(self, request: Request) -> bool:
+        if not self._keys:
+            return True
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        offered = given.strip().encode()
+        # Every key is compared, in constant time each, so neither the time nor an early exit
+        # tells how close a guess came or which key matched.
+        matches = [hmac.compare_digest(offered, key) for key in self._keys]
+        return any(matches)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise errors.too_large(limit)
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise errors.too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _ChatResponse(Response):
+    """Runs one chat request while it watches for the client hanging up: a disconnect cancels
+    the engine, which closes both model servers' streams (that is how they learn to stop)."""
+
+    def __init__(self, state: _State, call: ChatCall, started: float) -> None:
+        self.state = state
+        self.call = call
+        self.started = started
+        self.background = None
+        self.status = 200
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        work = asyncio.ensure_future(self._run(send))
+        hung_up = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait((work, hung_up), return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                self.status = 499  # nginx's "client closed request", for the metrics only
+                work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+        finally:
+            for task in (work, hung_up):
+                task.cancel()
+            await asyncio.gather(work, hung_up, return_exceptions=True)
+            state = self.state
+            state.in_flight -= 1
+            metrics = state.metrics
+            metrics.in_flight.dec()
+            metrics.requests.labels(str(self.status)).inc()
+            metrics.duration.observe(time.perf_counter() - self.started)
+
+    async def _run(self, send: Send) -> None:
+        if self.call.stream:
+            await self._stream(send)
+            return
+        try:
+            result = await self.call.thinker.agenerate(self.call.messages, **self.call.params)
+        except Exception as exc:
+            await self._send_error(send, self._failed(exc))
+            return
+        self._observe(result)
+        body = orjson.dumps(whole_answer(self.call, result, self.state.settings))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", JSON.encode()),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _stream(self, send: Send) -> None:
+        events = self.call.events()
+        try:
+            try:
+                # Waiting for the engine's first event before the status line makes a failure
+                # before any text (a model server down, a prompt too long) a real HTTP status.
+                first = await anext(events)
+            except Exception as exc:
+                await self._send_error(send, self._failed(exc))
+                return
+            writer = ChunkWriter(self.state.settings.model_name,
+                                 self.state.settings.reasoning_field)
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            await send({"type": "http.response.body", "body": writer.role(), "more_body": True})
+            metrics = self.state.metrics
+            started = self.started
+
+            def first_text() -> None:
+                metrics.time_to_first_token.observe(time.perf_counter() - started)
+
+            result: Result | None = None
+            try:
+                async for data, result in stream_events(self.call, first, events, writer,
+                                                        first_text):
+                    await send({"type": "http.response.body", "body": data,
+                                "more_body": result is None})
+            except Exception as exc:
+                error = self._failed(exc)
+                await send({"type": "http.response.body",
+                            "body": writer.error(error) + writer.done()})
+                return
+            if result is not None:
+                self._observe(result)
+        finally:
+            await events.aclose()
+
+    def _failed(self, exc: BaseException) -> APIError:
+        if isinstance(exc, BackendError):
+            self.state.metrics.upstream_failed(exc.role)
+        error = errors.from_exception(exc)
+        self.status = error.status
+        return error
+
+    async def _send_error(self, send: Send, error: APIError) -> None:
+        body = error.json()
+        headers = [(b"content-type", JSON.encode()), (b"content-length", str(len(body)).encode())]
+        headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+        await send({"type": "http.response.start", "status": error.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _observe(self, result: Result) -> None:
+        self.state.metrics.observe_statistics(result.stats)
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone (or the response is complete)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | None = None,
+               metrics: ServeMetrics | None = None) -> Starlette:
+    """The application. ``backends`` replaces the two built from the settings (tests,
+    embedding); they are closed when the application shuts down either way."""
+    state = _State(settings, metrics or ServeMetrics())
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        small, target = backends or build_backends(settings)
+        thinker = SpeculativeThinker(small=small, target=target, rules=settings.rules,
+                                     small_template=settings.small_template,
+                                     target_template=settings.target_template,
+                                     on_target_error=settings.on_target_error)
+        state.thinkers = Thinkers(thinker)
+        try:
+            yield
+        finally:
+            state.thinkers = None
+            await thinker.aclose()
+            if multiprocess_dir() is not None:
+                multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+    async def chat_completions(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            if not state.authorized(request):
+                raise errors.unauthorized()
+            body = await _read_body(request, settings.max_body_bytes)
+            chat = parse_request(body)
+            if chat.model != settings.model_name:
+                raise errors.model_not_found(chat.model, settings.model_name)
+            thinkers = state.thinkers
+            if thinkers is None:
+                raise APIError(503, "The server is starting or stopping.",
+                               type="upstream_unavailable", code="not_ready")
+            session = request.headers.get("x-session-id") or chat.user
+            call = prepare(chat, settings, thinkers, session_id=session)
+            limit = settings.max_concurrency
+            if limit is not None and state.in_flight >= limit:
+                raise errors.too_busy(limit)
+        except Exception as exc:
+            error = errors.from_exception(exc)  # a bug here is a 500 like anywhere else
+            state.metrics.requests.labels(str(error.status)).inc()
+            return _error(error)
+        state.in_flight += 1
+        state.metrics.in_flight.inc()
+        return _ChatResponse(state, call, started)
+
+    def _model_card() -> dict[str, Any]:
+        return {"id": settings.model_name, "object": "model", "created": state.created,
+                "owned_by": "specthink"}
+
+    async def models(request: Request) -> Response:
+        if not state.authorized(request):
+            return _error(errors.unauthorized())
+        return _json({"object": "list", "data": [_model_card()]})
+
+    async def model(request: Request) -> Response:
+        if not state.authorized(request):
+            return _error(errors.unauthorized())
+        name = request.path_params["name"]
+        if name != settings.model_name:
+            return _error(errors.model_not_found(name, settings.model_name))
+        return _json(_model_card())
+
+    async def health(request: Request) -> Response:
+        ready = state.thinkers is not None
+        return _json({"status": "ok" if ready else "starting"}, 200 if ready else 503)
+
+    async def prometheus(request: Request) -> Response:
+        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            error = APIError(404, f"No route {request.url.path}.", type="not_found_error",
+                             code="unknown_url")
+        else:
+            error = APIError(exc.status_code, str(exc.detail), code="method_not_allowed"
+                             if exc.status_code == 405 else None)
+        return _error(error)
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        return _error(errors.from_exception(exc))
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models/{name:path}", model, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/metrics", prometheus, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+    )
+
+
+def app_from_environment() -> Starlette:
+    """The factory each ``--workers`` process calls (``uvicorn ... --factory``)."""
+    return create_app(ServeSettings.from_environment())
