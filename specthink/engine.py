@@ -305,22 +305,19 @@ class SpeculativeThinker:
                 exc.role = role
                 raise
 
-        target = asyncio.ensure_future(prepare_role("target"))
         if self._target_checked:
             # Off the critical path: the small model's first request needs only its own
             # prompt; the target's is awaited at the first handoff (``_target_prepared``).
-            try:
-                await prepare_role("small")
-            except BaseException:
-                target.cancel()
-                await asyncio.gather(target, return_exceptions=True)
-                raise
-            run.target_preparation = target
+            await prepare_role("small")
+            # Started only now, so its first step runs once the small model's first request
+            # has been sent: under a burst, no conversation's target render (its request,
+            # its CPU) goes out ahead of a small model's first request.
+            run.target_preparation = asyncio.ensure_future(prepare_role("target"))
         else:
             # The first call checks the target's configuration (its template, its limits)
             # before any generation request, side by side with the small model's.
             small_ready, target_ready = await asyncio.gather(
-                prepare_role("small"), target, return_exceptions=True)
+                prepare_role("small"), prepare_role("target"), return_exceptions=True)
             for outcome in (small_ready, target_ready):
                 if isinstance(outcome, BaseException) and not isinstance(outcome, BackendError):
                     raise outcome

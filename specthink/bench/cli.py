@@ -66,6 +66,14 @@ def bench(
     hot_spots: Annotated[bool, typer.Option(help="Profile the client (cProfile).")] = True,
     json_output: Annotated[bool, typer.Option(
         "--json", help="Print every figure as JSON on stdout.")] = False,
+    ttft: Annotated[bool, typer.Option(
+        help="Instead: time to first token at 1, 16 and 256 conversations for specthink and "
+             "bare clients, written to ttft.md and ttft.json.")] = False,
+    ttft_rounds: Annotated[int | None, typer.Option(
+        min=1, help="With --ttft: rounds of every client at every level (default 3).")] = None,
+    ttft_gc_freeze: Annotated[bool, typer.Option(
+        help="With --ttft: each client process calls gc.freeze() after its warm-up; written "
+             "to ttft-gc-freeze.md and .json.")] = False,
     replicas: Annotated[str | None, typer.Option(
         help="Scale-out instead: comma-separated replicas per role behind smg (e.g. 1,2,4), "
              "with and without the routing key; --levels default 64x8,256x6. Writes "
@@ -73,6 +81,12 @@ def bench(
 ) -> None:
     """Measure the engine against the latency model's limit, the authors' control loop, and
     each model alone, on loopback servers that behave like GPU servers."""
+    if ttft:
+        from specthink.bench.ttft import ttft_command
+
+        ttft_command(out, quick=quick, seed=seed, rounds=ttft_rounds,
+                     gc_freeze=ttft_gc_freeze, json_output=json_output)
+        return
     if replicas is not None:
         _scale_out(out, replicas, levels, quick=quick, seed=seed, json_output=json_output)
         return

@@ -25,7 +25,7 @@ from specthink.bench.traces import (
     conversation_of,
     make_trace,
 )
-from specthink.testing.server import LatencyModel, LoopbackServer, RequestRecord
+from specthink.testing.server import CallRecord, LatencyModel, LoopbackServer, RequestRecord
 
 __all__ = ["RecordSummary", "ServerPair", "ServerProcess", "ServerSpec", "by_conversation",
            "summarize"]
@@ -139,6 +139,8 @@ def _serve(spec: ServerSpec, conn: Connection) -> None:
                 conn.send(None)
             elif command == "records":
                 conn.send(summarize(spec.role, server.records))
+            elif command == "calls":
+                conn.send(server.calls)
             elif command == "stop":
                 break
     except EOFError:  # the parent went away
@@ -195,6 +197,11 @@ class ServerProcess:
     def records(self) -> list[RecordSummary]:
         records: list[RecordSummary] = self._call("records")
         return records
+
+    def calls(self) -> list[CallRecord]:
+        """Every request so far, generation or not (``/info``, ``/chat_tokenize``, ...)."""
+        calls: list[CallRecord] = self._call("calls")
+        return calls
 
     def stop(self) -> None:
         if self._process.is_alive():

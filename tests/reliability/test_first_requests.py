@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from specthink import SpeculativeThinker
+from specthink.backends.base import SamplingParams
 from specthink.backends.tgi import TGIBackend
 from specthink.testing.models import Script, ScriptedModel
 from specthink.testing.server import LoopbackServer
@@ -132,3 +133,37 @@ async def test_a_limit_lowered_on_the_server_refreshes_info_and_retries_once(
     assert retried.prompt_tokens + retried.max_new_tokens <= small.max_total_tokens
     assert len(small.calls_to("/info")) == 2
     assert result.text.startswith("Let x be 2.")
+
+
+async def test_the_targets_render_starts_after_the_small_models_request_is_built(
+        pair: tuple[LoopbackServer, LoopbackServer]) -> None:
+    """After the first call, the small model's generation request is built and handed to its
+    connection before the target's render begins (broken: the target's render went out first,
+    one more request and its client CPU ahead of every conversation's first token under a
+    burst)."""
+    small, target = pair
+    order: list[str] = []
+
+    class Small(TGIBackend):
+        async def _stream_request(self, prompt: str, max_new_tokens: int,
+                                  sampling: SamplingParams) -> tuple[str, dict[str, Any]]:
+            request = await super()._stream_request(prompt, max_new_tokens, sampling)
+            order.append("small generation")
+            return request
+
+    class Target(TGIBackend):
+        async def render_chat(self, messages: Sequence[dict[str, Any]],
+                              tools: Sequence[dict[str, Any]] | None = None, *,
+                              tool_choice: str | dict[str, Any] | None = None) -> str | None:
+            order.append("target render")
+            return await super().render_chat(messages, tools, tool_choice=tool_choice)
+
+    thinker = SpeculativeThinker(small=Small(small.url), target=Target(target.url))
+    try:
+        await thinker.agenerate(QUESTION)  # the first call checks the target before starting
+        order.clear()
+        result = await thinker.agenerate(QUESTION)
+    finally:
+        await thinker.aclose()
+    assert order[:2] == ["small generation", "target render"]
+    assert result.stats.takeovers["rule1"] == 1
