@@ -23,6 +23,7 @@ from specthink.backends import (
 )
 from specthink.errors import BackendConnectionError, ConfigError
 from specthink.testing import EchoModel, LoopbackServer
+from tests.support import stream_tokens
 
 Start = Callable[..., LoopbackServer]
 
@@ -99,12 +100,7 @@ async def test_extra_headers_go_with_every_request(kind: str, loopback_server: S
     """Broken: ``headers`` (a gateway's tenant header, say) is not sent, or not on /info."""
     server = loopback_server(EchoModel())
     backend = create(kind, server.url, headers={"X-Tenant": "team-a"})
-    try:
-        async with backend.stream("Hello there", max_new_tokens=4,
-                                  sampling=SamplingParams()) as tokens:
-            _ = [token async for token in tokens]
-    finally:
-        await backend.aclose()
+    await stream_tokens(backend, "Hello there", max_new_tokens=4)
     assert server.calls
     assert all(call.headers.get("x-tenant") == "team-a" for call in server.calls)
 
