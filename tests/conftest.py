@@ -4,9 +4,9 @@ when the test ends."""
 from __future__ import annotations
 
 import importlib.util
+import socket
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from specthink.testing import EchoModel, LoopbackServer, TextModel
+from tests.support import ServerPair
 
 
 @pytest.fixture
@@ -32,12 +33,6 @@ def loopback_server() -> Iterator[Callable[..., LoopbackServer]]:
         server.stop()
 
 
-@dataclass(frozen=True)
-class ServerPair:
-    small: LoopbackServer
-    target: LoopbackServer
-
-
 @pytest.fixture
 def loopback_pair(loopback_server: Callable[..., LoopbackServer]) -> Callable[..., ServerPair]:
     """Start a small and a target server: ``loopback_pair(small_model, target_model, **options)``
@@ -50,6 +45,15 @@ def loopback_pair(loopback_server: Callable[..., LoopbackServer]) -> Callable[..
         return ServerPair(small, target)
 
     return start
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """Accepts TCP connections (the kernel completes the handshake) and never answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

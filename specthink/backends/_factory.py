@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import typing
 from typing import Any, Literal
 
 import httpx
@@ -131,6 +132,20 @@ def backend_class(kind: str) -> type[Any]:
     return cls
 
 
+def _keywords(cls: type[Any]) -> set[str]:
+    """The keywords ``cls(url, ...)`` takes: its named parameters, and the keys of the
+    ``TypedDict`` of an ``**options: Unpack[...]`` (the backends' ``HTTPOptions``)."""
+    names: set[str] = set()
+    for param in inspect.signature(cls, eval_str=True).parameters.values():
+        if param.kind is param.VAR_KEYWORD:
+            for typed in typing.get_args(param.annotation):
+                names.update(getattr(typed, "__required_keys__", ()),
+                             getattr(typed, "__optional_keys__", ()))
+        else:
+            names.add(param.name)
+    return names
+
+
 def kind_of(backend: Backend) -> str | None:
     """The kind ``backend`` was built for (``None``: not a class of :func:`kinds`)."""
     return next((kind for kind in kinds() if isinstance(backend, backend_class(kind))), None)
@@ -145,7 +160,7 @@ def create(kind: str, url: str, **values: Any) -> Backend:
     cls = backend_class(kind)
     settings = options(**values)
     keywords = settings.keywords()
-    accepted = inspect.signature(cls).parameters
+    accepted = _keywords(cls)
     for name in keywords:
         if name not in accepted:
             raise ConfigError(f"the {kind} backend takes no {name!r} option")

@@ -14,9 +14,9 @@ import asyncio
 import re
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypedDict, TypeVar, Unpack
 
 import httpx
 
@@ -30,7 +30,9 @@ from specthink.errors import BackendConnectionError, BackendError, ConfigError, 
 __all__ = [
     "DEFAULT_ROUTING_HEADERS",
     "HTTPBackend",
+    "HTTPOptions",
     "SSEBackend",
+    "TokenStream",
     "event_json",
     "malformed_event",
     "no_finish_reason",
@@ -111,6 +113,88 @@ def no_finish_reason(url: str, tokens_received: int) -> StreamDroppedError:
         url=url, tokens_received=tokens_received)
 
 
+class _TokenReader(Protocol):
+    url: str
+    tokens_received: int
+
+
+ItemT = TypeVar("ItemT")
+ItemT_contra = TypeVar("ItemT_contra", contravariant=True)
+
+
+class TokenDecoder(Protocol[ItemT_contra]):
+    def __call__(self, item: ItemT_contra, /, *, url: str,
+                 tokens_received: int) -> StreamToken | None:
+        """The token an item of the stream carries (``None``: it carries none)."""
+        ...
+
+
+class TokenStream(Generic[ItemT]):
+    """The tokens of an open stream whose last token carries the finish reason: each item
+    (an event, a line of JSON) read by ``next_item`` is decoded by ``decode``; whatever follows
+    the finish is drained so the connection can be reused, and an end before it is a
+    ``StreamDroppedError``. It keeps ``stream.tokens_received`` up to date.
+
+    This runs for every token: one await of ``next_item`` and one plain call of ``decode``.
+    """
+
+    __slots__ = ("_decode", "_finished", "_next_item", "_stream")
+
+    def __init__(self, stream: _TokenReader, next_item: Callable[[], Awaitable[ItemT | None]],
+                 decode: TokenDecoder[ItemT]) -> None:
+        self._stream = stream
+        self._next_item = next_item
+        self._decode = decode
+        self._finished = False
+
+    def __aiter__(self) -> TokenStream[ItemT]:
+        return self
+
+    async def __anext__(self) -> StreamToken:
+        stream = self._stream
+        while True:
+            item = await self._next_item()
+            if item is None:
+                if self._finished:
+                    raise StopAsyncIteration
+                raise no_finish_reason(stream.url, stream.tokens_received)
+            if self._finished:
+                continue  # drain to the end so the connection can be reused
+            token = self._decode(item, url=stream.url, tokens_received=stream.tokens_received)
+            if token is None:
+                continue
+            stream.tokens_received += 1
+            if token.finish_reason is not None:
+                self._finished = True
+            return token
+
+
+class HTTPOptions(TypedDict, total=False):
+    """The keyword options every HTTP backend takes (``BackendOptions`` says what each means).
+
+    Defaults: ``api_key`` ``$SPECTHINK_API_KEY``; ``connect_timeout``, ``read_timeout``,
+    ``max_retries``, ``retry_backoff``, ``retry_max_backoff`` and ``retry_deadline`` from
+    ``specthink._constants``; ``routing_headers`` :data:`DEFAULT_ROUTING_HEADERS`;
+    ``transport`` ``"lean"``; no ``client``, ``timeout`` or extra ``headers``.
+    """
+
+    api_key: str | None
+    client: httpx.AsyncClient | None
+    timeout: httpx.Timeout | float | None
+    connect_timeout: float
+    read_timeout: float | None
+    max_retries: int
+    retry_backoff: float
+    retry_max_backoff: float
+    retry_deadline: float | None
+    routing_headers: Sequence[str]
+    headers: Mapping[str, str] | None
+    transport: Literal["lean", "httpx"]
+
+
+_OPTION_NAMES = HTTPOptions.__optional_keys__
+
+
 class _Reader(Protocol):
     async def aclose(self) -> None: ...
 
@@ -119,30 +203,31 @@ ReaderT = TypeVar("ReaderT", bound=_Reader)
 
 
 class HTTPBackend(ABC, Generic[ReaderT]):
-    """A server spoken to over HTTP (see the subclasses for the options); ``ReaderT`` frames
-    an open response body (server-sent events, lines of JSON, ...)."""
+    """A server spoken to over HTTP, with the :class:`HTTPOptions`; ``ReaderT`` frames an open
+    response body (server-sent events, lines of JSON, ...)."""
 
-    def __init__(self, url: str, *, api_key: str | None = None,
-                 client: httpx.AsyncClient | None = None,
-                 timeout: httpx.Timeout | float | None = None,
-                 connect_timeout: float = _constants.DEFAULT_CONNECT_TIMEOUT,
-                 read_timeout: float | None = _constants.DEFAULT_READ_TIMEOUT,
-                 max_retries: int = _constants.DEFAULT_MAX_RETRIES,
-                 retry_backoff: float = _constants.RETRY_INITIAL_BACKOFF,
-                 retry_max_backoff: float = _constants.RETRY_MAX_BACKOFF,
-                 retry_deadline: float | None = _constants.RETRY_DEADLINE,
-                 routing_headers: Sequence[str] = DEFAULT_ROUTING_HEADERS,
-                 headers: Mapping[str, str] | None = None,
-                 transport: Literal["lean", "httpx"] = "lean") -> None:
-        self.routing_headers = validate_routing_headers(routing_headers)
+    def __init__(self, url: str, **options: Unpack[HTTPOptions]) -> None:
+        for name in options:
+            if name not in _OPTION_NAMES:  # as Python's own signature check would say
+                raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument "
+                                f"{name!r}")
+        self.routing_headers = validate_routing_headers(
+            options.get("routing_headers", DEFAULT_ROUTING_HEADERS))
         """Headers that carry a call's routing key, so a router keeps the call on one replica."""
+        headers = validate_headers(options.get("headers"))
+        retry_backoff = options.get("retry_backoff", _constants.RETRY_INITIAL_BACKOFF)
+        retry = RetryPolicy(
+            max_retries=options.get("max_retries", _constants.DEFAULT_MAX_RETRIES),
+            initial_backoff=retry_backoff,
+            max_backoff=max(options.get("retry_max_backoff", _constants.RETRY_MAX_BACKOFF),
+                            retry_backoff),
+            deadline=options.get("retry_deadline", _constants.RETRY_DEADLINE))
         self._conn = ServerConnection(
-            url, api_key=api_key, client=client, timeout=timeout,
-            connect_timeout=connect_timeout, read_timeout=read_timeout,
-            headers=validate_headers(headers), transport=transport,
-            retry=RetryPolicy(max_retries=max_retries, initial_backoff=retry_backoff,
-                              max_backoff=max(retry_max_backoff, retry_backoff),
-                              deadline=retry_deadline))
+            url, api_key=options.get("api_key"), client=options.get("client"),
+            timeout=options.get("timeout"),
+            connect_timeout=options.get("connect_timeout", _constants.DEFAULT_CONNECT_TIMEOUT),
+            read_timeout=options.get("read_timeout", _constants.DEFAULT_READ_TIMEOUT),
+            headers=headers, transport=options.get("transport", "lean"), retry=retry)
         self.url = self._conn.url
         self._info: ServerInfo | None = None
         self._info_fetches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,

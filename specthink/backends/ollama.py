@@ -8,18 +8,11 @@ the cached ``/info`` come from :class:`~specthink.backends._httpbackend.HTTPBack
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, ClassVar, Unpack
 
-import httpx
-
-from specthink import _constants
 from specthink.backends._connection import ResponseBody
-from specthink.backends._httpbackend import (
-    DEFAULT_ROUTING_HEADERS,
-    HTTPBackend,
-    no_finish_reason,
-)
+from specthink.backends._httpbackend import HTTPBackend, HTTPOptions, TokenStream
 from specthink.backends._sse import Body, LineSplitter, loads_json
 from specthink.backends.base import FinishReason, SamplingParams, ServerInfo, StreamToken
 from specthink.errors import BackendError, ConfigError, in_stream_error
@@ -111,33 +104,6 @@ class NDJSONStream:
         await self.body.aclose()
 
 
-class _TokenStream:
-    def __init__(self, stream: NDJSONStream) -> None:
-        self._stream = stream
-        self._finished = False
-
-    def __aiter__(self) -> _TokenStream:
-        return self
-
-    async def __anext__(self) -> StreamToken:
-        stream = self._stream
-        while True:
-            value = await stream.next_value()
-            if value is None:
-                if self._finished:
-                    raise StopAsyncIteration
-                raise no_finish_reason(stream.url, stream.tokens_received)
-            if self._finished:
-                continue
-            token = decode_chunk(value, url=stream.url, tokens_received=stream.tokens_received)
-            if token is None:
-                continue
-            stream.tokens_received += 1
-            if token.finish_reason is not None:
-                self._finished = True
-            return token
-
-
 class OllamaBackend(HTTPBackend[NDJSONStream]):
     """An Ollama server, spoken to natively (``/api/generate`` with ``raw``).
 
@@ -159,24 +125,9 @@ class OllamaBackend(HTTPBackend[NDJSONStream]):
     """Moot: Ollama renders no template here (``raw``), so tool turns are rendered
     client-side, whole."""
 
-    def __init__(self, url: str, *, model: str | None = None, api_key: str | None = None,
-                 client: httpx.AsyncClient | None = None,
-                 timeout: httpx.Timeout | float | None = None,
-                 connect_timeout: float = _constants.DEFAULT_CONNECT_TIMEOUT,
-                 read_timeout: float | None = _constants.DEFAULT_READ_TIMEOUT,
-                 max_retries: int = _constants.DEFAULT_MAX_RETRIES,
-                 retry_backoff: float = _constants.RETRY_INITIAL_BACKOFF,
-                 retry_max_backoff: float = _constants.RETRY_MAX_BACKOFF,
-                 retry_deadline: float | None = _constants.RETRY_DEADLINE,
-                 routing_headers: Sequence[str] = DEFAULT_ROUTING_HEADERS,
-                 headers: Mapping[str, str] | None = None,
-                 transport: Literal["lean", "httpx"] = "lean") -> None:
-        super().__init__(url, api_key=api_key, client=client, timeout=timeout,
-                         connect_timeout=connect_timeout, read_timeout=read_timeout,
-                         max_retries=max_retries, retry_backoff=retry_backoff,
-                         retry_max_backoff=retry_max_backoff, retry_deadline=retry_deadline,
-                         routing_headers=routing_headers, headers=headers,
-                         transport=transport)
+    def __init__(self, url: str, *, model: str | None = None,
+                 **options: Unpack[HTTPOptions]) -> None:
+        super().__init__(url, **options)
         self.model = model
 
     def _repr_details(self) -> str:
@@ -198,7 +149,7 @@ class OllamaBackend(HTTPBackend[NDJSONStream]):
         return stream
 
     def _tokens(self, stream: NDJSONStream) -> AsyncIterator[StreamToken]:
-        return _TokenStream(stream)
+        return TokenStream(stream, stream.next_value, decode_chunk)
 
     async def _fetch_info(self) -> ServerInfo:
         """``GET /api/tags``: the model (``model`` if given and listed, else the first)."""

@@ -15,16 +15,13 @@ import asyncio
 import json
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Unpack
 
-import httpx
-
-from specthink import _constants
 from specthink.backends._httpbackend import (
-    DEFAULT_ROUTING_HEADERS,
+    HTTPOptions,
     SSEBackend,
     event_json,
     no_finish_reason,
@@ -311,27 +308,12 @@ class OpenAICompletionsBackend(SSEBackend):
     supports_grammar = False
     keeps_tool_turns = True
 
-    def __init__(self, url: str, *, model: str | None = None, api_key: str | None = None,
-                 client: httpx.AsyncClient | None = None,
-                 timeout: httpx.Timeout | float | None = None,
-                 connect_timeout: float = _constants.DEFAULT_CONNECT_TIMEOUT,
-                 read_timeout: float | None = _constants.DEFAULT_READ_TIMEOUT,
-                 max_retries: int = _constants.DEFAULT_MAX_RETRIES,
-                 retry_backoff: float = _constants.RETRY_INITIAL_BACKOFF,
-                 retry_max_backoff: float = _constants.RETRY_MAX_BACKOFF,
-                 retry_deadline: float | None = _constants.RETRY_DEADLINE,
-                 routing_headers: Sequence[str] = DEFAULT_ROUTING_HEADERS,
-                 headers: Mapping[str, str] | None = None,
-                 transport: Literal["lean", "httpx"] = "lean") -> None:
+    def __init__(self, url: str, *, model: str | None = None,
+                 **options: Unpack[HTTPOptions]) -> None:
         url = url.rstrip("/") if isinstance(url, str) else url
         if isinstance(url, str) and url.endswith("/v1"):
             url = url[: -len("/v1")]  # accept the OpenAI SDK's base_url spelling too
-        super().__init__(url, api_key=api_key, client=client, timeout=timeout,
-                         connect_timeout=connect_timeout, read_timeout=read_timeout,
-                         max_retries=max_retries, retry_backoff=retry_backoff,
-                         retry_max_backoff=retry_max_backoff, retry_deadline=retry_deadline,
-                         routing_headers=routing_headers, headers=headers,
-                         transport=transport)
+        super().__init__(url, **options)
         self.model = model
         self.tokenize_method: TokenizeMethod | None = None
         """Which tokenizer endpoint worked (found on first use, then kept)."""

@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 
 from specthink.backends._httpbackend import (
     SSEBackend,
+    TokenStream,
     event_json,
     malformed_event,
-    no_finish_reason,
     sampling_fields,
 )
 from specthink.backends._sse import ServerSentEvent, SSEStream, loads_json
@@ -129,38 +129,18 @@ class Generated:
         return "".join(token.text for token in self.tokens)
 
 
-class _TokenStream:
-    """Async iterator of :class:`StreamToken` over an open ``/generate_stream`` response."""
-
-    def __init__(self, stream: SSEStream) -> None:
-        self._stream = stream
-        self._finished = False
-
-    def __aiter__(self) -> _TokenStream:
-        return self
-
-    async def __anext__(self) -> StreamToken:
-        stream = self._stream
-        while True:
-            event = await stream.next_event()
-            if event is None:
-                if self._finished:
-                    raise StopAsyncIteration
-                raise no_finish_reason(stream.url, stream.tokens_received)
-            if self._finished or event.data == "[DONE]":
-                continue  # drain to the end so the connection can be reused
-            try:  # event_json, inlined: this runs for every token
-                payload = loads_json(event.data)
-            except ValueError as exc:
-                raise malformed_event(event, stream.url, stream.tokens_received) from exc
-            if not isinstance(payload, dict):
-                continue
-            token = decode_stream_event(payload, url=stream.url,
-                                        tokens_received=stream.tokens_received)
-            stream.tokens_received += 1
-            if token.finish_reason is not None:
-                self._finished = True
-            return token
+def _event_token(event: ServerSentEvent, *, url: str, tokens_received: int) -> StreamToken | None:
+    """A ``/generate_stream`` event's token (``None``: ``[DONE]``, or no JSON object)."""
+    data = event.data
+    if data == "[DONE]":
+        return None
+    try:  # event_json, inlined: this runs for every token
+        payload = loads_json(data)
+    except ValueError as exc:
+        raise malformed_event(event, url, tokens_received) from exc
+    if not isinstance(payload, dict):
+        return None
+    return decode_stream_event(payload, url=url, tokens_received=tokens_received)
 
 
 class TGIBackend(SSEBackend):
@@ -200,7 +180,7 @@ class TGIBackend(SSEBackend):
             raise _error_event(payload, self.url, 0)
 
     def _tokens(self, stream: SSEStream) -> AsyncIterator[StreamToken]:
-        return _TokenStream(stream)
+        return TokenStream(stream, stream.next_event, _event_token)
 
     async def generate(self, prompt: str, *, max_new_tokens: int, sampling: SamplingParams,
                        stop: Sequence[str] = (), on_attempt: OnAttempt | None = None,

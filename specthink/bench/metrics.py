@@ -28,11 +28,36 @@ from specthink.bench.policies import Outcome
 from specthink.bench.servers import RecordSummary
 from specthink.testing.server import LatencyModel
 
-__all__ = ["CellMetrics", "busy_seconds", "cell_metrics"]
+__all__ = ["CellMetrics", "Rates", "busy_seconds", "cell_metrics"]
+
+
+class Rates:
+    """The rates of a cell that has ``output_tokens``, ``wall_seconds``, ``ideal_seconds`` and
+    a time ``scale`` (mixed into the benchmark's and the scale-out's cell figures)."""
+
+    __slots__ = ()
+    output_tokens: int
+    wall_seconds: float
+    ideal_seconds: float
+    scale: float
+
+    @property
+    def wall_over_ideal(self) -> float:
+        return self.wall_seconds / self.ideal_seconds if self.ideal_seconds else float("nan")
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Aggregate accepted tokens per second, as measured."""
+        return self.output_tokens / self.wall_seconds if self.wall_seconds else 0.0
+
+    @property
+    def tokens_per_second_unscaled(self) -> float:
+        """The same at the GPU profiles' own speed (``scale = 1``; as measured at scale 0)."""
+        return self.tokens_per_second * (self.scale or 1.0)
 
 
 @dataclass(frozen=True, slots=True)
-class CellMetrics:
+class CellMetrics(Rates):
     """The figures of one policy at one concurrency."""
 
     policy: str
@@ -83,10 +108,6 @@ class CellMetrics:
     """How much the client's resident memory grew while the conversations ran."""
 
     @property
-    def wall_over_ideal(self) -> float:
-        return self.wall_seconds / self.ideal_seconds if self.ideal_seconds else float("nan")
-
-    @property
     def requests_per_handoff(self) -> float | None:
         if not self.handoffs:
             return None
@@ -99,16 +120,6 @@ class CellMetrics:
     @property
     def target_share(self) -> float:
         return self.target_tokens / self.output_tokens if self.output_tokens else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Aggregate accepted tokens per second, as measured."""
-        return self.output_tokens / self.wall_seconds if self.wall_seconds else 0.0
-
-    @property
-    def tokens_per_second_unscaled(self) -> float:
-        """The same at the GPU profiles' own speed (``scale = 1``; as measured at scale 0)."""
-        return self.tokens_per_second * (self.scale or 1.0)
 
     @property
     def wall_seconds_unscaled(self) -> float:

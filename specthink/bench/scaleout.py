@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import math
 import os
 import statistics
 import time
@@ -33,8 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from specthink.bench.metrics import Rates
 from specthink.bench.policies import Outcome
 from specthink.bench.profiles import SMALL_1_5B_A100, TARGET_32B_A100, GPUProfile
+from specthink.bench.report import _no_nan, _num, _pct
 from specthink.bench.runner import Level, _machine
 from specthink.bench.servers import RecordSummary, Role, ServerProcess, ServerSpec
 from specthink.bench.traces import TraceSpec
@@ -104,7 +105,7 @@ class ScaleOutConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class ScaleCell:
+class ScaleCell(Rates):
     """One cell: K replicas per role, some conversations at once, with or without the key."""
 
     replicas: int
@@ -128,19 +129,6 @@ class ScaleCell:
     cache_share_previous_min: float | None
     replicas_per_conversation: float
     """Mean over conversations and pools of how many replicas served the conversation."""
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.output_tokens / self.wall_seconds if self.wall_seconds else 0.0
-
-    @property
-    def tokens_per_second_unscaled(self) -> float:
-        """At the GPU profiles' own speed (``scale = 1``)."""
-        return self.tokens_per_second * (self.scale or 1.0)
-
-    @property
-    def wall_over_ideal(self) -> float:
-        return self.wall_seconds / self.ideal_seconds if self.ideal_seconds else math.nan
 
 
 def _nominal(record: RecordSummary, latency: LatencyModel) -> float:
@@ -341,14 +329,6 @@ def scale_headline(result: ScaleOutResult) -> list[str]:
     return lines
 
 
-def _pct(value: float | None) -> str:
-    return "—" if value is None or not math.isfinite(value) else f"{100 * value:.1f} %"
-
-
-def _num(value: float | None, digits: int = 2) -> str:
-    return "—" if value is None or not math.isfinite(value) else f"{value:,.{digits}f}"
-
-
 def scale_to_markdown(result: ScaleOutResult) -> str:
     config = result.config
     small, target = config.latency("small"), config.latency("target")
@@ -425,17 +405,7 @@ def scale_to_json(result: ScaleOutResult) -> dict[str, Any]:
     data = {"command": COMMAND, "started": result.started, "seconds": result.seconds,
             "machine": result.machine, "config": config, "cells": cells,
             "targets": scale_headline(result), "errors": result.errors}
-    return _finite(data)  # type: ignore[no-any-return]
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
+    return _no_nan(data)  # type: ignore[no-any-return]
 
 
 def write_scale_report(result: ScaleOutResult, out: Path) -> list[Path]:

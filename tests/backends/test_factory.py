@@ -23,6 +23,7 @@ from specthink.backends import (
 )
 from specthink.errors import BackendConnectionError, ConfigError
 from specthink.testing import EchoModel, LoopbackServer
+from tests.support import stream_tokens
 
 Start = Callable[..., LoopbackServer]
 
@@ -66,6 +67,23 @@ def test_a_model_name_for_tgi_is_refused() -> None:
         create("tgi", "http://127.0.0.1:1", model="m")
 
 
+@pytest.mark.parametrize("kind", ["tgi", "openai", "ollama"])
+def test_every_option_reaches_each_backend_and_a_misspelt_one_is_refused(kind: str) -> None:
+    """Broken: the options the factory validates and the ones a backend's constructor takes
+    (one ``HTTPOptions`` for every protocol) have drifted apart, so ``create`` refuses a
+    documented option; or a backend built directly drops a misspelt keyword silently."""
+    from specthink.backends._factory import backend_class
+
+    every = {name: getattr(BackendOptions(), name) for name in BackendOptions.model_fields}
+    every["model"] = "m"
+    if kind == "tgi":
+        del every["model"]
+    backend = create(kind, "http://127.0.0.1:1", **every)
+    assert isinstance(backend, backend_class(kind))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'timout'"):
+        backend_class(kind)("http://127.0.0.1:1", timout=3)
+
+
 def test_the_api_key_is_a_secret_in_the_options_and_the_backend(
         caplog: pytest.LogCaptureFixture) -> None:
     """Broken: the options model or the backend prints the key."""
@@ -82,12 +100,7 @@ async def test_extra_headers_go_with_every_request(kind: str, loopback_server: S
     """Broken: ``headers`` (a gateway's tenant header, say) is not sent, or not on /info."""
     server = loopback_server(EchoModel())
     backend = create(kind, server.url, headers={"X-Tenant": "team-a"})
-    try:
-        async with backend.stream("Hello there", max_new_tokens=4,
-                                  sampling=SamplingParams()) as tokens:
-            _ = [token async for token in tokens]
-    finally:
-        await backend.aclose()
+    await stream_tokens(backend, "Hello there", max_new_tokens=4)
     assert server.calls
     assert all(call.headers.get("x-tenant") == "team-a" for call in server.calls)
 

@@ -4,23 +4,12 @@ server without blocking the event loop."""
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import Iterator
 
 import pytest
 
 from specthink.backends import TGIBackend
 from specthink.cli import WireProtocol, _backend
 from specthink.testing import EchoModel, LoopbackServer
-
-
-@pytest.fixture
-def silent_server() -> Iterator[str]:
-    """Accepts TCP connections (the kernel completes the handshake) and never answers."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(16)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 async def test_detection_leaves_the_event_loop_running(silent_server: str) -> None:

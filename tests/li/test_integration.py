@@ -303,15 +303,6 @@ def test_an_unreachable_server_raises_from_sync_calls_too() -> None:
     llm.close()
 
 
-@pytest.fixture
-def silent_server() -> Iterator[str]:
-    """Accepts TCP connections (the kernel completes the handshake) and never answers."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(16)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-
 async def test_a_server_that_never_answers_times_out(silent_server: str) -> None:
     llm = SpeculativeThinkingLLM(small_url=silent_server, target_url=silent_server,
                                  timeout=0.3, max_retries=0)

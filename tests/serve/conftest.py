@@ -11,6 +11,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ import uvicorn
 
 from specthink.serve import ServeSettings, create_app
 from specthink.serve.metrics import ServeMetrics
-from specthink.testing import LoopbackServer
+from specthink.testing import LatencyModel, LoopbackServer
 from specthink.testing.models import Continuation, last_user_message
 
 CHATML_ASSISTANT = "<|im_start|>assistant\n"
@@ -139,12 +140,20 @@ def settings_for(pair: Pair, **overrides: Any) -> ServeSettings:
     return ServeSettings.model_validate(values)
 
 
+@contextmanager
+def conversation_pair(latency: LatencyModel | None = None) -> Iterator[Pair]:
+    """A small and a target server, both playing :class:`ConversationModel` (at ``latency``)."""
+    with LoopbackServer(ConversationModel(), latency=latency, model_id="test/small") as small, \
+            LoopbackServer(ConversationModel(), latency=latency,
+                           model_id="test/target") as target:
+        yield Pair(small, target)
+
+
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Pair]:
-    """A small and a target server, both playing :class:`ConversationModel`."""
-    with LoopbackServer(ConversationModel(), model_id="test/small") as small, \
-            LoopbackServer(ConversationModel(), model_id="test/target") as target:
-        yield Pair(small, target)
+    """:func:`conversation_pair`, shared by a module's tests."""
+    with conversation_pair() as servers:
+        yield servers
 
 
 @pytest.fixture

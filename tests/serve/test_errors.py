@@ -16,7 +16,15 @@ from specthink.backends.tgi import TGIBackend
 from specthink.serve import create_app
 from specthink.testing import Fault, LatencyModel, LoopbackServer
 
-from .conftest import AppServer, ConversationModel, Pair, Served, client, settings_for
+from .conftest import (
+    AppServer,
+    ConversationModel,
+    Pair,
+    Served,
+    client,
+    conversation_pair,
+    settings_for,
+)
 from .test_chat import HELLO
 
 OK = {"model": "specthink", "messages": HELLO}
@@ -154,10 +162,8 @@ def test_api_keys_401_without_or_with_a_wrong_key_and_the_key_is_never_echoed(
 
 @pytest.fixture
 def slow_pair() -> Iterator[Pair]:
-    slow = LatencyModel(per_token=0.02)
-    with LoopbackServer(ConversationModel(), latency=slow, model_id="test/small") as small, \
-            LoopbackServer(ConversationModel(), latency=slow, model_id="test/target") as target:
-        yield Pair(small, target)
+    with conversation_pair(LatencyModel(per_token=0.02)) as servers:
+        yield servers
 
 
 async def test_over_max_concurrency_is_a_429_without_an_upstream_request(

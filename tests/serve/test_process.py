@@ -20,9 +20,9 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from specthink.testing import LatencyModel, LoopbackServer
+from specthink.testing import LatencyModel
 
-from .conftest import ConversationModel, Pair
+from .conftest import Pair, conversation_pair
 
 ROOT = Path(__file__).resolve().parents[2]
 EXITED = (0, -signal.SIGTERM)
@@ -86,10 +86,8 @@ class ServeProcess:
 
 @pytest.fixture
 def slow_pair() -> Iterator[Pair]:
-    slow = LatencyModel(per_token=0.03)
-    with LoopbackServer(ConversationModel(), latency=slow, model_id="test/small") as small, \
-            LoopbackServer(ConversationModel(), latency=slow, model_id="test/target") as target:
-        yield Pair(small, target)
+    with conversation_pair(LatencyModel(per_token=0.03)) as servers:
+        yield servers
 
 
 @pytest.mark.timeout(120)
@@ -186,9 +184,8 @@ def test_two_workers_serve_and_metrics_sum_over_both(pair_for_process: Pair) -> 
 
 @pytest.fixture
 def pair_for_process() -> Iterator[Pair]:
-    with LoopbackServer(ConversationModel(), model_id="test/small") as small, \
-            LoopbackServer(ConversationModel(), model_id="test/target") as target:
-        yield Pair(small, target)
+    with conversation_pair() as servers:
+        yield servers
 
 
 SECRET = "sk-serve-4b1d6e0f9a"

@@ -11,41 +11,18 @@ import httpx
 import orjson
 import pytest
 
-from specthink.testing import LatencyModel, LoopbackServer, RequestRecord
-from specthink.testing.models import Script, ScriptedModel
+from specthink.testing import LoopbackServer
+from specthink.testing.models import ScriptedModel
+from tests.support import LONG, last, reflecting_servers, streaming, wait_for
 
 from .conftest import Pair, Served
-
-SLOW = LatencyModel(per_token=0.02)
-LONG = " ".join(f"word{n}" for n in range(400))
-REFLECTING = "Let x be 2.\n\nWait, x is 3.\n\n" + LONG
-
-
-async def wait_for(condition: Callable[[], bool], what: str) -> None:
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting until {what}")
-
-
-def streaming(server: LoopbackServer) -> bool:
-    return any(r.tokens_sent >= 2 and r.finished is None for r in server.records)
-
-
-def last(server: LoopbackServer) -> RequestRecord:
-    return server.records[-1]
 
 
 @pytest.fixture
 def reflecting_pair() -> Iterator[Pair]:
-    """The small model reflects after a blank line, so the target takes over and writes a long
-    text; the small model alone, without a blank line, writes a long text too. Both slowly."""
-    small = ScriptedModel([Script("", REFLECTING)])
-    target = ScriptedModel([Script("Let x be 2.\n\n", LONG)])
-    with LoopbackServer(small, latency=SLOW, model_id="test/small") as small_server, \
-            LoopbackServer(target, latency=SLOW, model_id="test/target") as target_server:
-        yield Pair(small_server, target_server)
+    """``tests.support.reflecting_servers``, as a serve test's pair."""
+    with reflecting_servers() as servers:
+        yield Pair(servers.small, servers.target)
 
 
 async def hang_up_once(served: Served, server: LoopbackServer) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from specthink.backends import OpenAICompletionsBackend, SamplingParams
+from specthink.backends import OpenAICompletionsBackend
 from specthink.errors import StreamErrorEvent
 from specthink.testing import Fault, LoopbackServer, ScriptedModel
 from specthink.testing._templates import (
@@ -24,6 +24,7 @@ from specthink.testing._templates import (
     token_strings,
 )
 from specthink.testing.models import Tokenizer
+from tests.support import stream_tokens
 
 Start = Callable[..., LoopbackServer]
 R1 = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
@@ -384,13 +385,8 @@ async def test_the_backend_reads_each_flavors_usage(loopback_server: Start) -> N
     the vLLM path."""
     for flavor, counted in (("vllm", True), ("llamacpp", True), ("llama-cpp-python", False)):
         server = serve(loopback_server, flavor)
-        backend = OpenAICompletionsBackend(server.url)
-        try:
-            async with backend.stream("<｜User｜>Hi<｜Assistant｜>", max_new_tokens=16,
-                                      sampling=SamplingParams()) as stream:
-                tokens = [token async for token in stream]
-        finally:
-            await backend.aclose()
+        tokens = await stream_tokens(OpenAICompletionsBackend(server.url),
+                                     "<｜User｜>Hi<｜Assistant｜>", max_new_tokens=16)
         assert "".join(t.text for t in tokens) == "Fine.</think>Four."
         assert tokens[-1].finish_reason == "eos"
         expected = server.records[-1].prompt_tokens if counted else None
@@ -402,13 +398,7 @@ async def test_an_injected_error_event_has_vllms_shape(loopback_server: Start) -
     still sees the error type (so overload is retried)."""
     server = serve(loopback_server, "vllm")
     server.inject(Fault.error_event(after_tokens=1, error_type="generation"))
-    backend = OpenAICompletionsBackend(server.url)
-    try:
-        with pytest.raises(StreamErrorEvent) as info:
-            async with backend.stream("<｜User｜>Hi<｜Assistant｜>", max_new_tokens=16,
-                                      sampling=SamplingParams()) as stream:
-                async for _ in stream:
-                    pass
-    finally:
-        await backend.aclose()
+    with pytest.raises(StreamErrorEvent) as info:
+        await stream_tokens(OpenAICompletionsBackend(server.url), "<｜User｜>Hi<｜Assistant｜>",
+                            max_new_tokens=16)
     assert info.value.error_type == "generation"

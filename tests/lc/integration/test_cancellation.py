@@ -7,42 +7,16 @@ client disconnected before the answer was complete.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 from typing import cast
 
 import pytest
 from langchain_core.messages import AIMessageChunk
 
-from specthink.testing import LatencyModel, LoopbackServer, RequestRecord
-from specthink.testing.models import Script, ScriptedModel
+from specthink.testing import LoopbackServer
+from specthink.testing.models import ScriptedModel
 from specthink_lc import ChatSpeculativeThinking
-
-
-@dataclass
-class ServerPair:
-    small: LoopbackServer
-    target: LoopbackServer
-
-SLOW = LatencyModel(per_token=0.02)
-LONG = " ".join(f"word{n}" for n in range(400))
-REFLECTING = "Let x be 2.\n\nWait, x is 3.\n\n" + LONG
-
-
-async def wait_for(condition: Callable[[], bool], what: str) -> None:
-    for _ in range(500):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting until {what}")
-
-
-def streaming(server: LoopbackServer) -> bool:
-    return any(r.tokens_sent >= 2 and r.finished is None for r in server.records)
-
-
-def last(server: LoopbackServer) -> RequestRecord:
-    return server.records[-1]
+from tests.support import LONG, ServerPair, last, reflecting_servers, streaming, wait_for
 
 
 async def cancel_once_streaming(model: ChatSpeculativeThinking, prompt: str,
@@ -62,13 +36,9 @@ async def cancel_once_streaming(model: ChatSpeculativeThinking, prompt: str,
 
 @pytest.fixture
 def servers() -> Iterator[ServerPair]:
-    """The small model reflects after a blank line, so the target takes over and writes a long
-    text; both servers answer slowly enough to be interrupted."""
-    small = ScriptedModel([Script("", REFLECTING)])
-    target = ScriptedModel([Script("Let x be 2.\n\n", LONG)])
-    with LoopbackServer(small, latency=SLOW, model_id="test/small") as small_server, \
-            LoopbackServer(target, latency=SLOW, model_id="test/target") as target_server:
-        yield ServerPair(small_server, target_server)
+    """``tests.support.reflecting_servers``: the target takes over and writes slowly."""
+    with reflecting_servers() as pair:
+        yield pair
 
 
 def chat_model(servers: ServerPair) -> ChatSpeculativeThinking:
