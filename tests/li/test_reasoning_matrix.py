@@ -14,10 +14,9 @@ matrix is ``tests/lc/integration/test_reasoning_matrix.py``.)
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
 import pytest
 from llama_index.core.agent.workflow import FunctionAgent
@@ -29,52 +28,31 @@ from llama_index.core.base.llms.types import (
 )
 from llama_index.core.tools import FunctionTool
 
-from specthink.testing import LoopbackServer, ThinkingModel
 from specthink_li import SpeculativeThinkingLLM
+from tests.reasoning_support import (
+    ANSWER,
+    CASES,
+    PRICED_ANSWER,
+    PRICED_REASONING,
+    QUESTION,
+    R1_BOS,
+    REASONING,
+    TICKETS,
+    TICKETS_REASONING,
+    TOOL_CASES,
+    WALK,
+    WALK_ANSWER,
+    WALK_REASONING,
+    Case,
+    Pair,
+    Server,
+    call,
+    loopback_pairs,
+)
 
 from .li_support import ignore_memory_leak, workflow_agent
 
 pytestmark = ignore_memory_leak
-
-R1 = ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B")
-QWEN3 = ("Qwen/Qwen3-4B-Thinking-2507", "Qwen/QwQ-32B")
-CHATML = ("Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-32B-Instruct")
-R1_BOS = "<｜begin▁of▁sentence｜>"
-
-QWEN3_THINKING = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}")
-"""A Qwen3-thinking-style Jinja template the user passes: its generation prompt opens the
-reasoning."""
-
-
-# ---- the model's script ------------------------------------------------------------------
-
-QUESTION = "What is 12 * 13?"
-REASONING = "12 * 13 = 120 + 36.\n\nWait, let me check: 120 + 36 = 156."
-ANSWER = "12 * 13 = 156."
-
-
-def call(city: str, travellers: int) -> str:
-    arguments = {"city": city, "travellers": travellers}
-    return ("<tool_call>\n" + json.dumps({"name": "get_ticket_price", "arguments": arguments})
-            + "\n</tool_call>")
-
-
-DECOY = call("Oslo", 4)
-"""Drafted inside the reasoning only: executing it is the bug."""
-TICKETS = "How much are train tickets to Bergen for two?"
-WALK = "Do I need a ticket to walk around Bergen?"
-TICKETS_REASONING = ("The user wants a price.\n\nWait, maybe Oslo first:\n" + DECOY
-                     + "\n\nNo, the question is about Bergen, for two travellers.")
-WALK_REASONING = ("Walking is free.\n\nWait, should I look up a price anyway?\n" + DECOY
-                  + "\n\nNo, there is nothing to buy.")
-WALK_ANSWER = "No, walking around Bergen needs no ticket."
-PRICED_REASONING = ("The tool answered 240 NOK.\n\nWait, call it again to be sure?\n" + DECOY
-                    + "\n\nNo, one answer is enough.")
-PRICED_ANSWER = "Two train tickets to Bergen cost 240 NOK."
 
 
 def think(conversation: str) -> tuple[str, str]:
@@ -90,76 +68,9 @@ def think(conversation: str) -> tuple[str, str]:
     return "", "I have no script for this."
 
 
-# ---- the servers -------------------------------------------------------------------------
-
-class Server(NamedTuple):
-    flavor: Literal["tgi", "vllm", "llamacpp", "llama-cpp-python"]
-    """Whose endpoints the loopback pair speaks."""
-    models: tuple[str, str]
-    """The small and target model ids; each server renders with its family's template."""
-
-    @property
-    def backend(self) -> Literal["tgi", "openai"]:
-        return "tgi" if self.flavor == "tgi" else "openai"
-
-
-class Case(NamedTuple):
-    server: Server
-    template: str
-    """``small_template`` / ``target_template``: "auto" is the server's own rendering."""
-    opens_reasoning: bool
-    """The prompt sent ends inside ``<think>``, so the output starts in the reasoning."""
-
-
-CASES = {
-    # the server's own template (or, where the server renders none, the family's by model id)
-    "tgi-r1-server": Case(Server("tgi", R1), "auto", True),
-    "vllm-r1-server": Case(Server("vllm", R1), "auto", True),
-    "llamacpp-r1-server": Case(Server("llamacpp", R1), "auto", True),
-    "llama-cpp-python-r1-family": Case(Server("llama-cpp-python", R1), "auto", True),
-    "llama-cpp-python-qwen3-family": Case(Server("llama-cpp-python", QWEN3), "auto", True),
-    "tgi-qwen3-server": Case(Server("tgi", QWEN3), "auto", True),
-    "vllm-qwen3-server": Case(Server("vllm", QWEN3), "auto", True),
-    # a template the user names, rendered client-side
-    "tgi-r1-builtin": Case(Server("tgi", R1), "deepseek-r1", True),
-    "vllm-r1-builtin": Case(Server("vllm", R1), "deepseek-r1", True),
-    "tgi-chatml": Case(Server("tgi", CHATML), "chatml", False),
-    "vllm-chatml": Case(Server("vllm", CHATML), "chatml", False),
-    "tgi-qwen3-jinja": Case(Server("tgi", QWEN3), QWEN3_THINKING, True),
-    "vllm-qwen3-jinja": Case(Server("vllm", QWEN3), QWEN3_THINKING, True),
-}
-TOOL_CASES = ["tgi-r1-server", "vllm-r1-server", "llamacpp-r1-server",
-              "llama-cpp-python-r1-family", "llama-cpp-python-qwen3-family",
-              "tgi-qwen3-server", "vllm-qwen3-server",
-              "tgi-chatml", "vllm-chatml"]
-"""Cases whose templates render tools (a user's plain Jinja template may not)."""
-
-
-class Pair(NamedTuple):
-    small: LoopbackServer
-    target: LoopbackServer
-
-
 @pytest.fixture(scope="module")
 def servers() -> Iterator[Callable[[Server], Pair]]:
-    """One loopback pair per flavour and model family, started on first use."""
-    started: dict[Server, Pair] = {}
-
-    def pair(server: Server) -> Pair:
-        if server not in started:
-            model = ThinkingModel(think, writes_start=server.models == CHATML)
-            small, target = (LoopbackServer(model, model_id=model_id, flavor=server.flavor)
-                             for model_id in server.models)
-            started[server] = Pair(small.start(), target.start())
-        found = started[server]
-        found.small.reset()
-        found.target.reset()
-        return found
-
-    yield pair
-    for found in started.values():
-        found.small.stop()
-        found.target.stop()
+    yield from loopback_pairs(think)
 
 
 Build = Callable[[Case], tuple[SpeculativeThinkingLLM, Pair]]
