@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated
 
@@ -82,10 +83,8 @@ def bench(
     """Measure the engine against the latency model's limit, the authors' control loop, and
     each model alone, on loopback servers that behave like GPU servers."""
     if ttft:
-        from specthink.bench.ttft import ttft_command
-
-        ttft_command(out, quick=quick, seed=seed, rounds=ttft_rounds,
-                     gc_freeze=ttft_gc_freeze, json_output=json_output)
+        _ttft(out, quick=quick, seed=seed, rounds=ttft_rounds, gc_freeze=ttft_gc_freeze,
+              json_output=json_output)
         return
     if replicas is not None:
         _scale_out(out, replicas, levels, quick=quick, seed=seed, json_output=json_output)
@@ -109,26 +108,37 @@ def bench(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     err = Console(stderr=True, highlight=False)
+    if err.is_terminal:
+        with err.status("starting") as status:
+            result = run_bench(config, progress=lambda message: status.update(message))
+    else:  # a log: one line per step, with the time since the start
+        result = run_bench(config, progress=_timed_log(err))
+    _report(err, write_report(result, out), headline(result), to_json(result),
+            errors=len(result.errors), json_output=json_output)
+
+
+def _timed_log(err: Console) -> Callable[[str], None]:
+    """A progress callback printing each step with the seconds since the start."""
     started = time.monotonic()
 
     def log(message: str) -> None:
         err.print(f"[dim]{time.monotonic() - started:7.1f} s[/] {message}")
 
-    if err.is_terminal:
-        with err.status("starting") as status:
-            result = run_bench(config, progress=lambda message: status.update(message))
-    else:  # a log: one line per step, with the time since the start
-        result = run_bench(config, progress=log)
-    files = write_report(result, out)
-    for line in headline(result):
+    return log
+
+
+def _report(err: Console, files: list[Path], lines: Iterable[str], data: object, *,
+            errors: int, json_output: bool) -> None:
+    """The headline on stderr, the JSON or the written files on stdout; exit 1 on errors."""
+    for line in lines:
         err.print(f"[bold]•[/] {line}")
     if json_output:
-        print(json.dumps(to_json(result), indent=2))
+        print(json.dumps(data, indent=2))
     else:
         for path in files:
             print(path)
-    if result.errors:
-        err.print(f"[red]{len(result.errors)} conversation(s) failed; see {files[0]}[/]")
+    if errors:
+        err.print(f"[red]{errors} conversation(s) failed; see {files[0]}[/]")
         raise typer.Exit(1)
 
 
@@ -159,20 +169,28 @@ def _scale_out(out: Path, replicas: str, levels: str | None, *, quick: bool, see
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     err = Console(stderr=True, highlight=False)
-    started = time.monotonic()
-    result = run_scale_out(config, progress=lambda message: err.print(
-        f"[dim]{time.monotonic() - started:7.1f} s[/] {message}"))
-    files = write_scale_report(result, out)
-    for line in scale_headline(result):
-        err.print(f"[bold]•[/] {line}")
-    if json_output:
-        print(json.dumps(scale_to_json(result), indent=2))
-    else:
-        for path in files:
-            print(path)
-    if result.errors:
-        err.print(f"[red]{len(result.errors)} conversation(s) failed; see {files[0]}[/]")
-        raise typer.Exit(1)
+    result = run_scale_out(config, progress=_timed_log(err))
+    _report(err, write_scale_report(result, out), scale_headline(result), scale_to_json(result),
+            errors=len(result.errors), json_output=json_output)
+
+
+def _ttft(out: Path, *, quick: bool, seed: int, rounds: int | None, gc_freeze: bool,
+          json_output: bool) -> None:
+    """``--ttft``: run, write ``ttft.md``/``ttft.json``, print the targets (see
+    :mod:`specthink.bench.ttft`)."""
+    from specthink.bench.ttft import TTFTConfig, run_ttft, targets, write_ttft
+    from specthink.bench.ttft import to_json as ttft_to_json
+
+    config = TTFTConfig.quick() if quick else TTFTConfig()
+    config = dataclasses.replace(config, seed=seed, gc_freeze=gc_freeze,
+                                 rounds=config.rounds if rounds is None else rounds)
+    err = Console(stderr=True, highlight=False)
+    result = run_ttft(config, progress=_timed_log(err))
+    verdicts = (f"{t.name}: {t.measured} "
+                f"({'—' if t.met is None else 'met' if t.met else 'MISSED'})"
+                for t in targets(result))
+    _report(err, write_ttft(result, out), verdicts, ttft_to_json(result),
+            errors=len(result.errors), json_output=json_output)
 
 
 def register(app: typer.Typer) -> None:

@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from langchain_core.messages import BaseMessageChunk
 
 __all__ = ["CLIENTS", "TTFTCell", "TTFTConfig", "TTFTResult", "run_ttft", "targets",
-           "to_json", "to_markdown", "ttft_command", "write_ttft"]
+           "to_json", "to_markdown", "write_ttft"]
 
 Progress = Callable[[str], None]
 
@@ -880,33 +880,3 @@ def write_ttft(result: TTFTResult, out: Path) -> list[Path]:
     markdown.write_text(to_markdown(result) + "\n", encoding="utf-8")
     data.write_text(json.dumps(to_json(result), indent=2) + "\n", encoding="utf-8")
     return [markdown, data]
-
-
-def ttft_command(out: Path, *, quick: bool = False, seed: int = 0, rounds: int | None = None,
-                 gc_freeze: bool = False, json_output: bool = False) -> None:
-    """``specthink bench --ttft``: run, write ``ttft.md``/``ttft.json``, print the targets."""
-    import typer
-    from rich.console import Console
-
-    config = TTFTConfig.quick() if quick else TTFTConfig()
-    config = dataclasses.replace(config, seed=seed, gc_freeze=gc_freeze,
-                                 rounds=config.rounds if rounds is None else rounds)
-    err = Console(stderr=True, highlight=False)
-    started = time.monotonic()
-
-    def log(message: str) -> None:
-        err.print(f"[dim]{time.monotonic() - started:7.1f} s[/] {message}")
-
-    result = run_ttft(config, progress=log)
-    files = write_ttft(result, out)
-    for target in targets(result):
-        verdict = "—" if target.met is None else "met" if target.met else "MISSED"
-        err.print(f"[bold]•[/] {target.name}: {target.measured} ({verdict})")
-    if json_output:
-        print(json.dumps(to_json(result), indent=2))
-    else:
-        for path in files:
-            print(path)
-    if result.errors:
-        err.print(f"[red]{len(result.errors)} conversation(s) failed; see {files[0]}[/]")
-        raise typer.Exit(1)
