@@ -14,11 +14,14 @@ back out of the answer.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
@@ -28,7 +31,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from specthink.backends.base import ServerInfo
-from specthink.errors import ConfigError
+from specthink.errors import BackendError, ConfigError
 from specthink.trace import REASONING_START
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "AutoTemplate",
     "ChatTemplate",
     "JinjaTemplate",
+    "LearnedTemplate",
     "ServerRenderedTemplate",
     "ServerTemplate",
     "TemplateBackend",
@@ -53,6 +57,8 @@ __all__ = [
     "validate_messages",
     "validate_tools",
 ]
+
+logger = logging.getLogger("specthink.prompts")
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -491,7 +497,7 @@ _DEEPSEEK_R1_SOURCE = r"""
 _LLAMA3_SOURCE = r"""
 {%- set ns = namespace(system='') %}
 {%- for message in messages if message.role == 'system' %}
-    {%- set ns.system = ns.system + ('\n\n' if ns.system else '') + message.content %}
+    {%- set ns.system = ns.system + ('\n\n' if ns.system else '') + message.content | trim %}
 {%- endfor %}
 {{- bos_token }}
 {%- if ns.system or tools %}
@@ -506,9 +512,9 @@ _LLAMA3_SOURCE = r"""
 {%- endif %}
 {%- for message in messages %}
     {%- if message.role == 'user' %}
-        {{- '<|start_header_id|>user<|end_header_id|>\n\n' + message.content + '<|eot_id|>' }}
+        {{- '<|start_header_id|>user<|end_header_id|>\n\n' + message.content | trim + '<|eot_id|>' }}
     {%- elif message.role == 'assistant' %}
-        {%- set content = message.content or '' %}
+        {%- set content = (message.content or '') | trim %}
         {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' + content }}
 """ + _TOOL_CALLS + r"""
         {{- '<|eot_id|>' }}
@@ -570,8 +576,10 @@ turns, earlier answers without their reasoning, and the generation prompt
 form in the system text, since the distills never learnt DeepSeek-V3's tool tokens."""
 
 LLAMA3 = JinjaTemplate(_LLAMA3_SOURCE, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
-"""Llama 3 / 3.1 / 3.3 Instruct turns (``<|start_header_id|>role<|end_header_id|>``); tools in
-the Hermes form in the system turn, results in an ``ipython`` turn."""
+"""Llama 3 / 3.1 / 3.3 Instruct turns (``<|start_header_id|>role<|end_header_id|>``), each text
+trimmed as Meta's template trims it; tools in the Hermes form in the system turn, results in an
+``ipython`` turn. (3.1's template also writes knowledge and today's dates into the system turn;
+this one does not.)"""
 
 MISTRAL = JinjaTemplate(_MISTRAL_SOURCE, bos_token="<s>", eos_token="</s>")
 """Mistral Instruct turns (``[INST] ... [/INST]``), the system text at the start of the first
@@ -637,10 +645,79 @@ def _special_text(token: object) -> str:
     return token if isinstance(token, str) else ""
 
 
+_PROBE_CONVERSATIONS: tuple[tuple[dict[str, Any], ...], ...] = (
+    ({"role": "user", "content": "  Probe: what is 7 \u00d7 6?\n"},),
+    ({"role": "system", "content": "Answer in one line.  "},
+     {"role": "user", "content": " First question?"},
+     {"role": "assistant", "content": "<think>\nA thought.\n</think>\n\nThe first answer.\n"},
+     {"role": "user", "content": "Second question,\n\nin two paragraphs. "}),
+)
+"""What a server renders once per backend to learn whether a built-in template writes exactly
+its prompts: no system turn (where a default system prompt shows), every other role, an
+earlier answer with its reasoning (which templates drop), padded and multi-line text (which
+some trim)."""
+
+_LEARNING_ATTEMPTS = 3
+"""Probes a backend gets before ``auto`` stops trying to learn its template (a server that
+keeps failing them is rendered by the server, as before)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LearnedTemplate:
+    """A client-side template that rendered exactly as a server does, learnt by
+    :class:`AutoTemplate`: ``template`` followed by ``opener`` (the reasoning tag a thinking
+    model's generation prompt adds, or ""), without its BOS text where the server's renderings
+    leave it out (vLLM's and llama.cpp's, whose servers add BOS themselves)."""
+
+    name: str
+    template: JinjaTemplate
+    opener: str = ""
+    keeps_bos: bool = True
+
+    def render_text(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        text = self.template.render_text(messages) + self.opener
+        bos = self.template.bos_token
+        return text if self.keeps_bos or not bos else text.removeprefix(bos)
+
+
+def _candidates(no_system_rendering: str) -> list[LearnedTemplate]:
+    """The built-ins, with and without an opened reasoning and BOS text, and ChatML with the
+    default system prompt the server wrote where the conversation had none (Qwen2.5's,
+    SmolLM2's)."""
+    templates: list[tuple[str, JinjaTemplate]] = [
+        (name, template) for name, template in _BUILTIN.items()
+        if isinstance(template, JinjaTemplate)]
+    head = "<|im_start|>system\n"
+    if no_system_rendering.startswith(head) and "<|im_end|>" in no_system_rendering:
+        default_system = no_system_rendering[len(head):no_system_rendering.index("<|im_end|>")]
+        templates.append(("chatml with its default system prompt", JinjaTemplate(
+            CHATML.source, eos_token=CHATML.eos_token,
+            variables={"default_system": default_system})))
+    return [LearnedTemplate(name, template, opener, keeps_bos)
+            for name, template in templates for opener in ("", f"{REASONING_START}\n")
+            for keeps_bos in ((True, False) if template.bos_token else (True,))]
+
+
+def _same_rendering(candidate: LearnedTemplate, messages: Sequence[Mapping[str, Any]],
+                    rendered: str) -> bool:
+    try:
+        return candidate.render_text(messages) == rendered
+    except ConfigError:
+        return False
+
+
 class AutoTemplate(ServerRenderedTemplate):
     """``"auto"``: the server's own template wherever it renders one; else the built-in
     template of the model's family, read from the model id; else a ``ConfigError`` before any
     generation request, saying which template to pass.
+
+    The server's template costs a request per conversation, so the first conversation of a
+    backend also has it render :data:`_PROBE_CONVERSATIONS` (beside its own rendering): a
+    built-in that writes exactly what the server wrote for all of them (BOS, default system
+    prompt, dropped reasoning, trimmed text and generation prompt alike) is learnt, and later
+    conversations without tools are rendered client-side with it, no request at all. One that
+    no built-in reproduces stays the server's business, as do tools and tool turns (TGI adds
+    its own tool prompt).
 
     A server that renders its template but keeps only role and content of each message (TGI)
     gets the family template for tool turns, whose calls and results it would flatten (its
@@ -652,16 +729,34 @@ class AutoTemplate(ServerRenderedTemplate):
     else read from the model id ("thinking", "qwq"), as on a server that renders nothing.
     """
 
-    def __init__(self, role: str = "small") -> None:
+    def __init__(self, role: str = "small", *, learn: bool = True) -> None:
         self.role = role
+        self.learn = learn
+        """Learn a client-side equivalent of the server's template (``False``: the server
+        renders every conversation)."""
         self._openers: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         """What each server's generation prompt opens ("" or ``<think>\\n``), as its own
         renderings showed: a property of its template, learnt without a request of its own."""
+        self._learnt: weakref.WeakKeyDictionary[Any, LearnedTemplate | None] = (
+            weakref.WeakKeyDictionary())
+        """Per backend: the built-in that renders as its server does, ``None`` for none; absent
+        while not known."""
+        self._attempts: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._probing: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def learnt(self, backend: TemplateBackend) -> LearnedTemplate | None:
+        """The client-side template learnt for ``backend``'s server, if any."""
+        with contextlib.suppress(TypeError):
+            return self._learnt.get(backend)
+        return None
 
     async def render(self, messages: Sequence[Mapping[str, Any]],
                      tools: Sequence[Mapping[str, Any]] | None, backend: TemplateBackend, *,
                      tool_choice: str | Mapping[str, Any] | None = None) -> str:
         tool_turns = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+        plain = not tools and not tool_turns
+        if plain and (learnt := self.learnt(backend)) is not None:
+            return learnt.render_text(messages)
         flattens = tool_turns and not backend.keeps_tool_turns
         if flattens:
             model_id = (await backend.info()).model_id
@@ -671,8 +766,17 @@ class AutoTemplate(ServerRenderedTemplate):
                 return prompt + self._reasoning_opener(family, prompt, backend, model_id)
             # No better rendering is known: the server's, with its tool turns flattened.
         # One request: a server that renders nothing answers None (detected once per backend).
-        text = await backend.render_chat(validate_messages(messages), validate_tools(tools),
-                                         tool_choice=_wire_tool_choice(tool_choice, tools))
+        probing = self._start_learning(backend) if plain else None
+        try:
+            text = await backend.render_chat(validate_messages(messages), validate_tools(tools),
+                                             tool_choice=_wire_tool_choice(tool_choice, tools))
+        except BaseException:
+            if probing is not None:
+                probing.cancel()
+                self._probing.discard(backend)
+            raise
+        if probing is not None:
+            await self._finish_learning(backend, probing, messages, text)
         if text is not None:
             self._learn_opener(backend, text)
             return text
@@ -687,6 +791,50 @@ class AutoTemplate(ServerRenderedTemplate):
                 "of the model's tokenizer_config.json")
         prompt = await _BUILTIN[family].render(messages, tools, backend)
         return prompt + self._reasoning_opener(family, prompt, backend, model_id)
+
+    def _start_learning(self, backend: TemplateBackend) -> asyncio.Future[list[str | None]] | None:
+        """The probe renderings, started beside a conversation's own when nothing is known yet
+        and no other conversation is already probing (those render on the server meanwhile)."""
+        try:
+            if (not self.learn or backend in self._learnt or backend in self._probing
+                    or self._attempts.get(backend, 0) >= _LEARNING_ATTEMPTS):
+                return None
+            self._probing.add(backend)
+            self._attempts[backend] = self._attempts.get(backend, 0) + 1
+        except TypeError:  # a backend that cannot be a weak key learns nothing
+            return None
+        return asyncio.ensure_future(asyncio.gather(*(
+            backend.render_chat(list(conversation)) for conversation in _PROBE_CONVERSATIONS)))
+
+    async def _finish_learning(self, backend: TemplateBackend,
+                               probing: asyncio.Future[list[str | None]],
+                               messages: Sequence[Mapping[str, Any]], text: str | None) -> None:
+        try:
+            if text is None:  # nothing rendered on the server: nothing to learn
+                probing.cancel()
+                self._learnt[backend] = None
+                return
+            try:
+                probes = await probing
+            except Exception as exc:  # learning is an optimisation: it never fails a call
+                level = logging.DEBUG if isinstance(exc, BackendError) else logging.WARNING
+                logger.log(level, "%s: the template probe failed (%r); the server renders",
+                           backend.url, exc)
+                return
+            renderings: list[tuple[Sequence[Mapping[str, Any]], str | None]] = [
+                *zip(_PROBE_CONVERSATIONS, probes, strict=True), (messages, text)]
+            no_system = probes[0] or ""
+            learnt = next((candidate for candidate in _candidates(no_system)
+                           if all(rendered is not None
+                                  and _same_rendering(candidate, conversation, rendered)
+                                  for conversation, rendered in renderings)), None)
+            self._learnt[backend] = learnt
+            if learnt is not None:
+                logger.info("%s renders its chat template as the built-in %s does: later "
+                            "conversations without tools are rendered client-side", backend.url,
+                            learnt.name)
+        finally:
+            self._probing.discard(backend)
 
     def _learn_opener(self, backend: TemplateBackend, rendered: str) -> None:
         tail = rendered[rendered.rfind(REASONING_START):] if REASONING_START in rendered else ""
@@ -710,7 +858,7 @@ class AutoTemplate(ServerRenderedTemplate):
         return f"{REASONING_START}\n" if thinking else ""
 
     def __repr__(self) -> str:
-        return "AutoTemplate()"
+        return "AutoTemplate()" if self.learn else "AutoTemplate(learn=False)"
 
 
 def resolve_template(spec: ChatTemplate | str | Path, role: str = "small") -> ChatTemplate:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,13 +10,15 @@ from typing import Any
 
 import pytest
 
+from specthink.backends import create
 from specthink.backends.base import ServerInfo
-from specthink.errors import ConfigError
+from specthink.errors import BackendError, ConfigError
 from specthink.prompts import (
     CHATML,
     DEEPSEEK_R1,
     LLAMA3,
     MISTRAL,
+    AutoTemplate,
     ChatTemplate,
     JinjaTemplate,
     ServerTemplate,
@@ -25,6 +28,8 @@ from specthink.prompts import (
     tool_instruction,
     validate_messages,
 )
+from specthink.testing.models import EchoModel
+from specthink.testing.server import Flavor, LoopbackServer
 from specthink.tools import parse_tool_calls
 
 WEATHER: dict[str, Any] = {
@@ -529,3 +534,171 @@ def test_llama3_and_mistral_lay_out_their_turns() -> None:
         assert HERMES_TOOLS in prompt
         assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}' in prompt
         assert "<tool_response>\n25\n</tool_response>" in prompt
+
+
+# --- learning the server's template ----------------------------------------------------------
+
+class RenderingServer(FakeBackend):
+    """A server whose template is ``render`` (messages, tools -> prompt); its renderings of
+    the probe conversations fail ``fail_probes`` times first."""
+
+    def __init__(self, render: Any, *, fail_probes: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.render = render
+        self.fail_probes = fail_probes
+
+    async def render_chat(self, messages: Sequence[dict[str, Any]],
+                          tools: Sequence[dict[str, Any]] | None = None, *,
+                          tool_choice: str | dict[str, Any] | None = None) -> str | None:
+        await super().render_chat(messages, tools, tool_choice=tool_choice)
+        if self.fail_probes and "Probe:" in str(messages[0]["content"]):
+            self.fail_probes -= 1
+            raise BackendError("500 on /chat_tokenize", url=self.url)
+        rendered: str = self.render(messages, tools)
+        return rendered
+
+
+CONVERSATION: list[dict[str, Any]] = [
+    {"role": "system", "content": "Be brief."}, *HI,
+    {"role": "assistant", "content": "<think>\nGreeting.\n</think>\n\nHello!"},
+    {"role": "user", "content": "What is 2 + 2?"}]
+
+
+def with_default_system(messages: Sequence[dict[str, Any]], tools: Any) -> str:
+    """Qwen2.5's template: ChatML with "You are Qwen, ..." where the caller sent no system."""
+    if messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": "You are Qwen, a helpful assistant."},
+                    *messages]
+    return CHATML.render_text(messages, tools)
+
+
+@pytest.mark.parametrize(("server", "learnt"), [
+    (lambda m, t: CHATML.render_text(m, t), "chatml"),
+    (lambda m, t: DEEPSEEK_R1.render_text(m, t), "deepseek-r1"),
+    (lambda m, t: LLAMA3.render_text(m, t), "llama3"),
+    (lambda m, t: MISTRAL.render_text(m, t), "mistral"),
+    (lambda m, t: CHATML.render_text(m, t) + "<think>\n", "chatml"),
+    (with_default_system, "chatml with its default system prompt"),
+])
+async def test_a_server_template_a_built_in_reproduces_is_learnt(server: Any,
+                                                                 learnt: str) -> None:
+    """The first conversation renders on the server beside two probes; every later one without
+    tools renders client-side, exactly as the server would have (broken: a render round trip
+    per conversation, or a prompt the server would not have written)."""
+    backend = RenderingServer(server)
+    auto = AutoTemplate()
+
+    first = await render_prompt(auto, HI, None, backend)
+    asked = len(backend.calls)
+    later = await render_prompt(auto, CONVERSATION, None, backend)
+
+    assert first == server(HI, None)
+    assert asked == 3  # its own rendering and the two probes
+    assert later == server(validate_messages(CONVERSATION), None)
+    assert len(backend.calls) == asked  # the later conversation asked nothing
+    learned = auto.learnt(backend)
+    assert learned is not None and learned.name == learnt
+
+
+@pytest.mark.parametrize("server", [
+    # Llama 3.1's template writes today's date into the system turn.
+    lambda m, t: "Today Date: 2 Dec 2026\n" + LLAMA3.render_text(m, t),
+    # Qwen3's hybrid template drops earlier reasoning as R1's does, in ChatML turns.
+    lambda m, t: CHATML.render_text([{**x, "content": x["content"].split("</think>")[-1]}
+                                     for x in m], t),
+    # A template that trims every message, as Llama 3's Hub template does.
+    lambda m, t: CHATML.render_text([{**x, "content": x["content"].strip()} for x in m], t),
+])
+async def test_a_server_template_no_built_in_reproduces_stays_on_the_server(
+        server: Any) -> None:
+    """A template that differs from every built-in anywhere the probes look is never guessed:
+    every conversation renders on the server (broken: a near match was adopted and the model
+    got prompts its server would not have written)."""
+    backend = RenderingServer(server)
+    auto = AutoTemplate()
+
+    await render_prompt(auto, HI, None, backend)
+    later = await render_prompt(auto, CONVERSATION, None, backend)
+
+    assert later == server(validate_messages(CONVERSATION), None)
+    assert auto.learnt(backend) is None
+    assert len(backend.calls) == 4  # three at first, then one per conversation, no new probe
+
+
+async def test_tools_render_on_the_server_after_the_template_is_learnt() -> None:
+    """The server adds its own tool prompt (TGI's), so a learnt template never writes tools."""
+    backend = RenderingServer(lambda m, t: "[server with tools]" if t else CHATML.render_text(m))
+    auto = AutoTemplate()
+    await render_prompt(auto, HI, None, backend)
+
+    prompt = await render_prompt(auto, HI, [CLOCK], backend)
+
+    assert prompt == "[server with tools]"
+    assert auto.learnt(backend) is not None
+    assert len(backend.calls) == 4
+
+
+async def test_learning_off_renders_every_conversation_on_the_server() -> None:
+    backend = RenderingServer(lambda m, t: CHATML.render_text(m, t))
+    auto = resolve_template(AutoTemplate(learn=False))
+
+    for _ in range(3):
+        await render_prompt(auto, HI, None, backend)
+
+    assert len(backend.calls) == 3
+    assert repr(auto) == "AutoTemplate(learn=False)"
+
+
+async def test_a_failed_probe_never_fails_the_call_and_is_tried_again_a_few_times() -> None:
+    """A server error on a probe leaves the conversation rendered by the server and learning
+    for a later one; after three failures it stops probing (broken: an optional probe failed a
+    user's call, or a failing server got two extra requests per conversation forever)."""
+    backend = RenderingServer(lambda m, t: CHATML.render_text(m, t), fail_probes=100)
+    auto = AutoTemplate()
+
+    prompts = [await render_prompt(auto, HI, None, backend) for _ in range(5)]
+
+    assert set(prompts) == {CHATML.render_text(HI)}
+    assert auto.learnt(backend) is None
+    assert len(backend.calls) == 3 * 3 + 2  # three attempts with two probes each, then one
+
+
+async def test_conversations_during_the_first_ones_probes_render_on_the_server() -> None:
+    """A burst arriving cold: one conversation probes, the others render for themselves and
+    none waits for the probes (broken: a probe per conversation, or all waiting on one)."""
+    backend = RenderingServer(lambda m, t: CHATML.render_text(m, t))
+    auto = AutoTemplate()
+
+    prompts = await asyncio.gather(*(render_prompt(auto, HI, None, backend) for _ in range(8)))
+
+    assert set(prompts) == {CHATML.render_text(HI)}
+    assert len(backend.calls) == 8 + 2
+    assert auto.learnt(backend) is not None
+
+
+@pytest.mark.parametrize("flavor", ["tgi", "vllm", "llamacpp"])
+@pytest.mark.parametrize("model_id", [
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "Qwen/QwQ-32B", "Qwen/Qwen2.5-7B-Instruct",
+    "meta-llama/Llama-3.1-8B-Instruct"])
+async def test_the_template_is_learnt_on_every_server_that_renders_one(flavor: Flavor,
+                                                                       model_id: str) -> None:
+    """TGI's /chat_tokenize (BOS kept), vLLM's /tokenize and llama.cpp's /apply-template (BOS
+    left out): after the first conversation, later prompts are what the server itself renders,
+    with no render request (broken: a per-conversation round trip on one server kind, or a
+    BOS sent twice or not at all)."""
+    with LoopbackServer(EchoModel(), model_id=model_id, flavor=flavor) as server:
+        backend = create("tgi" if flavor == "tgi" else "openai", server.url)
+        try:
+            auto = AutoTemplate()
+            await render_prompt(auto, HI, None, backend)
+            asked = len(server.calls)
+            later = await render_prompt(auto, CONVERSATION, None, backend)
+            rendered_on_the_server = await render_prompt(
+                AutoTemplate(learn=False), CONVERSATION, None, backend)
+        finally:
+            await backend.aclose()
+        assert auto.learnt(backend) is not None
+        assert len(server.calls) > asked  # the server rendering did ask...
+        assert [call.path for call in server.calls[:asked]].count("/info") <= 1
+        assert later == rendered_on_the_server
+        assert server.calls[asked].path != "/generate_stream"

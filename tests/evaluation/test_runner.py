@@ -286,7 +286,7 @@ async def test_multiple_choice_problems_are_asked_with_letters_and_graded_by_let
                          ("a metal", ScriptedModel.single("Argon.\n\n\\boxed{\\text{(B)}}"))])
     with LoopbackServer(model) as small, LoopbackServer(model) as target:
         run = await evaluate(Pair(small, target), problems, tmp_path, grader, modes=["small"])
-        prompt = small.records[0].prompt
+        prompt = next(r.prompt for r in small.records if "noble gas" in r.prompt)
 
     assert [(r.answer, r.correct) for r in run.records] == [("B", True), ("B", False)]
     assert "(A, B, C, or D)" in prompt and "A) oxygen, B) neon, C) iron, D) tin" in prompt

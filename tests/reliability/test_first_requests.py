@@ -12,6 +12,7 @@ import pytest
 from specthink import SpeculativeThinker
 from specthink.backends.base import SamplingParams
 from specthink.backends.tgi import TGIBackend
+from specthink.prompts import AutoTemplate
 from specthink.testing.models import Script, ScriptedModel
 from specthink.testing.server import LoopbackServer
 
@@ -37,13 +38,34 @@ def before_first_generation(server: LoopbackServer, since: int = 0) -> list[str]
     return paths
 
 
-async def test_a_conversation_asks_only_for_its_prompt_before_generating(
+async def test_a_conversation_asks_nothing_once_the_servers_template_is_learnt(
         pair: tuple[LoopbackServer, LoopbackServer]) -> None:
-    """After the first call, the small server sees one render and then the generation: no
-    /info, no render probe, nothing of the target's (broken: each call paid four requests
-    before its first token)."""
+    """The first call renders its own conversation and the two probes side by side and fetches
+    /info; the server's ChatML is then learnt, so a later call's first request is its
+    generation (broken: each call paid a render round trip, or four requests, before its
+    first token)."""
     small, target = pair
     thinker = SpeculativeThinker(small=TGIBackend(small.url), target=TGIBackend(target.url))
+    try:
+        await thinker.agenerate(QUESTION)
+        assert sorted(before_first_generation(small)) == ["/chat_tokenize"] * 3 + ["/info"]
+        mark = len(small.calls)
+        await thinker.agenerate(QUESTION)
+        assert before_first_generation(small, mark) == []
+        assert [call.path for call in target.calls[mark:]].count("/chat_tokenize") == 0
+    finally:
+        await thinker.aclose()
+
+
+async def test_a_template_rendered_on_the_server_costs_one_request_per_conversation(
+        pair: tuple[LoopbackServer, LoopbackServer]) -> None:
+    """With learning off (as for a server template no built-in reproduces), a later call asks
+    for its prompt once and then generates: no /info, no render probe, nothing of the
+    target's."""
+    small, target = pair
+    thinker = SpeculativeThinker(small=TGIBackend(small.url), target=TGIBackend(target.url),
+                                 small_template=AutoTemplate("small", learn=False),
+                                 target_template=AutoTemplate("target", learn=False))
     try:
         await thinker.agenerate(QUESTION)
         assert before_first_generation(small) == ["/chat_tokenize", "/info"]
@@ -100,7 +122,8 @@ async def test_the_targets_preparation_never_delays_the_small_models_first_reque
 
     held = False
     seen = 0
-    thinker = SpeculativeThinker(small=TGIBackend(small.url), target=HeldTarget(target.url))
+    thinker = SpeculativeThinker(small=TGIBackend(small.url), target=HeldTarget(target.url),
+                                 target_template=AutoTemplate("target", learn=False))
     try:
         first = await thinker.agenerate(QUESTION)  # checks the target's template once
         held, seen = True, len(small.records)
@@ -158,7 +181,8 @@ async def test_the_targets_render_starts_after_the_small_models_request_is_built
             order.append("target render")
             return await super().render_chat(messages, tools, tool_choice=tool_choice)
 
-    thinker = SpeculativeThinker(small=Small(small.url), target=Target(target.url))
+    thinker = SpeculativeThinker(small=Small(small.url), target=Target(target.url),
+                                 target_template=AutoTemplate("target", learn=False))
     try:
         await thinker.agenerate(QUESTION)  # the first call checks the target before starting
         order.clear()
