@@ -97,6 +97,19 @@ async def test_the_model_defaults_to_the_first_listed(ollama: Ollama) -> None:
         await backend.aclose()
 
 
+async def test_health_asks_the_version_and_is_false_when_down(ollama: Ollama) -> None:
+    """Broken: ``health`` asks a path Ollama does not serve (every server looks down), or
+    raises for a server that is down instead of answering False."""
+    up = OllamaBackend(ollama.url, model="qwen:small")
+    down = OllamaBackend("http://127.0.0.1:1", model="qwen:small", max_retries=0)
+    try:
+        assert await up.health() is True
+        assert await down.health() is False
+    finally:
+        await up.aclose()
+        await down.aclose()
+
+
 async def test_an_error_line_before_any_token_raises_on_open(ollama: Ollama) -> None:
     """Broken: an in-stream error is read as text, or is not mapped (a length error must be a
     ContextLimitError like the other protocols')."""
