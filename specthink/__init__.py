@@ -18,7 +18,7 @@ from .errors import (
     StreamErrorEvent,
     TargetFallbackWarning,
 )
-from .rules import TakeoverRules
+from .rules import TakeoverPolicy, TakeoverRules
 from .trace import (
     Event,
     FallbackEvent,
@@ -48,6 +48,7 @@ __all__ = [
     "StreamDroppedError",
     "StreamErrorEvent",
     "TakeoverEvent",
+    "TakeoverPolicy",
     "TakeoverRules",
     "TargetFallbackWarning",
     "TextEvent",

@@ -18,9 +18,11 @@ import typer
 from rich.console import Console
 
 from specthink import _constants
+from specthink.backends import Backend, create, discover, kinds, takes_option
 from specthink.rules import PRESETS
 
 __all__ = [
+    "AUTO",
     "ApiKey",
     "LocalSmallPort",
     "LocalStateDir",
@@ -32,6 +34,7 @@ __all__ = [
     "api_key_option",
     "backend_option",
     "model_option",
+    "open_backend",
     "preset_name",
     "stderr",
     "template_option",
@@ -40,6 +43,9 @@ __all__ = [
 
 Role = Literal["small", "target"]
 
+AUTO = "auto"
+"""``--backend auto``: the server's answer to ``GET /info`` picks the protocol."""
+
 
 def url_option(role: Role, help: str | None = None) -> Any:
     """``--small`` / ``--target``: the role's server URL, or ``SPECTHINK_<ROLE>_URL``."""
@@ -47,9 +53,20 @@ def url_option(role: Role, help: str | None = None) -> Any:
                         help=help)
 
 
-def backend_option(help: str | None = None) -> Any:
-    """``--backend``: the wire protocol of both servers, or ``SPECTHINK_BACKEND``."""
-    return typer.Option("--backend", envvar=_constants.BACKEND_ENV, help=help)
+def backend_option(help: str | None = None, *, auto: bool = True) -> Any:
+    """``--backend``: the wire protocol of both servers, or ``SPECTHINK_BACKEND``; one of the
+    factory's :func:`~specthink.backends.kinds` (and ``auto`` where the command detects it), so
+    a bad one is a usage error naming them and a new protocol module is a choice at once."""
+    choices = [AUTO, *kinds()] if auto else kinds()
+
+    def known(value: str) -> str:
+        if value not in choices:
+            raise typer.BadParameter(f"{value!r} is not a backend; choose one of "
+                                     f"{', '.join(choices)}")
+        return value
+
+    return typer.Option("--backend", envvar=_constants.BACKEND_ENV, help=help, callback=known,
+                        metavar=f"[{'|'.join(choices)}]")
 
 
 def model_option(role: Role, help: str | None = None) -> Any:
@@ -89,6 +106,17 @@ LocalTargetPort = Annotated[int | None, typer.Option(
     "--target-port", envvar=_constants.LOCAL_TARGET_PORT_ENV)]
 LocalStateDir = Annotated[Path | None, typer.Option(
     "--state-dir", envvar=_constants.STATE_DIR_ENV, file_okay=False)]
+
+
+async def open_backend(url: str, kind: str, *, api_key: str | None,
+                       model: str | None) -> Backend:
+    """The backend ``--backend`` names (``auto``: :func:`~specthink.backends.discover`). The
+    model name, which ``SPECTHINK_<ROLE>_MODEL`` may set whatever the protocol, goes only to a
+    kind that takes one."""
+    if kind == AUTO:
+        return await discover(url, api_key=api_key, model=model)
+    return create(kind, url, api_key=api_key,
+                  model=model if takes_option(kind, "model") else None)
 
 
 def stderr() -> Console:

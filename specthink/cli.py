@@ -21,7 +21,6 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -54,6 +53,7 @@ try:
         api_key_option,
         backend_option,
         model_option,
+        open_backend,
         preset_name,
         stderr,
         url_option,
@@ -86,14 +86,6 @@ STYLES: dict[str, str] = {
 EXTENSIONS = ("specthink.bench.cli", "specthink.bench.serve", "specthink.evaluation.cli",
               "specthink.serve.cli")
 """Modules that add commands through ``register(app: typer.Typer) -> None`` when installed."""
-
-
-class WireProtocol(StrEnum):
-    """Wire protocol of the two servers."""
-
-    auto = "auto"
-    tgi = "tgi"
-    openai = "openai"
 
 
 # ---- shared helpers ----------------------------------------------------------------------
@@ -134,25 +126,18 @@ def _local_pair(small_port: int | None = None, target_port: int | None = None,
         **options)
 
 
-async def _backend(url: str, protocol: WireProtocol, *, api_key: str | None,
+async def _backend(url: str, protocol: str, *, api_key: str | None,
                    model: str | None, role: str | None = None) -> Backend:
     """The role's backend; ``auto`` asks the server (``GET /info``, without blocking the
     loop): TGI answers with its ``model_id``, other servers speak OpenAI completions."""
-    from specthink.backends import create, discover
-
-    options: dict[str, Any] = {"api_key": api_key, "model": model}
     try:
-        if protocol is WireProtocol.auto:
-            return await discover(url, **options)
-        if protocol is WireProtocol.tgi:
-            options.pop("model")  # only OpenAI-compatible servers are sent a model name
-        return create(protocol.value, url, **options)
+        return await open_backend(url, protocol, api_key=api_key, model=model)
     except BackendError as exc:
         exc.role = role
         raise
 
 
-async def _pair(urls: tuple[str, str], protocol: WireProtocol, *, api_key: str | None,
+async def _pair(urls: tuple[str, str], protocol: str, *, api_key: str | None,
                 models: tuple[str | None, str | None]) -> tuple[Backend, Backend]:
     """Both backends, detected concurrently; if one fails the other is closed."""
     made = await asyncio.gather(
@@ -263,9 +248,10 @@ def ask(
         "small", help="URL of the small (speculative) model's server.")] = None,
     target: Annotated[str | None, url_option(
         "target", help="URL of the target model's server.")] = None,
-    backend: Annotated[WireProtocol, backend_option(
-        help="Wire protocol: tgi, openai (/v1/completions), or auto (GET /info decides).",
-    )] = WireProtocol.auto,
+    backend: Annotated[str, backend_option(
+        help="Wire protocol of both servers (openai: /v1/completions), or auto: GET /info "
+             "tells TGI from an OpenAI-compatible server.",
+    )] = "auto",
     rules: Annotated[str | None, typer.Option(
         "--rules", callback=preset_name, help=f"Takeover rules preset: {', '.join(PRESETS)}. "
         "Default: paper; paper_instruct for the local pair, whose small model does not reason.",
@@ -311,7 +297,7 @@ def ask(
             with err.status("starting the local llama.cpp pair…"):
                 started = pair.up()
             urls = (started["small"], started["target"])
-            backend = WireProtocol.openai
+            backend = "openai"
             err.print(Text(f"local pair: small {urls[0]}, target {urls[1]}; it keeps running, "
                            "stop it with `specthink local down`", style="dim"))
         preset = rules if rules is not None else ("paper_instruct" if local else "paper")
@@ -456,7 +442,7 @@ def local_status(small_port: LocalSmallPort = None, target_port: LocalTargetPort
 # ---- servers -----------------------------------------------------------------------------
 
 
-async def _check(urls: dict[str, str], protocol: WireProtocol, api_key: str | None,
+async def _check(urls: dict[str, str], protocol: str, api_key: str | None,
                  models: dict[str, str | None]) -> list[dict[str, Any]]:
     from specthink.backends import kind_of
 
@@ -484,7 +470,7 @@ async def _check(urls: dict[str, str], protocol: WireProtocol, api_key: str | No
 def servers_check(
     small: Annotated[str | None, url_option("small")] = None,
     target: Annotated[str | None, url_option("target")] = None,
-    backend: Annotated[WireProtocol, backend_option()] = WireProtocol.auto,
+    backend: Annotated[str, backend_option()] = "auto",
     small_model: Annotated[str | None, model_option("small")] = None,
     target_model: Annotated[str | None, model_option("target")] = None,
     api_key: Annotated[str | None, api_key_option()] = None,

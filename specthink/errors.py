@@ -8,6 +8,10 @@ The tree::
     ├── NoToolCallError (also ValueError)    a tool call was required but the answer held none
     ├── LocalPairError                       the local llama.cpp pair failed to start or stop
     │   └── LocalPairMissingError            its server or model file is not installed
+    ├── PolicyStateError (also RuntimeError) the takeover policy was told of an event its state
+    │                                        does not allow: a bug in its caller (specthink.rules)
+    ├── GradingError                         specthink eval could not compare an answer (a timeout,
+    │                                        a failed worker): specthink.evaluation.grading
     └── BackendError                         anything a server did or failed to do
         ├── BackendConnectionError           could not connect, or the connection broke
         │   └── StreamDroppedError           the connection broke after the first token

@@ -22,6 +22,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator,
 
 from specthink import _constants, prompts
 from specthink._sync import close_on_sync_loop, run_sync
+from specthink.backends import BackendKind
 from specthink.backends.base import Backend, SamplingParams
 from specthink.engine import SpeculativeThinker
 from specthink.errors import ConfigError
@@ -71,8 +72,9 @@ class ChatSpeculativeThinking(BaseChatModel):
     text-generation servers do the work: ``small_url`` and ``target_url``.
 
     Setup:
-        Install the extra and point the model at the two servers (TGI, or any
-        OpenAI-compatible ``/v1/completions`` server with ``backend="openai"``):
+        Install the extra and point the model at the two servers (TGI; any
+        OpenAI-compatible ``/v1/completions`` server with ``backend="openai"``; Ollama with
+        ``backend="ollama"``):
 
         .. code-block:: bash
 
@@ -99,8 +101,9 @@ class ChatSpeculativeThinking(BaseChatModel):
     Key init args — client params:
         small_url / target_url: str
             The servers (default ``$SPECTHINK_SMALL_URL`` / ``$SPECTHINK_TARGET_URL``).
-        backend: "tgi" | "openai"
-            The wire protocol both servers speak.
+        backend: str
+            The wire protocol both servers speak: a kind of ``specthink.backends.kinds()``
+            (``"tgi"``, ``"openai"``, ``"ollama"``).
         api_key: SecretStr | None
             Bearer token for both servers (default ``$SPECTHINK_API_KEY``).
         timeout: float | None
@@ -269,12 +272,13 @@ class ChatSpeculativeThinking(BaseChatModel):
     """URL of the small (speculative) model's server; default ``$SPECTHINK_SMALL_URL``."""
     target_url: str = Field(default_factory=from_env(_constants.TARGET_URL_ENV))
     """URL of the target model's server; default ``$SPECTHINK_TARGET_URL``."""
-    backend: Literal["tgi", "openai"] = "tgi"
-    """Wire protocol of both servers: TGI's ``/generate_stream`` or OpenAI ``/v1/completions``."""
+    backend: BackendKind = "tgi"
+    """Wire protocol of both servers, one of ``specthink.backends.kinds()``: TGI's
+    ``/generate_stream``, OpenAI ``/v1/completions`` (``openai``), Ollama's ``/api/generate``."""
     small_model: str | None = None
-    """Model name sent to an OpenAI-compatible small server (``backend="openai"``)."""
+    """Model name sent to the small server (``backend="openai"`` or ``"ollama"``)."""
     target_model: str | None = None
-    """Model name sent to an OpenAI-compatible target server (``backend="openai"``)."""
+    """Model name sent to the target server (``backend="openai"`` or ``"ollama"``)."""
     model_name: str | None = Field(default=None, alias="model")
     """Name of the pair in traces and usage; default: the servers' model ids joined by ``+``."""
     rules: str | TakeoverRules = "paper"

@@ -42,6 +42,7 @@ from specthink._constants import (
     TARGET_URL_ENV,
 )
 from specthink._sync import close_on_sync_loop, run_sync
+from specthink.backends import BackendKind, known_kind
 from specthink.backends.base import Backend, SamplingParams, ServerInfo
 from specthink.engine import SpeculativeThinker
 from specthink.errors import ConfigError
@@ -57,8 +58,6 @@ if TYPE_CHECKING:
 __all__ = ["SpeculativeThinkingLLM"]
 
 
-BackendKind = Literal["tgi", "openai"]
-
 _CALL_PARAMS = frozenset({"tools", "tool_choice", "stop", "max_tokens", "max_new_tokens",
                           "temperature", "top_p", "top_k", "seed", "session_id"})
 
@@ -68,8 +67,8 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
     writes, and at reasoning breakpoints a larger model takes over for a few tokens.
 
     Setup:
-        Install the extra and point it at two servers (TGI, or OpenAI-compatible
-        ``/v1/completions`` servers such as vLLM, SGLang or llama.cpp)::
+        Install the extra and point it at two servers (TGI, OpenAI-compatible
+        ``/v1/completions`` servers such as vLLM, SGLang or llama.cpp, or Ollama)::
 
             pip install "specthink[llamaindex]"
             export SPECTHINK_SMALL_URL=http://127.0.0.1:8031
@@ -79,8 +78,9 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
     Key init args — the two models:
         small_url, target_url: server URLs (default ``$SPECTHINK_SMALL_URL``,
             ``$SPECTHINK_TARGET_URL``).
-        backend: ``"tgi"`` or ``"openai"`` (``/v1/completions``).
-        small_model, target_model: model names for ``"openai"`` servers.
+        backend: a kind of ``specthink.backends.kinds()``: ``"tgi"``, ``"openai"``
+            (``/v1/completions``) or ``"ollama"`` (``/api/generate``).
+        small_model, target_model: model names for ``"openai"`` and ``"ollama"`` servers.
         rules: a preset name (``"paper"``, ``"paper_instruct"``) or a ``TakeoverRules``.
         small_template, target_template: chat templates (``"auto"``, ``"chatml"``,
             ``"deepseek-r1"``, a Jinja source).
@@ -170,11 +170,12 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
     target_url: str = Field(description="URL of the target (larger) model's server.")
     backend: BackendKind = Field(
         default="tgi",
-        description="Wire protocol of both servers: 'tgi' or 'openai' (/v1/completions).")
+        description="Wire protocol of both servers, one of specthink.backends.kinds(): 'tgi', "
+                    "'openai' (/v1/completions) or 'ollama' (/api/generate).")
     small_model: str | None = Field(
-        default=None, description="Model name sent to an 'openai' small server.")
+        default=None, description="Model name sent to an 'openai' or 'ollama' small server.")
     target_model: str | None = Field(
-        default=None, description="Model name sent to an 'openai' target server.")
+        default=None, description="Model name sent to an 'openai' or 'ollama' target server.")
     rules: str | TakeoverRules = Field(
         default="paper",
         description="Takeover rules: a preset name ('paper', 'paper_instruct') or TakeoverRules.")
@@ -218,7 +219,7 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
         small_url: str | None = None,
         target_url: str | None = None,
         *,
-        backend: BackendKind = "tgi",
+        backend: str = "tgi",
         small_model: str | None = None,
         target_model: str | None = None,
         rules: str | TakeoverRules = "paper",
@@ -245,6 +246,7 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
             if not value]
         if missing:
             raise ConfigError(f"SpeculativeThinkingLLM needs {' and '.join(missing)}")
+        known_kind(backend)
         if isinstance(rules, str):
             try:  # an unknown preset fails here, not at the first call
                 TakeoverRules.preset(rules)

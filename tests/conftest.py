@@ -1,5 +1,5 @@
-"""Fixtures shared by the whole suite: TGI-protocol servers on loopback (real sockets), stopped
-when the test ends."""
+"""Fixtures shared by the whole suite: TGI-protocol servers and an Ollama server on loopback
+(real sockets), stopped when the test ends."""
 
 from __future__ import annotations
 
@@ -45,6 +45,16 @@ def loopback_pair(loopback_server: Callable[..., LoopbackServer]) -> Callable[..
         return ServerPair(small, target)
 
     return start
+
+
+@pytest.fixture
+def ollama() -> Iterator[Any]:
+    """A :class:`tests.ollama_support.Ollama` server on loopback (it needs the ``server``
+    extra's starlette and uvicorn, imported only by the tests that use it)."""
+    from tests.ollama_support import ollama_server
+
+    with ollama_server() as state:
+        yield state
 
 
 @pytest.fixture

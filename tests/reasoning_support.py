@@ -1,13 +1,25 @@
 """What the LangChain and LlamaIndex reasoning matrices share: the model ids, the reasoning
 script's text, the server and template cases, and loopback pairs started on first use.
 
-Each adapter's test module keeps its own ``think`` (the script as a function of the
-conversation) and asks :func:`loopback_pairs` for its servers.
+Each server pair reports real model ids (the paper's DeepSeek-R1-Distill-Qwen 1.5B + 32B, a
+Qwen3 thinking pair, a Qwen2.5 ChatML pair) and renders with that family's template, as TGI,
+vLLM and llama.cpp do. The model is one reasoning script, written as each family writes it:
+the R1 distills and Qwen3 thinking models were trained under templates that open ``<think>``
+and never write the tag themselves (under any other template their reasoning arrives untagged);
+the ChatML model writes it. Its reasoning says "Wait" after a blank line, so the target takes over
+mid-reasoning and the split holds across authors; where tools are offered it drafts a decoy
+``<tool_call>`` while thinking, which must never be executed.
+
+The script as a function of the conversation is :func:`think`; an adapter's module that scripts
+more conversations (LangChain's structured output) answers those and leaves the rest to it, and
+asks :func:`loopback_pairs` for its servers. :func:`assert_prompt` checks what the small model
+was sent.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from typing import Literal, NamedTuple
 
@@ -100,6 +112,31 @@ TOOL_CASES = ["tgi-r1-server", "vllm-r1-server", "llamacpp-r1-server",
 class Pair(NamedTuple):
     small: LoopbackServer
     target: LoopbackServer
+
+
+PRICED = re.compile(r"<tool_response>\s*240 NOK")
+"""The conversation holds the price tool's answer."""
+
+
+def think(conversation: str) -> tuple[str, str]:
+    """The whole output for a conversation: (reasoning, answer)."""
+    if PRICED.search(conversation):
+        return PRICED_REASONING, PRICED_ANSWER
+    if WALK in conversation:
+        return WALK_REASONING, WALK_ANSWER
+    if TICKETS in conversation:
+        return TICKETS_REASONING, call("Bergen", 2)
+    if QUESTION in conversation:
+        return REASONING, ANSWER
+    return "", "I have no script for this."
+
+
+def assert_prompt(case: Case, pair: Pair) -> None:
+    """The small model saw the template the case names, once-BOS, and the target took over."""
+    first = pair.small.records[0]
+    assert first.prompt.endswith("<think>\n") is case.opens_reasoning, first.prompt
+    assert not first.model_input.startswith(R1_BOS * 2)
+    assert pair.target.records, "no takeover: the split was not tested across authors"
 
 
 def loopback_pairs(think: Callable[[str], tuple[str, str]],

@@ -10,6 +10,8 @@ from specthink.backends._factory import (
     discover,
     kind_of,
     kinds,
+    known_kind,
+    takes_option,
 )
 from specthink.backends.base import Backend, SamplingParams, ServerInfo, StreamToken
 from specthink.backends.openai import OpenAICompletionsBackend
@@ -28,4 +30,6 @@ __all__ = [
     "discover",
     "kind_of",
     "kinds",
+    "known_kind",
+    "takes_option",
 ]

@@ -9,10 +9,11 @@ import importlib
 import inspect
 import pkgutil
 import typing
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import httpx
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -40,10 +41,7 @@ from specthink.errors import (
 )
 
 __all__ = ["BackendKind", "BackendOptions", "backend_class", "create", "discover", "kind_of",
-           "kinds"]
-
-BackendKind = Literal["tgi", "openai", "ollama"]
-"""The kinds that ship with specthink (:func:`kinds` lists every installed one)."""
+           "kinds", "known_kind", "takes_option"]
 
 _NOT_PROTOCOLS = frozenset({"base"})
 
@@ -56,6 +54,21 @@ def kinds() -> list[str]:
 
     return sorted(info.name for info in pkgutil.iter_modules(package.__path__)
                   if not info.name.startswith("_") and info.name not in _NOT_PROTOCOLS)
+
+
+def known_kind(kind: object) -> str:
+    """``kind`` when it is one of :func:`kinds`; else a ``ConfigError`` naming them (also a
+    ``ValueError``, so a pydantic field checked with it reports the same message)."""
+    known = kinds()
+    if not isinstance(kind, str) or kind not in known:
+        raise ConfigError(f"unknown backend kind {kind!r}; choose one of {', '.join(known)}")
+    return kind
+
+
+BackendKind = Annotated[str, AfterValidator(known_kind)]
+"""A wire protocol's name as a pydantic field: any of :func:`kinds`, checked when the model is
+built (the adapters' and ``specthink serve``'s ``backend``), so a new protocol module is
+accepted everywhere without another list of names."""
 
 
 class BackendOptions(BaseModel):
@@ -125,10 +138,7 @@ def options(**values: Any) -> BackendOptions:
 
 def backend_class(kind: str) -> type[Any]:
     """The class of wire protocol ``kind``; an unknown kind is a ``ConfigError`` naming them."""
-    known = kinds()
-    if not isinstance(kind, str) or kind not in known:
-        raise ConfigError(f"unknown backend kind {kind!r}; choose one of {', '.join(known)}")
-    cls: type[Any] = importlib.import_module(f"specthink.backends.{kind}").BACKEND
+    cls: type[Any] = importlib.import_module(f"specthink.backends.{known_kind(kind)}").BACKEND
     return cls
 
 
@@ -146,13 +156,19 @@ def _keywords(cls: type[Any]) -> set[str]:
     return names
 
 
+def takes_option(kind: str, name: str) -> bool:
+    """Whether backends of ``kind`` take option ``name`` (``model``: only servers that name
+    the model they serve, so a caller holding one for every kind knows where to pass it)."""
+    return name in _keywords(backend_class(kind))
+
+
 def kind_of(backend: Backend) -> str | None:
     """The kind ``backend`` was built for (``None``: not a class of :func:`kinds`)."""
     return next((kind for kind in kinds() if isinstance(backend, backend_class(kind))), None)
 
 
 def create(kind: str, url: str, **values: Any) -> Backend:
-    """A backend for the server at ``url`` speaking ``kind`` (``"tgi"`` or ``"openai"``).
+    """A backend for the server at ``url`` speaking ``kind`` (one of :func:`kinds`).
 
     ``values`` are :class:`BackendOptions` fields; anything else is a ``ConfigError``, raised
     before any request. Nothing is sent until the backend is used.

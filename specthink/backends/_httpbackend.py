@@ -16,7 +16,7 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Generic, Literal, Protocol, TypedDict, TypeVar, Unpack
+from typing import Any, ClassVar, Generic, Literal, Protocol, TypedDict, TypeVar, Unpack
 
 import httpx
 
@@ -25,7 +25,13 @@ from specthink.backends._connection import ResponseBody, ServerConnection
 from specthink.backends._retry import RetryPolicy
 from specthink.backends._sse import ServerSentEvent, SSEStream, opening_sse
 from specthink.backends.base import OnAttempt, SamplingParams, ServerInfo, StreamToken
-from specthink.errors import BackendConnectionError, BackendError, ConfigError, StreamDroppedError
+from specthink.errors import (
+    BackendConnectionError,
+    BackendError,
+    BackendStatusError,
+    ConfigError,
+    StreamDroppedError,
+)
 
 __all__ = [
     "DEFAULT_ROUTING_HEADERS",
@@ -206,6 +212,10 @@ class HTTPBackend(ABC, Generic[ReaderT]):
     """A server spoken to over HTTP, with the :class:`HTTPOptions`; ``ReaderT`` frames an open
     response body (server-sent events, lines of JSON, ...)."""
 
+    health_paths: ClassVar[tuple[str, ...]]
+    """What :meth:`health` asks, in order: the first path the server has (a 404 passes on to
+    the next) tells whether it is up."""
+
     def __init__(self, url: str, **options: Unpack[HTTPOptions]) -> None:
         for name in options:
             if name not in _OPTION_NAMES:  # as Python's own signature check would say
@@ -316,6 +326,21 @@ class HTTPBackend(ABC, Generic[ReaderT]):
             del self._info_fetches[loop]
         if not task.cancelled():
             task.exception()  # every waiter may have been cancelled: retrieved, not logged
+
+    async def health(self) -> bool:
+        """True when the first of :attr:`health_paths` the server has answers ``GET`` with 200;
+        False when it is down, unreachable or answers another error."""
+        for path in self.health_paths:
+            try:
+                await self._conn.request("GET", path, retry=False)
+            except BackendStatusError as exc:
+                if exc.status_code == 404:
+                    continue
+                return False
+            except BackendError:
+                return False
+            return True
+        return False
 
     @abstractmethod
     async def _fetch_info(self) -> ServerInfo:

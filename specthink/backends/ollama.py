@@ -118,6 +118,7 @@ class OllamaBackend(HTTPBackend[NDJSONStream]):
     """
 
     kind: ClassVar[str] = "ollama"
+    health_paths: ClassVar[tuple[str, ...]] = ("/api/version",)
     adds_bos_token = True
     """Ollama's runner tokenizes raw prompts with the model's BOS, as llama.cpp does."""
     supports_grammar = False
@@ -161,14 +162,6 @@ class OllamaBackend(HTTPBackend[NDJSONStream]):
             raise BackendError(f"/api/tags lists no model: {str(raw)[:200]}", url=self.url)
         return ServerInfo(model_id=self.model if self.model in names else names[0],
                           raw=raw if isinstance(raw, dict) else {})
-
-    async def health(self) -> bool:
-        """True when ``GET /api/version`` answers 200."""
-        try:
-            await self._conn.request("GET", "/api/version", retry=False)
-        except BackendError:
-            return False
-        return True
 
     async def count_tokens(self, text: str) -> int:
         """An estimate (Ollama has no tokenize endpoint): a quarter of the characters."""

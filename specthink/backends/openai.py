@@ -302,6 +302,8 @@ class OpenAICompletionsBackend(SSEBackend):
 
     kind: ClassVar[str] = "openai"
     """The name :func:`specthink.backends.create` knows this protocol by."""
+    health_paths: ClassVar[tuple[str, ...]] = ("/health", "/v1/models")
+    """``/health`` (vLLM, SGLang, TGI, llama.cpp), else ``/v1/models``."""
     adds_bos_token = True
     """vLLM, SGLang and llama.cpp tokenize raw prompts with BOS, as TGI does: a prompt from
     :meth:`render_chat` comes without it, and a client-side rendering must drop its own."""
@@ -366,21 +368,6 @@ class OpenAICompletionsBackend(SSEBackend):
             max_input_tokens=max_len - 1 if max_len else None,
             max_total_tokens=max_len,
             raw=raw)
-
-    async def health(self) -> bool:
-        """True when ``/health`` (vLLM, SGLang, TGI, llama.cpp) or else ``/v1/models`` answers
-        200; False when the server is down or unreachable."""
-        for path in ("/health", "/v1/models"):
-            try:
-                await self._conn.request("GET", path, retry=False)
-            except BackendStatusError as exc:
-                if exc.status_code == 404:
-                    continue
-                return False
-            except BackendError:
-                return False
-            return True
-        return False
 
     async def count_tokens(self, text: str) -> int:
         """The server's token count of ``text`` as a raw prompt, BOS included where the server

@@ -32,7 +32,6 @@ from specthink.errors import (
     BackendError,
     BackendStatusError,
     ConfigError,
-    SpecthinkError,
     StreamErrorEvent,
     in_stream_error,
 )
@@ -163,6 +162,7 @@ class TGIBackend(SSEBackend):
 
     kind: ClassVar[str] = "tgi"
     """The name :func:`specthink.backends.create` knows this protocol by."""
+    health_paths: ClassVar[tuple[str, ...]] = ("/health",)
     adds_bos_token = True
     """TGI tokenizes ``inputs`` with special tokens: a rendered template must not carry BOS."""
     supports_grammar = True
@@ -216,15 +216,6 @@ class TGIBackend(SSEBackend):
             max_total_tokens=_opt_int(raw.get("max_total_tokens")),
             max_stop_sequences=_opt_int(raw.get("max_stop_sequences")),
             raw=raw)
-
-    async def health(self) -> bool:
-        """``GET /health``: True when the server answers 200; False when it is down or
-        unreachable."""
-        try:
-            await self._conn.request("GET", "/health", retry=False)
-        except SpecthinkError:
-            return False
-        return True
 
     async def count_tokens(self, text: str) -> int:
         """``POST /tokenize``: the server's token count, special tokens (BOS) included."""

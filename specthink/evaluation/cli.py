@@ -32,12 +32,14 @@ from rich.progress import (
 from rich.text import Text
 
 from specthink._cli_options import (
+    AUTO,
     ApiKey,
     SmallModel,
     SmallTemplate,
     TargetModel,
     TargetTemplate,
     backend_option,
+    open_backend,
     preset_name,
     stderr,
     url_option,
@@ -52,14 +54,6 @@ INSTALL_HINT = "specthink eval needs the `eval` extra: pip install 'specthink[ev
 EXIT_CONFIG, EXIT_BACKEND, EXIT_FAILED_ANSWERS, EXIT_INTERRUPTED = 2, 3, 1, 130
 
 
-class BackendChoice(StrEnum):
-    """Wire protocol of the two servers."""
-
-    auto = "auto"
-    tgi = "tgi"
-    openai = "openai"
-
-
 class ModeChoice(StrEnum):
     """The modes, in the paper's order."""
 
@@ -71,17 +65,6 @@ class ModeChoice(StrEnum):
 def _missing_extras() -> list[str]:
     return [name for name in ("math_verify", "matplotlib")
             if importlib.util.find_spec(name) is None]
-
-
-async def _open_backend(url: str, protocol: BackendChoice, *, api_key: str | None,
-                        model: str | None) -> Backend:
-    from specthink.backends import create, discover
-
-    if protocol is BackendChoice.auto:
-        return await discover(url, api_key=api_key, model=model)
-    # Only OpenAI-compatible servers are sent a model name.
-    return create(protocol.value, url, api_key=api_key,
-                  model=model if protocol is BackendChoice.openai else None)
 
 
 class _ProgressView:
@@ -110,7 +93,7 @@ class _ProgressView:
 
 
 async def _run(*, dataset: str, problems: list[Any], urls: dict[str, str | None],
-               protocol: BackendChoice, api_key: str | None, models: dict[str, str | None],
+               protocol: str, api_key: str | None, models: dict[str, str | None],
                modes: list[str], settings: Any, out: Path, grading_workers: int,
                grading_timeout: float, err: Console) -> Any:
     from specthink.evaluation.grading import Grader
@@ -120,7 +103,7 @@ async def _run(*, dataset: str, problems: list[Any], urls: dict[str, str | None]
     try:
         for role, url in urls.items():
             if url:
-                backends[role] = await _open_backend(url, protocol, api_key=api_key,
+                backends[role] = await open_backend(url, protocol, api_key=api_key,
                                                      model=models[role])
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TimeRemainingColumn(), console=err,
@@ -152,9 +135,10 @@ def eval_command(
         "small", help="URL of the small model's server.")] = None,
     target: Annotated[str | None, url_option(
         "target", help="URL of the target model's server.")] = None,
-    backend: Annotated[BackendChoice, backend_option(
-        help="Wire protocol: tgi, openai (/v1/completions: vLLM, SGLang), or auto.",
-    )] = BackendChoice.auto,
+    backend: Annotated[str, backend_option(
+        help="Wire protocol of both servers (openai: /v1/completions, e.g. vLLM, SGLang), or "
+             "auto (GET /info decides).",
+    )] = AUTO,
     mode: Annotated[list[ModeChoice] | None, typer.Option(
         "--mode", help="Run this mode (repeatable) [default: small, speculative and target].",
         show_default=False)] = None,

@@ -42,7 +42,7 @@ def serve(
     small: Annotated[str, url_option("small", help="The small model's server.")],
     target: Annotated[str, url_option("target", help="The target model's server.")],
     backend: Annotated[str, backend_option(
-        help="Wire protocol of both servers: tgi or openai (/v1/completions).")] = "tgi",
+        help="Wire protocol of both servers (openai: /v1/completions).", auto=False)] = "tgi",
     host: Annotated[str, typer.Option(
         envvar="SPECTHINK_SERVE_HOST", help="Interface to bind (127.0.0.1 unless told).")]
     = "127.0.0.1",

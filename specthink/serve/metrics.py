@@ -27,6 +27,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
                     120.0, 300.0)
 _SHARE_BUCKETS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 ROLES = ("small", "target")
+_PREFIX = "specthink_serve_"
+"""Every metric's name begins so (``docs/serve.md`` lists them)."""
 
 
 def multiprocess_dir() -> str | None:
@@ -40,51 +42,48 @@ class ServeMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
-            "specthink_serve_requests", "Chat completion requests answered, by HTTP status.",
-            ["status"], registry=r)
+        counter, histogram = self._counter, self._histogram
+        self.requests = counter("requests", "Chat completion requests answered, by HTTP status.",
+                                "status")
         self.in_flight = Gauge(
-            "specthink_serve_requests_in_flight", "Chat completion requests being answered.",
-            registry=r, multiprocess_mode="livesum")
-        self.time_to_first_token = Histogram(
-            "specthink_serve_time_to_first_token_seconds",
+            f"{_PREFIX}requests_in_flight", "Chat completion requests being answered.",
+            registry=self.registry, multiprocess_mode="livesum")
+        self.time_to_first_token = histogram(
+            "time_to_first_token_seconds",
             "Seconds from a streamed request's arrival to its first reasoning or answer text.",
-            buckets=_LATENCY_BUCKETS, registry=r)
-        self.duration = Histogram(
-            "specthink_serve_request_duration_seconds",
-            "Seconds from a chat request's arrival to the end of its answer.",
-            buckets=_LATENCY_BUCKETS, registry=r)
-        self.tokens = Counter(
-            "specthink_serve_tokens", "Accepted output tokens, by who wrote them.",
-            ["model"], registry=r)
-        self.prompt_tokens = Counter(
-            "specthink_serve_prompt_tokens", "Prompt tokens of answered requests.", registry=r)
-        self.takeovers = Counter(
-            "specthink_serve_takeovers", "Takeovers by the target model, by rule.",
-            ["rule"], registry=r)
-        self.target_share = Histogram(
-            "specthink_serve_target_share",
-            "Share of a request's output tokens the target model wrote.",
-            buckets=_SHARE_BUCKETS, registry=r)
-        self.upstream_requests = Counter(
-            "specthink_serve_upstream_requests", "Generation requests sent, by model server.",
-            ["server"], registry=r)
-        self.upstream_retries = Counter(
-            "specthink_serve_upstream_retries",
+            _LATENCY_BUCKETS)
+        self.duration = histogram(
+            "request_duration_seconds",
+            "Seconds from a chat request's arrival to the end of its answer.", _LATENCY_BUCKETS)
+        self.tokens = counter("tokens", "Accepted output tokens, by who wrote them.", "model")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of answered requests.")
+        self.takeovers = counter("takeovers", "Takeovers by the target model, by rule.", "rule")
+        self.target_share = histogram(
+            "target_share", "Share of a request's output tokens the target model wrote.",
+            _SHARE_BUCKETS)
+        self.upstream_requests = counter(
+            "upstream_requests", "Generation requests sent, by model server.", "server")
+        self.upstream_retries = counter(
+            "upstream_retries",
             "Generation requests repeated after an overload, outage or dropped stream.",
-            ["server"], registry=r)
-        self.upstream_errors = Counter(
-            "specthink_serve_upstream_errors",
+            "server")
+        self.upstream_errors = counter(
+            "upstream_errors",
             "Failures of a model server that reached a request (the target's include those "
-            "the small model finished alone after).", ["server"], registry=r)
-        self.fallbacks = Counter(
-            "specthink_serve_fallbacks",
-            "Requests the small model finished alone because the target failed.", registry=r)
+            "the small model finished alone after).", "server")
+        self.fallbacks = counter(
+            "fallbacks", "Requests the small model finished alone because the target failed.")
         for role in ROLES:  # present at zero from the start, so rates work at once
             self.upstream_errors.labels(role)
             self.upstream_retries.labels(role)
             self.upstream_requests.labels(role)
+
+    def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
+        return Counter(_PREFIX + name, documentation, labels, registry=self.registry)
+
+    def _histogram(self, name: str, documentation: str,
+                   buckets: tuple[float, ...]) -> Histogram:
+        return Histogram(_PREFIX + name, documentation, buckets=buckets, registry=self.registry)
 
     def observe_statistics(self, stats: Statistics) -> None:
         """One finished request's engine statistics."""

@@ -9,6 +9,7 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from specthink.backends import BackendKind
 from specthink.rules import PRESETS
 
 __all__ = ["ENV_SETTINGS", "ReasoningField", "ServeSettings"]
@@ -30,12 +31,13 @@ class ServeSettings(BaseModel):
     """The small (speculative) model's server."""
     target_url: str = Field(min_length=1)
     """The target model's server."""
-    backend: Literal["tgi", "openai"] = "tgi"
-    """Wire protocol of both model servers."""
+    backend: BackendKind = "tgi"
+    """Wire protocol of both model servers: one of ``specthink.backends.kinds()``."""
     small_model: str | None = None
-    """Model name sent to an OpenAI-compatible small server (default: the one it serves)."""
+    """Model name sent to an OpenAI-compatible or Ollama small server (default: the one it
+    serves)."""
     target_model: str | None = None
-    """Model name sent to an OpenAI-compatible target server."""
+    """Model name sent to an OpenAI-compatible or Ollama target server."""
     upstream_api_key: SecretStr | None = None
     """Bearer token sent to both model servers (``$SPECTHINK_API_KEY``)."""
     api_keys: tuple[SecretStr, ...] = ()

@@ -12,6 +12,7 @@ import pytest
 
 from specthink import _constants
 from specthink.backends import (
+    BackendKind,
     BackendOptions,
     OpenAICompletionsBackend,
     SamplingParams,
@@ -20,6 +21,7 @@ from specthink.backends import (
     discover,
     kind_of,
     kinds,
+    takes_option,
 )
 from specthink.errors import BackendConnectionError, ConfigError
 from specthink.testing import EchoModel, LoopbackServer
@@ -43,6 +45,22 @@ def test_an_unknown_kind_is_a_config_error_listing_the_kinds() -> None:
     with pytest.raises(ConfigError,
                        match=r"unknown backend kind 'vllm'; choose one of .*openai.*tgi"):
         create("vllm", "http://127.0.0.1:1")
+
+
+def test_a_kind_field_takes_every_kind_and_names_them_for_another() -> None:
+    """Broken: ``BackendKind`` (the adapters' and ``specthink serve``'s ``backend`` field) is a
+    list of its own that lags the protocol modules, or its error does not say what is valid;
+    or ``takes_option`` sends a model name to a protocol that refuses one."""
+    from pydantic import BaseModel, ValidationError
+
+    class Settings(BaseModel):
+        backend: BackendKind
+
+    assert [Settings(backend=kind).backend for kind in kinds()] == kinds()
+    with pytest.raises(ValidationError, match=f"choose one of {', '.join(kinds())}"):
+        Settings(backend="vllm")
+    assert {kind: takes_option(kind, "model") for kind in kinds()} == {
+        "ollama": True, "openai": True, "tgi": False}
 
 
 @pytest.mark.parametrize(("options", "problem"), [

@@ -1,21 +1,12 @@
-"""OllamaBackend (newline-delimited JSON, one new file) against a tiny in-test Ollama server on
-loopback: what it sends, how it reads the lines, how errors map, and the engine on top."""
+"""OllamaBackend (newline-delimited JSON, one new file) against a tiny Ollama server on
+loopback (``tests.ollama_support``, the ``ollama`` fixture): what it sends, how it reads the
+lines, how errors map, and the engine on top."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import threading
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
 from specthink import SpeculativeThinker
 from specthink.backends import SamplingParams, create, kinds
@@ -27,77 +18,9 @@ from specthink.errors import (
     StreamDroppedError,
     StreamErrorEvent,
 )
+from tests.ollama_support import Ollama
 
 GREEDY = SamplingParams()
-
-
-@dataclass
-class Ollama:
-    """What the in-test server answers: ``words`` streamed one per line, then a ``done`` line
-    (unless ``drop_after`` cuts the stream), or an error line, or an error status."""
-
-    words: list[str] = field(default_factory=lambda: ["Hello", " there", "."])
-    drop_after: int | None = None
-    error_line: str | None = None
-    status_error: tuple[int, str] | None = None
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    headers: list[dict[str, str]] = field(default_factory=list)
-    url: str = ""
-
-    async def generate(self, request: Request) -> Response:
-        body = json.loads(await request.body())
-        self.requests.append(body)
-        self.headers.append(dict(request.headers))
-        if self.status_error is not None:
-            code, message = self.status_error
-            return JSONResponse({"error": message}, status_code=code)
-        limit = body["options"]["num_predict"]
-        words = self.words[:limit]
-
-        async def lines() -> AsyncIterator[bytes]:
-            if self.error_line is not None:
-                yield json.dumps({"error": self.error_line}).encode() + b"\n"
-                return
-            for index, word in enumerate(words):
-                if self.drop_after is not None and index == self.drop_after:
-                    raise RuntimeError("the server dies mid-stream")
-                yield json.dumps({"model": body["model"], "response": word,
-                                  "done": False}).encode() + b"\n"
-                await asyncio.sleep(0)
-            reason = "length" if len(words) < len(self.words) else "stop"
-            yield json.dumps({"model": body["model"], "response": "", "done": True,
-                              "done_reason": reason, "prompt_eval_count": 7,
-                              "eval_count": len(words)}).encode()  # no final newline
-
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
-
-    async def tags(self, request: Request) -> Response:
-        return JSONResponse({"models": [{"name": "qwen:small", "model": "qwen:small"},
-                                        {"name": "qwen:large", "model": "qwen:large"}]})
-
-    async def version(self, request: Request) -> Response:
-        return JSONResponse({"version": "0.5.7"})
-
-
-@pytest.fixture
-def ollama() -> Iterator[Ollama]:
-    state = Ollama()
-    app = Starlette(routes=[Route("/api/generate", state.generate, methods=["POST"]),
-                            Route("/api/tags", state.tags, methods=["GET"]),
-                            Route("/api/version", state.version, methods=["GET"])])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off",
-                                           log_level="critical", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(500):
-        if server.started:
-            break
-        threading.Event().wait(0.01)
-    assert server.started, "the in-test Ollama server did not start"
-    state.url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    yield state
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 async def collect(backend: Any, **options: Any) -> list[Any]:
@@ -172,6 +95,19 @@ async def test_the_model_defaults_to_the_first_listed(ollama: Ollama) -> None:
         assert await backend.health()
     finally:
         await backend.aclose()
+
+
+async def test_health_asks_the_version_and_is_false_when_down(ollama: Ollama) -> None:
+    """Broken: ``health`` asks a path Ollama does not serve (every server looks down), or
+    raises for a server that is down instead of answering False."""
+    up = OllamaBackend(ollama.url, model="qwen:small")
+    down = OllamaBackend("http://127.0.0.1:1", model="qwen:small", max_retries=0)
+    try:
+        assert await up.health() is True
+        assert await down.health() is False
+    finally:
+        await up.aclose()
+        await down.aclose()
 
 
 async def test_an_error_line_before_any_token_raises_on_open(ollama: Ollama) -> None:

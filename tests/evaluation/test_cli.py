@@ -10,9 +10,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from specthink.backends import kinds
 from specthink.evaluation.cli import register
 from specthink.evaluation.datasets import Problem
 from specthink.testing.models import Tokenizer
+from tests.ollama_support import MODELS, Ollama
 
 from .conftest import Pair
 from .scripted import OPENING, small_script, takeover_script, target_alone_script
@@ -118,6 +120,29 @@ def test_failed_answers_make_the_command_exit_1(env: dict[str, str | None], pair
     assert result.exit_code == 1, result.output
     assert "1 answers failed to generate" in result.stderr
     assert "sample-01 (small):" in result.stderr
+
+
+def test_eval_runs_over_ollama(ollama: Ollama, tmp_path: Path) -> None:
+    """Broken: ``--backend`` keeps its own list of protocols, so ``ollama``, which the factory
+    builds, is a usage error, or the small model's name stays behind."""
+    env = {"SPECTHINK_SMALL_URL": ollama.url, "SPECTHINK_TARGET_URL": None,
+           "SPECTHINK_BACKEND": None, "SPECTHINK_API_KEY": None,
+           "SPECTHINK_SMALL_MODEL": MODELS[1]}
+    result = runner.invoke(eval_app(), [
+        "eval", "--dataset", "sample", "--limit", "1", "--mode", "small", "--backend", "ollama",
+        "--template", "chatml", "--max-tokens", "16", "--grading-workers", "1",
+        "--out", str(tmp_path)], env=env)
+
+    assert result.exit_code == 0, result.output
+    assert ollama.models() == [MODELS[1]]
+
+
+def test_an_unknown_backend_is_a_usage_error_naming_the_kinds(
+        env: dict[str, str | None], tmp_path: Path) -> None:
+    result = runner.invoke(eval_app(), ["eval", "--dataset", "sample", "--backend", "grpc",
+                                        "--out", str(tmp_path)], env=env)
+    assert result.exit_code == 2
+    assert f"choose one of auto, {', '.join(kinds())}" in " ".join(result.output.split())
 
 
 def test_the_specthink_command_has_eval() -> None:

@@ -1,20 +1,13 @@
 """The reasoning split of ``SpeculativeThinkingLLM`` on every server and template, and tool
 calls read from the answer only.
 
-Each server pair reports real model ids (the paper's DeepSeek-R1-Distill-Qwen 1.5B + 32B, a
-Qwen3 thinking pair, a Qwen2.5 ChatML pair) and renders with that family's template, as TGI,
-vLLM and llama.cpp do. The model is one reasoning script, written as each family writes it:
-the R1 distills and Qwen3 thinking models were trained under templates that open ``<think>``
-and never write the tag themselves (under any other template their reasoning arrives untagged);
-the ChatML model writes it. Its reasoning says "Wait" after a blank line, so the target takes over
-mid-reasoning and the split holds across authors; where tools are offered it drafts a decoy
-``<tool_call>`` while thinking, which must never be executed. (The LangChain side of the same
-matrix is ``tests/lc/integration/test_reasoning_matrix.py``.)
+The servers, models and script are ``tests/reasoning_support.py``'s (its docstring says why
+they look as they do); the LangChain side of the same matrix is
+``tests/lc/integration/test_reasoning_matrix.py``.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -35,7 +28,6 @@ from tests.reasoning_support import (
     PRICED_ANSWER,
     PRICED_REASONING,
     QUESTION,
-    R1_BOS,
     REASONING,
     TICKETS,
     TICKETS_REASONING,
@@ -46,26 +38,14 @@ from tests.reasoning_support import (
     Case,
     Pair,
     Server,
-    call,
+    assert_prompt,
     loopback_pairs,
+    think,
 )
 
 from .li_support import ignore_memory_leak, workflow_agent
 
 pytestmark = ignore_memory_leak
-
-
-def think(conversation: str) -> tuple[str, str]:
-    """The whole output for a conversation: (reasoning, answer)."""
-    if re.search(r"<tool_response>\s*240 NOK", conversation):
-        return PRICED_REASONING, PRICED_ANSWER
-    if WALK in conversation:
-        return WALK_REASONING, WALK_ANSWER
-    if TICKETS in conversation:
-        return TICKETS_REASONING, call("Bergen", 2)
-    if QUESTION in conversation:
-        return REASONING, ANSWER
-    return "", "I have no script for this."
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +71,6 @@ async def llm(servers: Callable[[Server], Pair]) -> AsyncIterator[Build]:
     yield build
     for model in made:
         await model.aclose()
-
-
-def assert_prompt(case: Case, pair: Pair) -> None:
-    """The small model saw the template the case names, once-BOS, and the target took over."""
-    first = pair.small.records[0]
-    assert first.prompt.endswith("<think>\n") is case.opens_reasoning, first.prompt
-    assert not first.model_input.startswith(R1_BOS * 2)
-    assert pair.target.records, "no takeover: the split was not tested across authors"
 
 
 def thinking(message: ChatMessage) -> str:

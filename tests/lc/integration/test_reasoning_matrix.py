@@ -1,20 +1,14 @@
 """The reasoning split of ``ChatSpeculativeThinking`` on every server and template, and tool
 calls read from the answer only.
 
-Each server pair reports real model ids (the paper's DeepSeek-R1-Distill-Qwen 1.5B + 32B, a
-Qwen3 thinking pair, a Qwen2.5 ChatML pair) and renders with that family's template, as TGI,
-vLLM and llama.cpp do. The model is one reasoning script, written as each family writes it:
-the R1 distills and Qwen3 thinking models were trained under templates that open ``<think>``
-and never write the tag themselves (under any other template their reasoning arrives untagged);
-the ChatML model writes it. Its reasoning says "Wait" after a blank line, so the target takes over
-mid-reasoning and the split holds across authors; where tools are offered it drafts a decoy
-``<tool_call>`` while thinking, which must never be executed.
+The servers, models and script are ``tests/reasoning_support.py``'s (its docstring says why
+they look as they do); the LlamaIndex side of the same matrix is
+``tests/li/test_reasoning_matrix.py``.
 """
 
 from __future__ import annotations
 
 import operator
-import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from functools import reduce
 from typing import Any
@@ -30,10 +24,10 @@ from specthink_lc import ChatSpeculativeThinking
 from tests.reasoning_support import (
     ANSWER,
     CASES,
+    PRICED,
     PRICED_ANSWER,
     PRICED_REASONING,
     QUESTION,
-    R1_BOS,
     REASONING,
     TICKETS,
     TICKETS_REASONING,
@@ -44,9 +38,10 @@ from tests.reasoning_support import (
     Case,
     Pair,
     Server,
-    call,
+    assert_prompt,
     loopback_pairs,
 )
+from tests.reasoning_support import think as script
 
 STRUCTURED = "Give the price of two train tickets to Bergen."
 STRUCTURED_REASONING = ("It is 240 NOK.\n\nWait, first draft it with a wrong amount:\n"
@@ -58,24 +53,18 @@ STRUCTURED_CALL = ('<tool_call>\n{"name": "TicketPrice", "arguments": {"amount":
 
 
 def think(conversation: str) -> tuple[str, str]:
-    """The whole output for a conversation: (reasoning, answer)."""
+    """The whole output for a conversation: (reasoning, answer); the structured-output
+    conversations here, the rest as the shared script writes them."""
     if STRUCTURED in conversation:
         if "<tools>" in conversation:  # a forced call of the schema's tool
             return STRUCTURED_REASONING, STRUCTURED_CALL
         return STRUCTURED_REASONING, '{"amount": 240}'
-    if re.search(r"<tool_response>\s*240 NOK", conversation):
+    if PRICED.search(conversation):
         if '"name": "TicketPrice"' in conversation:  # create_agent's ToolStrategy
             return STRUCTURED_REASONING, STRUCTURED_CALL
         if '"amount"' in conversation:  # ProviderStrategy: the schema is in the prompt
             return STRUCTURED_REASONING, '{"amount": 240}'
-        return PRICED_REASONING, PRICED_ANSWER
-    if WALK in conversation:
-        return WALK_REASONING, WALK_ANSWER
-    if TICKETS in conversation:
-        return TICKETS_REASONING, call("Bergen", 2)
-    if QUESTION in conversation:
-        return REASONING, ANSWER
-    return "", "I have no script for this."
+    return script(conversation)
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +93,6 @@ async def chat(servers: Callable[[Server], Pair]) -> AsyncIterator[Chat]:
     for model in made:
         await model.aclose()
         model.close()
-
-
-def assert_prompt(case: Case, pair: Pair) -> None:
-    """The small model saw the template the case names, once-BOS, and the target took over."""
-    first = pair.small.records[0]
-    assert first.prompt.endswith("<think>\n") is case.opens_reasoning, first.prompt
-    assert not first.model_input.startswith(R1_BOS * 2)
-    assert pair.target.records, "no takeover: the split was not tested across authors"
 
 
 def assert_split(message: AIMessage, reasoning: str, answer: str) -> None:
