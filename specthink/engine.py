@@ -16,10 +16,17 @@ import dataclasses
 import time
 import uuid
 import warnings
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Sequence,
+)
 from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ._constants import DEFAULT_MAX_NEW_TOKENS
 from ._sync import _LoopThread, run_sync
@@ -60,12 +67,17 @@ from .trace import (
 
 __all__ = ["SpeculativeThinker"]
 
+if TYPE_CHECKING:
+    from . import prompts
+
 Role = Literal["small", "target"]
 TargetErrorPolicy = Literal["fallback", "raise"]
 T = TypeVar("T")
 
 CONTEXT_MARGIN_TOKENS = 8
 """Slack for re-tokenising accepted text, which may take a few more tokens than were generated."""
+_WARM_UP_MESSAGES = ({"role": "user", "content": "Hello"},)
+"""The conversation ``warm_up`` prepares (it is never sent for generation)."""
 
 
 @dataclass(slots=True)
@@ -198,6 +210,12 @@ class SpeculativeThinker:
                 f"on_target_error={self.on_target_error!r})")
 
     @property
+    def templates(self) -> dict[Role, prompts.ChatTemplate]:
+        """The resolved templates; what ``auto`` learns of a server lives in them, so engines
+        over the same backends share it by sharing these."""
+        return dict(self._templates)
+
+    @property
     def backends(self) -> dict[Role, Backend]:
         return {"small": self.small, "target": self.target}
 
@@ -295,15 +313,7 @@ class SpeculativeThinker:
                    sampling=sampling, policy=policy, routing_key=_routing_key(session_id))
 
         async def prepare_role(role: Role) -> None:
-            backend = self.backends[role]
-            try:
-                run.prompts[role] = await prompts.render_prompt(
-                    self._templates[role], checked, tools, backend, tool_choice=tool_choice)
-                if self.check_prompt_length:
-                    await self._check_limits(run, role, len(stops))
-            except BackendError as exc:
-                exc.role = role
-                raise
+            await self._prepare_role(run, role, checked, tools, tool_choice)
 
         if self._target_checked:
             # Off the critical path: the small model's first request needs only its own
@@ -334,6 +344,34 @@ class SpeculativeThinker:
         run.starts_in_reasoning = (not constrained
                                    and run.prompts["small"].rstrip().endswith(REASONING_START))
         return run
+
+    async def _prepare_role(self, run: _Run, role: Role, messages: list[dict[str, Any]],
+                            tools: Sequence[dict[str, Any]] | None, tool_choice: Any) -> None:
+        """The prompt for ``role`` and a check of it against the server's limits."""
+        from . import prompts
+
+        backend = self.backends[role]
+        try:
+            run.prompts[role] = await prompts.render_prompt(
+                self._templates[role], messages, tools, backend, tool_choice=tool_choice)
+            if self.check_prompt_length:
+                await self._check_limits(run, role, len(run.stop))
+        except BackendError as exc:
+            exc.role = role
+            raise
+
+    async def warm_up(self) -> None:
+        """Ask now what the first call would ask before its first token: both servers' limits
+        and model ids, and (with ``auto``) their templates, learnt from their renderings. A
+        server (``specthink serve``) calls it at start so its first user waits no longer than
+        any later one. Raises the ``BackendError`` of a server that cannot answer, or the
+        ``ConfigError`` of a template that cannot be used; the first call then checks again."""
+        run = _Run(prompts={"small": "", "target": ""}, budget_left=1, stop=(),
+                   sampling=SamplingParams(), policy=TakeoverPolicy(self.rules),
+                   routing_key=_routing_key(None))
+        await asyncio.gather(*(self._prepare_role(run, role, list(_WARM_UP_MESSAGES), None, None)
+                               for role in ("small", "target")))
+        self._target_checked = True
 
     async def _target_prepared(self, run: _Run) -> FallbackEvent | None:
         """Wait for the target's prompt and limits before its first request. A target that

@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 from specthink.backends import create
 from specthink.backends.base import Backend
 from specthink.engine import SpeculativeThinker
-from specthink.errors import BackendError
+from specthink.errors import BackendError, ConfigError
 from specthink.serve import errors
 from specthink.serve.errors import APIError
 from specthink.serve.metrics import (
@@ -45,6 +45,10 @@ from specthink.trace import Result
 __all__ = ["app_from_environment", "build_backends", "create_app"]
 
 logger = logging.getLogger("specthink.serve")
+
+WARM_UP_SECONDS = 20.0
+"""How long start-up waits for the model servers' limits and templates (``warm_up``) before
+serving anyway."""
 
 JSON = "application/json"
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
@@ -235,6 +239,12 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
                                      target_template=settings.target_template,
                                      on_target_error=settings.on_target_error)
         state.thinkers = Thinkers(thinker)
+        try:
+            await asyncio.wait_for(thinker.warm_up(), WARM_UP_SECONDS)
+        except (BackendError, ConfigError, TimeoutError) as exc:
+            # Model servers often start after this one (compose, a rollout): not fatal.
+            logger.warning("the model servers could not be asked at start (%s); the first "
+                           "request asks again", exc or "no answer in time")
         try:
             yield
         finally:

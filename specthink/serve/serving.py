@@ -49,7 +49,7 @@ class Thinkers:
             base = self.base
             thinker = SpeculativeThinker(
                 small=base.small, target=base.target, rules=rules,
-                small_template=base.small_template, target_template=base.target_template,
+                small_template=base.templates["small"], target_template=base.templates["target"],
                 on_target_error=base.on_target_error)
             if len(self._by_rules) >= self.MAX_CACHED:
                 self._by_rules.pop(next(iter(self._by_rules)))

@@ -12,6 +12,7 @@ import pytest
 from specthink import SpeculativeThinker
 from specthink.backends.base import SamplingParams
 from specthink.backends.tgi import TGIBackend
+from specthink.errors import BackendError, TargetFallbackWarning
 from specthink.prompts import AutoTemplate
 from specthink.testing.models import Script, ScriptedModel
 from specthink.testing.server import LoopbackServer
@@ -191,3 +192,43 @@ async def test_the_targets_render_starts_after_the_small_models_request_is_built
         await thinker.aclose()
     assert order[:2] == ["small generation", "target render"]
     assert result.stats.takeovers["rule1"] == 1
+
+
+async def test_warm_up_asks_beforehand_what_the_first_call_would_ask(
+        pair: tuple[LoopbackServer, LoopbackServer]) -> None:
+    """After ``warm_up`` (what ``specthink serve`` does at start) even the first call's first
+    request is its generation, on both servers (broken: the first user paid the /info, render
+    and probe round trips, and the target's check)."""
+    small, target = pair
+    thinker = SpeculativeThinker(small=TGIBackend(small.url), target=TGIBackend(target.url))
+    try:
+        await thinker.warm_up()
+        assert small.records == [] and target.records == []
+        marks = len(small.calls), len(target.calls)
+        result = await thinker.agenerate(QUESTION)
+    finally:
+        await thinker.aclose()
+    assert before_first_generation(small, marks[0]) == []
+    assert before_first_generation(target, marks[1]) == []
+    assert result.stats.takeovers["rule1"] == 1
+    assert len(small.calls_to("/info")) == len(target.calls_to("/info")) == 1
+
+
+async def test_warm_up_names_the_server_that_cannot_answer_and_the_call_still_runs(
+        pair: tuple[LoopbackServer, LoopbackServer], unused_tcp_port: int) -> None:
+    """A target down at start: ``warm_up`` raises its ``BackendError`` (role "target"), and a
+    later call checks again and goes on without it, as on any call."""
+    small, _ = pair
+    down = f"http://127.0.0.1:{unused_tcp_port}"
+    thinker = SpeculativeThinker(small=TGIBackend(small.url),
+                                 target=TGIBackend(down, max_retries=0))
+    try:
+        with pytest.raises(BackendError) as caught:
+            await thinker.warm_up()
+        assert caught.value.role == "target"
+        with pytest.warns(TargetFallbackWarning):
+            result = await thinker.agenerate(QUESTION)
+    finally:
+        await thinker.aclose()
+    assert result.stats.fallback
+    assert result.text.startswith("Let x be 2.")

@@ -3,6 +3,7 @@ reasoning in both fields, the stream's shape chunk by chunk, usage and statistic
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from specthink.testing import LoopbackServer
 from specthink.testing.models import Continuation
 
-from .conftest import CHATML_ASSISTANT, REASONING, Pair, Served, client
+from .conftest import CHATML_ASSISTANT, REASONING, Pair, Served, client, conversation_pair
 
 HELLO = [{"role": "user", "content": "hello there"}]
 HELLO_REASONING = REASONING.format(topic="about 'hello there'")
@@ -233,3 +234,34 @@ def test_a_probe_the_engine_holds_back_is_never_sent(
     assert text == "\nLet me compute 12 * 13.\n\nLet me check: 12 * 13 = 156.\n12 * 13 = 156."
     stats = orjson.loads(lines[-2])["specthink"]
     assert stats["discarded_tokens"] == 2 and stats["takeovers"]["rule1"] == 1
+
+
+def test_the_server_asks_the_model_servers_at_start_so_the_first_user_waits_no_longer(
+        serve: Callable[..., Served]) -> None:
+    """At start the server fetches both servers' limits and learns their templates
+    (``warm_up``), so the first client's first upstream request is its generation (broken:
+    the first user after every start or rollout paid the render, probe and /info round
+    trips)."""
+    with conversation_pair() as pair:
+        served = serve(pair, small_template="auto", target_template="auto")
+        assert pair.small.records == [] and pair.small.calls_to("/info")
+        asked = len(pair.small.calls)
+        completion = client(served).chat.completions.create(model="specthink", messages=HELLO)
+        assert completion.choices[0].message.content == "You said: hello there"
+        assert pair.small.calls[asked].path == "/generate_stream"
+        assert len(pair.small.calls_to("/info")) == 1
+
+
+def test_model_servers_down_at_start_are_asked_again_by_the_first_request(
+        serve: Callable[..., Served], caplog: pytest.LogCaptureFixture) -> None:
+    """Model servers that start after this one (compose, a rollout) are not fatal: the server
+    says so, serves, and its first request checks them again."""
+    with conversation_pair() as pair:
+        with caplog.at_level(logging.WARNING, logger="specthink.serve"):
+            served = serve(pair, small_url="http://127.0.0.1:9")  # nothing listens there
+        assert "could not be asked at start" in caplog.text
+        assert httpx.get(f"{served.url}/health", timeout=10).status_code == 200
+        with pytest.raises(openai.APIStatusError) as caught:
+            client(served).chat.completions.create(model="specthink", messages=HELLO)
+        assert caught.value.status_code in (502, 503)
+        assert pair.small.calls == []
