@@ -223,6 +223,23 @@ def test_an_open_server_says_so_at_start(pair_for_process: Pair) -> None:
     assert f"http://127.0.0.1:{served.port}/v1" in output
 
 
+@pytest.mark.timeout(120)
+def test_the_server_runs_on_uvloop_and_httptools(pair_for_process: Pair) -> None:
+    """The server extra's event loop and HTTP parser are the ones serving (broken: the
+    pure-Python loop and parser, several times the time to first token under a burst)."""
+    served = ServeProcess(pair_for_process).wait_ready()
+    output = served.stop()
+    assert "uvloop, httptools)" in " ".join(output.split())  # the console wraps lines
+
+
+def test_without_uvloop_and_httptools_the_server_uses_asyncio_and_h11(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from specthink.serve import cli
+
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
+    assert cli.event_loop_and_parser() == {"loop": "asyncio", "http": "h11"}
+
+
 def test_bad_options_are_refused_before_serving(pair_for_process: Pair) -> None:
     """A rules preset that does not exist is a usage error; nothing starts."""
     result = subprocess.run(
