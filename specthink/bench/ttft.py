@@ -705,8 +705,9 @@ def targets(result: TTFTResult) -> list[Target]:
             f"on the small server (the critical path), {name} (≤ {limit:g})", _ms(small, 2),
             small <= limit, ""))
         out.append(Target(
-            f"the same, both servers, by arrival (the target's render runs beside the small "
-            f"model's first stream), {name} (≤ {limit:g})", _ms(both, 2), both <= limit, ""))
+            f"the same, both servers, by arrival (the target is prepared once the small "
+            f"model's first token is handled), {name} (≤ {limit:g})", _ms(both, 2),
+            both <= limit, ""))
     return out
 
 
