@@ -555,6 +555,8 @@ class TTFTConfig:
 
     def __post_init__(self) -> None:
         unknown = set(self.clients) - set(CLIENTS)
+        if not self.clients:
+            raise ValueError(f"no clients; choose from {list(CLIENTS)}")
         if unknown:
             raise ValueError(f"unknown clients {sorted(unknown)}; choose from {list(CLIENTS)}")
         if not self.levels or min(self.levels) < 1:
