@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import time
 import uuid
 import warnings
@@ -118,8 +119,11 @@ class _Run:
     """The small prompt opened the reasoning and no grammar constrains the output."""
     routing_key: str = ""
     """Sent with every generation request of this call (``routing_headers``)."""
+    prepare_target: Callable[[], Awaitable[None]] | None = None
+    """The target's prompt and limits, not started yet: the small model's first token starts
+    them (``SpeculativeThinker._start_target_preparation``), or the first handoff."""
     target_preparation: asyncio.Future[None] | None = None
-    """The target's prompt and limits, prepared beside the small model's first stream."""
+    """The target's preparation once started, beside the small model's stream."""
     reasoning: bool | None = None
     """Inside a reasoning section: the prompt or the text opened ``<think>`` and it has not
     closed yet (``None`` until the first accepted text tells)."""
@@ -319,10 +323,12 @@ class SpeculativeThinker:
             # Off the critical path: the small model's first request needs only its own
             # prompt; the target's is awaited at the first handoff (``_target_prepared``).
             await prepare_role("small")
-            # Started only now, so its first step runs once the small model's first request
-            # has been sent: under a burst, no conversation's target render (its request,
-            # its CPU) goes out ahead of a small model's first request.
-            run.target_preparation = asyncio.ensure_future(prepare_role("target"))
+            # Started once the small model's first token has been handled (its text given to
+            # the caller), not now: under a burst, every conversation's target render (its
+            # CPU, and a request for a server-rendered template) would otherwise run between
+            # the small models' requests being built and their connections being written to,
+            # and again beside their first tokens. No takeover is decided before that token.
+            run.prepare_target = functools.partial(prepare_role, "target")
         else:
             # The first call checks the target's configuration (its template, its limits)
             # before any generation request, side by side with the small model's.
@@ -378,10 +384,14 @@ class SpeculativeThinker:
         cannot serve is the ``on_target_error`` policy's business: the returned event says the
         small model goes on alone (the policy then hands no more over)."""
         preparation, run.target_preparation = run.target_preparation, None
-        if preparation is None:
+        prepare, run.prepare_target = run.prepare_target, None
+        if preparation is None and prepare is None:
             return None
         try:
-            await preparation
+            if preparation is not None:
+                await preparation
+            elif prepare is not None:  # a handoff before the small model's first token
+                await prepare()
         except BackendError as exc:
             return self._target_failed(run, exc)
         except ConfigError as exc:
@@ -394,8 +404,15 @@ class SpeculativeThinker:
         return None
 
     @staticmethod
+    def _start_target_preparation(run: _Run) -> None:
+        prepare, run.prepare_target = run.prepare_target, None
+        if prepare is not None:
+            run.target_preparation = asyncio.ensure_future(prepare())
+
+    @staticmethod
     def _end_preparation(run: _Run) -> None:
         """A call that never handed over does not wait for the target's preparation."""
+        run.prepare_target = None
         preparation, run.target_preparation = run.target_preparation, None
         if preparation is None:
             return
@@ -514,6 +531,10 @@ class SpeculativeThinker:
                                 yield event
                             if run.done or policy.handover is not None:
                                 break
+                        if run.prepare_target is not None:
+                            # The first token is handled (a probe may be open now): the
+                            # target gets ready while the small model writes on.
+                            self._start_target_preparation(run)
             except StreamDroppedError as exc:
                 exc.role = "small"
                 resumes += 1

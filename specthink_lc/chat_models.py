@@ -590,14 +590,13 @@ class ChatSpeculativeThinking(BaseChatModel):
         # session) comes along as a call argument.
         yield from super().stream(input, config, stop=stop, **_with_session(config, kwargs))
 
-    async def astream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
-                      stop: list[str] | None = None, **kwargs: Any,
-                      ) -> AsyncIterator[AIMessageChunk]:
-        # aclosing: leaving this stream early must close the engine's, and so the servers'.
-        chunks = super().astream(input, config, stop=stop, **_with_session(config, kwargs))
-        async with aclosing(cast(AsyncGenerator[AIMessageChunk, None], chunks)):
-            async for chunk in chunks:
-                yield chunk
+    def astream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+                stop: list[str] | None = None, **kwargs: Any,
+                ) -> AsyncIterator[AIMessageChunk]:
+        # langchain-core's own stream, handed over as it is rather than wrapped in one more
+        # async generator (a frame switch per chunk): closing it (aclose, or leaving an
+        # ``aclosing`` block) closes the engine's stream, and so the servers'.
+        return super().astream(input, config, stop=stop, **_with_session(config, kwargs))
 
     # ---- token counting ------------------------------------------------------------------
 

@@ -75,6 +75,9 @@ def bench(
     ttft_gc_freeze: Annotated[bool, typer.Option(
         help="With --ttft: each client process calls gc.freeze() after its warm-up; written "
              "to ttft-gc-freeze.md and .json.")] = False,
+    ttft_clients: Annotated[str | None, typer.Option(
+        help="With --ttft: comma-separated clients to run (default: all); the ratios need "
+             "httpx among them, the issue's targets langchain too.")] = None,
     replicas: Annotated[str | None, typer.Option(
         help="Scale-out instead: comma-separated replicas per role behind smg (e.g. 1,2,4), "
              "with and without the routing key; --levels default 64x8,256x6. Writes "
@@ -84,7 +87,7 @@ def bench(
     each model alone, on loopback servers that behave like GPU servers."""
     if ttft:
         _ttft(out, quick=quick, seed=seed, rounds=ttft_rounds, gc_freeze=ttft_gc_freeze,
-              json_output=json_output)
+              clients=ttft_clients, json_output=json_output)
         return
     if replicas is not None:
         _scale_out(out, replicas, levels, quick=quick, seed=seed, json_output=json_output)
@@ -175,15 +178,21 @@ def _scale_out(out: Path, replicas: str, levels: str | None, *, quick: bool, see
 
 
 def _ttft(out: Path, *, quick: bool, seed: int, rounds: int | None, gc_freeze: bool,
-          json_output: bool) -> None:
+          clients: str | None, json_output: bool) -> None:
     """``--ttft``: run, write ``ttft.md``/``ttft.json``, print the targets (see
     :mod:`specthink.bench.ttft`)."""
     from specthink.bench.ttft import TTFTConfig, run_ttft, targets, write_ttft
     from specthink.bench.ttft import to_json as ttft_to_json
 
     config = TTFTConfig.quick() if quick else TTFTConfig()
-    config = dataclasses.replace(config, seed=seed, gc_freeze=gc_freeze,
-                                 rounds=config.rounds if rounds is None else rounds)
+    changes: dict[str, object] = {
+        "seed": seed, "gc_freeze": gc_freeze, "rounds": config.rounds if rounds is None else rounds}
+    if clients is not None:
+        changes["clients"] = _names(clients)
+    try:
+        config = dataclasses.replace(config, **changes)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     err = Console(stderr=True, highlight=False)
     result = run_ttft(config, progress=_timed_log(err))
     verdicts = (f"{t.name}: {t.measured} "

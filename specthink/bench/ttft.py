@@ -555,6 +555,8 @@ class TTFTConfig:
 
     def __post_init__(self) -> None:
         unknown = set(self.clients) - set(CLIENTS)
+        if not self.clients:
+            raise ValueError(f"no clients; choose from {list(CLIENTS)}")
         if unknown:
             raise ValueError(f"unknown clients {sorted(unknown)}; choose from {list(CLIENTS)}")
         if not self.levels or min(self.levels) < 1:
@@ -705,8 +707,9 @@ def targets(result: TTFTResult) -> list[Target]:
             f"on the small server (the critical path), {name} (≤ {limit:g})", _ms(small, 2),
             small <= limit, ""))
         out.append(Target(
-            f"the same, both servers, by arrival (the target's render runs beside the small "
-            f"model's first stream), {name} (≤ {limit:g})", _ms(both, 2), both <= limit, ""))
+            f"the same, both servers, by arrival (the target is prepared once the small "
+            f"model's first token is handled), {name} (≤ {limit:g})", _ms(both, 2),
+            both <= limit, ""))
     return out
 
 

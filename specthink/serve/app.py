@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import logging
 import os
@@ -226,9 +227,16 @@ async def _disconnected(receive: Receive) -> None:
 
 
 def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | None = None,
-               metrics: ServeMetrics | None = None) -> Starlette:
+               metrics: ServeMetrics | None = None, freeze_heap: bool = False) -> Starlette:
     """The application. ``backends`` replaces the two built from the settings (tests,
-    embedding); they are closed when the application shuts down either way."""
+    embedding); they are closed when the application shuts down either way.
+
+    ``freeze_heap`` (what ``specthink serve`` asks for, never an embedding application's
+    default): once started, everything alive is moved out of the cyclic collector's sight
+    (``gc.freeze()``), so a full collection under load walks the requests' objects only, not
+    the start-up heap of modules, classes and settings; undone at shutdown. As gunicorn's
+    and Instagram's servers do: it belongs to the process that owns the heap.
+    """
     state = _State(settings, metrics or ServeMetrics())
 
     @asynccontextmanager
@@ -245,9 +253,14 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
             # Model servers often start after this one (compose, a rollout): not fatal.
             logger.warning("the model servers could not be asked at start (%s); the first "
                            "request asks again", exc or "no answer in time")
+        if freeze_heap:  # after the warm-up, whose connections and templates live on
+            gc.collect()  # start-up garbage is freed, not frozen
+            gc.freeze()
         try:
             yield
         finally:
+            if freeze_heap:
+                gc.unfreeze()
             state.thinkers = None
             await thinker.aclose()
             if multiprocess_dir() is not None:
@@ -331,4 +344,4 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
 
 def app_from_environment() -> Starlette:
     """The factory each ``--workers`` process calls (``uvicorn ... --factory``)."""
-    return create_app(ServeSettings.from_environment())
+    return create_app(ServeSettings.from_environment(), freeze_heap=True)

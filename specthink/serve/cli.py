@@ -119,7 +119,7 @@ def serve(
         "host": host, "port": port, "timeout_graceful_shutdown": drain_timeout,
         "log_level": "info", "lifespan": "on", **runtime}
     if workers == 1:
-        uvicorn.run(create_app(settings), **options)  # type: ignore[arg-type]
+        uvicorn.run(create_app(settings, freeze_heap=True), **options)  # type: ignore[arg-type]
         return
     # Worker processes rebuild the settings from the environment; metrics go through files
     # that /metrics in any worker sums up.

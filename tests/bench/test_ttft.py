@@ -89,6 +89,8 @@ def test_bad_settings_fail_before_any_server_starts() -> None:
     """An unknown client or an empty level is a ValueError naming the choices."""
     with pytest.raises(ValueError, match="unknown clients"):
         TTFTConfig(clients=("engine", "curl"))
+    with pytest.raises(ValueError, match="no clients"):
+        TTFTConfig(clients=())
     with pytest.raises(ValueError, match="levels"):
         TTFTConfig(levels=())
     assert set(TTFTConfig().clients) == set(CLIENTS)
@@ -115,3 +117,27 @@ def test_a_frozen_heap_run_writes_its_own_files_and_thaws(tmp_path: Path) -> Non
     files = write_ttft(result, tmp_path)
     assert [path.name for path in files] == ["ttft-gc-freeze.md", "ttft-gc-freeze.json"]
     assert "gc.freeze()" in files[0].read_text(encoding="utf-8")
+
+
+def test_the_command_runs_the_clients_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--ttft-clients`` picks the clients in the order given, and an unknown one is refused
+    before anything runs (broken: the option is ignored, or a typo starts a full run)."""
+    from typer.testing import CliRunner
+
+    from specthink.bench import ttft
+    from specthink.cli import app
+
+    asked: list[TTFTConfig] = []
+
+    def run(config: TTFTConfig, progress: object = None) -> None:
+        asked.append(config)
+        raise RuntimeError("stopped before starting servers")
+
+    monkeypatch.setattr(ttft, "run_ttft", run)
+    picked = CliRunner().invoke(app, ["bench", "--ttft", "--ttft-clients",
+                                      "engine-chatml, httpx", "--ttft-rounds", "2"])
+    assert isinstance(picked.exception, RuntimeError)
+    assert [(c.clients, c.rounds) for c in asked] == [(("engine-chatml", "httpx"), 2)]
+    refused = CliRunner().invoke(app, ["bench", "--ttft", "--ttft-clients", "engine,curl"])
+    assert refused.exit_code == 2 and "unknown clients" in refused.output
+    assert len(asked) == 1

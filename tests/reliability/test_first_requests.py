@@ -16,6 +16,7 @@ from specthink.errors import BackendError, TargetFallbackWarning
 from specthink.prompts import AutoTemplate
 from specthink.testing.models import Script, ScriptedModel
 from specthink.testing.server import LoopbackServer
+from specthink.trace import FinishEvent, TextEvent
 
 QUESTION = [{"role": "user", "content": "What is x?"}]
 SMALL = ScriptedModel([Script("", "Let x be 2.\n\nWait, x is 3.\n\nSo x is 3.")])
@@ -232,3 +233,28 @@ async def test_warm_up_names_the_server_that_cannot_answer_and_the_call_still_ru
         await thinker.aclose()
     assert result.stats.fallback
     assert result.text.startswith("Let x be 2.")
+
+
+async def test_the_targets_preparation_starts_after_the_first_text_reached_the_caller(
+        pair: tuple[LoopbackServer, LoopbackServer]) -> None:
+    """When the caller holds the first text, the target has not been asked to render yet; the
+    takeover still happens (broken: under a burst every conversation's target render ran
+    ahead of the small models' first tokens, or the takeover lost the target's prompt)."""
+    small, target = pair
+    thinker = SpeculativeThinker(small=TGIBackend(small.url), target=TGIBackend(target.url),
+                                 target_template=AutoTemplate("target", learn=False))
+    try:
+        await thinker.agenerate(QUESTION)  # checks the target's template once
+        mark = len(target.calls_to("/chat_tokenize"))
+        renders_at_first_text = None
+        events = thinker.astream(QUESTION)
+        async for event in events:
+            if renders_at_first_text is None and isinstance(event, TextEvent) and event.text:
+                renders_at_first_text = len(target.calls_to("/chat_tokenize")) - mark
+            if isinstance(event, FinishEvent):
+                result = event.result
+    finally:
+        await thinker.aclose()
+    assert renders_at_first_text == 0
+    assert len(target.calls_to("/chat_tokenize")) - mark == 1
+    assert result.stats.takeovers["rule1"] == 1
