@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 import ssl
 import time
@@ -233,10 +234,11 @@ class LeanTransport(httpx.AsyncBaseTransport):
             async with asyncio.timeout(connect_seconds):
                 if state in (0, errno.EISCONN):
                     head = head[_send_now(sock, head):]
-                else:
-                    # Under way, or refused: the loop's connect waits, or raises what it would
-                    # for open_connection (on any platform's codes).
+                elif state in _CONNECTING:
                     await asyncio.get_running_loop().sock_connect(sock, sockaddr)
+                else:
+                    raise OSError(state, f"Connect call failed {(host, port)}: "
+                                         f"{os.strerror(state)}")
                 reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_HEAD_BYTES)
         except TimeoutError:
             sock.close()
