@@ -275,20 +275,6 @@ async def test_a_slow_connect_is_a_connect_timeout(monkeypatch: pytest.MonkeyPat
                 await client.get(url)
 
 
-async def test_a_connect_still_under_way_is_awaited_then_the_request_written(
-        serve: Serve, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A handshake not over at once (a remote server) is waited for, and the request goes out
-    whole after it (broken: the request was written into a socket not yet connected)."""
-    # connect_ex never connects here: the loop's sock_connect does, as for a distant host.
-    monkeypatch.setattr(socket.socket, "connect_ex", lambda self, address: errno.EINPROGRESS)
-    server = await serve(ok(b"late"))
-    async with lean_client() as client:
-        response = await client.post(server.url + "/slow", content=b"x" * 100_000)
-    assert response.text == "late"
-    assert server.requests[0].startswith(b"POST /slow HTTP/1.1\r\n")
-    assert server.requests[0].endswith(b"x" * 100_000)
-
-
 async def test_a_fresh_local_connection_carries_the_request_before_the_first_wait() -> None:
     """To a server on this machine the request is written while the connection is opened,
     before the request's task first waits (broken: under a burst every request reached the
