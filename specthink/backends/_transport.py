@@ -15,12 +15,9 @@ httpx's own transport (see ``ServerConnection``).
 from __future__ import annotations
 
 import asyncio
-import errno
-import os
 import socket
 import ssl
 import time
-from typing import Any
 
 import httpx
 
@@ -131,9 +128,6 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self._keepalive_expiry = keepalive_expiry
         self._max_idle = max_idle_per_origin
         self._idle: dict[_Origin, list[_Connection]] = {}
-        self._literal: dict[_Origin, tuple[int, tuple[Any, ...]] | tuple[()]] = {}
-        """Per plain-http origin: the family and socket address of an IP-literal host, or
-        ``()`` for a name (resolved by ``asyncio.open_connection``)."""
         self._closed = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -145,13 +139,10 @@ class LeanTransport(httpx.AsyncBaseTransport):
         timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
         head = _request_head(request, await request.aread())
         while True:
-            unsent = head
-            connection = self._checkout(origin)
-            if connection is None:
-                connection, unsent = await self._connect(origin, timeouts.get("connect"),
-                                                         request, head)
+            connection = self._checkout(origin) or await self._connect(
+                origin, timeouts.get("connect"), request)
             try:
-                return await self._exchange(connection, request, unsent, timeouts)
+                return await self._exchange(connection, request, head, timeouts)
             except _StaleConnection:
                 # The server closed a kept-alive connection as we wrote to it, before it read
                 # anything: the request never reached it, so a fresh connection may carry it.
@@ -177,16 +168,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
         pool.append(connection)
 
     async def _connect(self, origin: _Origin, connect_seconds: float | None,
-                       request: httpx.Request, head: bytes) -> tuple[_Connection, bytes]:
-        """A fresh connection, and what of ``head`` is still to be written on it."""
+                       request: httpx.Request) -> _Connection:
         scheme, host, port = origin
-        if scheme == "http":
-            address = self._literal.get(origin)
-            if address is None:
-                address = self._literal[origin] = _literal_address(host, port)
-            if address:
-                return await self._connect_plain(origin, address, connect_seconds, request,
-                                                 head)
         tls = None
         if scheme == "https":
             if self._ssl_context is None:
@@ -207,57 +190,13 @@ class LeanTransport(httpx.AsyncBaseTransport):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Events are small and latency-bound: never wait to coalesce them.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return _Connection(origin, reader, writer), head
-
-    async def _connect_plain(self, origin: _Origin, address: tuple[int, tuple[Any, ...]],
-                             connect_seconds: float | None, request: httpx.Request,
-                             head: bytes) -> tuple[_Connection, bytes]:
-        """Plain HTTP to an IP address: the socket is connected by hand, and when the
-        handshake is over at once (loopback, or a host on the same machine) the request is
-        written before this coroutine first waits.
-
-        Why: under a burst every conversation's first step runs before the event loop looks
-        at any socket, so a request written only once its connection is seen open reaches the
-        server after all of them; written here, the server starts on it while the client
-        prepares the next conversations. A connect that is still under way (a remote server)
-        is awaited as ``asyncio.open_connection`` would, and the request written after it.
-        """
-        family, sockaddr = address
-        host, port = origin[1], origin[2]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            state = sock.connect_ex(sockaddr)
-            if state in _CONNECTING:
-                state = sock.connect_ex(sockaddr)  # a local handshake has completed by now
-            async with asyncio.timeout(connect_seconds):
-                if state in (0, errno.EISCONN):
-                    head = head[_send_now(sock, head):]
-                elif state in _CONNECTING:
-                    await asyncio.get_running_loop().sock_connect(sock, sockaddr)
-                else:
-                    raise OSError(state, f"Connect call failed {(host, port)}: "
-                                         f"{os.strerror(state)}")
-                reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_HEAD_BYTES)
-        except TimeoutError:
-            sock.close()
-            raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out",
-                                       request=request) from None
-        except OSError as exc:
-            sock.close()
-            raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
-        except BaseException:
-            sock.close()
-            raise
-        return _Connection(origin, reader, writer), head
+        return _Connection(origin, reader, writer)
 
     async def _exchange(self, connection: _Connection, request: httpx.Request, head: bytes,
                         timeouts: dict[str, float | None]) -> httpx.Response:
         reader, writer = connection.reader, connection.writer
         try:
-            if head:
-                writer.write(head)
+            writer.write(head)
             if writer.transport.get_write_buffer_size():
                 async with asyncio.timeout(timeouts.get("write")):
                     await writer.drain()
@@ -309,29 +248,6 @@ class LeanTransport(httpx.AsyncBaseTransport):
         for pool in pools.values():
             for connection in pool:
                 connection.close()
-
-
-_CONNECTING = (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK)
-
-
-def _literal_address(host: str, port: int) -> tuple[int, tuple[Any, ...]] | tuple[()]:
-    """The family and socket address of an IPv4 or IPv6 literal, or ``()`` for a name."""
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, host)
-        except OSError:
-            continue
-        return family, (host, port) if family == socket.AF_INET else (host, port, 0, 0)
-    return ()
-
-
-def _send_now(sock: socket.socket, data: bytes) -> int:
-    """Bytes of ``data`` the kernel took at once; the rest goes through the transport, which
-    also meets any error (a reset) where a request written later would."""
-    try:
-        return sock.send(data)
-    except OSError:
-        return 0
 
 
 class _StaleConnection(Exception):
