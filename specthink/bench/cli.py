@@ -9,7 +9,7 @@ import json
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -18,6 +18,9 @@ from specthink.bench.report import headline, to_json, write_report
 from specthink.bench.runner import BenchConfig, Level, run_bench
 
 __all__ = ["bench", "parse_levels", "register"]
+
+Config = TypeVar("Config", bound=Any)
+"""One of the benchmarks' frozen dataclass configurations."""
 
 
 def parse_levels(text: str) -> tuple[Level, ...]:
@@ -106,10 +109,7 @@ def bench(
         changes["time_scale"] = time_scale
     if event_budget is not None:
         changes["event_budget"] = event_budget
-    try:
-        config = dataclasses.replace(config, **changes)  # type: ignore[arg-type]
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    config = _configured(config, changes)
     err = Console(stderr=True, highlight=False)
     if err.is_terminal:
         with err.status("starting") as status:
@@ -152,6 +152,14 @@ def _replica_counts(text: str) -> tuple[int, ...]:
     return tuple(sorted({int(c) for c in counts}))
 
 
+def _configured(config: Config, changes: dict[str, object]) -> Config:
+    """``config`` with ``changes``; a value the config refuses is a usage error."""
+    try:
+        return dataclasses.replace(config, **changes)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
 def _scale_out(out: Path, replicas: str, levels: str | None, *, quick: bool, seed: int,
                json_output: bool) -> None:
     """``--replicas``: the scale-out cells (see :mod:`specthink.bench.scaleout`)."""
@@ -167,10 +175,7 @@ def _scale_out(out: Path, replicas: str, levels: str | None, *, quick: bool, see
     changes: dict[str, object] = {"replicas": _replica_counts(replicas), "seed": seed}
     if levels is not None:
         changes["levels"] = parse_levels(levels)
-    try:
-        config = dataclasses.replace(config, **changes)  # type: ignore[arg-type]
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    config = _configured(config, changes)
     err = Console(stderr=True, highlight=False)
     result = run_scale_out(config, progress=_timed_log(err))
     _report(err, write_scale_report(result, out), scale_headline(result), scale_to_json(result),
@@ -189,10 +194,7 @@ def _ttft(out: Path, *, quick: bool, seed: int, rounds: int | None, gc_freeze: b
         "seed": seed, "gc_freeze": gc_freeze, "rounds": config.rounds if rounds is None else rounds}
     if clients is not None:
         changes["clients"] = _names(clients)
-    try:
-        config = dataclasses.replace(config, **changes)  # type: ignore[arg-type]
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    config = _configured(config, changes)
     err = Console(stderr=True, highlight=False)
     result = run_ttft(config, progress=_timed_log(err))
     verdicts = (f"{t.name}: {t.measured} "

@@ -130,7 +130,8 @@ class _EngineClient(Client):
 
 class EngineClient(_EngineClient):
     name = "engine"
-    label = "specthink engine (`SpeculativeThinker.astream`), server template"
+    label = ("specthink engine (`SpeculativeThinker.astream`), default template (`auto`: the "
+             "server's, learnt from its `/chat_tokenize`)")
 
 
 class EngineClientTemplate(_EngineClient):
@@ -168,7 +169,8 @@ class _LangChainClient(Client):
 
 class LangChainClient(_LangChainClient):
     name = "langchain"
-    label = "specthink through LangChain `astream`, default template (server's `/chat_tokenize`)"
+    label = ("specthink through LangChain `astream`, default template (`auto`: the server's, "
+             "learnt from its `/chat_tokenize`)")
 
 
 class LangChainClientTemplate(_LangChainClient):
