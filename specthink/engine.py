@@ -383,15 +383,12 @@ class SpeculativeThinker:
         """Wait for the target's prompt and limits before its first request. A target that
         cannot serve is the ``on_target_error`` policy's business: the returned event says the
         small model goes on alone (the policy then hands no more over)."""
+        self._start_target_preparation(run)  # a handoff before the small model's first token
         preparation, run.target_preparation = run.target_preparation, None
-        prepare, run.prepare_target = run.prepare_target, None
-        if preparation is None and prepare is None:
+        if preparation is None:
             return None
         try:
-            if preparation is not None:
-                await preparation
-            elif prepare is not None:  # a handoff before the small model's first token
-                await prepare()
+            await preparation
         except BackendError as exc:
             return self._target_failed(run, exc)
         except ConfigError as exc:
