@@ -29,7 +29,6 @@ from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from ._constants import DEFAULT_MAX_NEW_TOKENS
 from ._sync import _LoopThread, run_sync
 from .backends.base import Backend, SamplingParams, StreamToken
 from .errors import (
@@ -40,6 +39,7 @@ from .errors import (
     StreamDroppedError,
     TargetFallbackWarning,
 )
+from .request import ChatRequest
 from .rules import (
     ACCEPT,
     HAND_BACK,
@@ -51,6 +51,7 @@ from .rules import (
     SmallAction,
     TakeoverPolicy,
     TakeoverRules,
+    resolve_rules,
 )
 from .trace import (
     REASONING_START,
@@ -119,6 +120,8 @@ class _Run:
     """The small prompt opened the reasoning and no grammar constrains the output."""
     routing_key: str = ""
     """Sent with every generation request of this call (``routing_headers``)."""
+    request: ChatRequest | None = None
+    """The call's checked request (``None`` for ``warm_up``'s preparation only)."""
     prepare_target: Callable[[], Awaitable[None]] | None = None
     """The target's prompt and limits, not started yet: the small model's first token starts
     them (``SpeculativeThinker._start_target_preparation``), or the first handoff."""
@@ -192,7 +195,7 @@ class SpeculativeThinker:
             raise ConfigError(f"max_stream_resumes must be >= 0, got {max_stream_resumes}")
         self.small = small
         self.target = target
-        self.rules = TakeoverRules.preset(rules) if isinstance(rules, str) else rules
+        self.rules = resolve_rules(rules)
         from . import prompts  # imported late: prompts pulls in jinja2
 
         self.small_template = small_template
@@ -204,7 +207,8 @@ class SpeculativeThinker:
         self.on_target_error: TargetErrorPolicy = on_target_error
         self.max_stream_resumes = max_stream_resumes
         self.check_prompt_length = check_prompt_length
-        self._intervention_tokens: int | None = None
+        self._intervention_tokens: dict[str, int] = {}
+        """Tokens of each intervention text (rules may differ per call), counted once."""
         self._target_checked = False
         """The target's template and limits were checked once; later calls prepare its prompt
         beside the small model's first stream."""
@@ -229,38 +233,36 @@ class SpeculativeThinker:
 
     # ---- public API ----------------------------------------------------------------------
 
-    async def agenerate(self, messages: Sequence[dict[str, Any]], **params: Any) -> Result:
+    async def agenerate(self, request: ChatRequest | Sequence[dict[str, Any]],
+                        **params: Any) -> Result:
         """Run the whole loop and return the accepted text, the events and the statistics."""
-        async for event in self.astream(messages, **params):
+        async for event in self.astream(request, **params):
             if isinstance(event, FinishEvent):
                 return event.result
         raise AssertionError("astream ended without a FinishEvent")  # pragma: no cover
 
-    async def astream(
-        self,
-        messages: Sequence[dict[str, Any]],
-        *,
-        max_new_tokens: int | None = None,
-        stop: Sequence[str] | None = None,
-        sampling: SamplingParams | None = None,
-        tools: Sequence[dict[str, Any]] | None = None,
-        tool_choice: Any = None,
-        session_id: str | None = None,
-    ) -> AsyncIterator[Event]:
+    async def astream(self, request: ChatRequest | Sequence[dict[str, Any]],
+                      **params: Any) -> AsyncIterator[Event]:
         """Stream events as text is accepted; the last event is a :class:`FinishEvent`.
 
-        ``session_id`` (the caller's conversation or user session) is the routing key sent
-        with every generation request of the call, so a router keeps the conversation on the
-        replica that holds its prefix; without one, each call gets a fresh random key.
+        ``request`` is a :class:`~specthink.request.ChatRequest` (checked once where it was
+        built; nothing is validated again here), or the messages, with ``ChatRequest.build``'s
+        keyword arguments in ``params`` (``max_new_tokens``, ``stop``, ``sampling``, ``tools``,
+        ``tool_choice``, ``parallel_tool_calls``, ``response_format``, ``session_id``,
+        ``rules``) as a convenience that builds it. ``session_id`` (the caller's conversation
+        or user session) is the routing key sent with every generation request of the call, so
+        a router keeps the conversation on the replica that holds its prefix; without one,
+        each call gets a fresh random key.
         """
-        run = await self._prepare(messages, max_new_tokens=max_new_tokens, stop=stop,
-                                  sampling=sampling, tools=tools, tool_choice=tool_choice,
-                                  session_id=session_id)
+        checked = self.request(request, **params)
+        run = await self._prepare(checked)
+        rules = run.policy.rules
         # Yielded with the first event the loop produces, so a call that fails before it
         # writes anything yields nothing at all.
         start: StartEvent | None = StartEvent(
-            starts_in_reasoning=run.starts_in_reasoning, reasoning_end=self.rules.thinking_end,
-            routing_key=run.routing_key)
+            starts_in_reasoning=run.starts_in_reasoning, reasoning_end=rules.thinking_end,
+            routing_key=run.routing_key, tool_names=checked.tool_names,
+            max_tool_calls=checked.max_tool_calls)
         for early in tuple(run.events):  # a target found down before the first request
             if start is not None:
                 yield start
@@ -281,43 +283,48 @@ class SpeculativeThinker:
                   for role in ("small", "target")}
         result = Result(text=run.text, events=tuple(run.events), stats=run.stats,
                         starts_in_reasoning=run.starts_in_reasoning,
-                        reasoning_end=self.rules.thinking_end, models=models)
+                        reasoning_end=rules.thinking_end, models=models,
+                        tool_names=checked.tool_names, max_tool_calls=checked.max_tool_calls)
         yield FinishEvent(result)
 
-    def generate(self, messages: Sequence[dict[str, Any]], **params: Any) -> Result:
-        """Blocking ``agenerate``; works where an event loop already runs (notebooks)."""
-        return run_sync(self.agenerate(messages, **params))
+    def request(self, request: ChatRequest | Sequence[dict[str, Any]],
+                **params: Any) -> ChatRequest:
+        """``request`` as it is, or a :class:`ChatRequest` built from the messages and
+        ``params`` (dict rules override this engine's). A bad field is a ``ConfigError``."""
+        if isinstance(request, ChatRequest):
+            if params:
+                raise ConfigError(f"a ChatRequest carries its own parameters; got "
+                                  f"{sorted(params)} beside it")
+            return request
+        params.setdefault("base_rules", self.rules)
+        return ChatRequest.build(request, **params)
 
-    def stream(self, messages: Sequence[dict[str, Any]], **params: Any) -> Iterator[Event]:
+    def generate(self, request: ChatRequest | Sequence[dict[str, Any]],
+                 **params: Any) -> Result:
+        """Blocking ``agenerate``; works where an event loop already runs (notebooks)."""
+        return run_sync(self.agenerate(request, **params))
+
+    def stream(self, request: ChatRequest | Sequence[dict[str, Any]],
+               **params: Any) -> Iterator[Event]:
         """Blocking ``astream``; leaving the loop early cancels the request and closes streams."""
-        return _LoopThread.get().iterate(self.astream(messages, **params))
+        return _LoopThread.get().iterate(self.astream(request, **params))
 
     # ---- preparation: everything that can fail before a generation request -----------------
 
-    async def _prepare(self, messages: Sequence[dict[str, Any]], *, max_new_tokens: int | None,
-                       stop: Sequence[str] | None, sampling: SamplingParams | None,
-                       tools: Sequence[dict[str, Any]] | None, tool_choice: Any,
-                       session_id: str | None) -> _Run:
-        from . import prompts
-
-        budget = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
-            raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        stops = tuple(stop or ())
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise ConfigError(f"stop sequences must be non-empty strings, got {list(stops)!r}")
-        checked = prompts.validate_messages(messages)
-        if tools is not None or tool_choice is not None:
-            prompts.apply_tool_choice(checked, tools, tool_choice)  # a bad choice fails here
-        sampling = sampling or SamplingParams()
+    async def _prepare(self, request: ChatRequest) -> _Run:
+        sampling = request.sampling
+        if request.grammar is not None and self.small.supports_grammar \
+                and self.target.supports_grammar:
+            sampling = dataclasses.replace(sampling, grammar=request.grammar)
         # A grammar restarts with every request, so a handoff inside constrained output would
         # break it: constrained answers are written by the small model alone.
-        policy = TakeoverPolicy(self.rules, handoffs=sampling.grammar is None)
-        run = _Run(prompts={"small": "", "target": ""}, budget_left=budget, stop=stops,
-                   sampling=sampling, policy=policy, routing_key=_routing_key(session_id))
+        policy = TakeoverPolicy(request.rules or self.rules, handoffs=sampling.grammar is None)
+        run = _Run(prompts={"small": "", "target": ""}, budget_left=request.max_new_tokens,
+                   stop=request.stop, sampling=sampling, policy=policy,
+                   routing_key=request.session_id or uuid.uuid4().hex, request=request)
 
         async def prepare_role(role: Role) -> None:
-            await self._prepare_role(run, role, checked, tools, tool_choice)
+            await self._prepare_role(run, role, request)
 
         if self._target_checked:
             # Off the critical path: the small model's first request needs only its own
@@ -351,15 +358,15 @@ class SpeculativeThinker:
                                    and run.prompts["small"].rstrip().endswith(REASONING_START))
         return run
 
-    async def _prepare_role(self, run: _Run, role: Role, messages: list[dict[str, Any]],
-                            tools: Sequence[dict[str, Any]] | None, tool_choice: Any) -> None:
+    async def _prepare_role(self, run: _Run, role: Role, request: ChatRequest) -> None:
         """The prompt for ``role`` and a check of it against the server's limits."""
         from . import prompts
 
         backend = self.backends[role]
         try:
             run.prompts[role] = await prompts.render_prompt(
-                self._templates[role], messages, tools, backend, tool_choice=tool_choice)
+                self._templates[role], request.prompt_messages, request.prompt_tools, backend,
+                tool_choice=request.tool_choice, tool_choice_applied=True)
             if self.check_prompt_length:
                 await self._check_limits(run, role, len(run.stop))
         except BackendError as exc:
@@ -372,10 +379,11 @@ class SpeculativeThinker:
         server (``specthink serve``) calls it at start so its first user waits no longer than
         any later one. Raises the ``BackendError`` of a server that cannot answer, or the
         ``ConfigError`` of a template that cannot be used; the first call then checks again."""
+        request = ChatRequest.build(_WARM_UP_MESSAGES, max_new_tokens=1)
         run = _Run(prompts={"small": "", "target": ""}, budget_left=1, stop=(),
                    sampling=SamplingParams(), policy=TakeoverPolicy(self.rules),
-                   routing_key=_routing_key(None))
-        await asyncio.gather(*(self._prepare_role(run, role, list(_WARM_UP_MESSAGES), None, None)
+                   routing_key=uuid.uuid4().hex, request=request)
+        await asyncio.gather(*(self._prepare_role(run, role, request)
                                for role in ("small", "target")))
         self._target_checked = True
 
@@ -634,14 +642,15 @@ class SpeculativeThinker:
     async def _intervene(self, run: _Run, handover: Intervene) -> AsyncGenerator[Event, None]:
         """Rule 3: the intervention text, then the target's ``n3`` tokens (the policy has
         adapted its counters already)."""
-        if self._intervention_tokens is None:
+        text = run.policy.rules.intervention_text
+        tokens = self._intervention_tokens.get(text)
+        if tokens is None:
             try:
-                self._intervention_tokens = await self.target.count_tokens(
-                    self.rules.intervention_text)
+                tokens = await self.target.count_tokens(text)
             except BackendError:
-                self._intervention_tokens = max(1, len(self.rules.intervention_text) // 4)
-        for piece in self._accept(run, "intervention", handover.text, handover.rule,
-                                  self._intervention_tokens):
+                tokens = max(1, len(text) // 4)
+            self._intervention_tokens[text] = tokens
+        for piece in self._accept(run, "intervention", handover.text, handover.rule, tokens):
             yield piece
         if not run.done:
             async with aclosing(self._target_writes(run, handover)) as stream:
@@ -681,7 +690,7 @@ class SpeculativeThinker:
                              or run.text.lstrip().startswith(REASONING_START))
         if run.reasoning:
             stats.reasoning_tokens += tokens
-            run.reasoning = self.rules.thinking_end not in recent
+            run.reasoning = run.policy.rules.thinking_end not in recent
         piece = TextEvent(source, text, rule)
         if not run.stop:
             run.emitted = run.length
@@ -779,14 +788,6 @@ class SpeculativeThinker:
             run.total_limits[role] = info.max_total_tokens
         else:
             run.total_limits.pop(role, None)
-
-
-def _routing_key(session_id: str | None) -> str:
-    if session_id is None:
-        return uuid.uuid4().hex
-    if not isinstance(session_id, str) or not session_id.strip():
-        raise ConfigError(f"session_id must be a non-empty string, got {session_id!r}")
-    return session_id
 
 
 Reopen = Callable[[], Awaitable[AbstractAsyncContextManager[AsyncIterator[StreamToken]]]]

@@ -68,7 +68,16 @@ class SpecthinkError(Exception):
 
 
 class ConfigError(SpecthinkError, ValueError):
-    """Invalid configuration or input, detected before any generation request is sent."""
+    """Invalid configuration or input, detected before any generation request is sent.
+
+    ``field`` names what was wrong where it is known: a request's field (``"messages"``,
+    ``"tool_choice"``, ``"rules.n1"``, see :class:`specthink.ChatRequest`) or a setting
+    (``"rules"``, ``"backend"``); the server maps it to the OpenAI parameter it answers with.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class PromptTooLongError(ConfigError):

@@ -18,16 +18,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from enum import Enum
+from typing import Final, Literal
 
 from .tools import TOOL_CALL_OPEN, ToolCall, parse_tool_calls
 from .trace import Event, Result, StartEvent, TextEvent
 
 __all__ = [
+    "FROM_STREAM",
     "NO_TOOL",
     "THINK_END",
     "THINK_START",
     "FinalOutput",
+    "FromStream",
     "OutputDelta",
     "OutputSplitter",
     "ReasoningSplitter",
@@ -220,9 +223,28 @@ def _read_calls(answer: str, tools: frozenset[str] | None,
     return "\n\n".join(texts), kept[:max_tool_calls], bool(calls)
 
 
-def split_result(result: Result, *, tools: Iterable[str] | None = None,
-                 max_tool_calls: int | None = None) -> FinalOutput:
-    """A whole result split: reasoning, answer and (when ``tools`` names offered tools) calls."""
+class FromStream(Enum):
+    """The type of :data:`FROM_STREAM`."""
+
+    FROM_STREAM = "from the stream"
+
+
+FROM_STREAM: Final = FromStream.FROM_STREAM
+"""The default of the splitters' ``tools`` and ``max_tool_calls``: what the request said, as the
+engine's ``StartEvent`` (or ``Result``) carries it."""
+
+
+def split_result(result: Result, *, tools: Iterable[str] | FromStream | None = FROM_STREAM,
+                 max_tool_calls: int | FromStream | None = FROM_STREAM) -> FinalOutput:
+    """A whole result split: reasoning, answer and (when tools were offered) calls.
+
+    ``tools`` and ``max_tool_calls`` default to the request's (``Result.tool_names``,
+    ``Result.max_tool_calls``); pass them to read the text otherwise.
+    """
+    if tools is FROM_STREAM:
+        tools = result.tool_names
+    if max_tool_calls is FROM_STREAM:
+        max_tool_calls = result.max_tool_calls
     reasoning, answer = split_reasoning(result.text, start=result.reasoning_start,
                                         end=result.reasoning_end,
                                         starts_in_reasoning=result.starts_in_reasoning)
@@ -234,7 +256,10 @@ def split_result(result: Result, *, tools: Iterable[str] | None = None,
 class OutputSplitter:
     """Engine events in, :class:`OutputDelta` pieces out, as text is accepted.
 
-    Reasoning and answer never share a piece. With ``tools`` offered, answer text from a
+    ``tools`` (the names whose calls count) and ``max_tool_calls`` come from the request, on
+    the ``StartEvent`` that opens the stream, unless given here.
+
+    Reasoning and answer never share a piece. With tools offered, answer text from a
     ``<tool_call>`` on (and a partial tag or whitespace that may precede one) is held back and
     parsed at the end, so calls arrive whole in :meth:`finish` and their markup is never shown.
     ``max_tool_calls=1`` keeps only the first call (``parallel_tool_calls=False``).
@@ -243,10 +268,14 @@ class OutputSplitter:
     the reasoning deltas gives the reasoning. A splitter serves one stream.
     """
 
-    def __init__(self, *, tools: Iterable[str] | None = None,
-                 max_tool_calls: int | None = None) -> None:
-        self.tools = frozenset(tools) if tools is not None else None
-        self.max_tool_calls = max_tool_calls
+    def __init__(self, *, tools: Iterable[str] | FromStream | None = FROM_STREAM,
+                 max_tool_calls: int | FromStream | None = FROM_STREAM) -> None:
+        self._tools_given = tools is not FROM_STREAM
+        self._limit_given = max_tool_calls is not FROM_STREAM
+        self.tools = (frozenset(tools) if tools is not None and tools is not FROM_STREAM
+                      else None)
+        self.max_tool_calls = (max_tool_calls if max_tool_calls is not FROM_STREAM
+                               else None)
         self._splitter: ReasoningSplitter | None = None
         self._unsure = ""
         """Answer text that may be (the start of) a tool call, or whitespace before one."""
@@ -261,6 +290,12 @@ class OutputSplitter:
     def feed(self, event: Event) -> list[OutputDelta]:
         """Take the next engine event; return the pieces that can be shown now."""
         if isinstance(event, StartEvent):
+            # The request's tools and call limit come with the stream, unless given here.
+            if not self._tools_given:
+                self.tools = (frozenset(event.tool_names) if event.tool_names is not None
+                              else None)
+            if not self._limit_given:
+                self.max_tool_calls = event.max_tool_calls
             self._splitter = ReasoningSplitter(start=event.reasoning_start,
                                                end=event.reasoning_end,
                                                starts_in_reasoning=event.starts_in_reasoning)

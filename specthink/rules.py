@@ -18,11 +18,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from functools import cached_property
-from typing import Final, Literal, Self
+from typing import Annotated, Final, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
-from .errors import SpecthinkError
+from .errors import ConfigError, SpecthinkError
 from .trace import Rule
 
 __all__ = [
@@ -35,11 +42,15 @@ __all__ = [
     "Intervene",
     "PolicyStateError",
     "Release",
+    "Rules",
+    "RulesPreset",
     "Signal",
     "SmallAction",
     "TakeoverPolicy",
     "TakeoverRules",
     "TargetAction",
+    "known_preset",
+    "resolve_rules",
 ]
 
 PAPER_POSITIVE = ("yeah", "yes", "final answer", "confident")
@@ -150,13 +161,8 @@ class TakeoverRules(BaseModel):
 
     @classmethod
     def preset(cls, name: str) -> TakeoverRules:
-        """A preset by name: one of ``PRESETS``."""
-        try:
-            factory = PRESETS[name]
-        except KeyError:
-            raise ValueError(
-                f"unknown rules preset {name!r}; choose one of {sorted(PRESETS)}") from None
-        return factory()
+        """A preset by name: one of ``PRESETS`` (else a ``ConfigError`` naming them)."""
+        return PRESETS[known_preset(name)]()
 
     # ---- scoring (pure) ------------------------------------------------------------------
 
@@ -219,6 +225,29 @@ PRESETS: dict[str, Callable[[], TakeoverRules]] = {
     "fixed_threshold_50": lambda: TakeoverRules.fixed_threshold(50),
     "reduced_keywords": TakeoverRules.reduced_keywords,
 }
+
+
+def known_preset(name: object) -> str:
+    """``name`` when it is one of ``PRESETS``; else a ``ConfigError`` naming them (also a
+    ``ValueError``, so a pydantic field checked with it reports the same message)."""
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"unknown rules preset {name!r}; choose one of {sorted(PRESETS)}",
+                          field="rules")
+    return name
+
+
+RulesPreset = Annotated[str, AfterValidator(known_preset)]
+"""A preset's name as a pydantic field, checked when the model is built (as ``BackendKind``)."""
+
+Rules = TakeoverRules | RulesPreset
+"""What a ``rules`` setting takes: a checked preset name or ``TakeoverRules``."""
+
+
+def resolve_rules(rules: TakeoverRules | str) -> TakeoverRules:
+    """``rules`` itself, or the preset it names (an unknown name is a ``ConfigError``)."""
+    if isinstance(rules, TakeoverRules):
+        return rules
+    return TakeoverRules.preset(rules)
 
 
 # ---- the policy: events in, actions out ---------------------------------------------------------

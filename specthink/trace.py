@@ -64,6 +64,11 @@ class StartEvent:
     """The tag that closes the reasoning (the rules' ``thinking_end``)."""
     routing_key: str = ""
     """The key sent with every generation request of this call (routing headers)."""
+    tool_names: tuple[str, ...] | None = None
+    """The tools whose calls count (``ChatRequest.tool_names``); ``None``: tool-call markup
+    stays text."""
+    max_tool_calls: int | None = None
+    """``1`` when the request asked for no parallel tool calls."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +180,9 @@ class Result:
     reasoning_end: str = REASONING_END
     models: dict[str, str] = field(default_factory=dict)
     """Model id of each role as its server reported it (``"small"``, ``"target"``)."""
+    tool_names: tuple[str, ...] | None = None
+    """The tools whose calls count, as on the :class:`StartEvent`."""
+    max_tool_calls: int | None = None
 
     @property
     def model_name(self) -> str:

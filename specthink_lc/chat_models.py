@@ -6,7 +6,7 @@ import threading
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any, Literal, Self, TypeVar, cast
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -20,14 +20,14 @@ from langchain_core.utils import from_env, secret_from_env
 from langchain_core.utils.utils import _build_model_kwargs
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
-from specthink import _constants, prompts
+from specthink import _constants
 from specthink._sync import close_on_sync_loop, run_sync
 from specthink.backends import BackendKind
 from specthink.backends.base import Backend, SamplingParams
 from specthink.engine import SpeculativeThinker
 from specthink.errors import ConfigError
+from specthink.request import ChatRequest
 from specthink.rules import PRESETS, TakeoverRules
-from specthink.structured import grammar_for, json_instruction, with_system_text
 from specthink.trace import Event
 
 from ._messages import to_engine_messages
@@ -50,18 +50,6 @@ _EXTRA_SAMPLING = frozenset(f.name for f in fields(SamplingParams)) - {
 """Sampling settings without a field of their own; they go through ``model_kwargs``."""
 _BUILD_LOCK = threading.Lock()
 """Guards the lazy construction of backends and engine (``batch`` calls from many threads)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Call:
-    """One request, ready for the engine."""
-
-    messages: list[dict[str, Any]]
-    params: dict[str, Any]
-    tool_names: tuple[str, ...] | None
-    """The tools whose ``<tool_call>`` blocks count (``None`` when none were offered)."""
-    single_tool_call: bool = False
-    """``parallel_tool_calls=False``: only the first tool call counts."""
 
 
 class ChatSpeculativeThinking(BaseChatModel):
@@ -466,10 +454,11 @@ class ChatSpeculativeThinking(BaseChatModel):
 
     # ---- one request ---------------------------------------------------------------------
 
-    def _prepare(self, thinker: SpeculativeThinker, messages: list[BaseMessage],
-                 stop: list[str] | None, kwargs: dict[str, Any],
+    def _prepare(self, messages: list[BaseMessage], stop: list[str] | None,
+                 kwargs: dict[str, Any],
                  run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None,
-                 ) -> _Call:
+                 ) -> ChatRequest:
+        """The one request of this call, checked once (``ChatRequest.build``)."""
         call = dict(kwargs)
         call.pop("stream", None)
         session_id = call.pop("session_id", None)
@@ -492,35 +481,15 @@ class ChatSpeculativeThinking(BaseChatModel):
                               "tool_choice, parallel_tool_calls, response_format, stop, "
                               "session_id, max_tokens, temperature, "
                               f"top_p, top_k, seed, {', '.join(sorted(_EXTRA_SAMPLING))}")
-        engine_messages = to_engine_messages(messages)
-        if response_format is not None:
-            grammar = grammar_for(response_format)
-            if instruction := json_instruction(response_format):
-                engine_messages = with_system_text(engine_messages, instruction)
-            # A grammar constrains the whole output: with tools offered it would make them
-            # uncallable (LangChain's ProviderStrategy sends both), so then the answer is parsed.
-            if grammar is not None and not tools and thinker.small.supports_grammar \
-                    and thinker.target.supports_grammar:
-                sampling["grammar"] = grammar
-        params: dict[str, Any] = {
-            "max_new_tokens": max_tokens,
-            "stop": stop if stop is not None else self.stop,
-            "sampling": SamplingParams(**sampling),
-            "session_id": session_id or _session_id(run_manager),
-        }
-        if tools:
-            params["tools"] = tools
-            if tool_choice is not None:
-                params["tool_choice"] = tool_choice
-        offered = prompts.validate_tools(tools) or []
-        tool_names = (tuple(tool["function"]["name"] for tool in offered)
-                      if offered and tool_choice != "none" else None)
-        return _Call(engine_messages, params, tool_names,
-                     single_tool_call=parallel_tool_calls is False)
+        return ChatRequest.build(
+            to_engine_messages(messages), tools=tools or None,
+            tool_choice=tool_choice if tools else None, parallel_tool_calls=parallel_tool_calls,
+            response_format=response_format, stop=stop if stop is not None else self.stop,
+            max_new_tokens=max_tokens, sampling=SamplingParams(**sampling),
+            session_id=session_id or _session_id(run_manager))
 
-    def _shape(self, call: _Call) -> OutputShape:
-        return OutputShape(model_name=self.model_name, tools=call.tool_names,
-                           max_tool_calls=1 if call.single_tool_call else None)
+    def _shape(self) -> OutputShape:
+        return OutputShape(model_name=self.model_name)
 
     # ---- BaseChatModel hooks -------------------------------------------------------------
 
@@ -530,11 +499,9 @@ class ChatSpeculativeThinking(BaseChatModel):
         if self.streaming:
             return await agenerate_from_stream(
                 self._astream(messages, stop=stop, run_manager=run_manager, **kwargs))
-        thinker = self._get_thinker()
-        call = self._prepare(thinker, messages, stop, kwargs, run_manager)
-        shape = self._shape(call)
-        result = await thinker.agenerate(call.messages, **call.params)
-        return ChatResult(generations=[message_from_result(result, shape)])
+        request = self._prepare(messages, stop, kwargs, run_manager)
+        result = await self._get_thinker().agenerate(request)
+        return ChatResult(generations=[message_from_result(result, self._shape())])
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None,
@@ -542,19 +509,16 @@ class ChatSpeculativeThinking(BaseChatModel):
         if self.streaming:
             return generate_from_stream(
                 self._stream(messages, stop=stop, run_manager=run_manager, **kwargs))
-        thinker = self._get_thinker()
-        call = self._prepare(thinker, messages, stop, kwargs, run_manager)
-        shape = self._shape(call)
-        result = thinker.generate(call.messages, **call.params)
-        return ChatResult(generations=[message_from_result(result, shape)])
+        request = self._prepare(messages, stop, kwargs, run_manager)
+        result = self._get_thinker().generate(request)
+        return ChatResult(generations=[message_from_result(result, self._shape())])
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        thinker = self._get_thinker()
-        call = self._prepare(thinker, messages, stop, kwargs, run_manager)
-        assembler = ChunkAssembler(self._shape(call))
-        events = cast(AsyncGenerator[Event, None], thinker.astream(call.messages, **call.params))
+        request = self._prepare(messages, stop, kwargs, run_manager)
+        assembler = ChunkAssembler(self._shape())
+        events = cast(AsyncGenerator[Event, None], self._get_thinker().astream(request))
         # Closing the engine's generator closes both server streams: a caller that stops
         # reading (or is cancelled) stops the generation on the servers too.
         async with aclosing(events):
@@ -567,10 +531,9 @@ class ChatSpeculativeThinking(BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        thinker = self._get_thinker()
-        call = self._prepare(thinker, messages, stop, kwargs, run_manager)
-        assembler = ChunkAssembler(self._shape(call))
-        events = thinker.stream(call.messages, **call.params)
+        request = self._prepare(messages, stop, kwargs, run_manager)
+        assembler = ChunkAssembler(self._shape())
+        events = self._get_thinker().stream(request)
         try:
             for event in events:
                 for chunk in assembler.feed(event):

@@ -33,7 +33,6 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
-from specthink import prompts
 from specthink._constants import (
     API_KEY_ENV,
     DEFAULT_MAX_NEW_TOKENS,
@@ -46,6 +45,7 @@ from specthink.backends import BackendKind, known_kind
 from specthink.backends.base import Backend, SamplingParams, ServerInfo
 from specthink.engine import SpeculativeThinker
 from specthink.errors import ConfigError
+from specthink.request import ChatRequest
 from specthink.rules import TakeoverRules
 
 from ._messages import to_engine_messages
@@ -384,7 +384,9 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
 
     # ---- per-call parameters -------------------------------------------------------------
 
-    def _engine_params(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatRequest:
+        """The one request of this call, checked once before any request is sent (so a stream
+        fails when it is asked for, not at its first item)."""
         unknown = sorted(set(kwargs) - _CALL_PARAMS)
         if unknown:
             raise ConfigError(f"SpeculativeThinkingLLM got unknown arguments {unknown}; it "
@@ -395,36 +397,22 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
             top_p=kwargs.get("top_p", self.top_p),
             top_k=kwargs.get("top_k", self.top_k),
             seed=kwargs.get("seed", self.seed))
-        stop = kwargs.get("stop", self.stop)
         tools = kwargs.get("tools")
         if tools:
             tools = [t if isinstance(t, dict) else openai_tools([t])[0] for t in tools]
-        return {
-            "max_new_tokens": kwargs.get("max_tokens", kwargs.get("max_new_tokens",
-                                                                  self.max_tokens)),
-            "stop": [stop] if isinstance(stop, str) else stop,
-            "sampling": sampling,
-            "tools": tools or None,
-            "tool_choice": kwargs.get("tool_choice") if tools else None,
+        return ChatRequest.build(
+            to_engine_messages(messages), tools=tools or None,
+            tool_choice=kwargs.get("tool_choice") if tools else None,
+            stop=kwargs.get("stop", self.stop),
+            max_new_tokens=kwargs.get("max_tokens", kwargs.get("max_new_tokens",
+                                                               self.max_tokens)),
+            sampling=sampling,
             # The routing key: a router keeps the conversation on its warm replica.
-            "session_id": kwargs.get("session_id"),
-        }
+            session_id=kwargs.get("session_id"))
 
-    def _inputs(self, messages: Sequence[ChatMessage],
-                kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Engine parameters and messages, checked before any request (so a stream fails
-        when it is asked for, not at its first item)."""
-        params = self._engine_params(kwargs)
-        engine_messages = to_engine_messages(messages)
-        prompts.validate_messages(engine_messages)
-        if params["tools"] is not None:
-            prompts.apply_tool_choice(engine_messages, params["tools"], params["tool_choice"])
-        return params, engine_messages
-
-    def _finish_response(self, response: ChatResponse, params: dict[str, Any]) -> ChatResponse:
-        names = _tool_names(params)
-        if names is not None:
-            response.additional_kwargs[TOOLS_OFFERED_KEY] = list(names)
+    def _finish_response(self, response: ChatResponse, request: ChatRequest) -> ChatResponse:
+        if request.tool_names is not None:
+            response.additional_kwargs[TOOLS_OFFERED_KEY] = list(request.tool_names)
         return response
 
     # ---- chat: async on the engine, sync through its sync edge ----------------------------
@@ -447,22 +435,22 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
         return self._stream_chat(messages, **kwargs)
 
     async def _achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        params, engine_messages = self._inputs(messages, kwargs)
-        result = await self.thinker.agenerate(engine_messages, **params)
-        response = response_from_result(result, tools=_tool_names(params))
-        return self._finish_response(response, params)
+        request = self._request(messages, kwargs)
+        result = await self.thinker.agenerate(request)
+        response = response_from_result(result)
+        return self._finish_response(response, request)
 
     async def _astream_chat(self, messages: Sequence[ChatMessage],
                             **kwargs: Any) -> ChatResponseAsyncGen:
-        params, engine_messages = self._inputs(messages, kwargs)
-        assembler = ChatStreamAssembler(tools=_tool_names(params))
-        events = self.thinker.astream(engine_messages, **params)
+        request = self._request(messages, kwargs)
+        assembler = ChatStreamAssembler()
+        events = self.thinker.astream(request)
 
         async def gen() -> ChatResponseAsyncGen:
             try:
                 async for event in events:
                     if (response := assembler.feed(event)) is not None:
-                        yield self._finish_response(response, params)
+                        yield self._finish_response(response, request)
             finally:
                 # Leaving early (break, cancellation) closes both servers' streams at once.
                 aclose = getattr(events, "aclose", None)
@@ -472,21 +460,21 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
         return gen()
 
     def _chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        params, engine_messages = self._inputs(messages, kwargs)
-        result = self.thinker.generate(engine_messages, **params)
-        response = response_from_result(result, tools=_tool_names(params))
-        return self._finish_response(response, params)
+        request = self._request(messages, kwargs)
+        result = self.thinker.generate(request)
+        response = response_from_result(result)
+        return self._finish_response(response, request)
 
     def _stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        params, engine_messages = self._inputs(messages, kwargs)
-        assembler = ChatStreamAssembler(tools=_tool_names(params))
-        events = self.thinker.stream(engine_messages, **params)
+        request = self._request(messages, kwargs)
+        assembler = ChatStreamAssembler()
+        events = self.thinker.stream(request)
 
         def gen() -> ChatResponseGen:
             try:
                 for event in events:
                     if (response := assembler.feed(event)) is not None:
-                        yield self._finish_response(response, params)
+                        yield self._finish_response(response, request)
             finally:
                 close = getattr(events, "close", None)
                 if close is not None:
@@ -573,14 +561,6 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
         parsed. With ``error_on_no_tool_call`` an answer without one raises
         ``NoToolCallError`` (a ``ValueError``) naming the tools that were offered."""
         return tool_selections(response, error_on_no_tool_call=error_on_no_tool_call)
-
-
-def _tool_names(params: dict[str, Any]) -> tuple[str, ...] | None:
-    """The tools whose calls count: those offered, unless ``tool_choice`` hid them."""
-    tools = params["tools"]
-    if tools is None or params["tool_choice"] == "none":
-        return None
-    return tuple(tool["function"]["name"] for tool in tools)
 
 
 def _context_window(infos: tuple[ServerInfo, ServerInfo] | None) -> int | None:

@@ -39,7 +39,7 @@ from specthink.serve.metrics import (
     multiprocess_dir,
 )
 from specthink.serve.protocol import ChunkWriter, parse_request
-from specthink.serve.serving import ChatCall, Thinkers, prepare, stream_events, whole_answer
+from specthink.serve.serving import ChatCall, prepare, stream_events, whole_answer
 from specthink.serve.settings import ServeSettings
 from specthink.trace import Result
 
@@ -84,7 +84,7 @@ class _State:
     def __init__(self, settings: ServeSettings, metrics: ServeMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.thinkers: Thinkers | None = None
+        self.thinker: SpeculativeThinker | None = None
         self.in_flight = 0
         self.created = int(time.time())
         self._keys = tuple(key.get_secret_value().encode() for key in settings.api_keys)
@@ -153,7 +153,7 @@ class _ChatResponse(Response):
             await self._stream(send)
             return
         try:
-            result = await self.call.thinker.agenerate(self.call.messages, **self.call.params)
+            result = await self.call.result()
         except Exception as exc:
             await self._send_error(send, self._failed(exc))
             return
@@ -246,7 +246,7 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
                                      small_template=settings.small_template,
                                      target_template=settings.target_template,
                                      on_target_error=settings.on_target_error)
-        state.thinkers = Thinkers(thinker)
+        state.thinker = thinker
         try:
             await asyncio.wait_for(thinker.warm_up(), WARM_UP_SECONDS)
         except (BackendError, ConfigError, TimeoutError) as exc:
@@ -261,7 +261,7 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
         finally:
             if freeze_heap:
                 gc.unfreeze()
-            state.thinkers = None
+            state.thinker = None
             await thinker.aclose()
             if multiprocess_dir() is not None:
                 multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
@@ -275,12 +275,12 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
             chat = parse_request(body)
             if chat.model != settings.model_name:
                 raise errors.model_not_found(chat.model, settings.model_name)
-            thinkers = state.thinkers
-            if thinkers is None:
+            thinker = state.thinker
+            if thinker is None:
                 raise APIError(503, "The server is starting or stopping.",
                                type="upstream_unavailable", code="not_ready")
             session = request.headers.get("x-session-id") or chat.user
-            call = prepare(chat, settings, thinkers, session_id=session)
+            call = prepare(chat, settings, thinker, session_id=session)
             limit = settings.max_concurrency
             if limit is not None and state.in_flight >= limit:
                 raise errors.too_busy(limit)
@@ -310,7 +310,7 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
         return _json(_model_card())
 
     async def health(request: Request) -> Response:
-        ready = state.thinkers is not None
+        ready = state.thinker is not None
         return _json({"status": "ok" if ready else "starting"}, 200 if ready else 503)
 
     async def prometheus(request: Request) -> Response:
