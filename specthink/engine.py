@@ -29,7 +29,6 @@ from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from ._sync import _LoopThread, run_sync
 from .backends.base import Backend, SamplingParams, StreamToken
 from .errors import (
     BackendError,
@@ -53,6 +52,7 @@ from .rules import (
     TakeoverRules,
     resolve_rules,
 )
+from .sync import _LoopThread, run_sync
 from .trace import (
     REASONING_START,
     Event,

@@ -4,7 +4,10 @@ The tree::
 
     SpecthinkError
     ├── ConfigError (also ValueError)        bad rules or bad input; raised before any request
-    │   └── PromptTooLongError               the prompt exceeds a server's max_input_tokens
+    │   ├── PromptTooLongError               the prompt exceeds a server's max_input_tokens
+    │   └── SettingsError                    the pair's settings were refused (an unknown preset
+    │                                        or backend kind); also pydantic's ValidationError
+    │                                        (specthink.settings)
     ├── NoToolCallError (also ValueError)    a tool call was required but the answer held none
     ├── LocalPairError                       the local llama.cpp pair failed to start or stop
     │   └── LocalPairMissingError            its server or model file is not installed

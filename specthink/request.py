@@ -28,7 +28,7 @@ from .errors import ConfigError
 from .rules import TakeoverRules
 from .structured import grammar_for, json_instruction, with_system_text
 
-__all__ = ["ChatRequest", "RulesSpec"]
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "ChatRequest", "RulesSpec"]
 
 RulesSpec = TakeoverRules | str | Mapping[str, Any]
 """A preset name, ``TakeoverRules``, or a dict of fields overriding the engine's rules."""

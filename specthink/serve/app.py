@@ -26,7 +26,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from specthink.backends import create
 from specthink.backends.base import Backend
 from specthink.engine import SpeculativeThinker
 from specthink.errors import BackendError, ConfigError
@@ -58,14 +57,7 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
 
 def build_backends(settings: ServeSettings) -> tuple[Backend, Backend]:
     """The two model servers' backends, from the core's one factory."""
-    def one(url: str, model: str | None) -> Backend:
-        options: dict[str, Any] = {"api_key": settings.upstream_api_key}
-        if model is not None:
-            options["model"] = model
-        return create(settings.backend, url, **options)
-
-    return (one(settings.small_url, settings.small_model),
-            one(settings.target_url, settings.target_model))
+    return settings.build_backends()
 
 
 def _json(body: dict[str, Any] | bytes, status: int = 200,
@@ -242,10 +234,7 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         small, target = backends or build_backends(settings)
-        thinker = SpeculativeThinker(small=small, target=target, rules=settings.rules,
-                                     small_template=settings.small_template,
-                                     target_template=settings.target_template,
-                                     on_target_error=settings.on_target_error)
+        thinker = settings.build(backends=(small, target))
         state.thinker = thinker
         try:
             await asyncio.wait_for(thinker.warm_up(), WARM_UP_SECONDS)
