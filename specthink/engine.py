@@ -38,6 +38,7 @@ from .errors import (
     StreamDroppedError,
     TargetFallbackWarning,
 )
+from .formats import THINK_HERMES, OutputFormat, held_back
 from .request import ChatRequest
 from .rules import (
     ACCEPT,
@@ -54,7 +55,6 @@ from .rules import (
 )
 from .sync import _LoopThread, run_sync
 from .trace import (
-    REASONING_START,
     Event,
     FallbackEvent,
     FinishEvent,
@@ -130,11 +130,14 @@ class _Run:
     reasoning: bool | None = None
     """Inside a reasoning section: the prompt or the text opened ``<think>`` and it has not
     closed yet (``None`` until the first accepted text tells)."""
+    undecided_tokens: int = 0
+    """Tokens accepted while ``reasoning`` is still ``None`` (the text so far may still
+    become the opening tag): counted as reasoning if it does."""
     done: bool = False
 
     def __post_init__(self) -> None:
         longest = max((len(s) for s in self.stop), default=0)
-        self.keep = max(longest, len(self.policy.rules.thinking_end)) - 1
+        self.keep = max(longest, len(self.policy.output_format.reasoning.close)) - 1
 
     @property
     def text(self) -> str:
@@ -187,6 +190,7 @@ class SpeculativeThinker:
         on_target_error: TargetErrorPolicy = "fallback",
         max_stream_resumes: int = 2,
         check_prompt_length: bool = True,
+        output_format: OutputFormat = THINK_HERMES,
     ) -> None:
         if on_target_error not in ("fallback", "raise"):
             raise ConfigError(
@@ -207,6 +211,9 @@ class SpeculativeThinker:
         self.on_target_error: TargetErrorPolicy = on_target_error
         self.max_stream_resumes = max_stream_resumes
         self.check_prompt_length = check_prompt_length
+        self.output_format = output_format
+        """How the models mark reasoning and tool calls (the rules' ``thinking_end`` may move
+        the end of the reasoning)."""
         self._intervention_tokens: dict[str, int] = {}
         """Tokens of each intervention text (rules may differ per call), counted once."""
         self._target_checked = False
@@ -256,11 +263,11 @@ class SpeculativeThinker:
         """
         checked = self.request(request, **params)
         run = await self._prepare(checked)
-        rules = run.policy.rules
+        output_format = run.policy.output_format
         # Yielded with the first event the loop produces, so a call that fails before it
         # writes anything yields nothing at all.
         start: StartEvent | None = StartEvent(
-            starts_in_reasoning=run.starts_in_reasoning, reasoning_end=rules.thinking_end,
+            starts_in_reasoning=run.starts_in_reasoning, output_format=output_format,
             routing_key=run.routing_key, tool_names=checked.tool_names,
             max_tool_calls=checked.max_tool_calls)
         for early in tuple(run.events):  # a target found down before the first request
@@ -283,7 +290,7 @@ class SpeculativeThinker:
                   for role in ("small", "target")}
         result = Result(text=run.text, events=tuple(run.events), stats=run.stats,
                         starts_in_reasoning=run.starts_in_reasoning,
-                        reasoning_end=rules.thinking_end, models=models,
+                        output_format=output_format, models=models,
                         tool_names=checked.tool_names, max_tool_calls=checked.max_tool_calls)
         yield FinishEvent(result)
 
@@ -318,7 +325,8 @@ class SpeculativeThinker:
             sampling = dataclasses.replace(sampling, grammar=request.grammar)
         # A grammar restarts with every request, so a handoff inside constrained output would
         # break it: constrained answers are written by the small model alone.
-        policy = TakeoverPolicy(request.rules or self.rules, handoffs=sampling.grammar is None)
+        policy = TakeoverPolicy(request.rules or self.rules, handoffs=sampling.grammar is None,
+                                output_format=self.output_format)
         run = _Run(prompts={"small": "", "target": ""}, budget_left=request.max_new_tokens,
                    stop=request.stop, sampling=sampling, policy=policy,
                    routing_key=request.session_id or uuid.uuid4().hex, request=request)
@@ -355,7 +363,7 @@ class SpeculativeThinker:
         # the model write the constrained output at once.
         constrained = run.sampling.grammar is not None and self.small.supports_grammar
         run.starts_in_reasoning = (not constrained
-                                   and run.prompts["small"].rstrip().endswith(REASONING_START))
+                                   and policy.output_format.opened_by(run.prompts["small"]))
         return run
 
     async def _prepare_role(self, run: _Run, role: Role, request: ChatRequest) -> None:
@@ -686,11 +694,14 @@ class SpeculativeThinker:
         before = run.length
         recent = run.append(text)
         if run.reasoning is None:
-            run.reasoning = (run.starts_in_reasoning
-                             or run.text.lstrip().startswith(REASONING_START))
+            run.reasoning = _opens_reasoning(run)
+            if run.reasoning is None:  # only (part of) the opening tag so far
+                run.undecided_tokens += tokens
+            elif run.reasoning:
+                stats.reasoning_tokens += run.undecided_tokens
         if run.reasoning:
             stats.reasoning_tokens += tokens
-            run.reasoning = run.policy.rules.thinking_end not in recent
+            run.reasoning = run.policy.output_format.reasoning.close not in recent
         piece = TextEvent(source, text, rule)
         if not run.stop:
             run.emitted = run.length
@@ -716,14 +727,9 @@ class SpeculativeThinker:
             run.truncate(cut)
             run.finish("stop")
             return self._emit_until(run, cut)
-        length = run.length
-        safe = length
-        for s in run.stop:
-            for size in range(min(len(s) - 1, length), 0, -1):
-                if recent.endswith(s[:size]):
-                    safe = min(safe, length - size)
-                    break
-        return self._emit_until(run, safe)
+        # ``recent`` holds at least the last ``longest - 1`` characters, all a stop sequence
+        # can still begin in.
+        return self._emit_until(run, run.length - held_back(recent, run.stop))
 
     def _emit_until(self, run: _Run, limit: int) -> list[TextEvent]:
         """Yield unemitted pieces up to character ``limit`` of the accepted text."""
@@ -788,6 +794,20 @@ class SpeculativeThinker:
             run.total_limits[role] = info.max_total_tokens
         else:
             run.total_limits.pop(role, None)
+
+
+def _opens_reasoning(run: _Run) -> bool | None:
+    """Whether the output is reasoning from its start: the prompt opened it, or the text
+    opens it; ``None`` while the text is only (a part of) the opening tag."""
+    if run.starts_in_reasoning:
+        return True
+    opening = run.policy.output_format.reasoning.open
+    head = run.text.lstrip()
+    if head.startswith(opening):
+        return True
+    if not head or opening.startswith(head):
+        return None
+    return False
 
 
 Reopen = Callable[[], Awaitable[AbstractAsyncContextManager[AsyncIterator[StreamToken]]]]

@@ -21,14 +21,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final, Literal
 
-from .tools import TOOL_CALL_OPEN, ToolCall, parse_tool_calls
+from .formats import THINK_HERMES, OutputFormat, Span, held_back
+from .tools import ToolCall, parse_tool_calls
 from .trace import Event, Result, StartEvent, TextEvent
 
 __all__ = [
     "FROM_STREAM",
     "NO_TOOL",
-    "THINK_END",
-    "THINK_START",
     "FinalOutput",
     "FromStream",
     "OutputDelta",
@@ -39,8 +38,7 @@ __all__ = [
     "split_result",
 ]
 
-THINK_START = "<think>"
-THINK_END = "</think>"
+_THINK = THINK_HERMES.reasoning
 NO_TOOL = "no_tool"
 """TGI's pseudo-function for "answer without a tool"; its ``content`` argument is the answer."""
 
@@ -72,7 +70,7 @@ class FinalOutput:
 
 # ---- the reasoning split ---------------------------------------------------------------------
 
-def split_reasoning(text: str, *, start: str = THINK_START, end: str = THINK_END,
+def split_reasoning(text: str, *, start: str = _THINK.open, end: str = _THINK.close,
                     starts_in_reasoning: bool | None = None) -> tuple[str, str]:
     """Split a model's output into ``(reasoning, answer)``.
 
@@ -121,7 +119,7 @@ class ReasoningSplitter:
     [('answer', 'Four.')]
     """
 
-    def __init__(self, *, start: str = THINK_START, end: str = THINK_END,
+    def __init__(self, *, start: str = _THINK.open, end: str = _THINK.close,
                  starts_in_reasoning: bool = False) -> None:
         if not start or not end:
             raise ValueError("start and end tags must be non-empty")
@@ -130,12 +128,6 @@ class ReasoningSplitter:
         self.starts_in_reasoning = starts_in_reasoning
         self._state = _OPENING
         self._pending = ""
-
-    @classmethod
-    def for_prompt(cls, prompt: str, *, start: str = THINK_START,
-                   end: str = THINK_END) -> ReasoningSplitter:
-        """A splitter for the output of ``prompt``: in reasoning when the prompt opened it."""
-        return cls(start=start, end=end, starts_in_reasoning=prompt.rstrip().endswith(start))
 
     def feed(self, delta: str) -> list[tuple[SplitKind, str]]:
         """Take the next piece of output; return what can be classified so far."""
@@ -183,18 +175,10 @@ class ReasoningSplitter:
             self._pending = after
             self._state = _ANSWER_START
             return
-        ready = self._pending[:len(self._pending) - _partial_suffix(self._pending, self.end)]
+        ready = self._pending[:len(self._pending) - held_back(self._pending, (self.end,))]
         if ready:
             out.append(("reasoning", ready))
         self._pending = self._pending[len(ready):]
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of ``text`` that is a proper beginning of ``tag``."""
-    for size in range(min(len(text), len(tag) - 1), 0, -1):
-        if text.endswith(tag[:size]):
-            return size
-    return 0
 
 
 def _split_trailing_space(text: str) -> tuple[str, str]:
@@ -204,13 +188,13 @@ def _split_trailing_space(text: str) -> tuple[str, str]:
 
 # ---- reasoning, answer and tool calls --------------------------------------------------------
 
-def _read_calls(answer: str, tools: frozenset[str] | None,
-                max_tool_calls: int | None) -> tuple[str, list[ToolCall], bool]:
+def _read_calls(answer: str, tools: frozenset[str] | None, max_tool_calls: int | None,
+                span: Span) -> tuple[str, list[ToolCall], bool]:
     """``(content, calls, parsed)``: the calls of ``answer`` when tools were offered, TGI's
     ``no_tool`` answer turned back into text; ``parsed`` tells whether any block was read."""
     if not tools:
         return answer, [], False
-    content, calls = parse_tool_calls(answer)
+    content, calls = parse_tool_calls(answer, span)
     kept: list[ToolCall] = []
     texts = [content] if content else []
     for call in calls:
@@ -249,7 +233,7 @@ def split_result(result: Result, *, tools: Iterable[str] | FromStream | None = F
                                         end=result.reasoning_end,
                                         starts_in_reasoning=result.starts_in_reasoning)
     names = frozenset(tools) if tools is not None else None
-    content, calls, _ = _read_calls(answer, names, max_tool_calls)
+    content, calls, _ = _read_calls(answer, names, max_tool_calls, result.output_format.tool_call)
     return FinalOutput(deltas=[], rest="", reasoning=reasoning, answer=content, tool_calls=calls)
 
 
@@ -277,6 +261,8 @@ class OutputSplitter:
         self.max_tool_calls = (max_tool_calls if max_tool_calls is not FROM_STREAM
                                else None)
         self._splitter: ReasoningSplitter | None = None
+        self._format: OutputFormat = THINK_HERMES
+        """The stream's output format (its ``StartEvent`` says)."""
         self._unsure = ""
         """Answer text that may be (the start of) a tool call, or whitespace before one."""
         self._in_call = False
@@ -296,6 +282,7 @@ class OutputSplitter:
                               else None)
             if not self._limit_given:
                 self.max_tool_calls = event.max_tool_calls
+            self._format = event.output_format
             self._splitter = ReasoningSplitter(start=event.reasoning_start,
                                                end=event.reasoning_end,
                                                starts_in_reasoning=event.starts_in_reasoning)
@@ -312,7 +299,8 @@ class OutputSplitter:
         if rest:
             # Shown answer text never holds markup (holding starts at the first tag), so only
             # the held tail can hold calls.
-            content, calls, parsed = _read_calls(rest, self.tools, self.max_tool_calls)
+            content, calls, parsed = _read_calls(rest, self.tools, self.max_tool_calls,
+                                                 self._format.tool_call)
             if parsed:
                 # Whitespace held before a call still separates shown text from what follows.
                 space = rest[:len(rest) - len(rest.lstrip())]
@@ -320,7 +308,7 @@ class OutputSplitter:
         # The whole answer read at once, as split_result reads it (text around the calls may
         # join differently than the shown pieces plus the held tail).
         answer, _, _ = _read_calls("".join(self._answer) + self._unsure, self.tools,
-                                   self.max_tool_calls)
+                                   self.max_tool_calls, self._format.tool_call)
         return FinalOutput(deltas=deltas, rest=rest, reasoning="".join(self._reasoning),
                            answer=answer, tool_calls=calls)
 
@@ -349,13 +337,14 @@ class OutputSplitter:
             self._unsure += text
             return ""
         pending = self._unsure + text
-        at = pending.find(TOOL_CALL_OPEN)
+        opening = self._format.tool_call.open
+        at = pending.find(opening)
         if at >= 0:
             self._in_call = True
             shown, self._unsure = _split_trailing_space(pending[:at])
             self._unsure += pending[at:]
             return shown
-        keep = _partial_suffix(pending, TOOL_CALL_OPEN)
+        keep = held_back(pending, (opening,))
         shown, held = pending[:len(pending) - keep], pending[len(pending) - keep:]
         shown, space = _split_trailing_space(shown)
         self._unsure = space + held
