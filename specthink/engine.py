@@ -378,7 +378,7 @@ class SpeculativeThinker:
             if self.check_prompt_length:
                 await self._check_limits(run, role, len(run.stop))
         except BackendError as exc:
-            exc.role = role
+            _with_role(exc, role)  # the preparation's boundary (generation: _TimedStream)
             raise
 
     async def warm_up(self) -> None:
@@ -413,7 +413,7 @@ class SpeculativeThinker:
                 raise
             return self._target_failed(run, BackendError(
                 f"the target cannot take over in this conversation: {exc}",
-                url=self.target.url))
+                url=self.target.url, role="target"))
         return None
 
     @staticmethod
@@ -447,11 +447,7 @@ class SpeculativeThinker:
     async def _check_limits(self, run: _Run, role: Role, stop_count: int) -> None:
         prompt = run.prompts[role]
         backend = self.backends[role]
-        try:
-            info = await backend.info()
-        except BackendError as exc:
-            exc.role = role
-            raise
+        info = await backend.info()
         run.model_ids[role] = info.model_id
         if info.max_stop_sequences is not None and stop_count > info.max_stop_sequences:
             raise ConfigError(
@@ -548,8 +544,7 @@ class SpeculativeThinker:
                             # The first token is handled (a probe may be open now): the
                             # target gets ready while the small model writes on.
                             self._start_target_preparation(run)
-            except StreamDroppedError as exc:
-                exc.role = "small"
+            except StreamDroppedError:
                 resumes += 1
                 if resumes > self.max_stream_resumes:
                     raise
@@ -619,8 +614,7 @@ class SpeculativeThinker:
                             if isinstance(action, Extend):
                                 rule = action.rule
                                 yield self._note_takeover(run, rule, 0)
-                    except StreamDroppedError as exc:
-                        exc.role = "target"
+                    except StreamDroppedError:
                         resumes += 1
                         if resumes > self.max_stream_resumes:
                             raise
@@ -634,8 +628,8 @@ class SpeculativeThinker:
             yield self._target_failed(run, exc)
 
     def _target_failed(self, run: _Run, exc: BackendError) -> FallbackEvent:
-        """Apply ``on_target_error``: raise, or let the small model go on alone."""
-        exc.role = "target"
+        """Apply ``on_target_error``: raise, or let the small model go on alone (``exc`` has
+        its role from the boundary it crossed)."""
         if self.on_target_error == "raise":
             raise exc
         run.policy.target_failed()
@@ -785,11 +779,7 @@ class SpeculativeThinker:
         return _TimedStream(open_stream(max_new_tokens), stats, role, with_fresh_limits)
 
     async def _refresh_limits(self, run: _Run, role: Role) -> None:
-        try:
-            info = await self.backends[role].info(refresh=True)
-        except BackendError as exc:
-            exc.role = role
-            raise
+        info = await self.backends[role].info(refresh=True)  # inside the stream's boundary
         if info.max_total_tokens is not None:
             run.total_limits[role] = info.max_total_tokens
         else:
@@ -810,11 +800,19 @@ def _opens_reasoning(run: _Run) -> bool | None:
     return False
 
 
+def _with_role(exc: BackendError, role: Role) -> None:
+    """``exc`` tagged with the role of the server it came from: the one mapping of backend
+    errors to roles, applied where the engine calls a backend (preparing a role's prompt, a
+    generation stream), as httpx maps its transport's errors at one boundary."""
+    exc.role = role
+
+
 Reopen = Callable[[], Awaitable[AbstractAsyncContextManager[AsyncIterator[StreamToken]]]]
 
 
 class _TimedStream:
-    """Wraps a backend stream: counts the time spent waiting on the model and tags errors.
+    """Wraps a backend stream: counts the time spent waiting on the model, and is the
+    boundary where a generation request's errors get their role (``_with_role``).
 
     A length limit refused before the first token (``ContextLimitError``) reopens the stream
     once through ``reopen``, which refreshes the server's limits first.
@@ -845,7 +843,7 @@ class _TimedStream:
                     raise
                 await self._open_again()
         except BackendError as exc:
-            exc.role = self._role
+            _with_role(exc, self._role)
             raise
         finally:
             self._waits[self._role] += time.perf_counter() - started
@@ -868,21 +866,17 @@ class _TimedStream:
         assert self._iterator is not None
         started = time.perf_counter()
         try:
-            token = await self._iterator.__anext__()
-        except ContextLimitError as exc:
-            # TGI says it inside the 200 stream, before any token.
-            if self._started or self._reopen is None:
-                exc.role = self._role
-                raise
-            await self._context.__aexit__(None, None, None)
             try:
+                token = await self._iterator.__anext__()
+            except ContextLimitError:
+                # TGI says it inside the 200 stream, before any token.
+                if self._started or self._reopen is None:
+                    raise
+                await self._context.__aexit__(None, None, None)
                 await self._open_again()
                 token = await self._iterator.__anext__()
-            except BackendError as again:
-                again.role = self._role
-                raise
         except BackendError as exc:
-            exc.role = self._role
+            _with_role(exc, self._role)
             raise
         finally:
             self._waits[self._role] += time.perf_counter() - started
