@@ -29,6 +29,7 @@ from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from .accepted import AcceptedText
 from .backends.base import Backend, SamplingParams, StreamToken
 from .errors import (
     BackendError,
@@ -102,15 +103,8 @@ class _Run:
     the count the server reports at its end is the call's ``input_tokens``."""
     total_limits: dict[Role, int] = field(default_factory=dict)
     """Each server's max_total_tokens (prompt + generated), where it said."""
-    pieces: list[str] = field(default_factory=list)
-    """The accepted text in pieces (``text`` joins them): appending to one string would copy
-    the whole answer at every token."""
-    length: int = 0
-    """Characters of accepted text."""
-    recent: str = ""
-    """The last ``keep`` characters of accepted text before the newest piece, and that piece:
-    all a stop sequence or the end of the reasoning can still complete in."""
-    keep: int = field(init=False)
+    accepted: AcceptedText = field(init=False)
+    """The accepted text (``text``, ``length``, ``recent`` read it)."""
     emitted: int = 0
     """Characters of ``text`` already yielded; the rest may be the start of a stop sequence."""
     unemitted: list[TextEvent] = field(default_factory=list)
@@ -137,29 +131,17 @@ class _Run:
 
     def __post_init__(self) -> None:
         longest = max((len(s) for s in self.stop), default=0)
-        self.keep = max(longest, len(self.policy.output_format.reasoning.close)) - 1
+        # All a stop sequence or the end of the reasoning can still complete in.
+        self.accepted = AcceptedText(
+            max(longest, len(self.policy.output_format.reasoning.close)) - 1)
 
     @property
     def text(self) -> str:
-        """The accepted text (joined once, then kept as one piece)."""
-        pieces = self.pieces
-        if len(pieces) > 1:
-            pieces[:] = ["".join(pieces)]
-        return pieces[0] if pieces else ""
+        return self.accepted.text
 
-    def append(self, piece: str) -> str:
-        """Append accepted text; return ``recent``."""
-        self.pieces.append(piece)
-        self.length += len(piece)
-        keep = self.keep
-        recent = self.recent = (self.recent[-keep:] if keep else "") + piece
-        return recent
-
-    def truncate(self, length: int) -> None:
-        text = self.text[:length]
-        self.pieces[:] = [text]
-        self.length = length
-        self.recent = text[-self.keep:] if self.keep else ""
+    @property
+    def length(self) -> int:
+        return self.accepted.length
 
     def finish(self, reason: str) -> None:
         if not self.done:
@@ -686,7 +668,7 @@ class SpeculativeThinker:
             stats.intervention_tokens += tokens
         run.budget_left -= tokens
         before = run.length
-        recent = run.append(text)
+        recent = run.accepted.append(text)
         if run.reasoning is None:
             run.reasoning = _opens_reasoning(run)
             if run.reasoning is None:  # only (part of) the opening tag so far
@@ -703,22 +685,22 @@ class SpeculativeThinker:
             out = [piece]
         else:
             run.unemitted.append(piece)
-            out = self._release_checked(run, before)
+            out = self._emit_before_stops(run, before)
         if run.budget_left <= 0 and not run.done:
             run.finish("length")
             out.extend(self._flush(run))
         return out
 
-    def _release_checked(self, run: _Run, appended_at: int) -> list[TextEvent]:
+    def _emit_before_stops(self, run: _Run, appended_at: int) -> list[TextEvent]:
         longest = max(len(s) for s in run.stop)
-        recent = run.recent
+        recent = run.accepted.recent
         base = run.length - len(recent)  # where ``recent`` starts in the accepted text
         search_from = max(0, appended_at - longest + 1 - base)
         cut = min((at for s in run.stop if (at := recent.find(s, search_from)) >= 0),
                   default=-1)
         if cut >= 0:
             cut += base
-            run.truncate(cut)
+            run.accepted.truncate(cut)
             run.finish("stop")
             return self._emit_until(run, cut)
         # ``recent`` holds at least the last ``longest - 1`` characters, all a stop sequence
