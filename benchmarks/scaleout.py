@@ -32,14 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from specthink.bench.metrics import Rates
-from specthink.bench.policies import Outcome
-from specthink.bench.profiles import SMALL_1_5B_A100, TARGET_32B_A100, GPUProfile
-from specthink.bench.report import _no_nan, _num, _pct
-from specthink.bench.runner import Level, _machine
-from specthink.bench.servers import RecordSummary, Role, ServerProcess, ServerSpec
-from specthink.bench.traces import TraceSpec
-from specthink.bench.worker import WARMUP_CONVERSATION, CellSpec, run_cell, run_cell_in_child
+from benchmarks.metrics import Rates
+from benchmarks.policies import Outcome
+from benchmarks.profiles import SMALL_1_5B_A100, TARGET_32B_A100, GPUProfile
+from benchmarks.report import _no_nan, _num, _pct
+from benchmarks.runner import Level, _machine
+from benchmarks.servers import RecordSummary, Role, ServerProcess, ServerSpec
+from benchmarks.traces import TraceSpec
+from benchmarks.worker import WARMUP_CONVERSATION, CellSpec, run_cell, run_cell_in_child
 from specthink.testing.routers import Router, RouterKind, unavailable_reason
 from specthink.testing.server import LatencyModel
 
