@@ -179,8 +179,10 @@ class AutoTemplate(ServerRenderedTemplate):
         tool_turns = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
         plain = not tools and not tool_turns
         record = self.knowledge(backend) if plain and self.learn else None
-        if record is not None and record.learnt is not None:
-            return record.learnt.render_text(messages)
+        if record is not None:
+            await self._wait_for_learning(record)
+            if record.learnt is not None:
+                return record.learnt.render_text(messages)
         flattens = tool_turns and not backend.keeps_tool_turns
         if flattens:
             model_id = (await backend.info()).model_id
@@ -238,6 +240,7 @@ class AutoTemplate(ServerRenderedTemplate):
         record.learning = asyncio.get_running_loop().create_future()
         probing = asyncio.gather(*(backend.render_chat(list(conversation))
                                    for conversation in PROBE_CONVERSATIONS))
+        probing.add_done_callback(_retrieve)
         return probing
 
     @staticmethod
