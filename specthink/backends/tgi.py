@@ -30,7 +30,7 @@ from specthink.errors import (
     BackendError,
     BackendStatusError,
     ConfigError,
-    StreamErrorEvent,
+    InStreamError,
     in_stream_error,
 )
 
@@ -83,7 +83,7 @@ def tgi_tool_choice(tool_choice: str | Mapping[str, Any]) -> str | dict[str, Any
     return {"type": "function", "function": {"name": name}}
 
 
-def _error_event(payload: dict[str, Any], url: str, tokens_received: int) -> StreamErrorEvent:
+def _error_event(payload: dict[str, Any], url: str, tokens_received: int) -> InStreamError:
     error_type = payload.get("error_type")
     return in_stream_error(str(payload.get("error") or "error event"), url=url,
                            error_type=None if error_type is None else str(error_type),
@@ -94,7 +94,7 @@ def decode_stream_event(payload: dict[str, Any], *, url: str = "",
                         tokens_received: int = 0) -> StreamToken:
     """One ``/generate_stream`` event (a ``StreamResponse``) as a :class:`StreamToken`.
 
-    Raises :class:`StreamErrorEvent` for an ``{"error", "error_type"}`` event.
+    Raises :class:`InStreamError` for an ``{"error", "error_type"}`` event.
     """
     if "error" in payload:
         raise _error_event(payload, url, tokens_received)
