@@ -233,6 +233,8 @@ class AutoTemplate(ServerRenderedTemplate):
                         backend: TemplateBackend) -> asyncio.Future[list[str | None]] | None:
         """The probe renderings, started beside a conversation's own while nothing is known,
         no other conversation is learning and attempts remain."""
+        if record.learning is not None and record.learning.get_loop().is_closed():
+            record.learning = None  # its loop ended before it could: it will never end
         if (record.known or record.learning is not None
                 or record.attempts >= LEARNING_ATTEMPTS):
             return None

@@ -138,3 +138,33 @@ async def test_calls_waiting_for_a_failed_learning_render_on_the_server() -> Non
     assert isinstance(record, ServerKnowledge)
     assert record.learnt is None and not record.known and record.learning is None
     assert 1 <= record.attempts <= LEARNING_ATTEMPTS
+
+
+class ChatMLServer(ProbeFailingServer):
+    """A ChatML server that renders everything."""
+
+    async def render_chat(self, messages: Sequence[dict[str, Any]],
+                          tools: Sequence[dict[str, Any]] | None = None, *,
+                          tool_choice: str | dict[str, Any] | None = None) -> str | None:
+        self.renderings += 1
+        return CHATML.render_text(messages, tools)
+
+
+def test_a_learning_whose_loop_closed_does_not_block_the_next_one() -> None:
+    """An event loop closed in the middle of a learning (a script's ``asyncio.run`` torn down)
+    never ends that learning; the next loop's first call learns anew (broken: the backend
+    renders on the server for good)."""
+    backend = ChatMLServer()
+    auto = AutoTemplate()
+    record = auto.knowledge(backend)
+    assert record is not None
+    gone = asyncio.new_event_loop()
+    record.learning = gone.create_future()
+    gone.close()
+
+    first = asyncio.run(render_prompt(auto, HI, None, backend))
+    later = asyncio.run(render_prompt(auto, HI, None, backend))
+
+    assert first == later == CHATML.render_text(HI)
+    assert auto.learnt(backend) is not None
+    assert backend.renderings == 1 + 2
