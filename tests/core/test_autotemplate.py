@@ -168,3 +168,39 @@ def test_a_learning_whose_loop_closed_does_not_block_the_next_one() -> None:
     assert first == later == CHATML.render_text(HI)
     assert auto.learnt(backend) is not None
     assert backend.renderings == 1 + 2
+
+
+class GatedChatMLServer(ChatMLServer):
+    """A ChatML server whose renderings wait for ``gate``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def render_chat(self, messages: Sequence[dict[str, Any]],
+                          tools: Sequence[dict[str, Any]] | None = None, *,
+                          tool_choice: str | dict[str, Any] | None = None) -> str | None:
+        await self.gate.wait()
+        return await super().render_chat(messages, tools, tool_choice=tool_choice)
+
+
+async def test_a_waiter_cancelled_during_the_learning_cancels_no_one_else() -> None:
+    """Of three calls arriving cold, the second gives up while the first learns: the learning
+    and the third call's wait go on, and the third renders client-side (broken: the cancelled
+    waiter cancelled the shared learning, and everyone fell back to the server)."""
+    backend = GatedChatMLServer()
+    auto = AutoTemplate()
+    with loop_errors() as reported:
+        learner, quitter, waiter = (asyncio.ensure_future(render_prompt(auto, HI, None, backend))
+                                    for _ in range(3))
+        await asyncio.sleep(0.01)  # all three are under way: one learning, two waiting
+        quitter.cancel()
+        await asyncio.gather(quitter, return_exceptions=True)
+        backend.gate.set()
+        prompts = await asyncio.gather(learner, waiter)
+        assert quitter.cancelled()
+        del quitter
+    assert prompts == [CHATML.render_text(HI)] * 2
+    assert backend.renderings == 1 + 2  # the learner's own and the probes; the waiter's none
+    assert auto.learnt(backend) is not None
+    assert reported == []
