@@ -19,6 +19,7 @@ from llama_index.core.base.llms.types import ChatMessage
 from llama_index.llms.openai_like import OpenAILikeResponses
 
 from .conftest import Served
+from .test_chat import HELLO_REASONING
 from .test_responses import WEATHER
 
 Http = tuple[httpx.Client, httpx.AsyncClient]
@@ -51,6 +52,9 @@ def test_langchain_use_responses_api_invoke_and_stream(fresh: Served, http: Http
     message = model.invoke("hello there")
     assert isinstance(message, AIMessage)
     assert message.text == "You said: hello there"
+    reasoning = message.content[0]
+    assert isinstance(reasoning, dict) and reasoning["type"] == "reasoning"
+    assert reasoning["content"] == [{"type": "reasoning_text", "text": HELLO_REASONING}]
     assert message.usage_metadata is not None
     assert message.usage_metadata["output_token_details"]["reasoning"] > 0
     assert message.response_metadata["id"].startswith("resp_")
