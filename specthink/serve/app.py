@@ -247,7 +247,7 @@ class _ResponsesResponse(_ChatResponse):
             await self._stream(send)
             return
         try:
-            result = await self.call.thinker.agenerate(self.call.messages, **self.call.params)
+            result = await self.responses.result()
         except Exception as exc:
             await self._send_error(send, self._failed(exc))
             return
@@ -381,7 +381,8 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
                                type="upstream_unavailable", code="not_ready")
             session = (request.headers.get("x-session-id") or asked.prompt_cache_key
                        or asked.user)
-            call = prepare_response(asked, settings, thinkers, state.store, session_id=session)
+            call = prepare_response(asked, state.store, lambda chat: prepare(
+                chat, settings, thinkers, session_id=session))
             limit = settings.max_concurrency
             if limit is not None and state.in_flight >= limit:
                 raise errors.too_busy(limit)

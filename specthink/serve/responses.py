@@ -14,6 +14,7 @@ how the reasoning is written, not a budget named by the client.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -26,8 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from specthink.output import FinalOutput, OutputDelta
 from specthink.serve.errors import APIError, invalid
 from specthink.serve.protocol import ChatCompletionRequest, SpecthinkOptions
-from specthink.serve.serving import ChatCall, Thinkers, prepare
-from specthink.serve.settings import ServeSettings
+from specthink.serve.serving import ChatCall
 from specthink.serve.store import ResponseStore
 from specthink.tools import ToolCall
 from specthink.trace import Event, FinishEvent, Result, Statistics
@@ -48,9 +48,21 @@ ARGUMENT_PIECE = 32
 INCLUDABLE = frozenset({"reasoning.encrypted_content"})
 """``include`` values accepted: the reasoning comes back as plain ``content`` instead."""
 
-_CHAT_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens",
+_CHAT_PARAMS = {"max_completion_tokens": "max_output_tokens", "max_tokens": "max_output_tokens",
                 "response_format": "text.format"}
 """A chat field ``prepare`` names, as the Responses field it came from."""
+
+
+_UNION_MEMBER = re.compile(r"str$|list\[|dict\[")
+"""How pydantic names the member of a union in an error's location (not a field)."""
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_obfuscation: bool | None = None
+    """Accepted and ignored: events are not padded (no side channel to close on loopback or
+    behind TLS that pads nothing else either)."""
 
 
 class TextConfig(BaseModel):
@@ -79,7 +91,7 @@ class ResponsesRequest(BaseModel):
     input: str | list[Any]
     instructions: str | None = None
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     store: bool | None = None
     previous_response_id: str | None = None
     max_output_tokens: int | None = Field(default=None, gt=0)
@@ -155,7 +167,7 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
         first = exc.errors()[0]
         # A union's member name (``str``, ``list[any]``) is no field of the request.
         param = ".".join(str(part) for part in first["loc"]
-                         if isinstance(part, int) or not part.startswith(("str", "list[")))
+                         if isinstance(part, int) or not _UNION_MEMBER.match(part))
         raise invalid(f"{param}: {first['msg']}", param or None) from None
     problem = request.unsupported()
     if problem is not None:
@@ -338,7 +350,6 @@ class ResponsesCall:
 
     chat: ChatCall
     request: ResponsesRequest
-    model: str
     input_items: list[dict[str, Any]]
     store: bool
     id: str = field(default_factory=lambda: _new_id("resp"))
@@ -359,7 +370,7 @@ class ResponsesCall:
         reasoning = request.reasoning
         body: dict[str, Any] = {
             "id": self.id, "object": "response", "created_at": self.created_at,
-            "status": status, "model": self.model, "output": output,
+            "status": status, "model": request.model, "output": output,
             "error": None if error is None else {"code": "server_error",
                                                  "message": error.message},
             "incomplete_details": ({"reason": "max_output_tokens"}
@@ -376,6 +387,7 @@ class ResponsesCall:
             "tool_choice": _echo_tool_choice(request.tool_choice),
             "tools": [_echo_tool(tool) for tool in request.tools or []],
             "truncation": "disabled", "background": False, "service_tier": "default",
+            "store": self.store,
             "user": request.user, "safety_identifier": request.safety_identifier,
             "prompt_cache_key": request.prompt_cache_key,
             "usage": None if stats is None else usage(stats),
@@ -385,6 +397,17 @@ class ResponsesCall:
         if stats is not None:
             body["specthink"] = stats.to_dict()
         return body
+
+    async def result(self) -> Result:
+        """The whole answer, from the same event stream a streamed response writes."""
+        events = self.chat.events()
+        try:
+            async for event in events:
+                if isinstance(event, FinishEvent):
+                    return event.result
+        finally:
+            await events.aclose()
+        raise RuntimeError("the engine's stream ended without a FinishEvent")
 
     def whole(self, result: Result) -> dict[str, Any]:
         """The non-streamed answer."""
@@ -451,10 +474,11 @@ def function_call_item(item_id: str, call: ToolCall, status: str = "completed",
             "arguments": call.to_openai()["function"]["arguments"], "status": status}
 
 
-def prepare_response(request: ResponsesRequest, settings: ServeSettings, thinkers: Thinkers,
-                     store: ResponseStore, *, session_id: str | None = None) -> ResponsesCall:
-    """Check the request and build the engine call (through the chat path's ``prepare``); any
-    problem is a 400 naming the Responses field, an unknown ``previous_response_id`` a 404."""
+def prepare_response(request: ResponsesRequest, store: ResponseStore,
+                     prepare_chat: Callable[[ChatCompletionRequest], ChatCall]) -> ResponsesCall:
+    """Check the request and build the engine call through ``prepare_chat`` (the chat path's
+    ``prepare``, with the route's settings, engine and routing key); any problem is a 400
+    naming the Responses field, an unknown ``previous_response_id`` a 404."""
     history: list[dict[str, Any]] = []
     if request.previous_response_id is not None:
         previous = store.get(request.previous_response_id)
@@ -463,15 +487,25 @@ def prepare_response(request: ResponsesRequest, settings: ServeSettings, thinker
         history = previous.conversation()
     chat, items = chat_request(request, history)
     try:
-        call = prepare(chat, settings, thinkers, session_id=session_id)
+        call = prepare_chat(chat)
     except APIError as exc:
-        if exc.param is not None:
-            head, _, rest = exc.param.partition(".")
-            if head in _CHAT_PARAMS:
-                exc.param = _CHAT_PARAMS[head] + (f".{rest}" if rest else "")
+        exc.param = responses_param(exc.param)
         raise
-    return ResponsesCall(chat=call, request=request, model=settings.model_name,
-                         input_items=items, store=request.store is not False and store.enabled)
+    return ResponsesCall(chat=call, request=request, input_items=items,
+                         store=request.store is not False and store.enabled)
+
+
+def responses_param(param: str | None) -> str | None:
+    """The Responses field a chat parameter came from. A message index is dropped: chat
+    messages do not count like input items (instructions, joined assistant turns)."""
+    if param is None:
+        return None
+    head = re.split(r"[.\[]", param, maxsplit=1)[0]
+    if head == "messages":
+        return "input"
+    if head in _CHAT_PARAMS:
+        return _CHAT_PARAMS[head] + param[len(head):]
+    return param
 
 
 # ---- the stream --------------------------------------------------------------------------------

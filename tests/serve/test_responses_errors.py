@@ -69,6 +69,11 @@ BAD_REQUESTS: list[tuple[str, bytes | dict[str, Any], str | None]] = [
     ("top_logprobs", {**OK, "top_logprobs": 2}, "top_logprobs"),
     ("max_tool_calls above one", {**OK, "max_tool_calls": 3}, "max_tool_calls"),
     ("an unknown field", {**OK, "frobnicate": True}, "frobnicate"),
+    ("stream not a bool", {**OK, "stream": "sometimes"}, "stream"),
+    ("store not a bool", {**OK, "store": "maybe"}, "store"),
+    ("an unknown stream option", {**OK, "stream_options": {"turbo": True}},
+     "stream_options.turbo"),
+    ("input neither text nor items", {**OK, "input": 5}, "input"),
     ("an unknown rules preset", {**OK, "specthink": {"rules": "fastest"}}, "specthink.rules"),
 ]
 
@@ -92,6 +97,7 @@ def test_accepted_neutral_values_are_served(fresh: Served) -> None:
                             "truncation": "disabled", "store": False, "metadata": {},
                             "reasoning": {"effort": "low", "summary": "auto"},
                             "service_tier": "auto", "top_logprobs": 0,
+                            "stream_options": {"include_obfuscation": False},
                             "safety_identifier": "u1", "max_tool_calls": 1})
     assert response.status_code == 200, response.text
     assert response.json()["output"][-1]["content"][0]["text"] == "You said: hello there"
