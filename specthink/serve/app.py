@@ -42,6 +42,7 @@ from specthink.serve.protocol import ChunkWriter, parse_request
 from specthink.serve.responses import (
     EventWriter,
     ResponsesCall,
+    input_items_page,
     not_found,
     parse_responses_request,
     prepare_response,
@@ -408,6 +409,18 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
             return _error(not_found(response_id, "response_id"))
         return _json(stored.response)
 
+    async def input_items(request: Request) -> Response:
+        if not state.authorized(request):
+            return _error(errors.unauthorized())
+        response_id = request.path_params["response_id"]
+        stored = state.store.get(response_id)
+        if stored is None:
+            return _error(not_found(response_id, "response_id"))
+        try:
+            return _json(input_items_page(stored.input_items, request.query_params))
+        except APIError as exc:
+            return _error(exc)
+
     def _model_card() -> dict[str, Any]:
         return {"id": settings.model_name, "object": "model", "created": state.created,
                 "owned_by": "specthink"}
@@ -450,6 +463,7 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/responses", responses, methods=["POST"]),
             Route("/v1/responses/{response_id}", stored_response, methods=["GET", "DELETE"]),
+            Route("/v1/responses/{response_id}/input_items", input_items, methods=["GET"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{name:path}", model, methods=["GET"]),
             Route("/health", health, methods=["GET"]),

@@ -278,6 +278,49 @@ def messages_from_items(items: list[Any], *, first: int = 0) -> list[dict[str, A
     return messages
 
 
+_ITEM_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco",
+                "reasoning": "rs"}
+
+
+def stored_item(item: Mapping[str, Any]) -> dict[str, Any]:
+    """An input item as the store keeps it and ``input_items`` lists it: with an ``id`` and a
+    ``status``, a message's text as parts (what OpenAI's item objects carry)."""
+    out = dict(item)
+    kind = out.setdefault("type", "message")
+    out.setdefault("id", _new_id(_ITEM_PREFIX[kind]))
+    if kind != "reasoning":
+        out.setdefault("status", "completed")
+    if kind == "message" and isinstance(out.get("content"), str):
+        text = out["content"]
+        out["content"] = ([_output_text(text)] if out.get("role") == "assistant"
+                          else [{"type": "input_text", "text": text}])
+    return out
+
+
+def input_items_page(items: list[dict[str, Any]], query: Mapping[str, str]) -> dict[str, Any]:
+    """``GET /v1/responses/{id}/input_items``: a page of the conversation the response
+    answered, newest first unless ``order=asc``, ``limit`` (1 to 100, default 20) items after
+    the item ``after``; a bad query parameter is a 400 naming it."""
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise invalid("order: asc or desc", "order")
+    limit = query.get("limit", "20")
+    if not limit.isdigit() or not 1 <= int(limit) <= 100:
+        raise invalid("limit: a number from 1 to 100", "limit")
+    ordered = items if order == "asc" else items[::-1]
+    after = query.get("after")
+    if after is not None:
+        ids = [item["id"] for item in ordered]
+        if after not in ids:
+            raise invalid(f"after: no input item {after!r} in this response", "after")
+        ordered = ordered[ids.index(after) + 1:]
+    page = ordered[:int(limit)]
+    return {"object": "list", "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(ordered) > len(page)}
+
+
 def _chat_tools(tools: list[Any] | None) -> list[dict[str, Any]] | None:
     if not tools:
         return None
@@ -319,8 +362,8 @@ def chat_request(request: ResponsesRequest, history: list[dict[str, Any]],
     from ``previous_response_id``, then this request's input) to store."""
     new_items: list[Any] = ([{"type": "message", "role": "user", "content": request.input}]
                             if isinstance(request.input, str) else list(request.input))
-    items = [*history, *new_items]
-    messages = messages_from_items(items, first=len(history))
+    messages = messages_from_items([*history, *new_items], first=len(history))
+    items = [*history, *(stored_item(item) for item in new_items)]
     if request.instructions:
         messages.insert(0, {"role": "system", "content": request.instructions})
     fields: dict[str, Any] = {

@@ -308,3 +308,44 @@ def test_a_conversation_handed_back_with_reasoning_and_effort(fresh: Served) -> 
     assert response.reasoning is not None and response.reasoning.effort == "high"
     prompt = fresh.pair.small.records[0].prompt
     assert "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>" in prompt
+
+
+def test_input_items_list_the_conversation_with_ids(fresh: Served) -> None:
+    """responses.input_items.list pages through the conversation a stored response answered
+    (with previous_response_id, the earlier turns too), newest first by default, each item
+    parsed by the SDK's ResponseItem types. Failing: clients that inspect a stored
+    conversation get a 404 or items without ids."""
+    sdk = client(fresh)
+    first = sdk.responses.create(model="specthink", input=ASK, tools=[WEATHER])
+    call = items(first)["function_call"][0]
+    second = sdk.responses.create(
+        model="specthink", previous_response_id=first.id, tools=[WEATHER],
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "Rain"}])
+    listed = list(sdk.responses.input_items.list(second.id, order="asc"))
+    assert [item.type for item in listed] == ["message", "reasoning", "function_call",
+                                              "function_call_output"]
+    assert all(item.id for item in listed)
+    assert listed[0].content[0].text == ASK  # type: ignore[union-attr]
+    assert listed[2].id == call.id
+    newest = sdk.responses.input_items.list(second.id, limit=1)
+    assert [item.type for item in newest.data] == ["function_call_output"]
+    assert newest.has_more
+    rest = sdk.responses.input_items.list(second.id, after=newest.data[0].id, limit=100)
+    assert [item.type for item in rest.data] == ["function_call", "reasoning", "message"]
+    assert not rest.has_more
+    bad = httpx.get(f"{fresh.base_url}/responses/{second.id}/input_items?limit=0", timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "limit"
+    gone = httpx.get(f"{fresh.base_url}/responses/resp_x/input_items", timeout=10)
+    assert gone.status_code == 404
+
+
+def test_the_specthink_extension_picks_the_rules(fresh: Served) -> None:
+    """``specthink.rules`` works as in chat: a rules override changes the takeovers."""
+    sdk = client(fresh)
+    default = sdk.responses.create(model="specthink", input="hello there")
+    no_rules = sdk.responses.create(model="specthink", input="hello there", extra_body={
+        "specthink": {"rules": {"reflection_takeover": False}}})
+    assert no_rules.output_text == default.output_text
+    before = (default.model_extra or {})["specthink"]["takeovers"]
+    after = (no_rules.model_extra or {})["specthink"]["takeovers"]
+    assert before["rule1"] >= 1 and after["rule1"] == 0

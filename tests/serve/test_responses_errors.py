@@ -6,7 +6,7 @@ after the stream began is a ``response.failed`` event; the metrics count Respons
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -14,9 +14,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from specthink.testing import Fault
+from specthink.testing import Fault, LatencyModel
 
-from .conftest import Pair, Served, client
+from .conftest import Pair, Served, client, conversation_pair
 from .test_errors import KEYS, error_of
 
 OK: dict[str, Any] = {"model": "specthink", "input": "hello there"}
@@ -180,3 +180,33 @@ def test_metrics_count_responses_requests_beside_chat(pair: Pair,
     assert samples[("specthink_serve_requests_total", (("status", "200"),))] == 3
     assert samples[("specthink_serve_time_to_first_token_seconds_count", ())] == 1
     assert samples[("specthink_serve_tokens_total", (("model", "target"),))] > 0
+
+
+@pytest.fixture
+def slow_pair() -> Iterator[Pair]:
+    with conversation_pair(LatencyModel(per_token=0.02)) as servers:
+        yield servers
+
+
+async def test_over_max_concurrency_is_a_429_shared_with_chat(
+        slow_pair: Pair, serve: Callable[..., Served]) -> None:
+    """--max-concurrency 1 counts both APIs: while a streamed response runs, a chat request and
+    a Responses request are refused with 429 and no upstream request."""
+    served = serve(slow_pair, max_concurrency=1)
+    async with openai.AsyncOpenAI(base_url=served.base_url, api_key="x",
+                                  max_retries=0) as sdk:
+        stream = await sdk.responses.create(model="specthink", input="hello there",
+                                            stream=True)
+        first = await anext(aiter(stream))
+        assert first.type == "response.created"
+        requests_before = slow_pair.requests()
+        async with httpx.AsyncClient(timeout=30) as raw:
+            refused = await raw.post(f"{served.base_url}/responses", json=OK)
+            chat = await raw.post(f"{served.base_url}/chat/completions", json={
+                "model": "specthink", "messages": [{"role": "user", "content": "hi"}]})
+        assert error_of(refused, 429)["type"] == "rate_limit_error"
+        assert refused.headers["retry-after"] == "1"
+        error_of(chat, 429)
+        assert slow_pair.requests() == requests_before
+        async for _ in stream:
+            pass
