@@ -285,7 +285,7 @@ class _ResponsesResponse(_ChatResponse):
                                 "more_body": result is None})
             except Exception as exc:
                 await send({"type": "http.response.body",
-                            "body": writer.failed(self._failed(exc))})
+                            "body": writer.error(self._failed(exc)) + writer.done()})
             if result is not None:
                 self._observe(result)
             if writer.final is not None:

@@ -669,11 +669,18 @@ class EventWriter:
         self.output.append(done)
         return b"".join(out)
 
-    def failed(self, error: APIError) -> bytes:
-        """``response.failed`` after the stream began, with what was finished so far."""
+    def error(self, error: APIError) -> bytes:
+        """``response.failed`` after the stream began, with what was finished so far (the
+        same name as :meth:`ChunkWriter.error <specthink.serve.protocol.ChunkWriter.error>`,
+        so code that ends either kind of stream with an error writes both)."""
         body = self.call.body(status="failed", output=self.output, error=error)
         self.final = body
         return self._event("response.failed", response=body)
+
+    @staticmethod
+    def done() -> bytes:
+        """Nothing: a Responses stream ends with its terminal event, not ``[DONE]``."""
+        return b""
 
 
 async def response_events(call: ResponsesCall, first: Event, events: AsyncIterator[Event],

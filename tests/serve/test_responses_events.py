@@ -92,7 +92,7 @@ def test_failed_carries_what_was_finished_and_the_error() -> None:
 
     writer = EventWriter(call())
     data = writer.start() + writer.piece(OutputDelta("reasoning", "Hm"))
-    data += writer.failed(APIError(502, "the target model server failed"))
+    data += writer.error(APIError(502, "the target model server failed")) + writer.done()
     event = events_of(data)[-1]
     failed = Response.model_validate(event["response"])
     assert event["type"] == "response.failed" and failed.status == "failed"
