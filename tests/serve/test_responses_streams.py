@@ -57,6 +57,24 @@ async def test_client_leaving_mid_stream_closes_the_model_servers_stream(
     assert served.metrics.requests.labels("499")._value.get() == 1
 
 
+async def test_a_client_that_gives_up_on_a_whole_response_cancels_it(
+        reflecting_pair: Pair, serve: Callable[..., Served]) -> None:
+    """Not streamed: the client goes while the target writes; the target's stream is closed
+    and the request counts as 499 (failing: a whole response runs to its end for nobody)."""
+    served = serve(reflecting_pair)
+    async with httpx.AsyncClient(timeout=30) as client:
+        request = asyncio.ensure_future(client.post(
+            f"{served.base_url}/responses", json={"model": "specthink", "input": "Solve."}))
+        await wait_for(lambda: streaming(reflecting_pair.target), "the target streams")
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    await wait_for(lambda: last(reflecting_pair.target).disconnected,
+                   "the target server sees the hang-up")
+    await wait_for(lambda: served.metrics.in_flight._value.get() == 0, "the request ends")
+    assert served.metrics.responses.labels("499")._value.get() == 1
+
+
 async def read_stream(client: httpx.AsyncClient, served: Served, question: str,
                       ) -> tuple[str, str, str]:
     """(reasoning, answer, status) of one streamed response, from its deltas; the deltas are
