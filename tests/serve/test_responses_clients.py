@@ -5,7 +5,9 @@ URL only: LangChain ``ChatOpenAI(use_responses_api=True)``, the OpenAI Agents SD
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import openai
@@ -158,3 +160,24 @@ async def test_llama_index_openai_like_responses_tool_call(fresh: Served, http: 
                                           user_msg="What is the weather in Paris?")
     calls = llm.get_tool_calls_from_response(response, error_on_no_tool_call=True)
     assert [(c.tool_name, c.tool_kwargs) for c in calls] == [("get_weather", {"city": "Paris"})]
+
+
+def test_langchain_use_previous_response_id(fresh: Served, http: Http) -> None:
+    """ChatOpenAI(use_previous_response_id=True) sends only the new turn and the id of its
+    last answer: the server starts from the stored conversation. Failing: LangChain's
+    stateful mode gets a 404, or the model sees only the last message."""
+    sent: list[dict[str, Any]] = []
+
+    def record(request: httpx.Request) -> None:
+        sent.append(json.loads(request.content))
+
+    with httpx.Client(timeout=30, event_hooks={"request": [record]}) as recording:
+        model = chat_openai(fresh, (recording, http[1]), use_previous_response_id=True)
+        first = model.invoke("hello there")
+        second = model.invoke([("user", "hello there"), first, ("user", "how are you")])
+    assert second.text == "You said: how are you"
+    assert sent[1]["previous_response_id"] == first.response_metadata["id"]
+    assert [item.get("content") for item in sent[1]["input"]] == ["how are you"]
+    prompt = fresh.pair.small.records[-1].prompt
+    assert "<|im_start|>user\nhello there<|im_end|>" in prompt
+    assert "You said: hello there" in prompt
