@@ -4,7 +4,7 @@ per layer it passes through (an earlier tree ran the message/tool validation 18 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -32,21 +32,20 @@ async def test_one_tool_call_validates_its_message_and_tool_once(
     """Broken if: the caller's message or tool is checked more than once in one ``ainvoke``
     (each surface, the engine and every template on the way re-validating it), or not at all."""
     checked_messages: list[str] = []
-    checked_tools: list[Sequence[Mapping[str, Any]]] = []
+    checked_tools: list[str] = []
     validate_message = prompts._validate_message
-    validate_tools = prompts.validate_tools
+    validate_tool = prompts._validate_tool
 
     def count_message(index: int, message: Mapping[str, Any]) -> dict[str, Any]:
         checked_messages.append(str(message.get("content")))
         return validate_message(index, message)
 
-    def count_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if tools and not isinstance(tools, prompts.CheckedTools):
-            checked_tools.append(tools)
-        return validate_tools(tools)
+    def count_tool(index: int, tool: Any) -> dict[str, Any]:
+        checked_tools.append(str(tool["function"]["name"]))
+        return validate_tool(index, tool)
 
     monkeypatch.setattr(prompts, "_validate_message", count_message)
-    monkeypatch.setattr(prompts, "validate_tools", count_tools)
+    monkeypatch.setattr(prompts, "_validate_tool", count_tool)
     model = ChatSpeculativeThinking.from_backends(
         ScriptedBackend(ScriptedModel.single(ANSWER), url="http://small.test"),
         ScriptedBackend(ScriptedModel.single(ANSWER), url="http://target.test"),
@@ -57,4 +56,4 @@ async def test_one_tool_call_validates_its_message_and_tool_once(
     assert isinstance(message, AIMessage)
     assert [call["name"] for call in message.tool_calls] == ["magic_function"]
     assert checked_messages == ["magic_function(3)?"]
-    assert len(checked_tools) == 1
+    assert checked_tools == ["magic_function"]
