@@ -27,7 +27,7 @@ from collections.abc import (
 )
 from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from .accepted import AcceptedText
 from .backends.base import Backend, SamplingParams, StreamToken
@@ -43,7 +43,6 @@ from .formats import THINK_HERMES, OutputFormat, held_back
 from .request import ChatRequest
 from .rules import (
     ACCEPT,
-    HAND_BACK,
     HOLD,
     Extend,
     Handover,
@@ -52,6 +51,7 @@ from .rules import (
     SmallAction,
     TakeoverPolicy,
     TakeoverRules,
+    TargetAction,
     resolve_rules,
 )
 from .sync import _LoopThread, run_sync
@@ -76,6 +76,8 @@ if TYPE_CHECKING:
 Role = Literal["small", "target"]
 TargetErrorPolicy = Literal["fallback", "raise"]
 T = TypeVar("T")
+A = TypeVar("A")
+"""The policy's answers to one role's tokens."""
 
 CONTEXT_MARGIN_TOKENS = 8
 """Slack for re-tokenising accepted text, which may take a few more tokens than were generated."""
@@ -147,6 +149,93 @@ class _Run:
         if not self.done:
             self.done = True
             self.stats.finish_reason = reason
+
+
+class _Part(Generic[A]):
+    """One model's part of the answer, from one policy decision to the next: what differs
+    between the two roles, chosen once per part, so that one token loop
+    (``SpeculativeThinker._stream``) serves both. The part lasts while the policy's
+    ``handover`` is still this part's (``None``: the small model's part)."""
+
+    __slots__ = ("decide", "engine", "handover", "resumes", "rule", "run")
+    role: ClassVar[Role]
+
+    def __init__(self, engine: SpeculativeThinker, run: _Run, handover: Handover | None,
+                 decide: Callable[[str], A]) -> None:
+        self.engine = engine
+        self.run = run
+        self.handover = handover
+        self.decide = decide
+        """The policy's method that answers a token of this role."""
+        self.rule: Rule | None = None if handover is None else handover.rule
+        """The rule the accepted tokens are written under."""
+        self.resumes = 0
+        """Streams of this part resumed after a drop (``SpeculativeThinker._broken``)."""
+
+    def wanted(self) -> int:
+        """Tokens the part's next request asks for (before the server's limits)."""
+        raise NotImplementedError
+
+    def answer(self, action: A, text: str) -> Sequence[Event]:
+        """Carry out the policy's answer to ``text`` other than ``ACCEPT`` and ``HOLD``."""
+        raise NotImplementedError
+
+    def dropped(self) -> None:
+        """The stream broke and will be resumed."""
+
+    def ended(self) -> Sequence[Event]:
+        """The stream ended by itself, the part goes on."""
+        return ()
+
+    def failed(self, exc: BackendError) -> Sequence[Event]:
+        """The stream failed: the small model's failure is the call's."""
+        raise exc
+
+
+class _SmallPart(_Part[SmallAction]):
+    __slots__ = ()
+    role = "small"
+
+    def __init__(self, engine: SpeculativeThinker, run: _Run) -> None:
+        super().__init__(engine, run, None, run.policy.small_token)
+
+    def wanted(self) -> int:
+        return self.run.budget_left
+
+    def answer(self, action: SmallAction, text: str) -> Sequence[Event]:
+        # a release of held text, then maybe a takeover (the policy's ``handover`` then)
+        return self.engine._release(self.run, action)
+
+    def dropped(self) -> None:
+        self.run.policy.small_dropped()  # held tokens go back to the earliest open window
+
+    def ended(self) -> Sequence[Event]:
+        # open windows close with what they hold
+        return self.engine._release(self.run, self.run.policy.small_ended())
+
+
+class _TargetPart(_Part[TargetAction]):
+    __slots__ = ()
+    role = "target"
+
+    def __init__(self, engine: SpeculativeThinker, run: _Run, handover: Handover) -> None:
+        # one request serves the first ``handover.tokens`` and a rule-2 extension
+        super().__init__(engine, run, handover, run.policy.target_token)
+
+    def wanted(self) -> int:
+        return min(self.run.policy.target_left, self.run.budget_left)
+
+    def answer(self, action: TargetAction, text: str) -> Sequence[Event]:
+        # the token is accepted whatever the answer: HAND_BACK after it, or Extend
+        run, engine = self.run, self.engine
+        events: list[Event] = [*engine._accept(run, "target", text, self.rule, 1)]
+        if isinstance(action, Extend) and not run.done:
+            self.rule = action.rule
+            events.append(engine._note_takeover(run, action.rule, 0))
+        return events
+
+    def failed(self, exc: BackendError) -> Sequence[Event]:
+        return (self.engine._target_failed(self.run, exc),)
 
 
 class SpeculativeThinker:
@@ -459,26 +548,20 @@ class SpeculativeThinker:
 
     async def _drive(self, run: _Run) -> AsyncGenerator[Event, None]:
         policy = run.policy
-        handover = policy.start()
+        policy.start()
+        part: _Part[Any] = _SmallPart(self, run)
         while not run.done:
-            if handover is not None:
-                yield self._note_takeover(run, handover.rule, handover.discard)
-                part = (self._intervene(run, handover) if isinstance(handover, Intervene)
-                        else self._target_writes(run, handover))
-                async with aclosing(part) as stream:
-                    async for event in stream:
-                        yield event
-                if run.done:
-                    break
-            async with aclosing(self._small_writes(run)) as stream:
+            # A part lasts while the policy's handover is still the one it carries out; when the
+            # policy decides otherwise, the next part begins with its opening.
+            if policy.handover is part.handover:
+                writes = self._stream(run, part)
+            else:
+                part = _SmallPart(self, run) if policy.handover is None \
+                    else _TargetPart(self, run, policy.handover)
+                writes = self._opening(run, part.handover)
+            async with aclosing(writes) as stream:
                 async for event in stream:
                     yield event
-            # the small model's part ends with the run, or with a takeover the policy decided
-            handover = policy.handover
-            if handover is None:
-                break
-        if not run.done:
-            run.finish("stop")
         if not run.stats.input_tokens:
             # The server reports prompt tokens on a stream's last token, which a takeover cuts
             # (and llama.cpp's server never sends them when streaming): one /tokenize then.
@@ -490,52 +573,80 @@ class SpeculativeThinker:
         for event in self._flush(run):
             yield event
 
-    async def _small_writes(self, run: _Run) -> AsyncGenerator[Event, None]:
-        """The small model writes until end-of-sequence, the budget, or a takeover decision
-        (then ``run.policy.handover`` holds it)."""
+    async def _opening(self, run: _Run,
+                       handover: Handover | None) -> AsyncGenerator[Event, None]:
+        """What a takeover begins with: its event, rule 3's intervention text, and the target's
+        preparation (a target that cannot serve is ``on_target_error``'s: the policy has then
+        handed back). The small model's part begins with nothing."""
+        if handover is None:
+            return
+        yield self._note_takeover(run, handover.rule, handover.discard)
+        if isinstance(handover, Intervene):
+            for piece in await self._intervention(run, handover):
+                yield piece
+            if run.done:
+                return
+        if (fallback := await self._target_prepared(run)) is not None:
+            yield fallback
+
+    async def _stream(self, run: _Run, part: _Part[A]) -> AsyncGenerator[Event, None]:
+        """One request of ``part``'s model, read until the policy ends the part, the call ends,
+        or the stream does; the one token loop of both models.
+
+        Per token it costs the role's ``decide`` (bound once, here) and, for the policy's rarer
+        answers, the role's ``answer``; a generator per request, not per token.
+        """
+        role = part.role
+        if (room := self._room_or_finish(run, role, part.wanted())) <= 0:
+            return
         policy = run.policy
-        resumes = 0
-        while not run.done:
-            got_tokens = 0
-            finish_reason: str | None = None
-            if (room := self._room_or_finish(run, "small", run.budget_left)) <= 0:
-                break
-            try:
-                async with self._open("small", run, room) as tokens:
-                    async for token in tokens:
-                        got_tokens += 1
-                        if token.input_tokens and run.reports_prompt_tokens:
-                            run.stats.input_tokens = token.input_tokens
-                        finish_reason = token.finish_reason
-                        if token.special:
-                            continue
-                        action = policy.small_token(token.text)
-                        if action is ACCEPT:
-                            for event in self._accept(run, "small", token.text, None, 1):
-                                yield event
-                            if run.done:
-                                break
-                        elif action is not HOLD:
-                            for event in self._release(run, action):
-                                yield event
-                            if run.done or policy.handover is not None:
-                                break
-                        if run.prepare_target is not None:
-                            # The first token is handled (a probe may be open now): the
-                            # target gets ready while the small model writes on.
-                            self._start_target_preparation(run)
-            except StreamDroppedError as exc:
-                resumes = self._resumed(run, "small", exc, resumes)
-                policy.small_dropped()
-                continue
-            if run.done or policy.handover is not None:
-                return
-            # The stream ended: open windows close with what they hold.
-            for event in self._release(run, policy.small_ended()):
+        handover = part.handover
+        decide = part.decide
+        answer = part.answer
+        accept = self._accept
+        rule = part.rule
+        received = 0
+        finish_reason: str | None = None
+        leaving = False
+        events: Sequence[Event]
+        try:
+            async with self._open(role, run, room) as tokens:
+                reports = run.reports_prompt_tokens
+                async for token in tokens:
+                    received += 1
+                    finish_reason = token.finish_reason
+                    if token.input_tokens and reports:
+                        run.stats.input_tokens = token.input_tokens
+                    if token.special:
+                        continue
+                    action = decide(token.text)
+                    if action is ACCEPT:
+                        events = accept(run, role, token.text, rule, 1)
+                    elif action is HOLD:
+                        events = ()
+                    else:
+                        events = answer(action, token.text)
+                        rule = part.rule
+                        leaving = policy.handover is not handover
+                    for event in events:
+                        yield event
+                    if leaving or run.done:
+                        return
+                    if run.prepare_target is not None:
+                        # The first token is handled (a probe may be open now): the target
+                        # gets ready while the small model writes on.
+                        self._start_target_preparation(run)
+        except BackendError as exc:
+            for event in self._broken(run, part, exc):
                 yield event
-            if run.done or policy.handover is not None:
-                return
-            self._stream_ended(run, finish_reason, got_tokens)
+            return
+        if run.done or policy.handover is not handover:
+            return
+        for event in part.ended():
+            yield event
+        if run.done or policy.handover is not handover:
+            return
+        self._stream_ended(run, finish_reason, received)
 
     # ---- what both models' writes share: room, resumes, the end of a stream ---------------
 
@@ -547,13 +658,16 @@ class SpeculativeThinker:
             run.finish("length")
         return room
 
-    def _resumed(self, run: _Run, role: Role, dropped: StreamDroppedError, resumes: int) -> int:
-        """A stream broke after its first token: resume from the accepted text, unless it broke
-        ``max_stream_resumes`` times already in this part (then raise it)."""
-        if resumes + 1 > self.max_stream_resumes:
-            raise dropped
-        run.stats.resumed_streams[role] += 1
-        return resumes + 1
+    def _broken(self, run: _Run, part: _Part[Any], exc: BackendError) -> Sequence[Event]:
+        """A stream broke. One that dropped after its first token is resumed from the accepted
+        text (``part``'s next request), at most ``max_stream_resumes`` times in a part; any
+        other failure, or one drop too many, is the part's (``_Part.failed``)."""
+        if isinstance(exc, StreamDroppedError) and part.resumes < self.max_stream_resumes:
+            part.resumes += 1
+            run.stats.resumed_streams[part.role] += 1
+            part.dropped()
+            return ()
+        return part.failed(exc)
 
     @staticmethod
     def _stream_ended(run: _Run, finish_reason: str | None, received: int) -> None:
@@ -577,48 +691,6 @@ class SpeculativeThinker:
             action = action.then
         return events
 
-    async def _target_writes(self, run: _Run,
-                             handover: Handover) -> AsyncGenerator[Event, None]:
-        """The target writes until the policy hands back; one request serves the first
-        ``handover.tokens`` and a rule-2 extension."""
-        if (fallback := await self._target_prepared(run)) is not None:
-            yield fallback  # the policy hands no more over: the loop below does not start
-        policy = run.policy
-        rule = handover.rule
-        resumes = 0
-        try:
-            while not run.done and policy.handover is handover and run.budget_left > 0:
-                finish_reason: str | None = None
-                received = 0
-                wanted = min(policy.target_left, run.budget_left)
-                if (room := self._room_or_finish(run, "target", wanted)) <= 0:
-                    return
-                async with self._open("target", run, room) as tokens:
-                    try:
-                        async for token in tokens:
-                            received += 1
-                            finish_reason = token.finish_reason
-                            if token.special:
-                                continue
-                            for event in self._accept(run, "target", token.text, rule, 1):
-                                yield event
-                            if run.done:
-                                return
-                            action = policy.target_token(token.text)
-                            if action is ACCEPT:
-                                continue
-                            if action is HAND_BACK:
-                                return
-                            if isinstance(action, Extend):
-                                rule = action.rule
-                                yield self._note_takeover(run, rule, 0)
-                    except StreamDroppedError as exc:
-                        resumes = self._resumed(run, "target", exc, resumes)
-                        continue
-                self._stream_ended(run, finish_reason, received)
-        except BackendError as exc:
-            yield self._target_failed(run, exc)
-
     def _target_failed(self, run: _Run, exc: BackendError) -> FallbackEvent:
         """Apply ``on_target_error``: raise, or let the small model go on alone (``exc`` has
         its role from the boundary it crossed)."""
@@ -633,9 +705,9 @@ class SpeculativeThinker:
         run.events.append(fallback)
         return fallback
 
-    async def _intervene(self, run: _Run, handover: Intervene) -> AsyncGenerator[Event, None]:
-        """Rule 3: the intervention text, then the target's ``n3`` tokens (the policy has
-        adapted its counters already)."""
+    async def _intervention(self, run: _Run, handover: Intervene) -> list[TextEvent]:
+        """Rule 3's intervention text, accepted before the target's ``n3`` tokens (the policy
+        has adapted its counters already)."""
         text = run.policy.rules.intervention_text
         tokens = self._intervention_tokens.get(text)
         if tokens is None:
@@ -644,12 +716,7 @@ class SpeculativeThinker:
             except BackendError:
                 tokens = max(1, len(text) // 4)
             self._intervention_tokens[text] = tokens
-        for piece in self._accept(run, "intervention", handover.text, handover.rule, tokens):
-            yield piece
-        if not run.done:
-            async with aclosing(self._target_writes(run, handover)) as stream:
-                async for event in stream:
-                    yield event
+        return self._accept(run, "intervention", handover.text, handover.rule, tokens)
 
     def _note_takeover(self, run: _Run, rule: Rule, discarded: int) -> TakeoverEvent:
         run.stats.takeovers[rule.value] += 1
@@ -753,8 +820,9 @@ class SpeculativeThinker:
                 stats.retries[role] += 1
 
         prompt = run.prompts[role] + run.text
-        if role == "small":
-            run.reports_prompt_tokens = not run.length and not run.stats.input_tokens
+        # only the conversation's first small stream counts the prompt alone
+        run.reports_prompt_tokens = (role == "small" and not run.length
+                                     and not run.stats.input_tokens)
         sampling = run.sampling
         if sampling.grammar is not None and not backend.supports_grammar:
             sampling = dataclasses.replace(sampling, grammar=None)
