@@ -115,6 +115,26 @@ async def test_verify_word_in_target_text_extends_the_takeover_with_rule_2(
     assert result.stats.finish_reason == "stop"  # the target ended the answer
 
 
+async def test_an_extension_decided_on_the_budgets_last_token_is_not_carried_out(
+        make_pair: PairFactory) -> None:
+    """The target's 20th token holds rule 2's decision and is the last the budget allows: it is
+    accepted, the call ends with ``length``, and no VERIFY takeover is reported (failing: the
+    engine notes an extension it never carried out, or drops the token that decided it)."""
+    verify_text = ("Let me verify this carefully by substituting the value back into both sides "
+                   "of the equation and checking that they match . Both sides equal 4 .")
+    small = ScriptedModel([Script("", "x is 2.\n\nWait, maybe not.")])
+    target = ScriptedModel([Script("x is 2.\n\n", verify_text)])
+    budget = TOKENS.count("x is 2.\n\n") + 20
+
+    result = await make_pair(small, target).agenerate(QUESTION, max_new_tokens=budget)
+
+    assert result.text == "x is 2.\n\n" + first_tokens(verify_text, 20)
+    assert takeover_rules(result.events) == [Rule.AFFIRM_REFLECT]
+    assert result.stats.takeovers[Rule.VERIFY.value] == 0
+    assert result.stats.target_tokens == 20
+    assert result.stats.finish_reason == "length"
+
+
 class ReflectingSmall:
     """Opens every paragraph with "Wait" until it has written ``paragraphs`` breaks."""
 
