@@ -17,6 +17,7 @@ import functools
 import time
 import uuid
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -151,7 +152,7 @@ class _Run:
             self.stats.finish_reason = reason
 
 
-class _Part(Generic[A]):
+class _Part(ABC, Generic[A]):
     """One model's part of the answer, from one policy decision to the next: what differs
     between the two roles, chosen once per part, so that one token loop
     (``SpeculativeThinker._stream``) serves both. The part lasts while the policy's
@@ -172,13 +173,13 @@ class _Part(Generic[A]):
         self.resumes = 0
         """Streams of this part resumed after a drop (``SpeculativeThinker._broken``)."""
 
+    @abstractmethod
     def wanted(self) -> int:
         """Tokens the part's next request asks for (before the server's limits)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def answer(self, action: A, text: str) -> Sequence[Event]:
         """Carry out the policy's answer to ``text`` other than ``ACCEPT`` and ``HOLD``."""
-        raise NotImplementedError
 
     def dropped(self) -> None:
         """The stream broke and will be resumed."""
