@@ -331,14 +331,21 @@ class ResponseParser:
 
     :meth:`feed` returns :data:`ParseEvent` s; text that may still turn into a delimiter is
     held until the next piece settles it (or :meth:`finalize`).
+
+    ``malformed="text"`` keeps a region whose content cannot be parsed (a call with broken
+    JSON) as text of the field outside the regions, delimiters included, instead of raising as
+    the format's reference does: a model's malformed call is shown, not lost.
     """
 
-    __slots__ = ("_body", "_buf", "_captures", "_current", "_done", "_opened",
-                 "_output", "_params", "_template", "_trigger", "initial_events")
+    __slots__ = ("_body", "_buf", "_captures", "_current", "_done", "_lenient", "_opened",
+                 "_opening", "_output", "_params", "_template", "_trigger", "initial_events")
 
     def __init__(self, template: Mapping[str, Any] | ResponseTemplate, prefix: str = "", *,
-                 tools: Iterable[Mapping[str, Any]] | None = None) -> None:
+                 tools: Iterable[Mapping[str, Any]] | None = None,
+                 malformed: Literal["raise", "text"] = "raise") -> None:
         self._template = load_template(template)
+        self._lenient = malformed == "text"
+        self._opening = ""
         self._params = _tool_params(tools)
         self._buf = ""
         self._output: dict[str, Any] = copy.deepcopy(dict(self._template.defaults))
@@ -412,7 +419,7 @@ class ResponseParser:
                     had_content = self._opened
                     self._captures.update({k: v for k, v in m.groupdict().items()
                                            if v is not None})
-                    self._close(events)
+                    self._close(events, m.group(0))
                     if not had_content and m.start() == m.end():
                         break  # a zero-width close of an empty region would fire forever
                 continue
@@ -421,6 +428,8 @@ class ResponseParser:
                     self._accumulate(events, self._buf[pos:])
                     pos = len(self._buf)
                 self._close(events)
+                if self._opened:  # a malformed region just turned into text of the implicit one
+                    self._close(events)
                 break
             if hold > pos:
                 self._accumulate(events, self._buf[pos:hold])
@@ -476,13 +485,22 @@ class ResponseParser:
         self._captures = {k: v for k, v in m.groupdict().items() if v is not None}
         self._body = []
         self._opened = True
+        self._opening = m.group(0)
         events.append(("open", field.name, None))
 
-    def _close(self, events: list[ParseEvent]) -> None:
+    def _close(self, events: list[ParseEvent], closing: str = "") -> None:
         name = self._current
         if name is not None and self._opened:
             field = self._template.fields[name]
-            value = field.value("".join(self._body), self._captures)
+            try:
+                value = field.value("".join(self._body), self._captures)
+            except ValueError:
+                if not self._lenient or name == self._template.implicit:
+                    raise
+                raw = self._opening + "".join(self._body) + closing
+                self._reset()
+                self._accumulate(events, raw)
+                return
             if self._params and "value_parser_by" not in field.content_args:
                 value = coerce_tool_calls(value, self._params, typed=field.content in TYPED)
             if field.join is not None:
@@ -495,17 +513,22 @@ class ResponseParser:
             else:
                 self._output[name] = value
             events.append(("close", name, value))
+        self._reset()
+
+    def _reset(self) -> None:
         self._current = self._template.implicit
         self._trigger = self._template.triggers[self._current]
         self._captures = {}
         self._body = []
         self._opened = False
+        self._opening = ""
 
 
 def parse_response(text: str, template: Mapping[str, Any] | ResponseTemplate, *,
                    prefix: str = "",
-                   tools: Iterable[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+                   tools: Iterable[Mapping[str, Any]] | None = None,
+                   malformed: Literal["raise", "text"] = "raise") -> dict[str, Any]:
     """A whole output parsed at once: the assistant message the template describes."""
-    parser = ResponseParser(template, prefix, tools=tools)
+    parser = ResponseParser(template, prefix, tools=tools, malformed=malformed)
     parser.feed(text)
     return parser.finalize()[0]
