@@ -1,12 +1,12 @@
 """CPU cost per streamed token of reading a model's output: the splitter specthink had (fixed
-``<think>`` + Hermes tags), its response-template executor, and transformers' streaming
-``ResponseParser`` on the same templates. docs/architecture.md ("Response templates: which
-executor, measured") holds the figures.
+``<think>`` + Hermes tags), its response-template executor and the splitter built on it, and
+transformers' streaming ``ResponseParser`` on the same templates. docs/architecture.md
+("Response templates: which executor, measured") holds the figures.
 
     PYTHONPATH=<tree> python docs/benchmarks/response_parser_microbench.py
 
-A long reasoning trace (8,000 reasoning tokens, and 32,000 in the last rows; a 500-token answer and a call), fed one token
-at a time; CPU microseconds per token, best of 5 (process time).
+A long reasoning trace (8,000 reasoning tokens, 32,000 in the last rows; a 500-token answer and
+a call), fed one token at a time; CPU microseconds per token, best of 5 (process time).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from specthink.formats.families import builtin_template
 from specthink.formats.response_template import ResponseParser
+from specthink.formats.splitting import TemplateSplitter
 from specthink.output import OutputSplitter
 from specthink.trace import StartEvent, TextEvent
 
@@ -72,6 +73,17 @@ def ours(name: str, prefix: str) -> Callable[[list[str]], object]:
     return run
 
 
+def splitter(name: str, prefix: str) -> Callable[[list[str]], object]:
+    template = builtin_template(name)
+
+    def run(tokens: list[str]) -> object:
+        split = TemplateSplitter(template, prefix, tools=["f"])
+        for token in tokens:
+            split.feed(token)
+        return split.finish()
+    return run
+
+
 def theirs(name: str, prefix: str) -> Callable[[list[str]], object]:
     from transformers.utils.chat_parsing import ResponseParser as TransformersParser
     spec = dict(builtin_template(name).spec)
@@ -92,6 +104,8 @@ def main() -> None:
         ("<think> + Hermes: OutputSplitter (before)", old_splitter, HERMES),
         ("<think> + Hermes: specthink executor, qwen3", ours("qwen3", "<think>\n"), HERMES),
         ("<think> + Hermes: transformers ResponseParser", theirs("qwen3", "<think>\n"), HERMES),
+        ("<think> + Hermes: TemplateSplitter (replaces OutputSplitter)",
+         splitter("qwen3", "<think>\n"), HERMES),
         ("<think> + XML calls: specthink executor", ours("qwen3-xml", "<think>\n"), XML),
         ("<think> + XML calls: transformers ResponseParser", theirs("qwen3-xml", "<think>\n"),
          XML),
@@ -105,7 +119,7 @@ def main() -> None:
          HERMES_32K),
     ]
     for label, run, tokens in rows:
-        print(f"{label:55s} {cost(run, tokens):6.2f} us/token")
+        print(f"{label:62s} {cost(run, tokens):6.2f} us/token")
 
 
 if __name__ == "__main__":
