@@ -148,3 +148,16 @@ def test_a_bad_template_is_a_config_error_naming_the_problem(spec: Any, named: s
     error does not say what is wrong."""
     with pytest.raises(ConfigError, match=named):
         load_template(spec)
+
+
+def test_a_malformed_region_can_be_kept_as_text() -> None:
+    """If this fails, malformed="text" raises on a call with broken JSON (closed or cut off by
+    the end of the output) or loses its text, or the default stops raising as the format's
+    reference does."""
+    template = builtin_template("qwen3")
+    assert parse_response("Hi <tool_call>{bad</tool_call> there", template,
+                          malformed="text")["content"] == "<tool_call>{bad</tool_call> there"
+    assert parse_response("<tool_call>{bad", template, malformed="text") == {
+        "role": "assistant", "content": "<tool_call>{bad"}
+    with pytest.raises(ValueError, match="json"):
+        parse_response("<tool_call>{bad", template)
