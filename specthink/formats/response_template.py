@@ -249,6 +249,22 @@ class ResponseTemplate:
     def tool_calls_field(self) -> TemplateField | None:
         return self.fields.get("tool_calls")
 
+    def starts_in_reasoning(self, prompt: str) -> bool:
+        """Whether the output after ``prompt`` begins inside the reasoning: the prompt's tail
+        (after the last start anchor) opens it and does not close it (DeepSeek-R1 and Qwen3.5
+        generation prompts end with an opening ``<think>``; Qwen3.5's with thinking off closes
+        it again)."""
+        reasoning = self.reasoning_field
+        return reasoning is not None and ResponseParser(self, prompt).current == reasoning
+
+    @property
+    def reasoning_closers(self) -> tuple[str, ...]:
+        """The literal texts that end the reasoning (where ``scope="thinking"`` and reasoning
+        budgets stop), or ``()`` when the template gives a pattern or has no reasoning."""
+        name = self.reasoning_field
+        close = self.fields[name].close if name is not None else None
+        return close.literals or () if close is not None else ()
+
     def assistant_tail(self, prompt: str) -> str:
         """What the prompt already wrote of the assistant turn: the text after the last start
         anchor (all of it when the anchor does not occur)."""

@@ -161,3 +161,26 @@ def test_a_malformed_region_can_be_kept_as_text() -> None:
         "role": "assistant", "content": "<tool_call>{bad"}
     with pytest.raises(ValueError, match="json"):
         parse_response("<tool_call>{bad", template)
+
+
+@pytest.mark.parametrize(("template", "prompt", "inside"), [
+    ("deepseek-r1", "<｜User｜>2+2?<｜Assistant｜><think>\n", True),
+    ("qwen3-xml", "<|im_start|>assistant\n<think>\n", True),
+    ("qwen3-xml", "<|im_start|>assistant\n<think>\n\n</think>\n\n", False),
+    ("qwen3", "<|im_start|>assistant\n", False),
+    ("gpt-oss", "<|start|>assistant", False),
+    ("mistral-reasoning", "[INST]2+2?[/INST]", False),
+])
+def test_starts_in_reasoning_from_the_prompt_tail(template: str, prompt: str,
+                                                  inside: bool) -> None:
+    """If this fails, the engine would take a thinking model's reasoning for its answer (or
+    the reverse) because the prompt's opening (or closed) reasoning tag was misread."""
+    assert builtin_template(template).starts_in_reasoning(prompt) is inside
+
+
+def test_reasoning_closers() -> None:
+    """If this fails, the policy cannot learn where a family's reasoning ends."""
+    assert builtin_template("deepseek-r1").reasoning_closers == ("</think>",)
+    assert builtin_template("gpt-oss").reasoning_closers == ("<|end|>",)
+    assert builtin_template("gemma-4").reasoning_closers == ("<channel|>",)
+    assert builtin_template("mistral-reasoning").reasoning_closers == ("[/THINK]",)
