@@ -12,10 +12,10 @@ from .errors import (
     BackendStatusError,
     BackendTimeoutError,
     ConfigError,
+    InStreamError,
     PromptTooLongError,
     SpecthinkError,
     StreamDroppedError,
-    StreamErrorEvent,
     TargetFallbackWarning,
 )
 from .rules import TakeoverPolicy, TakeoverRules
@@ -39,6 +39,7 @@ __all__ = [
     "Event",
     "FallbackEvent",
     "FinishEvent",
+    "InStreamError",
     "PromptTooLongError",
     "Result",
     "Rule",
@@ -46,7 +47,6 @@ __all__ = [
     "SpeculativeThinker",
     "Statistics",
     "StreamDroppedError",
-    "StreamErrorEvent",
     "TakeoverEvent",
     "TakeoverPolicy",
     "TakeoverRules",
@@ -55,3 +55,12 @@ __all__ = [
 ]
 
 __version__ = _constants.VERSION
+
+
+def __getattr__(name: str) -> object:
+    # The old names of InStreamError (StreamErrorEvent), with errors' DeprecationWarning.
+    if name == "StreamErrorEvent":
+        from . import errors
+
+        return getattr(errors, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -49,6 +49,28 @@ def test_the_error_tree_draws_every_exception_class() -> None:
     assert sorted(c.__name__ for c in classes if f" {c.__name__}" not in drawn) == []
 
 
+def test_the_in_stream_errors_are_named_as_errors_and_the_old_names_still_import() -> None:
+    """``StreamErrorEvent``/``ContextLimitEvent`` read like trace events; they are
+    ``InStreamError``/``InStreamContextLimitError`` now, and code written against the old
+    names gets the same classes with a DeprecationWarning (broken: an import error after an
+    upgrade, or a silent alias that never goes away)."""
+    import pytest
+
+    from specthink import errors
+
+    assert "InStreamError" in specthink.__all__ and "StreamErrorEvent" not in specthink.__all__
+    assert issubclass(errors.InStreamContextLimitError, errors.ContextLimitError)
+    assert issubclass(errors.InStreamContextLimitError, errors.InStreamError)
+    for old, new in (("StreamErrorEvent", errors.InStreamError),
+                     ("ContextLimitEvent", errors.InStreamContextLimitError)):
+        with pytest.warns(DeprecationWarning, match=new.__name__):
+            assert getattr(errors, old) is new
+    with pytest.warns(DeprecationWarning, match="InStreamError"):
+        assert specthink.StreamErrorEvent is errors.InStreamError  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError):
+        errors.NoSuchError  # type: ignore[attr-defined]  # noqa: B018
+
+
 def test_exported_classes_keep_their_module_so_their_annotations_resolve() -> None:
     """Broken: ``__module__`` is rewritten to ``specthink`` (as the package root once did), and
     ``typing.get_type_hints`` (pydantic, dataclass tooling, IDEs) resolves a class's annotations

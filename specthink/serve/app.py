@@ -39,8 +39,18 @@ from specthink.serve.metrics import (
     multiprocess_dir,
 )
 from specthink.serve.protocol import ChunkWriter, parse_request
+from specthink.serve.responses import (
+    EventWriter,
+    ResponsesCall,
+    input_items_page,
+    not_found,
+    parse_responses_request,
+    prepare_response,
+    response_events,
+)
 from specthink.serve.serving import ChatCall, Thinkers, prepare, stream_events, whole_answer
 from specthink.serve.settings import ServeSettings
+from specthink.serve.store import ResponseStore
 from specthink.trace import Result
 
 __all__ = ["app_from_environment", "build_backends", "create_app"]
@@ -87,6 +97,7 @@ class _State:
         self.thinkers: Thinkers | None = None
         self.in_flight = 0
         self.created = int(time.time())
+        self.store = ResponseStore(settings.responses_store, settings.responses_ttl)
         self._keys = tuple(key.get_secret_value().encode() for key in settings.api_keys)
 
     def authorized(self, request: Request) -> bool:
@@ -218,6 +229,71 @@ class _ChatResponse(Response):
         self.state.metrics.observe_statistics(result.stats)
 
 
+class _ResponsesResponse(_ChatResponse):
+    """A ``POST /v1/responses`` answer: the chat path's engine run and hang-up handling, with
+    the Responses API's response object or event stream, kept in the store when asked."""
+
+    def __init__(self, state: _State, call: ResponsesCall, started: float) -> None:
+        super().__init__(state, call.chat, started)
+        self.responses = call
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.state.metrics.responses.labels(str(self.status)).inc()
+
+    async def _run(self, send: Send) -> None:
+        if self.call.stream:
+            await self._stream(send)
+            return
+        try:
+            result = await self.responses.result()
+        except Exception as exc:
+            await self._send_error(send, self._failed(exc))
+            return
+        self._observe(result)
+        answer = self.responses.whole(result)
+        self.responses.keep(self.state.store, answer)
+        body = orjson.dumps(answer)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", JSON.encode()),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _stream(self, send: Send) -> None:
+        events = self.call.events()
+        try:
+            try:
+                first = await anext(events)  # a failure before any text is a real status
+            except Exception as exc:
+                await self._send_error(send, self._failed(exc))
+                return
+            writer = EventWriter(self.responses)
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            await send({"type": "http.response.body", "body": writer.start(), "more_body": True})
+            metrics, started = self.state.metrics, self.started
+
+            def first_text() -> None:
+                metrics.time_to_first_token.observe(time.perf_counter() - started)
+
+            result: Result | None = None
+            try:
+                async for data, result in response_events(self.responses, first, events,
+                                                          writer, first_text):
+                    await send({"type": "http.response.body", "body": data,
+                                "more_body": result is None})
+            except Exception as exc:
+                await send({"type": "http.response.body",
+                            "body": writer.error(self._failed(exc)) + writer.done()})
+            if result is not None:
+                self._observe(result)
+            if writer.final is not None:
+                self.responses.keep(self.state.store, writer.final)
+        finally:
+            await events.aclose()
+
+
 async def _disconnected(receive: Receive) -> None:
     """Returns when the client has gone (or the response is complete)."""
     while True:
@@ -292,6 +368,59 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
         state.metrics.in_flight.inc()
         return _ChatResponse(state, call, started)
 
+    async def responses(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            if not state.authorized(request):
+                raise errors.unauthorized()
+            asked = parse_responses_request(await _read_body(request, settings.max_body_bytes))
+            if asked.model != settings.model_name:
+                raise errors.model_not_found(asked.model, settings.model_name)
+            thinkers = state.thinkers
+            if thinkers is None:
+                raise APIError(503, "The server is starting or stopping.",
+                               type="upstream_unavailable", code="not_ready")
+            session = (request.headers.get("x-session-id") or asked.prompt_cache_key
+                       or asked.user)
+            call = prepare_response(asked, state.store, lambda chat: prepare(
+                chat, settings, thinkers, session_id=session))
+            limit = settings.max_concurrency
+            if limit is not None and state.in_flight >= limit:
+                raise errors.too_busy(limit)
+        except Exception as exc:
+            error = errors.from_exception(exc)
+            state.metrics.requests.labels(str(error.status)).inc()
+            state.metrics.responses.labels(str(error.status)).inc()
+            return _error(error)
+        state.in_flight += 1
+        state.metrics.in_flight.inc()
+        return _ResponsesResponse(state, call, started)
+
+    async def stored_response(request: Request) -> Response:
+        if not state.authorized(request):
+            return _error(errors.unauthorized())
+        response_id = request.path_params["response_id"]
+        if request.method == "DELETE":
+            if not state.store.delete(response_id):
+                return _error(not_found(response_id, "response_id"))
+            return _json({"id": response_id, "object": "response", "deleted": True})
+        stored = state.store.get(response_id)
+        if stored is None:
+            return _error(not_found(response_id, "response_id"))
+        return _json(stored.response)
+
+    async def input_items(request: Request) -> Response:
+        if not state.authorized(request):
+            return _error(errors.unauthorized())
+        response_id = request.path_params["response_id"]
+        stored = state.store.get(response_id)
+        if stored is None:
+            return _error(not_found(response_id, "response_id"))
+        try:
+            return _json(input_items_page(stored.input_items, request.query_params))
+        except APIError as exc:
+            return _error(exc)
+
     def _model_card() -> dict[str, Any]:
         return {"id": settings.model_name, "object": "model", "created": state.created,
                 "owned_by": "specthink"}
@@ -332,6 +461,9 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
     return Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/responses", responses, methods=["POST"]),
+            Route("/v1/responses/{response_id}", stored_response, methods=["GET", "DELETE"]),
+            Route("/v1/responses/{response_id}/input_items", input_items, methods=["GET"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{name:path}", model, methods=["GET"]),
             Route("/health", health, methods=["GET"]),

@@ -83,13 +83,20 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(
         envvar="SPECTHINK_SERVE_MAX_BODY_BYTES", help="Larger request bodies get 413.")]
     = 4 * 1024 * 1024,
+    responses_store: Annotated[int, typer.Option(
+        envvar="SPECTHINK_SERVE_RESPONSES_STORE", min=0,
+        help="Responses API answers each worker keeps for previous_response_id (0: none).")]
+    = 1024,
+    responses_ttl: Annotated[float, typer.Option(
+        envvar="SPECTHINK_SERVE_RESPONSES_TTL",
+        help="Seconds a kept Responses API answer stays readable.")] = 3600.0,
     small_model: Annotated[str | None, model_option(
         "small", help="Model name sent to an OpenAI-compatible small server.")] = None,
     target_model: Annotated[str | None, model_option(
         "target", help="Model name sent to an OpenAI-compatible target server.")] = None,
 ) -> None:
-    """Serve speculative thinking as an OpenAI-compatible API: /v1/chat/completions
-    (streamed or not), /v1/models, /health and /metrics."""
+    """Serve speculative thinking as an OpenAI-compatible API: /v1/chat/completions and
+    /v1/responses (streamed or not), /v1/models, /health and /metrics."""
     try:
         import uvicorn
 
@@ -106,7 +113,8 @@ def serve(
         small_template=small_template, target_template=target_template,
         max_tokens=max_tokens, max_concurrency=max_concurrency,
         reasoning_field=reasoning_field, on_target_error=on_target_error,
-        max_body_bytes=max_body_bytes, drain_timeout=drain_timeout)
+        max_body_bytes=max_body_bytes, drain_timeout=drain_timeout,
+        responses_store=responses_store, responses_ttl=responses_ttl)
     console = stderr()
     runtime = event_loop_and_parser()
     console.print(f"specthink serve: http://{host}:{port}/v1 serves {model_name!r} "

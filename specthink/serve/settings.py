@@ -61,6 +61,11 @@ class ServeSettings(BaseModel):
     """Request bodies above this are answered 413."""
     drain_timeout: float = Field(default=30.0, ge=0)
     """Seconds in-flight requests may take to finish after SIGTERM."""
+    responses_store: int = Field(default=1024, ge=0)
+    """Responses API answers each worker keeps for ``previous_response_id`` and
+    ``GET /v1/responses/{id}`` (the oldest go first); ``0`` keeps none."""
+    responses_ttl: float = Field(default=3600.0, gt=0)
+    """Seconds a kept Responses API answer stays readable."""
 
     @field_validator("rules")
     @classmethod

@@ -26,10 +26,11 @@ from typing import Any, ClassVar, Literal
 
 import httpx
 
+from benchmarks.generate import GenerateClient
+from benchmarks.traces import TraceSpec, make_trace, messages_for
 from specthink import _constants
-from specthink.backends import Backend, SamplingParams, ServerInfo, TGIBackend, create
+from specthink.backends import Backend, SamplingParams, ServerInfo, create
 from specthink.backends.tgi import generate_parameters
-from specthink.bench.traces import TraceSpec, make_trace, messages_for
 from specthink.engine import SpeculativeThinker
 from specthink.prompts import DEEPSEEK_R1, render_prompt
 from specthink.rules import TakeoverRules
@@ -266,9 +267,10 @@ class AuthorsLoopPolicy(Policy):
                  layout: str = "default") -> None:
         super().__init__(small_url, target_url, trace, layout=layout)
         self.rules = TakeoverRules.paper()
-        # The engine's own backends (pooled clients, timeouts, error mapping, retry policy),
-        # so that only the control loops differ.
-        self._servers = {"small": TGIBackend(small_url), "target": TGIBackend(target_url)}
+        # Non-streamed requests priced as the engine's (its transport, timeouts, pool limits,
+        # retry bounds), so that only the control loops differ.
+        self._servers = {"small": GenerateClient(small_url),
+                         "target": GenerateClient(target_url)}
         self._intervention_tokens = Tokenizer().count(self.rules.intervention_text)
 
     async def _generate(self, role: str, prompt: str, max_new_tokens: int,
@@ -281,8 +283,7 @@ class AuthorsLoopPolicy(Policy):
         answer = await self._servers[role].generate(
             prompt, max_new_tokens=max_new_tokens, sampling=SamplingParams(),
             stop=stop or (), on_attempt=attempt)
-        tokens = [t.text for t in answer.tokens if not t.special]
-        return _Generated("".join(tokens), tokens, answer.finish_reason == "eos")
+        return _Generated(answer.text, list(answer.tokens), answer.finish_reason == "eos")
 
     async def run(self, conversation: int, budget: int | None = None) -> Outcome:
         rules = self.rules
@@ -457,6 +458,6 @@ POLICIES: dict[str, type[Policy]] = {
 
 # "Through specthink serve" sits beside the in-process engine; its module needs this one, so it
 # is added once this module is complete.
-from specthink.bench.serve_policy import ServePolicy  # noqa: E402
+from benchmarks.serve_policy import ServePolicy  # noqa: E402
 
 POLICIES[ServePolicy.name] = ServePolicy

@@ -9,8 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from specthink.bench.metrics import CellMetrics
-from specthink.bench.runner import BenchResult
+from benchmarks.metrics import CellMetrics
+from benchmarks.runner import BenchResult
 
 __all__ = ["headline", "to_json", "to_markdown", "write_report"]
 

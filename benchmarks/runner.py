@@ -27,12 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from specthink.bench.metrics import CellMetrics, cell_metrics
-from specthink.bench.policies import POLICIES
-from specthink.bench.profiles import SMALL_1_5B_A100, TARGET_32B_A100, GPUProfile
-from specthink.bench.servers import ServerPair
-from specthink.bench.traces import TraceSpec, make_trace
-from specthink.bench.worker import (
+import specthink
+from benchmarks.metrics import CellMetrics, cell_metrics
+from benchmarks.policies import POLICIES
+from benchmarks.profiles import SMALL_1_5B_A100, TARGET_32B_A100, GPUProfile
+from benchmarks.servers import ServerPair
+from benchmarks.traces import TraceSpec, make_trace
+from benchmarks.worker import (
     WARMUP_CONVERSATION,
     CellOutcome,
     CellSpec,
@@ -71,7 +72,7 @@ class BenchConfig:
     policies: tuple[str, ...] = ("engine", "authors", "small", "target")
     layouts: tuple[str, ...] = ("single-client", "per-conversation")
     """Further connection-pool layouts for the engine at the largest level ("default" is
-    always run); see :class:`~specthink.bench.policies.EnginePolicy`."""
+    always run); see :class:`~benchmarks.policies.EnginePolicy`."""
     time_scale: float | None = None
     """A fixed lower bound of every cell's scale instead of the ``token_floor`` rule."""
     token_floor: float = 0.005
@@ -179,7 +180,7 @@ SOURCES = ("engine.py", "backends/_connection.py", "backends/_sse.py", "backends
 
 
 def _machine() -> dict[str, str]:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(specthink.__file__).resolve().parent
     sources = []
     for name in SOURCES:
         try:

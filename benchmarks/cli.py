@@ -1,5 +1,5 @@
 """The ``bench`` command: ``specthink bench --out docs/benchmarks`` (or
-``python -m specthink.bench``). Progress and the headline go to stderr; the written files'
+``python -m benchmarks``). Progress and the headline go to stderr; the written files'
 paths (or, with ``--json``, every figure) go to stdout."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from specthink.bench.report import headline, to_json, write_report
-from specthink.bench.runner import BenchConfig, Level, run_bench
+from benchmarks.report import headline, to_json, write_report
+from benchmarks.runner import BenchConfig, Level, run_bench
 
 __all__ = ["bench", "parse_levels", "register"]
 
@@ -162,8 +162,8 @@ def _configured(config: Config, changes: dict[str, object]) -> Config:
 
 def _scale_out(out: Path, replicas: str, levels: str | None, *, quick: bool, seed: int,
                json_output: bool) -> None:
-    """``--replicas``: the scale-out cells (see :mod:`specthink.bench.scaleout`)."""
-    from specthink.bench.scaleout import (
+    """``--replicas``: the scale-out cells (see :mod:`benchmarks.scaleout`)."""
+    from benchmarks.scaleout import (
         ScaleOutConfig,
         run_scale_out,
         scale_headline,
@@ -185,9 +185,9 @@ def _scale_out(out: Path, replicas: str, levels: str | None, *, quick: bool, see
 def _ttft(out: Path, *, quick: bool, seed: int, rounds: int | None, gc_freeze: bool,
           clients: str | None, json_output: bool) -> None:
     """``--ttft``: run, write ``ttft.md``/``ttft.json``, print the targets (see
-    :mod:`specthink.bench.ttft`)."""
-    from specthink.bench.ttft import TTFTConfig, run_ttft, targets, write_ttft
-    from specthink.bench.ttft import to_json as ttft_to_json
+    :mod:`benchmarks.ttft`)."""
+    from benchmarks.ttft import TTFTConfig, run_ttft, targets, write_ttft
+    from benchmarks.ttft import to_json as ttft_to_json
 
     config = TTFTConfig.quick() if quick else TTFTConfig()
     changes: dict[str, object] = {

@@ -1,10 +1,10 @@
-"""``python -m specthink.bench [--out DIR] [--quick] ...``: the ``bench`` command on its own."""
+"""``python -m benchmarks [--out DIR] [--quick] ...``: the ``bench`` command on its own."""
 
 from __future__ import annotations
 
 import typer
 
-from specthink.bench.cli import bench
+from benchmarks.cli import bench
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from specthink.bench.ttft import CLIENTS, TTFTConfig, percentile, run_ttft, targets, write_ttft
+from benchmarks.ttft import CLIENTS, TTFTConfig, percentile, run_ttft, targets, write_ttft
 
 CLIENT_SUBSET = ("langchain", "engine", "engine-chatml", "httpx", "socket", "socket-preopen")
 
@@ -27,7 +27,7 @@ def result() -> object:
 def test_every_client_gets_every_first_text(result: object) -> None:
     """Each client at each level answered all its conversations up to their first text
     (broken: a client's request or stream reader is wrong, or a level lost conversations)."""
-    from specthink.bench.ttft import TTFTResult
+    from benchmarks.ttft import TTFTResult
 
     assert isinstance(result, TTFTResult)
     assert result.errors == []
@@ -45,7 +45,7 @@ def test_requests_before_the_first_generation_come_from_the_servers_records(
     servers; later ones ask nothing, since the servers' ChatML is learnt; with the template
     known client-side, only the /info; the bare clients send only the generation (broken: the
     call records are attributed to the wrong conversation, or the engine regressed)."""
-    from specthink.bench.ttft import TTFTResult
+    from benchmarks.ttft import TTFTResult
 
     assert isinstance(result, TTFTResult)
     engine = result.cells_of("engine", 1)[0]
@@ -73,7 +73,7 @@ def test_requests_before_the_first_generation_come_from_the_servers_records(
 def test_the_report_states_the_targets(result: object, tmp_path: Path) -> None:
     """ttft.md names each target of the issue with a verdict and ttft.json holds every cell
     (broken: a target silently missing from the report)."""
-    from specthink.bench.ttft import TTFTResult
+    from benchmarks.ttft import TTFTResult
 
     assert isinstance(result, TTFTResult)
     markdown, data = write_ttft(result, tmp_path)
@@ -124,7 +124,7 @@ def test_the_command_runs_the_clients_it_is_given(monkeypatch: pytest.MonkeyPatc
     before anything runs (broken: the option is ignored, or a typo starts a full run)."""
     from typer.testing import CliRunner
 
-    from specthink.bench import ttft
+    from benchmarks import ttft
     from specthink.cli import app
 
     asked: list[TTFTConfig] = []

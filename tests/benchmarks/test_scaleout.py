@@ -10,17 +10,17 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from specthink.bench.cli import register
-from specthink.bench.policies import Outcome
-from specthink.bench.runner import Level
-from specthink.bench.scaleout import (
+from benchmarks.cli import register
+from benchmarks.policies import Outcome
+from benchmarks.runner import Level
+from benchmarks.scaleout import (
     ScaleOutConfig,
     run_scale_out,
     scale_cell,
     scale_headline,
     write_scale_report,
 )
-from specthink.bench.servers import RecordSummary
+from benchmarks.servers import RecordSummary
 from specthink.testing.routers import unavailable_reason
 from specthink.testing.server import LatencyModel
 

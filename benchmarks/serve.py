@@ -1,6 +1,6 @@
 """The benchmark "through ``specthink serve``": the same traces and latency model as the
 in-process engine, answered by an OpenAI client streaming from a ``specthink serve`` process
-that runs the engine (``python -m specthink.bench.serve`` or ``specthink bench-serve``).
+that runs the engine (``python -m benchmarks.serve`` or ``specthink bench-serve``).
 
 Per level (1, 16, 256 conversations at once): wall/ideal of the in-process engine, of the
 server with one worker and with ``--workers 2``, and the time to first token each adds over the
@@ -25,12 +25,12 @@ import orjson
 import typer
 from rich.console import Console
 
-from specthink.bench.metrics import cell_metrics
-from specthink.bench.runner import BenchConfig, Level, measure_capacity
-from specthink.bench.serve_policy import ServePolicy
-from specthink.bench.servers import ServerPair
-from specthink.bench.traces import TraceSpec
-from specthink.bench.worker import WARMUP_CONVERSATION, CellSpec, run_cell_in_child
+from benchmarks.metrics import cell_metrics
+from benchmarks.runner import BenchConfig, Level, measure_capacity
+from benchmarks.serve_policy import ServePolicy
+from benchmarks.servers import ServerPair
+from benchmarks.traces import TraceSpec
+from benchmarks.worker import WARMUP_CONVERSATION, CellSpec, run_cell_in_child
 from specthink.output import split_reasoning
 
 __all__ = ["ServeBenchResult", "ServePolicy", "ServeRow", "bench_serve", "register",
@@ -206,7 +206,7 @@ def register(app: typer.Typer) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m specthink.bench.serve [OUT] [--quick]``."""
+    """``python -m benchmarks.serve [OUT] [--quick]``."""
     args = sys.argv[1:] if argv is None else argv
     quick = "--quick" in args
     paths = [a for a in args if not a.startswith("--")]

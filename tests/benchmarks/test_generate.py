@@ -1,11 +1,12 @@
-"""``TGIBackend.generate``: TGI's non-streamed ``/generate`` (the benchmark's authors' loop
+"""``GenerateClient``: TGI's non-streamed ``/generate`` (the benchmark's authors' loop
 drives it), with stop strings, retries counted and the routing key sent."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from specthink.backends import SamplingParams, TGIBackend
+from benchmarks.generate import GenerateClient
+from specthink.backends import SamplingParams
 from specthink.testing import LoopbackServer, ScriptedModel
 from specthink.testing.server import Fault
 
@@ -16,7 +17,7 @@ PROMPT = "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
 async def test_generate_stops_at_a_stop_string_and_keeps_it(loopback_server: Start) -> None:
     """Broken: the stop strings are not sent, or the answer's tokens are misread."""
     server = loopback_server(ScriptedModel.single("One step.\n\nTwo steps."))
-    backend = TGIBackend(server.url)
+    backend = GenerateClient(server.url)
     try:
         answer = await backend.generate(PROMPT, max_new_tokens=64, sampling=SamplingParams(),
                                         stop=["\n\n"])
@@ -33,7 +34,7 @@ async def test_generate_is_retried_and_each_attempt_reported(loopback_server: St
     server = loopback_server(ScriptedModel.single("Done."))
     server.inject(Fault.status(503))
     attempts: list[int] = []
-    backend = TGIBackend(server.url, retry_backoff=0.0)
+    backend = GenerateClient(server.url, initial_backoff=0.0)
     try:
         answer = await backend.generate(PROMPT, max_new_tokens=8, sampling=SamplingParams(),
                                         on_attempt=attempts.append, routing_key="conv-9")

@@ -24,8 +24,8 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from specthink.bench.policies import Outcome
-from specthink.bench.servers import RecordSummary
+from benchmarks.policies import Outcome
+from benchmarks.servers import RecordSummary
 from specthink.testing.server import LatencyModel
 
 __all__ = ["CellMetrics", "Rates", "busy_seconds", "cell_metrics"]

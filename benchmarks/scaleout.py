@@ -27,19 +27,20 @@ import os
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from specthink.bench.metrics import Rates
-from specthink.bench.policies import Outcome
-from specthink.bench.profiles import SMALL_1_5B_A100, TARGET_32B_A100, GPUProfile
-from specthink.bench.report import _no_nan, _num, _pct
-from specthink.bench.runner import Level, _machine
-from specthink.bench.servers import RecordSummary, Role, ServerProcess, ServerSpec
-from specthink.bench.traces import TraceSpec
-from specthink.bench.worker import WARMUP_CONVERSATION, CellSpec, run_cell, run_cell_in_child
+from benchmarks.metrics import Rates
+from benchmarks.policies import Outcome
+from benchmarks.profiles import SMALL_1_5B_A100, TARGET_32B_A100, GPUProfile
+from benchmarks.report import _no_nan, _num, _pct
+from benchmarks.runner import Level, _machine
+from benchmarks.servers import RecordSummary, Role, ServerProcess, ServerSpec
+from benchmarks.traces import TraceSpec
+from benchmarks.worker import WARMUP_CONVERSATION, CellSpec, run_cell, run_cell_in_child
 from specthink.testing.routers import Router, RouterKind, unavailable_reason
 from specthink.testing.server import LatencyModel
 
@@ -213,6 +214,14 @@ def _records(pool: Sequence[ServerProcess]) -> list[RecordSummary]:
     return out
 
 
+def _each(action: Callable[[Router], object], routers: Iterable[Router]) -> None:
+    """``action`` on every router side by side: a router takes about a second to start and
+    another to stop, before and after the measured cell; any failure is raised."""
+    with ThreadPoolExecutor() as pool:
+        for done in [pool.submit(action, router) for router in routers]:
+            done.result()
+
+
 def _cell(config: ScaleOutConfig, result: ScaleOutResult, pools: dict[Role, list[ServerProcess]],
           level: Level, replicas: int, keyed: bool) -> ScaleCell:
     trace = TraceSpec(config.seed, level.paragraphs, rule2=level.rule2)
@@ -227,14 +236,12 @@ def _cell(config: ScaleOutConfig, result: ScaleOutResult, pools: dict[Role, list
                             extra_args=config.router_args, startup_timeout=60)
                for role in ROLES}
     try:
-        for router in routers.values():
-            router.start()
+        _each(Router.start, routers.values())
         spec = CellSpec(KEYED_POLICY[keyed], numbers, routers["small"].url,
                         routers["target"].url, trace)
         out = run_cell_in_child(spec) if config.isolate else run_cell(spec)
     finally:
-        for router in routers.values():
-            router.stop()
+        _each(Router.stop, routers.values())
     result.errors.extend(out.errors)
     records = {role: _records(pools[role][:replicas]) for role in ROLES}
     return scale_cell(replicas=replicas, keyed=keyed, scale=config.scale,

@@ -1,5 +1,5 @@
 """The "through ``specthink serve``" policy: an OpenAI-protocol client of a ``specthink serve``
-process it starts itself (see :mod:`specthink.bench.serve` for the benchmark)."""
+process it starts itself (see :mod:`benchmarks.serve` for the benchmark)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from typing import Any
 import httpx
 import orjson
 
+from benchmarks.policies import Outcome, Policy, budget_for
+from benchmarks.traces import TraceSpec, make_trace, messages_for
 from specthink.backends._transport import LeanTransport
-from specthink.bench.policies import Outcome, Policy, budget_for
-from specthink.bench.traces import TraceSpec, make_trace, messages_for
 
 __all__ = ["LAYOUTS", "ServePolicy"]
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = {"default": 1, "workers-2": 2}
 """ServePolicy layouts: the number of ``specthink serve`` workers."""
 

@@ -18,8 +18,8 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-from specthink.bench.policies import POLICIES, Outcome
-from specthink.bench.traces import TraceSpec, make_trace
+from benchmarks.policies import POLICIES, Outcome
+from benchmarks.traces import TraceSpec, make_trace
 
 __all__ = ["CellOutcome", "CellSpec", "HotSpot", "run_cell", "run_cell_in_child"]
 
@@ -130,6 +130,8 @@ def _profile_rows(profiler: cProfile.Profile) -> list[HotSpot]:
         calls, own, cumulative = entry[1], entry[2], entry[3]
         if "site-packages/" in filename:
             where = filename.split("site-packages/")[-1]
+        elif "/benchmarks/" in filename:  # the harness, beside the package in a checkout
+            where = "benchmarks/" + filename.split("/benchmarks/")[-1]
         elif "/specthink/" in filename:
             where = "specthink/" + filename.split("/specthink/")[-1]
         else:
@@ -145,8 +147,7 @@ def _hot_spots(rows: list[HotSpot], limit: int = 25) -> list[HotSpot]:
 
 
 def _call_tree(rows: list[HotSpot], limit: int = 25) -> list[HotSpot]:
-    ours = [row for row in rows if row.function.startswith("specthink/")
-            and not row.function.startswith("specthink/bench/")]
+    ours = [row for row in rows if row.function.startswith("specthink/")]
     return sorted(ours, key=lambda row: row.cumulative_seconds, reverse=True)[:limit]
 
 

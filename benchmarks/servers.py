@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Literal
 
-from specthink.bench.traces import (
+from benchmarks.traces import (
     SmallTraceModel,
     TargetTraceModel,
     TraceSpec,
@@ -150,13 +150,24 @@ def _serve(spec: ServerSpec, conn: Connection) -> None:
         conn.close()
 
 
+def _server_context() -> multiprocessing.context.ForkServerContext:
+    """Servers are forked from multiprocessing's fork server, a fresh process that imports
+    this module once: each server then starts in milliseconds, where a spawned one imports
+    the web stack and specthink anew (about a CPU second each, many seconds for a pool of
+    replicas on 2 cores). Forked from that clean process, not from the client, a server
+    inherits none of the client's threads, loops or sockets."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # no effect once the fork server runs
+    return context
+
+
 class ServerProcess:
     """A loopback server for one role in a child process; use it as a context manager."""
 
     def __init__(self, spec: ServerSpec) -> None:
         self.spec = spec
         self.url = ""
-        context = multiprocessing.get_context("spawn")
+        context = _server_context()
         self._conn, child = context.Pipe()
         self._process = context.Process(target=_serve, args=(spec, child), daemon=True,
                                         name=f"bench-{spec.role}-server")

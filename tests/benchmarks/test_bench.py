@@ -13,11 +13,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from specthink.bench.cli import parse_levels, register
-from specthink.bench.metrics import busy_seconds
-from specthink.bench.report import write_report
-from specthink.bench.runner import BenchConfig, BenchResult, Level, run_bench
-from specthink.bench.traces import (
+from benchmarks.cli import parse_levels, register
+from benchmarks.metrics import busy_seconds
+from benchmarks.report import write_report
+from benchmarks.runner import BenchConfig, BenchResult, Level, run_bench
+from benchmarks.traces import (
     INSTRUCTION,
     SmallTraceModel,
     TargetTraceModel,

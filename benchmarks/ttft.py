@@ -1,7 +1,7 @@
 """Time to first token under a burst: ``specthink bench --ttft --out docs/benchmarks``.
 
 Every client answers the same conversations against the same two loopback TGI servers (child
-processes, :class:`~specthink.bench.servers.ServerPair`), with a latency model that makes the
+processes, :class:`~benchmarks.servers.ServerPair`), with a latency model that makes the
 first token cost what a GPU's would (by default 10 ms per request and 40 ms per small-model
 token, nothing for ``/info`` or a render). Each conversation ends at its first chunk with text:
 what is measured is the time from the call to that chunk, and nothing after it competes for
@@ -54,10 +54,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import httpx
 
+from benchmarks.servers import ServerPair
+from benchmarks.traces import TraceSpec, make_trace, messages_for
 from specthink.backends import SamplingParams, create
 from specthink.backends.tgi import generate_parameters
-from specthink.bench.servers import ServerPair
-from specthink.bench.traces import TraceSpec, make_trace, messages_for
 from specthink.engine import SpeculativeThinker
 from specthink.prompts import CHATML
 from specthink.testing.server import CallRecord, LatencyModel
@@ -733,7 +733,7 @@ def to_markdown(result: TTFTResult) -> str:
         f"{result.machine['python']}, {result.machine['cpus']} CPUs, load average "
         f"{result.machine['loadavg']} before and {result.machine.get('loadavg_after', '?')} "
         f"after). Every figure is also in [{_stem(config)}.json]({_stem(config)}.json); how "
-        f"the bench works is in the docstring of `specthink/bench/ttft.py` and in "
+        f"the bench works is in the docstring of `benchmarks/ttft.py` and in "
         f"[methodology](methodology.md#ttft)." + freeze,
         "",
         f"- servers: the bench's two loopback TGI servers in child processes; "
