@@ -302,6 +302,8 @@ class SpeculativeThinker:
 
     async def _prepare(self, request: ChatRequest) -> _Run:
         sampling = request.sampling
+        if self.output_format.template is not None and not sampling.keep_special_tokens:
+            sampling = dataclasses.replace(sampling, keep_special_tokens=True)
         if request.grammar is not None and self.small.supports_grammar \
                 and self.target.supports_grammar:
             sampling = dataclasses.replace(sampling, grammar=request.grammar)

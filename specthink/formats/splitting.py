@@ -99,11 +99,18 @@ class TemplateSplitter:
 
     ``tools`` names the offered functions (or holds OpenAI tool objects, whose schemas also
     cast call arguments); ``max_tool_calls=1`` keeps the first call only.
+    ``starts_in_reasoning``, when the caller decided it already (the engine's ``StartEvent``),
+    stands for the prompt.
     """
 
     def __init__(self, template: ResponseTemplate, prompt: str = "", *,
                  tools: Iterable[str | Mapping[str, Any]] | None = None,
-                 max_tool_calls: int | None = None) -> None:
+                 max_tool_calls: int | None = None,
+                 starts_in_reasoning: bool | None = None) -> None:
+        if starts_in_reasoning is not None:
+            field = template.fields.get(template.reasoning_field or "")
+            opener = field.open.literals if field is not None and field.open else None
+            prompt = opener[0] if starts_in_reasoning and opener else ""
         offered = list(tools or ())
         self.tool_names = frozenset(
             t if isinstance(t, str) else str((t.get("function") or t).get("name"))
