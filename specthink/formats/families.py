@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from . import THINK_HERMES, OutputFormat
 from .response_template import ResponseTemplate, load_template
 
-__all__ = ["FAMILIES", "Family", "builtin_template", "family_of", "response_template_for",
-           "template_names"]
+__all__ = ["FAMILIES", "Family", "builtin_template", "family_of", "output_format_for",
+           "response_template_for", "template_names"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,3 +149,19 @@ def response_template_for(model: str | None,
         f"family specthink knows ({known}) and its template has no response_template. Pass "
         f"response_template= for the {role} model: one of {', '.join(template_names())}, a "
         "response template dict, or the path of a tokenizer_config.json that has one")
+
+
+def output_format_for(given: Mapping[str, Any] | str | Path | ResponseTemplate | None,
+                      model: str | None = None, *, role: str = "small") -> OutputFormat:
+    """The output format a pair reads its models' text with: ``None`` is the ``<think>`` +
+    Hermes default; ``"auto"`` the built-in of ``model``'s family (a ``ConfigError`` naming
+    what to pass when the family is unknown); anything else as :func:`response_template_for`
+    takes it."""
+    if given is None:
+        return THINK_HERMES
+    if isinstance(given, str) and given.strip().lower() == "auto":
+        template = response_template_for(model, None, role=role)
+        family = family_of(model or "")
+        return OutputFormat.from_template(template, family.name if family else "auto")
+    name = given.strip() if isinstance(given, str) else "response-template"
+    return OutputFormat.from_template(response_template_for(model, given, role=role), name)

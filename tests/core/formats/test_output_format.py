@@ -37,3 +37,21 @@ def test_the_completion_body_keeps_special_tokens_when_asked() -> None:
     assert keep["skip_special_tokens"] is False
     plain = completion_body("p", model="m", max_new_tokens=4, sampling=SamplingParams())
     assert "skip_special_tokens" not in plain
+
+
+def test_the_pair_settings_choose_the_format() -> None:
+    """If this fails, a user cannot say (by name, or by the small model's family) how the
+    models mark their output, or an unknown family is found out only mid-request."""
+    import pytest
+
+    from specthink.errors import ConfigError
+    from specthink.settings import PairSettings
+
+    urls = {"small_url": "http://127.0.0.1:9", "target_url": "http://127.0.0.1:9"}
+    assert PairSettings(**urls).pair_output_format() is THINK_HERMES
+    named = PairSettings(**urls, response_template="gpt-oss").build()
+    assert named.output_format.template is builtin_template("gpt-oss")
+    auto = PairSettings(**urls, response_template="auto", small_model="google/gemma-4-31B-it")
+    assert auto.pair_output_format().template is builtin_template("gemma-4")
+    with pytest.raises(ConfigError, match="response_template="):
+        PairSettings(**urls, response_template="auto", small_model="acme/reasoner-7b")
