@@ -110,3 +110,4 @@ async def test_without_the_template_harmony_is_fused_text(
     # them is not the model's own text, so it breaks off after the first handoff.
     assert whole.reasoning == ""
     assert whole.answer.startswith("analysis12 * 13 = 120 + 36.")
+
