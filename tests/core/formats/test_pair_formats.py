@@ -111,3 +111,56 @@ async def test_without_the_template_harmony_is_fused_text(
     assert whole.reasoning == ""
     assert whole.answer.startswith("analysis12 * 13 = 120 + 36.")
 
+
+
+QWEN35 = JinjaChatTemplate(
+    "qwen3.5", (Path(__file__).resolve().parents[2] / "data" / "chat_templates"
+                / "Qwen3.5-4B.jinja").read_text(encoding="utf-8"),
+    special_tokens=("<|im_end|>",), stop_tokens=("<|im_end|>",))
+DECOY = "<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n" \
+        "</function>\n</tool_call>"
+XML_REASONING = ("The user wants the weather.\n\nWait, maybe Oslo first:\n" + DECOY
+                 + "\n\nNo, the question is about Paris.")
+XML_TURN = (f"<think>\n{XML_REASONING}\n</think>\n\nLet me check.\n\n<tool_call>\n"
+            "<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n"
+            "</tool_call><|im_end|>")
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather of a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+
+
+class Qwen35Model:
+    """Qwen3.5, greedy: one thinking turn with an XML call after the generation prompt (which
+    opens ``<think>``), continued from whatever the prompt holds of it."""
+
+    def continuation(self, prompt: str) -> Continuation:
+        written = prompt[prompt.rfind("<|im_start|>assistant\n") + len(
+            "<|im_start|>assistant\n"):]
+        return Continuation(XML_TURN[len(written):] if XML_TURN.startswith(written) else "")
+
+
+async def test_qwen35_pair_calls_in_xml(loopback_server: Callable[..., object]) -> None:
+    """If this fails, a Qwen3.5 / Nemotron 3 pair leaves its XML call as text in the answer
+    (issue 21), executes the call it only drafted while thinking, or starts outside the
+    reasoning its prompt opened."""
+    options = {"flavor": "vllm", "chat_template": QWEN35}
+    pair = ServerPair(loopback_server(Qwen35Model(), model_id="Qwen/Qwen3.5-4B", **options),
+                      loopback_server(Qwen35Model(), model_id="Qwen/Qwen3.5-27B", **options))
+    engine = SpeculativeThinker(
+        small=OpenAICompletionsBackend(pair.small.url, model="Qwen/Qwen3.5-4B"),
+        target=OpenAICompletionsBackend(pair.target.url, model="Qwen/Qwen3.5-27B"),
+        small_template="server", target_template="server",
+        output_format=OutputFormat.from_template(builtin_template("qwen3-xml")))
+    try:
+        result = await engine.agenerate(
+            [{"role": "user", "content": "Weather in Paris?"}], tools=WEATHER)
+    finally:
+        await engine.aclose()
+    assert result.starts_in_reasoning
+    assert result.stats.total_takeovers >= 1
+    whole = split_result(result)
+    assert whole.reasoning == XML_REASONING
+    assert whole.answer == "Let me check."
+    assert [(c.name, c.arguments) for c in whole.tool_calls] == [("get_weather",
+                                                                 {"city": "Paris"})]
