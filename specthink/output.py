@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from .formats import THINK_HERMES, OutputFormat, Span, held_back
 from .formats.splitting import TemplateSplit, TemplateSplitter
@@ -226,12 +226,13 @@ def split_result(result: Result, *, tools: Iterable[str] | FromStream | None = F
     ``tools`` and ``max_tool_calls`` default to the request's (``Result.tool_names``,
     ``Result.max_tool_calls``); pass them to read the text otherwise.
     """
+    schemas: list[dict[str, Any]] = []
     if tools is FROM_STREAM:
-        tools = result.tool_names
+        tools, schemas = result.tool_names, list(result.tool_schemas)
     if max_tool_calls is FROM_STREAM:
         max_tool_calls = result.max_tool_calls
     if result.output_format.template is not None:
-        splitter = TemplateSplitter(result.output_format.template, tools=tools or (),
+        splitter = TemplateSplitter(result.output_format.template, tools=schemas or tools or (),
                                     max_tool_calls=max_tool_calls,
                                     starts_in_reasoning=result.starts_in_reasoning)
         splitter.feed(result.text)
@@ -304,8 +305,10 @@ class OutputSplitter:
                 self.max_tool_calls = event.max_tool_calls
             self._format = event.output_format
             if event.output_format.template is not None:
+                schemas = [t for t in event.tool_schemas
+                           if t["function"]["name"] in (self.tools or ())]
                 self._by_template = TemplateSplitter(
-                    event.output_format.template, tools=self.tools or (),
+                    event.output_format.template, tools=schemas or self.tools or (),
                     max_tool_calls=self.max_tool_calls,
                     starts_in_reasoning=event.starts_in_reasoning)
             self._splitter = ReasoningSplitter(start=event.reasoning_start,

@@ -122,11 +122,12 @@ DECOY = "<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</paramete
 XML_REASONING = ("The user wants the weather.\n\nWait, maybe Oslo first:\n" + DECOY
                  + "\n\nNo, the question is about Paris.")
 XML_TURN = (f"<think>\n{XML_REASONING}\n</think>\n\nLet me check.\n\n<tool_call>\n"
-            "<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n"
-            "</tool_call><|im_end|>")
+            "<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n"
+            "</parameter>\n</function>\n</tool_call><|im_end|>")
 WEATHER = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather of a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "days": {"type": "integer"}},
                    "required": ["city"]}}}]
 
 
@@ -142,8 +143,8 @@ class Qwen35Model:
 
 async def test_qwen35_pair_calls_in_xml(loopback_server: Callable[..., object]) -> None:
     """If this fails, a Qwen3.5 / Nemotron 3 pair leaves its XML call as text in the answer
-    (issue 21), executes the call it only drafted while thinking, or starts outside the
-    reasoning its prompt opened."""
+    (issue 21), executes the call it only drafted while thinking, starts outside the reasoning
+    its prompt opened, or passes an integer argument as a string."""
     options = {"flavor": "vllm", "chat_template": QWEN35}
     pair = ServerPair(loopback_server(Qwen35Model(), model_id="Qwen/Qwen3.5-4B", **options),
                       loopback_server(Qwen35Model(), model_id="Qwen/Qwen3.5-27B", **options))
@@ -162,5 +163,6 @@ async def test_qwen35_pair_calls_in_xml(loopback_server: Callable[..., object]) 
     whole = split_result(result)
     assert whole.reasoning == XML_REASONING
     assert whole.answer == "Let me check."
-    assert [(c.name, c.arguments) for c in whole.tool_calls] == [("get_weather",
-                                                                 {"city": "Paris"})]
+    # The XML call's "2" is cast by the offered schema, as transformers and vLLM cast it.
+    assert [(c.name, c.arguments) for c in whole.tool_calls] == [
+        ("get_weather", {"city": "Paris", "days": 2})]
