@@ -181,8 +181,8 @@ class _Part(ABC, Generic[A]):
     def answer(self, action: A, text: str) -> Sequence[Event]:
         """Carry out the policy's answer to ``text`` other than ``ACCEPT`` and ``HOLD``."""
 
-    def dropped(self) -> None:
-        """The stream broke and will be resumed."""
+    def restarted(self) -> None:
+        """The part's stream is asked again from the accepted text (it broke)."""
 
     def ended(self) -> Sequence[Event]:
         """The stream ended by itself, the part goes on."""
@@ -207,7 +207,7 @@ class _SmallPart(_Part[SmallAction]):
         # a release of held text, then maybe a takeover (the policy's ``handover`` then)
         return self.engine._release(self.run, action)
 
-    def dropped(self) -> None:
+    def restarted(self) -> None:
         self.run.policy.small_dropped()  # held tokens go back to the earliest open window
 
     def ended(self) -> Sequence[Event]:
@@ -669,7 +669,7 @@ class SpeculativeThinker:
         if isinstance(exc, StreamDroppedError) and part.resumes < self.max_stream_resumes:
             part.resumes += 1
             run.stats.resumed_streams[part.role] += 1
-            part.dropped()
+            part.restarted()
             return ()
         return part.failed(exc)
 
