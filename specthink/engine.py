@@ -555,14 +555,16 @@ class SpeculativeThinker:
         policy.start()
         part: _Part[Any] = _SmallPart(self, run)
         while not run.done:
-            # A part lasts while the policy's handover is still the one it carries out; when the
-            # policy decides otherwise, the next part begins with its opening.
-            if policy.handover is part.handover:
+            # A part lasts while the policy's handover is still the one it carries out.
+            handover = policy.handover
+            if handover is part.handover:
                 writes = self._stream(run, part)
-            else:
-                part = _SmallPart(self, run) if policy.handover is None \
-                    else _TargetPart(self, run, policy.handover)
-                writes = self._opening(run, part.handover)
+            elif handover is None:  # handed back: the small model writes on
+                part = _SmallPart(self, run)
+                continue
+            else:  # a takeover, which begins with its opening
+                part = _TargetPart(self, run, handover)
+                writes = self._opening(run, handover)
             async with aclosing(writes) as stream:
                 async for event in stream:
                     yield event
@@ -577,13 +579,10 @@ class SpeculativeThinker:
         for event in self._flush(run):
             yield event
 
-    async def _opening(self, run: _Run,
-                       handover: Handover | None) -> AsyncGenerator[Event, None]:
+    async def _opening(self, run: _Run, handover: Handover) -> AsyncGenerator[Event, None]:
         """What a takeover begins with: its event, rule 3's intervention text, and the target's
         preparation (a target that cannot serve is ``on_target_error``'s: the policy has then
-        handed back). The small model's part begins with nothing."""
-        if handover is None:
-            return
+        handed back)."""
         yield self._note_takeover(run, handover.rule, handover.discard)
         if isinstance(handover, Intervene):
             for piece in await self._intervention(run, handover):
