@@ -194,15 +194,15 @@ def _span(values: list[float]) -> str:
 def responses_summary(result: ServeBenchResult) -> str | None:
     """One sentence: the Responses API against chat completions over the run's levels."""
     ratios = [row.vs_chat for row in result.rows if row.vs_chat is not None]
-    figures = {name: [r[name] for r in ratios if r.get(name) is not None]
-               for name in ("ttft_p50", "ttft_p99", "wall_over_ideal")}
-    if not all(figures.values()):
-        return None
+    spans = {}
+    for name in ("ttft_p50", "ttft_p99", "wall_over_ideal"):
+        values = [value for ratio in ratios if (value := ratio.get(name)) is not None]
+        if not values:
+            return None
+        spans[name] = _span(values)
     return ("Through `/v1/responses`, against chat completions in the same run at the same "
-            "level and workers: TTFT p50 " + _span([v for v in figures["ttft_p50"] if v]) +
-            ", TTFT p99 " + _span([v for v in figures["ttft_p99"] if v]) +
-            ", wall/ideal " + _span([v for v in figures["wall_over_ideal"] if v]) +
-            " (1.000× is the same; above is slower).")
+            f"level and workers: TTFT p50 {spans['ttft_p50']}, TTFT p99 {spans['ttft_p99']}, "
+            f"wall/ideal {spans['wall_over_ideal']} (1.000× is the same; above is slower).")
 
 
 def write_report(result: ServeBenchResult, out: Path) -> Path:
