@@ -33,7 +33,7 @@ def test_a_tiny_run_has_a_responses_row_beside_the_chat_row(tmp_path: Path) -> N
     """Two conversations through one worker, by chat completions and by ``/v1/responses``:
     if this fails, the Responses client (request, first text, statistics, end) or the
     comparison with the chat row is broken."""
-    config = BenchConfig(levels=(Level(2, 4),), time_scale=0.02, token_floor=0.0,
+    config = BenchConfig(levels=(Level(2, 3),), time_scale=0.005, token_floor=0.0,
                          event_budget=math.inf, isolate=False)
     result = run_serve_bench(config, progress=None, cells=CELLS[:3])
     assert not result.errors, result.errors[0]
