@@ -18,6 +18,7 @@ from .errors import (
     StreamDroppedError,
     TargetFallbackWarning,
 )
+from .request import ChatRequest
 from .rules import TakeoverPolicy, TakeoverRules
 from .trace import (
     Event,
@@ -35,6 +36,7 @@ __all__ = [
     "BackendError",
     "BackendStatusError",
     "BackendTimeoutError",
+    "ChatRequest",
     "ConfigError",
     "Event",
     "FallbackEvent",

@@ -294,7 +294,8 @@ def ask(
     The small model writes; the target takes over at reasoning breakpoints. Without server URLs
     the local CPU pair is started and left running.
     """
-    from specthink.engine import SpeculativeThinker
+    from specthink.backends import kind_of
+    from specthink.settings import PairSettings
 
     err = stderr()
     with _exit_codes():
@@ -322,9 +323,14 @@ def ask(
         async def build() -> SpeculativeThinker:
             small_backend, target_backend = await _pair(
                 servers, backend, api_key=api_key, models=(small_model, target_model))
-            return SpeculativeThinker(small=small_backend, target=target_backend, rules=preset,
-                                      small_template=templates[0],
-                                      target_template=templates[1])
+            # The pair's one declaration of its settings, over the backends built (detected,
+            # with --backend auto) above.
+            settings = PairSettings(
+                small_url=servers[0], target_url=servers[1],
+                backend=kind_of(small_backend) or backend, small_model=small_model,
+                target_model=target_model, rules=preset, small_template=templates[0],
+                target_template=templates[1], api_key=api_key)
+            return settings.build(backends=(small_backend, target_backend))
 
         def printer() -> _Printer | None:
             if as_json:

@@ -4,7 +4,10 @@ The tree::
 
     SpecthinkError
     ├── ConfigError (also ValueError)        bad rules or bad input; raised before any request
-    │   └── PromptTooLongError               the prompt exceeds a server's max_input_tokens
+    │   ├── PromptTooLongError               the prompt exceeds a server's max_input_tokens
+    │   └── SettingsError                    the pair's settings were refused (an unknown preset
+    │                                        or backend kind); also pydantic's ValidationError
+    │                                        (specthink.settings)
     ├── NoToolCallError (also ValueError)    a tool call was required but the answer held none
     ├── LocalPairError                       the local llama.cpp pair failed to start or stop
     │   └── LocalPairMissingError            its server or model file is not installed
@@ -73,7 +76,16 @@ class SpecthinkError(Exception):
 
 
 class ConfigError(SpecthinkError, ValueError):
-    """Invalid configuration or input, detected before any generation request is sent."""
+    """Invalid configuration or input, detected before any generation request is sent.
+
+    ``field`` names what was wrong where it is known: a request's field (``"messages"``,
+    ``"tool_choice"``, ``"rules.n1"``, see :class:`specthink.ChatRequest`) or a setting
+    (``"rules"``, ``"backend"``); the server maps it to the OpenAI parameter it answers with.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class PromptTooLongError(ConfigError):

@@ -42,6 +42,8 @@ __all__ = [
     "ROLES",
     "AutoTemplate",
     "ChatTemplate",
+    "CheckedMessages",
+    "CheckedTools",
     "JinjaTemplate",
     "LearnedTemplate",
     "ServerRenderedTemplate",
@@ -91,12 +93,24 @@ def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
     Raises ``ConfigError`` naming the offending index for an empty list, a missing or unknown
     role, non-text content or a tool call without a function name.
     """
+    if isinstance(messages, CheckedMessages):
+        return messages  # checked once (a ChatRequest's): the templates take them as they are
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
         raise ConfigError(f"messages must be a list of dicts, got {type(messages).__name__}")
     if not messages:
         raise ConfigError("messages is empty: pass at least one message, "
                           "e.g. [{'role': 'user', 'content': 'Hello'}]")
-    return [_validate_message(index, message) for index, message in enumerate(messages)]
+    return CheckedMessages(_validate_message(index, message)
+                           for index, message in enumerate(messages))
+
+
+class CheckedMessages(list[dict[str, Any]]):
+    """Messages :func:`validate_messages` returned: checking them again returns them as they
+    are, so a request validated once is not validated again by every template on its way."""
+
+
+class CheckedTools(list[dict[str, Any]]):
+    """Tools :func:`validate_tools` returned (see :class:`CheckedMessages`)."""
 
 
 def _validate_message(index: int, message: Mapping[str, Any]) -> dict[str, Any]:
@@ -170,20 +184,23 @@ def validate_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, 
     """
     if not tools:
         return None
-    out = []
-    for index, tool in enumerate(tools):
-        if isinstance(tool, Mapping) and isinstance(tool.get("function"), Mapping):
-            function = tool["function"]
-            wrapped = dict(tool)
-        elif isinstance(tool, Mapping):
-            function = tool
-            wrapped = {"type": "function", "function": dict(tool)}
-        else:
-            raise ConfigError(f"tools[{index}] is a {type(tool).__name__}; expected a dict")
-        if not isinstance(function.get("name"), str) or not function["name"]:
-            raise ConfigError(f"tools[{index}] has no function name")
-        out.append(wrapped)
-    return out
+    if isinstance(tools, CheckedTools):
+        return tools
+    return CheckedTools(_validate_tool(index, tool) for index, tool in enumerate(tools))
+
+
+def _validate_tool(index: int, tool: object) -> dict[str, Any]:
+    if isinstance(tool, Mapping) and isinstance(tool.get("function"), Mapping):
+        function = tool["function"]
+        wrapped = dict(tool)
+    elif isinstance(tool, Mapping):
+        function = tool
+        wrapped = {"type": "function", "function": dict(tool)}
+    else:
+        raise ConfigError(f"tools[{index}] is a {type(tool).__name__}; expected a dict")
+    if not isinstance(function.get("name"), str) or not function["name"]:
+        raise ConfigError(f"tools[{index}] has no function name")
+    return wrapped
 
 
 def _tool_names(tools: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -248,14 +265,16 @@ def apply_tool_choice(messages: Sequence[Mapping[str, Any]],
     if instruction is None or valid_tools is None:
         return valid_messages, valid_tools
     if name not in ("required", "any"):
-        valid_tools = [tool for tool in valid_tools if tool["function"]["name"] == name]
-    first = valid_messages[0]
+        valid_tools = CheckedTools(
+            tool for tool in valid_tools if tool["function"]["name"] == name)
+    shaped = CheckedMessages(valid_messages)  # a copy: checked messages may be the caller's
+    first = shaped[0]
     if first["role"] == "system":
         text = first["content"]
-        first["content"] = f"{text}\n\n{instruction}" if text else instruction
+        shaped[0] = {**first, "content": f"{text}\n\n{instruction}" if text else instruction}
     else:
-        valid_messages.insert(0, {"role": "system", "content": instruction})
-    return valid_messages, valid_tools
+        shaped.insert(0, {"role": "system", "content": instruction})
+    return shaped, valid_tools
 
 
 def _wire_tool_choice(tool_choice: str | Mapping[str, Any] | None,
@@ -487,9 +506,18 @@ def resolve_template(spec: ChatTemplate | str | Path, role: str = "small") -> Ch
 
 async def render_prompt(template: ChatTemplate, messages: Sequence[Mapping[str, Any]],
                         tools: Sequence[Mapping[str, Any]] | None, backend: TemplateBackend,
-                        *, tool_choice: str | Mapping[str, Any] | None = "auto") -> str:
-    """Validate, apply ``tool_choice``, render, and drop a leading BOS the server would repeat."""
-    valid_messages, valid_tools = apply_tool_choice(messages, tools, tool_choice)
+                        *, tool_choice: str | Mapping[str, Any] | None = "auto",
+                        tool_choice_applied: bool = False) -> str:
+    """Validate, apply ``tool_choice``, render, and drop a leading BOS the server would repeat.
+
+    ``tool_choice_applied``: ``messages`` and ``tools`` are already shaped by
+    :func:`apply_tool_choice` (a ``ChatRequest``'s ``prompt_messages`` and ``prompt_tools``);
+    ``tool_choice`` then only tells a server-rendered template what was asked.
+    """
+    if tool_choice_applied:
+        valid_messages, valid_tools = validate_messages(messages), validate_tools(tools)
+    else:
+        valid_messages, valid_tools = apply_tool_choice(messages, tools, tool_choice)
     if isinstance(template, ServerRenderedTemplate):
         prompt = await template.render(valid_messages, valid_tools, backend,
                                        tool_choice=tool_choice if valid_tools else None)

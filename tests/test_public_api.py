@@ -133,3 +133,49 @@ def test_backend_modules_import_neither_the_engine_nor_the_rules() -> None:
     modules, loaded = out.stdout.strip().splitlines()
     assert "tgi" in modules and "openai" in modules and "_connection" in modules
     assert loaded == "[]"
+
+
+def _core_imports(package: str) -> list[tuple[str, str]]:
+    """``(module, name)`` for every name an adapter package imports from ``specthink``."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    root = Path(importlib.import_module(package).__file__ or "").parent
+    found: list[tuple[str, str]] = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                    and node.module.split(".")[0] == "specthink":
+                found.extend((node.module, alias.name) for alias in node.names)
+            elif isinstance(node, ast.Import):
+                found.extend((alias.name, "") for alias in node.names
+                             if alias.name.split(".")[0] == "specthink")
+    return found
+
+
+def test_adapters_import_only_public_core_names() -> None:
+    """Broken: an adapter reaches into a private core module or name (``specthink._sync``,
+    ``specthink._constants`` were), so "add an adapter in 4 files" needs the core's insides."""
+    for package in ("specthink_lc", "specthink_li"):
+        imported = _core_imports(package)
+        assert imported, package
+        private = [(module, name) for module, name in imported
+                   if any(part.startswith("_") for part in module.split("."))
+                   or name.startswith("_")]
+        assert private == [], package
+
+
+def test_adapters_declare_no_pair_setting_of_their_own() -> None:
+    """Broken: the LangChain model or the LlamaIndex LLM declares a field of the pair's
+    settings itself (URLs, backend, rules, templates, key, retries, timeouts), so the five
+    declarations of them the core's PairSettings replaced come back."""
+    from specthink.settings import PairSettings
+    from specthink_lc import ChatSpeculativeThinking
+    from specthink_li import SpeculativeThinkingLLM
+
+    pair = set(PairSettings.model_fields)
+    for adapter in (ChatSpeculativeThinking, SpeculativeThinkingLLM):
+        assert issubclass(adapter, PairSettings)
+        assert pair <= set(adapter.model_fields), adapter
+        assert pair & set(vars(adapter).get("__annotations__", {})) == set(), adapter

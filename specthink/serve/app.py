@@ -26,7 +26,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from specthink.backends import create
 from specthink.backends.base import Backend
 from specthink.engine import SpeculativeThinker
 from specthink.errors import BackendError, ConfigError
@@ -48,7 +47,7 @@ from specthink.serve.responses import (
     prepare_response,
     response_events,
 )
-from specthink.serve.serving import ChatCall, Thinkers, prepare, stream_events, whole_answer
+from specthink.serve.serving import ChatCall, prepare, stream_events, whole_answer
 from specthink.serve.settings import ServeSettings
 from specthink.serve.store import ResponseStore
 from specthink.trace import Result
@@ -68,14 +67,7 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
 
 def build_backends(settings: ServeSettings) -> tuple[Backend, Backend]:
     """The two model servers' backends, from the core's one factory."""
-    def one(url: str, model: str | None) -> Backend:
-        options: dict[str, Any] = {"api_key": settings.upstream_api_key}
-        if model is not None:
-            options["model"] = model
-        return create(settings.backend, url, **options)
-
-    return (one(settings.small_url, settings.small_model),
-            one(settings.target_url, settings.target_model))
+    return settings.build_backends()
 
 
 def _json(body: dict[str, Any] | bytes, status: int = 200,
@@ -94,7 +86,7 @@ class _State:
     def __init__(self, settings: ServeSettings, metrics: ServeMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.thinkers: Thinkers | None = None
+        self.thinker: SpeculativeThinker | None = None
         self.in_flight = 0
         self.created = int(time.time())
         self.store = ResponseStore(settings.responses_store, settings.responses_ttl)
@@ -164,7 +156,7 @@ class _ChatResponse(Response):
             await self._stream(send)
             return
         try:
-            result = await self.call.thinker.agenerate(self.call.messages, **self.call.params)
+            result = await self.call.result()
         except Exception as exc:
             await self._send_error(send, self._failed(exc))
             return
@@ -318,11 +310,8 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         small, target = backends or build_backends(settings)
-        thinker = SpeculativeThinker(small=small, target=target, rules=settings.rules,
-                                     small_template=settings.small_template,
-                                     target_template=settings.target_template,
-                                     on_target_error=settings.on_target_error)
-        state.thinkers = Thinkers(thinker)
+        thinker = settings.build(backends=(small, target))
+        state.thinker = thinker
         try:
             await asyncio.wait_for(thinker.warm_up(), WARM_UP_SECONDS)
         except (BackendError, ConfigError, TimeoutError) as exc:
@@ -337,7 +326,7 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
         finally:
             if freeze_heap:
                 gc.unfreeze()
-            state.thinkers = None
+            state.thinker = None
             await thinker.aclose()
             if multiprocess_dir() is not None:
                 multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
@@ -351,12 +340,12 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
             chat = parse_request(body)
             if chat.model != settings.model_name:
                 raise errors.model_not_found(chat.model, settings.model_name)
-            thinkers = state.thinkers
-            if thinkers is None:
+            thinker = state.thinker
+            if thinker is None:
                 raise APIError(503, "The server is starting or stopping.",
                                type="upstream_unavailable", code="not_ready")
             session = request.headers.get("x-session-id") or chat.user
-            call = prepare(chat, settings, thinkers, session_id=session)
+            call = prepare(chat, settings, thinker, session_id=session)
             limit = settings.max_concurrency
             if limit is not None and state.in_flight >= limit:
                 raise errors.too_busy(limit)
@@ -376,14 +365,14 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
             asked = parse_responses_request(await _read_body(request, settings.max_body_bytes))
             if asked.model != settings.model_name:
                 raise errors.model_not_found(asked.model, settings.model_name)
-            thinkers = state.thinkers
-            if thinkers is None:
+            thinker = state.thinker
+            if thinker is None:
                 raise APIError(503, "The server is starting or stopping.",
                                type="upstream_unavailable", code="not_ready")
             session = (request.headers.get("x-session-id") or asked.prompt_cache_key
                        or asked.user)
             call = prepare_response(asked, state.store, lambda chat: prepare(
-                chat, settings, thinkers, session_id=session))
+                chat, settings, thinker, session_id=session))
             limit = settings.max_concurrency
             if limit is not None and state.in_flight >= limit:
                 raise errors.too_busy(limit)
@@ -439,7 +428,7 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
         return _json(_model_card())
 
     async def health(request: Request) -> Response:
-        ready = state.thinkers is not None
+        ready = state.thinker is not None
         return _json({"status": "ok" if ready else "starting"}, 200 if ready else 503)
 
     async def prometheus(request: Request) -> Response:

@@ -32,7 +32,7 @@ APP_FACTORY = "specthink.serve.app:app_from_environment"
 
 def _settings(**values: object) -> ServeSettings:
     try:
-        return ServeSettings.model_validate(values)
+        return ServeSettings(**values)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
@@ -108,7 +108,7 @@ def serve(
     upstream = os.environ.get(ENV_UPSTREAM_KEY) or None
     settings = _settings(
         small_url=small, target_url=target, backend=backend, small_model=small_model,
-        target_model=target_model, upstream_api_key=SecretStr(upstream) if upstream else None,
+        target_model=target_model, api_key=SecretStr(upstream) if upstream else None,
         api_keys=tuple(SecretStr(key) for key in keys), model_name=model_name, rules=rules,
         small_template=small_template, target_template=target_template,
         max_tokens=max_tokens, max_concurrency=max_concurrency,

@@ -1,4 +1,5 @@
-"""The library's single sync edge: a private event loop on a daemon thread.
+"""The library's single sync edge: a private event loop on a daemon thread (public: the
+adapters' sync methods run on it too).
 
 Blocking APIs (``SpeculativeThinker.generate``/``stream``, the adapters' sync methods) run their
 coroutines here. Unlike ``asyncio.run`` this works where the calling thread already runs a loop,
