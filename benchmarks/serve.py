@@ -268,8 +268,8 @@ def bench_serve(
     = Path("docs/benchmarks"),
     quick: Annotated[bool, typer.Option(help="Tiny traces, near-zero latencies.")] = False,
     levels: Annotated[str | None, typer.Option(
-        help="Concurrency levels as CONVERSATIONSxPARAGRAPHS[/no-rule2], comma-separated "
-             "(default 1x30,16x12,256x5/no-rule2).")] = None,
+        help="Concurrency levels as CONVERSATIONSxPARAGRAPHS, each optionally followed by "
+             "/no-rule2, comma-separated (default 1x30,16x12,256x5/no-rule2).")] = None,
 ) -> None:
     """The engine in-process against the same conversations through specthink serve.
 

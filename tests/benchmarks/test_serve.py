@@ -65,9 +65,12 @@ def test_a_tiny_run_has_a_responses_row_beside_the_chat_row(tmp_path: Path) -> N
 
 
 def test_bad_levels_fail_before_any_server_starts() -> None:
-    """If this fails, ``bench-serve --levels`` accepts a shape it cannot run."""
+    """If this fails, ``bench-serve --levels`` accepts a shape it cannot run, or its help
+    does not render (rich reads ``[...]`` in help text as markup)."""
     app = typer.Typer()
     register(app)
+    helped = CliRunner().invoke(app, ["--help"])
+    assert helped.exit_code == 0 and "--levels" in helped.output
     answer = CliRunner().invoke(app, ["--levels", "16"])
     assert answer.exit_code == 2
     assert "CONVERSATIONSxPARAGRAPHS" in answer.output
