@@ -184,6 +184,7 @@ class SpeculativeThinker:
         on_target_error: TargetErrorPolicy = "fallback",
         max_stream_resumes: int = 2,
         check_prompt_length: bool = True,
+        on_request: Callable[[Role, int], None] | None = None,
     ) -> None:
         if on_target_error not in ("fallback", "raise"):
             raise ConfigError(
@@ -204,6 +205,10 @@ class SpeculativeThinker:
         self.on_target_error: TargetErrorPolicy = on_target_error
         self.max_stream_resumes = max_stream_resumes
         self.check_prompt_length = check_prompt_length
+        self.on_request = on_request
+        """Called with the role and the attempt number (1, 2, ...) as each generation request
+        is sent, retries included, whether the call then succeeds or not (``serve``'s
+        metrics); ``Statistics.requests`` only reaches callers whose call finished."""
         self._intervention_tokens: int | None = None
         self._target_checked = False
         """The target's template and limits were checked once; later calls prepare its prompt
@@ -746,10 +751,14 @@ class SpeculativeThinker:
         backend = self.backends[role]
         stats = run.stats
 
+        observer = self.on_request
+
         def on_attempt(attempt: int) -> None:
             stats.requests[role] += 1
             if attempt > 1:
                 stats.retries[role] += 1
+            if observer is not None:
+                observer(role, attempt)
 
         prompt = run.prompts[role] + run.text
         if role == "small":

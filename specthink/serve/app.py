@@ -245,7 +245,8 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
         thinker = SpeculativeThinker(small=small, target=target, rules=settings.rules,
                                      small_template=settings.small_template,
                                      target_template=settings.target_template,
-                                     on_target_error=settings.on_target_error)
+                                     on_target_error=settings.on_target_error,
+                                     on_request=state.metrics.upstream_attempt)
         state.thinkers = Thinkers(thinker)
         try:
             await asyncio.wait_for(thinker.warm_up(), WARM_UP_SECONDS)

@@ -50,7 +50,7 @@ class Thinkers:
             thinker = SpeculativeThinker(
                 small=base.small, target=base.target, rules=rules,
                 small_template=base.templates["small"], target_template=base.templates["target"],
-                on_target_error=base.on_target_error)
+                on_target_error=base.on_target_error, on_request=base.on_request)
             if len(self._by_rules) >= self.MAX_CACHED:
                 self._by_rules.pop(next(iter(self._by_rules)))
             self._by_rules[key] = thinker
