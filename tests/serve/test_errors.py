@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -274,3 +276,34 @@ def test_a_bug_is_a_500_with_a_reference_and_no_traceback(
         server.stop()
     assert any("secret internals" in str(record.exc_info) for record in caplog.records
                if record.exc_info)
+
+
+def test_a_client_hanging_up_mid_upload_is_a_499_without_a_traceback(
+        pair: Pair, serve: Callable[..., Served], caplog: pytest.LogCaptureFixture) -> None:
+    """A client that closes its connection halfway through the body is counted as 499 (nginx's
+    "client closed request"), never as a 500 with a traceback. Broken: every hang-up looks
+    like a server bug in the metrics and the logs."""
+    pair.reset()  # faults other tests left
+    served = serve(pair)
+    host, port = served.url.removeprefix("http://").split(":")
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+                         b'{"model": "specthink", "messages": [')
+
+    def counted(status: str) -> float:
+        value = served.metrics.registry.get_sample_value("specthink_serve_requests_total",
+                                                         {"status": status})
+        return value or 0.0
+
+    for _ in range(300):  # until the server has seen the three hang-ups
+        if counted("499") >= 3:
+            break
+        time.sleep(0.02)
+    assert counted("499") == 3
+    assert post(served, OK).status_code == 200  # and it serves on
+    statuses = {sample.labels["status"] for metric in served.metrics.requests.collect()
+                for sample in metric.samples if sample.name.endswith("_total")}
+    assert statuses == {"200", "499"}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
