@@ -39,6 +39,7 @@ from .errors import (
     PromptTooLongError,
     StreamDroppedError,
     TargetFallbackWarning,
+    redact_url,
 )
 from .rules import (
     ACCEPT,
@@ -282,7 +283,7 @@ class SpeculativeThinker:
             self._end_preparation(run)
         if start is not None:
             yield start
-        models = {role: run.model_ids.get(role) or self.backends[role].url
+        models = {role: run.model_ids.get(role) or redact_url(self.backends[role].url)
                   for role in ("small", "target")}
         result = Result(text=run.text, events=tuple(run.events), stats=run.stats,
                         starts_in_reasoning=run.starts_in_reasoning,
@@ -444,8 +445,8 @@ class SpeculativeThinker:
         run.model_ids[role] = info.model_id
         if info.max_stop_sequences is not None and stop_count > info.max_stop_sequences:
             raise ConfigError(
-                f"{stop_count} stop sequences given, but the {role} server {backend.url} allows "
-                f"at most {info.max_stop_sequences}")
+                f"{stop_count} stop sequences given, but the {role} server "
+                f"{redact_url(backend.url)} allows at most {info.max_stop_sequences}")
         if info.max_input_tokens is None and info.max_total_tokens is None:
             return
         # A token covers at least one byte (byte-level BPE; special tokens cover several), so
@@ -464,7 +465,7 @@ class SpeculativeThinker:
         if info.max_input_tokens is not None and length > info.max_input_tokens:
             raise PromptTooLongError(
                 f"the prompt has {length} tokens, more than the {role} server's "
-                f"max_input_tokens={info.max_input_tokens} ({backend.url})")
+                f"max_input_tokens={info.max_input_tokens} ({redact_url(backend.url)})")
 
     # ---- the loop: carrying out the policy's actions ----------------------------------------
 

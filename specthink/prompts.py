@@ -31,7 +31,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from specthink.backends.base import ServerInfo
-from specthink.errors import BackendError, ConfigError
+from specthink.errors import BackendError, ConfigError, redact_url
 from specthink.trace import REASONING_START
 
 __all__ = [
@@ -388,9 +388,9 @@ class ServerTemplate(ServerRenderedTemplate):
                                          tool_choice=_wire_tool_choice(tool_choice, tools))
         if text is None:
             raise ConfigError(
-                f"the server {backend.url} cannot render chat templates; choose a client-side "
-                f"template: {', '.join(repr(n) for n in _BUILTIN)}, a Jinja template source or "
-                "the path of the model's tokenizer_config.json")
+                f"the server {redact_url(backend.url)} cannot render chat templates; choose a "
+                f"client-side template: {', '.join(repr(n) for n in _BUILTIN)}, a Jinja "
+                "template source or the path of the model's tokenizer_config.json")
         return text
 
     def __repr__(self) -> str:
@@ -785,8 +785,8 @@ class AutoTemplate(ServerRenderedTemplate):
         if family is None:
             option = f"{self.role}_template" if self.role in ("small", "target") else "template"
             raise ConfigError(
-                f"the {self.role} server {backend.url} renders no chat template and the model "
-                f"{model_id!r} is of no family specthink knows; pass {option}= one of "
+                f"the {self.role} server {redact_url(backend.url)} renders no chat template and "
+                f"the model {model_id!r} is of no family specthink knows; pass {option}= one of "
                 f"{', '.join(repr(n) for n in _BUILTIN)}, a Jinja template source, or the path "
                 "of the model's tokenizer_config.json")
         prompt = await _BUILTIN[family].render(messages, tools, backend)
@@ -819,7 +819,7 @@ class AutoTemplate(ServerRenderedTemplate):
             except Exception as exc:  # learning is an optimisation: it never fails a call
                 level = logging.DEBUG if isinstance(exc, BackendError) else logging.WARNING
                 logger.log(level, "%s: the template probe failed (%r); the server renders",
-                           backend.url, exc)
+                           redact_url(backend.url), exc)
                 return
             renderings: list[tuple[Sequence[Mapping[str, Any]], str | None]] = [
                 *zip(_PROBE_CONVERSATIONS, probes, strict=True), (messages, text)]
@@ -831,8 +831,8 @@ class AutoTemplate(ServerRenderedTemplate):
             self._learnt[backend] = learnt
             if learnt is not None:
                 logger.info("%s renders its chat template as the built-in %s does: later "
-                            "conversations without tools are rendered client-side", backend.url,
-                            learnt.name)
+                            "conversations without tools are rendered client-side",
+                            redact_url(backend.url), learnt.name)
         finally:
             self._probing.discard(backend)
 

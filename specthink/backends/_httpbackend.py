@@ -32,6 +32,7 @@ from specthink.errors import (
     BackendStatusError,
     ConfigError,
     StreamDroppedError,
+    redact_url,
 )
 
 __all__ = [
@@ -279,7 +280,8 @@ class HTTPBackend(ABC, Generic[ReaderT]):
 
     def __repr__(self) -> str:
         key = ", api_key=***" if self._conn.has_api_key else ""
-        return f"{type(self).__name__}({self.url!r}{self._repr_details()}{key})"
+        return (f"{type(self).__name__}({redact_url(self.url)!r}{self._repr_details()}"
+                f"{key})")
 
     def _repr_details(self) -> str:
         """What ``repr`` shows between the URL and the API key."""

@@ -38,6 +38,7 @@ from specthink.errors import (
     StreamDroppedError,
     StreamErrorEvent,
     in_stream_error,
+    redact_url,
 )
 
 __all__ = ["BACKEND", "ChatRendering", "CompletionDecoder", "OpenAICompletionsBackend",
@@ -388,7 +389,7 @@ class OpenAICompletionsBackend(SSEBackend):
         server has no tokenizer endpoint."""
         ids = await self._server_ids(text)
         if ids is None:
-            raise BackendError(f"{self.url} has no tokenizer endpoint (tried vLLM's and TGI's "
+            raise BackendError("the server has no tokenizer endpoint (tried vLLM's and TGI's "
                                "/tokenize, llama.cpp's /tokenize, llama-cpp-python's "
                                "/extras/tokenize)", url=self.url)
         return ids
@@ -401,7 +402,7 @@ class OpenAICompletionsBackend(SSEBackend):
         if ids is None:
             ids = await self._ids(method, text)
         if ids is None:
-            raise BackendError(f"{self.url} answered its tokenizer ({method}) with an "
+            raise BackendError(f"the server answered its tokenizer ({method}) with an "
                                "unexpected shape", url=self.url)
         return ids
 
@@ -421,10 +422,11 @@ class OpenAICompletionsBackend(SSEBackend):
                         raise
                     continue
                 if ids is not None:
-                    logger.debug("%s tokenizes with %s", self.url, method)
+                    logger.debug("%s tokenizes with %s", redact_url(self.url), method)
                     self.tokenize_method = method
                     return method, ids
-            logger.debug("%s has no tokenizer endpoint; token counts are estimated", self.url)
+            logger.debug("%s has no tokenizer endpoint; token counts are estimated",
+                         redact_url(self.url))
             self.tokenize_method = "estimate"
             return "estimate", None
 
@@ -489,7 +491,7 @@ class OpenAICompletionsBackend(SSEBackend):
         async with self._probing_chat.lock():
             if self.chat_rendering is None:
                 self.chat_rendering = await self._probe_chat()
-                logger.debug("%s renders chat templates with %s", self.url,
+                logger.debug("%s renders chat templates with %s", redact_url(self.url),
                              self.chat_rendering)
             return self.chat_rendering
 
@@ -535,7 +537,7 @@ class OpenAICompletionsBackend(SSEBackend):
             bos_text = head if head is not None else await self._detokenize(list(bos_ids))
         if not trusted:
             logger.debug("%s: vLLM token strings do not decode byte-level; rendering "
-                         "uses /detokenize", self.url)
+                         "uses /detokenize", redact_url(self.url))
         return ChatRendering("vllm", trusted, bos_ids, bos_text)
 
     @staticmethod

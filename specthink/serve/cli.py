@@ -16,6 +16,7 @@ import typer
 from pydantic import SecretStr, ValidationError
 
 from specthink._cli_options import backend_option, model_option, preset_name, stderr, url_option
+from specthink.errors import redact_url
 from specthink.serve.settings import (
     ENV_CLIENT_KEYS,
     ENV_UPSTREAM_KEY,
@@ -110,7 +111,8 @@ def serve(
     console = stderr()
     runtime = event_loop_and_parser()
     console.print(f"specthink serve: http://{host}:{port}/v1 serves {model_name!r} "
-                  f"(small {small}, target {target}, {backend}; {workers} worker(s); "
+                  f"(small {redact_url(small)}, target {redact_url(target)}, {backend}; "
+                  f"{workers} worker(s); "
                   f"{runtime['loop']}, {runtime['http']})")
     if settings.open:
         console.print("[bold yellow]warning:[/] no API key set (--api-key or "

@@ -278,6 +278,49 @@ def test_a_bug_is_a_500_with_a_reference_and_no_traceback(
                if record.exc_info)
 
 
+URL_SECRET = "s3cr3t-in-the-url"
+
+
+def test_model_server_url_secrets_never_reach_bodies_or_logs(
+        pair: Pair, serve: Callable[..., Served], caplog: pytest.LogCaptureFixture) -> None:
+    """A model-server URL with credentials and a query key: the 503 bodies (whole and before a
+    stream), the fallback's statistics and every log line name the server with both redacted.
+    Broken: ``http://user:secret@host/?key=secret`` is echoed to every client and the logs."""
+    caplog.set_level(logging.DEBUG)
+    pair.reset()  # faults other tests left
+    with LoopbackServer(ConversationModel()) as gone:
+        port = gone.url.rsplit(":", 1)[1]
+    url = f"http://user:{URL_SECRET}@127.0.0.1:{port}/?key={URL_SECRET}"
+    small_down = serve(pair, small_url=url)
+    bodies = []
+    for stream in (False, True):
+        response = post(small_down, {**OK, "stream": stream})
+        error = error_of(response, 503)
+        assert f"http://***@127.0.0.1:{port}/?***" in error["message"]
+        bodies.append(response.text)
+    falling_back = serve(pair, target_url=url)
+    with pytest.warns(Warning) as warned:
+        answer = post(falling_back, OK)
+    assert answer.status_code == 200 and answer.json()["specthink"]["fallback"] is True
+    bodies.append(answer.text)
+    logged = [record.getMessage() + str(record.exc_info) for record in caplog.records]
+    assert logged and all(URL_SECRET not in text for text in [*bodies, *logged])
+    assert all(URL_SECRET not in str(warning.message) for warning in warned)
+
+
+def test_redact_url_hides_userinfo_and_query_and_backends_repr_uses_it() -> None:
+    """Broken: ``repr`` of a backend, or a config error about its URL, shows the password."""
+    from specthink.errors import redact_url
+
+    url = f"https://me:{URL_SECRET}@models.example:8443/v1?api_key={URL_SECRET}#frag"
+    assert redact_url(url) == "https://***@models.example:8443/v1?***"
+    assert redact_url("http://127.0.0.1:8080") == "http://127.0.0.1:8080"
+    assert URL_SECRET not in repr(TGIBackend(f"http://u:{URL_SECRET}@127.0.0.1:9"))
+    with pytest.raises(ValueError) as refused:
+        TGIBackend(f"ftp://u:{URL_SECRET}@127.0.0.1:9")
+    assert URL_SECRET not in str(refused.value)
+
+
 def test_a_client_hanging_up_mid_upload_is_a_499_without_a_traceback(
         pair: Pair, serve: Callable[..., Served], caplog: pytest.LogCaptureFixture) -> None:
     """A client that closes its connection halfway through the body is counted as 499 (nginx's
