@@ -30,6 +30,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from specthink._json import check_depth
 from specthink.backends.base import ServerInfo
 from specthink.errors import BackendError, ConfigError, redact_url
 from specthink.trace import REASONING_START
@@ -185,6 +186,7 @@ def validate_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, 
             raise ConfigError(f"tools[{index}] is a {type(tool).__name__}; expected a dict")
         if not isinstance(function.get("name"), str) or not function["name"]:
             raise ConfigError(f"tools[{index}] has no function name")
+        check_depth(tool, f"tools[{index}]")  # templates and json.dumps recurse through it
         out.append(wrapped)
     return out
 

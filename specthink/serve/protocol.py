@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from specthink._json import MAX_JSON_DEPTH, depth_exceeds
 from specthink.output import OutputDelta
 from specthink.serve.errors import APIError, invalid
 from specthink.serve.settings import ReasoningField
@@ -114,6 +115,11 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
         raise invalid(f"The body is not valid JSON: {exc}", None, "invalid_json") from None
     if not isinstance(data, dict):
         raise invalid("The body must be a JSON object.", None, "invalid_json")
+    for field, value in data.items():
+        # Before anything that recurses (validation, templates, grammars) sees the request.
+        if depth_exceeds(value, MAX_JSON_DEPTH):
+            raise invalid(f"{field}: JSON nested more than {MAX_JSON_DEPTH} levels deep",
+                          field, "nesting_too_deep")
     try:
         request = ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:

@@ -84,6 +84,15 @@ BAD_REQUESTS: list[tuple[str, bytes | dict[str, Any], str | None]] = [
     ("an unknown specthink option", {**OK, "specthink": {"turbo": True}}, "specthink.turbo"),
     ("include_usage not a bool", {**OK, "stream_options": {"include_usage": "maybe"}},
      "stream_options.include_usage"),
+    # ~1,000 levels, under orjson's 1,024: each once ended in a RecursionError (a 500).
+    ("tool parameters nested 1,000 deep",
+     b'{"model": "specthink", "messages": [{"role": "user", "content": "hi"}], "tools": '
+     b'[{"type": "function", "function": {"name": "f", "parameters": '
+     + b'{"a": [' * 498 + b"1" + b"]}" * 498 + b"}}]}", "tools"),
+    ("a json_schema nested 1,000 deep",
+     b'{"model": "specthink", "messages": [{"role": "user", "content": "hi"}], '
+     b'"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": '
+     + b'{"properties": {"a": ' * 497 + b"{}" + b"}}" * 497 + b"}}}", "response_format"),
 ]
 
 
