@@ -133,22 +133,35 @@ def test_sigterm_stops_accepting_and_lets_the_stream_in_flight_finish(slow_pair:
 
 
 @pytest.mark.timeout(120)
-def test_drain_timeout_cuts_a_stream_that_takes_too_long_and_closes_upstream(
+def test_drain_timeout_ends_open_streams_with_an_error_and_done_and_closes_upstream(
         slow_pair: Pair) -> None:
-    """Past --drain-timeout the stream in flight is cancelled, so the model server's stream
-    closes too, and the process still exits."""
+    """Past --drain-timeout every stream still open ends with an OpenAI error object and
+    ``data: [DONE]`` (not cut mid-chunk), the model servers' streams close too, the process
+    exits, and nothing logs a traceback. Broken: clients see a truncated body, SDKs a
+    protocol error, and the log a CancelledError traceback per stream."""
     served = ServeProcess(slow_pair, "--drain-timeout", "0.3").wait_ready()
+    streams = [httpx.stream("POST", f"{served.url}/v1/chat/completions",
+                            json={**HELLO, "stream": True}, timeout=30) for _ in range(2)]
+    bodies: list[list[str]] = []
     try:
-        with httpx.stream("POST", f"{served.url}/v1/chat/completions",
-                          json={**HELLO, "stream": True}, timeout=30) as response:
-            iterator = response.iter_lines()
-            next(iterator)
-            served.terminate()
-            with pytest.raises(httpx.HTTPError):
-                list(iterator)
+        responses = [stream.__enter__() for stream in streams]
+        iterators = [response.iter_lines() for response in responses]
+        for iterator in iterators:
+            next(iterator)  # the role chunk: both streams are open
+        served.terminate()
+        bodies = [[line for line in iterator if line] for iterator in iterators]
         assert served.process.wait(timeout=30) in EXITED
     finally:
-        served.stop()
+        for stream in streams:
+            stream.__exit__(None, None, None)
+        output = served.stop()
+    for lines in bodies:
+        assert lines[-1] == "data: [DONE]", lines
+        error = orjson.loads(lines[-2].removeprefix("data: "))["error"]
+        assert error["code"] == "server_shutting_down" and error["type"] == "server_error"
+        assert all(orjson.loads(line.removeprefix("data: ")).get("choices") is not None
+                   for line in lines[:-2])  # every chunk before it whole
+    assert "Traceback" not in output and "CancelledError" not in output, output
     records = [*slow_pair.small.records, *slow_pair.target.records]
     assert any(r.disconnected for r in records)
     assert all(r.disconnected or r.finished is not None for r in records)
