@@ -30,7 +30,7 @@ from specthink.backends import create
 from specthink.backends.base import Backend
 from specthink.engine import SpeculativeThinker
 from specthink.errors import BackendError, ConfigError
-from specthink.serve import errors
+from specthink.serve import _http, errors
 from specthink.serve.errors import APIError
 from specthink.serve.metrics import (
     CONTENT_TYPE_LATEST,
@@ -385,6 +385,15 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
     )
 
 
+def header_limits(settings: ServeSettings) -> _http.HeaderLimits:
+    """The request-head limits of the settings, for :func:`specthink.serve._http.configure`."""
+    return _http.HeaderLimits(max_bytes=settings.max_header_bytes,
+                              timeout=settings.header_timeout)
+
+
 def app_from_environment() -> Starlette:
-    """The factory each ``--workers`` process calls (``uvicorn ... --factory``)."""
-    return create_app(ServeSettings.from_environment(), freeze_heap=True)
+    """The factory each ``--workers`` process calls (``uvicorn ... --factory``); it also sets
+    the worker's request-head limits (its HTTP protocol reads them)."""
+    settings = ServeSettings.from_environment()
+    _http.configure(header_limits(settings))
+    return create_app(settings, freeze_heap=True)

@@ -275,3 +275,109 @@ def test_without_the_server_extra_serve_prints_the_install_hint() -> None:
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60, check=False)
     assert done.returncode == 1
     assert "pip install 'specthink[server]'" in done.stderr
+
+
+# ---- the request head: size limit and read timeout (specthink.serve._http) ------------------
+
+def rss_bytes(pid: int) -> int:
+    """The resident set of process ``pid`` (Linux ``/proc``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def host_port(served: ServeProcess) -> tuple[str, int]:
+    return "127.0.0.1", served.port
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+HEAD = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: "
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
+@pytest.mark.timeout(180)
+def test_oversized_request_heads_are_refused_with_431_and_never_held(
+        pair_for_process: Pair) -> None:
+    """A head over --max-header-bytes is answered 431 (an OpenAI error object) and closed; a
+    client pushing a 50 MB header is cut off long before it is through; 20 connections each
+    pushing an unfinished 10 MB header leave the server's memory where it was. Broken: uvicorn
+    with httptools has no head limit, so a 50 MB header is served and 20 such connections pin
+    hundreds of MB, before any API-key check."""
+    served = ServeProcess(pair_for_process).wait_ready()
+    try:
+        with socket.create_connection(host_port(served), timeout=30) as sock:
+            sock.sendall(HEAD + b"a" * 70_000 + b"\r\n\r\n")
+            answer = read_answer(sock)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == \
+            "request_header_too_large"
+
+        with socket.create_connection(host_port(served), timeout=30) as sock:
+            sent = 0
+            with pytest.raises(OSError):  # the server stops reading and closes
+                sock.sendall(HEAD)
+                while sent < 50_000_000:
+                    sock.sendall(b"a" * 1_000_000)
+                    sent += 1_000_000
+                read_answer(sock)  # what a server that took it all would answer
+            assert sent < 50_000_000
+
+        before = rss_bytes(served.process.pid)
+        pushed = threading.Semaphore(0)
+        release = threading.Event()
+        refused = []
+
+        def push() -> None:
+            with socket.create_connection(host_port(served), timeout=30) as sock:
+                try:
+                    sock.sendall(HEAD + b"a" * 10_000_000)  # and never the end of the head
+                except OSError:
+                    refused.append(True)
+                pushed.release()
+                release.wait(timeout=60)  # the connection stays open while RSS is read
+
+        pushers = [threading.Thread(target=push) for _ in range(20)]
+        for thread in pushers:
+            thread.start()
+        try:
+            for _ in pushers:
+                assert pushed.acquire(timeout=60)
+            time.sleep(0.5)  # let the server read what the kernel still buffers
+            grown = rss_bytes(served.process.pid) - before
+        finally:
+            release.set()
+            for thread in pushers:
+                thread.join(timeout=60)
+        assert httpx.get(f"{served.url}/health", timeout=10).status_code == 200
+    finally:
+        served.stop()
+    assert grown < 40 * 1024 * 1024, f"RSS grew by {grown / 2**20:.0f} MiB"
+    assert len(refused) == 20
+
+
+@pytest.mark.timeout(120)
+def test_a_request_head_that_does_not_arrive_in_time_is_cut_with_408(
+        pair_for_process: Pair) -> None:
+    """--header-timeout: a client that sends half a head and stalls gets 408 and a closed
+    connection; one that sends nothing is closed. Broken: slow-header (slowloris) clients
+    hold connections for ever, since uvicorn arms no timer before a request's head is in."""
+    served = ServeProcess(pair_for_process, "--header-timeout", "0.5").wait_ready()
+    try:
+        with socket.create_connection(host_port(served), timeout=60) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            answer = read_answer(sock)  # returns once the server closes
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        assert b"request_timeout" in answer
+        with socket.create_connection(host_port(served), timeout=60) as sock:
+            assert read_answer(sock) == b""
+        assert httpx.get(f"{served.url}/health", timeout=10).status_code == 200
+    finally:
+        served.stop()
