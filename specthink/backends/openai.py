@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, ClassVar, Literal, Unpack
 
+from specthink.backends._counting import count_occurrences, int_field
 from specthink.backends._httpbackend import (
     HTTPOptions,
     SSEBackend,
@@ -54,6 +55,9 @@ _FINISH: dict[str, FinishReason] = {
     "stop_sequence": "stop",
 }
 
+STREAMED_COUNT_CHARS = 64 * 1024
+"""Texts longer than this are counted from the tokenizer's answer as it streams in
+(:mod:`specthink.backends._counting`), never from a parsed id list."""
 TokenizeMethod = Literal["vllm", "tgi", "llama_cpp", "llama_cpp_python", "estimate"]
 _METHODS: tuple[TokenizeMethod, ...] = ("vllm", "tgi", "llama_cpp", "llama_cpp_python")
 
@@ -380,8 +384,32 @@ class OpenAICompletionsBackend(SSEBackend):
         (``{"content"}``), llama-cpp-python's ``/extras/tokenize`` (``{"input"}``); concurrent
         first callers share that search, and its answer is kept (:attr:`tokenize_method`).
         """
+        if len(text) > STREAMED_COUNT_CHARS:
+            if self.tokenize_method is None:
+                await self._tokenizer("Hi")  # found on a probe: never on the long text
+            count = await self._count(self.tokenize_method, text)
+            if count is not None:
+                return count
         ids = await self._server_ids(text)
         return -(-len(text) // 4) if ids is None else len(ids)
+
+    async def _count(self, method: TokenizeMethod | None, text: str) -> int | None:
+        """``text``'s token count read as the tokenizer's answer streams in: vLLM's and
+        llama-cpp-python's ``count`` field, or TGI's objects counted one read at a time; ``None``
+        where the endpoint has no such answer (llama.cpp's bare id list)."""
+        if method == "vllm":
+            return await self._conn.open_stream(
+                "/tokenize", {"model": await self._model(), "prompt": text},
+                opened=lambda body: int_field(body, "count"))
+        if method == "tgi":
+            return await self._conn.open_stream(
+                "/tokenize", {"inputs": text},
+                opened=lambda body: count_occurrences(body, b'"id":'))
+        if method == "llama_cpp_python":
+            return await self._conn.open_stream(
+                "/extras/tokenize/count", {"input": text},
+                opened=lambda body: int_field(body, "count"))
+        return None
 
     async def tokenize(self, text: str) -> list[int]:
         """The server's token ids of ``text`` as a raw prompt (BOS first where the server adds

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -20,9 +21,9 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from specthink.testing import LatencyModel
+from specthink.testing import LatencyModel, LoopbackServer
 
-from .conftest import Pair, conversation_pair
+from .conftest import ConversationModel, Pair, conversation_pair
 
 ROOT = Path(__file__).resolve().parents[2]
 EXITED = (0, -signal.SIGTERM)
@@ -381,3 +382,106 @@ def test_a_request_head_that_does_not_arrive_in_time_is_cut_with_408(
         assert httpx.get(f"{served.url}/health", timeout=10).status_code == 200
     finally:
         served.stop()
+
+
+# ---- a prompt of megabytes: its length check ----------------------------------------------
+
+def peak_rss_bytes(pid: int) -> int:
+    """The highest resident set process ``pid`` has had (``VmHWM``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+NO_TAKEOVERS = {"rules": {"positive": [], "negative": [], "verify": [],
+                          "reflection_takeover": False, "verify_takeover": False,
+                          "excessive_reflection_takeover": False}}
+"""A stream whose every token goes straight to the client (nothing held back for a probe)."""
+
+
+@contextmanager
+def limited_pair(max_input_tokens: int) -> Iterator[Pair]:
+    """A pair that takes ``max_input_tokens`` and writes a token every 5 ms."""
+    latency = LatencyModel(per_token=0.005)
+    with LoopbackServer(ConversationModel(), latency=latency, model_id="test/small",
+                        max_input_tokens=max_input_tokens, max_total_tokens=60_000) as small, \
+            LoopbackServer(ConversationModel(), latency=latency, model_id="test/target",
+                           max_input_tokens=max_input_tokens, max_total_tokens=60_000) as target:
+        yield Pair(small, target)
+
+
+BIG_PROMPT = "hello " * 650_000
+"""3.9 MB, under the 4 MiB body limit; 650,000 tokens, so TGI's /tokenize answer for it is
+~40 MB of JSON, an object per token."""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
+@pytest.mark.timeout(300)
+def test_a_prompt_of_megabytes_is_counted_without_memory_or_a_stall() -> None:
+    """A 3.9 MB prompt the server must count (its bytes could fit 20,000 tokens of some
+    tokenizer) is a 400 context_length_exceeded; the serve process's peak memory stays near
+    where it was, and a stream in flight keeps relaying its tokens while the
+    prompt is counted. Broken: the whole per-token /tokenize answer is parsed at once (peak
+    RSS +1 GB on a real TGI) and every other stream stands still meanwhile."""
+    with limited_pair(max_input_tokens=20_000) as pair:
+        served = ServeProcess(pair).wait_ready()
+        try:
+            long_answer = {**HELLO, "stream": True, "specthink": NO_TAKEOVERS, "messages": [
+                {"role": "user", "content": "hello " + "word " * 3000}]}
+            big: dict[str, httpx.Response] = {}
+
+            def send_big() -> None:
+                big["response"] = httpx.post(
+                    f"{served.url}/v1/chat/completions", timeout=120,
+                    json={**HELLO, "messages": [{"role": "user", "content": BIG_PROMPT}]})
+
+            sender = threading.Thread(target=send_big)
+            received = during = 0
+            with httpx.stream("POST", f"{served.url}/v1/chat/completions", json=long_answer,
+                              timeout=120) as stream:
+                lines = stream.iter_lines()
+                for line in lines:
+                    if not line.startswith("data: {"):
+                        continue
+                    received += 1
+                    if received == 50:  # the stream is under way: now the big prompt
+                        before = rss_bytes(served.process.pid)
+                        sender.start()
+                    elif received > 50 and sender.is_alive():
+                        during += 1
+                    elif received > 50:
+                        break
+                rest = [line for line in lines if line]  # the stream still ends whole
+            sender.join(timeout=120)
+            peak = peak_rss_bytes(served.process.pid)
+        finally:
+            served.stop()
+    response = big["response"]
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    assert peak - before < 150 * 1024 * 1024, f"peak RSS +{(peak - before) / 2**20:.0f} MiB"
+    # Progress, not time: the stream's chunks kept coming while the big prompt was checked.
+    # (How far behind the model server they came is not asserted: the model servers run in
+    # this test process, whose own load while tokenizing 3.9 MB blurs that measure.)
+    assert during >= 20
+    assert rest[-1] == "data: [DONE]" and '"error"' not in "".join(rest)
+
+
+@pytest.mark.timeout(120)
+def test_a_prompt_no_tokenizer_could_fit_is_refused_without_asking() -> None:
+    """A prompt with more bytes than max_input_tokens x the longest token any vocabulary has
+    is a 400 before any tokenizer request. Broken: the server is asked to tokenize megabytes
+    it must refuse anyway."""
+    with limited_pair(max_input_tokens=1_000) as pair:
+        served = ServeProcess(pair).wait_ready()
+        try:
+            response = httpx.post(
+                f"{served.url}/v1/chat/completions", timeout=120,
+                json={**HELLO, "messages": [{"role": "user", "content": BIG_PROMPT}]})
+            asked = [call.path for call in [*pair.small.calls, *pair.target.calls]]
+        finally:
+            served.stop()
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    assert "/tokenize" not in asked and pair.requests() == 0
