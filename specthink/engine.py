@@ -29,8 +29,7 @@ from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from ._constants import DEFAULT_MAX_NEW_TOKENS
-from ._sync import _LoopThread, run_sync
+from .accepted import AcceptedText
 from .backends.base import Backend, SamplingParams, StreamToken
 from .errors import (
     BackendError,
@@ -41,6 +40,8 @@ from .errors import (
     TargetFallbackWarning,
     redact_url,
 )
+from .formats import THINK_HERMES, OutputFormat, held_back
+from .request import ChatRequest
 from .rules import (
     ACCEPT,
     HAND_BACK,
@@ -52,9 +53,10 @@ from .rules import (
     SmallAction,
     TakeoverPolicy,
     TakeoverRules,
+    resolve_rules,
 )
+from .sync import _LoopThread, run_sync
 from .trace import (
-    REASONING_START,
     Event,
     FallbackEvent,
     FinishEvent,
@@ -102,15 +104,8 @@ class _Run:
     the count the server reports at its end is the call's ``input_tokens``."""
     total_limits: dict[Role, int] = field(default_factory=dict)
     """Each server's max_total_tokens (prompt + generated), where it said."""
-    pieces: list[str] = field(default_factory=list)
-    """The accepted text in pieces (``text`` joins them): appending to one string would copy
-    the whole answer at every token."""
-    length: int = 0
-    """Characters of accepted text."""
-    recent: str = ""
-    """The last ``keep`` characters of accepted text before the newest piece, and that piece:
-    all a stop sequence or the end of the reasoning can still complete in."""
-    keep: int = field(init=False)
+    accepted: AcceptedText = field(init=False)
+    """The accepted text (``text``, ``length``, ``recent`` read it)."""
     emitted: int = 0
     """Characters of ``text`` already yielded; the rest may be the start of a stop sequence."""
     unemitted: list[TextEvent] = field(default_factory=list)
@@ -120,6 +115,8 @@ class _Run:
     """The small prompt opened the reasoning and no grammar constrains the output."""
     routing_key: str = ""
     """Sent with every generation request of this call (``routing_headers``)."""
+    request: ChatRequest | None = None
+    """The call's checked request (``None`` for ``warm_up``'s preparation only)."""
     prepare_target: Callable[[], Awaitable[None]] | None = None
     """The target's prompt and limits, not started yet: the small model's first token starts
     them (``SpeculativeThinker._start_target_preparation``), or the first handoff."""
@@ -128,33 +125,24 @@ class _Run:
     reasoning: bool | None = None
     """Inside a reasoning section: the prompt or the text opened ``<think>`` and it has not
     closed yet (``None`` until the first accepted text tells)."""
+    undecided_tokens: int = 0
+    """Tokens accepted while ``reasoning`` is still ``None`` (the text so far may still
+    become the opening tag): counted as reasoning if it does."""
     done: bool = False
 
     def __post_init__(self) -> None:
         longest = max((len(s) for s in self.stop), default=0)
-        self.keep = max(longest, len(self.policy.rules.thinking_end)) - 1
+        # All a stop sequence or the end of the reasoning can still complete in.
+        self.accepted = AcceptedText(
+            max(longest, len(self.policy.output_format.reasoning.close)) - 1)
 
     @property
     def text(self) -> str:
-        """The accepted text (joined once, then kept as one piece)."""
-        pieces = self.pieces
-        if len(pieces) > 1:
-            pieces[:] = ["".join(pieces)]
-        return pieces[0] if pieces else ""
+        return self.accepted.text
 
-    def append(self, piece: str) -> str:
-        """Append accepted text; return ``recent``."""
-        self.pieces.append(piece)
-        self.length += len(piece)
-        keep = self.keep
-        recent = self.recent = (self.recent[-keep:] if keep else "") + piece
-        return recent
-
-    def truncate(self, length: int) -> None:
-        text = self.text[:length]
-        self.pieces[:] = [text]
-        self.length = length
-        self.recent = text[-self.keep:] if self.keep else ""
+    @property
+    def length(self) -> int:
+        return self.accepted.length
 
     def finish(self, reason: str) -> None:
         if not self.done:
@@ -185,6 +173,7 @@ class SpeculativeThinker:
         on_target_error: TargetErrorPolicy = "fallback",
         max_stream_resumes: int = 2,
         check_prompt_length: bool = True,
+        output_format: OutputFormat = THINK_HERMES,
         on_request: Callable[[Role, int], None] | None = None,
     ) -> None:
         if on_target_error not in ("fallback", "raise"):
@@ -194,7 +183,7 @@ class SpeculativeThinker:
             raise ConfigError(f"max_stream_resumes must be >= 0, got {max_stream_resumes}")
         self.small = small
         self.target = target
-        self.rules = TakeoverRules.preset(rules) if isinstance(rules, str) else rules
+        self.rules = resolve_rules(rules)
         from . import prompts  # imported late: prompts pulls in jinja2
 
         self.small_template = small_template
@@ -206,11 +195,15 @@ class SpeculativeThinker:
         self.on_target_error: TargetErrorPolicy = on_target_error
         self.max_stream_resumes = max_stream_resumes
         self.check_prompt_length = check_prompt_length
+        self.output_format = output_format
+        """How the models mark reasoning and tool calls (the rules' ``thinking_end`` may move
+        the end of the reasoning)."""
+        self._intervention_tokens: dict[str, int] = {}
+        """Tokens of each intervention text (rules may differ per call), counted once."""
         self.on_request = on_request
         """Called with the role and the attempt number (1, 2, ...) as each generation request
         is sent, retries included, whether the call then succeeds or not (``serve``'s
         metrics); ``Statistics.requests`` only reaches callers whose call finished."""
-        self._intervention_tokens: int | None = None
         self._target_checked = False
         """The target's template and limits were checked once; later calls prepare its prompt
         beside the small model's first stream."""
@@ -235,38 +228,36 @@ class SpeculativeThinker:
 
     # ---- public API ----------------------------------------------------------------------
 
-    async def agenerate(self, messages: Sequence[dict[str, Any]], **params: Any) -> Result:
+    async def agenerate(self, request: ChatRequest | Sequence[dict[str, Any]],
+                        **params: Any) -> Result:
         """Run the whole loop and return the accepted text, the events and the statistics."""
-        async for event in self.astream(messages, **params):
+        async for event in self.astream(request, **params):
             if isinstance(event, FinishEvent):
                 return event.result
         raise AssertionError("astream ended without a FinishEvent")  # pragma: no cover
 
-    async def astream(
-        self,
-        messages: Sequence[dict[str, Any]],
-        *,
-        max_new_tokens: int | None = None,
-        stop: Sequence[str] | None = None,
-        sampling: SamplingParams | None = None,
-        tools: Sequence[dict[str, Any]] | None = None,
-        tool_choice: Any = None,
-        session_id: str | None = None,
-    ) -> AsyncIterator[Event]:
+    async def astream(self, request: ChatRequest | Sequence[dict[str, Any]],
+                      **params: Any) -> AsyncIterator[Event]:
         """Stream events as text is accepted; the last event is a :class:`FinishEvent`.
 
-        ``session_id`` (the caller's conversation or user session) is the routing key sent
-        with every generation request of the call, so a router keeps the conversation on the
-        replica that holds its prefix; without one, each call gets a fresh random key.
+        ``request`` is a :class:`~specthink.request.ChatRequest` (checked once where it was
+        built; nothing is validated again here), or the messages, with ``ChatRequest.build``'s
+        keyword arguments in ``params`` (``max_new_tokens``, ``stop``, ``sampling``, ``tools``,
+        ``tool_choice``, ``parallel_tool_calls``, ``response_format``, ``session_id``,
+        ``rules``) as a convenience that builds it. ``session_id`` (the caller's conversation
+        or user session) is the routing key sent with every generation request of the call, so
+        a router keeps the conversation on the replica that holds its prefix; without one,
+        each call gets a fresh random key.
         """
-        run = await self._prepare(messages, max_new_tokens=max_new_tokens, stop=stop,
-                                  sampling=sampling, tools=tools, tool_choice=tool_choice,
-                                  session_id=session_id)
+        checked = self.request(request, **params)
+        run = await self._prepare(checked)
+        output_format = run.policy.output_format
         # Yielded with the first event the loop produces, so a call that fails before it
         # writes anything yields nothing at all.
         start: StartEvent | None = StartEvent(
-            starts_in_reasoning=run.starts_in_reasoning, reasoning_end=self.rules.thinking_end,
-            routing_key=run.routing_key)
+            starts_in_reasoning=run.starts_in_reasoning, output_format=output_format,
+            routing_key=run.routing_key, tool_names=checked.tool_names,
+            max_tool_calls=checked.max_tool_calls)
         for early in tuple(run.events):  # a target found down before the first request
             if start is not None:
                 yield start
@@ -287,43 +278,49 @@ class SpeculativeThinker:
                   for role in ("small", "target")}
         result = Result(text=run.text, events=tuple(run.events), stats=run.stats,
                         starts_in_reasoning=run.starts_in_reasoning,
-                        reasoning_end=self.rules.thinking_end, models=models)
+                        output_format=output_format, models=models,
+                        tool_names=checked.tool_names, max_tool_calls=checked.max_tool_calls)
         yield FinishEvent(result)
 
-    def generate(self, messages: Sequence[dict[str, Any]], **params: Any) -> Result:
-        """Blocking ``agenerate``; works where an event loop already runs (notebooks)."""
-        return run_sync(self.agenerate(messages, **params))
+    def request(self, request: ChatRequest | Sequence[dict[str, Any]],
+                **params: Any) -> ChatRequest:
+        """``request`` as it is, or a :class:`ChatRequest` built from the messages and
+        ``params`` (dict rules override this engine's). A bad field is a ``ConfigError``."""
+        if isinstance(request, ChatRequest):
+            if params:
+                raise ConfigError(f"a ChatRequest carries its own parameters; got "
+                                  f"{sorted(params)} beside it")
+            return request
+        params.setdefault("base_rules", self.rules)
+        return ChatRequest.build(request, **params)
 
-    def stream(self, messages: Sequence[dict[str, Any]], **params: Any) -> Iterator[Event]:
+    def generate(self, request: ChatRequest | Sequence[dict[str, Any]],
+                 **params: Any) -> Result:
+        """Blocking ``agenerate``; works where an event loop already runs (notebooks)."""
+        return run_sync(self.agenerate(request, **params))
+
+    def stream(self, request: ChatRequest | Sequence[dict[str, Any]],
+               **params: Any) -> Iterator[Event]:
         """Blocking ``astream``; leaving the loop early cancels the request and closes streams."""
-        return _LoopThread.get().iterate(self.astream(messages, **params))
+        return _LoopThread.get().iterate(self.astream(request, **params))
 
     # ---- preparation: everything that can fail before a generation request -----------------
 
-    async def _prepare(self, messages: Sequence[dict[str, Any]], *, max_new_tokens: int | None,
-                       stop: Sequence[str] | None, sampling: SamplingParams | None,
-                       tools: Sequence[dict[str, Any]] | None, tool_choice: Any,
-                       session_id: str | None) -> _Run:
-        from . import prompts
-
-        budget = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
-            raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        stops = tuple(stop or ())
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise ConfigError(f"stop sequences must be non-empty strings, got {list(stops)!r}")
-        checked = prompts.validate_messages(messages)
-        if tools is not None or tool_choice is not None:
-            prompts.apply_tool_choice(checked, tools, tool_choice)  # a bad choice fails here
-        sampling = sampling or SamplingParams()
+    async def _prepare(self, request: ChatRequest) -> _Run:
+        sampling = request.sampling
+        if request.grammar is not None and self.small.supports_grammar \
+                and self.target.supports_grammar:
+            sampling = dataclasses.replace(sampling, grammar=request.grammar)
         # A grammar restarts with every request, so a handoff inside constrained output would
         # break it: constrained answers are written by the small model alone.
-        policy = TakeoverPolicy(self.rules, handoffs=sampling.grammar is None)
-        run = _Run(prompts={"small": "", "target": ""}, budget_left=budget, stop=stops,
-                   sampling=sampling, policy=policy, routing_key=_routing_key(session_id))
+        policy = TakeoverPolicy(request.rules or self.rules, handoffs=sampling.grammar is None,
+                                output_format=self.output_format)
+        run = _Run(prompts={"small": "", "target": ""}, budget_left=request.max_new_tokens,
+                   stop=request.stop, sampling=sampling, policy=policy,
+                   routing_key=request.session_id or uuid.uuid4().hex, request=request)
 
         async def prepare_role(role: Role) -> None:
-            await self._prepare_role(run, role, checked, tools, tool_choice)
+            await self._prepare_role(run, role, request)
 
         if self._target_checked:
             # Off the critical path: the small model's first request needs only its own
@@ -354,22 +351,22 @@ class SpeculativeThinker:
         # the model write the constrained output at once.
         constrained = run.sampling.grammar is not None and self.small.supports_grammar
         run.starts_in_reasoning = (not constrained
-                                   and run.prompts["small"].rstrip().endswith(REASONING_START))
+                                   and policy.output_format.opened_by(run.prompts["small"]))
         return run
 
-    async def _prepare_role(self, run: _Run, role: Role, messages: list[dict[str, Any]],
-                            tools: Sequence[dict[str, Any]] | None, tool_choice: Any) -> None:
+    async def _prepare_role(self, run: _Run, role: Role, request: ChatRequest) -> None:
         """The prompt for ``role`` and a check of it against the server's limits."""
         from . import prompts
 
         backend = self.backends[role]
         try:
             run.prompts[role] = await prompts.render_prompt(
-                self._templates[role], messages, tools, backend, tool_choice=tool_choice)
+                self._templates[role], request.prompt_messages, request.prompt_tools, backend,
+                tool_choice=request.tool_choice, tool_choice_applied=True)
             if self.check_prompt_length:
                 await self._check_limits(run, role, len(run.stop))
         except BackendError as exc:
-            exc.role = role
+            _with_role(exc, role)  # the preparation's boundary (generation: _TimedStream)
             raise
 
     async def warm_up(self) -> None:
@@ -378,10 +375,11 @@ class SpeculativeThinker:
         server (``specthink serve``) calls it at start so its first user waits no longer than
         any later one. Raises the ``BackendError`` of a server that cannot answer, or the
         ``ConfigError`` of a template that cannot be used; the first call then checks again."""
+        request = ChatRequest.build(_WARM_UP_MESSAGES, max_new_tokens=1)
         run = _Run(prompts={"small": "", "target": ""}, budget_left=1, stop=(),
                    sampling=SamplingParams(), policy=TakeoverPolicy(self.rules),
-                   routing_key=_routing_key(None))
-        await asyncio.gather(*(self._prepare_role(run, role, list(_WARM_UP_MESSAGES), None, None)
+                   routing_key=uuid.uuid4().hex, request=request)
+        await asyncio.gather(*(self._prepare_role(run, role, request)
                                for role in ("small", "target")))
         self._target_checked = True
 
@@ -403,7 +401,7 @@ class SpeculativeThinker:
                 raise
             return self._target_failed(run, BackendError(
                 f"the target cannot take over in this conversation: {exc}",
-                url=self.target.url))
+                url=self.target.url, role="target"))
         return None
 
     @staticmethod
@@ -437,11 +435,7 @@ class SpeculativeThinker:
     async def _check_limits(self, run: _Run, role: Role, stop_count: int) -> None:
         prompt = run.prompts[role]
         backend = self.backends[role]
-        try:
-            info = await backend.info()
-        except BackendError as exc:
-            exc.role = role
-            raise
+        info = await backend.info()
         run.model_ids[role] = info.model_id
         if info.max_stop_sequences is not None and stop_count > info.max_stop_sequences:
             raise ConfigError(
@@ -518,9 +512,7 @@ class SpeculativeThinker:
         while not run.done:
             got_tokens = 0
             finish_reason: str | None = None
-            room = self._room(run, "small", run.budget_left)
-            if room <= 0:
-                run.finish("length")
+            if (room := self._room_or_finish(run, "small", run.budget_left)) <= 0:
                 break
             try:
                 async with self._open("small", run, room) as tokens:
@@ -547,11 +539,7 @@ class SpeculativeThinker:
                             # target gets ready while the small model writes on.
                             self._start_target_preparation(run)
             except StreamDroppedError as exc:
-                exc.role = "small"
-                resumes += 1
-                if resumes > self.max_stream_resumes:
-                    raise
-                run.stats.resumed_streams["small"] += 1
+                resumes = self._resumed(run, "small", exc, resumes)
                 policy.small_dropped()
                 continue
             if run.done or policy.handover is not None:
@@ -561,13 +549,36 @@ class SpeculativeThinker:
                 yield event
             if run.done or policy.handover is not None:
                 return
-            if finish_reason in ("eos", "stop") or got_tokens == 0:
-                run.finish("stop")
-            elif run.budget_left <= 0:
-                run.finish("length")
-            elif finish_reason not in ("length", None):
-                run.finish("stop")
-            # else: the server stopped at its own limit before ours; ask again from here
+            self._stream_ended(run, finish_reason, got_tokens)
+
+    # ---- what both models' writes share: room, resumes, the end of a stream ---------------
+
+    def _room_or_finish(self, run: _Run, role: Role, wanted: int) -> int:
+        """The tokens the next ``role`` request may ask for; none left ends the call
+        (``length``)."""
+        room = self._room(run, role, wanted)
+        if room <= 0:
+            run.finish("length")
+        return room
+
+    def _resumed(self, run: _Run, role: Role, dropped: StreamDroppedError, resumes: int) -> int:
+        """A stream broke after its first token: resume from the accepted text, unless it broke
+        ``max_stream_resumes`` times already in this part (then raise it)."""
+        if resumes + 1 > self.max_stream_resumes:
+            raise dropped
+        run.stats.resumed_streams[role] += 1
+        return resumes + 1
+
+    @staticmethod
+    def _stream_ended(run: _Run, finish_reason: str | None, received: int) -> None:
+        """A stream ended by itself: the model's end (or nothing written) ends the call, and so
+        does the budget; the server's own length limit before ours means ask again."""
+        if finish_reason in ("eos", "stop") or received == 0:
+            run.finish("stop")
+        elif run.budget_left <= 0:
+            run.finish("length")
+        elif finish_reason not in ("length", None):
+            run.finish("stop")
 
     def _release(self, run: _Run, action: SmallAction) -> list[TextEvent]:
         """Accept the held text the policy released, up to its next decision (a handover is then
@@ -591,18 +602,16 @@ class SpeculativeThinker:
         resumes = 0
         try:
             while not run.done and policy.handover is handover and run.budget_left > 0:
-                eos = False
+                finish_reason: str | None = None
                 received = 0
-                room = self._room(run, "target", min(policy.target_left, run.budget_left))
-                if room <= 0:
-                    run.finish("length")
+                wanted = min(policy.target_left, run.budget_left)
+                if (room := self._room_or_finish(run, "target", wanted)) <= 0:
                     return
                 async with self._open("target", run, room) as tokens:
                     try:
                         async for token in tokens:
                             received += 1
-                            if token.finish_reason in ("eos", "stop"):
-                                eos = True
+                            finish_reason = token.finish_reason
                             if token.special:
                                 continue
                             for event in self._accept(run, "target", token.text, rule, 1):
@@ -618,22 +627,15 @@ class SpeculativeThinker:
                                 rule = action.rule
                                 yield self._note_takeover(run, rule, 0)
                     except StreamDroppedError as exc:
-                        exc.role = "target"
-                        resumes += 1
-                        if resumes > self.max_stream_resumes:
-                            raise
-                        run.stats.resumed_streams["target"] += 1
+                        resumes = self._resumed(run, "target", exc, resumes)
                         continue
-                if eos or received == 0:
-                    run.finish("stop")
-                elif run.budget_left <= 0:
-                    run.finish("length")
+                self._stream_ended(run, finish_reason, received)
         except BackendError as exc:
             yield self._target_failed(run, exc)
 
     def _target_failed(self, run: _Run, exc: BackendError) -> FallbackEvent:
-        """Apply ``on_target_error``: raise, or let the small model go on alone."""
-        exc.role = "target"
+        """Apply ``on_target_error``: raise, or let the small model go on alone (``exc`` has
+        its role from the boundary it crossed)."""
         if self.on_target_error == "raise":
             raise exc
         run.policy.target_failed()
@@ -648,14 +650,15 @@ class SpeculativeThinker:
     async def _intervene(self, run: _Run, handover: Intervene) -> AsyncGenerator[Event, None]:
         """Rule 3: the intervention text, then the target's ``n3`` tokens (the policy has
         adapted its counters already)."""
-        if self._intervention_tokens is None:
+        text = run.policy.rules.intervention_text
+        tokens = self._intervention_tokens.get(text)
+        if tokens is None:
             try:
-                self._intervention_tokens = await self.target.count_tokens(
-                    self.rules.intervention_text)
+                tokens = await self.target.count_tokens(text)
             except BackendError:
-                self._intervention_tokens = max(1, len(self.rules.intervention_text) // 4)
-        for piece in self._accept(run, "intervention", handover.text, handover.rule,
-                                  self._intervention_tokens):
+                tokens = max(1, len(text) // 4)
+            self._intervention_tokens[text] = tokens
+        for piece in self._accept(run, "intervention", handover.text, handover.rule, tokens):
             yield piece
         if not run.done:
             async with aclosing(self._target_writes(run, handover)) as stream:
@@ -689,13 +692,16 @@ class SpeculativeThinker:
             stats.intervention_tokens += tokens
         run.budget_left -= tokens
         before = run.length
-        recent = run.append(text)
+        recent = run.accepted.append(text)
         if run.reasoning is None:
-            run.reasoning = (run.starts_in_reasoning
-                             or run.text.lstrip().startswith(REASONING_START))
+            run.reasoning = _opens_reasoning(run)
+            if run.reasoning is None:  # only (part of) the opening tag so far
+                run.undecided_tokens += tokens
+            elif run.reasoning:
+                stats.reasoning_tokens += run.undecided_tokens
         if run.reasoning:
             stats.reasoning_tokens += tokens
-            run.reasoning = self.rules.thinking_end not in recent
+            run.reasoning = run.policy.output_format.reasoning.close not in recent
         piece = TextEvent(source, text, rule)
         if not run.stop:
             run.emitted = run.length
@@ -703,32 +709,27 @@ class SpeculativeThinker:
             out = [piece]
         else:
             run.unemitted.append(piece)
-            out = self._release_checked(run, before)
+            out = self._emit_before_stops(run, before)
         if run.budget_left <= 0 and not run.done:
             run.finish("length")
             out.extend(self._flush(run))
         return out
 
-    def _release_checked(self, run: _Run, appended_at: int) -> list[TextEvent]:
+    def _emit_before_stops(self, run: _Run, appended_at: int) -> list[TextEvent]:
         longest = max(len(s) for s in run.stop)
-        recent = run.recent
+        recent = run.accepted.recent
         base = run.length - len(recent)  # where ``recent`` starts in the accepted text
         search_from = max(0, appended_at - longest + 1 - base)
         cut = min((at for s in run.stop if (at := recent.find(s, search_from)) >= 0),
                   default=-1)
         if cut >= 0:
             cut += base
-            run.truncate(cut)
+            run.accepted.truncate(cut)
             run.finish("stop")
             return self._emit_until(run, cut)
-        length = run.length
-        safe = length
-        for s in run.stop:
-            for size in range(min(len(s) - 1, length), 0, -1):
-                if recent.endswith(s[:size]):
-                    safe = min(safe, length - size)
-                    break
-        return self._emit_until(run, safe)
+        # ``recent`` holds at least the last ``longest - 1`` characters, all a stop sequence
+        # can still begin in.
+        return self._emit_until(run, run.length - held_back(recent, run.stop))
 
     def _emit_until(self, run: _Run, limit: int) -> list[TextEvent]:
         """Yield unemitted pieces up to character ``limit`` of the accepted text."""
@@ -788,11 +789,7 @@ class SpeculativeThinker:
         return _TimedStream(open_stream(max_new_tokens), stats, role, with_fresh_limits)
 
     async def _refresh_limits(self, run: _Run, role: Role) -> None:
-        try:
-            info = await self.backends[role].info(refresh=True)
-        except BackendError as exc:
-            exc.role = role
-            raise
+        info = await self.backends[role].info(refresh=True)  # inside the stream's boundary
         if info.max_total_tokens is not None:
             run.total_limits[role] = info.max_total_tokens
         else:
@@ -808,19 +805,33 @@ measured. A tighter lower bound does not exist without the tokenizer: one token 
 any N below the longest token is not guaranteed."""
 
 
-def _routing_key(session_id: str | None) -> str:
-    if session_id is None:
-        return uuid.uuid4().hex
-    if not isinstance(session_id, str) or not session_id.strip():
-        raise ConfigError(f"session_id must be a non-empty string, got {session_id!r}")
-    return session_id
+def _opens_reasoning(run: _Run) -> bool | None:
+    """Whether the output is reasoning from its start: the prompt opened it, or the text
+    opens it; ``None`` while the text is only (a part of) the opening tag."""
+    if run.starts_in_reasoning:
+        return True
+    opening = run.policy.output_format.reasoning.open
+    head = run.text.lstrip()
+    if head.startswith(opening):
+        return True
+    if not head or opening.startswith(head):
+        return None
+    return False
+
+
+def _with_role(exc: BackendError, role: Role) -> None:
+    """``exc`` tagged with the role of the server it came from: the one mapping of backend
+    errors to roles, applied where the engine calls a backend (preparing a role's prompt, a
+    generation stream), as httpx maps its transport's errors at one boundary."""
+    exc.role = role
 
 
 Reopen = Callable[[], Awaitable[AbstractAsyncContextManager[AsyncIterator[StreamToken]]]]
 
 
 class _TimedStream:
-    """Wraps a backend stream: counts the time spent waiting on the model and tags errors.
+    """Wraps a backend stream: counts the time spent waiting on the model, and is the
+    boundary where a generation request's errors get their role (``_with_role``).
 
     A length limit refused before the first token (``ContextLimitError``) reopens the stream
     once through ``reopen``, which refreshes the server's limits first.
@@ -851,7 +862,7 @@ class _TimedStream:
                     raise
                 await self._open_again()
         except BackendError as exc:
-            exc.role = self._role
+            _with_role(exc, self._role)
             raise
         finally:
             self._waits[self._role] += time.perf_counter() - started
@@ -874,21 +885,17 @@ class _TimedStream:
         assert self._iterator is not None
         started = time.perf_counter()
         try:
-            token = await self._iterator.__anext__()
-        except ContextLimitError as exc:
-            # TGI says it inside the 200 stream, before any token.
-            if self._started or self._reopen is None:
-                exc.role = self._role
-                raise
-            await self._context.__aexit__(None, None, None)
             try:
+                token = await self._iterator.__anext__()
+            except ContextLimitError:
+                # TGI says it inside the 200 stream, before any token.
+                if self._started or self._reopen is None:
+                    raise
+                await self._context.__aexit__(None, None, None)
                 await self._open_again()
                 token = await self._iterator.__anext__()
-            except BackendError as again:
-                again.role = self._role
-                raise
         except BackendError as exc:
-            exc.role = self._role
+            _with_role(exc, self._role)
             raise
         finally:
             self._waits[self._role] += time.perf_counter() - started
