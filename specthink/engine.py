@@ -257,7 +257,7 @@ class SpeculativeThinker:
         start: StartEvent | None = StartEvent(
             starts_in_reasoning=run.starts_in_reasoning, output_format=output_format,
             routing_key=run.routing_key, tool_names=checked.tool_names,
-            max_tool_calls=checked.max_tool_calls)
+            max_tool_calls=checked.max_tool_calls, tool_schemas=_counted_tools(checked))
         for early in tuple(run.events):  # a target found down before the first request
             if start is not None:
                 yield start
@@ -279,7 +279,8 @@ class SpeculativeThinker:
         result = Result(text=run.text, events=tuple(run.events), stats=run.stats,
                         starts_in_reasoning=run.starts_in_reasoning,
                         output_format=output_format, models=models,
-                        tool_names=checked.tool_names, max_tool_calls=checked.max_tool_calls)
+                        tool_names=checked.tool_names, max_tool_calls=checked.max_tool_calls,
+                        tool_schemas=_counted_tools(checked))
         yield FinishEvent(result)
 
     def request(self, request: ChatRequest | Sequence[dict[str, Any]],
@@ -308,6 +309,8 @@ class SpeculativeThinker:
 
     async def _prepare(self, request: ChatRequest) -> _Run:
         sampling = request.sampling
+        if self.output_format.template is not None and not sampling.keep_special_tokens:
+            sampling = dataclasses.replace(sampling, keep_special_tokens=True)
         if request.grammar is not None and self.small.supports_grammar \
                 and self.target.supports_grammar:
             sampling = dataclasses.replace(sampling, grammar=request.grammar)
@@ -901,3 +904,10 @@ class _TimedStream:
             self._waits[self._role] += time.perf_counter() - started
         self._started = True
         return token
+
+
+def _counted_tools(request: ChatRequest) -> tuple[dict[str, Any], ...]:
+    """The offered tools whose calls count, as OpenAI objects."""
+    names = set(request.tool_names or ())
+    return tuple(t for t in request.tools or ()
+                 if isinstance(t.get("function"), dict) and t["function"].get("name") in names)

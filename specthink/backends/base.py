@@ -26,6 +26,10 @@ class SamplingParams:
     grammar: dict[str, Any] | None = None
     """TGI grammar (``{"type": "json", "value": schema}``); sent only to backends that
     support it."""
+    keep_special_tokens: bool = False
+    """The output format's markers may be special tokens (harmony's ``<|channel|>``, Mistral's
+    ``[THINK]``): ask the server to keep them in the text (vLLM / SGLang
+    ``skip_special_tokens: false``; the stop token stays out either way)."""
 
     @property
     def greedy(self) -> bool:

@@ -162,6 +162,8 @@ def completion_body(prompt: str, *, model: str | None, max_new_tokens: int,
     if sampling.greedy:
         body["temperature"] = 0.0
     body.update(sampling_fields(sampling))
+    if sampling.keep_special_tokens:
+        body["skip_special_tokens"] = False
     return body
 
 
