@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from specthink import _constants
 from specthink.backends.base import Backend, SamplingParams
-from specthink.errors import BackendError, ConfigError, SpecthinkError
+from specthink.errors import BackendError, ConfigError, SpecthinkError, redact_url
 from specthink.local import DEFAULT_PORTS, LOCAL_PAIR_NOTE, LocalPair, LocalPairError
 from specthink.rules import PRESETS
 
@@ -462,7 +462,7 @@ async def _check(urls: dict[str, str], protocol: str, api_key: str | None,
     from specthink.backends import kind_of
 
     async def one(role: str, url: str) -> dict[str, Any]:
-        row: dict[str, Any] = {"role": role, "url": url, "healthy": False}
+        row: dict[str, Any] = {"role": role, "url": redact_url(url), "healthy": False}
         try:
             backend = await _backend(url, protocol, api_key=api_key, model=models[role],
                                      role=role)

@@ -38,6 +38,7 @@ from .errors import (
     PromptTooLongError,
     StreamDroppedError,
     TargetFallbackWarning,
+    redact_url,
 )
 from .formats import THINK_HERMES, OutputFormat, held_back
 from .request import ChatRequest
@@ -173,6 +174,7 @@ class SpeculativeThinker:
         max_stream_resumes: int = 2,
         check_prompt_length: bool = True,
         output_format: OutputFormat = THINK_HERMES,
+        on_request: Callable[[Role, int], None] | None = None,
     ) -> None:
         if on_target_error not in ("fallback", "raise"):
             raise ConfigError(
@@ -198,6 +200,10 @@ class SpeculativeThinker:
         the end of the reasoning)."""
         self._intervention_tokens: dict[str, int] = {}
         """Tokens of each intervention text (rules may differ per call), counted once."""
+        self.on_request = on_request
+        """Called with the role and the attempt number (1, 2, ...) as each generation request
+        is sent, retries included, whether the call then succeeds or not (``serve``'s
+        metrics); ``Statistics.requests`` only reaches callers whose call finished."""
         self._target_checked = False
         """The target's template and limits were checked once; later calls prepare its prompt
         beside the small model's first stream."""
@@ -268,7 +274,7 @@ class SpeculativeThinker:
             self._end_preparation(run)
         if start is not None:
             yield start
-        models = {role: run.model_ids.get(role) or self.backends[role].url
+        models = {role: run.model_ids.get(role) or redact_url(self.backends[role].url)
                   for role in ("small", "target")}
         result = Result(text=run.text, events=tuple(run.events), stats=run.stats,
                         starts_in_reasoning=run.starts_in_reasoning,
@@ -436,14 +442,22 @@ class SpeculativeThinker:
         run.model_ids[role] = info.model_id
         if info.max_stop_sequences is not None and stop_count > info.max_stop_sequences:
             raise ConfigError(
-                f"{stop_count} stop sequences given, but the {role} server {backend.url} allows "
-                f"at most {info.max_stop_sequences}")
+                f"{stop_count} stop sequences given, but the {role} server "
+                f"{redact_url(backend.url)} allows at most {info.max_stop_sequences}")
         if info.max_input_tokens is None and info.max_total_tokens is None:
             return
         # A token covers at least one byte (byte-level BPE; special tokens cover several), so
         # the UTF-8 length bounds the token count. Only prompts near a limit are tokenised by
         # the server: most conversations need no extra request.
         length = len(prompt.encode())
+        if (info.max_input_tokens is not None
+                and length > info.max_input_tokens * MAX_BYTES_PER_TOKEN):
+            # The other way round no count is needed either: whatever the tokenizer, a prompt
+            # of this many bytes has more tokens than the server takes.
+            raise PromptTooLongError(
+                f"the prompt has {length} bytes, so at least "
+                f"{-(-length // MAX_BYTES_PER_TOKEN)} tokens, more than the {role} server's "
+                f"max_input_tokens={info.max_input_tokens} ({redact_url(backend.url)})")
         fits_input = info.max_input_tokens is None or length <= info.max_input_tokens
         fits_total = (info.max_total_tokens is None
                       or length + run.budget_left <= info.max_total_tokens)
@@ -456,7 +470,7 @@ class SpeculativeThinker:
         if info.max_input_tokens is not None and length > info.max_input_tokens:
             raise PromptTooLongError(
                 f"the prompt has {length} tokens, more than the {role} server's "
-                f"max_input_tokens={info.max_input_tokens} ({backend.url})")
+                f"max_input_tokens={info.max_input_tokens} ({redact_url(backend.url)})")
 
     # ---- the loop: carrying out the policy's actions ----------------------------------------
 
@@ -750,10 +764,14 @@ class SpeculativeThinker:
         backend = self.backends[role]
         stats = run.stats
 
+        observer = self.on_request
+
         def on_attempt(attempt: int) -> None:
             stats.requests[role] += 1
             if attempt > 1:
                 stats.retries[role] += 1
+            if observer is not None:
+                observer(role, attempt)
 
         prompt = run.prompts[role] + run.text
         if role == "small":
@@ -779,6 +797,15 @@ class SpeculativeThinker:
             run.total_limits[role] = info.max_total_tokens
         else:
             run.total_limits.pop(role, None)
+
+
+MAX_BYTES_PER_TOKEN = 1024
+"""No token of a text covers more bytes than this, so a prompt has at least
+``ceil(bytes / MAX_BYTES_PER_TOKEN)`` tokens. The longest ordinary token of 20 vocabularies
+llama.cpp tests (GPT-2, Llama 2/3, Qwen2/3.5, Gemma 4, DeepSeek, Falcon, MPT, StarCoder,
+Command R, ...) is 512 bytes (a run of spaces); twice that leaves room for vocabularies not
+measured. A tighter lower bound does not exist without the tokenizer: one token per N bytes for
+any N below the longest token is not guaranteed."""
 
 
 def _opens_reasoning(run: _Run) -> bool | None:

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import jinja2
 
+from specthink._json import check_depth
 from specthink.backends.base import ServerInfo
-from specthink.errors import ConfigError
+from specthink.errors import ConfigError, redact_url
 from specthink.templates import builtin_source, environment
 
 if TYPE_CHECKING:  # at run time, imported on first use (see __getattr__): it imports this module
@@ -200,6 +201,7 @@ def _validate_tool(index: int, tool: object) -> dict[str, Any]:
         raise ConfigError(f"tools[{index}] is a {type(tool).__name__}; expected a dict")
     if not isinstance(function.get("name"), str) or not function["name"]:
         raise ConfigError(f"tools[{index}] has no function name")
+    check_depth(tool, f"tools[{index}]")  # templates and json.dumps recurse through it
     return wrapped
 
 
@@ -378,9 +380,9 @@ class ServerTemplate(ServerRenderedTemplate):
                                          tool_choice=_wire_tool_choice(tool_choice, tools))
         if text is None:
             raise ConfigError(
-                f"the server {backend.url} cannot render chat templates; choose a client-side "
-                f"template: {', '.join(repr(n) for n in _BUILTIN)}, a Jinja template source or "
-                "the path of the model's tokenizer_config.json")
+                f"the server {redact_url(backend.url)} cannot render chat templates; choose a "
+                f"client-side template: {', '.join(repr(n) for n in _BUILTIN)}, a Jinja "
+                "template source or the path of the model's tokenizer_config.json")
         return text
 
     def __repr__(self) -> str:

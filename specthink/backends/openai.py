@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, ClassVar, Literal, Unpack
 
+from specthink.backends._counting import count_occurrences, int_field
 from specthink.backends._httpbackend import (
     HTTPOptions,
     SSEBackend,
@@ -38,6 +39,7 @@ from specthink.errors import (
     InStreamError,
     StreamDroppedError,
     in_stream_error,
+    redact_url,
 )
 
 __all__ = ["BACKEND", "ChatRendering", "CompletionDecoder", "OpenAICompletionsBackend",
@@ -53,6 +55,9 @@ _FINISH: dict[str, FinishReason] = {
     "stop_sequence": "stop",
 }
 
+STREAMED_COUNT_CHARS = 64 * 1024
+"""Texts longer than this are counted from the tokenizer's answer as it streams in
+(:mod:`specthink.backends._counting`), never from a parsed id list."""
 TokenizeMethod = Literal["vllm", "tgi", "llama_cpp", "llama_cpp_python", "estimate"]
 _METHODS: tuple[TokenizeMethod, ...] = ("vllm", "tgi", "llama_cpp", "llama_cpp_python")
 
@@ -381,8 +386,32 @@ class OpenAICompletionsBackend(SSEBackend):
         (``{"content"}``), llama-cpp-python's ``/extras/tokenize`` (``{"input"}``); concurrent
         first callers share that search, and its answer is kept (:attr:`tokenize_method`).
         """
+        if len(text) > STREAMED_COUNT_CHARS:
+            if self.tokenize_method is None:
+                await self._tokenizer("Hi")  # found on a probe: never on the long text
+            count = await self._count(self.tokenize_method, text)
+            if count is not None:
+                return count
         ids = await self._server_ids(text)
         return -(-len(text) // 4) if ids is None else len(ids)
+
+    async def _count(self, method: TokenizeMethod | None, text: str) -> int | None:
+        """``text``'s token count read as the tokenizer's answer streams in: vLLM's and
+        llama-cpp-python's ``count`` field, or TGI's objects counted one read at a time; ``None``
+        where the endpoint has no such answer (llama.cpp's bare id list)."""
+        if method == "vllm":
+            return await self._conn.open_stream(
+                "/tokenize", {"model": await self._model(), "prompt": text},
+                opened=lambda body: int_field(body, "count"))
+        if method == "tgi":
+            return await self._conn.open_stream(
+                "/tokenize", {"inputs": text},
+                opened=lambda body: count_occurrences(body, b'"id":'))
+        if method == "llama_cpp_python":
+            return await self._conn.open_stream(
+                "/extras/tokenize/count", {"input": text},
+                opened=lambda body: int_field(body, "count"))
+        return None
 
     async def tokenize(self, text: str) -> list[int]:
         """The server's token ids of ``text`` as a raw prompt (BOS first where the server adds
@@ -390,7 +419,7 @@ class OpenAICompletionsBackend(SSEBackend):
         server has no tokenizer endpoint."""
         ids = await self._server_ids(text)
         if ids is None:
-            raise BackendError(f"{self.url} has no tokenizer endpoint (tried vLLM's and TGI's "
+            raise BackendError("the server has no tokenizer endpoint (tried vLLM's and TGI's "
                                "/tokenize, llama.cpp's /tokenize, llama-cpp-python's "
                                "/extras/tokenize)", url=self.url)
         return ids
@@ -403,7 +432,7 @@ class OpenAICompletionsBackend(SSEBackend):
         if ids is None:
             ids = await self._ids(method, text)
         if ids is None:
-            raise BackendError(f"{self.url} answered its tokenizer ({method}) with an "
+            raise BackendError(f"the server answered its tokenizer ({method}) with an "
                                "unexpected shape", url=self.url)
         return ids
 
@@ -423,10 +452,11 @@ class OpenAICompletionsBackend(SSEBackend):
                         raise
                     continue
                 if ids is not None:
-                    logger.debug("%s tokenizes with %s", self.url, method)
+                    logger.debug("%s tokenizes with %s", redact_url(self.url), method)
                     self.tokenize_method = method
                     return method, ids
-            logger.debug("%s has no tokenizer endpoint; token counts are estimated", self.url)
+            logger.debug("%s has no tokenizer endpoint; token counts are estimated",
+                         redact_url(self.url))
             self.tokenize_method = "estimate"
             return "estimate", None
 
@@ -491,7 +521,7 @@ class OpenAICompletionsBackend(SSEBackend):
         async with self._probing_chat.lock():
             if self.chat_rendering is None:
                 self.chat_rendering = await self._probe_chat()
-                logger.debug("%s renders chat templates with %s", self.url,
+                logger.debug("%s renders chat templates with %s", redact_url(self.url),
                              self.chat_rendering)
             return self.chat_rendering
 
@@ -537,7 +567,7 @@ class OpenAICompletionsBackend(SSEBackend):
             bos_text = head if head is not None else await self._detokenize(list(bos_ids))
         if not trusted:
             logger.debug("%s: vLLM token strings do not decode byte-level; rendering "
-                         "uses /detokenize", self.url)
+                         "uses /detokenize", redact_url(self.url))
         return ChatRendering("vllm", trusted, bos_ids, bos_text)
 
     @staticmethod

@@ -12,6 +12,7 @@ import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, ClassVar
 
+from specthink.backends._counting import count_occurrences
 from specthink.backends._httpbackend import (
     SSEBackend,
     TokenStream,
@@ -183,8 +184,11 @@ class TGIBackend(SSEBackend):
             raw=raw)
 
     async def count_tokens(self, text: str) -> int:
-        """``POST /tokenize``: the server's token count, special tokens (BOS) included."""
-        return len(await self._tokenized(text))
+        """``POST /tokenize``: the server's token count, special tokens (BOS) included, counted
+        as the answer streams in (one object per token: never parsed whole)."""
+        return await self._conn.open_stream(
+            "/tokenize", {"inputs": text},
+            opened=lambda body: count_occurrences(body, b'"id":'))
 
     async def tokenize(self, text: str) -> list[int]:
         """``POST /tokenize``: the server's token ids of ``text`` as a raw prompt, BOS first

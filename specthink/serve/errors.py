@@ -9,6 +9,8 @@
 404    ``not_found_error``         a model other than ``--model-name``, or an unknown path
 413    ``invalid_request_error``   the body is larger than the limit
 429    ``rate_limit_error``        more chat requests in flight than ``--max-concurrency``
+499    (no body is read)           the client hung up before its request was read (nginx's
+                                   "client closed request"; for the metrics and access log)
 500    ``server_error``            a bug: the message carries a reference, never a traceback
 502    ``upstream_error``          a model server answered wrongly (``code`` names which)
 503    ``upstream_unavailable``    a model server is down, overloaded or unhealthy
@@ -22,6 +24,7 @@ import uuid
 from typing import Any
 
 import orjson
+from starlette.requests import ClientDisconnect
 
 from specthink.errors import (
     BackendConnectionError,
@@ -96,6 +99,10 @@ def from_exception(exc: BaseException, *, param: str | None = None) -> APIError:
     """The answer for an exception raised while serving a chat request."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, ClientDisconnect):
+        # No one is left to read an answer, and nothing went wrong here: no traceback, no 5xx.
+        return APIError(499, "The client closed the connection before its request was read.",
+                        code="client_closed_request")
     if isinstance(exc, PromptTooLongError):
         return invalid(str(exc), "messages", "context_length_exceeded")
     if isinstance(exc, ConfigError):
