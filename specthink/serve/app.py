@@ -41,7 +41,7 @@ from specthink.serve.metrics import (
 from specthink.serve.protocol import ChunkWriter, parse_request
 from specthink.serve.serving import ChatCall, Thinkers, prepare, stream_events, whole_answer
 from specthink.serve.settings import ServeSettings
-from specthink.trace import Result
+from specthink.trace import REASONING_START, Result
 
 __all__ = ["app_from_environment", "build_backends", "create_app"]
 
@@ -54,6 +54,32 @@ serving anyway."""
 JSON = "application/json"
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+INSTRUCT_HINT = (
+    "the small model's chat template opens no reasoning (%s), and the %r rules hand over only "
+    "inside one: if the small model does not reason (an instruct model), no takeover will "
+    "happen; serve it with --rules paper_instruct (SPECTHINK_RULES=paper_instruct), where the "
+    "target writes the opening. A model that writes %s itself (Qwen3) needs nothing.")
+
+
+async def _suggest_instruct_rules(thinker: SpeculativeThinker, preset: str) -> None:
+    """Warn, once at start, when the reasoning rules meet a template that opens no reasoning.
+
+    A suggestion rather than a switch: the template cannot tell an instruct model from a hybrid
+    one that opens its reasoning itself, and handing a hybrid's opening to the target would
+    change what it answers."""
+    from specthink import prompts
+
+    if thinker.rules.mode != "reasoning":
+        return
+    try:
+        prompt = await prompts.render_prompt(thinker.templates["small"], [
+            {"role": "user", "content": "Hello"}], None, thinker.small)
+    except (BackendError, ConfigError):
+        return  # the first request reports it
+    if not prompt.rstrip().endswith(REASONING_START):
+        logger.warning(INSTRUCT_HINT, REASONING_START, preset, REASONING_START)
 
 
 def build_backends(settings: ServeSettings) -> tuple[Backend, Backend]:
@@ -253,6 +279,8 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
             # Model servers often start after this one (compose, a rollout): not fatal.
             logger.warning("the model servers could not be asked at start (%s); the first "
                            "request asks again", exc or "no answer in time")
+        else:
+            await _suggest_instruct_rules(thinker, settings.rules)
         if freeze_heap:  # after the warm-up, whose connections and templates live on
             gc.collect()  # start-up garbage is freed, not frozen
             gc.freeze()
