@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ._constants import DEFAULT_MAX_NEW_TOKENS
 from ._sync import _LoopThread, run_sync
-from .backends.base import Backend, SamplingParams, StreamToken
+from .backends.base import Backend, SamplingParams, ServerInfo, StreamToken
 from .errors import (
     BackendError,
     ConfigError,
@@ -205,6 +205,7 @@ class SpeculativeThinker:
         self.max_stream_resumes = max_stream_resumes
         self.check_prompt_length = check_prompt_length
         self._intervention_tokens: int | None = None
+        self._server_info: dict[Role, ServerInfo] = {}
         self._target_checked = False
         """The target's template and limits were checked once; later calls prepare its prompt
         beside the small model's first stream."""
@@ -222,6 +223,12 @@ class SpeculativeThinker:
     @property
     def backends(self) -> dict[Role, Backend]:
         return {"small": self.small, "target": self.target}
+
+    @property
+    def server_info(self) -> dict[Role, ServerInfo]:
+        """What each server said about itself (model id, limits) when a call or ``warm_up``
+        last asked; empty before. Adapters describe the model with it without a request."""
+        return dict(self._server_info)
 
     async def aclose(self) -> None:
         """Close both backends' HTTP clients (the ones they opened themselves)."""
@@ -436,6 +443,7 @@ class SpeculativeThinker:
         except BackendError as exc:
             exc.role = role
             raise
+        self._server_info[role] = info
         run.model_ids[role] = info.model_id
         if info.max_stop_sequences is not None and stop_count > info.max_stop_sequences:
             raise ConfigError(
@@ -775,6 +783,7 @@ class SpeculativeThinker:
         except BackendError as exc:
             exc.role = role
             raise
+        self._server_info[role] = info
         if info.max_total_tokens is not None:
             run.total_limits[role] = info.max_total_tokens
         else:
