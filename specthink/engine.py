@@ -548,6 +548,11 @@ class SpeculativeThinker:
                 run.stats.resumed_streams["small"] += 1
                 policy.small_dropped()
                 continue
+            except ContextLimitError:
+                if not _context_filled(run):
+                    raise  # the prompt alone does not fit: the caller's error
+                run.finish("length")
+                break
             if run.done or policy.handover is not None:
                 return
             # The stream ended: open windows close with what they hold.
@@ -622,6 +627,11 @@ class SpeculativeThinker:
                     run.finish("stop")
                 elif run.budget_left <= 0:
                     run.finish("length")
+        except ContextLimitError as exc:
+            if not _context_filled(run):
+                exc.role = "target"
+                raise  # the prompt alone does not fit, as a PromptTooLongError at the start
+            run.finish("length")
         except BackendError as exc:
             yield self._target_failed(run, exc)
 
@@ -773,7 +783,13 @@ class SpeculativeThinker:
         async def with_fresh_limits() -> AbstractAsyncContextManager[AsyncIterator[StreamToken]]:
             # The server refused a length: its limits may have changed since /info was cached.
             await self._refresh_limits(run, role)
-            return open_stream(self._room(run, role, max_new_tokens))
+            room = self._room(run, role, max_new_tokens)
+            if room <= 0:  # asking again would only be refused again
+                what = ("the prompt and the text written so far fill" if _context_filled(run)
+                        else "the prompt does not fit")
+                raise ContextLimitError(f"{what} the {role} server's context of "
+                                        f"{run.total_limits[role]} tokens", url=backend.url)
+            return open_stream(room)
 
         return _TimedStream(open_stream(max_new_tokens), stats, role, with_fresh_limits)
 
@@ -786,8 +802,19 @@ class SpeculativeThinker:
         self._server_info[role] = info
         if info.max_total_tokens is not None:
             run.total_limits[role] = info.max_total_tokens
+            if role not in run.exact_prompt_tokens:
+                # A byte count bounds the prompt's tokens loosely: near a limit, ask.
+                with contextlib.suppress(BackendError):
+                    exact = await self.backends[role].count_tokens(run.prompts[role])
+                    run.exact_prompt_tokens[role] = run.prompt_tokens[role] = exact
         else:
             run.total_limits.pop(role, None)
+
+
+def _context_filled(run: _Run) -> bool:
+    """A server refused the length of a request that carried text written in this call: the
+    conversation has filled its context, so the answer ends there (``length``)."""
+    return run.stats.output_tokens > 0
 
 
 def _routing_key(session_id: str | None) -> str:
