@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import json
 import time
 import uuid
 import warnings
@@ -52,6 +53,7 @@ from .rules import (
     TakeoverPolicy,
     TakeoverRules,
 )
+from .tools import call_opener
 from .trace import (
     REASONING_START,
     Event,
@@ -127,6 +129,16 @@ class _Run:
     reasoning: bool | None = None
     """Inside a reasoning section: the prompt or the text opened ``<think>`` and it has not
     closed yet (``None`` until the first accepted text tells)."""
+    call_opener: str = ""
+    """A tool call the caller requires (``tool_choice``), not begun yet: the engine writes this
+    opener as soon as the reasoning ends (at once when the output does not start in it)."""
+    reopen: bool = False
+    """The engine wrote into the text (the call opener): the open stream must be asked again
+    from the new text."""
+    call_at: int = -1
+    """Where the JSON of the call the engine opened begins in the text (-1: none)."""
+    call_grammars: dict[Role, dict[str, Any] | None] = field(default_factory=dict)
+    """Per server, the grammar for the rest of the opened call (``backend.call_grammar``)."""
     done: bool = False
 
     def __post_init__(self) -> None:
@@ -356,7 +368,23 @@ class SpeculativeThinker:
         constrained = run.sampling.grammar is not None and self.small.supports_grammar
         run.starts_in_reasoning = (not constrained
                                    and run.prompts["small"].rstrip().endswith(REASONING_START))
+        required, name = prompts.required_call(tool_choice, tools)
+        if required:
+            # A text model only reads the instruction; the opener makes the call happen, and
+            # a server's grammar (where it takes one) keeps the arguments JSON.
+            run.call_opener = call_opener(name)
+            await self._prepare_call_grammars(run, name, prompts.validate_tools(tools) or [])
         return run
+
+    async def _prepare_call_grammars(self, run: _Run, name: str | None,
+                                     tools: Sequence[dict[str, Any]]) -> None:
+        roles: tuple[Role, Role] = ("small", "target")
+        grammars = await asyncio.gather(*(self.backends[role].call_grammar(tools, name)
+                                          for role in roles), return_exceptions=True)
+        for role, grammar in zip(roles, grammars, strict=True):
+            if isinstance(grammar, BaseException) and not isinstance(grammar, BackendError):
+                raise grammar
+            run.call_grammars[role] = None if isinstance(grammar, BaseException) else grammar
 
     async def _prepare_role(self, run: _Run, role: Role, messages: list[dict[str, Any]],
                             tools: Sequence[dict[str, Any]] | None, tool_choice: Any) -> None:
@@ -493,6 +521,8 @@ class SpeculativeThinker:
                 break
         if not run.done:
             run.finish("stop")
+        for piece in self._close_opened_call(run):
+            yield piece
         if not run.stats.input_tokens:
             # The server reports prompt tokens on a stream's last token, which a takeover cuts
             # (and llama.cpp's server never sends them when streaming): one /tokenize then.
@@ -529,12 +559,12 @@ class SpeculativeThinker:
                         if action is ACCEPT:
                             for event in self._accept(run, "small", token.text, None, 1):
                                 yield event
-                            if run.done:
+                            if run.done or run.reopen:
                                 break
                         elif action is not HOLD:
                             for event in self._release(run, action):
                                 yield event
-                            if run.done or policy.handover is not None:
+                            if run.done or policy.handover is not None or run.reopen:
                                 break
                         if run.prepare_target is not None:
                             # The first token is handled (a probe may be open now): the
@@ -553,11 +583,18 @@ class SpeculativeThinker:
                     raise  # the prompt alone does not fit: the caller's error
                 run.finish("length")
                 break
+            if run.reopen and not run.done and policy.handover is None:
+                run.reopen = False
+                policy.small_dropped()  # held tokens are asked again after the opener
+                continue
             if run.done or policy.handover is not None:
                 return
             # The stream ended: open windows close with what they hold.
             for event in self._release(run, policy.small_ended()):
                 yield event
+            if run.reopen and not run.done and policy.handover is None:
+                run.reopen = False  # the held end of the reasoning: the call follows
+                continue
             if run.done or policy.handover is not None:
                 return
             if finish_reason in ("eos", "stop") or got_tokens == 0:
@@ -574,7 +611,7 @@ class SpeculativeThinker:
         events: list[TextEvent] = []
         while isinstance(action, Release):
             events.extend(self._accept(run, "small", action.text, None, action.tokens))
-            if run.done:
+            if run.done or run.reopen:
                 break
             action = action.then
         return events
@@ -608,6 +645,8 @@ class SpeculativeThinker:
                                 yield event
                             if run.done:
                                 return
+                            if run.reopen:
+                                break
                             action = policy.target_token(token.text)
                             if action is ACCEPT:
                                 continue
@@ -623,6 +662,9 @@ class SpeculativeThinker:
                             raise
                         run.stats.resumed_streams["target"] += 1
                         continue
+                if run.reopen:
+                    run.reopen = False
+                    continue
                 if eos or received == 0:
                     run.finish("stop")
                 elif run.budget_left <= 0:
@@ -694,24 +736,80 @@ class SpeculativeThinker:
         run.budget_left -= tokens
         before = run.length
         recent = run.append(text)
+        opener: list[TextEvent] = []
         if run.reasoning is None:
-            run.reasoning = (run.starts_in_reasoning
-                             or run.text.lstrip().startswith(REASONING_START))
+            head = run.text.lstrip()
+            if run.starts_in_reasoning or head.startswith(REASONING_START):
+                run.reasoning = True
+            elif head and not REASONING_START.startswith(head):
+                run.reasoning = False
+                if run.call_opener:
+                    # No reasoning first: the answer, so the call, begins here.
+                    run.truncate(before)
+                    text, opener = "", self._write_call_opener(run, "")
+            # else: whitespace or the start of the tag so far, undecided
         if run.reasoning:
             stats.reasoning_tokens += tokens
             run.reasoning = self.rules.thinking_end not in recent
-        piece = TextEvent(source, text, rule)
+            if not run.reasoning and run.call_opener:
+                text, opener = self._open_required_call(run, before)
+        pieces = [*([TextEvent(source, text, rule)] if text else []), *opener]
         if not run.stop:
             run.emitted = run.length
-            run.events.append(piece)
-            out = [piece]
+            run.events.extend(pieces)
+            out = pieces
         else:
-            run.unemitted.append(piece)
+            run.unemitted.extend(pieces)
             out = self._release_checked(run, before)
         if run.budget_left <= 0 and not run.done:
             run.finish("length")
             out.extend(self._flush(run))
         return out
+
+    def _open_required_call(self, run: _Run, before: int) -> tuple[str, list[TextEvent]]:
+        """The reasoning has just closed and a call is required: the answer is the call. The
+        accepted text is cut right after the closing tag (what the model began to answer is
+        dropped) and the opener follows; returns this piece's kept text and the opener."""
+        text = run.text
+        end = text.index(self.rules.thinking_end, max(0, before - run.keep)) + len(
+            self.rules.thinking_end)
+        run.truncate(end)
+        return text[before:end], self._write_call_opener(run, "\n\n")
+
+    @staticmethod
+    def _write_call_opener(run: _Run, separator: str) -> list[TextEvent]:
+        """Append the required call's opener (after ``separator``) to the accepted text; the
+        open stream is then asked again from the new text (``run.reopen``)."""
+        opener = separator + run.call_opener
+        run.call_opener = ""
+        run.reopen = True
+        tokens = _estimate(opener)
+        run.stats.intervention_tokens += tokens
+        run.budget_left -= tokens
+        run.call_at = run.length + opener.index("{")
+        run.append(opener)
+        return [TextEvent("intervention", opener, None)]
+
+    def _close_opened_call(self, run: _Run) -> list[TextEvent]:
+        """The model stopped right after the arguments of the call the engine opened (a
+        grammar ends there): close the call."""
+        if run.call_at < 0:
+            return []
+        try:
+            call = json.loads(run.text[run.call_at:] + "}")
+        except ValueError:
+            return []  # the model closed it (or left it broken: the caller sees the text)
+        if not isinstance(call, dict) or not isinstance(call.get("arguments"), dict):
+            return []
+        closing = "}\n</tool_call>"
+        run.append(closing)
+        piece = TextEvent("intervention", closing, None)
+        if run.stop:
+            run.unemitted.append(piece)  # shown by the flush that ends the run
+            return []
+        run.emitted = run.length
+        run.events.append(piece)
+        return [piece]
 
     def _release_checked(self, run: _Run, appended_at: int) -> list[TextEvent]:
         longest = max(len(s) for s in run.stop)
@@ -775,6 +873,8 @@ class SpeculativeThinker:
         sampling = run.sampling
         if sampling.grammar is not None and not backend.supports_grammar:
             sampling = dataclasses.replace(sampling, grammar=None)
+        if run.call_at >= 0 and (grammar := run.call_grammars.get(role)) is not None:
+            sampling = dataclasses.replace(sampling, grammar=grammar)  # the call's arguments
 
         def open_stream(tokens: int) -> AbstractAsyncContextManager[AsyncIterator[StreamToken]]:
             return backend.stream(prompt, max_new_tokens=max(1, tokens), sampling=sampling,
@@ -809,6 +909,11 @@ class SpeculativeThinker:
                     run.exact_prompt_tokens[role] = run.prompt_tokens[role] = exact
         else:
             run.total_limits.pop(role, None)
+
+
+def _estimate(text: str) -> int:
+    """Tokens of text the engine writes itself, for the budget (no server counted them)."""
+    return max(1, len(text) // 4)
 
 
 def _context_filled(run: _Run) -> bool:

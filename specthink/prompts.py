@@ -51,6 +51,7 @@ __all__ = [
     "apply_tool_choice",
     "family_template",
     "render_prompt",
+    "required_call",
     "resolve_template",
     "template_from_file",
     "tool_instruction",
@@ -259,6 +260,19 @@ def apply_tool_choice(messages: Sequence[Mapping[str, Any]],
     else:
         valid_messages.insert(0, {"role": "system", "content": instruction})
     return valid_messages, valid_tools
+
+
+def required_call(tool_choice: str | Mapping[str, Any] | None,
+                  tools: Sequence[Mapping[str, Any]] | None) -> tuple[bool, str | None]:
+    """``(required, name)``: whether ``tool_choice`` requires a call, and of which tool
+    (``None``: any; a single offered tool is that tool). Checked as :func:`tool_instruction`."""
+    if tool_instruction(tool_choice, tools) is None:
+        return False, None
+    name = _chosen_name(tool_choice)
+    if name in ("required", "any"):
+        offered = _tool_names(validate_tools(tools) or [])
+        return True, offered[0] if len(offered) == 1 else None
+    return True, name
 
 
 def _wire_tool_choice(tool_choice: str | Mapping[str, Any] | None,

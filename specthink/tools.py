@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TOOL_CALL_OPEN", "ToolCall", "parse_tool_calls"]
+__all__ = ["TOOL_CALL_OPEN", "ToolCall", "call_opener", "parse_tool_calls"]
 
 TOOL_CALL_OPEN = "<tool_call>"
 
@@ -86,3 +86,12 @@ def _read_call(body: str) -> ToolCall | None:
         return None
     return ToolCall(id=f"call_{uuid.uuid4().hex[:12]}", name=payload["name"],
                     arguments=arguments)
+
+
+def call_opener(name: str | None) -> str:
+    """The start of a Hermes/Qwen call the engine writes itself when a call is required: with
+    ``name``, everything up to its arguments (the model writes the arguments object); without,
+    up to the name (the model chooses the tool)."""
+    if name is None:
+        return TOOL_CALL_OPEN + '\n{"name": "'
+    return TOOL_CALL_OPEN + "\n" + '{"name": ' + json.dumps(name) + ', "arguments": '

@@ -25,7 +25,7 @@ class SamplingParams:
     repetition_penalty: float | None = None
     grammar: dict[str, Any] | None = None
     """TGI grammar (``{"type": "json", "value": schema}``); sent only to backends that
-    support it."""
+    support it. ``{"type": "gbnf", "value": text}`` is llama.cpp's (``arguments_grammar``)."""
 
     @property
     def greedy(self) -> bool:
@@ -93,6 +93,13 @@ class Backend(Protocol):
         ...
 
     async def health(self) -> bool: ...
+
+    async def call_grammar(self, tools: Sequence[dict[str, Any]],
+                           name: str | None) -> dict[str, Any] | None:
+        """A ``SamplingParams.grammar`` for the rest of a call the engine opened (a required
+        call): with ``name``, its arguments, one JSON object; without, the name of one of
+        ``tools``, then its arguments. ``None`` where the server takes no such grammar."""
+        ...
 
     async def count_tokens(self, text: str) -> int: ...
 

@@ -147,7 +147,8 @@ def completion_body(prompt: str, *, model: str | None, max_new_tokens: int,
     which OpenAI-compatible servers accept (TGI maps it to ``do_sample=false``)."""
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if sampling.grammar is not None:
+    grammar = sampling.grammar
+    if grammar is not None and grammar.get("type") != "gbnf":
         raise ConfigError("grammar is not supported by the OpenAI-compatible backend "
                           "(supports_grammar is False); use TGIBackend for constrained output")
     body: dict[str, Any] = {
@@ -161,6 +162,8 @@ def completion_body(prompt: str, *, model: str | None, max_new_tokens: int,
     if sampling.greedy:
         body["temperature"] = 0.0
     body.update(sampling_fields(sampling))
+    if grammar is not None:
+        body["grammar"] = grammar["value"]  # llama.cpp's and llama-cpp-python's GBNF field
     return body
 
 
@@ -355,6 +358,20 @@ class OpenAICompletionsBackend(SSEBackend):
 
     def _tokens(self, stream: SSEStream) -> AsyncIterator[StreamToken]:
         return _TokenStream(stream)
+
+    async def call_grammar(self, tools: Sequence[dict[str, Any]],
+                           name: str | None) -> dict[str, Any] | None:
+        """llama.cpp's and llama-cpp-python's ``grammar`` (GBNF; these servers are known by
+        their tokenizer endpoints): the arguments object, after one of the tools' names when
+        none is chosen. ``None`` for other servers (the model writes unconstrained)."""
+        method, _ = await self._tokenizer("{}")
+        if method not in ("llama_cpp", "llama_cpp_python"):
+            return None
+        if name is not None:
+            return {"type": "gbnf", "value": "root ::= object\n" + JSON_GBNF}
+        names = " | ".join(_gbnf_literal(tool["function"]["name"]) for tool in tools)
+        head = f'root ::= ({names}) "\\", \\"arguments\\": " object\n'
+        return {"type": "gbnf", "value": head + JSON_GBNF}
 
     async def _opened(self, body: ResponseBody) -> SSEStream:
         # llama-cpp-python checks the prompt against its context only once its answer has
@@ -680,6 +697,20 @@ class OpenAICompletionsBackend(SSEBackend):
             raise BackendError(f"/apply-template answered {str(answer)[:200]}", url=self.url)
         return prompt
 
+
+JSON_GBNF = r"""value ::= object ws | array | string | number | ("true" | "false" | "null") ws
+object ::= "{" ws ( string ":" ws value ( "," ws string ":" ws value )* )? "}"
+array ::= "[" ws ( value ( "," ws value )* )? "]" ws
+string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9]{1,15})? ws
+ws ::= | " " | "\n" [ \t]{0,20}
+"""
+"""JSON values (llama.cpp's grammars/json.gbnf), an ``object`` without trailing space so that
+a required call's arguments end the generation."""
+
+
+def _gbnf_literal(text: str) -> str:
+    return json.dumps(text)  # a JSON string literal is a GBNF one for these names
 
 _CONTEXT_SIZE = re.compile(r"maximum context length is (\d+) tokens"
                            r"|exceed context window of (\d+)")

@@ -309,6 +309,29 @@ async def test_a_stream_llama_cpp_python_ends_before_its_first_event_is_a_contex
     assert (await backend.info(refresh=True)).max_total_tokens == 256
 
 
+TOOLS = [{"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+         for name in ("get_weather", "get_time")]
+
+
+async def test_a_required_calls_grammar_is_gbnf_on_llama_cpp_servers_only(openai: Make) -> None:
+    """If this fails, a call the engine opened for ``tool_choice`` is left to a model that may
+    write anything on llama.cpp servers (which take GBNF in ``grammar``), or an unknown field
+    goes to servers that take none."""
+    python = openai(Server({"/extras/tokenize": httpx.Response(200, json={"tokens": [1]})}))
+    named = await python.call_grammar(TOOLS, "get_time")
+    any_tool = await python.call_grammar(TOOLS, None)
+    assert named is not None and any_tool is not None
+    assert named["type"] == "gbnf" and named["value"].startswith("root ::= object\n")
+    assert any_tool["value"].startswith(
+        'root ::= ("get_weather" | "get_time") "\\", \\"arguments\\": " object\n')
+    body = completion_body("p", model=None, max_new_tokens=4,
+                           sampling=SamplingParams(grammar=named))
+    assert body["grammar"] == named["value"]
+    vllm = openai(Server({"/tokenize": httpx.Response(200, json={"count": 1, "tokens": [1]})}),
+                  model="m")
+    assert await vllm.call_grammar(TOOLS, "get_time") is None
+
+
 async def test_count_tokens_with_vllm(openai: Make) -> None:
     server = Server({"/tokenize": httpx.Response(200, json={"count": 5, "max_model_len": 9,
                                                             "tokens": [1, 2, 3, 4, 5]})})

