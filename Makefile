@@ -28,7 +28,7 @@ ask: $(STAMP)
 	$(BIN)/specthink ask "$(Q)"
 
 lint: $(STAMP)
-	$(BIN)/ruff check specthink specthink_lc specthink_li tests examples
+	$(BIN)/ruff check specthink specthink_lc specthink_li benchmarks tests examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -39,8 +39,9 @@ pytest: $(STAMP)
 test: lint typecheck pytest
 
 # Speed figures: about 5 minutes on 2 cores; regenerates docs/benchmarks/ (not part of `test`).
+# The benchmarks are a top-level package of the checkout, not of the wheel.
 bench: $(STAMP)
-	$(BIN)/specthink bench --out docs/benchmarks
+	$(BIN)/python -m benchmarks --out docs/benchmarks
 
 clean:
 	rm -rf $(VENV)

@@ -12,12 +12,13 @@ from .errors import (
     BackendStatusError,
     BackendTimeoutError,
     ConfigError,
+    InStreamError,
     PromptTooLongError,
     SpecthinkError,
     StreamDroppedError,
-    StreamErrorEvent,
     TargetFallbackWarning,
 )
+from .request import ChatRequest
 from .rules import TakeoverPolicy, TakeoverRules
 from .trace import (
     Event,
@@ -35,10 +36,12 @@ __all__ = [
     "BackendError",
     "BackendStatusError",
     "BackendTimeoutError",
+    "ChatRequest",
     "ConfigError",
     "Event",
     "FallbackEvent",
     "FinishEvent",
+    "InStreamError",
     "PromptTooLongError",
     "Result",
     "Rule",
@@ -46,7 +49,6 @@ __all__ = [
     "SpeculativeThinker",
     "Statistics",
     "StreamDroppedError",
-    "StreamErrorEvent",
     "TakeoverEvent",
     "TakeoverPolicy",
     "TakeoverRules",
@@ -55,3 +57,12 @@ __all__ = [
 ]
 
 __version__ = _constants.VERSION
+
+
+def __getattr__(name: str) -> object:
+    # The old names of InStreamError (StreamErrorEvent), with errors' DeprecationWarning.
+    if name == "StreamErrorEvent":
+        from . import errors
+
+        return getattr(errors, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

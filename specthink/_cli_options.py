@@ -19,7 +19,8 @@ from rich.console import Console
 
 from specthink import _constants
 from specthink.backends import Backend, create, discover, kinds, takes_option
-from specthink.rules import PRESETS
+from specthink.errors import ConfigError
+from specthink.rules import PRESETS, known_preset
 
 __all__ = [
     "AUTO",
@@ -126,6 +127,10 @@ def stderr() -> Console:
 
 def preset_name(value: str | None) -> str | None:
     """Typer callback: ``value`` unless it names no rules preset."""
-    if value is not None and value not in PRESETS:
-        raise typer.BadParameter(f"{value!r} is not a preset; choose one of {', '.join(PRESETS)}")
-    return value
+    if value is None:
+        return None
+    try:
+        return known_preset(value)  # the core's one check of a preset name
+    except ConfigError:
+        raise typer.BadParameter(
+            f"{value!r} is not a preset; choose one of {', '.join(PRESETS)}") from None

@@ -83,9 +83,18 @@ STYLES: dict[str, str] = {
     "fallback": "bold red",
 }
 
-EXTENSIONS = ("specthink.bench.cli", "specthink.bench.serve", "specthink.evaluation.cli",
-              "specthink.serve.cli")
+EXTENSIONS = ("specthink.evaluation.cli", "specthink.serve.cli")
 """Modules that add commands through ``register(app: typer.Typer) -> None`` when installed."""
+
+BENCHMARK_COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("benchmarks.cli", "bench"),
+    "bench-serve": ("benchmarks.serve", "bench_serve"),
+}
+"""Commands of the top-level ``benchmarks`` package (a checkout's, never in the wheel): the
+module and function each one runs, imported only when the command runs."""
+
+BENCH_HINT = ("the benchmarks are not part of the installed package: run them from a checkout "
+              "of specthink with `make bench` (or `python -m benchmarks --help`)")
 
 
 # ---- shared helpers ----------------------------------------------------------------------
@@ -285,7 +294,8 @@ def ask(
     The small model writes; the target takes over at reasoning breakpoints. Without server URLs
     the local CPU pair is started and left running.
     """
-    from specthink.engine import SpeculativeThinker
+    from specthink.backends import kind_of
+    from specthink.settings import PairSettings
 
     err = stderr()
     with _exit_codes():
@@ -313,9 +323,14 @@ def ask(
         async def build() -> SpeculativeThinker:
             small_backend, target_backend = await _pair(
                 servers, backend, api_key=api_key, models=(small_model, target_model))
-            return SpeculativeThinker(small=small_backend, target=target_backend, rules=preset,
-                                      small_template=templates[0],
-                                      target_template=templates[1])
+            # The pair's one declaration of its settings, over the backends built (detected,
+            # with --backend auto) above.
+            settings = PairSettings(
+                small_url=servers[0], target_url=servers[1],
+                backend=kind_of(small_backend) or backend, small_model=small_model,
+                target_model=target_model, rules=preset, small_template=templates[0],
+                target_template=templates[1], api_key=api_key)
+            return settings.build(backends=(small_backend, target_backend))
 
         def printer() -> _Printer | None:
             if as_json:
@@ -530,6 +545,56 @@ def _register_extensions(app: typer.Typer, modules: Sequence[str] = EXTENSIONS) 
         register(app)
 
 
+def _checkout_roots() -> list[Path]:
+    """Where a checkout's ``benchmarks`` package may be: beside the imported ``specthink``
+    (an editable install or ``PYTHONPATH``), or the working directory."""
+    return [Path(__file__).resolve().parents[1], Path.cwd()]
+
+
+def _is_benchmarks(exc: ModuleNotFoundError) -> bool:
+    """The benchmarks package itself is missing (not a module it needs, e.g. matplotlib)."""
+    return (exc.name or "").partition(".")[0] == "benchmarks"
+
+
+def _benchmark_command(module_name: str, function: str) -> Callable[..., None]:
+    """The benchmark command's function, imported from the checkout."""
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if not _is_benchmarks(exc):
+            raise
+        for root in _checkout_roots():
+            if (root / "benchmarks" / "__init__.py").is_file() and (root / "specthink").is_dir():
+                # Appended, so the installed packages still win over the checkout's names.
+                sys.path.append(str(root))
+                try:
+                    module = importlib.import_module(module_name)
+                except ModuleNotFoundError as again:
+                    if not _is_benchmarks(again):
+                        raise
+                    continue
+                break
+        else:
+            raise ConfigError(BENCH_HINT) from None
+    command: Callable[..., None] = getattr(module, function)
+    return command
+
+
+def _forward_to_benchmarks(app: typer.Typer, name: str, module: str, function: str) -> None:
+    """``specthink NAME ...``: the arguments go, unparsed, to the checkout's command, so its
+    options and ``--help`` are its own."""
+
+    @app.command(name, add_help_option=False, context_settings={
+        "allow_extra_args": True, "ignore_unknown_options": True},
+        help=f"Benchmarks from a checkout (`specthink {name} --help`; `make bench`).")
+    def forward(ctx: typer.Context) -> None:
+        with _exit_codes():
+            command = _benchmark_command(module, function)
+        single = typer.Typer(add_completion=False)
+        single.command()(command)
+        typer.main.get_command(single).main(args=list(ctx.args), prog_name=f"specthink {name}")
+
+
 def build_app() -> typer.Typer:
     """The ``specthink`` typer application."""
     app = typer.Typer(name="specthink", no_args_is_help=True, add_completion=False,
@@ -546,6 +611,8 @@ def build_app() -> typer.Typer:
     servers = typer.Typer(no_args_is_help=True, help="The two model servers.")
     servers.command("check")(servers_check)
     app.add_typer(servers, name="servers")
+    for name, (module, function) in BENCHMARK_COMMANDS.items():
+        _forward_to_benchmarks(app, name, module, function)
     _register_extensions(app)
     return app
 

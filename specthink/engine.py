@@ -30,8 +30,7 @@ from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from ._constants import DEFAULT_MAX_NEW_TOKENS
-from ._sync import _LoopThread, run_sync
+from .accepted import AcceptedText
 from .backends.base import Backend, SamplingParams, ServerInfo, StreamToken
 from .errors import (
     BackendError,
@@ -41,6 +40,8 @@ from .errors import (
     StreamDroppedError,
     TargetFallbackWarning,
 )
+from .formats import THINK_HERMES, OutputFormat, held_back
+from .request import ChatRequest
 from .rules import (
     ACCEPT,
     HAND_BACK,
@@ -52,10 +53,11 @@ from .rules import (
     SmallAction,
     TakeoverPolicy,
     TakeoverRules,
+    resolve_rules,
 )
+from .sync import _LoopThread, run_sync
 from .tools import call_opener
 from .trace import (
-    REASONING_START,
     Event,
     FallbackEvent,
     FinishEvent,
@@ -103,15 +105,8 @@ class _Run:
     the count the server reports at its end is the call's ``input_tokens``."""
     total_limits: dict[Role, int] = field(default_factory=dict)
     """Each server's max_total_tokens (prompt + generated), where it said."""
-    pieces: list[str] = field(default_factory=list)
-    """The accepted text in pieces (``text`` joins them): appending to one string would copy
-    the whole answer at every token."""
-    length: int = 0
-    """Characters of accepted text."""
-    recent: str = ""
-    """The last ``keep`` characters of accepted text before the newest piece, and that piece:
-    all a stop sequence or the end of the reasoning can still complete in."""
-    keep: int = field(init=False)
+    accepted: AcceptedText = field(init=False)
+    """The accepted text (``text``, ``length``, ``recent`` read it)."""
     emitted: int = 0
     """Characters of ``text`` already yielded; the rest may be the start of a stop sequence."""
     unemitted: list[TextEvent] = field(default_factory=list)
@@ -121,6 +116,8 @@ class _Run:
     """The small prompt opened the reasoning and no grammar constrains the output."""
     routing_key: str = ""
     """Sent with every generation request of this call (``routing_headers``)."""
+    request: ChatRequest | None = None
+    """The call's checked request (``None`` for ``warm_up``'s preparation only)."""
     prepare_target: Callable[[], Awaitable[None]] | None = None
     """The target's prompt and limits, not started yet: the small model's first token starts
     them (``SpeculativeThinker._start_target_preparation``), or the first handoff."""
@@ -129,9 +126,12 @@ class _Run:
     reasoning: bool | None = None
     """Inside a reasoning section: the prompt or the text opened ``<think>`` and it has not
     closed yet (``None`` until the first accepted text tells)."""
+    undecided_tokens: int = 0
+    """Tokens accepted while ``reasoning`` is still ``None`` (the text so far may still
+    become the opening tag): counted as reasoning if it does."""
     call_opener: str = ""
     """A tool call the caller requires (``tool_choice``), not begun yet: the engine writes this
-    opener as soon as the reasoning ends (at once when the output does not start in it)."""
+    opener as soon as the reasoning ends (at the answer's first token when there is none)."""
     reopen: bool = False
     """The engine wrote into the text (the call opener): the open stream must be asked again
     from the new text."""
@@ -143,29 +143,17 @@ class _Run:
 
     def __post_init__(self) -> None:
         longest = max((len(s) for s in self.stop), default=0)
-        self.keep = max(longest, len(self.policy.rules.thinking_end)) - 1
+        # All a stop sequence or the end of the reasoning can still complete in.
+        self.accepted = AcceptedText(
+            max(longest, len(self.policy.output_format.reasoning.close)) - 1)
 
     @property
     def text(self) -> str:
-        """The accepted text (joined once, then kept as one piece)."""
-        pieces = self.pieces
-        if len(pieces) > 1:
-            pieces[:] = ["".join(pieces)]
-        return pieces[0] if pieces else ""
+        return self.accepted.text
 
-    def append(self, piece: str) -> str:
-        """Append accepted text; return ``recent``."""
-        self.pieces.append(piece)
-        self.length += len(piece)
-        keep = self.keep
-        recent = self.recent = (self.recent[-keep:] if keep else "") + piece
-        return recent
-
-    def truncate(self, length: int) -> None:
-        text = self.text[:length]
-        self.pieces[:] = [text]
-        self.length = length
-        self.recent = text[-self.keep:] if self.keep else ""
+    @property
+    def length(self) -> int:
+        return self.accepted.length
 
     def finish(self, reason: str) -> None:
         if not self.done:
@@ -196,6 +184,7 @@ class SpeculativeThinker:
         on_target_error: TargetErrorPolicy = "fallback",
         max_stream_resumes: int = 2,
         check_prompt_length: bool = True,
+        output_format: OutputFormat = THINK_HERMES,
     ) -> None:
         if on_target_error not in ("fallback", "raise"):
             raise ConfigError(
@@ -204,7 +193,7 @@ class SpeculativeThinker:
             raise ConfigError(f"max_stream_resumes must be >= 0, got {max_stream_resumes}")
         self.small = small
         self.target = target
-        self.rules = TakeoverRules.preset(rules) if isinstance(rules, str) else rules
+        self.rules = resolve_rules(rules)
         from . import prompts  # imported late: prompts pulls in jinja2
 
         self.small_template = small_template
@@ -216,7 +205,11 @@ class SpeculativeThinker:
         self.on_target_error: TargetErrorPolicy = on_target_error
         self.max_stream_resumes = max_stream_resumes
         self.check_prompt_length = check_prompt_length
-        self._intervention_tokens: int | None = None
+        self.output_format = output_format
+        """How the models mark reasoning and tool calls (the rules' ``thinking_end`` may move
+        the end of the reasoning)."""
+        self._intervention_tokens: dict[str, int] = {}
+        """Tokens of each intervention text (rules may differ per call), counted once."""
         self._server_info: dict[Role, ServerInfo] = {}
         self._target_checked = False
         """The target's template and limits were checked once; later calls prepare its prompt
@@ -248,38 +241,36 @@ class SpeculativeThinker:
 
     # ---- public API ----------------------------------------------------------------------
 
-    async def agenerate(self, messages: Sequence[dict[str, Any]], **params: Any) -> Result:
+    async def agenerate(self, request: ChatRequest | Sequence[dict[str, Any]],
+                        **params: Any) -> Result:
         """Run the whole loop and return the accepted text, the events and the statistics."""
-        async for event in self.astream(messages, **params):
+        async for event in self.astream(request, **params):
             if isinstance(event, FinishEvent):
                 return event.result
         raise AssertionError("astream ended without a FinishEvent")  # pragma: no cover
 
-    async def astream(
-        self,
-        messages: Sequence[dict[str, Any]],
-        *,
-        max_new_tokens: int | None = None,
-        stop: Sequence[str] | None = None,
-        sampling: SamplingParams | None = None,
-        tools: Sequence[dict[str, Any]] | None = None,
-        tool_choice: Any = None,
-        session_id: str | None = None,
-    ) -> AsyncIterator[Event]:
+    async def astream(self, request: ChatRequest | Sequence[dict[str, Any]],
+                      **params: Any) -> AsyncIterator[Event]:
         """Stream events as text is accepted; the last event is a :class:`FinishEvent`.
 
-        ``session_id`` (the caller's conversation or user session) is the routing key sent
-        with every generation request of the call, so a router keeps the conversation on the
-        replica that holds its prefix; without one, each call gets a fresh random key.
+        ``request`` is a :class:`~specthink.request.ChatRequest` (checked once where it was
+        built; nothing is validated again here), or the messages, with ``ChatRequest.build``'s
+        keyword arguments in ``params`` (``max_new_tokens``, ``stop``, ``sampling``, ``tools``,
+        ``tool_choice``, ``parallel_tool_calls``, ``response_format``, ``session_id``,
+        ``rules``) as a convenience that builds it. ``session_id`` (the caller's conversation
+        or user session) is the routing key sent with every generation request of the call, so
+        a router keeps the conversation on the replica that holds its prefix; without one,
+        each call gets a fresh random key.
         """
-        run = await self._prepare(messages, max_new_tokens=max_new_tokens, stop=stop,
-                                  sampling=sampling, tools=tools, tool_choice=tool_choice,
-                                  session_id=session_id)
+        checked = self.request(request, **params)
+        run = await self._prepare(checked)
+        output_format = run.policy.output_format
         # Yielded with the first event the loop produces, so a call that fails before it
         # writes anything yields nothing at all.
         start: StartEvent | None = StartEvent(
-            starts_in_reasoning=run.starts_in_reasoning, reasoning_end=self.rules.thinking_end,
-            routing_key=run.routing_key)
+            starts_in_reasoning=run.starts_in_reasoning, output_format=output_format,
+            routing_key=run.routing_key, tool_names=checked.tool_names,
+            max_tool_calls=checked.max_tool_calls)
         for early in tuple(run.events):  # a target found down before the first request
             if start is not None:
                 yield start
@@ -300,43 +291,49 @@ class SpeculativeThinker:
                   for role in ("small", "target")}
         result = Result(text=run.text, events=tuple(run.events), stats=run.stats,
                         starts_in_reasoning=run.starts_in_reasoning,
-                        reasoning_end=self.rules.thinking_end, models=models)
+                        output_format=output_format, models=models,
+                        tool_names=checked.tool_names, max_tool_calls=checked.max_tool_calls)
         yield FinishEvent(result)
 
-    def generate(self, messages: Sequence[dict[str, Any]], **params: Any) -> Result:
-        """Blocking ``agenerate``; works where an event loop already runs (notebooks)."""
-        return run_sync(self.agenerate(messages, **params))
+    def request(self, request: ChatRequest | Sequence[dict[str, Any]],
+                **params: Any) -> ChatRequest:
+        """``request`` as it is, or a :class:`ChatRequest` built from the messages and
+        ``params`` (dict rules override this engine's). A bad field is a ``ConfigError``."""
+        if isinstance(request, ChatRequest):
+            if params:
+                raise ConfigError(f"a ChatRequest carries its own parameters; got "
+                                  f"{sorted(params)} beside it")
+            return request
+        params.setdefault("base_rules", self.rules)
+        return ChatRequest.build(request, **params)
 
-    def stream(self, messages: Sequence[dict[str, Any]], **params: Any) -> Iterator[Event]:
+    def generate(self, request: ChatRequest | Sequence[dict[str, Any]],
+                 **params: Any) -> Result:
+        """Blocking ``agenerate``; works where an event loop already runs (notebooks)."""
+        return run_sync(self.agenerate(request, **params))
+
+    def stream(self, request: ChatRequest | Sequence[dict[str, Any]],
+               **params: Any) -> Iterator[Event]:
         """Blocking ``astream``; leaving the loop early cancels the request and closes streams."""
-        return _LoopThread.get().iterate(self.astream(messages, **params))
+        return _LoopThread.get().iterate(self.astream(request, **params))
 
     # ---- preparation: everything that can fail before a generation request -----------------
 
-    async def _prepare(self, messages: Sequence[dict[str, Any]], *, max_new_tokens: int | None,
-                       stop: Sequence[str] | None, sampling: SamplingParams | None,
-                       tools: Sequence[dict[str, Any]] | None, tool_choice: Any,
-                       session_id: str | None) -> _Run:
-        from . import prompts
-
-        budget = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
-            raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        stops = tuple(stop or ())
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise ConfigError(f"stop sequences must be non-empty strings, got {list(stops)!r}")
-        checked = prompts.validate_messages(messages)
-        if tools is not None or tool_choice is not None:
-            prompts.apply_tool_choice(checked, tools, tool_choice)  # a bad choice fails here
-        sampling = sampling or SamplingParams()
+    async def _prepare(self, request: ChatRequest) -> _Run:
+        sampling = request.sampling
+        if request.grammar is not None and self.small.supports_grammar \
+                and self.target.supports_grammar:
+            sampling = dataclasses.replace(sampling, grammar=request.grammar)
         # A grammar restarts with every request, so a handoff inside constrained output would
         # break it: constrained answers are written by the small model alone.
-        policy = TakeoverPolicy(self.rules, handoffs=sampling.grammar is None)
-        run = _Run(prompts={"small": "", "target": ""}, budget_left=budget, stop=stops,
-                   sampling=sampling, policy=policy, routing_key=_routing_key(session_id))
+        policy = TakeoverPolicy(request.rules or self.rules, handoffs=sampling.grammar is None,
+                                output_format=self.output_format)
+        run = _Run(prompts={"small": "", "target": ""}, budget_left=request.max_new_tokens,
+                   stop=request.stop, sampling=sampling, policy=policy,
+                   routing_key=request.session_id or uuid.uuid4().hex, request=request)
 
         async def prepare_role(role: Role) -> None:
-            await self._prepare_role(run, role, checked, tools, tool_choice)
+            await self._prepare_role(run, role, request)
 
         if self._target_checked:
             # Off the critical path: the small model's first request needs only its own
@@ -367,18 +364,27 @@ class SpeculativeThinker:
         # the model write the constrained output at once.
         constrained = run.sampling.grammar is not None and self.small.supports_grammar
         run.starts_in_reasoning = (not constrained
-                                   and run.prompts["small"].rstrip().endswith(REASONING_START))
-        required, name = prompts.required_call(tool_choice, tools)
-        if required:
-            # A text model only reads the instruction; the opener makes the call happen, and
-            # a server's grammar (where it takes one) keeps the arguments JSON.
-            run.call_opener = call_opener(name)
-            await self._prepare_call_grammars(run, name, prompts.validate_tools(tools) or [])
+                                   and policy.output_format.opened_by(run.prompts["small"]))
+        await self._require_call(run, request)
         return run
 
-    async def _prepare_call_grammars(self, run: _Run, name: str | None,
-                                     tools: Sequence[dict[str, Any]]) -> None:
+    async def _require_call(self, run: _Run, request: ChatRequest) -> None:
+        """A call ``tool_choice`` requires: a text model only reads the instruction, so the
+        engine writes the call's opener itself, and a server's grammar (where it takes one)
+        keeps the rest JSON."""
+        from . import prompts
+
+        required, name = prompts.required_call(request.tool_choice, request.tools)
+        if not required:
+            return
+        calls = run.policy.output_format.tool_call
+        if run.policy.output_format.tool_call_content != "json":
+            raise ConfigError(f"tool_choice={request.tool_choice!r} cannot be honoured with "
+                              f"{calls.open}...{calls.close} calls that are not JSON",
+                              field="tool_choice")
+        run.call_opener = call_opener(name, calls.open)
         roles: tuple[Role, Role] = ("small", "target")
+        tools = request.tools or []
         grammars = await asyncio.gather(*(self.backends[role].call_grammar(tools, name)
                                           for role in roles), return_exceptions=True)
         for role, grammar in zip(roles, grammars, strict=True):
@@ -386,19 +392,19 @@ class SpeculativeThinker:
                 raise grammar
             run.call_grammars[role] = None if isinstance(grammar, BaseException) else grammar
 
-    async def _prepare_role(self, run: _Run, role: Role, messages: list[dict[str, Any]],
-                            tools: Sequence[dict[str, Any]] | None, tool_choice: Any) -> None:
+    async def _prepare_role(self, run: _Run, role: Role, request: ChatRequest) -> None:
         """The prompt for ``role`` and a check of it against the server's limits."""
         from . import prompts
 
         backend = self.backends[role]
         try:
             run.prompts[role] = await prompts.render_prompt(
-                self._templates[role], messages, tools, backend, tool_choice=tool_choice)
+                self._templates[role], request.prompt_messages, request.prompt_tools, backend,
+                tool_choice=request.tool_choice, tool_choice_applied=True)
             if self.check_prompt_length:
                 await self._check_limits(run, role, len(run.stop))
         except BackendError as exc:
-            exc.role = role
+            _with_role(exc, role)  # the preparation's boundary (generation: _TimedStream)
             raise
 
     async def warm_up(self) -> None:
@@ -407,10 +413,11 @@ class SpeculativeThinker:
         server (``specthink serve``) calls it at start so its first user waits no longer than
         any later one. Raises the ``BackendError`` of a server that cannot answer, or the
         ``ConfigError`` of a template that cannot be used; the first call then checks again."""
+        request = ChatRequest.build(_WARM_UP_MESSAGES, max_new_tokens=1)
         run = _Run(prompts={"small": "", "target": ""}, budget_left=1, stop=(),
                    sampling=SamplingParams(), policy=TakeoverPolicy(self.rules),
-                   routing_key=_routing_key(None))
-        await asyncio.gather(*(self._prepare_role(run, role, list(_WARM_UP_MESSAGES), None, None)
+                   routing_key=uuid.uuid4().hex, request=request)
+        await asyncio.gather(*(self._prepare_role(run, role, request)
                                for role in ("small", "target")))
         self._target_checked = True
 
@@ -432,7 +439,7 @@ class SpeculativeThinker:
                 raise
             return self._target_failed(run, BackendError(
                 f"the target cannot take over in this conversation: {exc}",
-                url=self.target.url))
+                url=self.target.url, role="target"))
         return None
 
     @staticmethod
@@ -466,11 +473,7 @@ class SpeculativeThinker:
     async def _check_limits(self, run: _Run, role: Role, stop_count: int) -> None:
         prompt = run.prompts[role]
         backend = self.backends[role]
-        try:
-            info = await backend.info()
-        except BackendError as exc:
-            exc.role = role
-            raise
+        info = await backend.info()
         self._server_info[role] = info
         run.model_ids[role] = info.model_id
         if info.max_stop_sequences is not None and stop_count > info.max_stop_sequences:
@@ -570,8 +573,7 @@ class SpeculativeThinker:
                             # The first token is handled (a probe may be open now): the
                             # target gets ready while the small model writes on.
                             self._start_target_preparation(run)
-            except StreamDroppedError as exc:
-                exc.role = "small"
+            except StreamDroppedError:
                 resumes += 1
                 if resumes > self.max_stream_resumes:
                     raise
@@ -655,8 +657,7 @@ class SpeculativeThinker:
                             if isinstance(action, Extend):
                                 rule = action.rule
                                 yield self._note_takeover(run, rule, 0)
-                    except StreamDroppedError as exc:
-                        exc.role = "target"
+                    except StreamDroppedError:
                         resumes += 1
                         if resumes > self.max_stream_resumes:
                             raise
@@ -678,8 +679,8 @@ class SpeculativeThinker:
             yield self._target_failed(run, exc)
 
     def _target_failed(self, run: _Run, exc: BackendError) -> FallbackEvent:
-        """Apply ``on_target_error``: raise, or let the small model go on alone."""
-        exc.role = "target"
+        """Apply ``on_target_error``: raise, or let the small model go on alone (``exc`` has
+        its role from the boundary it crossed)."""
         if self.on_target_error == "raise":
             raise exc
         run.policy.target_failed()
@@ -694,14 +695,15 @@ class SpeculativeThinker:
     async def _intervene(self, run: _Run, handover: Intervene) -> AsyncGenerator[Event, None]:
         """Rule 3: the intervention text, then the target's ``n3`` tokens (the policy has
         adapted its counters already)."""
-        if self._intervention_tokens is None:
+        text = run.policy.rules.intervention_text
+        tokens = self._intervention_tokens.get(text)
+        if tokens is None:
             try:
-                self._intervention_tokens = await self.target.count_tokens(
-                    self.rules.intervention_text)
+                tokens = await self.target.count_tokens(text)
             except BackendError:
-                self._intervention_tokens = max(1, len(self.rules.intervention_text) // 4)
-        for piece in self._accept(run, "intervention", handover.text, handover.rule,
-                                  self._intervention_tokens):
+                tokens = max(1, len(text) // 4)
+            self._intervention_tokens[text] = tokens
+        for piece in self._accept(run, "intervention", handover.text, handover.rule, tokens):
             yield piece
         if not run.done:
             async with aclosing(self._target_writes(run, handover)) as stream:
@@ -735,22 +737,21 @@ class SpeculativeThinker:
             stats.intervention_tokens += tokens
         run.budget_left -= tokens
         before = run.length
-        recent = run.append(text)
+        recent = run.accepted.append(text)
         opener: list[TextEvent] = []
         if run.reasoning is None:
-            head = run.text.lstrip()
-            if run.starts_in_reasoning or head.startswith(REASONING_START):
-                run.reasoning = True
-            elif head and not REASONING_START.startswith(head):
-                run.reasoning = False
-                if run.call_opener:
-                    # No reasoning first: the answer, so the call, begins here.
-                    run.truncate(before)
-                    text, opener = "", self._write_call_opener(run, "")
-            # else: whitespace or the start of the tag so far, undecided
+            run.reasoning = _opens_reasoning(run)
+            if run.reasoning is None:  # only (part of) the opening tag so far
+                run.undecided_tokens += tokens
+            elif run.reasoning:
+                stats.reasoning_tokens += run.undecided_tokens
+            elif run.call_opener:
+                # No reasoning first: the answer, so the call, begins here.
+                run.accepted.truncate(before)
+                text, opener = "", self._write_call_opener(run, "")
         if run.reasoning:
             stats.reasoning_tokens += tokens
-            run.reasoning = self.rules.thinking_end not in recent
+            run.reasoning = run.policy.output_format.reasoning.close not in recent
             if not run.reasoning and run.call_opener:
                 text, opener = self._open_required_call(run, before)
         pieces = [*([TextEvent(source, text, rule)] if text else []), *opener]
@@ -760,7 +761,7 @@ class SpeculativeThinker:
             out = pieces
         else:
             run.unemitted.extend(pieces)
-            out = self._release_checked(run, before)
+            out = self._emit_before_stops(run, before)
         if run.budget_left <= 0 and not run.done:
             run.finish("length")
             out.extend(self._flush(run))
@@ -771,9 +772,9 @@ class SpeculativeThinker:
         accepted text is cut right after the closing tag (what the model began to answer is
         dropped) and the opener follows; returns this piece's kept text and the opener."""
         text = run.text
-        end = text.index(self.rules.thinking_end, max(0, before - run.keep)) + len(
-            self.rules.thinking_end)
-        run.truncate(end)
+        close = run.policy.output_format.reasoning.close
+        end = text.index(close, max(0, before - run.accepted.keep)) + len(close)
+        run.accepted.truncate(end)
         return text[before:end], self._write_call_opener(run, "\n\n")
 
     @staticmethod
@@ -787,7 +788,7 @@ class SpeculativeThinker:
         run.stats.intervention_tokens += tokens
         run.budget_left -= tokens
         run.call_at = run.length + opener.index("{")
-        run.append(opener)
+        run.accepted.append(opener)
         return [TextEvent("intervention", opener, None)]
 
     def _close_opened_call(self, run: _Run) -> list[TextEvent]:
@@ -801,8 +802,8 @@ class SpeculativeThinker:
             return []  # the model closed it (or left it broken: the caller sees the text)
         if not isinstance(call, dict) or not isinstance(call.get("arguments"), dict):
             return []
-        closing = "}\n</tool_call>"
-        run.append(closing)
+        closing = "}\n" + run.policy.output_format.tool_call.close
+        run.accepted.append(closing)
         piece = TextEvent("intervention", closing, None)
         if run.stop:
             run.unemitted.append(piece)  # shown by the flush that ends the run
@@ -811,26 +812,21 @@ class SpeculativeThinker:
         run.events.append(piece)
         return [piece]
 
-    def _release_checked(self, run: _Run, appended_at: int) -> list[TextEvent]:
+    def _emit_before_stops(self, run: _Run, appended_at: int) -> list[TextEvent]:
         longest = max(len(s) for s in run.stop)
-        recent = run.recent
+        recent = run.accepted.recent
         base = run.length - len(recent)  # where ``recent`` starts in the accepted text
         search_from = max(0, appended_at - longest + 1 - base)
         cut = min((at for s in run.stop if (at := recent.find(s, search_from)) >= 0),
                   default=-1)
         if cut >= 0:
             cut += base
-            run.truncate(cut)
+            run.accepted.truncate(cut)
             run.finish("stop")
             return self._emit_until(run, cut)
-        length = run.length
-        safe = length
-        for s in run.stop:
-            for size in range(min(len(s) - 1, length), 0, -1):
-                if recent.endswith(s[:size]):
-                    safe = min(safe, length - size)
-                    break
-        return self._emit_until(run, safe)
+        # ``recent`` holds at least the last ``longest - 1`` characters, all a stop sequence
+        # can still begin in.
+        return self._emit_until(run, run.length - held_back(recent, run.stop))
 
     def _emit_until(self, run: _Run, limit: int) -> list[TextEvent]:
         """Yield unemitted pieces up to character ``limit`` of the accepted text."""
@@ -894,11 +890,7 @@ class SpeculativeThinker:
         return _TimedStream(open_stream(max_new_tokens), stats, role, with_fresh_limits)
 
     async def _refresh_limits(self, run: _Run, role: Role) -> None:
-        try:
-            info = await self.backends[role].info(refresh=True)
-        except BackendError as exc:
-            exc.role = role
-            raise
+        info = await self.backends[role].info(refresh=True)  # inside the stream's boundary
         self._server_info[role] = info
         if info.max_total_tokens is not None:
             run.total_limits[role] = info.max_total_tokens
@@ -922,19 +914,33 @@ def _context_filled(run: _Run) -> bool:
     return run.stats.output_tokens > 0
 
 
-def _routing_key(session_id: str | None) -> str:
-    if session_id is None:
-        return uuid.uuid4().hex
-    if not isinstance(session_id, str) or not session_id.strip():
-        raise ConfigError(f"session_id must be a non-empty string, got {session_id!r}")
-    return session_id
+def _opens_reasoning(run: _Run) -> bool | None:
+    """Whether the output is reasoning from its start: the prompt opened it, or the text
+    opens it; ``None`` while the text is only (a part of) the opening tag."""
+    if run.starts_in_reasoning:
+        return True
+    opening = run.policy.output_format.reasoning.open
+    head = run.text.lstrip()
+    if head.startswith(opening):
+        return True
+    if not head or opening.startswith(head):
+        return None
+    return False
+
+
+def _with_role(exc: BackendError, role: Role) -> None:
+    """``exc`` tagged with the role of the server it came from: the one mapping of backend
+    errors to roles, applied where the engine calls a backend (preparing a role's prompt, a
+    generation stream), as httpx maps its transport's errors at one boundary."""
+    exc.role = role
 
 
 Reopen = Callable[[], Awaitable[AbstractAsyncContextManager[AsyncIterator[StreamToken]]]]
 
 
 class _TimedStream:
-    """Wraps a backend stream: counts the time spent waiting on the model and tags errors.
+    """Wraps a backend stream: counts the time spent waiting on the model, and is the
+    boundary where a generation request's errors get their role (``_with_role``).
 
     A length limit refused before the first token (``ContextLimitError``) reopens the stream
     once through ``reopen``, which refreshes the server's limits first.
@@ -965,7 +971,7 @@ class _TimedStream:
                     raise
                 await self._open_again()
         except BackendError as exc:
-            exc.role = self._role
+            _with_role(exc, self._role)
             raise
         finally:
             self._waits[self._role] += time.perf_counter() - started
@@ -988,21 +994,17 @@ class _TimedStream:
         assert self._iterator is not None
         started = time.perf_counter()
         try:
-            token = await self._iterator.__anext__()
-        except ContextLimitError as exc:
-            # TGI says it inside the 200 stream, before any token.
-            if self._started or self._reopen is None:
-                exc.role = self._role
-                raise
-            await self._context.__aexit__(None, None, None)
             try:
+                token = await self._iterator.__anext__()
+            except ContextLimitError:
+                # TGI says it inside the 200 stream, before any token.
+                if self._started or self._reopen is None:
+                    raise
+                await self._context.__aexit__(None, None, None)
                 await self._open_again()
                 token = await self._iterator.__anext__()
-            except BackendError as again:
-                again.role = self._role
-                raise
         except BackendError as exc:
-            exc.role = self._role
+            _with_role(exc, self._role)
             raise
         finally:
             self._waits[self._role] += time.perf_counter() - started

@@ -4,7 +4,10 @@ The tree::
 
     SpecthinkError
     ├── ConfigError (also ValueError)        bad rules or bad input; raised before any request
-    │   └── PromptTooLongError               the prompt exceeds a server's max_input_tokens
+    │   ├── PromptTooLongError               the prompt exceeds a server's max_input_tokens
+    │   └── SettingsError                    the pair's settings were refused (an unknown preset
+    │                                        or backend kind); also pydantic's ValidationError
+    │                                        (specthink.settings)
     ├── NoToolCallError (also ValueError)    a tool call was required but the answer held none
     ├── LocalPairError                       the local llama.cpp pair failed to start or stop
     │   └── LocalPairMissingError            its server or model file is not installed
@@ -20,13 +23,17 @@ The tree::
         │   ├── RequestValidationError       422 "validation"
         │   │   └── ContextLimitError        a length limit exceeded (the server's limits may
         │   │       │                        have changed: refresh /info, retry once)
-        │   │       └── ContextLimitEvent    the same, reported inside a 200 stream (TGI); also
-        │   │                                a StreamErrorEvent
+        │   │       └── InStreamContextLimitError  the same, reported inside a 200 stream
+        │   │                                (TGI); also an InStreamError
         │   ├── GenerationError              424 "generation"
         │   ├── OverloadedError              429 "overloaded"
         │   ├── IncompleteGenerationError    500 "incomplete_generation"
         │   └── UnhealthyError               503 "unhealthy"
-        └── StreamErrorEvent                 an error event inside a 200 stream
+        └── InStreamError                    an error event inside a 200 stream
+
+(``InStreamError`` and ``InStreamContextLimitError`` were called ``StreamErrorEvent`` and
+``ContextLimitEvent``, names of trace events; the old names still import, with a
+``DeprecationWarning``.)
 
 Every ``BackendError`` carries the ``role`` ("small" or "target") once the engine has seen it,
 the server ``url``, and chains the httpx exception that caused it (``raise ... from exc``).
@@ -35,6 +42,7 @@ the server ``url``, and chains the httpx exception that caused it (``raise ... f
 from __future__ import annotations
 
 import re
+import warnings
 
 __all__ = [
     "BackendConnectionError",
@@ -43,8 +51,9 @@ __all__ = [
     "BackendTimeoutError",
     "ConfigError",
     "ContextLimitError",
-    "ContextLimitEvent",
     "GenerationError",
+    "InStreamContextLimitError",
+    "InStreamError",
     "IncompleteGenerationError",
     "LocalPairError",
     "LocalPairMissingError",
@@ -54,7 +63,6 @@ __all__ = [
     "RequestValidationError",
     "SpecthinkError",
     "StreamDroppedError",
-    "StreamErrorEvent",
     "TargetFallbackWarning",
     "UnhealthyError",
     "error_from_response",
@@ -68,7 +76,16 @@ class SpecthinkError(Exception):
 
 
 class ConfigError(SpecthinkError, ValueError):
-    """Invalid configuration or input, detected before any generation request is sent."""
+    """Invalid configuration or input, detected before any generation request is sent.
+
+    ``field`` names what was wrong where it is known: a request's field (``"messages"``,
+    ``"tool_choice"``, ``"rules.n1"``, see :class:`specthink.ChatRequest`) or a setting
+    (``"rules"``, ``"backend"``); the server maps it to the OpenAI parameter it answers with.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class PromptTooLongError(ConfigError):
@@ -173,7 +190,7 @@ class UnhealthyError(BackendStatusError):
     status_code = 503
 
 
-class StreamErrorEvent(BackendError):
+class InStreamError(BackendError):
     """An ``{"error", "error_type"}`` event arrived inside a 200 stream."""
 
     def __init__(self, message: str, *, url: str = "", role: str | None = None,
@@ -196,9 +213,9 @@ class ContextLimitError(RequestValidationError):
     """
 
 
-class ContextLimitEvent(ContextLimitError, StreamErrorEvent):
+class InStreamContextLimitError(ContextLimitError, InStreamError):
     """A :class:`ContextLimitError` reported as an error event inside a 200 stream (TGI's
-    ``/generate_stream`` validates after answering 200); it is a :class:`StreamErrorEvent` too."""
+    ``/generate_stream`` validates after answering 200); it is an :class:`InStreamError` too."""
 
     def __init__(self, message: str, *, url: str = "", role: str | None = None,
                  error_type: str | None = "validation", tokens_received: int = 0) -> None:
@@ -206,7 +223,7 @@ class ContextLimitEvent(ContextLimitError, StreamErrorEvent):
                                     error_type=error_type)
         self.tokens_received = tokens_received
 
-    __str__ = StreamErrorEvent.__str__
+    __str__ = InStreamError.__str__
 
 
 class TargetFallbackWarning(UserWarning):
@@ -268,15 +285,16 @@ def error_from_response(status_code: int, payload: object, *, url: str = "",
 
 
 def in_stream_error(message: str, *, url: str = "", error_type: str | None = None,
-                    tokens_received: int = 0) -> StreamErrorEvent:
-    """The exception for an error event inside a 200 stream: a :class:`ContextLimitEvent` when
-    a validation error says a length limit was exceeded, else a :class:`StreamErrorEvent`."""
+                    tokens_received: int = 0) -> InStreamError:
+    """The exception for an error event inside a 200 stream: an
+    :class:`InStreamContextLimitError` when a validation error says a length limit was exceeded,
+    else an :class:`InStreamError`."""
     if error_type in (None, "validation", "invalid_request_error", "BadRequestError",
                       "context_length_exceeded", "exceed_context_size_error") and (
             is_context_limit_message(f"{message} {error_type or ''}")):
-        return ContextLimitEvent(message, url=url, error_type=error_type,
+        return InStreamContextLimitError(message, url=url, error_type=error_type,
                                  tokens_received=tokens_received)
-    return StreamErrorEvent(message, url=url, error_type=error_type,
+    return InStreamError(message, url=url, error_type=error_type,
                             tokens_received=tokens_received)
 
 
@@ -297,3 +315,15 @@ def _message_and_type(payload: object) -> tuple[str, str | None]:
 
 def _opt_str(value: object) -> str | None:
     return None if value is None else str(value)
+
+
+_RENAMED = {"StreamErrorEvent": "InStreamError", "ContextLimitEvent": "InStreamContextLimitError"}
+
+
+def __getattr__(name: str) -> type[BackendError]:
+    if name in _RENAMED:
+        new = _RENAMED[name]
+        warnings.warn(f"specthink.errors.{name} is now {new}", DeprecationWarning, stacklevel=2)
+        renamed: type[BackendError] = globals()[new]
+        return renamed
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

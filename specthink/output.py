@@ -19,16 +19,18 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from enum import Enum
+from typing import Final, Literal
 
-from .tools import TOOL_CALL_OPEN, ToolCall, parse_tool_calls
+from .formats import THINK_HERMES, OutputFormat, Span, held_back
+from .tools import ToolCall, parse_tool_calls
 from .trace import Event, Result, StartEvent, TextEvent
 
 __all__ = [
+    "FROM_STREAM",
     "NO_TOOL",
-    "THINK_END",
-    "THINK_START",
     "FinalOutput",
+    "FromStream",
     "OutputDelta",
     "OutputSplitter",
     "ReasoningSplitter",
@@ -37,8 +39,7 @@ __all__ = [
     "split_result",
 ]
 
-THINK_START = "<think>"
-THINK_END = "</think>"
+_THINK = THINK_HERMES.reasoning
 NO_TOOL = "no_tool"
 """TGI's pseudo-function for "answer without a tool"; its ``content`` argument is the answer."""
 
@@ -70,7 +71,7 @@ class FinalOutput:
 
 # ---- the reasoning split ---------------------------------------------------------------------
 
-def split_reasoning(text: str, *, start: str = THINK_START, end: str = THINK_END,
+def split_reasoning(text: str, *, start: str = _THINK.open, end: str = _THINK.close,
                     starts_in_reasoning: bool | None = None) -> tuple[str, str]:
     """Split a model's output into ``(reasoning, answer)``.
 
@@ -119,7 +120,7 @@ class ReasoningSplitter:
     [('answer', 'Four.')]
     """
 
-    def __init__(self, *, start: str = THINK_START, end: str = THINK_END,
+    def __init__(self, *, start: str = _THINK.open, end: str = _THINK.close,
                  starts_in_reasoning: bool = False) -> None:
         if not start or not end:
             raise ValueError("start and end tags must be non-empty")
@@ -128,12 +129,6 @@ class ReasoningSplitter:
         self.starts_in_reasoning = starts_in_reasoning
         self._state = _OPENING
         self._pending = ""
-
-    @classmethod
-    def for_prompt(cls, prompt: str, *, start: str = THINK_START,
-                   end: str = THINK_END) -> ReasoningSplitter:
-        """A splitter for the output of ``prompt``: in reasoning when the prompt opened it."""
-        return cls(start=start, end=end, starts_in_reasoning=prompt.rstrip().endswith(start))
 
     def feed(self, delta: str) -> list[tuple[SplitKind, str]]:
         """Take the next piece of output; return what can be classified so far."""
@@ -181,18 +176,10 @@ class ReasoningSplitter:
             self._pending = after
             self._state = _ANSWER_START
             return
-        ready = self._pending[:len(self._pending) - _partial_suffix(self._pending, self.end)]
+        ready = self._pending[:len(self._pending) - held_back(self._pending, (self.end,))]
         if ready:
             out.append(("reasoning", ready))
         self._pending = self._pending[len(ready):]
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of ``text`` that is a proper beginning of ``tag``."""
-    for size in range(min(len(text), len(tag) - 1), 0, -1):
-        if text.endswith(tag[:size]):
-            return size
-    return 0
 
 
 def _split_trailing_space(text: str) -> tuple[str, str]:
@@ -202,8 +189,8 @@ def _split_trailing_space(text: str) -> tuple[str, str]:
 
 # ---- reasoning, answer and tool calls --------------------------------------------------------
 
-def _read_calls(answer: str, tools: frozenset[str] | None,
-                max_tool_calls: int | None) -> tuple[str, list[ToolCall], bool]:
+def _read_calls(answer: str, tools: frozenset[str] | None, max_tool_calls: int | None,
+                span: Span) -> tuple[str, list[ToolCall], bool]:
     """``(content, calls, parsed)``: the calls of ``answer`` when tools were offered, TGI's
     ``no_tool`` answer turned back into text; ``parsed`` tells whether any block was read.
 
@@ -213,7 +200,7 @@ def _read_calls(answer: str, tools: frozenset[str] | None,
     when it dresses the schema's object up as a call of the schema's name."""
     if not tools:
         return answer, [], False
-    content, calls = parse_tool_calls(answer)
+    content, calls = parse_tool_calls(answer, span)
     kept: list[ToolCall] = []
     texts = [content] if content else []
     for call in calls:
@@ -228,21 +215,43 @@ def _read_calls(answer: str, tools: frozenset[str] | None,
     return "\n\n".join(texts), kept[:max_tool_calls], bool(calls)
 
 
-def split_result(result: Result, *, tools: Iterable[str] | None = None,
-                 max_tool_calls: int | None = None) -> FinalOutput:
-    """A whole result split: reasoning, answer and (when ``tools`` names offered tools) calls."""
+class FromStream(Enum):
+    """The type of :data:`FROM_STREAM`."""
+
+    FROM_STREAM = "from the stream"
+
+
+FROM_STREAM: Final = FromStream.FROM_STREAM
+"""The default of the splitters' ``tools`` and ``max_tool_calls``: what the request said, as the
+engine's ``StartEvent`` (or ``Result``) carries it."""
+
+
+def split_result(result: Result, *, tools: Iterable[str] | FromStream | None = FROM_STREAM,
+                 max_tool_calls: int | FromStream | None = FROM_STREAM) -> FinalOutput:
+    """A whole result split: reasoning, answer and (when tools were offered) calls.
+
+    ``tools`` and ``max_tool_calls`` default to the request's (``Result.tool_names``,
+    ``Result.max_tool_calls``); pass them to read the text otherwise.
+    """
+    if tools is FROM_STREAM:
+        tools = result.tool_names
+    if max_tool_calls is FROM_STREAM:
+        max_tool_calls = result.max_tool_calls
     reasoning, answer = split_reasoning(result.text, start=result.reasoning_start,
                                         end=result.reasoning_end,
                                         starts_in_reasoning=result.starts_in_reasoning)
     names = frozenset(tools) if tools is not None else None
-    content, calls, _ = _read_calls(answer, names, max_tool_calls)
+    content, calls, _ = _read_calls(answer, names, max_tool_calls, result.output_format.tool_call)
     return FinalOutput(deltas=[], rest="", reasoning=reasoning, answer=content, tool_calls=calls)
 
 
 class OutputSplitter:
     """Engine events in, :class:`OutputDelta` pieces out, as text is accepted.
 
-    Reasoning and answer never share a piece. With ``tools`` offered, answer text from a
+    ``tools`` (the names whose calls count) and ``max_tool_calls`` come from the request, on
+    the ``StartEvent`` that opens the stream, unless given here.
+
+    Reasoning and answer never share a piece. With tools offered, answer text from a
     ``<tool_call>`` on (and a partial tag or whitespace that may precede one) is held back and
     parsed at the end, so calls arrive whole in :meth:`finish` and their markup is never shown.
     ``max_tool_calls=1`` keeps only the first call (``parallel_tool_calls=False``).
@@ -251,11 +260,17 @@ class OutputSplitter:
     the reasoning deltas gives the reasoning. A splitter serves one stream.
     """
 
-    def __init__(self, *, tools: Iterable[str] | None = None,
-                 max_tool_calls: int | None = None) -> None:
-        self.tools = frozenset(tools) if tools is not None else None
-        self.max_tool_calls = max_tool_calls
+    def __init__(self, *, tools: Iterable[str] | FromStream | None = FROM_STREAM,
+                 max_tool_calls: int | FromStream | None = FROM_STREAM) -> None:
+        self._tools_given = tools is not FROM_STREAM
+        self._limit_given = max_tool_calls is not FROM_STREAM
+        self.tools = (frozenset(tools) if tools is not None and tools is not FROM_STREAM
+                      else None)
+        self.max_tool_calls = (max_tool_calls if max_tool_calls is not FROM_STREAM
+                               else None)
         self._splitter: ReasoningSplitter | None = None
+        self._format: OutputFormat = THINK_HERMES
+        """The stream's output format (its ``StartEvent`` says)."""
         self._unsure = ""
         """Answer text that may be (the start of) a tool call, or whitespace before one."""
         self._in_call = False
@@ -269,6 +284,13 @@ class OutputSplitter:
     def feed(self, event: Event) -> list[OutputDelta]:
         """Take the next engine event; return the pieces that can be shown now."""
         if isinstance(event, StartEvent):
+            # The request's tools and call limit come with the stream, unless given here.
+            if not self._tools_given:
+                self.tools = (frozenset(event.tool_names) if event.tool_names is not None
+                              else None)
+            if not self._limit_given:
+                self.max_tool_calls = event.max_tool_calls
+            self._format = event.output_format
             self._splitter = ReasoningSplitter(start=event.reasoning_start,
                                                end=event.reasoning_end,
                                                starts_in_reasoning=event.starts_in_reasoning)
@@ -285,7 +307,8 @@ class OutputSplitter:
         if rest:
             # Shown answer text never holds markup (holding starts at the first tag), so only
             # the held tail can hold calls.
-            content, calls, parsed = _read_calls(rest, self.tools, self.max_tool_calls)
+            content, calls, parsed = _read_calls(rest, self.tools, self.max_tool_calls,
+                                                 self._format.tool_call)
             if parsed:
                 # Whitespace held before a call still separates shown text from what follows.
                 space = rest[:len(rest) - len(rest.lstrip())]
@@ -293,7 +316,7 @@ class OutputSplitter:
         # The whole answer read at once, as split_result reads it (text around the calls may
         # join differently than the shown pieces plus the held tail).
         answer, _, _ = _read_calls("".join(self._answer) + self._unsure, self.tools,
-                                   self.max_tool_calls)
+                                   self.max_tool_calls, self._format.tool_call)
         return FinalOutput(deltas=deltas, rest=rest, reasoning="".join(self._reasoning),
                            answer=answer, tool_calls=calls)
 
@@ -322,13 +345,14 @@ class OutputSplitter:
             self._unsure += text
             return ""
         pending = self._unsure + text
-        at = pending.find(TOOL_CALL_OPEN)
+        opening = self._format.tool_call.open
+        at = pending.find(opening)
         if at >= 0:
             self._in_call = True
             shown, self._unsure = _split_trailing_space(pending[:at])
             self._unsure += pending[at:]
             return shown
-        keep = _partial_suffix(pending, TOOL_CALL_OPEN)
+        keep = held_back(pending, (opening,))
         shown, held = pending[:len(pending) - keep], pending[len(pending) - keep:]
         shown, space = _split_trailing_space(shown)
         self._unsure = space + held

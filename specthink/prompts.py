@@ -6,6 +6,10 @@ the R1 distills), or any Hugging Face Jinja chat template. Every path goes throu
 ``render_prompt``, which validates the messages first and drops a leading BOS text when the
 server adds BOS itself, so BOS is never sent twice.
 
+The built-ins' Jinja sources are package data (``specthink/templates/*.jinja``); ``"auto"``
+(:class:`~specthink.autotemplate.AutoTemplate`, importable from here too) learns a server's
+template in :mod:`specthink.autotemplate`.
+
 Tools are rendered in the Hermes/Qwen form: signatures inside ``<tools></tools>`` in the system
 turn, calls as ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, results as
 ``<tool_response>`` blocks in a user turn. ``specthink.tools.parse_tool_calls`` reads the calls
@@ -14,25 +18,20 @@ back out of the answer.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import logging
-import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from specthink.backends.base import ServerInfo
-from specthink.errors import BackendError, ConfigError
-from specthink.trace import REASONING_START
+from specthink.errors import ConfigError
+from specthink.templates import builtin_source, environment
+
+if TYPE_CHECKING:  # at run time, imported on first use (see __getattr__): it imports this module
+    from specthink.autotemplate import AutoTemplate, LearnedTemplate
 
 __all__ = [
     "CHATML",
@@ -43,6 +42,8 @@ __all__ = [
     "ROLES",
     "AutoTemplate",
     "ChatTemplate",
+    "CheckedMessages",
+    "CheckedTools",
     "JinjaTemplate",
     "LearnedTemplate",
     "ServerRenderedTemplate",
@@ -58,8 +59,6 @@ __all__ = [
     "validate_messages",
     "validate_tools",
 ]
-
-logger = logging.getLogger("specthink.prompts")
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -95,12 +94,24 @@ def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
     Raises ``ConfigError`` naming the offending index for an empty list, a missing or unknown
     role, non-text content or a tool call without a function name.
     """
+    if isinstance(messages, CheckedMessages):
+        return messages  # checked once (a ChatRequest's): the templates take them as they are
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
         raise ConfigError(f"messages must be a list of dicts, got {type(messages).__name__}")
     if not messages:
         raise ConfigError("messages is empty: pass at least one message, "
                           "e.g. [{'role': 'user', 'content': 'Hello'}]")
-    return [_validate_message(index, message) for index, message in enumerate(messages)]
+    return CheckedMessages(_validate_message(index, message)
+                           for index, message in enumerate(messages))
+
+
+class CheckedMessages(list[dict[str, Any]]):
+    """Messages :func:`validate_messages` returned: checking them again returns them as they
+    are, so a request validated once is not validated again by every template on its way."""
+
+
+class CheckedTools(list[dict[str, Any]]):
+    """Tools :func:`validate_tools` returned (see :class:`CheckedMessages`)."""
 
 
 def _validate_message(index: int, message: Mapping[str, Any]) -> dict[str, Any]:
@@ -174,20 +185,23 @@ def validate_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, 
     """
     if not tools:
         return None
-    out = []
-    for index, tool in enumerate(tools):
-        if isinstance(tool, Mapping) and isinstance(tool.get("function"), Mapping):
-            function = tool["function"]
-            wrapped = dict(tool)
-        elif isinstance(tool, Mapping):
-            function = tool
-            wrapped = {"type": "function", "function": dict(tool)}
-        else:
-            raise ConfigError(f"tools[{index}] is a {type(tool).__name__}; expected a dict")
-        if not isinstance(function.get("name"), str) or not function["name"]:
-            raise ConfigError(f"tools[{index}] has no function name")
-        out.append(wrapped)
-    return out
+    if isinstance(tools, CheckedTools):
+        return tools
+    return CheckedTools(_validate_tool(index, tool) for index, tool in enumerate(tools))
+
+
+def _validate_tool(index: int, tool: object) -> dict[str, Any]:
+    if isinstance(tool, Mapping) and isinstance(tool.get("function"), Mapping):
+        function = tool["function"]
+        wrapped = dict(tool)
+    elif isinstance(tool, Mapping):
+        function = tool
+        wrapped = {"type": "function", "function": dict(tool)}
+    else:
+        raise ConfigError(f"tools[{index}] is a {type(tool).__name__}; expected a dict")
+    if not isinstance(function.get("name"), str) or not function["name"]:
+        raise ConfigError(f"tools[{index}] has no function name")
+    return wrapped
 
 
 def _tool_names(tools: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -252,14 +266,16 @@ def apply_tool_choice(messages: Sequence[Mapping[str, Any]],
     if instruction is None or valid_tools is None:
         return valid_messages, valid_tools
     if name not in ("required", "any"):
-        valid_tools = [tool for tool in valid_tools if tool["function"]["name"] == name]
-    first = valid_messages[0]
+        valid_tools = CheckedTools(
+            tool for tool in valid_tools if tool["function"]["name"] == name)
+    shaped = CheckedMessages(valid_messages)  # a copy: checked messages may be the caller's
+    first = shaped[0]
     if first["role"] == "system":
         text = first["content"]
-        first["content"] = f"{text}\n\n{instruction}" if text else instruction
+        shaped[0] = {**first, "content": f"{text}\n\n{instruction}" if text else instruction}
     else:
-        valid_messages.insert(0, {"role": "system", "content": instruction})
-    return valid_messages, valid_tools
+        shaped.insert(0, {"role": "system", "content": instruction})
+    return shaped, valid_tools
 
 
 def required_call(tool_choice: str | Mapping[str, Any] | None,
@@ -316,32 +332,6 @@ class ServerRenderedTemplate(ChatTemplate):
         """The full prompt text, ending with the assistant's generation prompt."""
 
 
-def _raise_exception(message: str) -> NoReturn:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    # transformers replaces Jinja's tojson, which HTML-escapes "<", ">", "&" and "'": a prompt
-    # must carry the JSON exactly as the model saw it in training.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
-
-
-def _strftime_now(format: str) -> str:
-    return datetime.now().strftime(format)
-
-
-def _environment() -> ImmutableSandboxedEnvironment:
-    # The environment transformers' apply_chat_template uses, so Hub templates render alike.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env
-
-
 class JinjaTemplate(ChatTemplate):
     """A Hugging Face style chat template (``tokenizer_config.json``'s ``chat_template``).
 
@@ -359,7 +349,7 @@ class JinjaTemplate(ChatTemplate):
     def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "",
                  variables: Mapping[str, Any] | None = None) -> None:
         try:
-            self._template = _environment().from_string(source)
+            self._template = environment().from_string(source)
         except jinja2.TemplateSyntaxError as exc:
             raise ConfigError(f"chat template does not compile: {exc.message} "
                               f"(line {exc.lineno})") from exc
@@ -411,191 +401,28 @@ class ServerTemplate(ServerRenderedTemplate):
         return "ServerTemplate()"
 
 
-# The Hermes tool section and tool-call layout of Qwen2.5's chat template, shared by both
-# built-ins. Jinja reads the "\n" escapes, hence raw strings.
-_TOOLS_SECTION = r"""
-    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
-    {%- for tool in tools %}
-        {{- "\n" }}
-        {{- tool | tojson }}
-    {%- endfor %}
-    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>" }}
-"""  # noqa: E501
-
-_TOOL_CALLS = r"""
-        {%- for tool_call in message.tool_calls %}
-            {%- if content or not loop.first %}
-                {{- '\n' }}
-            {%- endif %}
-            {{- '<tool_call>\n{"name": "' + tool_call.function.name + '", "arguments": ' }}
-            {{- tool_call.function.arguments | tojson }}
-            {{- '}\n</tool_call>' }}
-        {%- endfor %}
-"""
-
-_CHATML_SOURCE = r"""
-{%- if tools %}
-    {{- '<|im_start|>system\n' }}
-    {%- if messages[0].role == 'system' %}
-        {{- messages[0].content + '\n\n' }}
-    {%- elif default_system %}
-        {{- default_system + '\n\n' }}
-    {%- endif %}
-""" + _TOOLS_SECTION + r"""
-    {{- '<|im_end|>\n' }}
-{%- elif messages[0].role == 'system' %}
-    {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
-{%- elif default_system %}
-    {{- '<|im_start|>system\n' + default_system + '<|im_end|>\n' }}
-{%- endif %}
-{%- for message in messages %}
-    {%- if message.role == 'user' or (message.role == 'system' and not loop.first) or (message.role == 'assistant' and not message.tool_calls) %}
-        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
-    {%- elif message.role == 'assistant' %}
-        {%- set content = message.content or '' %}
-        {{- '<|im_start|>assistant\n' + content }}
-""" + _TOOL_CALLS + r"""
-        {{- '<|im_end|>\n' }}
-    {%- elif message.role == 'tool' %}
-        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}
-            {{- '<|im_start|>user' }}
-        {%- endif %}
-        {{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}
-        {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}
-            {{- '<|im_end|>\n' }}
-        {%- endif %}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\n' }}
-{%- endif %}
-"""  # noqa: E501
-
-_DEEPSEEK_R1_SOURCE = r"""
-{%- set ns = namespace(system='') %}
-{%- for message in messages if message.role == 'system' %}
-    {%- set ns.system = ns.system + ('\n\n' if ns.system else '') + message.content %}
-{%- endfor %}
-{{- bos_token + ns.system }}
-{%- if tools %}
-    {%- if ns.system %}
-        {{- '\n\n' }}
-    {%- endif %}
-""" + _TOOLS_SECTION + r"""
-{%- endif %}
-{%- for message in messages %}
-    {%- if message.role == 'user' %}
-        {{- '<｜User｜>' + message.content }}
-    {%- elif message.role == 'assistant' %}
-        {%- set content = message.content or '' %}
-        {%- if '</think>' in content %}
-            {%- set content = content.split('</think>')[-1] %}
-        {%- endif %}
-        {{- '<｜Assistant｜>' + content }}
-""" + _TOOL_CALLS + r"""
-        {{- '<｜end▁of▁sentence｜>' }}
-    {%- elif message.role == 'tool' %}
-        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}
-            {{- '<｜User｜>' }}
-        {%- else %}
-            {{- '\n' }}
-        {%- endif %}
-        {{- '<tool_response>\n' + message.content + '\n</tool_response>' }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<｜Assistant｜><think>\n' }}
-{%- endif %}
-"""
-
-_LLAMA3_SOURCE = r"""
-{%- set ns = namespace(system='') %}
-{%- for message in messages if message.role == 'system' %}
-    {%- set ns.system = ns.system + ('\n\n' if ns.system else '') + message.content | trim %}
-{%- endfor %}
-{{- bos_token }}
-{%- if ns.system or tools %}
-    {{- '<|start_header_id|>system<|end_header_id|>\n\n' + ns.system }}
-    {%- if tools %}
-        {%- if ns.system %}
-            {{- '\n\n' }}
-        {%- endif %}
-""" + _TOOLS_SECTION + r"""
-    {%- endif %}
-    {{- '<|eot_id|>' }}
-{%- endif %}
-{%- for message in messages %}
-    {%- if message.role == 'user' %}
-        {{- '<|start_header_id|>user<|end_header_id|>\n\n' + message.content | trim + '<|eot_id|>' }}
-    {%- elif message.role == 'assistant' %}
-        {%- set content = (message.content or '') | trim %}
-        {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' + content }}
-""" + _TOOL_CALLS + r"""
-        {{- '<|eot_id|>' }}
-    {%- elif message.role == 'tool' %}
-        {{- '<|start_header_id|>ipython<|end_header_id|>\n\n<tool_response>\n' + message.content + '\n</tool_response><|eot_id|>' }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
-{%- endif %}
-"""  # noqa: E501
-
-_MISTRAL_SOURCE = r"""
-{%- set ns = namespace(system='', pending=False) %}
-{%- for message in messages if message.role == 'system' %}
-    {%- set ns.system = ns.system + ('\n\n' if ns.system else '') + message.content %}
-{%- endfor %}
-{%- if tools %}
-    {%- set ns.system = ns.system + ('\n\n' if ns.system else '') %}
-{%- endif %}
-{{- bos_token }}
-{%- for message in messages %}
-    {%- if message.role == 'user' %}
-        {{- '[INST] ' }}
-        {%- if loop.first or (ns.system and not ns.pending) %}
-            {%- if tools and not ns.pending %}
-""" + _TOOLS_SECTION + r"""
-                {{- '\n\n' }}
-            {%- endif %}
-            {%- if ns.system and not ns.pending %}
-                {{- ns.system.rstrip() + '\n\n' }}
-            {%- endif %}
-            {%- set ns.pending = True %}
-        {%- endif %}
-        {{- message.content + ' [/INST]' }}
-    {%- elif message.role == 'assistant' %}
-        {%- set content = message.content or '' %}
-        {{- ' ' + content }}
-""" + _TOOL_CALLS + r"""
-        {{- eos_token }}
-    {%- elif message.role == 'tool' %}
-        {{- '[INST] <tool_response>\n' + message.content + '\n</tool_response> [/INST]' }}
-    {%- endif %}
-{%- endfor %}
-"""
-
-CHATML = JinjaTemplate(_CHATML_SOURCE, eos_token="<|im_end|>")
+CHATML = JinjaTemplate(builtin_source("chatml"), eos_token="<|im_end|>")
 """ChatML as Qwen2.5-Instruct lays it out, tools included (``<tools>`` in the system turn,
 ``<tool_call>`` blocks, ``<tool_response>`` in a user turn); SmolLM2 uses the same turns.
 Unlike those templates it adds no default system prompt ("You are Qwen, ...", "You are a
 helpful AI assistant named SmolLM, ..."); pass ``variables={"default_system": ...}`` to a
 ``JinjaTemplate(CHATML.source, ...)`` for one."""
 
-DEEPSEEK_R1 = JinjaTemplate(_DEEPSEEK_R1_SOURCE, bos_token="<｜begin▁of▁sentence｜>",
+DEEPSEEK_R1 = JinjaTemplate(builtin_source("deepseek-r1"), bos_token="<｜begin▁of▁sentence｜>",
                             eos_token="<｜end▁of▁sentence｜>")
 """The DeepSeek-R1-Distill template: BOS, the system text, ``<｜User｜>``/``<｜Assistant｜>``
 turns, earlier answers without their reasoning, and the generation prompt
 ``<｜Assistant｜><think>\\n`` (so the output begins inside the reasoning). Tools use the Hermes
 form in the system text, since the distills never learnt DeepSeek-V3's tool tokens."""
 
-LLAMA3 = JinjaTemplate(_LLAMA3_SOURCE, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+LLAMA3 = JinjaTemplate(builtin_source("llama3"), bos_token="<|begin_of_text|>",
+                       eos_token="<|eot_id|>")
 """Llama 3 / 3.1 / 3.3 Instruct turns (``<|start_header_id|>role<|end_header_id|>``), each text
 trimmed as Meta's template trims it; tools in the Hermes form in the system turn, results in an
 ``ipython`` turn. (3.1's template also writes knowledge and today's dates into the system turn;
 this one does not.)"""
 
-MISTRAL = JinjaTemplate(_MISTRAL_SOURCE, bos_token="<s>", eos_token="</s>")
+MISTRAL = JinjaTemplate(builtin_source("mistral"), bos_token="<s>", eos_token="</s>")
 """Mistral Instruct turns (``[INST] ... [/INST]``), the system text at the start of the first
 user turn; tools in the Hermes form."""
 
@@ -659,222 +486,6 @@ def _special_text(token: object) -> str:
     return token if isinstance(token, str) else ""
 
 
-_PROBE_CONVERSATIONS: tuple[tuple[dict[str, Any], ...], ...] = (
-    ({"role": "user", "content": "  Probe: what is 7 \u00d7 6?\n"},),
-    ({"role": "system", "content": "Answer in one line.  "},
-     {"role": "user", "content": " First question?"},
-     {"role": "assistant", "content": "<think>\nA thought.\n</think>\n\nThe first answer.\n"},
-     {"role": "user", "content": "Second question,\n\nin two paragraphs. "}),
-)
-"""What a server renders once per backend to learn whether a built-in template writes exactly
-its prompts: no system turn (where a default system prompt shows), every other role, an
-earlier answer with its reasoning (which templates drop), padded and multi-line text (which
-some trim)."""
-
-_LEARNING_ATTEMPTS = 3
-"""Probes a backend gets before ``auto`` stops trying to learn its template (a server that
-keeps failing them is rendered by the server, as before)."""
-
-
-@dataclass(frozen=True, slots=True)
-class LearnedTemplate:
-    """A client-side template that rendered exactly as a server does, learnt by
-    :class:`AutoTemplate`: ``template`` followed by ``opener`` (the reasoning tag a thinking
-    model's generation prompt adds, or ""), without its BOS text where the server's renderings
-    leave it out (vLLM's and llama.cpp's, whose servers add BOS themselves)."""
-
-    name: str
-    template: JinjaTemplate
-    opener: str = ""
-    keeps_bos: bool = True
-
-    def render_text(self, messages: Sequence[Mapping[str, Any]]) -> str:
-        text = self.template.render_text(messages) + self.opener
-        bos = self.template.bos_token
-        return text if self.keeps_bos or not bos else text.removeprefix(bos)
-
-
-def _candidates(no_system_rendering: str) -> list[LearnedTemplate]:
-    """The built-ins, with and without an opened reasoning and BOS text, and ChatML with the
-    default system prompt the server wrote where the conversation had none (Qwen2.5's,
-    SmolLM2's)."""
-    templates: list[tuple[str, JinjaTemplate]] = [
-        (name, template) for name, template in _BUILTIN.items()
-        if isinstance(template, JinjaTemplate)]
-    head = "<|im_start|>system\n"
-    if no_system_rendering.startswith(head) and "<|im_end|>" in no_system_rendering:
-        default_system = no_system_rendering[len(head):no_system_rendering.index("<|im_end|>")]
-        templates.append(("chatml with its default system prompt", JinjaTemplate(
-            CHATML.source, eos_token=CHATML.eos_token,
-            variables={"default_system": default_system})))
-    return [LearnedTemplate(name, template, opener, keeps_bos)
-            for name, template in templates for opener in ("", f"{REASONING_START}\n")
-            for keeps_bos in ((True, False) if template.bos_token else (True,))]
-
-
-def _same_rendering(candidate: LearnedTemplate, messages: Sequence[Mapping[str, Any]],
-                    rendered: str) -> bool:
-    try:
-        return candidate.render_text(messages) == rendered
-    except ConfigError:
-        return False
-
-
-class AutoTemplate(ServerRenderedTemplate):
-    """``"auto"``: the server's own template wherever it renders one; else the built-in
-    template of the model's family, read from the model id; else a ``ConfigError`` before any
-    generation request, saying which template to pass.
-
-    The server's template costs a request per conversation, so the first conversation of a
-    backend also has it render :data:`_PROBE_CONVERSATIONS` (beside its own rendering): a
-    built-in that writes exactly what the server wrote for all of them (BOS, default system
-    prompt, dropped reasoning, trimmed text and generation prompt alike) is learnt, and later
-    conversations without tools are rendered client-side with it, no request at all. One that
-    no built-in reproduces stays the server's business, as do tools and tool turns (TGI adds
-    its own tool prompt).
-
-    A server that renders its template but keeps only role and content of each message (TGI)
-    gets the family template for tool turns, whose calls and results it would flatten (its
-    own rendering where the family is unknown), ending as the server's generation prompt
-    does: where that opens the reasoning and the family's does not (QwQ and the Qwen3
-    thinking checkpoints are ChatML models whose template ends with ``<think>\\n``), the tag
-    is added, since such a model never writes it and its reasoning would read as answer. What
-    the server's prompt opens is learnt from its earlier renderings (an agent's first turn),
-    else read from the model id ("thinking", "qwq"), as on a server that renders nothing.
-    """
-
-    def __init__(self, role: str = "small", *, learn: bool = True) -> None:
-        self.role = role
-        self.learn = learn
-        """Learn a client-side equivalent of the server's template (``False``: the server
-        renders every conversation)."""
-        self._openers: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
-        """What each server's generation prompt opens ("" or ``<think>\\n``), as its own
-        renderings showed: a property of its template, learnt without a request of its own."""
-        self._learnt: weakref.WeakKeyDictionary[Any, LearnedTemplate | None] = (
-            weakref.WeakKeyDictionary())
-        """Per backend: the built-in that renders as its server does, ``None`` for none; absent
-        while not known."""
-        self._attempts: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-        self._probing: weakref.WeakSet[Any] = weakref.WeakSet()
-
-    def learnt(self, backend: TemplateBackend) -> LearnedTemplate | None:
-        """The client-side template learnt for ``backend``'s server, if any."""
-        with contextlib.suppress(TypeError):
-            return self._learnt.get(backend)
-        return None
-
-    async def render(self, messages: Sequence[Mapping[str, Any]],
-                     tools: Sequence[Mapping[str, Any]] | None, backend: TemplateBackend, *,
-                     tool_choice: str | Mapping[str, Any] | None = None) -> str:
-        tool_turns = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
-        plain = not tools and not tool_turns
-        if plain and (learnt := self.learnt(backend)) is not None:
-            return learnt.render_text(messages)
-        flattens = tool_turns and not backend.keeps_tool_turns
-        if flattens:
-            model_id = (await backend.info()).model_id
-            family = family_template(model_id)
-            if family is not None:
-                prompt = await _BUILTIN[family].render(messages, tools, backend)
-                return prompt + self._reasoning_opener(family, prompt, backend, model_id)
-            # No better rendering is known: the server's, with its tool turns flattened.
-        # One request: a server that renders nothing answers None (detected once per backend).
-        probing = self._start_learning(backend) if plain else None
-        try:
-            text = await backend.render_chat(validate_messages(messages), validate_tools(tools),
-                                             tool_choice=_wire_tool_choice(tool_choice, tools))
-        except BaseException:
-            if probing is not None:
-                probing.cancel()
-                self._probing.discard(backend)
-            raise
-        if probing is not None:
-            await self._finish_learning(backend, probing, messages, text)
-        if text is not None:
-            self._learn_opener(backend, text)
-            return text
-        model_id = (await backend.info()).model_id
-        family = family_template(model_id)
-        if family is None:
-            option = f"{self.role}_template" if self.role in ("small", "target") else "template"
-            raise ConfigError(
-                f"the {self.role} server {backend.url} renders no chat template and the model "
-                f"{model_id!r} is of no family specthink knows; pass {option}= one of "
-                f"{', '.join(repr(n) for n in _BUILTIN)}, a Jinja template source, or the path "
-                "of the model's tokenizer_config.json")
-        prompt = await _BUILTIN[family].render(messages, tools, backend)
-        return prompt + self._reasoning_opener(family, prompt, backend, model_id)
-
-    def _start_learning(self, backend: TemplateBackend) -> asyncio.Future[list[str | None]] | None:
-        """The probe renderings, started beside a conversation's own when nothing is known yet
-        and no other conversation is already probing (those render on the server meanwhile)."""
-        try:
-            if (not self.learn or backend in self._learnt or backend in self._probing
-                    or self._attempts.get(backend, 0) >= _LEARNING_ATTEMPTS):
-                return None
-            self._probing.add(backend)
-            self._attempts[backend] = self._attempts.get(backend, 0) + 1
-        except TypeError:  # a backend that cannot be a weak key learns nothing
-            return None
-        return asyncio.ensure_future(asyncio.gather(*(
-            backend.render_chat(list(conversation)) for conversation in _PROBE_CONVERSATIONS)))
-
-    async def _finish_learning(self, backend: TemplateBackend,
-                               probing: asyncio.Future[list[str | None]],
-                               messages: Sequence[Mapping[str, Any]], text: str | None) -> None:
-        try:
-            if text is None:  # nothing rendered on the server: nothing to learn
-                probing.cancel()
-                self._learnt[backend] = None
-                return
-            try:
-                probes = await probing
-            except Exception as exc:  # learning is an optimisation: it never fails a call
-                level = logging.DEBUG if isinstance(exc, BackendError) else logging.WARNING
-                logger.log(level, "%s: the template probe failed (%r); the server renders",
-                           backend.url, exc)
-                return
-            renderings: list[tuple[Sequence[Mapping[str, Any]], str | None]] = [
-                *zip(_PROBE_CONVERSATIONS, probes, strict=True), (messages, text)]
-            no_system = probes[0] or ""
-            learnt = next((candidate for candidate in _candidates(no_system)
-                           if all(rendered is not None
-                                  and _same_rendering(candidate, conversation, rendered)
-                                  for conversation, rendered in renderings)), None)
-            self._learnt[backend] = learnt
-            if learnt is not None:
-                logger.info("%s renders its chat template as the built-in %s does: later "
-                            "conversations without tools are rendered client-side", backend.url,
-                            learnt.name)
-        finally:
-            self._probing.discard(backend)
-
-    def _learn_opener(self, backend: TemplateBackend, rendered: str) -> None:
-        tail = rendered[rendered.rfind(REASONING_START):] if REASONING_START in rendered else ""
-        with contextlib.suppress(TypeError):  # a backend that cannot be a weak key: not kept
-            self._openers[backend] = tail if tail.rstrip() == REASONING_START else ""
-
-    def _reasoning_opener(self, family: str, family_text: str, backend: TemplateBackend,
-                          model_id: str) -> str:
-        """The reasoning tag the server's generation prompt opens and ``family_text``'s does
-        not: as the server's own renderings showed, else as the model id suggests (QwQ and
-        the Qwen3 "Thinking" checkpoints; thinking models of other families tag otherwise)."""
-        if family_text.rstrip().endswith(REASONING_START):
-            return ""
-        with contextlib.suppress(TypeError):
-            known = self._openers.get(backend)
-            if known is not None:
-                return known
-        lowered = model_id.lower()
-        thinking = family == "chatml" and (
-            "thinking" in lowered or ("qwq" in lowered and "preview" not in lowered))
-        return f"{REASONING_START}\n" if thinking else ""
-
-    def __repr__(self) -> str:
-        return "AutoTemplate()" if self.learn else "AutoTemplate(learn=False)"
-
-
 def resolve_template(spec: ChatTemplate | str | Path, role: str = "small") -> ChatTemplate:
     """The template ``spec`` names; checked at once, so a bad name fails before any request.
 
@@ -893,6 +504,8 @@ def resolve_template(spec: ChatTemplate | str | Path, role: str = "small") -> Ch
         return JinjaTemplate(spec)
     name = spec.strip().lower().replace("_", "-")
     if name == "auto":
+        from specthink.autotemplate import AutoTemplate
+
         return AutoTemplate(role)
     if name == "server":
         return ServerTemplate()
@@ -907,9 +520,18 @@ def resolve_template(spec: ChatTemplate | str | Path, role: str = "small") -> Ch
 
 async def render_prompt(template: ChatTemplate, messages: Sequence[Mapping[str, Any]],
                         tools: Sequence[Mapping[str, Any]] | None, backend: TemplateBackend,
-                        *, tool_choice: str | Mapping[str, Any] | None = "auto") -> str:
-    """Validate, apply ``tool_choice``, render, and drop a leading BOS the server would repeat."""
-    valid_messages, valid_tools = apply_tool_choice(messages, tools, tool_choice)
+                        *, tool_choice: str | Mapping[str, Any] | None = "auto",
+                        tool_choice_applied: bool = False) -> str:
+    """Validate, apply ``tool_choice``, render, and drop a leading BOS the server would repeat.
+
+    ``tool_choice_applied``: ``messages`` and ``tools`` are already shaped by
+    :func:`apply_tool_choice` (a ``ChatRequest``'s ``prompt_messages`` and ``prompt_tools``);
+    ``tool_choice`` then only tells a server-rendered template what was asked.
+    """
+    if tool_choice_applied:
+        valid_messages, valid_tools = validate_messages(messages), validate_tools(tools)
+    else:
+        valid_messages, valid_tools = apply_tool_choice(messages, tools, tool_choice)
     if isinstance(template, ServerRenderedTemplate):
         prompt = await template.render(valid_messages, valid_tools, backend,
                                        tool_choice=tool_choice if valid_tools else None)
@@ -920,3 +542,13 @@ async def render_prompt(template: ChatTemplate, messages: Sequence[Mapping[str, 
             if bos and prompt.startswith(bos):
                 return prompt[len(bos):]
     return prompt
+
+
+def __getattr__(name: str) -> Any:
+    # AutoTemplate and LearnedTemplate live in specthink.autotemplate, which builds on this
+    # module; they stay importable from here, where callers have always found them.
+    if name in ("AutoTemplate", "LearnedTemplate"):
+        from specthink import autotemplate
+
+        return getattr(autotemplate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

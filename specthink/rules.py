@@ -18,11 +18,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from functools import cached_property
-from typing import Final, Literal, Self
+from typing import Annotated, Final, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
-from .errors import SpecthinkError
+from .errors import ConfigError, SpecthinkError
+from .formats import THINK_HERMES, OutputFormat
 from .trace import Rule
 
 __all__ = [
@@ -35,11 +43,15 @@ __all__ = [
     "Intervene",
     "PolicyStateError",
     "Release",
+    "Rules",
+    "RulesPreset",
     "Signal",
     "SmallAction",
     "TakeoverPolicy",
     "TakeoverRules",
     "TargetAction",
+    "known_preset",
+    "resolve_rules",
 ]
 
 PAPER_POSITIVE = ("yeah", "yes", "final answer", "confident")
@@ -100,8 +112,10 @@ class TakeoverRules(BaseModel):
     begin_tokens: int = Field(default=0, ge=0)
     """Target tokens at the start of the answer (paper, instruct small model: 100)."""
     scope: Literal["all", "thinking"] = "all"
-    """"all": rules fire everywhere (paper); "thinking": only before ``thinking_end``."""
-    thinking_end: str = Field(default="</think>", min_length=1)
+    """"all": rules fire everywhere (paper); "thinking": only before the reasoning ends."""
+    thinking_end: str | None = Field(default=None, min_length=1)
+    """Where the reasoning ends, for ``scope`` and the statistics; ``None``: where the output
+    format closes it (``</think>`` in ``specthink.formats.THINK_HERMES``)."""
 
     @field_validator("positive", "negative", "verify")
     @classmethod
@@ -150,13 +164,8 @@ class TakeoverRules(BaseModel):
 
     @classmethod
     def preset(cls, name: str) -> TakeoverRules:
-        """A preset by name: one of ``PRESETS``."""
-        try:
-            factory = PRESETS[name]
-        except KeyError:
-            raise ValueError(
-                f"unknown rules preset {name!r}; choose one of {sorted(PRESETS)}") from None
-        return factory()
+        """A preset by name: one of ``PRESETS`` (else a ``ConfigError`` naming them)."""
+        return PRESETS[known_preset(name)]()
 
     # ---- scoring (pure) ------------------------------------------------------------------
 
@@ -219,6 +228,29 @@ PRESETS: dict[str, Callable[[], TakeoverRules]] = {
     "fixed_threshold_50": lambda: TakeoverRules.fixed_threshold(50),
     "reduced_keywords": TakeoverRules.reduced_keywords,
 }
+
+
+def known_preset(name: object) -> str:
+    """``name`` when it is one of ``PRESETS``; else a ``ConfigError`` naming them (also a
+    ``ValueError``, so a pydantic field checked with it reports the same message)."""
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"unknown rules preset {name!r}; choose one of {sorted(PRESETS)}",
+                          field="rules")
+    return name
+
+
+RulesPreset = Annotated[str, AfterValidator(known_preset)]
+"""A preset's name as a pydantic field, checked when the model is built (as ``BackendKind``)."""
+
+Rules = TakeoverRules | RulesPreset
+"""What a ``rules`` setting takes: a checked preset name or ``TakeoverRules``."""
+
+
+def resolve_rules(rules: TakeoverRules | str) -> TakeoverRules:
+    """``rules`` itself, or the preset it names (an unknown name is a ``ConfigError``)."""
+    if isinstance(rules, TakeoverRules):
+        return rules
+    return TakeoverRules.preset(rules)
 
 
 # ---- the policy: events in, actions out ---------------------------------------------------------
@@ -336,11 +368,14 @@ class TakeoverPolicy:
         "_count", "_counts_reflection", "_delimiter", "_end_tail", "_extend", "_first",
         "_first_parts", "_got", "_handoffs", "_handover", "_held", "_in_scope", "_instruct",
         "_n3", "_pending", "_probe", "_started", "_tail_len", "_threshold", "_up_to",
-        "_watch_scope", "_windows", "rules",
+        "_watch_scope", "_windows", "output_format", "rules",
     )
 
-    def __init__(self, rules: TakeoverRules, *, handoffs: bool = True) -> None:
+    def __init__(self, rules: TakeoverRules, *, handoffs: bool = True,
+                 output_format: OutputFormat = THINK_HERMES) -> None:
         self.rules = rules
+        self.output_format = output_format.with_reasoning_end(rules.thinking_end)
+        """The output's markup, the reasoning closed where the rules say."""
         self._delimiter = rules.delimiter
         self._tail_len = len(rules.delimiter) - 1
         self._probe = rules.probe_tokens
@@ -599,10 +634,10 @@ class TakeoverPolicy:
         return releases, None
 
     def _note_accepted(self, text: str) -> None:
-        """``scope="thinking"``: the rules stop once ``thinking_end`` is in the accepted text."""
+        """``scope="thinking"``: the rules stop once the reasoning has closed."""
         if not self._in_scope:
             return
-        end = self.rules.thinking_end
+        end = self.output_format.reasoning.close
         seen = self._end_tail + text
         if end in seen:
             self._in_scope = False

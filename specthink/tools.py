@@ -11,11 +11,14 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
+
+from .formats import THINK_HERMES, Span
 
 __all__ = ["TOOL_CALL_OPEN", "ToolCall", "call_opener", "parse_tool_calls"]
 
-TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_OPEN = THINK_HERMES.tool_call.open
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,13 +42,17 @@ class ToolCall:
         }
 
 
-# A block may lack its closing tag only at the very end: the model stopped (EOS, a stop
-# sequence or the token budget) right after writing the JSON.
-_TOOL_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)
+@lru_cache(maxsize=16)
+def _blocks(span: Span) -> re.Pattern[str]:
+    # A block may lack its closing tag only at the very end: the model stopped (EOS, a stop
+    # sequence or the token budget) right after writing the JSON.
+    return re.compile(f"{re.escape(span.open)}(.*?)(?:{re.escape(span.close)}|\\Z)", re.DOTALL)
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
-    """Find the ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks in ``text``.
+def parse_tool_calls(text: str, span: Span = THINK_HERMES.tool_call,
+                     ) -> tuple[str, list[ToolCall]]:
+    """Find the ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks in ``text``
+    (``span``: the output format's tool-call markers; the body is Hermes JSON).
 
     Returns the text with the well-formed blocks removed (stripped) and the calls in order.
     ``arguments`` may also be a JSON string (as TGI 3.2+ writes it) or be missing (no
@@ -55,7 +62,7 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     calls: list[ToolCall] = []
     kept: list[str] = []
     position = 0
-    for match in _TOOL_CALL.finditer(text):
+    for match in _blocks(span).finditer(text):
         call = _read_call(match.group(1))
         if call is None:
             continue
@@ -88,10 +95,10 @@ def _read_call(body: str) -> ToolCall | None:
                     arguments=arguments)
 
 
-def call_opener(name: str | None) -> str:
-    """The start of a Hermes/Qwen call the engine writes itself when a call is required: with
-    ``name``, everything up to its arguments (the model writes the arguments object); without,
-    up to the name (the model chooses the tool)."""
+def call_opener(name: str | None, open_tag: str = TOOL_CALL_OPEN) -> str:
+    """The start of a JSON call (Hermes/Qwen layout) the engine writes itself when a call is
+    required: with ``name``, everything up to its arguments (the model writes the arguments
+    object); without, up to the name (the model chooses the tool)."""
     if name is None:
-        return TOOL_CALL_OPEN + '\n{"name": "'
-    return TOOL_CALL_OPEN + "\n" + '{"name": ' + json.dumps(name) + ', "arguments": '
+        return open_tag + '\n{"name": "'
+    return open_tag + "\n" + '{"name": ' + json.dumps(name) + ', "arguments": '

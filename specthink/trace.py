@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
+from .formats import THINK_HERMES, OutputFormat
+
 Source = Literal["small", "target", "intervention"]
 
 
@@ -44,8 +46,8 @@ _RULE_LABELS: dict[Rule, str] = {
 }
 
 
-REASONING_START = "<think>"
-REASONING_END = "</think>"
+REASONING_START = THINK_HERMES.reasoning.open
+"""The default format's reasoning tag (``specthink.formats.THINK_HERMES``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +61,23 @@ class StartEvent:
     """
 
     starts_in_reasoning: bool
-    reasoning_start: str = REASONING_START
-    reasoning_end: str = REASONING_END
-    """The tag that closes the reasoning (the rules' ``thinking_end``)."""
+    output_format: OutputFormat = THINK_HERMES
+    """How the output marks reasoning and tool calls (with the rules' ``thinking_end``)."""
     routing_key: str = ""
     """The key sent with every generation request of this call (routing headers)."""
+    tool_names: tuple[str, ...] | None = None
+    """The tools whose calls count (``ChatRequest.tool_names``); ``None``: tool-call markup
+    stays text."""
+    max_tool_calls: int | None = None
+    """``1`` when the request asked for no parallel tool calls."""
+
+    @property
+    def reasoning_start(self) -> str:
+        return self.output_format.reasoning.open
+
+    @property
+    def reasoning_end(self) -> str:
+        return self.output_format.reasoning.close
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,10 +185,20 @@ class Result:
     stats: Statistics
     starts_in_reasoning: bool = False
     """The prompt opened the reasoning (see :class:`StartEvent`)."""
-    reasoning_start: str = REASONING_START
-    reasoning_end: str = REASONING_END
+    output_format: OutputFormat = THINK_HERMES
     models: dict[str, str] = field(default_factory=dict)
     """Model id of each role as its server reported it (``"small"``, ``"target"``)."""
+    tool_names: tuple[str, ...] | None = None
+    """The tools whose calls count, as on the :class:`StartEvent`."""
+    max_tool_calls: int | None = None
+
+    @property
+    def reasoning_start(self) -> str:
+        return self.output_format.reasoning.open
+
+    @property
+    def reasoning_end(self) -> str:
+        return self.output_format.reasoning.close
 
     @property
     def model_name(self) -> str:

@@ -29,19 +29,16 @@ PROVIDER = "specthink"
 
 @dataclass(frozen=True, slots=True)
 class OutputShape:
-    """What the caller's request tells us about the output before it arrives."""
+    """What the model's settings add to every message (the request's tools come with the
+    engine's stream)."""
 
     model_name: str | None = None
     """The name the user gave the pair; default: the servers' model ids joined by ``+``."""
-    tools: tuple[str, ...] | None = None
-    """Names of the tools offered (``None``: no tools, so ``<tool_call>`` text stays text)."""
-    max_tool_calls: int | None = None
-    """Keep only this many calls (``parallel_tool_calls=False`` keeps one)."""
 
 
 def message_from_result(result: Result, shape: OutputShape) -> ChatGeneration:
     """The whole answer as one ``AIMessage`` (the ``invoke`` path)."""
-    output = split_result(result, tools=shape.tools, max_tool_calls=shape.max_tool_calls)
+    output = split_result(result)  # the request's tools and call limit come with the result
     message = AIMessage(
         content=output.answer,
         additional_kwargs={"reasoning_content": output.reasoning} if output.reasoning else {},
@@ -63,7 +60,7 @@ class ChunkAssembler:
 
     def __init__(self, shape: OutputShape) -> None:
         self.shape = shape
-        self._splitter = OutputSplitter(tools=shape.tools, max_tool_calls=shape.max_tool_calls)
+        self._splitter = OutputSplitter()  # configured by the stream's StartEvent
         self._had_reasoning = False
 
     def feed(self, event: Event) -> list[ChatGenerationChunk]:

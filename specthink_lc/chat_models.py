@@ -6,8 +6,8 @@ import threading
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, fields
-from typing import Any, Literal, Self, TypeVar, cast
+from dataclasses import fields
+from typing import Any, Self, TypeVar, cast
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
@@ -16,18 +16,15 @@ from langchain_core.language_models.chat_models import agenerate_from_stream, ge
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
-from langchain_core.utils import from_env, secret_from_env
 from langchain_core.utils.utils import _build_model_kwargs
-from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from specthink import _constants, prompts
-from specthink._sync import close_on_sync_loop, run_sync
-from specthink.backends import BackendKind
 from specthink.backends.base import Backend, SamplingParams
 from specthink.engine import SpeculativeThinker
 from specthink.errors import ConfigError
-from specthink.rules import PRESETS, TakeoverRules
-from specthink.structured import grammar_for, json_instruction, with_system_text
+from specthink.request import ChatRequest
+from specthink.settings import API_KEY_ENV, PairSettings
+from specthink.sync import close_on_sync_loop, run_sync
 from specthink.trace import Event
 
 from ._messages import to_engine_messages
@@ -52,19 +49,7 @@ _BUILD_LOCK = threading.Lock()
 """Guards the lazy construction of backends and engine (``batch`` calls from many threads)."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Call:
-    """One request, ready for the engine."""
-
-    messages: list[dict[str, Any]]
-    params: dict[str, Any]
-    tool_names: tuple[str, ...] | None
-    """The tools whose ``<tool_call>`` blocks count (``None`` when none were offered)."""
-    single_tool_call: bool = False
-    """``parallel_tool_calls=False``: only the first tool call counts."""
-
-
-class ChatSpeculativeThinking(BaseChatModel):
+class ChatSpeculativeThinking(PairSettings, BaseChatModel):
     """Speculative Thinking (arXiv 2504.12329) as a LangChain chat model.
 
     A small reasoning model writes; at reasoning breakpoints (a blank line followed by "wait",
@@ -268,21 +253,11 @@ class ChatSpeculativeThinking(BaseChatModel):
 
     model_config = ConfigDict(populate_by_name=True)
 
-    small_url: str = Field(default_factory=from_env(_constants.SMALL_URL_ENV))
-    """URL of the small (speculative) model's server; default ``$SPECTHINK_SMALL_URL``."""
-    target_url: str = Field(default_factory=from_env(_constants.TARGET_URL_ENV))
-    """URL of the target model's server; default ``$SPECTHINK_TARGET_URL``."""
-    backend: BackendKind = "tgi"
-    """Wire protocol of both servers, one of ``specthink.backends.kinds()``: TGI's
-    ``/generate_stream``, OpenAI ``/v1/completions`` (``openai``), Ollama's ``/api/generate``."""
-    small_model: str | None = None
-    """Model name sent to the small server (``backend="openai"`` or ``"ollama"``)."""
-    target_model: str | None = None
-    """Model name sent to the target server (``backend="openai"`` or ``"ollama"``)."""
+    # The pair's settings (small_url, target_url, backend, small_model, target_model, rules,
+    # small_template, target_template, on_target_error, api_key, timeout, max_retries,
+    # routing_headers) are inherited from specthink.settings.PairSettings, declared there once.
     model_name: str | None = Field(default=None, alias="model")
     """Name of the pair in traces and usage; default: the servers' model ids joined by ``+``."""
-    rules: str | TakeoverRules = "paper"
-    """Takeover rules: a preset name (``paper``, ``paper_instruct``, ...) or ``TakeoverRules``."""
     temperature: float | None = Field(default=None, ge=0)
     """Sampling temperature; ``0`` or ``None`` is greedy decoding."""
     top_p: float | None = Field(default=None, gt=0, le=1)
@@ -295,23 +270,8 @@ class ChatSpeculativeThinking(BaseChatModel):
     """Generated-token budget of a request, both models together (engine default 4096)."""
     stop: list[str] | None = Field(default=None, alias="stop_sequences")
     """Stop sequences: the output is cut where the first one begins."""
-    timeout: float | None = Field(default=None, gt=0, alias="request_timeout")
-    """Read timeout: seconds a server may stay silent between two bytes before the request
-    fails; a long, healthy stream is never cut. Default: 120 s (5 s to connect)."""
-    max_retries: int | None = Field(default=None, ge=0)
-    """Retries of a request that failed before its first token; default 2."""
-    api_key: SecretStr | None = Field(
-        default_factory=secret_from_env(_constants.API_KEY_ENV, default=None))
-    """Bearer token for both servers; default ``$SPECTHINK_API_KEY``. Never printed."""
     streaming: bool = False
     """Whether ``invoke`` streams internally (callbacks then see every token)."""
-    small_template: str = "auto"
-    """Chat template of the small model: ``auto`` (the server's own where it renders one, else
-    ChatML), ``server``, ``chatml``, ``deepseek-r1``, or a Jinja template source."""
-    target_template: str = "auto"
-    """Chat template of the target model, as ``small_template``."""
-    on_target_error: Literal["fallback", "raise"] = "fallback"
-    """If the target fails: ``fallback`` lets the small model finish alone, ``raise`` raises."""
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Further sampling settings of ``SamplingParams`` (e.g. ``repetition_penalty``)."""
 
@@ -327,15 +287,10 @@ class ChatSpeculativeThinking(BaseChatModel):
         """Sweep unknown constructor arguments into ``model_kwargs`` (with a warning)."""
         if not isinstance(values, dict):
             return values
-        return _build_model_kwargs(values, _field_names(cls))
-
-    @field_validator("rules")
-    @classmethod
-    def _known_preset(cls, rules: str | TakeoverRules) -> str | TakeoverRules:
-        if isinstance(rules, str) and rules not in PRESETS:
-            raise ValueError(f"unknown rules preset {rules!r}; choose one of {sorted(PRESETS)} "
-                             "or pass a specthink.TakeoverRules")
-        return rules
+        if "request_timeout" in values:  # LangChain's name for the read timeout
+            values = dict(values)
+            values.setdefault("timeout", values.pop("request_timeout"))
+        return _build_model_kwargs(values, _field_names(cls) | {"request_timeout"})
 
     @field_validator("model_kwargs")
     @classmethod
@@ -374,7 +329,7 @@ class ChatSpeculativeThinking(BaseChatModel):
 
     @property
     def lc_secrets(self) -> dict[str, str]:
-        return {"api_key": _constants.API_KEY_ENV}
+        return {"api_key": API_KEY_ENV}
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
@@ -414,19 +369,12 @@ class ChatSpeculativeThinking(BaseChatModel):
             return thinker
         with _BUILD_LOCK:
             if self._thinker is None or self._thinker_key != key:
-                if self._backends is not None:
-                    small, target = self._backends
-                else:
-                    small, target = self._build_backends()
-                thinker = SpeculativeThinker(
-                    small=small, target=target,
-                    rules=self.rules,
-                    small_template=self.small_template, target_template=self.target_template,
-                    on_target_error=self.on_target_error)
+                backends = self._backends or self.build_backends()
+                thinker = self.build(backends=backends)
                 if self._backends is None:
                     # Pooled connections of an engine nobody holds any more (copies of a model
                     # share it) would otherwise stay open until the process ends.
-                    weakref.finalize(thinker, close_on_sync_loop, small, target)
+                    weakref.finalize(thinker, close_on_sync_loop, *backends)
                 self._thinker = thinker
                 self._thinker_key = key
             return self._thinker
@@ -446,30 +394,20 @@ class ChatSpeculativeThinking(BaseChatModel):
             run_sync(self._thinker.aclose())
 
     def _config_key(self) -> tuple[Any, ...]:
-        # A copy made with model_copy(update=...) shares private state; rebuild if the servers,
-        # the rules or the name changed.
-        return (self.small_url, self.target_url, self.backend, self.small_model,
-                self.target_model, self.model_name, repr(self.rules), self.small_template,
-                self.target_template, self.on_target_error, self.timeout, self.max_retries,
-                self.api_key, id(self._backends))
+        # A copy made with model_copy(update=...) shares private state; rebuild if the pair's
+        # settings or the name changed.
+        return (self.pair_key(), self.model_name, id(self._backends))
 
     def _build_backends(self) -> tuple[Backend, Backend]:
-        from specthink.backends import create
-
-        options: dict[str, Any] = {"api_key": self.api_key}
-        if self.timeout is not None:
-            options["read_timeout"] = self.timeout
-        if self.max_retries is not None:
-            options["max_retries"] = self.max_retries
-        return (create(self.backend, self.small_url, model=self.small_model, **options),
-                create(self.backend, self.target_url, model=self.target_model, **options))
+        return self.build_backends()
 
     # ---- one request ---------------------------------------------------------------------
 
-    def _prepare(self, thinker: SpeculativeThinker, messages: list[BaseMessage],
-                 stop: list[str] | None, kwargs: dict[str, Any],
+    def _prepare(self, messages: list[BaseMessage], stop: list[str] | None,
+                 kwargs: dict[str, Any],
                  run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None,
-                 ) -> _Call:
+                 ) -> ChatRequest:
+        """The one request of this call, checked once (``ChatRequest.build``)."""
         call = dict(kwargs)
         call.pop("stream", None)
         session_id = call.pop("session_id", None)
@@ -492,35 +430,15 @@ class ChatSpeculativeThinking(BaseChatModel):
                               "tool_choice, parallel_tool_calls, response_format, stop, "
                               "session_id, max_tokens, temperature, "
                               f"top_p, top_k, seed, {', '.join(sorted(_EXTRA_SAMPLING))}")
-        engine_messages = to_engine_messages(messages)
-        if response_format is not None:
-            grammar = grammar_for(response_format)
-            if instruction := json_instruction(response_format):
-                engine_messages = with_system_text(engine_messages, instruction)
-            # A grammar constrains the whole output: with tools offered it would make them
-            # uncallable (LangChain's ProviderStrategy sends both), so then the answer is parsed.
-            if grammar is not None and not tools and thinker.small.supports_grammar \
-                    and thinker.target.supports_grammar:
-                sampling["grammar"] = grammar
-        params: dict[str, Any] = {
-            "max_new_tokens": max_tokens,
-            "stop": stop if stop is not None else self.stop,
-            "sampling": SamplingParams(**sampling),
-            "session_id": session_id or _session_id(run_manager),
-        }
-        if tools:
-            params["tools"] = tools
-            if tool_choice is not None:
-                params["tool_choice"] = tool_choice
-        offered = prompts.validate_tools(tools) or []
-        tool_names = (tuple(tool["function"]["name"] for tool in offered)
-                      if offered and tool_choice != "none" else None)
-        return _Call(engine_messages, params, tool_names,
-                     single_tool_call=parallel_tool_calls is False)
+        return ChatRequest.build(
+            to_engine_messages(messages), tools=tools or None,
+            tool_choice=tool_choice if tools else None, parallel_tool_calls=parallel_tool_calls,
+            response_format=response_format, stop=stop if stop is not None else self.stop,
+            max_new_tokens=max_tokens, sampling=SamplingParams(**sampling),
+            session_id=session_id or _session_id(run_manager))
 
-    def _shape(self, call: _Call) -> OutputShape:
-        return OutputShape(model_name=self.model_name, tools=call.tool_names,
-                           max_tool_calls=1 if call.single_tool_call else None)
+    def _shape(self) -> OutputShape:
+        return OutputShape(model_name=self.model_name)
 
     # ---- BaseChatModel hooks -------------------------------------------------------------
 
@@ -530,11 +448,9 @@ class ChatSpeculativeThinking(BaseChatModel):
         if self.streaming:
             return await agenerate_from_stream(
                 self._astream(messages, stop=stop, run_manager=run_manager, **kwargs))
-        thinker = self._get_thinker()
-        call = self._prepare(thinker, messages, stop, kwargs, run_manager)
-        shape = self._shape(call)
-        result = await thinker.agenerate(call.messages, **call.params)
-        return ChatResult(generations=[message_from_result(result, shape)])
+        request = self._prepare(messages, stop, kwargs, run_manager)
+        result = await self._get_thinker().agenerate(request)
+        return ChatResult(generations=[message_from_result(result, self._shape())])
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None,
@@ -542,19 +458,16 @@ class ChatSpeculativeThinking(BaseChatModel):
         if self.streaming:
             return generate_from_stream(
                 self._stream(messages, stop=stop, run_manager=run_manager, **kwargs))
-        thinker = self._get_thinker()
-        call = self._prepare(thinker, messages, stop, kwargs, run_manager)
-        shape = self._shape(call)
-        result = thinker.generate(call.messages, **call.params)
-        return ChatResult(generations=[message_from_result(result, shape)])
+        request = self._prepare(messages, stop, kwargs, run_manager)
+        result = self._get_thinker().generate(request)
+        return ChatResult(generations=[message_from_result(result, self._shape())])
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        thinker = self._get_thinker()
-        call = self._prepare(thinker, messages, stop, kwargs, run_manager)
-        assembler = ChunkAssembler(self._shape(call))
-        events = cast(AsyncGenerator[Event, None], thinker.astream(call.messages, **call.params))
+        request = self._prepare(messages, stop, kwargs, run_manager)
+        assembler = ChunkAssembler(self._shape())
+        events = cast(AsyncGenerator[Event, None], self._get_thinker().astream(request))
         # Closing the engine's generator closes both server streams: a caller that stops
         # reading (or is cancelled) stops the generation on the servers too.
         async with aclosing(events):
@@ -567,10 +480,9 @@ class ChatSpeculativeThinking(BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        thinker = self._get_thinker()
-        call = self._prepare(thinker, messages, stop, kwargs, run_manager)
-        assembler = ChunkAssembler(self._shape(call))
-        events = thinker.stream(call.messages, **call.params)
+        request = self._prepare(messages, stop, kwargs, run_manager)
+        assembler = ChunkAssembler(self._shape())
+        events = self._get_thinker().stream(request)
         try:
             for event in events:
                 for chunk in assembler.feed(event):

@@ -21,7 +21,7 @@ from llama_index.core.base.llms.types import (
     ToolCallBlock,
 )
 
-from specthink.output import OutputDelta, OutputSplitter, split_result
+from specthink.output import FROM_STREAM, FromStream, OutputDelta, OutputSplitter, split_result
 from specthink.tools import ToolCall
 from specthink.trace import Event, FinishEvent, Result, StartEvent, Statistics
 
@@ -55,9 +55,10 @@ def _message(reasoning: str, content: str, calls: list[ToolCall],
     return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks, additional_kwargs=extra)
 
 
-def response_from_result(result: Result, *, tools: Sequence[str] | None) -> ChatResponse:
+def response_from_result(result: Result, *,
+                         tools: Sequence[str] | FromStream | None = FROM_STREAM) -> ChatResponse:
     """The whole answer of ``agenerate`` as one ``ChatResponse``; ``tools`` names the tools
-    offered, whose calls are read from the answer."""
+    offered, whose calls are read from the answer (default: the request's)."""
     output = split_result(result, tools=tools)
     stats = result.stats
     return ChatResponse(
@@ -79,9 +80,8 @@ class ChatStreamAssembler:
     The engine's ``StartEvent`` yields no item (``feed`` returns ``None``).
     """
 
-    def __init__(self, *, tools: Sequence[str] | None) -> None:
-        self._splitter = OutputSplitter(tools=tools)
-        self._strip_answer = bool(tools)
+    def __init__(self, *, tools: Sequence[str] | FromStream | None = FROM_STREAM) -> None:
+        self._splitter = OutputSplitter(tools=tools)  # default: the request's, on StartEvent
         self._held_reasoning = ""
         self._reasoning = ""
         self._answer = ""
@@ -125,7 +125,7 @@ class ChatStreamAssembler:
         return shown
 
     def _visible(self) -> str:
-        return self._answer.strip() if self._strip_answer else self._answer
+        return self._answer.strip() if self._splitter.parses_tools else self._answer
 
     def _finish(self, event: FinishEvent) -> ChatResponse:
         final = self._splitter.finish()

@@ -11,6 +11,8 @@ from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.llms.utils import parse_partial_json
 
 from specthink.errors import NoToolCallError
+from specthink.formats import THINK_HERMES, OutputFormat
+from specthink.trace import Result
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -80,6 +82,13 @@ def _arguments(raw: dict[str, Any] | str) -> dict[str, Any]:
     return parsed if isinstance(parsed, dict) else {}
 
 
+def _output_format(response: ChatResponse) -> OutputFormat:
+    """The format the answer was written in (its result is in ``raw``, whole or streamed)."""
+    raw = response.raw if isinstance(response.raw, dict) else {}
+    result = raw.get("result") or getattr(raw.get("event"), "result", None)
+    return result.output_format if isinstance(result, Result) else THINK_HERMES
+
+
 def _no_call_message(response: ChatResponse) -> str:
     offered = response.additional_kwargs.get(TOOLS_OFFERED_KEY)
     if offered:
@@ -89,9 +98,10 @@ def _no_call_message(response: ChatResponse) -> str:
     else:
         tools = "the tool list was empty"
     answer = (response.message.content or "").strip()
-    unreadable = answer.count("<tool_call>")
+    opening = _output_format(response).tool_call.open
+    unreadable = answer.count(opening)
     if unreadable:
-        tools += f"; {unreadable} <tool_call> block(s) in the answer were not valid JSON calls"
+        tools += f"; {unreadable} {opening} block(s) in the answer were not valid JSON calls"
     shown = answer if len(answer) <= 200 else answer[:200] + "..."
     return (f"expected at least one tool call, but 0 tool calls came back ({tools}); "
             f"the model answered: {shown!r}")

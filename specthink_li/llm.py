@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import weakref
 from collections.abc import Coroutine, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.llms.generic_utils import (
     achat_to_completion_decorator,
@@ -27,26 +26,17 @@ from llama_index.core.base.llms.types import (
     ToolCallBlock,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
-from llama_index.core.callbacks import CallbackManager
 from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
-from specthink import prompts
-from specthink._constants import (
-    API_KEY_ENV,
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_MAX_RETRIES,
-    SMALL_URL_ENV,
-    TARGET_URL_ENV,
-)
-from specthink._sync import close_on_sync_loop, run_sync
-from specthink.backends import BackendKind, known_kind
-from specthink.backends.base import Backend, SamplingParams, ServerInfo
+from specthink.backends.base import SamplingParams, ServerInfo
 from specthink.engine import SpeculativeThinker
 from specthink.errors import ConfigError
-from specthink.rules import TakeoverRules
+from specthink.request import DEFAULT_MAX_NEW_TOKENS, ChatRequest
+from specthink.settings import PairSettings
+from specthink.sync import close_on_sync_loop, run_sync
 
 from ._messages import to_engine_messages
 from ._responses import ChatStreamAssembler, response_from_result
@@ -62,7 +52,7 @@ _CALL_PARAMS = frozenset({"tools", "tool_choice", "stop", "max_tokens", "max_new
                           "temperature", "top_p", "top_k", "seed", "session_id"})
 
 
-class SpeculativeThinkingLLM(FunctionCallingLLM):
+class SpeculativeThinkingLLM(PairSettings, FunctionCallingLLM):
     """Speculative Thinking (arXiv 2504.12329) as a LlamaIndex LLM: a small reasoning model
     writes, and at reasoning breakpoints a larger model takes over for a few tokens.
 
@@ -166,19 +156,10 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
         # {'prompt_tokens': 31, 'completion_tokens': 412, 'total_tokens': 443}
     """
 
-    small_url: str = Field(description="URL of the small (speculative) model's server.")
-    target_url: str = Field(description="URL of the target (larger) model's server.")
-    backend: BackendKind = Field(
-        default="tgi",
-        description="Wire protocol of both servers, one of specthink.backends.kinds(): 'tgi', "
-                    "'openai' (/v1/completions) or 'ollama' (/api/generate).")
-    small_model: str | None = Field(
-        default=None, description="Model name sent to an 'openai' or 'ollama' small server.")
-    target_model: str | None = Field(
-        default=None, description="Model name sent to an 'openai' or 'ollama' target server.")
-    rules: str | TakeoverRules = Field(
-        default="paper",
-        description="Takeover rules: a preset name ('paper', 'paper_instruct') or TakeoverRules.")
+    # The pair's settings (small_url, target_url, backend, small_model, target_model, rules,
+    # small_template, target_template, on_target_error, api_key, timeout, max_retries,
+    # routing_headers) are inherited from specthink.settings.PairSettings, declared there once;
+    # the key is excluded from every serialised form (LlamaIndex's callbacks log to_dict()).
     temperature: float = Field(
         default=0.0, ge=0.0, description="Sampling temperature; 0 is greedy decoding.")
     top_p: float | None = Field(default=None, gt=0.0, le=1.0,
@@ -191,77 +172,23 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
         description="Tokens to generate, both models and the intervention text together "
                     "(None: up to what the servers allow).")
     stop: list[str] | None = Field(default=None, description="Default stop sequences.")
-    timeout: float | None = Field(
-        default=None, gt=0.0,
-        description="Read timeout: seconds between two bytes of an answer (None: 120 s; "
-                    "connecting has its own 5 s); never a limit on a whole answer.")
-    max_retries: int = Field(
-        default=DEFAULT_MAX_RETRIES, ge=0,
-        description="Retries of a request that fails before its first token (429, 503, ...).")
-    small_template: str = Field(default="auto", description="Chat template of the small model.")
-    target_template: str = Field(default="auto",
-                                 description="Chat template of the target model.")
-    on_target_error: Literal["fallback", "raise"] = Field(
-        default="fallback",
-        description="When the target fails: the small model finishes alone, or raise.")
     context_window: int | None = Field(
         default=None, gt=0,
         description="Override of the context window (None: the servers' max_input_tokens).")
 
-    _api_key: str | None = PrivateAttr(default=None)
     _thinker: SpeculativeThinker | None = PrivateAttr(default=None)
     _thinker_key: tuple[Any, ...] | None = PrivateAttr(default=None)
     """The settings the engine was built from; None for an engine given to ``from_thinker``."""
     _infos: tuple[ServerInfo, ServerInfo] | None = PrivateAttr(default=None)
 
-    def __init__(
-        self,
-        small_url: str | None = None,
-        target_url: str | None = None,
-        *,
-        backend: str = "tgi",
-        small_model: str | None = None,
-        target_model: str | None = None,
-        rules: str | TakeoverRules = "paper",
-        temperature: float = 0.0,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        max_tokens: int | None = None,
-        stop: list[str] | None = None,
-        timeout: float | None = None,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        api_key: str | None = None,
-        small_template: str = "auto",
-        target_template: str = "auto",
-        on_target_error: Literal["fallback", "raise"] = "fallback",
-        context_window: int | None = None,
-        callback_manager: CallbackManager | None = None,
-        **kwargs: Any,
-    ) -> None:
-        small_url = small_url or os.environ.get(SMALL_URL_ENV)
-        target_url = target_url or os.environ.get(TARGET_URL_ENV)
-        missing = [f"{name}= (or ${env})" for name, env, value in (
-            ("small_url", SMALL_URL_ENV, small_url), ("target_url", TARGET_URL_ENV, target_url))
-            if not value]
-        if missing:
-            raise ConfigError(f"SpeculativeThinkingLLM needs {' and '.join(missing)}")
-        known_kind(backend)
-        if isinstance(rules, str):
-            try:  # an unknown preset fails here, not at the first call
-                TakeoverRules.preset(rules)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from exc
-        super().__init__(
-            small_url=small_url, target_url=target_url, backend=backend,
-            small_model=small_model, target_model=target_model, rules=rules,
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            max_tokens=max_tokens, stop=stop, timeout=timeout, max_retries=max_retries,
-            small_template=small_template, target_template=target_template,
-            on_target_error=on_target_error, context_window=context_window,
-            callback_manager=callback_manager, **kwargs)
-        # Kept out of the fields: LlamaIndex's callbacks put ``to_dict()`` into their events.
-        self._api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    def __init__(self, small_url: str | None = None, target_url: str | None = None,
+                 **kwargs: Any) -> None:
+        # The URLs may come positionally; left out, the settings read the environment.
+        if small_url is not None:
+            kwargs["small_url"] = small_url
+        if target_url is not None:
+            kwargs["target_url"] = target_url
+        super().__init__(**kwargs)
 
     @classmethod
     def from_thinker(cls, thinker: SpeculativeThinker, **kwargs: Any) -> SpeculativeThinkingLLM:
@@ -291,35 +218,18 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
     @property
     def thinker(self) -> SpeculativeThinker:
         """The engine, built on first use (no connection is opened before a request)."""
-        key = self._config_key()
+        key = self.pair_key()
         if self._thinker is None or (self._thinker_key is not None and self._thinker_key != key):
             # A copy made with model_copy(update=...) shares private state: rebuild when the
             # servers or connection settings differ from the ones the engine was built with.
-            small = self._make_backend(self.small_url, self.small_model)
-            target = self._make_backend(self.target_url, self.target_model)
-            thinker = SpeculativeThinker(
-                small=small, target=target, rules=self.rules,
-                small_template=self.small_template, target_template=self.target_template,
-                on_target_error=self.on_target_error)
+            backends = self.build_backends()
+            thinker = self.build(backends=backends)
             # The sync methods' connections live on the library's loop thread, which outlives
             # this object: close them there once the engine is garbage.
-            weakref.finalize(thinker, close_on_sync_loop, small, target)
+            weakref.finalize(thinker, close_on_sync_loop, *backends)
             self._thinker, self._thinker_key = thinker, key
             self._infos = None
         return self._thinker
-
-    def _config_key(self) -> tuple[Any, ...]:
-        return (self.small_url, self.target_url, self.backend, self.small_model,
-                self.target_model, self.rules, self.small_template, self.target_template,
-                self.on_target_error, self.timeout, self.max_retries, self._api_key)
-
-    def _make_backend(self, url: str, model: str | None) -> Backend:
-        from specthink.backends import create
-
-        options: dict[str, Any] = {"api_key": self._api_key, "max_retries": self.max_retries}
-        if self.timeout is not None:
-            options["read_timeout"] = self.timeout
-        return create(self.backend, url, model=model, **options)
 
     async def aclose(self) -> None:
         """Close the HTTP connections the backends opened (those of other running event loops,
@@ -356,7 +266,7 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
     def _learnt_infos(self) -> tuple[ServerInfo, ServerInfo] | None:
         """What the engine's calls learnt of both servers (no request is made here)."""
         if self._thinker is None or (self._thinker_key is not None
-                                     and self._thinker_key != self._config_key()):
+                                     and self._thinker_key != self.pair_key()):
             return None  # settings changed since: the next call's engine will ask again
         learnt = self._thinker.server_info
         if "small" not in learnt or "target" not in learnt:
@@ -394,7 +304,9 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
 
     # ---- per-call parameters -------------------------------------------------------------
 
-    def _engine_params(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatRequest:
+        """The one request of this call, checked once before any request is sent (so a stream
+        fails when it is asked for, not at its first item)."""
         unknown = sorted(set(kwargs) - _CALL_PARAMS)
         if unknown:
             raise ConfigError(f"SpeculativeThinkingLLM got unknown arguments {unknown}; it "
@@ -405,36 +317,22 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
             top_p=kwargs.get("top_p", self.top_p),
             top_k=kwargs.get("top_k", self.top_k),
             seed=kwargs.get("seed", self.seed))
-        stop = kwargs.get("stop", self.stop)
         tools = kwargs.get("tools")
         if tools:
             tools = [t if isinstance(t, dict) else openai_tools([t])[0] for t in tools]
-        return {
-            "max_new_tokens": kwargs.get("max_tokens", kwargs.get("max_new_tokens",
-                                                                  self.max_tokens)),
-            "stop": [stop] if isinstance(stop, str) else stop,
-            "sampling": sampling,
-            "tools": tools or None,
-            "tool_choice": kwargs.get("tool_choice") if tools else None,
+        return ChatRequest.build(
+            to_engine_messages(messages), tools=tools or None,
+            tool_choice=kwargs.get("tool_choice") if tools else None,
+            stop=kwargs.get("stop", self.stop),
+            max_new_tokens=kwargs.get("max_tokens", kwargs.get("max_new_tokens",
+                                                               self.max_tokens)),
+            sampling=sampling,
             # The routing key: a router keeps the conversation on its warm replica.
-            "session_id": kwargs.get("session_id"),
-        }
+            session_id=kwargs.get("session_id"))
 
-    def _inputs(self, messages: Sequence[ChatMessage],
-                kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Engine parameters and messages, checked before any request (so a stream fails
-        when it is asked for, not at its first item)."""
-        params = self._engine_params(kwargs)
-        engine_messages = to_engine_messages(messages)
-        prompts.validate_messages(engine_messages)
-        if params["tools"] is not None:
-            prompts.apply_tool_choice(engine_messages, params["tools"], params["tool_choice"])
-        return params, engine_messages
-
-    def _finish_response(self, response: ChatResponse, params: dict[str, Any]) -> ChatResponse:
-        names = _tool_names(params)
-        if names is not None:
-            response.additional_kwargs[TOOLS_OFFERED_KEY] = list(names)
+    def _finish_response(self, response: ChatResponse, request: ChatRequest) -> ChatResponse:
+        if request.tool_names is not None:
+            response.additional_kwargs[TOOLS_OFFERED_KEY] = list(request.tool_names)
         return response
 
     # ---- chat: async on the engine, sync through its sync edge ----------------------------
@@ -457,22 +355,22 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
         return self._stream_chat(messages, **kwargs)
 
     async def _achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        params, engine_messages = self._inputs(messages, kwargs)
-        result = await self.thinker.agenerate(engine_messages, **params)
-        response = response_from_result(result, tools=_tool_names(params))
-        return self._finish_response(response, params)
+        request = self._request(messages, kwargs)
+        result = await self.thinker.agenerate(request)
+        response = response_from_result(result)
+        return self._finish_response(response, request)
 
     async def _astream_chat(self, messages: Sequence[ChatMessage],
                             **kwargs: Any) -> ChatResponseAsyncGen:
-        params, engine_messages = self._inputs(messages, kwargs)
-        assembler = ChatStreamAssembler(tools=_tool_names(params))
-        events = self.thinker.astream(engine_messages, **params)
+        request = self._request(messages, kwargs)
+        assembler = ChatStreamAssembler()
+        events = self.thinker.astream(request)
 
         async def gen() -> ChatResponseAsyncGen:
             try:
                 async for event in events:
                     if (response := assembler.feed(event)) is not None:
-                        yield self._finish_response(response, params)
+                        yield self._finish_response(response, request)
             finally:
                 # Leaving early (break, cancellation) closes both servers' streams at once.
                 aclose = getattr(events, "aclose", None)
@@ -482,21 +380,21 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
         return gen()
 
     def _chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        params, engine_messages = self._inputs(messages, kwargs)
-        result = self.thinker.generate(engine_messages, **params)
-        response = response_from_result(result, tools=_tool_names(params))
-        return self._finish_response(response, params)
+        request = self._request(messages, kwargs)
+        result = self.thinker.generate(request)
+        response = response_from_result(result)
+        return self._finish_response(response, request)
 
     def _stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        params, engine_messages = self._inputs(messages, kwargs)
-        assembler = ChatStreamAssembler(tools=_tool_names(params))
-        events = self.thinker.stream(engine_messages, **params)
+        request = self._request(messages, kwargs)
+        assembler = ChatStreamAssembler()
+        events = self.thinker.stream(request)
 
         def gen() -> ChatResponseGen:
             try:
                 for event in events:
                     if (response := assembler.feed(event)) is not None:
-                        yield self._finish_response(response, params)
+                        yield self._finish_response(response, request)
             finally:
                 close = getattr(events, "close", None)
                 if close is not None:
@@ -583,14 +481,6 @@ class SpeculativeThinkingLLM(FunctionCallingLLM):
         parsed. With ``error_on_no_tool_call`` an answer without one raises
         ``NoToolCallError`` (a ``ValueError``) naming the tools that were offered."""
         return tool_selections(response, error_on_no_tool_call=error_on_no_tool_call)
-
-
-def _tool_names(params: dict[str, Any]) -> tuple[str, ...] | None:
-    """The tools whose calls count: those offered, unless ``tool_choice`` hid them."""
-    tools = params["tools"]
-    if tools is None or params["tool_choice"] == "none":
-        return None
-    return tuple(tool["function"]["name"] for tool in tools)
 
 
 def _context_window(infos: tuple[ServerInfo, ServerInfo] | None) -> int | None:

@@ -296,7 +296,7 @@ class HTTPBackend(ABC, Generic[ReaderT]):
     @abstractmethod
     async def _opened(self, body: ResponseBody) -> ReaderT:
         """The reader of a fresh response body, once its beginning is known not to be an error
-        (raise, e.g. ``StreamErrorEvent``, for one: the attempt may then be retried)."""
+        (raise, e.g. ``InStreamError``, for one: the attempt may then be retried)."""
 
     @abstractmethod
     def _tokens(self, stream: ReaderT) -> AsyncIterator[StreamToken]:
@@ -359,4 +359,4 @@ class SSEBackend(HTTPBackend[SSEStream]):
 
     @abstractmethod
     def _check_first(self, event: ServerSentEvent) -> None:
-        """Raise (e.g. ``StreamErrorEvent``) when the first event of a stream is an error."""
+        """Raise (e.g. ``InStreamError``) when the first event of a stream is an error."""

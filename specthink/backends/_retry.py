@@ -26,8 +26,8 @@ from specthink.errors import (
     BackendConnectionError,
     BackendStatusError,
     ConfigError,
+    InStreamError,
     StreamDroppedError,
-    StreamErrorEvent,
 )
 
 __all__ = ["RetryPolicy", "is_transient", "parse_retry_after"]
@@ -66,7 +66,7 @@ def is_transient(exc: BaseException) -> bool:
     before the first token. Never a timeout or a dropped stream."""
     if isinstance(exc, BackendStatusError):
         return exc.status_code in (429, 502, 503)
-    if isinstance(exc, StreamErrorEvent):
+    if isinstance(exc, InStreamError):
         return exc.error_type == "overloaded" and exc.tokens_received == 0
     return isinstance(exc, BackendConnectionError) and not isinstance(exc, StreamDroppedError)
 

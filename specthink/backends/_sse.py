@@ -217,7 +217,7 @@ class SSEStream:
 
 
 FirstEventCheck = Callable[[ServerSentEvent], None]
-"""Raises (e.g. ``StreamErrorEvent``) when the first event of a stream is an error."""
+"""Raises (e.g. ``InStreamError``) when the first event of a stream is an error."""
 
 
 def opening_sse(check_first: FirstEventCheck) -> Callable[[Body], Awaitable[SSEStream]]:

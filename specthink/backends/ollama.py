@@ -46,7 +46,7 @@ def generate_body(prompt: str, *, model: str, max_new_tokens: int,
 
 def decode_chunk(payload: Any, *, url: str = "", tokens_received: int = 0) -> StreamToken | None:
     """One line of the stream as a token (``None`` for a line that carries none); an
-    ``{"error": ...}`` line raises :class:`StreamErrorEvent`."""
+    ``{"error": ...}`` line raises :class:`InStreamError`."""
     if not isinstance(payload, dict):
         return None
     if "error" in payload:

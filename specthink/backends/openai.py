@@ -39,8 +39,8 @@ from specthink.errors import (
     BackendTimeoutError,
     ConfigError,
     ContextLimitError,
+    InStreamError,
     StreamDroppedError,
-    StreamErrorEvent,
     in_stream_error,
 )
 
@@ -173,7 +173,7 @@ the same as a dropped connection, so the engine resumes (through the router, on 
 
 
 def _error_event(payload: dict[str, Any], url: str,
-                 tokens_received: int) -> StreamErrorEvent | StreamDroppedError:
+                 tokens_received: int) -> InStreamError | StreamDroppedError:
     error = payload.get("error")
     if isinstance(error, dict):  # OpenAI / newer vLLM: {"error": {"message", "type"}}
         message, error_type = error.get("message"), error.get("type")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from specthink.backends._httpbackend import (
@@ -23,7 +22,6 @@ from specthink.backends._httpbackend import (
 from specthink.backends._sse import ServerSentEvent, SSEStream, loads_json
 from specthink.backends.base import (
     FinishReason,
-    OnAttempt,
     SamplingParams,
     ServerInfo,
     StreamToken,
@@ -32,11 +30,11 @@ from specthink.errors import (
     BackendError,
     BackendStatusError,
     ConfigError,
-    StreamErrorEvent,
+    InStreamError,
     in_stream_error,
 )
 
-__all__ = ["BACKEND", "Generated", "TGIBackend", "decode_stream_event", "generate_parameters",
+__all__ = ["BACKEND", "TGIBackend", "decode_stream_event", "generate_parameters",
            "tgi_tool_choice"]
 
 _FINISH: dict[str, FinishReason] = {
@@ -85,7 +83,7 @@ def tgi_tool_choice(tool_choice: str | Mapping[str, Any]) -> str | dict[str, Any
     return {"type": "function", "function": {"name": name}}
 
 
-def _error_event(payload: dict[str, Any], url: str, tokens_received: int) -> StreamErrorEvent:
+def _error_event(payload: dict[str, Any], url: str, tokens_received: int) -> InStreamError:
     error_type = payload.get("error_type")
     return in_stream_error(str(payload.get("error") or "error event"), url=url,
                            error_type=None if error_type is None else str(error_type),
@@ -96,7 +94,7 @@ def decode_stream_event(payload: dict[str, Any], *, url: str = "",
                         tokens_received: int = 0) -> StreamToken:
     """One ``/generate_stream`` event (a ``StreamResponse``) as a :class:`StreamToken`.
 
-    Raises :class:`StreamErrorEvent` for an ``{"error", "error_type"}`` event.
+    Raises :class:`InStreamError` for an ``{"error", "error_type"}`` event.
     """
     if "error" in payload:
         raise _error_event(payload, url, tokens_received)
@@ -114,18 +112,6 @@ def decode_stream_event(payload: dict[str, Any], *, url: str = "",
         finish = "eos" if special else "length"
     return StreamToken("" if special else str(token.get("text", "")), special, finish,
                        input_tokens)
-
-
-@dataclass(frozen=True, slots=True)
-class Generated:
-    """A non-streamed answer (:meth:`TGIBackend.generate`)."""
-
-    tokens: tuple[StreamToken, ...]
-    finish_reason: FinishReason
-
-    @property
-    def text(self) -> str:
-        return "".join(token.text for token in self.tokens)
 
 
 def _event_token(event: ServerSentEvent, *, url: str, tokens_received: int) -> StreamToken | None:
@@ -191,27 +177,6 @@ class TGIBackend(SSEBackend):
 
     def _tokens(self, stream: SSEStream) -> AsyncIterator[StreamToken]:
         return TokenStream(stream, stream.next_event, _event_token)
-
-    async def generate(self, prompt: str, *, max_new_tokens: int, sampling: SamplingParams,
-                       stop: Sequence[str] = (), on_attempt: OnAttempt | None = None,
-                       routing_key: str | None = None) -> Generated:
-        """``POST /generate``: the whole continuation in one answer, cut at the first of
-        ``stop`` (which is kept, as TGI does). Retried as a stream's opening is."""
-        parameters = generate_parameters(max_new_tokens, sampling)
-        if stop:
-            parameters["stop"] = list(stop)
-        answer = await self._conn.request_json(
-            "POST", "/generate", {"inputs": prompt, "parameters": parameters},
-            on_attempt=on_attempt, headers=self.routing(routing_key))
-        details = answer.get("details") if isinstance(answer, dict) else None
-        tokens = details.get("tokens") if isinstance(details, dict) else None
-        if not isinstance(details, dict) or not isinstance(tokens, list):
-            raise BackendError(f"/generate answered without details: {str(answer)[:200]}",
-                               url=self.url)
-        return Generated(
-            tuple(StreamToken("" if t.get("special") else str(t.get("text", "")),
-                              bool(t.get("special"))) for t in tokens if isinstance(t, dict)),
-            _FINISH.get(str(details.get("finish_reason")), "eos"))
 
     async def _fetch_info(self) -> ServerInfo:
         """``GET /info``."""

@@ -26,7 +26,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from specthink.backends import create
 from specthink.backends.base import Backend
 from specthink.engine import SpeculativeThinker
 from specthink.errors import BackendError, ConfigError
@@ -39,9 +38,19 @@ from specthink.serve.metrics import (
     multiprocess_dir,
 )
 from specthink.serve.protocol import ChunkWriter, parse_request
-from specthink.serve.serving import ChatCall, Thinkers, prepare, stream_events, whole_answer
+from specthink.serve.responses import (
+    EventWriter,
+    ResponsesCall,
+    input_items_page,
+    not_found,
+    parse_responses_request,
+    prepare_response,
+    response_events,
+)
+from specthink.serve.serving import ChatCall, prepare, stream_events, whole_answer
 from specthink.serve.settings import ServeSettings
-from specthink.trace import REASONING_START, Result
+from specthink.serve.store import ResponseStore
+from specthink.trace import Result
 
 __all__ = ["app_from_environment", "build_backends", "create_app"]
 
@@ -57,13 +66,13 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
 
 
 INSTRUCT_HINT = (
-    "the small model's chat template opens no reasoning (%s), and the %r rules hand over only "
-    "inside one: if the small model does not reason (an instruct model), no takeover will "
-    "happen; serve it with --rules paper_instruct (SPECTHINK_RULES=paper_instruct), where the "
-    "target writes the opening. A model that writes %s itself (Qwen3) needs nothing.")
+    "the small model's chat template opens no reasoning (%s), and the rules (mode 'reasoning', "
+    "as the default 'paper') hand over only inside one: if the small model does not reason "
+    "(an instruct model), no takeover will happen; serve it with --rules paper_instruct "
+    "(SPECTHINK_RULES=paper_instruct), where the target writes the opening. A model that writes %s itself (Qwen3) needs nothing.")
 
 
-async def _suggest_instruct_rules(thinker: SpeculativeThinker, preset: str) -> None:
+async def _suggest_instruct_rules(thinker: SpeculativeThinker) -> None:
     """Warn, once at start, when the reasoning rules meet a template that opens no reasoning.
 
     A suggestion rather than a switch: the template cannot tell an instruct model from a hybrid
@@ -78,20 +87,14 @@ async def _suggest_instruct_rules(thinker: SpeculativeThinker, preset: str) -> N
             {"role": "user", "content": "Hello"}], None, thinker.small)
     except (BackendError, ConfigError):
         return  # the first request reports it
-    if not prompt.rstrip().endswith(REASONING_START):
-        logger.warning(INSTRUCT_HINT, REASONING_START, preset, REASONING_START)
+    opening = thinker.output_format.reasoning.open
+    if not thinker.output_format.opened_by(prompt):
+        logger.warning(INSTRUCT_HINT, opening, opening)
 
 
 def build_backends(settings: ServeSettings) -> tuple[Backend, Backend]:
     """The two model servers' backends, from the core's one factory."""
-    def one(url: str, model: str | None) -> Backend:
-        options: dict[str, Any] = {"api_key": settings.upstream_api_key}
-        if model is not None:
-            options["model"] = model
-        return create(settings.backend, url, **options)
-
-    return (one(settings.small_url, settings.small_model),
-            one(settings.target_url, settings.target_model))
+    return settings.build_backends()
 
 
 def _json(body: dict[str, Any] | bytes, status: int = 200,
@@ -110,9 +113,10 @@ class _State:
     def __init__(self, settings: ServeSettings, metrics: ServeMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.thinkers: Thinkers | None = None
+        self.thinker: SpeculativeThinker | None = None
         self.in_flight = 0
         self.created = int(time.time())
+        self.store = ResponseStore(settings.responses_store, settings.responses_ttl)
         self._keys = tuple(key.get_secret_value().encode() for key in settings.api_keys)
 
     def authorized(self, request: Request) -> bool:
@@ -179,7 +183,7 @@ class _ChatResponse(Response):
             await self._stream(send)
             return
         try:
-            result = await self.call.thinker.agenerate(self.call.messages, **self.call.params)
+            result = await self.call.result()
         except Exception as exc:
             await self._send_error(send, self._failed(exc))
             return
@@ -244,6 +248,71 @@ class _ChatResponse(Response):
         self.state.metrics.observe_statistics(result.stats)
 
 
+class _ResponsesResponse(_ChatResponse):
+    """A ``POST /v1/responses`` answer: the chat path's engine run and hang-up handling, with
+    the Responses API's response object or event stream, kept in the store when asked."""
+
+    def __init__(self, state: _State, call: ResponsesCall, started: float) -> None:
+        super().__init__(state, call.chat, started)
+        self.responses = call
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.state.metrics.responses.labels(str(self.status)).inc()
+
+    async def _run(self, send: Send) -> None:
+        if self.call.stream:
+            await self._stream(send)
+            return
+        try:
+            result = await self.responses.result()
+        except Exception as exc:
+            await self._send_error(send, self._failed(exc))
+            return
+        self._observe(result)
+        answer = self.responses.whole(result)
+        self.responses.keep(self.state.store, answer)
+        body = orjson.dumps(answer)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", JSON.encode()),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _stream(self, send: Send) -> None:
+        events = self.call.events()
+        try:
+            try:
+                first = await anext(events)  # a failure before any text is a real status
+            except Exception as exc:
+                await self._send_error(send, self._failed(exc))
+                return
+            writer = EventWriter(self.responses)
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            await send({"type": "http.response.body", "body": writer.start(), "more_body": True})
+            metrics, started = self.state.metrics, self.started
+
+            def first_text() -> None:
+                metrics.time_to_first_token.observe(time.perf_counter() - started)
+
+            result: Result | None = None
+            try:
+                async for data, result in response_events(self.responses, first, events,
+                                                          writer, first_text):
+                    await send({"type": "http.response.body", "body": data,
+                                "more_body": result is None})
+            except Exception as exc:
+                await send({"type": "http.response.body",
+                            "body": writer.error(self._failed(exc)) + writer.done()})
+            if result is not None:
+                self._observe(result)
+            if writer.final is not None:
+                self.responses.keep(self.state.store, writer.final)
+        finally:
+            await events.aclose()
+
+
 async def _disconnected(receive: Receive) -> None:
     """Returns when the client has gone (or the response is complete)."""
     while True:
@@ -268,11 +337,8 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         small, target = backends or build_backends(settings)
-        thinker = SpeculativeThinker(small=small, target=target, rules=settings.rules,
-                                     small_template=settings.small_template,
-                                     target_template=settings.target_template,
-                                     on_target_error=settings.on_target_error)
-        state.thinkers = Thinkers(thinker)
+        thinker = settings.build(backends=(small, target))
+        state.thinker = thinker
         try:
             await asyncio.wait_for(thinker.warm_up(), WARM_UP_SECONDS)
         except (BackendError, ConfigError, TimeoutError) as exc:
@@ -280,7 +346,7 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
             logger.warning("the model servers could not be asked at start (%s); the first "
                            "request asks again", exc or "no answer in time")
         else:
-            await _suggest_instruct_rules(thinker, settings.rules)
+            await _suggest_instruct_rules(thinker)
         if freeze_heap:  # after the warm-up, whose connections and templates live on
             gc.collect()  # start-up garbage is freed, not frozen
             gc.freeze()
@@ -289,7 +355,7 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
         finally:
             if freeze_heap:
                 gc.unfreeze()
-            state.thinkers = None
+            state.thinker = None
             await thinker.aclose()
             if multiprocess_dir() is not None:
                 multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
@@ -303,12 +369,12 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
             chat = parse_request(body)
             if chat.model != settings.model_name:
                 raise errors.model_not_found(chat.model, settings.model_name)
-            thinkers = state.thinkers
-            if thinkers is None:
+            thinker = state.thinker
+            if thinker is None:
                 raise APIError(503, "The server is starting or stopping.",
                                type="upstream_unavailable", code="not_ready")
             session = request.headers.get("x-session-id") or chat.user
-            call = prepare(chat, settings, thinkers, session_id=session)
+            call = prepare(chat, settings, thinker, session_id=session)
             limit = settings.max_concurrency
             if limit is not None and state.in_flight >= limit:
                 raise errors.too_busy(limit)
@@ -319,6 +385,59 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
         state.in_flight += 1
         state.metrics.in_flight.inc()
         return _ChatResponse(state, call, started)
+
+    async def responses(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            if not state.authorized(request):
+                raise errors.unauthorized()
+            asked = parse_responses_request(await _read_body(request, settings.max_body_bytes))
+            if asked.model != settings.model_name:
+                raise errors.model_not_found(asked.model, settings.model_name)
+            thinker = state.thinker
+            if thinker is None:
+                raise APIError(503, "The server is starting or stopping.",
+                               type="upstream_unavailable", code="not_ready")
+            session = (request.headers.get("x-session-id") or asked.prompt_cache_key
+                       or asked.user)
+            call = prepare_response(asked, state.store, lambda chat: prepare(
+                chat, settings, thinker, session_id=session))
+            limit = settings.max_concurrency
+            if limit is not None and state.in_flight >= limit:
+                raise errors.too_busy(limit)
+        except Exception as exc:
+            error = errors.from_exception(exc)
+            state.metrics.requests.labels(str(error.status)).inc()
+            state.metrics.responses.labels(str(error.status)).inc()
+            return _error(error)
+        state.in_flight += 1
+        state.metrics.in_flight.inc()
+        return _ResponsesResponse(state, call, started)
+
+    async def stored_response(request: Request) -> Response:
+        if not state.authorized(request):
+            return _error(errors.unauthorized())
+        response_id = request.path_params["response_id"]
+        if request.method == "DELETE":
+            if not state.store.delete(response_id):
+                return _error(not_found(response_id, "response_id"))
+            return _json({"id": response_id, "object": "response", "deleted": True})
+        stored = state.store.get(response_id)
+        if stored is None:
+            return _error(not_found(response_id, "response_id"))
+        return _json(stored.response)
+
+    async def input_items(request: Request) -> Response:
+        if not state.authorized(request):
+            return _error(errors.unauthorized())
+        response_id = request.path_params["response_id"]
+        stored = state.store.get(response_id)
+        if stored is None:
+            return _error(not_found(response_id, "response_id"))
+        try:
+            return _json(input_items_page(stored.input_items, request.query_params))
+        except APIError as exc:
+            return _error(exc)
 
     def _model_card() -> dict[str, Any]:
         return {"id": settings.model_name, "object": "model", "created": state.created,
@@ -338,7 +457,7 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
         return _json(_model_card())
 
     async def health(request: Request) -> Response:
-        ready = state.thinkers is not None
+        ready = state.thinker is not None
         return _json({"status": "ok" if ready else "starting"}, 200 if ready else 503)
 
     async def prometheus(request: Request) -> Response:
@@ -360,6 +479,9 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
     return Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/responses", responses, methods=["POST"]),
+            Route("/v1/responses/{response_id}", stored_response, methods=["GET", "DELETE"]),
+            Route("/v1/responses/{response_id}/input_items", input_items, methods=["GET"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{name:path}", model, methods=["GET"]),
             Route("/health", health, methods=["GET"]),

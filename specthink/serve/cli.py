@@ -32,7 +32,7 @@ APP_FACTORY = "specthink.serve.app:app_from_environment"
 
 def _settings(**values: object) -> ServeSettings:
     try:
-        return ServeSettings.model_validate(values)
+        return ServeSettings(**values)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
@@ -83,13 +83,20 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(
         envvar="SPECTHINK_SERVE_MAX_BODY_BYTES", help="Larger request bodies get 413.")]
     = 4 * 1024 * 1024,
+    responses_store: Annotated[int, typer.Option(
+        envvar="SPECTHINK_SERVE_RESPONSES_STORE", min=0,
+        help="Responses API answers each worker keeps for previous_response_id (0: none).")]
+    = 1024,
+    responses_ttl: Annotated[float, typer.Option(
+        envvar="SPECTHINK_SERVE_RESPONSES_TTL",
+        help="Seconds a kept Responses API answer stays readable.")] = 3600.0,
     small_model: Annotated[str | None, model_option(
         "small", help="Model name sent to an OpenAI-compatible small server.")] = None,
     target_model: Annotated[str | None, model_option(
         "target", help="Model name sent to an OpenAI-compatible target server.")] = None,
 ) -> None:
-    """Serve speculative thinking as an OpenAI-compatible API: /v1/chat/completions
-    (streamed or not), /v1/models, /health and /metrics."""
+    """Serve speculative thinking as an OpenAI-compatible API: /v1/chat/completions and
+    /v1/responses (streamed or not), /v1/models, /health and /metrics."""
     try:
         import uvicorn
 
@@ -101,12 +108,13 @@ def serve(
     upstream = os.environ.get(ENV_UPSTREAM_KEY) or None
     settings = _settings(
         small_url=small, target_url=target, backend=backend, small_model=small_model,
-        target_model=target_model, upstream_api_key=SecretStr(upstream) if upstream else None,
+        target_model=target_model, api_key=SecretStr(upstream) if upstream else None,
         api_keys=tuple(SecretStr(key) for key in keys), model_name=model_name, rules=rules,
         small_template=small_template, target_template=target_template,
         max_tokens=max_tokens, max_concurrency=max_concurrency,
         reasoning_field=reasoning_field, on_target_error=on_target_error,
-        max_body_bytes=max_body_bytes, drain_timeout=drain_timeout)
+        max_body_bytes=max_body_bytes, drain_timeout=drain_timeout,
+        responses_store=responses_store, responses_ttl=responses_ttl)
     console = stderr()
     runtime = event_loop_and_parser()
     console.print(f"specthink serve: http://{host}:{port}/v1 serves {model_name!r} "

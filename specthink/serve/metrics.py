@@ -43,8 +43,13 @@ class ServeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         counter, histogram = self._counter, self._histogram
-        self.requests = counter("requests", "Chat completion requests answered, by HTTP status.",
-                                "status")
+        self.requests = counter(
+            "requests", "Chat completion and Responses API requests answered, by HTTP status.",
+            "status")
+        self.responses = counter(
+            "responses_requests",
+            "Responses API requests answered, by HTTP status (requests counts them too).",
+            "status")
         self.in_flight = Gauge(
             f"{_PREFIX}requests_in_flight", "Chat completion requests being answered.",
             registry=self.registry, multiprocess_mode="livesum")

@@ -7,10 +7,9 @@ import json
 import os
 from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import ConfigDict, Field, SecretStr, field_validator
 
-from specthink.backends import BackendKind
-from specthink.rules import PRESETS
+from specthink.settings import PairSettings
 
 __all__ = ["ENV_SETTINGS", "ReasoningField", "ServeSettings"]
 
@@ -22,32 +21,18 @@ ENV_CLIENT_KEYS = "SPECTHINK_SERVE_API_KEYS"
 ENV_UPSTREAM_KEY = "SPECTHINK_API_KEY"
 
 
-class ServeSettings(BaseModel):
+class ServeSettings(PairSettings):
     """Settings of one ``specthink serve`` process (every worker gets the same)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    small_url: str = Field(min_length=1)
-    """The small (speculative) model's server."""
-    target_url: str = Field(min_length=1)
-    """The target model's server."""
-    backend: BackendKind = "tgi"
-    """Wire protocol of both model servers: one of ``specthink.backends.kinds()``."""
-    small_model: str | None = None
-    """Model name sent to an OpenAI-compatible or Ollama small server (default: the one it
-    serves)."""
-    target_model: str | None = None
-    """Model name sent to an OpenAI-compatible or Ollama target server."""
-    upstream_api_key: SecretStr | None = None
-    """Bearer token sent to both model servers (``$SPECTHINK_API_KEY``)."""
+    # The pair (small_url, target_url, backend, small_model, target_model, rules, templates,
+    # on_target_error, api_key: the bearer token sent to both model servers, timeout,
+    # max_retries, routing_headers) is specthink.settings.PairSettings, declared there once.
     api_keys: tuple[SecretStr, ...] = ()
     """Keys clients must send as ``Authorization: Bearer``; none: the server is open."""
     model_name: str = Field(default="specthink", min_length=1)
     """The one model id clients ask for and ``/v1/models`` lists."""
-    rules: str = "paper"
-    """Default takeover rules preset; a request may pick another or override fields."""
-    small_template: str = "auto"
-    target_template: str = "auto"
     max_tokens: int = Field(default=4096, gt=0)
     """Default and upper bound of a request's ``max_tokens``."""
     max_concurrency: int | None = Field(default=None, gt=0)
@@ -55,19 +40,15 @@ class ServeSettings(BaseModel):
     reasoning_field: ReasoningField = "both"
     """Where the reasoning goes: ``reasoning_content`` (DeepSeek, vLLM <= 0.10), ``reasoning``
     (vLLM >= 0.11, OpenRouter) or both."""
-    on_target_error: Literal["fallback", "raise"] = "fallback"
-    """The target fails: the small model finishes alone (marked in the statistics), or 502/503."""
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     """Request bodies above this are answered 413."""
     drain_timeout: float = Field(default=30.0, ge=0)
     """Seconds in-flight requests may take to finish after SIGTERM."""
-
-    @field_validator("rules")
-    @classmethod
-    def _known_preset(cls, rules: str) -> str:
-        if rules not in PRESETS:
-            raise ValueError(f"unknown rules preset {rules!r}; choose one of {sorted(PRESETS)}")
-        return rules
+    responses_store: int = Field(default=1024, ge=0)
+    """Responses API answers each worker keeps for ``previous_response_id`` and
+    ``GET /v1/responses/{id}`` (the oldest go first); ``0`` keeps none."""
+    responses_ttl: float = Field(default=3600.0, gt=0)
+    """Seconds a kept Responses API answer stays readable."""
 
     @field_validator("api_keys")
     @classmethod
@@ -84,10 +65,9 @@ class ServeSettings(BaseModel):
     def to_environment(self) -> dict[str, str]:
         """Environment variables that carry these settings to worker processes: the secrets in
         their usual variables, the rest as JSON."""
-        env = {ENV_SETTINGS: self.model_dump_json(exclude={"api_keys", "upstream_api_key"})}
+        env = {ENV_SETTINGS: self.model_dump_json(exclude={"api_keys", "api_key"})}
         env[ENV_CLIENT_KEYS] = ",".join(key.get_secret_value() for key in self.api_keys)
-        env[ENV_UPSTREAM_KEY] = (self.upstream_api_key.get_secret_value()
-                                 if self.upstream_api_key else "")
+        env[ENV_UPSTREAM_KEY] = self.api_key.get_secret_value() if self.api_key else ""
         return env
 
     @classmethod
@@ -95,8 +75,8 @@ class ServeSettings(BaseModel):
         """The settings a ``--workers`` process finds in its environment."""
         data = json.loads(os.environ[ENV_SETTINGS])
         data["api_keys"] = parse_keys(os.environ.get(ENV_CLIENT_KEYS, ""))
-        data["upstream_api_key"] = os.environ.get(ENV_UPSTREAM_KEY) or None
-        return cls.model_validate(data)
+        data["api_key"] = os.environ.get(ENV_UPSTREAM_KEY) or None
+        return cls(**data)
 
 
 def parse_keys(text: str) -> tuple[str, ...]:

@@ -15,8 +15,8 @@ from specthink.errors import (
     BackendStatusError,
     ConfigError,
     ContextLimitError,
+    InStreamError,
     StreamDroppedError,
-    StreamErrorEvent,
 )
 from tests.ollama_support import Ollama
 
@@ -58,7 +58,7 @@ def test_the_done_line_carries_the_finish_and_the_prompt_length() -> None:
     assert end is not None
     assert (end.special, end.finish_reason, end.input_tokens) == (True, "eos", 12)
     assert decode_chunk({"response": "x", "done": False}) == type(end)("x")
-    with pytest.raises(StreamErrorEvent, match="boom"):
+    with pytest.raises(InStreamError, match="boom"):
         decode_chunk({"error": "boom"})
 
 
@@ -118,7 +118,7 @@ async def test_an_error_line_before_any_token_raises_on_open(ollama: Ollama) -> 
     try:
         with pytest.raises(ContextLimitError, match="exceeds the context length") as raised:
             await collect(backend)
-        assert isinstance(raised.value, StreamErrorEvent)
+        assert isinstance(raised.value, InStreamError)
     finally:
         await backend.aclose()
 

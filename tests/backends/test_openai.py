@@ -16,10 +16,10 @@ from specthink.errors import (
     BackendStatusError,
     ConfigError,
     ContextLimitError,
+    InStreamError,
     OverloadedError,
     RequestValidationError,
     StreamDroppedError,
-    StreamErrorEvent,
 )
 from specthink.testing import Fault, LoopbackServer, ScriptedModel, Tokenizer
 
@@ -198,7 +198,7 @@ async def test_stream_ending_early_is_a_dropped_stream(openai: Make) -> None:
 ])
 async def test_error_events_of_every_server_family(openai: Make, payload: Any) -> None:
     server = Server({"/v1/completions": sse(chunk("a"), payload)})
-    with pytest.raises(StreamErrorEvent) as info:
+    with pytest.raises(InStreamError) as info:
         await collect(openai(server, model="m"))
     assert (info.value.error_type, info.value.tokens_received) == ("InternalServerError", 1)
     assert "out of memory" in str(info.value)

@@ -13,10 +13,10 @@ from specthink.errors import (
     BackendTimeoutError,
     ConfigError,
     GenerationError,
+    InStreamError,
     OverloadedError,
     RequestValidationError,
     StreamDroppedError,
-    StreamErrorEvent,
     UnhealthyError,
 )
 
@@ -34,9 +34,9 @@ def test_retry_after_forms() -> None:
     (OverloadedError("busy"), True),
     (UnhealthyError("loading"), True),
     (BackendConnectionError("refused"), True),
-    (StreamErrorEvent("busy", error_type="overloaded"), True),
-    (StreamErrorEvent("busy", error_type="overloaded", tokens_received=1), False),
-    (StreamErrorEvent("bad", error_type="validation"), False),
+    (InStreamError("busy", error_type="overloaded"), True),
+    (InStreamError("busy", error_type="overloaded", tokens_received=1), False),
+    (InStreamError("bad", error_type="validation"), False),
     (RequestValidationError("bad"), False),
     (GenerationError("oom"), False),
     # a router (vllm-router, smg) that could not reach its replica: nothing was generated

@@ -18,9 +18,9 @@ from specthink.errors import (
     BackendConnectionError,
     ConfigError,
     ContextLimitError,
-    ContextLimitEvent,
+    InStreamContextLimitError,
+    InStreamError,
     RequestValidationError,
-    StreamErrorEvent,
     error_from_response,
 )
 from specthink.testing import EchoModel, LoopbackServer
@@ -239,9 +239,9 @@ async def test_a_prompt_over_the_servers_limit_is_a_context_limit_error(
     backend = make(server)
     with pytest.raises(ContextLimitError) as raised:
         await collect(backend, "a prompt of many more than three tokens")
-    # TGI reports it inside the 200 stream: it stays a StreamErrorEvent as before.
-    assert isinstance(raised.value, ContextLimitEvent)
-    assert isinstance(raised.value, StreamErrorEvent)
+    # TGI reports it inside the 200 stream: it stays a InStreamError as before.
+    assert isinstance(raised.value, InStreamContextLimitError)
+    assert isinstance(raised.value, InStreamError)
     assert raised.value.error_type == "validation"
     assert raised.value.tokens_received == 0
     assert "[in-stream validation]" in str(raised.value)
@@ -252,7 +252,7 @@ async def test_other_validation_errors_are_not_context_limits(make: Make,
     """Broken: every validation error triggers a refresh-and-retry."""
     server = loopback_server(EchoModel())
     backend = make(server)
-    with pytest.raises(StreamErrorEvent) as raised:
+    with pytest.raises(InStreamError) as raised:
         await collect(backend, "")
     assert not isinstance(raised.value, ContextLimitError)
 

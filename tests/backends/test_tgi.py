@@ -21,10 +21,10 @@ from specthink.errors import (
     ConfigError,
     GenerationError,
     IncompleteGenerationError,
+    InStreamError,
     OverloadedError,
     RequestValidationError,
     StreamDroppedError,
-    StreamErrorEvent,
     UnhealthyError,
 )
 
@@ -189,7 +189,7 @@ def error_event(message: str, error_type: str) -> bytes:
 async def test_error_event_before_any_token_raises_on_open() -> None:
     tgi = backend(Recorder(sse(error_event("Input validation error: `top_p` must be > 0.0",
                                            "validation"))))
-    with pytest.raises(StreamErrorEvent) as info:
+    with pytest.raises(InStreamError) as info:
         await collect(tgi)
     assert (info.value.error_type, info.value.tokens_received) == ("validation", 0)
     assert "top_p" in str(info.value)
@@ -199,7 +199,7 @@ async def test_error_event_after_tokens_raises_while_reading() -> None:
     tgi = backend(Recorder(sse(event("a"), event("b", index=2),
                                error_event("Request failed during generation", "generation"))))
     seen: list[str] = []
-    with pytest.raises(StreamErrorEvent) as info:
+    with pytest.raises(InStreamError) as info:
         async with tgi.stream("Q", max_new_tokens=9, sampling=GREEDY) as tokens:
             async for token in tokens:
                 seen.append(token.text)

@@ -266,6 +266,62 @@ def test_extension_commands_register_when_their_module_exists(
     assert result.stdout == "hello from an extension\n"
 
 
+def test_bench_hands_its_arguments_to_the_checkouts_benchmarks() -> None:
+    """`specthink bench` runs the top-level benchmarks package with its own options and help
+    (broken: the command vanished when the benchmark left the package, or the forwarding
+    command parses the options itself)."""
+    result = runner.invoke(app, ["bench", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "specthink bench" in result.stdout
+    assert "--ttft" in result.stdout and "--replicas" in result.stdout
+    serve = runner.invoke(app, ["bench-serve", "--help"])
+    assert serve.exit_code == 0 and "--quick" in serve.stdout
+
+
+@pytest.fixture
+def no_benchmarks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No ``benchmarks`` package importable: its modules forgotten and the checkout off the
+    path; whatever a test imports under that name is forgotten again afterwards."""
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.setattr(sys, "path", [p for p in sys.path
+                                      if p and Path(p).resolve() != root])
+    for name in [n for n in sys.modules if n.partition(".")[0] == "benchmarks"]:
+        monkeypatch.delitem(sys.modules, name)
+    try:
+        yield
+    finally:
+        for name in [n for n in sys.modules if n.partition(".")[0] == "benchmarks"]:
+            del sys.modules[name]
+
+
+def test_bench_without_a_checkout_says_to_run_it_from_one(
+        no_benchmarks: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Installed from the wheel (no benchmarks package anywhere), `specthink bench` says where
+    the benchmark lives instead of a traceback or "no such command"."""
+    monkeypatch.setattr("specthink.cli._checkout_roots", lambda: [tmp_path])
+    result = runner.invoke(app, ["bench", "--quick"])
+    assert result.exit_code == 2
+    assert "make bench" in result.stderr and "checkout" in result.stderr
+
+
+def test_bench_finds_the_benchmarks_beside_the_imported_package(
+        no_benchmarks: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A checkout run through the installed ``specthink`` script has no checkout on the path:
+    the command finds ``benchmarks/`` beside ``specthink/`` (broken: `specthink bench` works
+    only under `python -m` from the checkout's root)."""
+    (tmp_path / "specthink").mkdir()
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "__init__.py").write_text("")
+    (tmp_path / "benchmarks" / "cli.py").write_text(textwrap.dedent("""\
+        def bench(out: str = "docs/benchmarks") -> None:
+            print(f"benchmark of this checkout into {out}")
+    """))
+    monkeypatch.setattr("specthink.cli._checkout_roots", lambda: [tmp_path])
+    result = runner.invoke(app, ["bench", "--out", "elsewhere"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "benchmark of this checkout into elsewhere\n"
+
+
 def test_main_without_the_cli_extra_prints_the_install_hint() -> None:
     code = ("import sys; sys.modules['typer'] = None\n"
             "from specthink.cli import main\n"

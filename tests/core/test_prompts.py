@@ -663,16 +663,17 @@ async def test_a_failed_probe_never_fails_the_call_and_is_tried_again_a_few_time
     assert len(backend.calls) == 3 * 3 + 2  # three attempts with two probes each, then one
 
 
-async def test_conversations_during_the_first_ones_probes_render_on_the_server() -> None:
-    """A burst arriving cold: one conversation probes, the others render for themselves and
-    none waits for the probes (broken: a probe per conversation, or all waiting on one)."""
+async def test_conversations_during_the_first_ones_probes_wait_for_its_learning() -> None:
+    """A burst arriving cold: one conversation renders on the server beside the probes, the
+    others wait for that one learning and render client-side (issue 22: broken when each
+    renders on the server, or probes of its own)."""
     backend = RenderingServer(lambda m, t: CHATML.render_text(m, t))
     auto = AutoTemplate()
 
     prompts = await asyncio.gather(*(render_prompt(auto, HI, None, backend) for _ in range(8)))
 
     assert set(prompts) == {CHATML.render_text(HI)}
-    assert len(backend.calls) == 8 + 2
+    assert len(backend.calls) == 1 + 2
     assert auto.learnt(backend) is not None
 
 

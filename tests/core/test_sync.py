@@ -1,4 +1,4 @@
-"""The single sync edge (``specthink._sync``): a sync stream applies back-pressure."""
+"""The single sync edge (``specthink.sync``): a sync stream applies back-pressure."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from specthink import SpeculativeThinker
-from specthink._sync import STREAM_BUFFER, _LoopThread, run_sync
+from specthink.sync import STREAM_BUFFER, _LoopThread, run_sync
 from specthink.testing.inprocess import ScriptedBackend
 from specthink.testing.models import ScriptedModel
 

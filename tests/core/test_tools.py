@@ -7,6 +7,7 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
+from specthink.formats import THINK_HERMES
 from specthink.output import ReasoningSplitter, split_reasoning
 from specthink.prompts import CHATML, DEEPSEEK_R1
 from specthink.tools import ToolCall, parse_tool_calls
@@ -154,11 +155,13 @@ def test_flush_releases_what_was_held_back() -> None:
     assert splitter.flush() == [("reasoning", "</thi")]
 
 
-def test_for_prompt_reads_whether_the_template_opened_the_block() -> None:
+def test_the_format_reads_whether_the_template_opened_the_block() -> None:
     messages = [{"role": "user", "content": "What is 2 + 2?"}]
 
-    r1 = ReasoningSplitter.for_prompt(DEEPSEEK_R1.render_text(messages))
-    chatml = ReasoningSplitter.for_prompt(CHATML.render_text(messages))
+    r1 = ReasoningSplitter(
+        starts_in_reasoning=THINK_HERMES.opened_by(DEEPSEEK_R1.render_text(messages)))
+    chatml = ReasoningSplitter(
+        starts_in_reasoning=THINK_HERMES.opened_by(CHATML.render_text(messages)))
 
     assert r1.starts_in_reasoning
     assert not chatml.starts_in_reasoning

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from specthink.bench.traces import SmallTraceModel, TargetTraceModel
+from benchmarks.traces import SmallTraceModel, TargetTraceModel
 from specthink.testing import LatencyModel, LoopbackServer
 from specthink.testing.routers import Router, RouterKind, unavailable_reason
 

@@ -8,10 +8,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from benchmarks.traces import TraceSpec, conversation_of
 from specthink import SpeculativeThinker
 from specthink.backends import OpenAICompletionsBackend, TGIBackend
 from specthink.backends.base import Backend
-from specthink.bench.traces import TraceSpec, conversation_of
 from specthink.testing import LoopbackServer, RequestRecord
 from specthink.testing.routers import Router, RouterKind
 

@@ -17,8 +17,8 @@ from contextlib import aclosing
 
 import pytest
 
+from benchmarks.traces import make_trace, messages_for
 from specthink import SpeculativeThinker
-from specthink.bench.traces import make_trace, messages_for
 from specthink.errors import BackendStatusError
 from specthink.testing import LatencyModel
 from specthink.trace import FinishEvent, TextEvent

@@ -20,9 +20,9 @@ from specthink.errors import (
     BackendTimeoutError,
     ConfigError,
     GenerationError,
+    InStreamError,
     OverloadedError,
     PromptTooLongError,
-    StreamErrorEvent,
     TargetFallbackWarning,
     UnhealthyError,
 )
@@ -174,7 +174,7 @@ async def test_error_event_inside_a_stream_carries_tgi_error_type(
     small.inject(Fault.error_event(after_tokens=3, error_type="generation"))
     closing.append(thinker := thinker_for(small, target))
 
-    with pytest.raises(StreamErrorEvent) as caught:
+    with pytest.raises(InStreamError) as caught:
         await thinker.agenerate(QUESTION)
 
     assert caught.value.error_type == "generation"

@@ -59,6 +59,25 @@ async def test_a_conversation_asks_nothing_once_the_servers_template_is_learnt(
         await thinker.aclose()
 
 
+async def test_a_cold_burst_renders_once_per_server_and_learns_once(
+        pair: tuple[LoopbackServer, LoopbackServer]) -> None:
+    """64 calls at once on a freshly built thinker: one of them renders its conversation on
+    each server beside the two probes, the other 63 wait for that learning and render
+    client-side, and all of them answer alike (broken: a /chat_tokenize per call and role,
+    a cold burst's first text paying a render round trip each)."""
+    small, target = pair
+    thinker = SpeculativeThinker(small=TGIBackend(small.url), target=TGIBackend(target.url))
+    try:
+        results = await asyncio.gather(*(thinker.agenerate(QUESTION) for _ in range(64)))
+    finally:
+        await thinker.aclose()
+    assert len({result.text for result in results}) == 1
+    assert all(result.stats.takeovers for result in results)  # the target rendered too
+    for server in (small, target):
+        assert len(server.calls_to("/chat_tokenize")) == 1 + 2
+    assert len(small.calls_to(GENERATION)) >= 64
+
+
 async def test_a_template_rendered_on_the_server_costs_one_request_per_conversation(
         pair: tuple[LoopbackServer, LoopbackServer]) -> None:
     """With learning off (as for a server template no built-in reproduces), a later call asks

@@ -19,7 +19,7 @@ DOCUMENTED = {
     "specthink_serve_tokens", "specthink_serve_prompt_tokens", "specthink_serve_takeovers",
     "specthink_serve_target_share", "specthink_serve_upstream_requests",
     "specthink_serve_upstream_retries", "specthink_serve_upstream_errors",
-    "specthink_serve_fallbacks",
+    "specthink_serve_fallbacks", "specthink_serve_responses_requests",
 }
 
 

@@ -159,6 +159,11 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def scrape_requests(client: httpx.Client, url: str) -> float:
+    values = samples(client.get(f"{url}/metrics", headers={"Connection": "close"}).text)
+    return values.get(("specthink_serve_requests_total", (("status", "200"),)), 0.0)
+
+
 @pytest.mark.timeout(180)
 def test_two_workers_serve_and_metrics_sum_over_both(pair_for_process: Pair) -> None:
     """--workers 2: both worker processes answer, and /metrics (from whichever worker) counts
@@ -174,6 +179,12 @@ def test_two_workers_serve_and_metrics_sum_over_both(pair_for_process: Pair) -> 
                                        headers={"Connection": "close"})
                 statuses.append(response.status_code)
             assert statuses == [200] * 12
+            # A request is counted once its response is over, just after its last byte left:
+            # wait (bounded) until the worker that served the twelfth has counted it.
+            for _ in range(100):
+                if scrape_requests(client, served.url) == 12:
+                    break
+                time.sleep(0.05)
             scraped = [samples(client.get(f"{served.url}/metrics",
                                           headers={"Connection": "close"}).text)
                        for _ in range(4)]

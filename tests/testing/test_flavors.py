@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from specthink.backends import OpenAICompletionsBackend
-from specthink.errors import StreamErrorEvent
+from specthink.errors import InStreamError
 from specthink.testing import Fault, LoopbackServer, ScriptedModel
 from specthink.testing._templates import (
     CHAT_TEMPLATES,
@@ -398,7 +398,7 @@ async def test_an_injected_error_event_has_vllms_shape(loopback_server: Start) -
     still sees the error type (so overload is retried)."""
     server = serve(loopback_server, "vllm")
     server.inject(Fault.error_event(after_tokens=1, error_type="generation"))
-    with pytest.raises(StreamErrorEvent) as info:
+    with pytest.raises(InStreamError) as info:
         await stream_tokens(OpenAICompletionsBackend(server.url), "<｜User｜>Hi<｜Assistant｜>",
                             max_new_tokens=16)
     assert info.value.error_type == "generation"

@@ -14,9 +14,9 @@ import pytest
 from specthink.backends import SamplingParams, StreamToken, TGIBackend
 from specthink.errors import (
     BackendTimeoutError,
+    InStreamError,
     OverloadedError,
     StreamDroppedError,
-    StreamErrorEvent,
     UnhealthyError,
 )
 from specthink.testing import (
@@ -325,7 +325,7 @@ async def test_faults_apply_in_fifo_order_to_matching_paths(
 
 async def test_error_event_after_tokens(tgi: Make, server: LoopbackServer) -> None:
     server.inject(Fault.error_event(after_tokens=2, error_type="generation"))
-    with pytest.raises(StreamErrorEvent) as info:
+    with pytest.raises(InStreamError) as info:
         await collect(tgi(server))
     assert (info.value.error_type, info.value.tokens_received) == ("generation", 2)
     record = await wait_until_finished(server)
@@ -430,12 +430,12 @@ async def test_generate_stream_reports_validation_inside_the_stream(
 
 async def test_prompt_longer_than_max_input_tokens(tgi: Make, loopback_server: Start) -> None:
     server = loopback_server(EchoModel(), max_input_tokens=5, max_total_tokens=100)
-    with pytest.raises(StreamErrorEvent, match="`inputs` must have less than 5 tokens"):
+    with pytest.raises(InStreamError, match="`inputs` must have less than 5 tokens"):
         await collect(tgi(server), max_new_tokens=10)
 
 
 async def test_empty_inputs_are_rejected(tgi: Make, server: LoopbackServer) -> None:
-    with pytest.raises(StreamErrorEvent, match="`inputs` cannot be empty"):
+    with pytest.raises(InStreamError, match="`inputs` cannot be empty"):
         await collect(tgi(server), "")
 
 
@@ -516,7 +516,7 @@ async def test_requests_beyond_max_concurrent_are_overloaded(tgi: Make,
     holder = tgi(server)
     async with holder.stream(PROMPT, max_new_tokens=50, sampling=GREEDY) as tokens:
         await tokens.__anext__()
-        with pytest.raises(StreamErrorEvent) as info:
+        with pytest.raises(InStreamError) as info:
             await collect(tgi(server, max_retries=0))
         assert info.value.error_type == "overloaded"
         async with httpx.AsyncClient() as client:

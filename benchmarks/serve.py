@@ -1,0 +1,219 @@
+"""The benchmark "through ``specthink serve``": the same traces and latency model as the
+in-process engine, answered by an OpenAI client streaming from a ``specthink serve`` process
+that runs the engine (``python -m benchmarks.serve`` or ``specthink bench-serve``).
+
+Per level (1, 16, 256 conversations at once): wall/ideal of the in-process engine, of the
+server with one worker and with ``--workers 2``, and the time to first token each adds over the
+in-process engine (p50/p99, per conversation, same trace and latencies). The server runs in a
+process of its own (started by the policy, in the client's cell process), so the client's CPU
+figures stay the client's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import orjson
+import typer
+from rich.console import Console
+
+from benchmarks.metrics import cell_metrics
+from benchmarks.runner import BenchConfig, Level, measure_capacity
+from benchmarks.serve_policy import ServePolicy
+from benchmarks.servers import ServerPair
+from benchmarks.traces import TraceSpec
+from benchmarks.worker import WARMUP_CONVERSATION, CellSpec, run_cell_in_child
+from specthink.output import split_reasoning
+
+__all__ = ["ServeBenchResult", "ServePolicy", "ServeRow", "bench_serve", "register",
+           "run_serve_bench", "write_report"]
+
+@dataclass(slots=True)
+class ServeRow:
+    """One cell: a way of answering at one concurrency."""
+
+    how: str
+    conversations: int
+    wall_over_ideal: float
+    """Mean over conversations of wall time / the latency model's time."""
+    ttft_p50: float | None
+    ttft_p99: float | None
+    added_ttft_p50: float | None = None
+    """Per conversation: this cell's time to first text minus the in-process engine's."""
+    added_ttft_p99: float | None = None
+    same_text: bool | None = None
+    """Every conversation's reasoning and answer equal the in-process engine's."""
+    errors: int = 0
+
+
+@dataclass(slots=True)
+class ServeBenchResult:
+    started: str
+    levels: tuple[Level, ...]
+    rows: list[ServeRow] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    event_budget: float = 0.0
+    loadavg: str = ""
+    """The machine's load average (1, 5, 15 min) before and after the run."""
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+CELLS = (("in-process engine", "engine", "default"),
+         ("specthink serve, 1 worker", "serve", "default"),
+         ("specthink serve, --workers 2", "serve", "workers-2"))
+
+
+def run_serve_bench(config: BenchConfig | None = None, progress: object = print,
+                    ) -> ServeBenchResult:
+    """Every cell of :data:`CELLS` at every level of ``config``."""
+    config = config or BenchConfig()
+    say = progress if callable(progress) else (lambda message: None)
+    started = time.monotonic()
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    result = ServeBenchResult(
+        started=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        levels=config.levels)
+    with ServerPair(TraceSpec(config.seed, config.levels[0].paragraphs)) as servers:
+        budget = config.event_budget
+        if budget is None:
+            say("calibrating the event budget")
+            budget = measure_capacity(servers, config.seed) * 0.5
+        result.event_budget = budget
+        for level in config.levels:
+            trace = TraceSpec(config.seed, level.paragraphs, rule2=level.rule2)
+            scale = config.scale_for("engine", level.conversations, budget)
+            latencies = {"small": config.small.latency(scale),
+                         "target": config.target.latency(scale)}
+            numbers = tuple(range(1, level.conversations + 1))
+            firsts: dict[int, float] = {}
+            texts: dict[int, str] = {}
+            for how, policy, layout in CELLS:
+                say(f"{level.conversations} conversations: {how}")
+                servers.prepare(trace, latencies["small"], latencies["target"],
+                                (WARMUP_CONVERSATION, *numbers))
+                out = run_cell_in_child(CellSpec(policy, numbers, servers.small.url,
+                                                 servers.target.url, trace, layout=layout))
+                result.errors.extend(out.errors)
+                metrics = cell_metrics(policy=policy, layout=layout, scale=scale,
+                                       outcomes=out.outcomes, records=servers.records(),
+                                       latencies=latencies, errors=len(out.errors),
+                                       cpu_seconds=out.cpu_seconds,
+                                       rss_peak_kb=out.rss_peak_kb,
+                                       rss_growth_kb=out.rss_growth_kb)
+                ttft = {o.conversation: o.first_text - o.started for o in out.outcomes
+                        if o.first_text is not None}
+                row = ServeRow(how, level.conversations, metrics.mean_conversation_ratio,
+                               _percentile(list(ttft.values()), 50),
+                               _percentile(list(ttft.values()), 99), errors=len(out.errors))
+                if policy == "engine":
+                    firsts = ttft
+                    # The DeepSeek-R1 template opens the reasoning in the prompt.
+                    texts = {o.conversation: "\x00".join(
+                        split_reasoning(o.text, starts_in_reasoning=True))
+                        for o in out.outcomes}
+                else:
+                    row.same_text = bool(texts) and all(
+                        texts.get(o.conversation) == o.text for o in out.outcomes)
+                    added = [ttft[c] - firsts[c] for c in ttft if c in firsts]
+                    row.added_ttft_p50 = _percentile(added, 50)
+                    row.added_ttft_p99 = _percentile(added, 99)
+                result.rows.append(row)
+    result.seconds = time.monotonic() - started
+    result.loadavg = (f"{load_before} before, "
+                      + " ".join(f"{x:.2f}" for x in os.getloadavg()) + " after")
+    return result
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value * 1000:.2f} ms"
+
+
+def _same(value: bool | None) -> str:
+    return "—" if value is None else ("yes" if value else "NO")
+
+
+def write_report(result: ServeBenchResult, out: Path) -> Path:
+    """``serve.md`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# Benchmark: through `specthink serve`",
+        "",
+        f"Run {result.started}, {result.seconds:.0f} s, on {os.cpu_count()} CPUs "
+        f"(Python {sys.version.split()[0]}; load average {result.loadavg}). Same loopback TGI "
+        "servers, traces and latency model as `specthink bench` (docs/benchmarks/results.md); "
+        "the client streams from a `specthink serve` process (OpenAI protocol, "
+        "`include_usage`) instead of running the engine itself. Written by "
+        "`specthink bench-serve`.",
+        "",
+        "Wall/ideal: a conversation's wall time over the time the latency model needs for "
+        "its requests (mean over conversations). Added time to first token: per conversation, "
+        "the time to its first text through the server minus the in-process engine's, same "
+        "trace and latencies (p50/p99 over conversations). Same text: every conversation's "
+        "reasoning and answer, as the client received them, equal the in-process engine's. "
+        "The server's own CPU is on the same 2 cores as the client and the model servers.",
+        "",
+        "| conversations | how | wall/ideal | TTFT p50 | TTFT p99 | added TTFT p50 | "
+        "added TTFT p99 | same text | errors |",
+        "|---:|---|---:|---:|---:|---:|---:|:---:|---:|",
+    ]
+    for row in result.rows:
+        lines.append(f"| {row.conversations} | {row.how} | {row.wall_over_ideal:.4f} | "
+                     f"{_ms(row.ttft_p50)} | {_ms(row.ttft_p99)} | {_ms(row.added_ttft_p50)} | "
+                     f"{_ms(row.added_ttft_p99)} | {_same(row.same_text)} | {row.errors} |")
+    lines += ["", "Targets (issue 15): ≤ 1 ms p50 added, wall/ideal ≤ 1.03 at 1 and ≤ 1.08 at "
+              "256 conversations.", ""]
+    if result.errors:
+        lines += ["## Errors", "", "```", *result.errors[:5], "```", ""]
+    path = out / "serve.md"
+    path.write_text("\n".join(lines))
+    (out / "serve.json").write_bytes(orjson.dumps(dataclasses.asdict(result),
+                                                  option=orjson.OPT_INDENT_2))
+    return path
+
+
+def bench_serve(
+    out: Annotated[Path, typer.Option(help="Directory for serve.md and serve.json.")]
+    = Path("docs/benchmarks"),
+    quick: Annotated[bool, typer.Option(help="Tiny traces, near-zero latencies.")] = False,
+) -> None:
+    """The engine in-process against the same conversations through specthink serve.
+
+    One worker and two: wall/ideal and the time to first token the server adds."""
+    config = BenchConfig.quick() if quick else BenchConfig()
+    err = Console(stderr=True, highlight=False)
+    print(write_report(run_serve_bench(config, progress=err.print), out))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``bench-serve`` command to the ``specthink`` application."""
+    app.command("bench-serve")(bench_serve)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.serve [OUT] [--quick]``."""
+    args = sys.argv[1:] if argv is None else argv
+    quick = "--quick" in args
+    paths = [a for a in args if not a.startswith("--")]
+    config = BenchConfig.quick() if quick else BenchConfig()
+    result = run_serve_bench(config, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print(write_report(result, Path(paths[0] if paths else "docs/benchmarks")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""How a model's output is marked up: the one place that knows it.
+
+An :class:`OutputFormat` is data, in the shape of a response template's ``fields`` (see
+DESIGN.md, "Model formats"): for the reasoning and for a tool call, the text that opens and the
+text that closes it, and how a call's body is written. The engine reads it (does the prompt open
+the reasoning? which accepted tokens are reasoning?), the takeover policy reads where the
+reasoning ends (``scope="thinking"``), and :class:`~specthink.output.OutputSplitter` reads all of
+it to split accepted text into reasoning, answer and tool calls. It travels with every stream on
+the :class:`~specthink.trace.StartEvent` and on the ``Result``.
+
+:data:`THINK_HERMES` (the default) is DeepSeek-R1 / QwQ / Qwen3: ``<think>`` ... ``</think>``,
+and Hermes calls ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``. Other families'
+formats (gpt-oss harmony, Gemma 4, Mistral ``[THINK]``, Qwen3.5 XML calls) are further
+instances, built from their response templates in modules beside this one.
+
+:func:`held_back` is the one hold-back rule of the library: the end of a text that may still
+become a marker (or a stop sequence) is not shown until the next piece decides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["THINK_HERMES", "CallContent", "OutputFormat", "Span", "held_back"]
+
+CallContent = Literal["json"]
+"""How a tool call's body is written: ``json`` is ``{"name": ..., "arguments": {...}}``
+(Hermes). The names follow the response templates' ``content`` (``json``, ``xml-inline``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """One field of the output: the text that opens it and the text that closes it."""
+
+    open: str
+    close: str
+
+    def __post_init__(self) -> None:
+        if not self.open or not self.close:
+            raise ValueError(f"a span needs an opening and a closing text, got {self!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class OutputFormat:
+    """How reasoning and tool calls are marked in a model's output."""
+
+    name: str
+    reasoning: Span
+    """Where the reasoning opens and closes. A prompt that ends with ``reasoning.open`` (the
+    generation prompts of DeepSeek-R1 and Qwen3 templates) starts the output inside it."""
+    tool_call: Span
+    """Where one tool call opens and closes."""
+    tool_call_content: CallContent = "json"
+
+    def opened_by(self, prompt: str) -> bool:
+        """Whether ``prompt`` opens the reasoning, so the output begins inside it."""
+        return prompt.rstrip().endswith(self.reasoning.open)
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        """Every marker text of the format."""
+        return (self.reasoning.open, self.reasoning.close, self.tool_call.open,
+                self.tool_call.close)
+
+    def with_reasoning_end(self, end: str | None) -> OutputFormat:
+        """This format with the reasoning closed by ``end`` (``None``: as it is); the rules'
+        ``thinking_end`` overrides it this way."""
+        if end is None or end == self.reasoning.close:
+            return self
+        return dataclasses.replace(self, reasoning=Span(self.reasoning.open, end))
+
+
+THINK_HERMES = OutputFormat(name="think-hermes", reasoning=Span("<think>", "</think>"),
+                            tool_call=Span("<tool_call>", "</tool_call>"))
+"""The default format: ``<think>`` reasoning and Hermes/Qwen ``<tool_call>`` JSON calls."""
+
+
+def held_back(text: str, markers: Iterable[str]) -> int:
+    """How many characters at the end of ``text`` may still be the beginning of one of
+    ``markers`` (a tag, a stop sequence): the longest end of ``text`` that is a proper beginning
+    of a marker, or 0."""
+    longest = 0
+    for marker in markers:
+        for size in range(min(len(text), len(marker) - 1), longest, -1):
+            if text.endswith(marker[:size]):
+                longest = size
+                break
+    return longest

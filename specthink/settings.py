@@ -1,0 +1,185 @@
+"""The pair's settings, declared once: which two servers, how to reach them, and how the engine
+drives them. ``PairSettings(...).build()`` is the engine.
+
+Every surface takes these fields from here: ``specthink_lc.ChatSpeculativeThinking`` and
+``specthink_li.SpeculativeThinkingLLM`` inherit them (so their constructors take
+``small_url=...``, ``target_url=...`` as before), ``specthink serve``'s ``ServeSettings``
+extends them, and ``specthink ask`` builds one from its options. Missing values come from the
+environment (``SPECTHINK_SMALL_URL``, ``SPECTHINK_TARGET_URL``, ``SPECTHINK_BACKEND``,
+``SPECTHINK_SMALL_MODEL``, ``SPECTHINK_TARGET_MODEL``, ``SPECTHINK_RULES``,
+``SPECTHINK_API_KEY``). A bad value whose check is the core's (an unknown backend kind or rules
+preset, a missing URL) is a :class:`~specthink.errors.ConfigError` naming the choices, raised
+when the settings are built, before any request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
+
+from pydantic import BaseModel, Field, PlainSerializer, PlainValidator, SecretStr, ValidationError
+from pydantic_core import InitErrorDetails
+
+from . import _constants
+from ._constants import API_KEY_ENV
+from .backends import BackendKind, create, takes_option
+from .errors import ConfigError
+from .rules import TakeoverRules, known_preset
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+    from .engine import SpeculativeThinker
+
+__all__ = ["API_KEY_ENV", "PairSettings", "RulesSetting", "SettingsError", "TargetErrorPolicy"]
+
+TargetErrorPolicy = Literal["fallback", "raise"]
+
+
+def _rules_value(value: Any) -> TakeoverRules | str:
+    if isinstance(value, TakeoverRules):
+        return value
+    if isinstance(value, dict):  # TakeoverRules as JSON (settings handed to worker processes)
+        return TakeoverRules.model_validate(value)
+    return known_preset(value)
+
+
+def _rules_json(value: TakeoverRules | str) -> Any:
+    return value if isinstance(value, str) else value.model_dump(mode="json")
+
+
+RulesSetting = Annotated[TakeoverRules | str, PlainValidator(_rules_value),
+                         PlainSerializer(_rules_json)]
+"""A ``rules`` setting: ``TakeoverRules``, or a preset name checked against ``PRESETS`` (as
+``BackendKind`` checks a protocol), so an unknown one is a ``ConfigError`` naming the presets."""
+
+
+def _required_env(variable: str, field: str) -> Callable[[], str]:
+    def read() -> str:
+        value = os.environ.get(variable)
+        if not value:
+            raise ConfigError(f"no {field}: pass {field}= (or ${variable})", field=field)
+        return value
+
+    return read
+
+
+def _env(variable: str, default: str | None = None) -> Callable[[], Any]:
+    return lambda: os.environ.get(variable) or default
+
+
+def _env_secret() -> SecretStr | None:
+    value = os.environ.get(_constants.API_KEY_ENV)
+    return SecretStr(value) if value else None
+
+
+class PairSettings(BaseModel):
+    """The two servers and how the engine drives them (the one declaration of these fields).
+
+    >>> settings = PairSettings(small_url="http://gpu0:8080", target_url="http://gpu1:8080")
+    >>> thinker = settings.build()
+    """
+
+    small_url: str = Field(default_factory=_required_env(_constants.SMALL_URL_ENV, "small_url"),
+                           min_length=1)
+    """The small (speculative) model's server; default ``$SPECTHINK_SMALL_URL``."""
+    target_url: str = Field(
+        default_factory=_required_env(_constants.TARGET_URL_ENV, "target_url"), min_length=1)
+    """The target model's server; default ``$SPECTHINK_TARGET_URL``."""
+    backend: BackendKind = Field(default_factory=_env(_constants.BACKEND_ENV, "tgi"),
+                                 validate_default=True)
+    """Wire protocol of both servers, one of ``specthink.backends.kinds()``: TGI's
+    ``/generate_stream``, OpenAI ``/v1/completions`` (``openai``), Ollama's ``/api/generate``;
+    default ``$SPECTHINK_BACKEND``, else ``tgi``."""
+    small_model: str | None = Field(default_factory=_env(_constants.SMALL_MODEL_ENV))
+    """Model name sent to an ``openai`` or ``ollama`` small server (default: the one it serves);
+    default ``$SPECTHINK_SMALL_MODEL``."""
+    target_model: str | None = Field(default_factory=_env(_constants.TARGET_MODEL_ENV))
+    """Model name sent to an ``openai`` or ``ollama`` target server."""
+    rules: RulesSetting = Field(default_factory=_env(_constants.RULES_ENV, "paper"),
+                                validate_default=True)
+    """Takeover rules: a preset name (``paper``, ``paper_instruct``, ...) or ``TakeoverRules``;
+    default ``$SPECTHINK_RULES``, else ``paper``."""
+    small_template: str = "auto"
+    """Chat template of the small model: ``auto`` (the server's own where it renders one),
+    ``server``, ``chatml``, ``deepseek-r1``, ``llama3``, ``mistral``, a Jinja template source or
+    the path of a ``tokenizer_config.json``."""
+    target_template: str = "auto"
+    """Chat template of the target model, as ``small_template``."""
+    on_target_error: TargetErrorPolicy = "fallback"
+    """If the target fails: ``fallback`` lets the small model finish alone, ``raise`` raises."""
+    api_key: SecretStr | None = Field(default_factory=_env_secret, exclude=True, repr=False)
+    """Bearer token for both servers; default ``$SPECTHINK_API_KEY``. Never shown, never
+    serialised (LlamaIndex's callbacks log ``to_dict()``)."""
+    timeout: float | None = Field(default=None, gt=0)
+    """Read timeout: seconds a server may stay silent between two bytes; a long, healthy
+    stream is never cut. Default 120 s (5 s to connect)."""
+    max_retries: int = Field(default=_constants.DEFAULT_MAX_RETRIES, ge=0)
+    """Retries of a request that failed before its first token (429, 503, refused)."""
+    routing_headers: tuple[str, ...] | None = None
+    """Headers that carry the call's routing key (default ``X-Session-ID``)."""
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise _config_error(exc) or exc from None
+
+    def backend_options(self) -> dict[str, Any]:
+        """The options both backends are built with (``specthink.backends.create``)."""
+        options: dict[str, Any] = {"api_key": self.api_key, "max_retries": self.max_retries}
+        if self.timeout is not None:
+            options["read_timeout"] = self.timeout
+        if self.routing_headers is not None:
+            options["routing_headers"] = self.routing_headers
+        return options
+
+    def build_backends(self) -> tuple[Backend, Backend]:
+        """Both servers' backends, from the core's one factory."""
+        options = self.backend_options()
+        # A model name (which $SPECTHINK_<ROLE>_MODEL may set whatever the protocol) goes only
+        # to a kind that takes one, as the commands do.
+        named = takes_option(self.backend, "model")
+        return (create(self.backend, self.small_url,
+                       **options, **({"model": self.small_model} if named else {})),
+                create(self.backend, self.target_url,
+                       **options, **({"model": self.target_model} if named else {})))
+
+    def build(self, *, backends: tuple[Backend, Backend] | None = None) -> SpeculativeThinker:
+        """The engine over ``backends`` (default: the ones these settings describe)."""
+        from .engine import SpeculativeThinker
+
+        small, target = backends if backends is not None else self.build_backends()
+        return SpeculativeThinker(small=small, target=target, rules=self.rules,
+                                  small_template=self.small_template,
+                                  target_template=self.target_template,
+                                  on_target_error=self.on_target_error)
+
+    def pair_key(self) -> tuple[Any, ...]:
+        """These settings' values: an engine built from them serves while the key is the same
+        (a copy made with ``model_copy(update=...)`` shares private state)."""
+        return tuple(repr(getattr(self, name)) if name == "rules" else getattr(self, name)
+                     for name in PairSettings.model_fields)
+
+
+class SettingsError(ValidationError, ConfigError):
+    """Settings the core refused (an unknown rules preset or backend kind, a missing URL): a
+    ``ConfigError`` naming the choices and its ``field``, and also the pydantic
+    ``ValidationError`` that code validating a model (LangChain's, LlamaIndex's) expects."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Built by ``from_exception_data`` (pydantic's constructor); ``field`` is set after.
+        self.field: str | None = None
+
+
+def _config_error(exc: ValidationError) -> ConfigError | None:
+    """The error to raise for a pydantic error whose cause is the core's own ``ConfigError``,
+    with the field it was found in; ``None`` for other errors (raised as they are)."""
+    for error in exc.errors():
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, ConfigError):
+            refused = SettingsError.from_exception_data(
+                exc.title, cast("list[InitErrorDetails]", exc.errors()))
+            refused.field = cause.field or ".".join(str(part) for part in error["loc"]) or None
+            return refused
+    return None
