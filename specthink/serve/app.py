@@ -69,7 +69,8 @@ INSTRUCT_HINT = (
     "the small model's chat template opens no reasoning (%s), and the rules (mode 'reasoning', "
     "as the default 'paper') hand over only inside one: if the small model does not reason "
     "(an instruct model), no takeover will happen; serve it with --rules paper_instruct "
-    "(SPECTHINK_RULES=paper_instruct), where the target writes the opening. A model that writes %s itself (Qwen3) needs nothing.")
+    "(SPECTHINK_RULES=paper_instruct), where the target writes the opening. A model that "
+    "writes %s itself (Qwen3) needs nothing.")
 
 
 async def _suggest_instruct_rules(thinker: SpeculativeThinker) -> None:
