@@ -377,12 +377,9 @@ class SpeculativeThinker:
         required, name = prompts.required_call(request.tool_choice, request.tools)
         if not required:
             return
-        calls = run.policy.output_format.tool_call
-        if run.policy.output_format.tool_call_content != "json":
-            raise ConfigError(f"tool_choice={request.tool_choice!r} cannot be honoured with "
-                              f"{calls.open}...{calls.close} calls that are not JSON",
-                              field="tool_choice")
-        run.call_opener = call_opener(name, calls.open)
+        # Every output format's calls are JSON (``CallContent``); one that is not would need
+        # its own opener here, or a refusal naming tool_choice.
+        run.call_opener = call_opener(name, run.policy.output_format.tool_call.open)
         roles: tuple[Role, Role] = ("small", "target")
         tools = request.tools or []
         grammars = await asyncio.gather(*(self.backends[role].call_grammar(tools, name)
