@@ -861,6 +861,7 @@ class SpeculativeThinker:
                 stats.retries[role] += 1
 
         prompt = run.prompts[role] + run.text
+        run.reopen = False  # a stream opened now starts from the text as it is
         if role == "small":
             run.reports_prompt_tokens = not run.length and not run.stats.input_tokens
         sampling = run.sampling
