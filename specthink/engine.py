@@ -270,7 +270,7 @@ class SpeculativeThinker:
         start: StartEvent | None = StartEvent(
             starts_in_reasoning=run.starts_in_reasoning, output_format=output_format,
             routing_key=run.routing_key, tool_names=checked.tool_names,
-            max_tool_calls=checked.max_tool_calls)
+            max_tool_calls=checked.max_tool_calls, tool_schemas=_counted_tools(checked))
         for early in tuple(run.events):  # a target found down before the first request
             if start is not None:
                 yield start
@@ -292,7 +292,8 @@ class SpeculativeThinker:
         result = Result(text=run.text, events=tuple(run.events), stats=run.stats,
                         starts_in_reasoning=run.starts_in_reasoning,
                         output_format=output_format, models=models,
-                        tool_names=checked.tool_names, max_tool_calls=checked.max_tool_calls)
+                        tool_names=checked.tool_names, max_tool_calls=checked.max_tool_calls,
+                        tool_schemas=_counted_tools(checked))
         yield FinishEvent(result)
 
     def request(self, request: ChatRequest | Sequence[dict[str, Any]],
@@ -321,6 +322,8 @@ class SpeculativeThinker:
 
     async def _prepare(self, request: ChatRequest) -> _Run:
         sampling = request.sampling
+        if self.output_format.template is not None and not sampling.keep_special_tokens:
+            sampling = dataclasses.replace(sampling, keep_special_tokens=True)
         if request.grammar is not None and self.small.supports_grammar \
                 and self.target.supports_grammar:
             sampling = dataclasses.replace(sampling, grammar=request.grammar)
@@ -375,10 +378,10 @@ class SpeculativeThinker:
         from . import prompts
 
         required, name = prompts.required_call(request.tool_choice, request.tools)
-        if not required:
+        if not required or run.policy.output_format.template is not None:
+            # A response template's calls have its own syntax (harmony, Gemma, XML): only the
+            # span formats' Hermes JSON calls are opened here.
             return
-        # Every output format's calls are JSON (``CallContent``); one that is not would need
-        # its own opener here, or a refusal naming tool_choice.
         run.call_opener = call_opener(name, run.policy.output_format.tool_call.open)
         roles: tuple[Role, Role] = ("small", "target")
         tools = request.tools or []
@@ -542,9 +545,7 @@ class SpeculativeThinker:
         while not run.done:
             got_tokens = 0
             finish_reason: str | None = None
-            room = self._room(run, "small", run.budget_left)
-            if room <= 0:
-                run.finish("length")
+            if (room := self._room_or_finish(run, "small", run.budget_left)) <= 0:
                 break
             try:
                 async with self._open("small", run, room) as tokens:
@@ -570,11 +571,8 @@ class SpeculativeThinker:
                             # The first token is handled (a probe may be open now): the
                             # target gets ready while the small model writes on.
                             self._start_target_preparation(run)
-            except StreamDroppedError:
-                resumes += 1
-                if resumes > self.max_stream_resumes:
-                    raise
-                run.stats.resumed_streams["small"] += 1
+            except StreamDroppedError as exc:
+                resumes = self._resumed(run, "small", exc, resumes)
                 policy.small_dropped()
                 continue
             except ContextLimitError:
@@ -596,13 +594,36 @@ class SpeculativeThinker:
                 continue
             if run.done or policy.handover is not None:
                 return
-            if finish_reason in ("eos", "stop") or got_tokens == 0:
-                run.finish("stop")
-            elif run.budget_left <= 0:
-                run.finish("length")
-            elif finish_reason not in ("length", None):
-                run.finish("stop")
-            # else: the server stopped at its own limit before ours; ask again from here
+            self._stream_ended(run, finish_reason, got_tokens)
+
+    # ---- what both models' writes share: room, resumes, the end of a stream ---------------
+
+    def _room_or_finish(self, run: _Run, role: Role, wanted: int) -> int:
+        """The tokens the next ``role`` request may ask for; none left ends the call
+        (``length``)."""
+        room = self._room(run, role, wanted)
+        if room <= 0:
+            run.finish("length")
+        return room
+
+    def _resumed(self, run: _Run, role: Role, dropped: StreamDroppedError, resumes: int) -> int:
+        """A stream broke after its first token: resume from the accepted text, unless it broke
+        ``max_stream_resumes`` times already in this part (then raise it)."""
+        if resumes + 1 > self.max_stream_resumes:
+            raise dropped
+        run.stats.resumed_streams[role] += 1
+        return resumes + 1
+
+    @staticmethod
+    def _stream_ended(run: _Run, finish_reason: str | None, received: int) -> None:
+        """A stream ended by itself: the model's end (or nothing written) ends the call, and so
+        does the budget; the server's own length limit before ours means ask again."""
+        if finish_reason in ("eos", "stop") or received == 0:
+            run.finish("stop")
+        elif run.budget_left <= 0:
+            run.finish("length")
+        elif finish_reason not in ("length", None):
+            run.finish("stop")
 
     def _release(self, run: _Run, action: SmallAction) -> list[TextEvent]:
         """Accept the held text the policy released, up to its next decision (a handover is then
@@ -626,18 +647,16 @@ class SpeculativeThinker:
         resumes = 0
         try:
             while not run.done and policy.handover is handover and run.budget_left > 0:
-                eos = False
+                finish_reason: str | None = None
                 received = 0
-                room = self._room(run, "target", min(policy.target_left, run.budget_left))
-                if room <= 0:
-                    run.finish("length")
+                wanted = min(policy.target_left, run.budget_left)
+                if (room := self._room_or_finish(run, "target", wanted)) <= 0:
                     return
                 async with self._open("target", run, room) as tokens:
                     try:
                         async for token in tokens:
                             received += 1
-                            if token.finish_reason in ("eos", "stop"):
-                                eos = True
+                            finish_reason = token.finish_reason
                             if token.special:
                                 continue
                             for event in self._accept(run, "target", token.text, rule, 1):
@@ -654,22 +673,15 @@ class SpeculativeThinker:
                             if isinstance(action, Extend):
                                 rule = action.rule
                                 yield self._note_takeover(run, rule, 0)
-                    except StreamDroppedError:
-                        resumes += 1
-                        if resumes > self.max_stream_resumes:
-                            raise
-                        run.stats.resumed_streams["target"] += 1
+                    except StreamDroppedError as exc:
+                        resumes = self._resumed(run, "target", exc, resumes)
                         continue
                 if run.reopen:
                     run.reopen = False
                     continue
-                if eos or received == 0:
-                    run.finish("stop")
-                elif run.budget_left <= 0:
-                    run.finish("length")
-        except ContextLimitError as exc:
+                self._stream_ended(run, finish_reason, received)
+        except ContextLimitError:
             if not _context_filled(run):
-                exc.role = "target"
                 raise  # the prompt alone does not fit, as a PromptTooLongError at the start
             run.finish("length")
         except BackendError as exc:
@@ -1008,3 +1020,10 @@ class _TimedStream:
             self._waits[self._role] += time.perf_counter() - started
         self._started = True
         return token
+
+
+def _counted_tools(request: ChatRequest) -> tuple[dict[str, Any], ...]:
+    """The offered tools whose calls count, as OpenAI objects."""
+    names = set(request.tool_names or ())
+    return tuple(t for t in request.tools or ()
+                 if isinstance(t.get("function"), dict) and t["function"].get("name") in names)

@@ -20,9 +20,10 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from .formats import THINK_HERMES, OutputFormat, Span, held_back
+from .formats.splitting import TemplateSplit, TemplateSplitter
 from .tools import ToolCall, parse_tool_calls
 from .trace import Event, Result, StartEvent, TextEvent
 
@@ -233,10 +234,19 @@ def split_result(result: Result, *, tools: Iterable[str] | FromStream | None = F
     ``tools`` and ``max_tool_calls`` default to the request's (``Result.tool_names``,
     ``Result.max_tool_calls``); pass them to read the text otherwise.
     """
+    schemas: list[dict[str, Any]] = []
     if tools is FROM_STREAM:
-        tools = result.tool_names
+        tools, schemas = result.tool_names, list(result.tool_schemas)
     if max_tool_calls is FROM_STREAM:
         max_tool_calls = result.max_tool_calls
+    if result.output_format.template is not None:
+        splitter = TemplateSplitter(result.output_format.template, tools=schemas or tools or (),
+                                    max_tool_calls=max_tool_calls,
+                                    starts_in_reasoning=result.starts_in_reasoning)
+        splitter.feed(result.text)
+        whole = _from_template(splitter.finish())
+        return FinalOutput(deltas=[], rest="", reasoning=whole.reasoning, answer=whole.answer,
+                           tool_calls=whole.tool_calls)
     reasoning, answer = split_reasoning(result.text, start=result.reasoning_start,
                                         end=result.reasoning_end,
                                         starts_in_reasoning=result.starts_in_reasoning)
@@ -245,8 +255,17 @@ def split_result(result: Result, *, tools: Iterable[str] | FromStream | None = F
     return FinalOutput(deltas=[], rest="", reasoning=reasoning, answer=content, tool_calls=calls)
 
 
+def _from_template(split: TemplateSplit) -> FinalOutput:
+    return FinalOutput(deltas=[OutputDelta(k, t) for k, t in split.pieces], rest="",
+                       reasoning=split.reasoning, answer=split.answer,
+                       tool_calls=split.tool_calls)
+
+
 class OutputSplitter:
     """Engine events in, :class:`OutputDelta` pieces out, as text is accepted.
+
+    A stream whose output format has a response template is split by it
+    (:class:`specthink.formats.splitting.TemplateSplitter`): every family it describes.
 
     ``tools`` (the names whose calls count) and ``max_tool_calls`` come from the request, on
     the ``StartEvent`` that opens the stream, unless given here.
@@ -271,6 +290,8 @@ class OutputSplitter:
         self._splitter: ReasoningSplitter | None = None
         self._format: OutputFormat = THINK_HERMES
         """The stream's output format (its ``StartEvent`` says)."""
+        self._by_template: TemplateSplitter | None = None
+        """The stream's response-template splitter, when its format has a template."""
         self._unsure = ""
         """Answer text that may be (the start of) a tool call, or whitespace before one."""
         self._in_call = False
@@ -291,16 +312,27 @@ class OutputSplitter:
             if not self._limit_given:
                 self.max_tool_calls = event.max_tool_calls
             self._format = event.output_format
+            if event.output_format.template is not None:
+                schemas = [t for t in event.tool_schemas
+                           if t["function"]["name"] in (self.tools or ())]
+                self._by_template = TemplateSplitter(
+                    event.output_format.template, tools=schemas or self.tools or (),
+                    max_tool_calls=self.max_tool_calls,
+                    starts_in_reasoning=event.starts_in_reasoning)
             self._splitter = ReasoningSplitter(start=event.reasoning_start,
                                                end=event.reasoning_end,
                                                starts_in_reasoning=event.starts_in_reasoning)
             return []
         if isinstance(event, TextEvent):
+            if self._by_template is not None:
+                return [OutputDelta(k, t) for k, t in self._by_template.feed(event.text)]
             return self._pieces(self._reasoning_splitter().feed(event.text))
         return []
 
     def finish(self) -> FinalOutput:
         """End of the stream: what was held back, and the whole output split."""
+        if self._by_template is not None:
+            return _from_template(self._by_template.finish())
         deltas = self._pieces(self._reasoning_splitter().flush())
         rest = self._unsure
         calls: list[ToolCall] = []

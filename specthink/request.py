@@ -14,7 +14,6 @@ uncallable).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -154,16 +153,6 @@ class ChatRequest:
             max_new_tokens=budget, stop=stops, sampling=sampling, grammar=grammar,
             session_id=session_id,
             rules=None if rules is None else _rules(rules, base_rules))
-
-    def replace(self, **changes: Any) -> ChatRequest:
-        """A copy with fields that need no check changed (e.g. ``session_id`` from a
-        framework's run metadata)."""
-        if "session_id" in changes:
-            value = changes["session_id"]
-            if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise ConfigError(f"session_id must be a non-empty string, got {value!r}",
-                                  field="session_id")
-        return dataclasses.replace(self, **changes)
 
 
 def _rules(rules: RulesSpec, base: TakeoverRules | None) -> TakeoverRules:

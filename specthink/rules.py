@@ -18,16 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from functools import cached_property
-from typing import Annotated, Final, Literal, Self
+from typing import Final, Literal, Self
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import ConfigError, SpecthinkError
 from .formats import THINK_HERMES, OutputFormat
@@ -43,8 +36,6 @@ __all__ = [
     "Intervene",
     "PolicyStateError",
     "Release",
-    "Rules",
-    "RulesPreset",
     "Signal",
     "SmallAction",
     "TakeoverPolicy",
@@ -237,13 +228,6 @@ def known_preset(name: object) -> str:
         raise ConfigError(f"unknown rules preset {name!r}; choose one of {sorted(PRESETS)}",
                           field="rules")
     return name
-
-
-RulesPreset = Annotated[str, AfterValidator(known_preset)]
-"""A preset's name as a pydantic field, checked when the model is built (as ``BackendKind``)."""
-
-Rules = TakeoverRules | RulesPreset
-"""What a ``rules`` setting takes: a checked preset name or ``TakeoverRules``."""
 
 
 def resolve_rules(rules: TakeoverRules | str) -> TakeoverRules:

@@ -25,6 +25,7 @@ from . import _constants
 from ._constants import API_KEY_ENV
 from .backends import BackendKind, create, takes_option
 from .errors import ConfigError
+from .formats import OutputFormat
 from .rules import TakeoverRules, known_preset
 
 if TYPE_CHECKING:
@@ -106,6 +107,11 @@ class PairSettings(BaseModel):
     the path of a ``tokenizer_config.json``."""
     target_template: str = "auto"
     """Chat template of the target model, as ``small_template``."""
+    response_template: str | None = None
+    """How the models mark reasoning and tool calls: a built-in or family name (``gpt-oss``,
+    ``qwen3-xml``, ``gemma-4``, ``mistral-reasoning``, ...), ``auto`` (the family of
+    ``small_model``), or the path of a tokenizer_config.json whose ``response_template``
+    applies. Default: ``<think>`` reasoning and Hermes ``<tool_call>`` JSON calls."""
     on_target_error: TargetErrorPolicy = "fallback"
     """If the target fails: ``fallback`` lets the small model finish alone, ``raise`` raises."""
     api_key: SecretStr | None = Field(default_factory=_env_secret, exclude=True, repr=False)
@@ -124,6 +130,13 @@ class PairSettings(BaseModel):
             super().__init__(**data)
         except ValidationError as exc:
             raise _config_error(exc) or exc from None
+        self.pair_output_format()  # a bad response template fails here, before any request
+
+    def pair_output_format(self) -> OutputFormat:
+        """The pair's output format (see ``response_template``)."""
+        from .formats.families import output_format_for
+
+        return output_format_for(self.response_template, self.small_model)
 
     def backend_options(self) -> dict[str, Any]:
         """The options both backends are built with (``specthink.backends.create``)."""
@@ -153,7 +166,8 @@ class PairSettings(BaseModel):
         return SpeculativeThinker(small=small, target=target, rules=self.rules,
                                   small_template=self.small_template,
                                   target_template=self.target_template,
-                                  on_target_error=self.on_target_error)
+                                  on_target_error=self.on_target_error,
+                                  output_format=self.pair_output_format())
 
     def pair_key(self) -> tuple[Any, ...]:
         """These settings' values: an engine built from them serves while the key is the same

@@ -1,6 +1,6 @@
 """OpenAI's ``response_format`` for a text model: the system sentence that shows the schema, and
-the TGI grammar that enforces its form. Framework-free, shared by the LangChain adapter and
-``specthink serve``."""
+the TGI grammar that enforces its form. ``ChatRequest.build`` is its one caller, whatever the
+surface (LangChain's ``json_schema`` method, ``specthink serve``'s ``response_format``)."""
 
 from __future__ import annotations
 

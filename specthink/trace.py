@@ -70,6 +70,9 @@ class StartEvent:
     stays text."""
     max_tool_calls: int | None = None
     """``1`` when the request asked for no parallel tool calls."""
+    tool_schemas: tuple[dict[str, Any], ...] = ()
+    """The counted tools' OpenAI objects: a response template's string arguments (XML calls)
+    are cast to the types their schemas name."""
 
     @property
     def reasoning_start(self) -> str:
@@ -191,6 +194,8 @@ class Result:
     tool_names: tuple[str, ...] | None = None
     """The tools whose calls count, as on the :class:`StartEvent`."""
     max_tool_calls: int | None = None
+    tool_schemas: tuple[dict[str, Any], ...] = ()
+    """As on the :class:`StartEvent`."""
 
     @property
     def reasoning_start(self) -> str:

@@ -19,14 +19,11 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
 from specthink.errors import ConfigError
-from specthink.structured import grammar_for, json_instruction
 
 __all__ = [
     "StructuredMethod",
     "ToolLike",
     "format_tools",
-    "grammar_for",
-    "json_instruction",
     "normalize_tool_choice",
     "response_format_for",
     "structured_runnable",

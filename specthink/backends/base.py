@@ -25,7 +25,11 @@ class SamplingParams:
     repetition_penalty: float | None = None
     grammar: dict[str, Any] | None = None
     """TGI grammar (``{"type": "json", "value": schema}``); sent only to backends that
-    support it. ``{"type": "gbnf", "value": text}`` is llama.cpp's (``arguments_grammar``)."""
+    support it. ``{"type": "gbnf", "value": text}`` is llama.cpp's (``call_grammar``)."""
+    keep_special_tokens: bool = False
+    """The output format's markers may be special tokens (harmony's ``<|channel|>``, Mistral's
+    ``[THINK]``): ask the server to keep them in the text (vLLM / SGLang
+    ``skip_special_tokens: false``; the stop token stays out either way)."""
 
     @property
     def greedy(self) -> bool:

@@ -164,6 +164,8 @@ def completion_body(prompt: str, *, model: str | None, max_new_tokens: int,
     body.update(sampling_fields(sampling))
     if grammar is not None:
         body["grammar"] = grammar["value"]  # llama.cpp's and llama-cpp-python's GBNF field
+    if sampling.keep_special_tokens:
+        body["skip_special_tokens"] = False
     return body
 
 

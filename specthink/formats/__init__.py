@@ -22,7 +22,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from .response_template import ResponseTemplate
 
 __all__ = ["THINK_HERMES", "CallContent", "OutputFormat", "Span", "held_back"]
 
@@ -54,9 +57,29 @@ class OutputFormat:
     tool_call: Span
     """Where one tool call opens and closes."""
     tool_call_content: CallContent = "json"
+    template: ResponseTemplate | None = None
+    """The response template the format was built from (:meth:`from_template`): then it, not
+    the spans, splits the output (``specthink.formats.splitting``), decides where the output
+    starts, and its markers may be special tokens the server must keep as text."""
+
+    @classmethod
+    def from_template(cls, template: ResponseTemplate, name: str = "response-template",
+                      ) -> OutputFormat:
+        """The format a response template describes. The spans carry its literal reasoning
+        markers (what the policy and the engine's hold-back read); a template whose reasoning
+        is not delimited by literals keeps the default's."""
+        field = template.fields.get(template.reasoning_field or "")
+        opens = field.open.literals if field is not None and field.open is not None else None
+        closes = template.reasoning_closers
+        reasoning = Span(opens[0], closes[0]) if opens and closes else THINK_HERMES.reasoning
+        return cls(name=name, reasoning=reasoning, tool_call=THINK_HERMES.tool_call,
+                   template=template)
 
     def opened_by(self, prompt: str) -> bool:
-        """Whether ``prompt`` opens the reasoning, so the output begins inside it."""
+        """Whether ``prompt`` opens the reasoning, so the output begins inside it (with a
+        template: its last assistant turn opens the reasoning and does not close it)."""
+        if self.template is not None:
+            return self.template.starts_in_reasoning(prompt)
         return prompt.rstrip().endswith(self.reasoning.open)
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from specthink.testing._templates import JinjaChatTemplate
 from specthink.testing.models import (
     ASSISTANT_MARKERS,
     Continuation,
@@ -44,6 +45,7 @@ __all__ = [
     "Continuation",
     "EchoModel",
     "Fault",
+    "JinjaChatTemplate",
     "LatencyModel",
     "LoopbackServer",
     "PrefixCache",

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from specthink.testing._templates import ServerChatTemplate, TokenStrings, Vocabulary, token_strings
+from specthink.testing._templates import AnyServerTemplate, TokenStrings, Vocabulary, token_strings
 from specthink.testing._wire import Job, Token
 from specthink.testing.models import Tokenizer
 
@@ -50,7 +50,7 @@ class Served:
     """What the endpoints need to know about the served model."""
 
     model_id: str
-    template: ServerChatTemplate
+    template: AnyServerTemplate
     tokenizer: Tokenizer
     vocabulary: Vocabulary
     max_model_len: int
@@ -97,7 +97,8 @@ def _check_model(body: dict[str, Any], served: Served) -> Answer | None:
 def vllm_tokenize(body: Any, served: Served) -> Answer:
     """``POST /tokenize``: a ``prompt`` (BOS added unless ``add_special_tokens`` is false) or
     ``messages`` through the chat template (no BOS added on top by default, since the template
-    writes it), ``tools`` rendered into it; ``return_token_strs`` adds each token's string."""
+    writes it), ``tools`` and ``chat_template_kwargs`` handed to it (vLLM's
+    TokenizeChatRequest); ``return_token_strs`` adds each token's string."""
     if not isinstance(body, dict) or not ("prompt" in body or "messages" in body):
         # vLLM answers request validation errors with 400, not FastAPI's 422.
         return vllm_error(400, "1 validation error: Field required: `prompt` or `messages`")
@@ -122,7 +123,12 @@ def vllm_tokenize(body: Any, served: Served) -> Answer:
         if generation_prompt and body.get("continue_final_message"):
             return vllm_error(400, "Cannot set both `continue_final_message` and "
                                    "`add_generation_prompt` to True.")
-        text = served.template.render(messages, tools, tool_calls=True)
+        kwargs = body.get("chat_template_kwargs")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            return vllm_error(400, "`chat_template_kwargs` must be an object")
+        text = served.template.render(messages, tools, tool_calls=True,
+                                      add_generation_prompt=generation_prompt is not False,
+                                      template_kwargs=kwargs)
     else:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
@@ -312,7 +318,10 @@ def openai_completion_chunk(envelope: dict[str, Any], job: Job, token: Token, la
     finish reason "stop"; with ``stream_options.include_usage`` the usage follows in a chunk of
     its own with no choices, then ``[DONE]``."""
     text, _, special = token
-    choice = {"index": 0, "text": "" if special else text, "logprobs": None,
+    if special:
+        # Kept only when asked for, and never the token that stopped the generation.
+        text = text if job.keep_special and not (last and job.finish == "eos_token") else ""
+    choice = {"index": 0, "text": text, "logprobs": None,
               "finish_reason": _finish(job) if last else None, "stop_reason": None}
     data = _event({**envelope, "choices": [choice], "usage": None})
     if not last:

@@ -4,6 +4,7 @@ prefill against the prefix cache, the latency model's time, and a fault applied 
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,23 +42,46 @@ class Host(Protocol):
 
 
 def continuation(model: TextModel, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
-                 stop: Sequence[str]) -> tuple[list[Token], TGIFinish]:
-    """The tokens ``model`` writes after ``prompt`` and TGI's finish reason."""
+                 stop: Sequence[str], *, special_tokens: Sequence[str] = (),
+                 stop_tokens: Sequence[str] = ()) -> tuple[list[Token], TGIFinish]:
+    """The tokens ``model`` writes after ``prompt`` and TGI's finish reason.
+
+    ``special_tokens`` are cut out of the text as tokens of their own, flagged special; the
+    first of ``stop_tokens`` the model writes ends the generation as end-of-sequence does (it
+    is the last token, and no server puts it in the text)."""
     answer = model.continuation(prompt)
     tokens: list[Token] = []
     text = ""
-    for piece in tokenizer.tokenize(answer.text):
+    for piece, special in _pieces(tokenizer, answer.text, special_tokens):
         if len(tokens) >= max_new_tokens:
             return tokens, "length"
-        tokens.append((piece, tokenizer.token_id(piece), False))
-        text += piece
-        if any(s and text.endswith(s) for s in stop):
-            return tokens, "stop_sequence"
+        tokens.append((piece, tokenizer.token_id(piece), special))
+        if special and piece in stop_tokens:
+            return tokens, "eos_token"
+        if not special:
+            text += piece
+            if any(s and text.endswith(s) for s in stop):
+                return tokens, "stop_sequence"
     if len(tokens) >= max_new_tokens or not answer.eos:
         # A continuation without end-of-sequence ends as if the budget ran out.
         return tokens, "length"
     tokens.append((EOS_TEXT, EOS_ID, True))
     return tokens, "eos_token"
+
+
+def _pieces(tokenizer: Tokenizer, text: str,
+            special_tokens: Sequence[str]) -> list[tuple[str, bool]]:
+    if not special_tokens:
+        return [(piece, False) for piece in tokenizer.tokenize(text)]
+    pattern = "(" + "|".join(re.escape(t) for t in sorted(special_tokens, key=len,
+                                                              reverse=True)) + ")"
+    out: list[tuple[str, bool]] = []
+    for index, part in enumerate(re.split(pattern, text)):
+        if index % 2:
+            out.append((part, True))
+        else:
+            out.extend((piece, False) for piece in tokenizer.tokenize(part))
+    return out
 
 
 @dataclass(eq=False)

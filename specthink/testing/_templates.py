@@ -2,11 +2,14 @@
 ``messages`` and llama.cpp's ``/apply-template`` render), one per served model, and the token
 strings and vocabulary behind vLLM's and llama.cpp's tokenizer endpoints.
 
-A real server renders with the model's Jinja template; these are small Python renderers of the
-same layouts (only ``role`` and ``content`` of each message are kept, as TGI 3.3 does), so that
-tests see each family's real markers: ChatML, a Qwen3 thinking template whose generation prompt
-opens ``<think>``, DeepSeek-R1 (BOS, then ``<｜User｜>``/``<｜Assistant｜><think>\\n``) and Llama 3
-(``<|begin_of_text|>`` and header blocks).
+A real server renders with the model's Jinja template; the named ones here are small Python
+renderers of the same layouts (only ``role`` and ``content`` of each message are kept, as TGI 3.3
+does), so that tests see each family's real markers: ChatML, a Qwen3 thinking template whose
+generation prompt opens ``<think>``, DeepSeek-R1 (BOS, then ``<｜User｜>`` /
+``<｜Assistant｜><think>\\n``) and Llama 3 (``<|begin_of_text|>`` and header blocks).
+:class:`JinjaChatTemplate` serves a model's real Jinja template instead (vLLM's way: messages,
+tools and ``chat_template_kwargs``), with the strings its tokenizer treats as special tokens and
+those that stop generation.
 """
 
 from __future__ import annotations
@@ -16,13 +19,20 @@ import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 from typing import Any, Literal
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from specthink.testing.models import Tokenizer
 
 __all__ = [
     "CHAT_TEMPLATES",
+    "AnyServerTemplate",
+    "JinjaChatTemplate",
     "ServerChatTemplate",
     "TemplateName",
     "TokenStrings",
@@ -63,14 +73,20 @@ class ServerChatTemplate:
     raw prompt ("" for models without one)."""
     _render: Render
     _call: RenderCall = _hermes_call
+    special_tokens: tuple[str, ...] = ()
+    """Markers the model writes as special tokens (none: these renderers' markers are text)."""
+    stop_tokens: tuple[str, ...] = ()
+    """Special tokens that end generation besides end-of-sequence."""
 
     def render(self, messages: Sequence[Mapping[str, Any]],
                tools: Sequence[Mapping[str, Any]] | None = None, *,
-               tool_calls: bool = False) -> str:
+               tool_calls: bool = False, add_generation_prompt: bool = True,
+               template_kwargs: Mapping[str, Any] | None = None) -> str:
         """The prompt with the generation prompt, tools described Hermes-style, tool results
         in the family's layout. An assistant turn's ``tool_calls`` are written out only with
         ``tool_calls`` (vLLM and llama.cpp hand them to the template; TGI 3.3 keeps only role
-        and content)."""
+        and content). These renderers have no switches: ``template_kwargs`` and
+        ``add_generation_prompt`` change nothing."""
         turns = []
         for message in messages:
             role, text = str(message.get("role", "user")), _content_text(message.get("content"))
@@ -167,6 +183,92 @@ def _llama3(turns: Turns, tool_section: str) -> str:
                f"\n\n{text.strip()}<|eot_id|>" for role, text in rest)
     out.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
     return "".join(out)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False,
+            sort_keys: bool = False) -> str:
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+@cache
+def _compiled(source: str) -> jinja2.Template:
+    # The environment transformers' apply_chat_template renders Hub templates in (vLLM renders
+    # with it): trim_blocks, lstrip_blocks, loop controls, raise_exception, a tojson that does
+    # not escape, strftime_now.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
+
+
+def _for_template(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A wire message as vLLM hands it to a Hugging Face template: keys set to null dropped,
+    tool-call ``arguments`` decoded from their JSON string (templates iterate them as a dict),
+    an assistant's reasoning under ``reasoning_content`` and ``thinking`` alike."""
+    out = {k: v for k, v in message.items() if v is not None}
+    if out.get("tool_calls"):
+        calls = []
+        for call in out["tool_calls"]:
+            function = dict(call.get("function") or {}) if isinstance(call, Mapping) else {}
+            if isinstance(function.get("arguments"), str):
+                try:
+                    function["arguments"] = json.loads(function["arguments"])
+                except ValueError:
+                    pass
+            calls.append({**call, "function": function} if isinstance(call, Mapping) else call)
+        out["tool_calls"] = calls
+    reasoning = next((out[k] for k in ("reasoning_content", "reasoning", "thinking")
+                      if isinstance(out.get(k), str)), None)
+    if reasoning is not None:
+        out = {"thinking": reasoning, **out, "reasoning_content": reasoning}
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class JinjaChatTemplate:
+    """A served model's real chat template (the Jinja source of its tokenizer_config.json),
+    rendered the way vLLM renders ``/tokenize`` and chat messages."""
+
+    name: str
+    source: str
+    bos_token: str = ""
+    """The BOS the template writes (``bos_token`` in it) and the tokenizer adds to a raw
+    prompt."""
+    eos_token: str = ""
+    special_tokens: tuple[str, ...] = ()
+    """Strings the tokenizer holds as special tokens (e.g. harmony's ``<|channel|>``): a
+    model's output cuts them out as tokens of their own, and ``/v1/completions`` leaves them
+    out of the text unless the request sets ``skip_special_tokens`` to false."""
+    stop_tokens: tuple[str, ...] = ()
+    """Special tokens that end generation (gpt-oss's ``<|return|>`` and ``<|call|>``): never
+    in the text, as vLLM never detokenizes the token that stopped it."""
+
+    def render(self, messages: Sequence[Mapping[str, Any]],
+               tools: Sequence[Mapping[str, Any]] | None = None, *,
+               tool_calls: bool = True, add_generation_prompt: bool = True,
+               template_kwargs: Mapping[str, Any] | None = None) -> str:
+        """The prompt for ``messages`` and ``tools``, ``template_kwargs`` (vLLM's
+        ``chat_template_kwargs``) passed to the template. Every message key reaches the
+        template (``tool_calls`` is vLLM's; a TGI-protocol caller cannot send them)."""
+        variables = {**(template_kwargs or {}), "bos_token": self.bos_token,
+                     "eos_token": self.eos_token}
+        return _compiled(self.source).render(
+            **variables, messages=[_for_template(m) for m in messages],
+            tools=list(tools) if tools else None, add_generation_prompt=add_generation_prompt)
+
+
+AnyServerTemplate = ServerChatTemplate | JinjaChatTemplate
+"""What a loopback server can serve as its model's chat template."""
 
 
 CHAT_TEMPLATES: dict[TemplateName, ServerChatTemplate] = {

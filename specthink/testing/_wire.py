@@ -126,6 +126,9 @@ class CompletionRequest(BaseModel):
     suffix: str | None = None
     add_special_tokens: bool = True
     """vLLM's extension: false sends the prompt without the BOS the tokenizer adds."""
+    skip_special_tokens: bool = True
+    """vLLM's sampling parameter: false keeps special tokens in the text (not the stop token,
+    which vLLM's detokenizer never decodes)."""
     stream_options: dict[str, Any] | None = None
     repetition_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -301,10 +304,22 @@ class Job:
     seed: int | None
     details: bool = True
 
+    keep_special: bool = False
+    """Special tokens stay in the text (vLLM's ``skip_special_tokens: false``); the token that
+    stopped the generation never does."""
+
+    def shown(self, index: int) -> str:
+        """The text token ``index`` adds to the output."""
+        text, _, special = self.tokens[index]
+        if not special:
+            return text
+        stopped_here = index == len(self.tokens) - 1 and self.finish == "eos_token"
+        return text if self.keep_special and not stopped_here else ""
+
     @property
     def text(self) -> str:
-        """The generated text (special tokens left out)."""
-        return "".join(t for t, _, special in self.tokens if not special)
+        """The generated text (special tokens left out unless ``keep_special``)."""
+        return "".join(self.shown(i) for i in range(len(self.tokens)))
 
 
 # --------------------------------------------------------------------------- answers

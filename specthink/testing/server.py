@@ -62,6 +62,8 @@ from specthink.testing._generation import Generation, RenderError, RenderToken, 
 from specthink.testing._streaming import EventStream, StreamControl, Write
 from specthink.testing._templates import (
     CHAT_TEMPLATES,
+    AnyServerTemplate,
+    JinjaChatTemplate,
     TemplateName,
     TokenStrings,
     Vocabulary,
@@ -124,7 +126,11 @@ class LoopbackServer:
       ``model_id`` implies (DeepSeek-R1, Qwen3, Llama 3, else ChatML). A template with a BOS
       text (DeepSeek-R1, Llama 3) makes the tokenizer prepend that BOS to every raw prompt, as
       the real servers do (vLLM: unless ``add_special_tokens`` is false); records show the
-      result in :attr:`RequestRecord.model_input`.
+      result in :attr:`RequestRecord.model_input`. A :class:`JinjaChatTemplate` serves a
+      model's real Jinja template instead, with its special and stop tokens: the model's
+      output is cut into those tokens, vLLM's ``/v1/completions`` leaves special tokens out of
+      the text unless ``skip_special_tokens`` is false, and a stop token ends the generation
+      without ever being in the text.
     - ``token_strings``: how vLLM's ``return_token_strs`` spells tokens (``"byte-level"`` BPE,
       or ``"sentencepiece"``).
 
@@ -149,11 +155,11 @@ class LoopbackServer:
                  max_stop_sequences: int = 4, max_concurrent_requests: int = 1024,
                  cache_capacity: int | None = 1_000_000, host: str = "127.0.0.1",
                  port: int = 0, flavor: Flavor = "tgi",
-                 chat_template: TemplateName | None = None,
+                 chat_template: TemplateName | JinjaChatTemplate | None = None,
                  token_strings: TokenStrings = "byte-level") -> None:
         if flavor not in FLAVORS:
             raise ValueError(f"flavor must be one of {', '.join(FLAVORS)}; got {flavor!r}")
-        if chat_template is not None and chat_template not in CHAT_TEMPLATES:
+        if isinstance(chat_template, str) and chat_template not in CHAT_TEMPLATES:
             raise ValueError(f"chat_template must be one of {', '.join(CHAT_TEMPLATES)}; "
                              f"got {chat_template!r}")
         if token_strings not in ("byte-level", "sentencepiece"):
@@ -161,8 +167,10 @@ class LoopbackServer:
                              f"got {token_strings!r}")
         self.model = model
         self.flavor: Flavor = flavor
-        self.template = (CHAT_TEMPLATES[chat_template] if chat_template is not None
-                         else template_for_model(model_id))
+        self.template: AnyServerTemplate = (
+            chat_template if isinstance(chat_template, JinjaChatTemplate)
+            else CHAT_TEMPLATES[chat_template] if chat_template is not None
+            else template_for_model(model_id))
         """The served model's chat template (its ``bos_token`` is what the tokenizer adds)."""
         self.token_strings: TokenStrings = token_strings
         self.tokenizer = tokenizer or Tokenizer()
@@ -458,7 +466,8 @@ class LoopbackServer:
             max_input_tokens=self.max_input_tokens, max_total_tokens=self.max_total_tokens,
             max_stop_sequences=self.max_stop_sequences)
         tokens, finish = continuation(self.model, self.tokenizer, model_input, max_new_tokens,
-                                      params.stop)
+                                      params.stop, special_tokens=self.template.special_tokens,
+                                      stop_tokens=self.template.stop_tokens)
         return Job(inputs, prompt_ids, tokens, finish, max_new_tokens, params.reported_seed,
                    params.details)
 
@@ -642,6 +651,7 @@ class LoopbackServer:
         if isinstance(admitted, Response):
             return admitted
         job = admitted.job
+        job.keep_special = self.flavor == "vllm" and not body.skip_special_tokens
         if self.flavor != "tgi":
             return await self._openai_completion(admitted, body)
         envelope = completion_envelope(self.model_id, int(time.time()))

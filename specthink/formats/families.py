@@ -1,0 +1,167 @@
+"""The model families specthink knows, and the response template of a role.
+
+A role's template is the one its user hands over (a response template, a family name, or the
+model's tokenizer_config.json whose ``response_template`` key applies), else the built-in of the
+family its model id names (``data/<family>.json``, data like a checkpoint's own), else a
+:class:`~specthink.errors.ConfigError` before any request saying what to pass.
+
+>>> family_of("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B").name
+'deepseek-r1'
+>>> family_of("openai/gpt-oss-20b").name
+'gpt-oss'
+>>> family_of("Qwen/Qwen3.5-4B").template
+'qwen3-xml'
+>>> family_of("meta-llama/Llama-3.1-8B-Instruct") is None
+True
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from . import THINK_HERMES, OutputFormat
+from .response_template import ResponseTemplate, load_template
+
+__all__ = ["FAMILIES", "Family", "builtin_template", "family_of", "output_format_for",
+           "response_template_for", "template_names"]
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """A model family: which ids belong to it and which built-in response template reads it."""
+
+    name: str
+    template: str
+    """The built-in response template (``data/<template>.json``)."""
+    ids: str
+    """A regex searched in the lower-cased model id."""
+    thinking_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    """``chat_template_kwargs`` that switch its chat template's thinking on."""
+
+    def matches(self, model_id: str) -> bool:
+        return re.search(self.ids, model_id.lower()) is not None
+
+
+_THINKING_ON = {"enable_thinking": True}
+
+FAMILIES: tuple[Family, ...] = (
+    # Most specific first: R1-0528 is an R1, Qwen3.5 and Qwen3-Coder are Qwen3s, the R1
+    # distills are Qwen and Llama models.
+    Family("deepseek-r1-0528", "deepseek-r1-0528", r"r1-0528"),
+    Family("deepseek-r1", "deepseek-r1", r"deepseek-r1|deepseek_r1|r1-distill|deepseekr1",
+           _THINKING_ON),
+    Family("gpt-oss", "gpt-oss", r"gpt-oss|gpt_oss"),
+    Family("qwen3.5", "qwen3-xml", r"qwen3\.?5|qwen3_5", _THINKING_ON),
+    Family("qwen3-coder", "qwen3-xml", r"qwen3-coder|qwen3_coder"),
+    Family("nemotron-3", "qwen3-xml", r"nemotron-3|nemotron3", _THINKING_ON),
+    Family("qwq", "qwen3", r"qwq", _THINKING_ON),
+    Family("qwen3", "qwen3", r"qwen3", _THINKING_ON),
+    Family("smollm3", "qwen3", r"smollm3", _THINKING_ON),
+    Family("gemma-4", "gemma-4", r"gemma-?4|gemma_4", _THINKING_ON),
+    Family("mistral-reasoning", "mistral-reasoning", r"magistral|ministral-3\b.*reasoning"),
+)
+"""Searched in order; the first family whose ``ids`` match a model id is its family."""
+
+
+def template_names() -> tuple[str, ...]:
+    """The built-in response templates, by name."""
+    return tuple(sorted({f.template for f in FAMILIES}))
+
+
+@cache
+def _builtin(name: str) -> ResponseTemplate:
+    text = resources.files(__package__).joinpath(f"data/{name}.json").read_text("utf-8")
+    return load_template(json.loads(text))
+
+
+def builtin_template(name: str) -> ResponseTemplate:
+    """A built-in response template by its name (see :func:`template_names`) or a family's."""
+    key = name.strip().lower()
+    family = next((f for f in FAMILIES if f.name == key), None)
+    key = family.template if family is not None else key
+    if key not in template_names():
+        raise ConfigError(f"unknown response template {name!r}; built-ins are "
+                          f"{', '.join(template_names())}")
+    return _builtin(key)
+
+
+def family_of(model_id: str) -> Family | None:
+    """The family a model id names, or ``None``."""
+    return next((f for f in FAMILIES if f.matches(model_id)), None)
+
+
+def _from_config(config: Mapping[str, Any], origin: str) -> ResponseTemplate | None:
+    """A response template given as itself, or inside a tokenizer_config.json."""
+    if "fields" in config:
+        return load_template(config)
+    inner = config.get("response_template")
+    if inner is None:
+        return None
+    if not isinstance(inner, Mapping):
+        raise ConfigError(f"the response_template of {origin} is not an object")
+    return load_template(inner)
+
+
+def response_template_for(model: str | None,
+                          given: Mapping[str, Any] | str | Path | ResponseTemplate | None = None,
+                          *, role: str = "small") -> ResponseTemplate:
+    """The response template of a role, decided before any request.
+
+    ``given`` is what the user handed over: a :class:`ResponseTemplate` or its dict; a
+    tokenizer_config.json (a dict or its path), whose ``response_template`` applies when it has
+    one; or a built-in's or family's name. Without one that applies, the family of ``model``
+    decides; an unknown family is a :class:`ConfigError` naming what to pass.
+    """
+    if isinstance(given, ResponseTemplate):
+        return given
+    origin = f"the {role} model's template"
+    if isinstance(given, str) and not given.strip().lower().endswith(".json") \
+            and "/" not in given and "\\" not in given:
+        return builtin_template(given)
+    if isinstance(given, (str, Path)):
+        path = Path(given).expanduser()
+        origin = repr(str(path))
+        try:
+            given = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the {role} model's tokenizer_config.json "
+                              f"{origin}: {exc}") from exc
+        if not isinstance(given, Mapping):
+            raise ConfigError(f"{origin} does not hold a JSON object")
+    if given is not None:
+        found = _from_config(given, origin)
+        if found is not None:
+            return found
+    family = family_of(model) if model else None
+    if family is not None:
+        return _builtin(family.template)
+    known = ", ".join(f.name for f in FAMILIES)
+    raise ConfigError(
+        f"no response template for the {role} model {model or '(no model id)'!r}: it is not a "
+        f"family specthink knows ({known}) and its template has no response_template. Pass "
+        f"response_template= for the {role} model: one of {', '.join(template_names())}, a "
+        "response template dict, or the path of a tokenizer_config.json that has one")
+
+
+def output_format_for(given: Mapping[str, Any] | str | Path | ResponseTemplate | None,
+                      model: str | None = None, *, role: str = "small") -> OutputFormat:
+    """The output format a pair reads its models' text with: ``None`` is the ``<think>`` +
+    Hermes default; ``"auto"`` the built-in of ``model``'s family (a ``ConfigError`` naming
+    what to pass when the family is unknown); anything else as :func:`response_template_for`
+    takes it."""
+    if given is None:
+        return THINK_HERMES
+    if isinstance(given, str) and given.strip().lower() == "auto":
+        template = response_template_for(model, None, role=role)
+        family = family_of(model or "")
+        return OutputFormat.from_template(template, family.name if family else "auto")
+    name = given.strip() if isinstance(given, str) else "response-template"
+    return OutputFormat.from_template(response_template_for(model, given, role=role), name)

@@ -1,0 +1,94 @@
+"""The response template of a role: the user's (a dict, a name, a tokenizer_config.json whose
+response_template applies), else the model family's built-in, else a ConfigError saying what to
+pass."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from specthink.errors import ConfigError
+from specthink.formats.families import (
+    builtin_template,
+    family_of,
+    response_template_for,
+    template_names,
+)
+from specthink.formats.response_template import parse_response
+
+OWN = {"start_anchor": "<|assistant|>", "fields": {
+    "reasoning_content": {"open": "<reason>", "close": "</reason>"},
+    "content": {"close": "<|end|>"}}}
+"""A response template of a model specthink knows nothing of."""
+
+
+def test_a_known_family_gets_its_builtin() -> None:
+    """If this fails, a known model id does not bring its family's response template."""
+    assert response_template_for("openai/gpt-oss-20b") is builtin_template("gpt-oss")
+    assert response_template_for("Qwen/Qwen3-Coder-30B-A3B-Instruct") \
+        is builtin_template("qwen3-xml")
+
+
+def test_an_unknown_model_is_a_config_error_naming_what_to_pass() -> None:
+    """If this fails, an unknown model either gets a guessed format (its reasoning taken for
+    the answer) or an error that does not say how to hand over a template."""
+    with pytest.raises(ConfigError) as caught:
+        response_template_for("acme/reasoner-7b", role="target")
+    message = str(caught.value)
+    assert "'acme/reasoner-7b'" in message and "target" in message
+    assert "response_template=" in message and "tokenizer_config.json" in message
+    for name in template_names():
+        assert name in message
+
+
+def test_a_given_template_wins_over_the_family() -> None:
+    """If this fails, a user's response template is ignored for a model whose id names a
+    family."""
+    template = response_template_for("Qwen/Qwen3-0.6B", OWN)
+    assert parse_response("<reason>hm</reason>ok<|end|>", template, prefix="") == {
+        "reasoning_content": "hm", "content": "ok"}
+
+
+def test_a_tokenizer_config_brings_its_response_template(tmp_path: Path) -> None:
+    """If this fails, the unknown-id case cannot be served from the checkpoint's own
+    tokenizer_config.json, as a dict or as its path."""
+    config = {"chat_template": "{{ messages }}", "response_template": OWN}
+    path = tmp_path / "tokenizer_config.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    for given in (config, path, str(path)):
+        template = response_template_for("acme/reasoner-7b", given)
+        assert dict(template.spec) == OWN
+
+
+def test_a_tokenizer_config_without_one_falls_back_to_the_family(tmp_path: Path) -> None:
+    """If this fails, a chat-template-only tokenizer_config.json breaks a known family, or
+    hides that an unknown one has no response template."""
+    config = {"chat_template": "{{ messages }}"}
+    assert response_template_for("google/gemma-4-31B-it", config) \
+        is builtin_template("gemma-4")
+    with pytest.raises(ConfigError, match="no response template"):
+        response_template_for("acme/reasoner-7b", config)
+
+
+def test_names_and_bad_files() -> None:
+    """If this fails, a built-in or family name is not accepted, or a bad name or unreadable
+    file passes silently."""
+    assert response_template_for(None, "nemotron-3") is builtin_template("qwen3-xml")
+    assert response_template_for(None, "Gemma-4") is builtin_template("gemma-4")
+    with pytest.raises(ConfigError, match="unknown response template 'bogus'"):
+        response_template_for(None, "bogus")
+    with pytest.raises(ConfigError, match="cannot read"):
+        response_template_for(None, "/nonexistent/tokenizer_config.json")
+    with pytest.raises(ConfigError, match="not an object"):
+        response_template_for(None, {"response_template": "x"})
+
+
+def test_thinking_switches_of_the_families() -> None:
+    """If this fails, a family whose template switches thinking off by default (Gemma 4) or
+    on a flag (Qwen3, Nemotron 3) loses the switch that speculative thinking needs."""
+    for model in ("google/gemma-4-31B-it", "Qwen/Qwen3-0.6B",
+                  "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"):
+        family = family_of(model)
+        assert family is not None and family.thinking_kwargs == {"enable_thinking": True}

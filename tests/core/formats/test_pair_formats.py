@@ -1,0 +1,168 @@
+"""A gpt-oss pair over vLLM-protocol loopback servers that render the REAL gpt-oss chat template
+and detokenize as vLLM does: with the family's response template as the pair's output format,
+the reasoning is exactly the reasoning, the answer exactly the answer, the target takes over
+mid-reasoning, and every generation request keeps the special tokens (``skip_special_tokens:
+false``); with the ``<think>`` default, the answer arrives as "analysis..." fused text, the
+failure issue 21 reports."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from specthink import SpeculativeThinker
+from specthink.backends import OpenAICompletionsBackend
+from specthink.formats import THINK_HERMES, OutputFormat
+from specthink.formats.families import builtin_template
+from specthink.output import OutputSplitter, split_result
+from specthink.testing import Continuation, JinjaChatTemplate
+from specthink.trace import FinishEvent
+from tests.support import ServerPair
+
+TEMPLATE = JinjaChatTemplate(
+    "gpt-oss", (Path(__file__).resolve().parents[2] / "data" / "chat_templates"
+                / "openai-gpt-oss-120b.jinja").read_text(encoding="utf-8"),
+    special_tokens=("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>",
+                    "<|return|>", "<|call|>"),
+    stop_tokens=("<|return|>", "<|call|>"))
+REASONING = ("12 * 13 = 120 + 36.\n\nWait, let me check: 120 + 36 = 156.\n\n"
+             "So the product is 156.")
+ANSWER = "12 * 13 = 156."
+TURN = (f"<|channel|>analysis<|message|>{REASONING}<|end|>"
+        f"<|start|>assistant<|channel|>final<|message|>{ANSWER}<|return|>")
+QUESTION = [{"role": "user", "content": "What is 12 * 13?"}]
+
+
+class HarmonyModel:
+    """gpt-oss, greedy: one harmony turn after the generation prompt, continued from whatever
+    the prompt already holds of it (whoever wrote it); text the turn does not hold stops it."""
+
+    def continuation(self, prompt: str) -> Continuation:
+        user = prompt.rfind("<|start|>user")
+        start = prompt.find("<|start|>assistant", user) + len("<|start|>assistant")
+        written = prompt[start:]
+        return Continuation(TURN[len(written):] if TURN.startswith(written) else "")
+
+
+def thinker(pair: ServerPair, output_format: OutputFormat) -> SpeculativeThinker:
+    return SpeculativeThinker(
+        small=OpenAICompletionsBackend(pair.small.url, model="openai/gpt-oss-20b"),
+        target=OpenAICompletionsBackend(pair.target.url, model="openai/gpt-oss-120b"),
+        small_template="server", target_template="server", output_format=output_format)
+
+
+def start(loopback_server: Callable[..., object]) -> ServerPair:
+    options = {"flavor": "vllm", "chat_template": TEMPLATE}
+    return ServerPair(loopback_server(HarmonyModel(), model_id="openai/gpt-oss-20b",
+                                      **options),  # type: ignore[arg-type]
+                      loopback_server(HarmonyModel(), model_id="openai/gpt-oss-120b",
+                                      **options))  # type: ignore[arg-type]
+
+
+async def test_gpt_oss_pair_split_by_its_response_template(
+        loopback_server: Callable[..., object]) -> None:
+    """If this fails, a gpt-oss pair's reasoning and answer are not split by harmony's
+    channels, no takeover happens in its reasoning, or the servers drop the markers."""
+    pair = start(loopback_server)
+    harmony = OutputFormat.from_template(builtin_template("gpt-oss"), "gpt-oss")
+    engine = thinker(pair, harmony)
+    try:
+        result = await engine.agenerate(QUESTION)
+    finally:
+        await engine.aclose()
+    whole = split_result(result)
+    assert (whole.reasoning, whole.answer, whole.tool_calls) == (REASONING, ANSWER, [])
+    assert result.stats.total_takeovers >= 1
+    generations = [r for s in (pair.small, pair.target) for r in s.records
+                   if r.path == "/v1/completions"]
+    assert generations and all(r.parameters.get("skip_special_tokens") is False
+                               for r in generations)
+
+    splitter = OutputSplitter()
+    deltas = []
+    engine = thinker(pair, harmony)
+    try:
+        async for event in engine.astream(QUESTION):
+            deltas += splitter.feed(event)
+            if isinstance(event, FinishEvent):
+                assert event.result.stats.total_takeovers >= 1
+    finally:
+        await engine.aclose()
+    final = splitter.finish()
+    deltas += final.deltas
+    assert "".join(d.text for d in deltas if d.kind == "reasoning") == REASONING
+    assert "".join(d.text for d in deltas if d.kind == "answer") == ANSWER
+    assert (final.reasoning, final.answer) == (REASONING, ANSWER)
+
+
+async def test_without_the_template_harmony_is_fused_text(
+        loopback_server: Callable[..., object]) -> None:
+    """If this fails, the contrast the issue reports is gone: under the ``<think>`` default
+    vLLM drops harmony's special tokens and the reasoning arrives as "analysis..." content."""
+    pair = start(loopback_server)
+    engine = thinker(pair, THINK_HERMES)
+    try:
+        result = await engine.agenerate(QUESTION)
+    finally:
+        await engine.aclose()
+    whole = split_result(result)
+    # The markers are gone, so the reasoning is content; and a continuation sent back without
+    # them is not the model's own text, so it breaks off after the first handoff.
+    assert whole.reasoning == ""
+    assert whole.answer.startswith("analysis12 * 13 = 120 + 36.")
+
+
+
+QWEN35 = JinjaChatTemplate(
+    "qwen3.5", (Path(__file__).resolve().parents[2] / "data" / "chat_templates"
+                / "Qwen3.5-4B.jinja").read_text(encoding="utf-8"),
+    special_tokens=("<|im_end|>",), stop_tokens=("<|im_end|>",))
+DECOY = "<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n" \
+        "</function>\n</tool_call>"
+XML_REASONING = ("The user wants the weather.\n\nWait, maybe Oslo first:\n" + DECOY
+                 + "\n\nNo, the question is about Paris.")
+XML_TURN = (f"<think>\n{XML_REASONING}\n</think>\n\nLet me check.\n\n<tool_call>\n"
+            "<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n"
+            "</parameter>\n</function>\n</tool_call><|im_end|>")
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather of a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "days": {"type": "integer"}},
+                   "required": ["city"]}}}]
+
+
+class Qwen35Model:
+    """Qwen3.5, greedy: one thinking turn with an XML call after the generation prompt (which
+    opens ``<think>``), continued from whatever the prompt holds of it."""
+
+    def continuation(self, prompt: str) -> Continuation:
+        written = prompt[prompt.rfind("<|im_start|>assistant\n") + len(
+            "<|im_start|>assistant\n"):]
+        return Continuation(XML_TURN[len(written):] if XML_TURN.startswith(written) else "")
+
+
+async def test_qwen35_pair_calls_in_xml(loopback_server: Callable[..., object]) -> None:
+    """If this fails, a Qwen3.5 / Nemotron 3 pair leaves its XML call as text in the answer
+    (issue 21), executes the call it only drafted while thinking, starts outside the reasoning
+    its prompt opened, or passes an integer argument as a string."""
+    options = {"flavor": "vllm", "chat_template": QWEN35}
+    pair = ServerPair(loopback_server(Qwen35Model(), model_id="Qwen/Qwen3.5-4B", **options),
+                      loopback_server(Qwen35Model(), model_id="Qwen/Qwen3.5-27B", **options))
+    engine = SpeculativeThinker(
+        small=OpenAICompletionsBackend(pair.small.url, model="Qwen/Qwen3.5-4B"),
+        target=OpenAICompletionsBackend(pair.target.url, model="Qwen/Qwen3.5-27B"),
+        small_template="server", target_template="server",
+        output_format=OutputFormat.from_template(builtin_template("qwen3-xml")))
+    try:
+        result = await engine.agenerate(
+            [{"role": "user", "content": "Weather in Paris?"}], tools=WEATHER)
+    finally:
+        await engine.aclose()
+    assert result.starts_in_reasoning
+    assert result.stats.total_takeovers >= 1
+    whole = split_result(result)
+    assert whole.reasoning == XML_REASONING
+    assert whole.answer == "Let me check."
+    # The XML call's "2" is cast by the offered schema, as transformers and vLLM cast it.
+    assert [(c.name, c.arguments) for c in whole.tool_calls] == [
+        ("get_weather", {"city": "Paris", "days": 2})]
