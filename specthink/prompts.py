@@ -53,6 +53,7 @@ __all__ = [
     "apply_tool_choice",
     "family_template",
     "render_prompt",
+    "required_call",
     "resolve_template",
     "template_from_file",
     "tool_instruction",
@@ -277,6 +278,19 @@ def apply_tool_choice(messages: Sequence[Mapping[str, Any]],
     else:
         shaped.insert(0, {"role": "system", "content": instruction})
     return shaped, valid_tools
+
+
+def required_call(tool_choice: str | Mapping[str, Any] | None,
+                  tools: Sequence[Mapping[str, Any]] | None) -> tuple[bool, str | None]:
+    """``(required, name)``: whether ``tool_choice`` requires a call, and of which tool
+    (``None``: any; a single offered tool is that tool). Checked as :func:`tool_instruction`."""
+    if tool_instruction(tool_choice, tools) is None:
+        return False, None
+    name = _chosen_name(tool_choice)
+    if name in ("required", "any"):
+        offered = _tool_names(validate_tools(tools) or [])
+        return True, offered[0] if len(offered) == 1 else None
+    return True, name
 
 
 def _wire_tool_choice(tool_choice: str | Mapping[str, Any] | None,

@@ -154,6 +154,16 @@ class TGIBackend(SSEBackend):
     """TGI tokenizes ``inputs`` with special tokens: a rendered template must not carry BOS."""
     supports_grammar = True
     keeps_tool_turns = False
+
+    async def call_grammar(self, tools: Sequence[dict[str, Any]],
+                           name: str | None) -> dict[str, Any] | None:
+        """TGI's JSON grammar: the named tool's arguments, an object its ``parameters``
+        validate (a JSON grammar cannot begin inside the call, before the name)."""
+        if name is None:
+            return None
+        schema = next((tool["function"].get("parameters") for tool in tools
+                       if tool["function"]["name"] == name), None)
+        return {"type": "json", "value": dict(schema or {"type": "object"})}
     """TGI 3.3 keeps only role and content of each message it renders."""
 
     async def _stream_request(self, prompt: str, max_new_tokens: int,

@@ -65,6 +65,34 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
+INSTRUCT_HINT = (
+    "the small model's chat template opens no reasoning (%s), and the rules (mode 'reasoning', "
+    "as the default 'paper') hand over only inside one: if the small model does not reason "
+    "(an instruct model), no takeover will happen; serve it with --rules paper_instruct "
+    "(SPECTHINK_RULES=paper_instruct), where the target writes the opening. A model that "
+    "writes %s itself (Qwen3) needs nothing.")
+
+
+async def _suggest_instruct_rules(thinker: SpeculativeThinker) -> None:
+    """Warn, once at start, when the reasoning rules meet a template that opens no reasoning.
+
+    A suggestion rather than a switch: the template cannot tell an instruct model from a hybrid
+    one that opens its reasoning itself, and handing a hybrid's opening to the target would
+    change what it answers."""
+    from specthink import prompts
+
+    if thinker.rules.mode != "reasoning":
+        return
+    try:
+        prompt = await prompts.render_prompt(thinker.templates["small"], [
+            {"role": "user", "content": "Hello"}], None, thinker.small)
+    except (BackendError, ConfigError):
+        return  # the first request reports it
+    opening = thinker.output_format.reasoning.open
+    if not thinker.output_format.opened_by(prompt):
+        logger.warning(INSTRUCT_HINT, opening, opening)
+
+
 def build_backends(settings: ServeSettings) -> tuple[Backend, Backend]:
     """The two model servers' backends, from the core's one factory."""
     return settings.build_backends()
@@ -371,6 +399,8 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
             # Model servers often start after this one (compose, a rollout): not fatal.
             logger.warning("the model servers could not be asked at start (%s); the first "
                            "request asks again", exc or "no answer in time")
+        else:
+            await _suggest_instruct_rules(thinker)
         if freeze_heap:  # after the warm-up, whose connections and templates live on
             gc.collect()  # start-up garbage is freed, not frozen
             gc.freeze()

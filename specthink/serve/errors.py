@@ -30,6 +30,7 @@ from specthink.errors import (
     BackendConnectionError,
     BackendError,
     ConfigError,
+    ContextLimitError,
     OverloadedError,
     PromptTooLongError,
     RequestValidationError,
@@ -120,6 +121,10 @@ def _upstream(exc: BackendError) -> APIError:
     role = exc.role or "a"
     server = f"the {role} model server" if exc.role else "a model server"
     code = f"{exc.role}_server_error" if exc.role else "model_server_error"
+    if isinstance(exc, ContextLimitError):
+        # The server measured the prompt against its context and it does not fit.
+        return invalid(f"the prompt does not fit {server}'s context: {exc}", "messages",
+                       "context_length_exceeded")
     if isinstance(exc, RequestValidationError):
         # The server refused what we sent (typically a prompt over its token limit): the
         # client can fix it, so it is the client's 400, still naming the server.
