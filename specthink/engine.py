@@ -23,6 +23,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterator,
+    Mapping,
     Sequence,
 )
 from contextlib import AbstractAsyncContextManager, aclosing
@@ -173,6 +174,8 @@ class SpeculativeThinker:
         max_stream_resumes: int = 2,
         check_prompt_length: bool = True,
         output_format: OutputFormat = THINK_HERMES,
+        small_template_kwargs: Mapping[str, Any] | None = None,
+        target_template_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         if on_target_error not in ("fallback", "raise"):
             raise ConfigError(
@@ -187,9 +190,13 @@ class SpeculativeThinker:
         self.small_template = small_template
         self.target_template = target_template
         # Resolved once: a bad template name or file fails here, before any request.
+        # Template kwargs (``{"enable_thinking": True}``) reach the chat template wherever it
+        # is rendered: a client-side template's variables, a server's chat_template_kwargs.
         self._templates: dict[Role, prompts.ChatTemplate] = {
-            "small": prompts.resolve_template(small_template, "small"),
-            "target": prompts.resolve_template(target_template, "target")}
+            "small": prompts.resolve_template(small_template, "small").with_template_kwargs(
+                small_template_kwargs),
+            "target": prompts.resolve_template(target_template, "target").with_template_kwargs(
+                target_template_kwargs)}
         self.on_target_error: TargetErrorPolicy = on_target_error
         self.max_stream_resumes = max_stream_resumes
         self.check_prompt_length = check_prompt_length

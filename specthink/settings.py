@@ -112,6 +112,13 @@ class PairSettings(BaseModel):
     ``qwen3-xml``, ``gemma-4``, ``mistral-reasoning``, ...), ``auto`` (the family of
     ``small_model``), or the path of a tokenizer_config.json whose ``response_template``
     applies. Default: ``<think>`` reasoning and Hermes ``<tool_call>`` JSON calls."""
+    template_kwargs: dict[str, Any] | None = None
+    """Variables for both models' chat templates (vLLM's ``chat_template_kwargs``), over the
+    thinking switch of each model's family, which is on by default since speculative thinking
+    needs reasoning (Gemma 4, Qwen3, Nemotron 3: ``{"enable_thinking": True}``); e.g.
+    ``{"enable_thinking": False}`` to switch it off. They reach a server's renderer (vLLM's
+    ``/tokenize``, llama.cpp's ``/apply-template``; TGI takes none) and client-side
+    templates."""
     on_target_error: TargetErrorPolicy = "fallback"
     """If the target fails: ``fallback`` lets the small model finish alone, ``raise`` raises."""
     api_key: SecretStr | None = Field(default_factory=_env_secret, exclude=True, repr=False)
@@ -137,6 +144,16 @@ class PairSettings(BaseModel):
         from .formats.families import output_format_for
 
         return output_format_for(self.response_template, self.small_model)
+
+    def role_template_kwargs(self, role: Literal["small", "target"]) -> dict[str, Any]:
+        """The chat template variables of ``role``'s model: its family's thinking switch (the
+        family its model id names, else the one ``response_template`` names), then
+        ``template_kwargs`` over it."""
+        from .formats.families import thinking_kwargs_for
+
+        model = self.small_model if role == "small" else self.target_model
+        return {**thinking_kwargs_for(model, self.response_template),
+                **(self.template_kwargs or {})}
 
     def backend_options(self) -> dict[str, Any]:
         """The options both backends are built with (``specthink.backends.create``)."""
@@ -167,7 +184,9 @@ class PairSettings(BaseModel):
                                   small_template=self.small_template,
                                   target_template=self.target_template,
                                   on_target_error=self.on_target_error,
-                                  output_format=self.pair_output_format())
+                                  output_format=self.pair_output_format(),
+                                  small_template_kwargs=self.role_template_kwargs("small"),
+                                  target_template_kwargs=self.role_template_kwargs("target"))
 
     def pair_key(self) -> tuple[Any, ...]:
         """These settings' values: an engine built from them serves while the key is the same

@@ -31,7 +31,7 @@ from . import THINK_HERMES, OutputFormat
 from .response_template import ResponseTemplate, load_template
 
 __all__ = ["FAMILIES", "Family", "builtin_template", "family_of", "output_format_for",
-           "response_template_for", "template_names"]
+           "response_template_for", "template_names", "thinking_kwargs_for"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +96,27 @@ def builtin_template(name: str) -> ResponseTemplate:
 def family_of(model_id: str) -> Family | None:
     """The family a model id names, or ``None``."""
     return next((f for f in FAMILIES if f.matches(model_id)), None)
+
+
+def thinking_kwargs_for(model: str | None,
+                        response_template: object = None) -> dict[str, Any]:
+    """The chat template kwargs that switch thinking on for ``model``: its family's, else those
+    of the family a ``response_template`` name names (a family's or a built-in's name, as
+    :func:`builtin_template` takes it); none for a model of no known family.
+
+    >>> thinking_kwargs_for("google/gemma-4-31B-it")
+    {'enable_thinking': True}
+    >>> thinking_kwargs_for("my-org/finetune", "gemma-4")
+    {'enable_thinking': True}
+    >>> thinking_kwargs_for("openai/gpt-oss-20b")
+    {}
+    """
+    family = family_of(model) if model else None
+    if family is None and isinstance(response_template, str):
+        key = response_template.strip().lower()
+        family = next((f for f in FAMILIES if f.name == key), None) or next(
+            (f for f in FAMILIES if f.template == key), None)
+    return dict(family.thinking_kwargs) if family is not None else {}
 
 
 def _from_config(config: Mapping[str, Any], origin: str) -> ResponseTemplate | None:

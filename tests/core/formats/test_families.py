@@ -17,6 +17,7 @@ from specthink.formats.families import (
     template_names,
 )
 from specthink.formats.response_template import parse_response
+from specthink.settings import PairSettings
 
 OWN = {"start_anchor": "<|assistant|>", "fields": {
     "reasoning_content": {"open": "<reason>", "close": "</reason>"},
@@ -92,3 +93,22 @@ def test_thinking_switches_of_the_families() -> None:
                   "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"):
         family = family_of(model)
         assert family is not None and family.thinking_kwargs == {"enable_thinking": True}
+
+
+def test_each_role_gets_its_familys_thinking_switch_and_template_kwargs_win() -> None:
+    """If this fails, the thinking switch of a role's family is not passed (Gemma 4 would not
+    reason), reaches a model of another family, or ``template_kwargs`` cannot override it."""
+    urls = {"small_url": "http://small", "target_url": "http://target", "backend": "openai"}
+    pair = PairSettings(**urls, small_model="google/gemma-4-E4B-it",
+                        target_model="openai/gpt-oss-120b")
+    assert pair.role_template_kwargs("small") == {"enable_thinking": True}
+    assert pair.role_template_kwargs("target") == {}
+    # No model id: the family the response template names decides.
+    named = PairSettings(**urls, response_template="gemma-4")
+    assert named.role_template_kwargs("target") == {"enable_thinking": True}
+    off = PairSettings(**urls, small_model="Qwen/Qwen3-8B",
+                       template_kwargs={"enable_thinking": False, "reasoning_effort": "high"})
+    assert off.role_template_kwargs("small") == {"enable_thinking": False,
+                                                 "reasoning_effort": "high"}
+    assert off.role_template_kwargs("target") == {"enable_thinking": False,
+                                                  "reasoning_effort": "high"}

@@ -10,11 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from specthink import SpeculativeThinker
 from specthink.backends import OpenAICompletionsBackend
 from specthink.formats import THINK_HERMES, OutputFormat
 from specthink.formats.families import builtin_template
 from specthink.output import OutputSplitter, split_result
+from specthink.settings import PairSettings
 from specthink.testing import Continuation, JinjaChatTemplate
 from specthink.trace import FinishEvent
 from tests.support import ServerPair
@@ -166,3 +169,71 @@ async def test_qwen35_pair_calls_in_xml(loopback_server: Callable[..., object]) 
     # The XML call's "2" is cast by the offered schema, as transformers and vLLM cast it.
     assert [(c.name, c.arguments) for c in whole.tool_calls] == [
         ("get_weather", {"city": "Paris", "days": 2})]
+
+
+GEMMA_4 = JinjaChatTemplate(
+    "gemma-4", (Path(__file__).resolve().parents[2] / "data" / "chat_templates"
+                / "google-gemma-4-31B-it.jinja").read_text(encoding="utf-8"),
+    bos_token="<bos>",
+    special_tokens=("<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>",
+                    "<|tool_call>", "<tool_call|>", '<|"|>'),
+    stop_tokens=("<turn|>",))
+GEMMA_THOUGHT = f"<|channel>thought\n{REASONING}<channel|>{ANSWER}<turn|>"
+GEMMA_NO_THOUGHT = f"<|channel>thought\n<channel|>{ANSWER}<turn|>"
+
+
+class Gemma4Model:
+    """Gemma 4, greedy: it reasons in a thought channel when its system turn holds the
+    ``<|think|>`` switch, else answers after the empty thought its generation prompt holds;
+    continued from whatever the prompt holds of its turn."""
+
+    def continuation(self, prompt: str) -> Continuation:
+        head = prompt.rfind("<|turn>model\n")
+        written = prompt[head + len("<|turn>model\n"):]
+        turn = GEMMA_THOUGHT if "<|think|>" in prompt[:head] else GEMMA_NO_THOUGHT
+        return Continuation(turn[len(written):] if turn.startswith(written) else "")
+
+
+def start_gemma(loopback_server: Callable[..., object]) -> ServerPair:
+    options = {"flavor": "vllm", "chat_template": GEMMA_4}
+    return ServerPair(loopback_server(Gemma4Model(), model_id="google/gemma-4-E4B-it",
+                                      **options),  # type: ignore[arg-type]
+                      loopback_server(Gemma4Model(), model_id="google/gemma-4-31B-it",
+                                      **options))  # type: ignore[arg-type]
+
+
+GEMMA_TEMPLATE_FILE = str(Path(__file__).resolve().parents[2] / "data" / "chat_templates"
+                          / "google-gemma-4-31B-it.jinja")
+
+
+@pytest.mark.parametrize("template", ["server", "auto", GEMMA_TEMPLATE_FILE],
+                         ids=["server-rendered", "auto", "client-side"])
+async def test_gemma4_thinks_by_default(loopback_server: Callable[..., object],
+                                        template: str) -> None:
+    """If this fails, a Gemma 4 pair (whose template switches thinking off unless
+    ``enable_thinking`` is passed) has no reasoning and so no takeover at all, the failure
+    issue 21 reports; or ``template_kwargs`` cannot switch it off again. Rendered by the
+    server (vLLM's ``/tokenize`` with ``chat_template_kwargs``; ``auto`` too, whose built-ins
+    learnt without the kwargs must not stand in for it) and client-side alike."""
+    pair = start_gemma(loopback_server)
+    urls = {"small_url": pair.small.url, "target_url": pair.target.url, "backend": "openai",
+            "small_model": "google/gemma-4-E4B-it", "target_model": "google/gemma-4-31B-it",
+            "small_template": template, "target_template": template,
+            "response_template": "auto"}
+    engine = PairSettings(**urls).build()
+    try:
+        result = await engine.agenerate(QUESTION)
+    finally:
+        await engine.aclose()
+    whole = split_result(result)
+    assert (whole.reasoning, whole.answer) == (REASONING, ANSWER)
+    assert result.stats.total_takeovers >= 1
+
+    engine = PairSettings(**urls, template_kwargs={"enable_thinking": False}).build()
+    try:
+        result = await engine.agenerate(QUESTION)
+    finally:
+        await engine.aclose()
+    whole = split_result(result)
+    assert (whole.reasoning, whole.answer) == ("", ANSWER)
+    assert result.stats.total_takeovers == 0
