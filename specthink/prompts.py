@@ -155,11 +155,13 @@ _REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 OpenRouter's and vLLM >= 0.10's, harmony templates')."""
 
 
-def _with_thinking(message: dict[str, Any]) -> dict[str, Any]:
-    """A message as a client-side template sees it: the reasoning also as ``thinking``, the
-    field harmony templates (gpt-oss) read, as vLLM hands it to them."""
-    reasoning = message.get("reasoning_content")
-    return {**message, "thinking": reasoning} if reasoning else message
+def _for_template(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as a client-side template sees it, as vLLM hands it to one: keys set to null
+    left out (gpt-oss's template tests ``in message.content`` of a call-only turn), the
+    reasoning also as ``thinking``, the field harmony templates read."""
+    out = {key: value for key, value in message.items() if value is not None}
+    reasoning = out.get("reasoning_content")
+    return {**out, "thinking": reasoning} if reasoning else out
 
 
 def template_kwargs_option(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -396,7 +398,7 @@ class JinjaTemplate(ChatTemplate):
         try:
             return self._template.render(
                 **self.variables, **self.template_kwargs,
-                messages=[_with_thinking(m) for m in validate_messages(messages)],
+                messages=[_for_template(m) for m in validate_messages(messages)],
                 tools=validate_tools(tools), add_generation_prompt=True,
                 bos_token=self.bos_token, eos_token=self.eos_token)
         except (jinja2.TemplateError, TypeError) as exc:

@@ -8,7 +8,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tests.core.formats.test_pair_formats import ANSWER, REASONING, start
+import pytest
+
+from tests.core.formats.test_pair_formats import (
+    ANSWER,
+    EARLIER_REASONING,
+    GPT_OSS_TEMPLATE_FILE,
+    HARMONY_TOOLS,
+    REASONING,
+    start,
+    start_tool_loop,
+)
 from tests.serve.conftest import client
 
 
@@ -34,3 +44,31 @@ def test_gpt_oss_through_serve(loopback_server: Callable[..., object],
             content += choice.delta.content or ""
             reasoning += (choice.delta.model_extra or {}).get("reasoning_content") or ""
     assert (content, reasoning) == (ANSWER, REASONING)
+
+
+@pytest.mark.parametrize("template", ["server", GPT_OSS_TEMPLATE_FILE],
+                         ids=["server-rendered", "client-side"])
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_serve_hands_a_tool_turns_reasoning_back(loopback_server: Callable[..., object],
+                                                 serve: Callable[..., Any], field: str,
+                                                 template: str) -> None:
+    """If this fails, an OpenAI client's tool loop through serve on gpt-oss loses the
+    reasoning of the turn that called the tool (sent back as ``reasoning_content`` or
+    ``reasoning``, as it came): the template, rendered by the server or client-side (where it
+    reads ``thinking``), no longer shows it on the next call."""
+    pair = start_tool_loop(loopback_server)
+    served = serve(pair, backend="openai", small_model="openai/gpt-oss-20b",
+                   target_model="openai/gpt-oss-120b", small_template=template,
+                   target_template=template, response_template="gpt-oss")
+    completion = client(served).chat.completions.create(
+        model="specthink", tools=HARMONY_TOOLS,  # type: ignore[arg-type]
+        messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, field: EARLIER_REASONING,  # type: ignore[misc]
+             "tool_calls": [{"id": "c1", "type": "function", "function": {
+                 "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "Sunny, 21 C"}])
+    analysis = f"<|channel|>analysis<|message|>{EARLIER_REASONING}<|end|>"
+    prompts = [r.model_input for s in (pair.small, pair.target) for r in s.records]
+    assert prompts and all(analysis in prompt for prompt in prompts)
+    assert completion.choices[0].message.content == ANSWER

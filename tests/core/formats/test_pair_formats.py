@@ -22,9 +22,10 @@ from specthink.testing import Continuation, JinjaChatTemplate
 from specthink.trace import FinishEvent
 from tests.support import ServerPair
 
+GPT_OSS_TEMPLATE_FILE = str(Path(__file__).resolve().parents[2] / "data" / "chat_templates"
+                            / "openai-gpt-oss-120b.jinja")
 TEMPLATE = JinjaChatTemplate(
-    "gpt-oss", (Path(__file__).resolve().parents[2] / "data" / "chat_templates"
-                / "openai-gpt-oss-120b.jinja").read_text(encoding="utf-8"),
+    "gpt-oss", Path(GPT_OSS_TEMPLATE_FILE).read_text(encoding="utf-8"),
     special_tokens=("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>",
                     "<|return|>", "<|call|>"),
     stop_tokens=("<|return|>", "<|call|>"))
@@ -45,6 +46,39 @@ class HarmonyModel:
         start = prompt.find("<|start|>assistant", user) + len("<|start|>assistant")
         written = prompt[start:]
         return Continuation(TURN[len(written):] if TURN.startswith(written) else "")
+
+
+EARLIER_REASONING = "The user wants the weather in Paris; the tool knows it."
+"""The reasoning of an earlier tool-calling turn, handed back in a tool loop."""
+HARMONY_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather of a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+
+
+class HarmonyLoopModel:
+    """gpt-oss in a tool loop, greedy: one harmony turn after the generation prompt (the
+    ``<|start|>assistant`` after the last turn of someone else: a user, or a tool's
+    result), continued from whatever the prompt already holds of it."""
+
+    def continuation(self, prompt: str) -> Continuation:
+        last = max(prompt.rfind("<|start|>user"), prompt.rfind("<|start|>functions."))
+        head = prompt.find("<|start|>assistant", last)
+        while head != -1:
+            written = prompt[head + len("<|start|>assistant"):]
+            if TURN.startswith(written):
+                return Continuation(TURN[len(written):])
+            head = prompt.find("<|start|>assistant", head + 1)
+        return Continuation("")
+
+
+def start_tool_loop(loopback_server: Callable[..., object]) -> ServerPair:
+    """A gpt-oss pair whose models answer after a tool's result too."""
+    options = {"flavor": "vllm", "chat_template": TEMPLATE}
+    return ServerPair(loopback_server(HarmonyLoopModel(), model_id="openai/gpt-oss-20b",
+                                      **options),  # type: ignore[arg-type]
+                      loopback_server(HarmonyLoopModel(), model_id="openai/gpt-oss-120b",
+                                      **options))  # type: ignore[arg-type]
 
 
 def thinker(pair: ServerPair, output_format: OutputFormat) -> SpeculativeThinker:

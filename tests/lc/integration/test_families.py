@@ -10,8 +10,17 @@ import pytest
 
 pytest.importorskip("langchain_core")
 
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
+
 from specthink_lc import ChatSpeculativeThinking
-from tests.core.formats.test_pair_formats import ANSWER, REASONING, start
+from tests.core.formats.test_pair_formats import (
+    ANSWER,
+    EARLIER_REASONING,
+    HARMONY_TOOLS,
+    REASONING,
+    start,
+    start_tool_loop,
+)
 
 
 async def test_langchain_on_the_gpt_oss_pair(loopback_server: Callable[..., object]) -> None:
@@ -35,3 +44,32 @@ async def test_langchain_on_the_gpt_oss_pair(loopback_server: Callable[..., obje
         assert (content, reasoning) == (ANSWER, REASONING)
     finally:
         await model.aclose()
+
+
+@pytest.mark.parametrize("earlier", [
+    AIMessage(content="", additional_kwargs={"reasoning_content": EARLIER_REASONING},
+              tool_calls=[{"name": "get_weather", "args": {"city": "Paris"}, "id": "c1"}]),
+    AIMessage(content=[{"type": "reasoning", "reasoning": EARLIER_REASONING}],
+              tool_calls=[{"name": "get_weather", "args": {"city": "Paris"}, "id": "c1"}]),
+], ids=["additional_kwargs", "reasoning-block"])
+async def test_langchain_hands_a_tool_turns_reasoning_back(
+        loopback_server: Callable[..., object], earlier: AIMessage) -> None:
+    """If this fails, a LangChain tool loop on gpt-oss loses the reasoning of the turn that
+    called the tool: its template shows it as that turn's analysis (``thinking``) on the next
+    call, and the model continues a conversation it did not write."""
+    pair = start_tool_loop(loopback_server)
+    model = ChatSpeculativeThinking(
+        small_url=pair.small.url, target_url=pair.target.url, backend="openai",
+        small_model="openai/gpt-oss-20b", target_model="openai/gpt-oss-120b",
+        small_template="server", target_template="server", response_template="gpt-oss")
+    history: list[BaseMessage] = [HumanMessage("Weather in Paris?"), earlier,
+                                  ToolMessage("Sunny, 21 C", tool_call_id="c1")]
+    try:
+        message = await model.bind_tools(HARMONY_TOOLS).ainvoke(history)
+    finally:
+        await model.aclose()
+    analysis = f"<|channel|>analysis<|message|>{EARLIER_REASONING}<|end|>"
+    prompts = [r.model_input for s in (pair.small, pair.target) for r in s.records]
+    assert prompts and all(analysis in prompt for prompt in prompts)
+    assert message.content == ANSWER
+    assert message.additional_kwargs["reasoning_content"] == REASONING
