@@ -57,28 +57,40 @@ HARMONY_TOOLS = [{"type": "function", "function": {
 
 
 class HarmonyLoopModel:
-    """gpt-oss in a tool loop, greedy: one harmony turn after the generation prompt (the
-    ``<|start|>assistant`` after the last turn of someone else: a user, or a tool's
-    result), continued from whatever the prompt already holds of it."""
+    """gpt-oss in a tool loop, greedy: one harmony turn (``turn``, by default the answer)
+    after the generation prompt (the ``<|start|>assistant`` after the last turn of someone
+    else: a user, or a tool's result), continued from whatever the prompt holds of it."""
+
+    def __init__(self, turn: str = TURN) -> None:
+        self.turn = turn
 
     def continuation(self, prompt: str) -> Continuation:
         last = max(prompt.rfind("<|start|>user"), prompt.rfind("<|start|>functions."))
         head = prompt.find("<|start|>assistant", last)
         while head != -1:
             written = prompt[head + len("<|start|>assistant"):]
-            if TURN.startswith(written):
-                return Continuation(TURN[len(written):])
+            if self.turn.startswith(written):
+                return Continuation(self.turn[len(written):])
             head = prompt.find("<|start|>assistant", head + 1)
         return Continuation("")
 
 
-def start_tool_loop(loopback_server: Callable[..., object]) -> ServerPair:
-    """A gpt-oss pair whose models answer after a tool's result too."""
+def start_tool_loop(loopback_server: Callable[..., object], turn: str = TURN) -> ServerPair:
+    """A gpt-oss pair whose models write ``turn``, after a tool's result too."""
     options = {"flavor": "vllm", "chat_template": TEMPLATE}
-    return ServerPair(loopback_server(HarmonyLoopModel(), model_id="openai/gpt-oss-20b",
+    return ServerPair(loopback_server(HarmonyLoopModel(turn), model_id="openai/gpt-oss-20b",
                                       **options),  # type: ignore[arg-type]
-                      loopback_server(HarmonyLoopModel(), model_id="openai/gpt-oss-120b",
+                      loopback_server(HarmonyLoopModel(turn), model_id="openai/gpt-oss-120b",
                                       **options))  # type: ignore[arg-type]
+
+
+HARMONY_DECOY = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+CALL_REASONING = (f"The user wants the weather. Maybe {HARMONY_DECOY} first?\n\n"
+                  "Wait, no: the question is about Paris.")
+CALL_TURN = (f"<|channel|>analysis<|message|>{CALL_REASONING}<|end|><|start|>assistant"
+             '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>'
+             '{"city": "Paris"}<|call|>')
+"""gpt-oss calling a tool, a call of another format drafted in its reasoning (a decoy)."""
 
 
 def thinker(pair: ServerPair, output_format: OutputFormat) -> SpeculativeThinker:
