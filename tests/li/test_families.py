@@ -28,10 +28,12 @@ from tests.core.formats.test_pair_formats import (
     CALL_REASONING,
     CALL_TURN,
     EARLIER_REASONING,
+    FAMILY_PAIRS,
     QWEN35,
     REASONING,
     XML_REASONING,
     Qwen35Model,
+    start_family,
     start_tool_loop,
 )
 from tests.support import ServerPair
@@ -134,3 +136,20 @@ async def test_a_thinking_block_goes_back_to_the_template(
     prompts = [r.model_input for s in (pair.small, pair.target) for r in s.records]
     assert prompts and all(analysis in prompt for prompt in prompts)
     assert parts(response) == (REASONING, ANSWER, [])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_PAIRS))
+async def test_achat_on_gemma4_and_ministral(loopback_server: Callable[..., object],
+                                             family: str) -> None:
+    """If this fails, LlamaIndex users of a Gemma 4 pair get no reasoning (its thinking switch
+    not on by default) or of a Ministral 3 Reasoning pair get ``[THINK]`` reasoning as the
+    answer, or no takeover happens."""
+    small, target = FAMILY_PAIRS[family]
+    model = llm(start_family(loopback_server, family),
+                {"small_model": small, "target_model": target, "response_template": "auto"})
+    try:
+        response = await model.achat([ChatMessage(role="user", content="What is 12 * 13?")])
+    finally:
+        await model.aclose()
+    assert parts(response) == (REASONING, ANSWER, [])
+    assert takeovers(response) >= 1

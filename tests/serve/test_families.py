@@ -13,10 +13,12 @@ import pytest
 from tests.core.formats.test_pair_formats import (
     ANSWER,
     EARLIER_REASONING,
+    FAMILY_PAIRS,
     GPT_OSS_TEMPLATE_FILE,
     HARMONY_TOOLS,
     REASONING,
     start,
+    start_family,
     start_tool_loop,
 )
 from tests.serve.conftest import client
@@ -72,3 +74,21 @@ def test_serve_hands_a_tool_turns_reasoning_back(loopback_server: Callable[..., 
     prompts = [r.model_input for s in (pair.small, pair.target) for r in s.records]
     assert prompts and all(analysis in prompt for prompt in prompts)
     assert completion.choices[0].message.content == ANSWER
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_PAIRS))
+def test_gemma4_and_ministral_through_serve(loopback_server: Callable[..., object],
+                                            serve: Callable[..., Any], family: str) -> None:
+    """If this fails, an OpenAI client of a Gemma 4 pair gets no reasoning (its thinking
+    switch not on by default) or of a Ministral 3 Reasoning pair gets the ``[THINK]``
+    reasoning as content, or no takeover happens."""
+    small, target = FAMILY_PAIRS[family]
+    served = serve(start_family(loopback_server, family), backend="openai", small_model=small,
+                   target_model=target, small_template="server", target_template="server",
+                   response_template="auto")
+    completion = client(served).chat.completions.create(
+        model="specthink", messages=[{"role": "user", "content": "What is 12 * 13?"}])
+    message = completion.choices[0].message
+    assert message.content == ANSWER
+    assert (message.model_extra or {})["reasoning_content"] == REASONING
+    assert sum((completion.model_extra or {})["specthink"]["takeovers"].values()) >= 1

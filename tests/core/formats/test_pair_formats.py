@@ -242,9 +242,10 @@ class Gemma4Model:
 
 def start_gemma(loopback_server: Callable[..., object]) -> ServerPair:
     options = {"flavor": "vllm", "chat_template": GEMMA_4}
-    return ServerPair(loopback_server(Gemma4Model(), model_id="google/gemma-4-E4B-it",
+    small, target = FAMILY_PAIRS["gemma-4"]
+    return ServerPair(loopback_server(Gemma4Model(), model_id=small,
                                       **options),  # type: ignore[arg-type]
-                      loopback_server(Gemma4Model(), model_id="google/gemma-4-31B-it",
+                      loopback_server(Gemma4Model(), model_id=target,
                                       **options))  # type: ignore[arg-type]
 
 
@@ -283,3 +284,46 @@ async def test_gemma4_thinks_by_default(loopback_server: Callable[..., object],
     whole = split_result(result)
     assert (whole.reasoning, whole.answer) == ("", ANSWER)
     assert result.stats.total_takeovers == 0
+
+
+MINISTRAL = JinjaChatTemplate(
+    "mistral-reasoning", (Path(__file__).resolve().parents[2] / "data" / "chat_templates"
+                          / "mistralai-Ministral-3-14B-Reasoning-2512.jinja").read_text(
+                              encoding="utf-8"),
+    bos_token="<s>", eos_token="</s>",
+    special_tokens=("<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                    "[THINK]", "[/THINK]", "[TOOL_CALLS]", "[ARGS]", "[TOOL_RESULTS]",
+                    "[/TOOL_RESULTS]"),
+    stop_tokens=("</s>",))
+MISTRAL_TURN = f"[THINK]{REASONING}[/THINK]{ANSWER}</s>"
+
+
+class MinistralModel:
+    """Ministral 3 Reasoning, greedy: ``[THINK]`` reasoning then the answer after the last
+    ``[/INST]``, continued from whatever the prompt holds of it."""
+
+    def continuation(self, prompt: str) -> Continuation:
+        written = prompt[prompt.rfind("[/INST]") + len("[/INST]"):]
+        return Continuation(MISTRAL_TURN[len(written):] if MISTRAL_TURN.startswith(written)
+                            else "")
+
+
+FAMILY_PAIRS: dict[str, tuple[str, str]] = {
+    "gemma-4": ("google/gemma-4-E4B-it", "google/gemma-4-31B-it"),
+    "mistral-reasoning": ("mistralai/Ministral-3-8B-Reasoning-2512",
+                          "mistralai/Ministral-3-14B-Reasoning-2512"),
+}
+"""The small and target model ids of the families :func:`start_family` serves."""
+
+
+def start_family(loopback_server: Callable[..., object], family: str) -> ServerPair:
+    """A pair of ``family`` (Gemma 4 or Ministral 3 Reasoning) rendering its real template,
+    whose models reason then answer (Gemma 4 only when its thinking switch is on)."""
+    if family == "gemma-4":
+        return start_gemma(loopback_server)
+    small, target = FAMILY_PAIRS[family]
+    options = {"flavor": "vllm", "chat_template": MINISTRAL}
+    return ServerPair(loopback_server(MinistralModel(), model_id=small,
+                                      **options),  # type: ignore[arg-type]
+                      loopback_server(MinistralModel(), model_id=target,
+                                      **options))  # type: ignore[arg-type]

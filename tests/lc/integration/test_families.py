@@ -16,9 +16,11 @@ from specthink_lc import ChatSpeculativeThinking
 from tests.core.formats.test_pair_formats import (
     ANSWER,
     EARLIER_REASONING,
+    FAMILY_PAIRS,
     HARMONY_TOOLS,
     REASONING,
     start,
+    start_family,
     start_tool_loop,
 )
 
@@ -73,3 +75,30 @@ async def test_langchain_hands_a_tool_turns_reasoning_back(
     assert prompts and all(analysis in prompt for prompt in prompts)
     assert message.content == ANSWER
     assert message.additional_kwargs["reasoning_content"] == REASONING
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_PAIRS))
+async def test_langchain_on_gemma4_and_ministral(loopback_server: Callable[..., object],
+                                                 family: str) -> None:
+    """If this fails, LangChain users of a Gemma 4 pair get no reasoning (its thinking switch
+    is not on by default) or of a Ministral 3 Reasoning pair get ``[THINK]`` reasoning as the
+    answer: with ``response_template="auto"`` content and reasoning are exact, invoked or
+    streamed, after a takeover."""
+    pair = start_family(loopback_server, family)
+    small, target = FAMILY_PAIRS[family]
+    model = ChatSpeculativeThinking(
+        small_url=pair.small.url, target_url=pair.target.url, backend="openai",
+        small_model=small, target_model=target, small_template="server",
+        target_template="server", response_template="auto")
+    try:
+        message = await model.ainvoke("What is 12 * 13?")
+        assert message.content == ANSWER
+        assert message.additional_kwargs["reasoning_content"] == REASONING
+        assert sum(message.response_metadata["speculative_thinking"]["takeovers"].values()) >= 1
+        content, reasoning = "", ""
+        async for chunk in model.astream("What is 12 * 13?"):
+            content += str(chunk.content)
+            reasoning += chunk.additional_kwargs.get("reasoning_content", "")
+        assert (content, reasoning) == (ANSWER, REASONING)
+    finally:
+        await model.aclose()
