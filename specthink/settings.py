@@ -14,6 +14,7 @@ when the settings are built, before any request.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 __all__ = ["API_KEY_ENV", "PairSettings", "RulesSetting", "SettingsError", "TargetErrorPolicy"]
 
 TargetErrorPolicy = Literal["fallback", "raise"]
+
+logger = logging.getLogger("specthink.settings")
 
 
 def _rules_value(value: Any) -> TakeoverRules | str:
@@ -180,6 +183,17 @@ class PairSettings(BaseModel):
         from .engine import SpeculativeThinker
 
         small, target = backends if backends is not None else self.build_backends()
+        server_rendered = [role for role, template in (("small", self.small_template),
+                                                        ("target", self.target_template))
+                           if template.strip().lower() in ("auto", "server")]
+        if self.template_kwargs and self.backend == "tgi" and server_rendered:
+            # TGI's /chat_tokenize takes no template kwargs: say so where the user set them.
+            logger.warning(
+                "template_kwargs %s cannot reach the %s model's template on TGI, which renders "
+                "it and takes none; pass a client-side template (the model's "
+                "tokenizer_config.json as %s) for them", self.template_kwargs,
+                " and ".join(server_rendered),
+                " / ".join(f"{role}_template" for role in server_rendered))
         return SpeculativeThinker(small=small, target=target, rules=self.rules,
                                   small_template=self.small_template,
                                   target_template=self.target_template,

@@ -222,11 +222,13 @@ class TGIBackend(SSEBackend):
         2.2). TGI 3.3 keeps only ``role`` and ``content`` of each message; the text keeps the
         template's BOS (``/generate`` adds another: the caller cuts it). TGI's endpoint takes
         no template kwargs (huggingface/text-generation-inference#3259): ``chat_template_kwargs``
-        cannot reach its template, which a warning says once per backend.
+        cannot reach its template, which the debug log says once per backend (``PairSettings``
+        warns when the user's own ``template_kwargs`` meet a TGI-rendered template; a family's
+        default thinking switch, which its template mostly defaults to anyway, is no news).
         """
         if chat_template_kwargs and not self._warned_kwargs:
             self._warned_kwargs = True
-            logger.warning(
+            logger.debug(
                 "%s: TGI's /chat_tokenize takes no chat template kwargs, so %s do not reach "
                 "its template; pass a client-side template (the model's tokenizer_config.json "
                 "as small_template / target_template) for them", self.url,

@@ -5,6 +5,7 @@ pass."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,22 @@ def test_each_role_gets_its_familys_thinking_switch_and_template_kwargs_win() ->
                                                  "reasoning_effort": "high"}
     assert off.role_template_kwargs("target") == {"enable_thinking": False,
                                                   "reasoning_effort": "high"}
+
+
+def test_template_kwargs_meeting_a_tgi_rendered_template_are_warned_about(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """If this fails, a user's template_kwargs are dropped silently on TGI (whose renderer
+    takes none), or a family's default switch, which TGI cannot take either, is warned about
+    on every build of the paper's TGI pair."""
+    urls = {"small_url": "http://small", "target_url": "http://target", "backend": "tgi"}
+    with caplog.at_level(logging.WARNING, logger="specthink.settings"):
+        PairSettings(**urls, small_model="Qwen/Qwen3-8B").build()
+        PairSettings(**urls, template_kwargs={"enable_thinking": False},
+                     small_template="chatml", target_template="chatml").build()
+        assert caplog.records == []
+        PairSettings(**urls, template_kwargs={"enable_thinking": False},
+                     target_template="chatml").build()
+        PairSettings(**urls, template_kwargs={"enable_thinking": False}).build()
+    assert len(caplog.records) == 2
+    assert "small model's template" in caplog.records[0].getMessage()
+    assert "small and target model's template" in caplog.records[1].getMessage()
