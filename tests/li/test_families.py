@@ -29,11 +29,10 @@ from tests.core.formats.test_pair_formats import (
     CALL_TURN,
     EARLIER_REASONING,
     FAMILY_PAIRS,
-    QWEN35,
     REASONING,
     XML_REASONING,
-    Qwen35Model,
     start_family,
+    start_qwen35,
     start_tool_loop,
 )
 from tests.support import ServerPair
@@ -100,10 +99,7 @@ async def test_achat_with_tools_on_gpt_oss(loopback_server: Callable[..., object
 async def test_achat_with_tools_on_qwen35(loopback_server: Callable[..., object]) -> None:
     """If this fails, a Qwen3.5 / Nemotron 3 XML call is left as text or executed from the
     reasoning (the Oslo decoy), or an integer argument arrives as a string."""
-    options = {"flavor": "vllm", "chat_template": QWEN35}
-    pair = ServerPair(loopback_server(Qwen35Model(), model_id="Qwen/Qwen3.5-4B", **options),
-                      loopback_server(Qwen35Model(), model_id="Qwen/Qwen3.5-27B", **options))
-    model = llm(pair, QWEN35_MODELS)
+    model = llm(start_qwen35(loopback_server), QWEN35_MODELS)
     try:
         response = await model.achat_with_tools([WEATHER], user_msg="Weather in Paris?")
     finally:

@@ -5,6 +5,7 @@ the reasoning exactly the reasoning, whole and streamed, after a takeover."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -12,13 +13,18 @@ import pytest
 
 from tests.core.formats.test_pair_formats import (
     ANSWER,
+    CALL_REASONING,
+    CALL_TURN,
     EARLIER_REASONING,
     FAMILY_PAIRS,
     GPT_OSS_TEMPLATE_FILE,
     HARMONY_TOOLS,
     REASONING,
+    WEATHER,
+    XML_REASONING,
     start,
     start_family,
+    start_qwen35,
     start_tool_loop,
 )
 from tests.serve.conftest import client
@@ -91,4 +97,33 @@ def test_gemma4_and_ministral_through_serve(loopback_server: Callable[..., objec
     message = completion.choices[0].message
     assert message.content == ANSWER
     assert (message.model_extra or {})["reasoning_content"] == REASONING
+    assert sum((completion.model_extra or {})["specthink"]["takeovers"].values()) >= 1
+
+
+@pytest.mark.parametrize("family", ["gpt-oss", "qwen3.5"])
+def test_tool_calls_per_family_through_serve(loopback_server: Callable[..., object],
+                                             serve: Callable[..., Any], family: str) -> None:
+    """If this fails, an OpenAI client of a gpt-oss or Qwen3.5 pair gets the family's call as
+    text (or none), the call drafted in the reasoning (the Oslo decoy) as a call, or loses the
+    reasoning."""
+    if family == "gpt-oss":
+        pair = start_tool_loop(loopback_server, CALL_TURN)
+        models = {"small_model": "openai/gpt-oss-20b", "target_model": "openai/gpt-oss-120b"}
+        expected = (None, CALL_REASONING, [("get_weather", {"city": "Paris"})])
+    else:
+        pair = start_qwen35(loopback_server)
+        models = {"small_model": "Qwen/Qwen3.5-4B", "target_model": "Qwen/Qwen3.5-27B"}
+        expected = ("Let me check.", XML_REASONING,
+                    [("get_weather", {"city": "Paris", "days": 2})])
+    served = serve(pair, backend="openai", small_template="server", target_template="server",
+                   response_template="auto", **models)
+    completion = client(served).chat.completions.create(
+        model="specthink", tools=WEATHER,  # type: ignore[arg-type]
+        messages=[{"role": "user", "content": "Weather in Paris?"}])
+    message = completion.choices[0].message
+    calls = [(c.function.name, json.loads(c.function.arguments))
+             for c in message.tool_calls or []]  # type: ignore[union-attr]
+    assert (message.content or None, (message.model_extra or {})["reasoning_content"],
+            calls) == expected
+    assert completion.choices[0].finish_reason == "tool_calls"
     assert sum((completion.model_extra or {})["specthink"]["takeovers"].values()) >= 1

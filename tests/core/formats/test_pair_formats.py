@@ -190,6 +190,15 @@ class Qwen35Model:
         return Continuation(XML_TURN[len(written):] if XML_TURN.startswith(written) else "")
 
 
+def start_qwen35(loopback_server: Callable[..., object]) -> ServerPair:
+    """A Qwen3.5 pair whose models think, drafting a decoy call, then call in XML."""
+    options = {"flavor": "vllm", "chat_template": QWEN35}
+    return ServerPair(loopback_server(Qwen35Model(), model_id="Qwen/Qwen3.5-4B",
+                                      **options),  # type: ignore[arg-type]
+                      loopback_server(Qwen35Model(), model_id="Qwen/Qwen3.5-27B",
+                                      **options))  # type: ignore[arg-type]
+
+
 async def test_qwen35_pair_calls_in_xml(loopback_server: Callable[..., object]) -> None:
     """If this fails, a Qwen3.5 / Nemotron 3 pair leaves its XML call as text in the answer
     (issue 21), executes the call it only drafted while thinking, starts outside the reasoning

@@ -15,12 +15,17 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMe
 from specthink_lc import ChatSpeculativeThinking
 from tests.core.formats.test_pair_formats import (
     ANSWER,
+    CALL_REASONING,
+    CALL_TURN,
     EARLIER_REASONING,
     FAMILY_PAIRS,
     HARMONY_TOOLS,
     REASONING,
+    WEATHER,
+    XML_REASONING,
     start,
     start_family,
+    start_qwen35,
     start_tool_loop,
 )
 
@@ -100,5 +105,40 @@ async def test_langchain_on_gemma4_and_ministral(loopback_server: Callable[..., 
             content += str(chunk.content)
             reasoning += chunk.additional_kwargs.get("reasoning_content", "")
         assert (content, reasoning) == (ANSWER, REASONING)
+    finally:
+        await model.aclose()
+
+
+@pytest.mark.parametrize("family", ["gpt-oss", "qwen3.5"])
+async def test_bind_tools_per_family(loopback_server: Callable[..., object],
+                                     family: str) -> None:
+    """If this fails, a LangChain agent on a gpt-oss or Qwen3.5 pair gets its family's call
+    as text (or no call), executes the call drafted in the reasoning (the Oslo decoy), or
+    loses the reasoning, whole or streamed."""
+    if family == "gpt-oss":
+        pair = start_tool_loop(loopback_server, CALL_TURN)
+        models = {"small_model": "openai/gpt-oss-20b", "target_model": "openai/gpt-oss-120b"}
+        expected = ("", CALL_REASONING, [("get_weather", {"city": "Paris"})])
+    else:
+        pair = start_qwen35(loopback_server)
+        models = {"small_model": "Qwen/Qwen3.5-4B", "target_model": "Qwen/Qwen3.5-27B"}
+        expected = ("Let me check.", XML_REASONING,
+                    [("get_weather", {"city": "Paris", "days": 2})])
+    model = ChatSpeculativeThinking(
+        small_url=pair.small.url, target_url=pair.target.url, backend="openai",
+        small_template="server", target_template="server", response_template="auto",
+        **models)
+    bound = model.bind_tools(WEATHER)
+    try:
+        message = await bound.ainvoke("Weather in Paris?")
+        assert (message.content, message.additional_kwargs["reasoning_content"],
+                [(c["name"], c["args"]) for c in message.tool_calls]) == expected
+        assert sum(message.response_metadata["speculative_thinking"]["takeovers"].values()) >= 1
+        streamed = None
+        async for chunk in bound.astream("Weather in Paris?"):
+            streamed = chunk if streamed is None else streamed + chunk
+        assert streamed is not None
+        assert (streamed.content, streamed.additional_kwargs["reasoning_content"],
+                [(c["name"], c["args"]) for c in streamed.tool_calls]) == expected
     finally:
         await model.aclose()
