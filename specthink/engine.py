@@ -245,10 +245,10 @@ class SpeculativeThinker:
         built; nothing is validated again here), or the messages, with ``ChatRequest.build``'s
         keyword arguments in ``params`` (``max_new_tokens``, ``stop``, ``sampling``, ``tools``,
         ``tool_choice``, ``parallel_tool_calls``, ``response_format``, ``session_id``,
-        ``rules``) as a convenience that builds it. ``session_id`` (the caller's conversation
-        or user session) is the routing key sent with every generation request of the call, so
-        a router keeps the conversation on the replica that holds its prefix; without one,
-        each call gets a fresh random key.
+        ``rules``, ``template_kwargs``) as a convenience that builds it. ``session_id`` (the
+        caller's conversation or user session) is the routing key sent with every generation
+        request of the call, so a router keeps the conversation on the replica that holds its
+        prefix; without one, each call gets a fresh random key.
         """
         checked = self.request(request, **params)
         run = await self._prepare(checked)
@@ -364,8 +364,9 @@ class SpeculativeThinker:
 
         backend = self.backends[role]
         try:
+            template = self._templates[role].with_template_kwargs(request.template_kwargs)
             run.prompts[role] = await prompts.render_prompt(
-                self._templates[role], request.prompt_messages, request.prompt_tools, backend,
+                template, request.prompt_messages, request.prompt_tools, backend,
                 tool_choice=request.tool_choice, tool_choice_applied=True)
             if self.check_prompt_length:
                 await self._check_limits(run, role, len(run.stop))

@@ -149,3 +149,20 @@ async def test_achat_on_gemma4_and_ministral(loopback_server: Callable[..., obje
         await model.aclose()
     assert parts(response) == (REASONING, ANSWER, [])
     assert takeovers(response) >= 1
+
+
+async def test_a_calls_template_kwargs_switch_gemma4s_thinking_off(
+        loopback_server: Callable[..., object]) -> None:
+    """If this fails, a LlamaIndex caller cannot switch a Gemma 4 pair's thinking off for one
+    call (``template_kwargs=``), or the switch outlives the call."""
+    small, target = FAMILY_PAIRS["gemma-4"]
+    model = llm(start_family(loopback_server, "gemma-4"),
+                {"small_model": small, "target_model": target, "response_template": "auto"})
+    question = [ChatMessage(role="user", content="What is 12 * 13?")]
+    try:
+        off = await model.achat(question, template_kwargs={"enable_thinking": False})
+        on = await model.achat(question)
+    finally:
+        await model.aclose()
+    assert parts(off) == ("", ANSWER, []) and takeovers(off) == 0
+    assert parts(on) == (REASONING, ANSWER, [])

@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import openai
 import pytest
 
 from tests.core.formats.test_pair_formats import (
@@ -127,3 +128,28 @@ def test_tool_calls_per_family_through_serve(loopback_server: Callable[..., obje
             calls) == expected
     assert completion.choices[0].finish_reason == "tool_calls"
     assert sum((completion.model_extra or {})["specthink"]["takeovers"].values()) >= 1
+
+
+def test_a_requests_chat_template_kwargs_switch_gemma4s_thinking_off(
+        loopback_server: Callable[..., object], serve: Callable[..., Any]) -> None:
+    """If this fails, an OpenAI client cannot switch a Gemma 4 pair's thinking off for one
+    request as vLLM clients do (``extra_body={"chat_template_kwargs": ...}``), the switch
+    leaks into the next request, or a malformed one is not a 400 naming the parameter."""
+    small, target = FAMILY_PAIRS["gemma-4"]
+    served = serve(start_family(loopback_server, "gemma-4"), backend="openai",
+                   small_model=small, target_model=target, small_template="server",
+                   target_template="server", response_template="auto")
+    sdk = client(served)
+    question = [{"role": "user", "content": "What is 12 * 13?"}]
+    off = sdk.chat.completions.create(model="specthink", messages=question,  # type: ignore[arg-type]
+                                      extra_body={"chat_template_kwargs":
+                                                  {"enable_thinking": False}})
+    assert off.choices[0].message.content == ANSWER
+    assert "reasoning_content" not in (off.choices[0].message.model_extra or {})
+    assert sum((off.model_extra or {})["specthink"]["takeovers"].values()) == 0
+    on = sdk.chat.completions.create(model="specthink", messages=question)  # type: ignore[arg-type]
+    assert (on.choices[0].message.model_extra or {})["reasoning_content"] == REASONING
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.chat.completions.create(model="specthink", messages=question,  # type: ignore[arg-type]
+                                    extra_body={"chat_template_kwargs": [1]})
+    assert "chat_template_kwargs" in str(refused.value)

@@ -142,3 +142,23 @@ async def test_bind_tools_per_family(loopback_server: Callable[..., object],
                 [(c["name"], c["args"]) for c in streamed.tool_calls]) == expected
     finally:
         await model.aclose()
+
+
+async def test_a_calls_template_kwargs_switch_gemma4s_thinking_off(
+        loopback_server: Callable[..., object]) -> None:
+    """If this fails, a LangChain caller cannot switch a Gemma 4 pair's thinking off for one
+    call (``template_kwargs=`` as a call argument), or the switch outlives the call."""
+    small, target = FAMILY_PAIRS["gemma-4"]
+    pair = start_family(loopback_server, "gemma-4")
+    model = ChatSpeculativeThinking(
+        small_url=pair.small.url, target_url=pair.target.url, backend="openai",
+        small_model=small, target_model=target, small_template="server",
+        target_template="server", response_template="auto")
+    try:
+        off = await model.ainvoke("What is 12 * 13?",
+                                  template_kwargs={"enable_thinking": False})
+        on = await model.ainvoke("What is 12 * 13?")
+    finally:
+        await model.aclose()
+    assert (off.content, off.additional_kwargs.get("reasoning_content")) == (ANSWER, None)
+    assert on.additional_kwargs["reasoning_content"] == REASONING
