@@ -459,6 +459,7 @@ POLICIES: dict[str, type[Policy]] = {
 
 # "Through specthink serve" sits beside the in-process engine; its module needs this one, so it
 # is added once this module is complete.
-from benchmarks.serve_policy import ServePolicy  # noqa: E402
+from benchmarks.serve_policy import ServePolicy, ServeResponsesPolicy  # noqa: E402
 
 POLICIES[ServePolicy.name] = ServePolicy
+POLICIES[ServeResponsesPolicy.name] = ServeResponsesPolicy

@@ -3,8 +3,10 @@ in-process engine, answered by an OpenAI client streaming from a ``specthink ser
 that runs the engine (``python -m benchmarks.serve`` or ``specthink bench-serve``).
 
 Per level (1, 16, 256 conversations at once): wall/ideal of the in-process engine, of the
-server with one worker and with ``--workers 2``, and the time to first token each adds over the
-in-process engine (p50/p99, per conversation, same trace and latencies). The server runs in a
+server with one worker and with ``--workers 2``, each through chat completions and through the
+Responses API (``POST /v1/responses``), and the time to first token each adds over the
+in-process engine (p50/p99, per conversation, same trace and latencies); each Responses row
+also as a ratio to the chat row beside it, measured in the same run. The server runs in a
 process of its own (started by the policy, in the client's cell process), so the client's CPU
 figures stay the client's.
 """
@@ -25,15 +27,16 @@ import orjson
 import typer
 from rich.console import Console
 
+from benchmarks.cli import parse_levels
 from benchmarks.metrics import cell_metrics
 from benchmarks.runner import BenchConfig, Level, measure_capacity
-from benchmarks.serve_policy import ServePolicy
+from benchmarks.serve_policy import LAYOUTS, ServePolicy, ServeResponsesPolicy
 from benchmarks.servers import ServerPair
 from benchmarks.traces import TraceSpec
-from benchmarks.worker import WARMUP_CONVERSATION, CellSpec, run_cell_in_child
+from benchmarks.worker import WARMUP_CONVERSATION, CellSpec, run_cell, run_cell_in_child
 from specthink.output import split_reasoning
 
-__all__ = ["ServeBenchResult", "ServePolicy", "ServeRow", "bench_serve", "register",
+__all__ = ["CELLS", "ServeBenchResult", "ServePolicy", "ServeRow", "bench_serve", "register",
            "run_serve_bench", "write_report"]
 
 @dataclass(slots=True)
@@ -42,6 +45,10 @@ class ServeRow:
 
     how: str
     conversations: int
+    api: str | None
+    """``chat`` (``/v1/chat/completions``), ``responses`` (``/v1/responses``), or ``None``
+    for the in-process engine."""
+    workers: int | None
     wall_over_ideal: float
     """Mean over conversations of wall time / the latency model's time."""
     ttft_p50: float | None
@@ -52,6 +59,9 @@ class ServeRow:
     same_text: bool | None = None
     """Every conversation's reasoning and answer equal the in-process engine's."""
     errors: int = 0
+    vs_chat: dict[str, float | None] | None = None
+    """A Responses row's ``ttft_p50``, ``ttft_p99`` and ``wall_over_ideal`` over the chat row's
+    at the same level and workers (1.0: the same; above: the Responses API is slower)."""
 
 
 @dataclass(slots=True)
@@ -75,13 +85,24 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 CELLS = (("in-process engine", "engine", "default"),
-         ("specthink serve, 1 worker", "serve", "default"),
-         ("specthink serve, --workers 2", "serve", "workers-2"))
+         ("specthink serve, 1 worker, chat completions", ServePolicy.name, "default"),
+         ("specthink serve, 1 worker, /v1/responses", ServeResponsesPolicy.name, "default"),
+         ("specthink serve, --workers 2, chat completions", ServePolicy.name, "workers-2"),
+         ("specthink serve, --workers 2, /v1/responses", ServeResponsesPolicy.name, "workers-2"))
+"""(row name, policy, layout), in the order they run: each Responses cell right after the chat
+cell it is compared with, so a change in the machine's load between them stays small."""
+
+_APIS = {ServePolicy.name: "chat", ServeResponsesPolicy.name: "responses"}
+
+
+def _ratio(responses: float | None, chat: float | None) -> float | None:
+    return None if responses is None or not chat else responses / chat
 
 
 def run_serve_bench(config: BenchConfig | None = None, progress: object = print,
-                    ) -> ServeBenchResult:
-    """Every cell of :data:`CELLS` at every level of ``config``."""
+                    cells: tuple[tuple[str, str, str], ...] = CELLS) -> ServeBenchResult:
+    """Every cell of ``cells`` (by default :data:`CELLS`; the in-process engine first, the
+    others are compared with it) at every level of ``config``."""
     config = config or BenchConfig()
     say = progress if callable(progress) else (lambda message: None)
     started = time.monotonic()
@@ -103,12 +124,14 @@ def run_serve_bench(config: BenchConfig | None = None, progress: object = print,
             numbers = tuple(range(1, level.conversations + 1))
             firsts: dict[int, float] = {}
             texts: dict[int, str] = {}
-            for how, policy, layout in CELLS:
+            chat_rows: dict[str, ServeRow] = {}
+            for how, policy, layout in cells:
                 say(f"{level.conversations} conversations: {how}")
                 servers.prepare(trace, latencies["small"], latencies["target"],
                                 (WARMUP_CONVERSATION, *numbers))
-                out = run_cell_in_child(CellSpec(policy, numbers, servers.small.url,
-                                                 servers.target.url, trace, layout=layout))
+                spec = CellSpec(policy, numbers, servers.small.url, servers.target.url, trace,
+                                layout=layout)
+                out = run_cell_in_child(spec) if config.isolate else run_cell(spec)
                 result.errors.extend(out.errors)
                 metrics = cell_metrics(policy=policy, layout=layout, scale=scale,
                                        outcomes=out.outcomes, records=servers.records(),
@@ -118,7 +141,10 @@ def run_serve_bench(config: BenchConfig | None = None, progress: object = print,
                                        rss_growth_kb=out.rss_growth_kb)
                 ttft = {o.conversation: o.first_text - o.started for o in out.outcomes
                         if o.first_text is not None}
-                row = ServeRow(how, level.conversations, metrics.mean_conversation_ratio,
+                api = _APIS.get(policy)
+                row = ServeRow(how, level.conversations, api,
+                               None if api is None else LAYOUTS[layout],
+                               metrics.mean_conversation_ratio,
                                _percentile(list(ttft.values()), 50),
                                _percentile(list(ttft.values()), 99), errors=len(out.errors))
                 if policy == "engine":
@@ -133,6 +159,14 @@ def run_serve_bench(config: BenchConfig | None = None, progress: object = print,
                     added = [ttft[c] - firsts[c] for c in ttft if c in firsts]
                     row.added_ttft_p50 = _percentile(added, 50)
                     row.added_ttft_p99 = _percentile(added, 99)
+                if api == "chat":
+                    chat_rows[layout] = row
+                elif api == "responses" and layout in chat_rows:
+                    chat = chat_rows[layout]
+                    row.vs_chat = {
+                        "ttft_p50": _ratio(row.ttft_p50, chat.ttft_p50),
+                        "ttft_p99": _ratio(row.ttft_p99, chat.ttft_p99),
+                        "wall_over_ideal": _ratio(row.wall_over_ideal, chat.wall_over_ideal)}
                 result.rows.append(row)
     result.seconds = time.monotonic() - started
     result.loadavg = (f"{load_before} before, "
@@ -148,8 +182,31 @@ def _same(value: bool | None) -> str:
     return "—" if value is None else ("yes" if value else "NO")
 
 
+def _times(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}×"
+
+
+def _span(values: list[float]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.3f}×" if f"{low:.3f}" == f"{high:.3f}" else f"{low:.3f}× to {high:.3f}×"
+
+
+def responses_summary(result: ServeBenchResult) -> str | None:
+    """One sentence: the Responses API against chat completions over the run's levels."""
+    ratios = [row.vs_chat for row in result.rows if row.vs_chat is not None]
+    spans = {}
+    for name in ("ttft_p50", "ttft_p99", "wall_over_ideal"):
+        values = [value for ratio in ratios if (value := ratio.get(name)) is not None]
+        if not values:
+            return None
+        spans[name] = _span(values)
+    return ("Through `/v1/responses`, against chat completions in the same run at the same "
+            f"level and workers: TTFT p50 {spans['ttft_p50']}, TTFT p99 {spans['ttft_p99']}, "
+            f"wall/ideal {spans['wall_over_ideal']} (1.000× is the same; above is slower).")
+
+
 def write_report(result: ServeBenchResult, out: Path) -> Path:
-    """``serve.md`` in ``out``."""
+    """``serve.md`` and ``serve.json`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     lines = [
         "# Benchmark: through `specthink serve`",
@@ -157,9 +214,12 @@ def write_report(result: ServeBenchResult, out: Path) -> Path:
         f"Run {result.started}, {result.seconds:.0f} s, on {os.cpu_count()} CPUs "
         f"(Python {sys.version.split()[0]}; load average {result.loadavg}). Same loopback TGI "
         "servers, traces and latency model as `specthink bench` (docs/benchmarks/results.md); "
-        "the client streams from a `specthink serve` process (OpenAI protocol, "
-        "`include_usage`) instead of running the engine itself. Written by "
-        "`specthink bench-serve`.",
+        "the client streams from a `specthink serve` process instead of running the engine "
+        "itself, through chat completions (`include_usage`; the end is `[DONE]`) and through "
+        "the Responses API (`POST /v1/responses`, default `store`; first text is the first "
+        "`response.reasoning_text.delta` or `response.output_text.delta`, the end "
+        "`response.completed`), both read by httpx over the engine's lean transport. "
+        "Written by `specthink bench-serve`.",
         "",
         "Wall/ideal: a conversation's wall time over the time the latency model needs for "
         "its requests (mean over conversations). Added time to first token: per conversation, "
@@ -178,6 +238,22 @@ def write_report(result: ServeBenchResult, out: Path) -> Path:
                      f"{_ms(row.added_ttft_p99)} | {_same(row.same_text)} | {row.errors} |")
     lines += ["", "Targets (issue 15): ≤ 1 ms p50 added, wall/ideal ≤ 1.03 at 1 and ≤ 1.08 at "
               "256 conversations.", ""]
+    compared = [row for row in result.rows if row.vs_chat is not None]
+    if compared:
+        lines += ["## The Responses API against chat completions", "",
+                  "Each `/v1/responses` row over the chat completions row run just before it "
+                  "(same level, workers, conversations and latencies). Target (issue 23): "
+                  "no worse.", "",
+                  "| conversations | workers | TTFT p50 | TTFT p99 | wall/ideal |",
+                  "|---:|---:|---:|---:|---:|"]
+        for row in compared:
+            assert row.vs_chat is not None
+            lines.append(f"| {row.conversations} | {row.workers} | "
+                         f"{_times(row.vs_chat['ttft_p50'])} | "
+                         f"{_times(row.vs_chat['ttft_p99'])} | "
+                         f"{_times(row.vs_chat['wall_over_ideal'])} |")
+        summary = responses_summary(result)
+        lines += ["", *([summary, ""] if summary else [])]
     if result.errors:
         lines += ["## Errors", "", "```", *result.errors[:5], "```", ""]
     path = out / "serve.md"
@@ -191,11 +267,17 @@ def bench_serve(
     out: Annotated[Path, typer.Option(help="Directory for serve.md and serve.json.")]
     = Path("docs/benchmarks"),
     quick: Annotated[bool, typer.Option(help="Tiny traces, near-zero latencies.")] = False,
+    levels: Annotated[str | None, typer.Option(
+        help="Concurrency levels as CONVERSATIONSxPARAGRAPHS, each optionally followed by "
+             "/no-rule2, comma-separated (default 1x30,16x12,256x5/no-rule2).")] = None,
 ) -> None:
     """The engine in-process against the same conversations through specthink serve.
 
-    One worker and two: wall/ideal and the time to first token the server adds."""
+    One worker and two, chat completions and the Responses API: wall/ideal and the time to
+    first token the server adds."""
     config = BenchConfig.quick() if quick else BenchConfig()
+    if levels is not None:
+        config = dataclasses.replace(config, levels=parse_levels(levels))
     err = Console(stderr=True, highlight=False)
     print(write_report(run_serve_bench(config, progress=err.print), out))
 

@@ -1,5 +1,9 @@
-"""The "through ``specthink serve``" policy: an OpenAI-protocol client of a ``specthink serve``
-process it starts itself (see :mod:`benchmarks.serve` for the benchmark)."""
+"""The "through ``specthink serve``" policies: an OpenAI-protocol client of a ``specthink serve``
+process it starts itself, streaming chat completions (``serve``) or Responses
+(``serve-responses``); see :mod:`benchmarks.serve` for the benchmark.
+
+Both read the server-sent events with httpx alone; only a :class:`Wire` differs: the path, the
+request body, and which event carries text, the statistics and the end."""
 
 from __future__ import annotations
 
@@ -9,8 +13,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import httpx
 import orjson
@@ -19,11 +25,88 @@ from benchmarks.policies import Outcome, Policy, budget_for
 from benchmarks.traces import TraceSpec, make_trace, messages_for
 from specthink.backends._transport import LeanTransport
 
-__all__ = ["LAYOUTS", "ServePolicy"]
+__all__ = ["CHAT", "LAYOUTS", "RESPONSES", "Read", "ServePolicy", "ServeResponsesPolicy", "Wire"]
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = {"default": 1, "workers-2": 2}
 """ServePolicy layouts: the number of ``specthink serve`` workers."""
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """What one server-sent event's data carries for the benchmark."""
+
+    kind: Literal["reasoning", "content"] | None = None
+    text: str = ""
+    stats: dict[str, Any] | None = None
+    """The engine's statistics (the ``specthink`` object), on the event that carries them."""
+    end: bool = False
+    """The stream's last event: the answer is complete."""
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """The per-API part of :meth:`ServePolicy.run`."""
+
+    path: str
+    body: Callable[[list[dict[str, str]], int], dict[str, Any]]
+    """The streamed request for the conversation's messages and token budget."""
+    read: Callable[[str], Read]
+    """One event's ``data:`` text; raises when the server reports a failure."""
+
+
+def _chat_read(data: str) -> Read:
+    if data == "[DONE]":
+        return Read(end=True)
+    chunk = orjson.loads(data)
+    if "error" in chunk:
+        raise RuntimeError(f"specthink serve: {chunk['error']['message']}")
+    if "usage" in chunk:
+        return Read(stats=chunk["specthink"])
+    if chunk["choices"]:
+        delta = chunk["choices"][0]["delta"]
+        if delta.get("reasoning_content"):
+            return Read("reasoning", delta["reasoning_content"])
+        if delta.get("content"):
+            return Read("content", delta["content"])
+    return Read()
+
+
+CHAT = Wire(
+    "/v1/chat/completions",
+    lambda messages, budget: {"model": "specthink", "messages": messages, "stream": True,
+                              "stream_options": {"include_usage": True}, "max_tokens": budget},
+    _chat_read)
+"""Chat completions with ``include_usage``: the statistics ride on the usage chunk, the end
+is ``[DONE]``."""
+
+_RESPONSES_TEXT: dict[str, Literal["reasoning", "content"]] = {
+    "response.reasoning_text.delta": "reasoning", "response.output_text.delta": "content"}
+
+
+def _responses_read(data: str) -> Read:
+    event = orjson.loads(data)
+    kind = event["type"]
+    if kind in _RESPONSES_TEXT:
+        return Read(_RESPONSES_TEXT[kind], event["delta"])
+    if kind in ("response.completed", "response.incomplete"):  # incomplete: the budget ran out
+        return Read(stats=event["response"]["specthink"], end=True)
+    if kind in ("response.failed", "error"):
+        error = event["response"]["error"] if kind == "response.failed" else event
+        raise RuntimeError(f"specthink serve: {kind}: {error['message']}")
+    return Read()
+
+
+RESPONSES = Wire(
+    "/v1/responses",
+    # The chat messages are valid Responses input items (``type`` defaults to ``message``);
+    # ``store`` is left at OpenAI's default (true), as the Responses clients send it.
+    lambda messages, budget: {"model": "specthink", "input": messages, "stream": True,
+                              "max_output_tokens": budget},
+    _responses_read)
+"""The Responses API: text in ``response.reasoning_text.delta`` and
+``response.output_text.delta``, the statistics and the end in ``response.completed`` (or
+``response.incomplete``, as chat's ``finish_reason: length``)."""
 
 
 def _free_port() -> int:
@@ -35,10 +118,11 @@ def _free_port() -> int:
 
 class ServePolicy(Policy):
     """An OpenAI-protocol client of a ``specthink serve`` process (paper preset, DeepSeek-R1
-    template, as the engine policy), streaming with ``include_usage``."""
+    template, as the engine policy), streaming chat completions with ``include_usage``."""
 
     name = "serve"
     streams_from = ("small", "target")
+    wire: ClassVar[Wire] = CHAT
 
     def __init__(self, small_url: str, target_url: str, trace: TraceSpec, *,
                  layout: str = "default") -> None:
@@ -75,38 +159,35 @@ class ServePolicy(Policy):
 
     async def run(self, conversation: int, budget: int | None = None) -> Outcome:
         trace = make_trace(self.trace, conversation)
-        body = {"model": "specthink", "messages": messages_for(trace), "stream": True,
-                "stream_options": {"include_usage": True},
-                "max_tokens": budget or budget_for(self.trace, conversation)}
+        wire = self.wire
+        body = wire.body(messages_for(trace), budget or budget_for(self.trace, conversation))
         started = time.monotonic()
         first: float | None = None
-        reasoning: list[str] = []
-        content: list[str] = []
-        stats: dict[str, Any] = {}
-        async with self._client.stream("POST", f"{self.url}/v1/chat/completions",
-                                       json=body) as response:
+        finished: float | None = None
+        texts: dict[str, list[str]] = {"reasoning": [], "content": []}
+        stats: dict[str, Any] | None = None
+        async with self._client.stream("POST", f"{self.url}{wire.path}", json=body) as response:
             response.raise_for_status()
             async for line in response.aiter_lines():
-                if not line.startswith("data: {"):
+                if not line.startswith("data: "):
                     continue
-                chunk = orjson.loads(line[6:])
-                if "error" in chunk:
-                    raise RuntimeError(f"specthink serve: {chunk['error']['message']}")
-                if chunk["choices"]:
-                    delta = chunk["choices"][0]["delta"]
-                    piece = delta.get("reasoning_content") or delta.get("content")
-                    if piece:
-                        if first is None:
-                            first = time.monotonic()
-                        (reasoning if "reasoning_content" in delta else content).append(piece)
-                if "usage" in chunk:
-                    stats = chunk["specthink"]
-        finished = time.monotonic()
+                read = wire.read(line[6:])
+                if read.kind is not None:
+                    if first is None:
+                        first = time.monotonic()
+                    texts[read.kind].append(read.text)
+                if read.stats is not None:
+                    stats = read.stats
+                if read.end:
+                    finished = time.monotonic()
+        if finished is None or stats is None:
+            raise RuntimeError(f"specthink serve: {wire.path}'s stream ended before its end "
+                               "event or without the statistics")
         takeovers = {k: v for k, v in stats["takeovers"].items() if v}
         requests = dict(stats["requests"])
         return Outcome(
             conversation=conversation, started=started, finished=finished, first_text=first,
-            text="".join(reasoning) + "\x00" + "".join(content),
+            text="".join(texts["reasoning"]) + "\x00" + "".join(texts["content"]),
             small_tokens=int(stats["small_tokens"]),
             target_tokens=int(stats["target_tokens"])
             + int(stats["intervention_tokens"]),
@@ -125,3 +206,10 @@ class ServePolicy(Policy):
                 await asyncio.to_thread(self._process.wait, 30)
             except subprocess.TimeoutExpired:
                 self._process.kill()
+
+
+class ServeResponsesPolicy(ServePolicy):
+    """:class:`ServePolicy` streaming ``POST /v1/responses`` instead of chat completions."""
+
+    name = "serve-responses"
+    wire = RESPONSES

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from specthink.errors import BackendError, ConfigError
+from specthink.errors import BackendError, ConfigError, redact_url
 from specthink.prompts import (
     _BUILTIN,
     CHATML,
@@ -217,8 +217,8 @@ class AutoTemplate(ServerRenderedTemplate):
         if family is None:
             option = f"{self.role}_template" if self.role in ("small", "target") else "template"
             raise ConfigError(
-                f"the {self.role} server {backend.url} renders no chat template and the model "
-                f"{model_id!r} is of no family specthink knows; pass {option}= one of "
+                f"the {self.role} server {redact_url(backend.url)} renders no chat template and "
+                f"the model {model_id!r} is of no family specthink knows; pass {option}= one of "
                 f"{', '.join(repr(n) for n in _BUILTIN)}, a Jinja template source, or the path "
                 "of the model's tokenizer_config.json")
         prompt = await self._builtin(family).render(messages, tools, backend)
@@ -274,7 +274,7 @@ class AutoTemplate(ServerRenderedTemplate):
             except Exception as exc:  # learning is an optimisation: it never fails a call
                 level = logging.DEBUG if isinstance(exc, BackendError) else logging.WARNING
                 logger.log(level, "%s: the template probe failed (%r); the server renders",
-                           backend.url, exc)
+                           redact_url(backend.url), exc)
                 return
             renderings: list[tuple[Sequence[Mapping[str, Any]], str | None]] = [
                 *zip(PROBE_CONVERSATIONS, probes, strict=True), (messages, text)]
@@ -286,8 +286,8 @@ class AutoTemplate(ServerRenderedTemplate):
             record.known, record.learnt = True, learnt
             if learnt is not None:
                 logger.info("%s renders its chat template as the built-in %s does: later "
-                            "conversations without tools are rendered client-side", backend.url,
-                            learnt.name)
+                            "conversations without tools are rendered client-side",
+                            redact_url(backend.url), learnt.name)
         finally:
             self._end_learning(record)
 

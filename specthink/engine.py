@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import json
 import time
 import uuid
 import warnings
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .accepted import AcceptedText
-from .backends.base import Backend, SamplingParams, StreamToken
+from .backends.base import Backend, SamplingParams, ServerInfo, StreamToken
 from .errors import (
     BackendError,
     ConfigError,
@@ -39,6 +40,7 @@ from .errors import (
     PromptTooLongError,
     StreamDroppedError,
     TargetFallbackWarning,
+    redact_url,
 )
 from .formats import THINK_HERMES, OutputFormat, held_back
 from .request import ChatRequest
@@ -56,6 +58,7 @@ from .rules import (
     resolve_rules,
 )
 from .sync import _LoopThread, run_sync
+from .tools import call_opener
 from .trace import (
     Event,
     FallbackEvent,
@@ -128,6 +131,16 @@ class _Run:
     undecided_tokens: int = 0
     """Tokens accepted while ``reasoning`` is still ``None`` (the text so far may still
     become the opening tag): counted as reasoning if it does."""
+    call_opener: str = ""
+    """A tool call the caller requires (``tool_choice``), not begun yet: the engine writes this
+    opener as soon as the reasoning ends (at the answer's first token when there is none)."""
+    reopen: bool = False
+    """The engine wrote into the text (the call opener): the open stream must be asked again
+    from the new text."""
+    call_at: int = -1
+    """Where the JSON of the call the engine opened begins in the text (-1: none)."""
+    call_grammars: dict[Role, dict[str, Any] | None] = field(default_factory=dict)
+    """Per server, the grammar for the rest of the opened call (``backend.call_grammar``)."""
     done: bool = False
 
     def __post_init__(self) -> None:
@@ -176,6 +189,7 @@ class SpeculativeThinker:
         output_format: OutputFormat = THINK_HERMES,
         small_template_kwargs: Mapping[str, Any] | None = None,
         target_template_kwargs: Mapping[str, Any] | None = None,
+        on_request: Callable[[Role, int], None] | None = None,
     ) -> None:
         if on_target_error not in ("fallback", "raise"):
             raise ConfigError(
@@ -205,6 +219,11 @@ class SpeculativeThinker:
         the end of the reasoning)."""
         self._intervention_tokens: dict[str, int] = {}
         """Tokens of each intervention text (rules may differ per call), counted once."""
+        self.on_request = on_request
+        """Called with the role and the attempt number (1, 2, ...) as each generation request
+        is sent, retries included, whether the call then succeeds or not (``serve``'s
+        metrics); ``Statistics.requests`` only reaches callers whose call finished."""
+        self._server_info: dict[Role, ServerInfo] = {}
         self._target_checked = False
         """The target's template and limits were checked once; later calls prepare its prompt
         beside the small model's first stream."""
@@ -222,6 +241,12 @@ class SpeculativeThinker:
     @property
     def backends(self) -> dict[Role, Backend]:
         return {"small": self.small, "target": self.target}
+
+    @property
+    def server_info(self) -> dict[Role, ServerInfo]:
+        """What each server said about itself (model id, limits) when a call or ``warm_up``
+        last asked; empty before. Adapters describe the model with it without a request."""
+        return dict(self._server_info)
 
     async def aclose(self) -> None:
         """Close both backends' HTTP clients (the ones they opened themselves)."""
@@ -275,7 +300,7 @@ class SpeculativeThinker:
             self._end_preparation(run)
         if start is not None:
             yield start
-        models = {role: run.model_ids.get(role) or self.backends[role].url
+        models = {role: run.model_ids.get(role) or redact_url(self.backends[role].url)
                   for role in ("small", "target")}
         result = Result(text=run.text, events=tuple(run.events), stats=run.stats,
                         starts_in_reasoning=run.starts_in_reasoning,
@@ -356,7 +381,29 @@ class SpeculativeThinker:
         constrained = run.sampling.grammar is not None and self.small.supports_grammar
         run.starts_in_reasoning = (not constrained
                                    and policy.output_format.opened_by(run.prompts["small"]))
+        await self._require_call(run, request)
         return run
+
+    async def _require_call(self, run: _Run, request: ChatRequest) -> None:
+        """A call ``tool_choice`` requires: a text model only reads the instruction, so the
+        engine writes the call's opener itself, and a server's grammar (where it takes one)
+        keeps the rest JSON."""
+        from . import prompts
+
+        required, name = prompts.required_call(request.tool_choice, request.tools)
+        if not required or run.policy.output_format.template is not None:
+            # A response template's calls have its own syntax (harmony, Gemma, XML): only the
+            # span formats' Hermes JSON calls are opened here.
+            return
+        run.call_opener = call_opener(name, run.policy.output_format.tool_call.open)
+        roles: tuple[Role, Role] = ("small", "target")
+        tools = request.tools or []
+        grammars = await asyncio.gather(*(self.backends[role].call_grammar(tools, name)
+                                          for role in roles), return_exceptions=True)
+        for role, grammar in zip(roles, grammars, strict=True):
+            if isinstance(grammar, BaseException) and not isinstance(grammar, BackendError):
+                raise grammar
+            run.call_grammars[role] = None if isinstance(grammar, BaseException) else grammar
 
     async def _prepare_role(self, run: _Run, role: Role, request: ChatRequest) -> None:
         """The prompt for ``role`` and a check of it against the server's limits."""
@@ -441,17 +488,26 @@ class SpeculativeThinker:
         prompt = run.prompts[role]
         backend = self.backends[role]
         info = await backend.info()
+        self._server_info[role] = info
         run.model_ids[role] = info.model_id
         if info.max_stop_sequences is not None and stop_count > info.max_stop_sequences:
             raise ConfigError(
-                f"{stop_count} stop sequences given, but the {role} server {backend.url} allows "
-                f"at most {info.max_stop_sequences}")
+                f"{stop_count} stop sequences given, but the {role} server "
+                f"{redact_url(backend.url)} allows at most {info.max_stop_sequences}")
         if info.max_input_tokens is None and info.max_total_tokens is None:
             return
         # A token covers at least one byte (byte-level BPE; special tokens cover several), so
         # the UTF-8 length bounds the token count. Only prompts near a limit are tokenised by
         # the server: most conversations need no extra request.
         length = len(prompt.encode())
+        if (info.max_input_tokens is not None
+                and length > info.max_input_tokens * MAX_BYTES_PER_TOKEN):
+            # The other way round no count is needed either: whatever the tokenizer, a prompt
+            # of this many bytes has more tokens than the server takes.
+            raise PromptTooLongError(
+                f"the prompt has {length} bytes, so at least "
+                f"{-(-length // MAX_BYTES_PER_TOKEN)} tokens, more than the {role} server's "
+                f"max_input_tokens={info.max_input_tokens} ({redact_url(backend.url)})")
         fits_input = info.max_input_tokens is None or length <= info.max_input_tokens
         fits_total = (info.max_total_tokens is None
                       or length + run.budget_left <= info.max_total_tokens)
@@ -464,7 +520,7 @@ class SpeculativeThinker:
         if info.max_input_tokens is not None and length > info.max_input_tokens:
             raise PromptTooLongError(
                 f"the prompt has {length} tokens, more than the {role} server's "
-                f"max_input_tokens={info.max_input_tokens} ({backend.url})")
+                f"max_input_tokens={info.max_input_tokens} ({redact_url(backend.url)})")
 
     # ---- the loop: carrying out the policy's actions ----------------------------------------
 
@@ -490,6 +546,8 @@ class SpeculativeThinker:
                 break
         if not run.done:
             run.finish("stop")
+        for piece in self._close_opened_call(run):
+            yield piece
         if not run.stats.input_tokens:
             # The server reports prompt tokens on a stream's last token, which a takeover cuts
             # (and llama.cpp's server never sends them when streaming): one /tokenize then.
@@ -524,12 +582,12 @@ class SpeculativeThinker:
                         if action is ACCEPT:
                             for event in self._accept(run, "small", token.text, None, 1):
                                 yield event
-                            if run.done:
+                            if run.done or run.reopen:
                                 break
                         elif action is not HOLD:
                             for event in self._release(run, action):
                                 yield event
-                            if run.done or policy.handover is not None:
+                            if run.done or policy.handover is not None or run.reopen:
                                 break
                         if run.prepare_target is not None:
                             # The first token is handled (a probe may be open now): the
@@ -539,11 +597,23 @@ class SpeculativeThinker:
                 resumes = self._resumed(run, "small", exc, resumes)
                 policy.small_dropped()
                 continue
+            except ContextLimitError:
+                if not _context_filled(run):
+                    raise  # the prompt alone does not fit: the caller's error
+                run.finish("length")
+                break
+            if run.reopen and not run.done and policy.handover is None:
+                run.reopen = False
+                policy.small_dropped()  # held tokens are asked again after the opener
+                continue
             if run.done or policy.handover is not None:
                 return
             # The stream ended: open windows close with what they hold.
             for event in self._release(run, policy.small_ended()):
                 yield event
+            if run.reopen and not run.done and policy.handover is None:
+                run.reopen = False  # the held end of the reasoning: the call follows
+                continue
             if run.done or policy.handover is not None:
                 return
             self._stream_ended(run, finish_reason, got_tokens)
@@ -583,7 +653,7 @@ class SpeculativeThinker:
         events: list[TextEvent] = []
         while isinstance(action, Release):
             events.extend(self._accept(run, "small", action.text, None, action.tokens))
-            if run.done:
+            if run.done or run.reopen:
                 break
             action = action.then
         return events
@@ -615,6 +685,8 @@ class SpeculativeThinker:
                                 yield event
                             if run.done:
                                 return
+                            if run.reopen:
+                                break
                             action = policy.target_token(token.text)
                             if action is ACCEPT:
                                 continue
@@ -626,7 +698,14 @@ class SpeculativeThinker:
                     except StreamDroppedError as exc:
                         resumes = self._resumed(run, "target", exc, resumes)
                         continue
+                if run.reopen:
+                    run.reopen = False
+                    continue
                 self._stream_ended(run, finish_reason, received)
+        except ContextLimitError:
+            if not _context_filled(run):
+                raise  # the prompt alone does not fit, as a PromptTooLongError at the start
+            run.finish("length")
         except BackendError as exc:
             yield self._target_failed(run, exc)
 
@@ -690,27 +769,79 @@ class SpeculativeThinker:
         run.budget_left -= tokens
         before = run.length
         recent = run.accepted.append(text)
+        opener: list[TextEvent] = []
         if run.reasoning is None:
             run.reasoning = _opens_reasoning(run)
             if run.reasoning is None:  # only (part of) the opening tag so far
                 run.undecided_tokens += tokens
             elif run.reasoning:
                 stats.reasoning_tokens += run.undecided_tokens
+            elif run.call_opener:
+                # No reasoning first: the answer, so the call, begins here.
+                run.accepted.truncate(before)
+                text, opener = "", self._write_call_opener(run, "")
         if run.reasoning:
             stats.reasoning_tokens += tokens
             run.reasoning = run.policy.output_format.reasoning.close not in recent
-        piece = TextEvent(source, text, rule)
+            if not run.reasoning and run.call_opener:
+                text, opener = self._open_required_call(run, before)
+        pieces = [*([TextEvent(source, text, rule)] if text else []), *opener]
         if not run.stop:
             run.emitted = run.length
-            run.events.append(piece)
-            out = [piece]
+            run.events.extend(pieces)
+            out = pieces
         else:
-            run.unemitted.append(piece)
+            run.unemitted.extend(pieces)
             out = self._emit_before_stops(run, before)
         if run.budget_left <= 0 and not run.done:
             run.finish("length")
             out.extend(self._flush(run))
         return out
+
+    def _open_required_call(self, run: _Run, before: int) -> tuple[str, list[TextEvent]]:
+        """The reasoning has just closed and a call is required: the answer is the call. The
+        accepted text is cut right after the closing tag (what the model began to answer is
+        dropped) and the opener follows; returns this piece's kept text and the opener."""
+        text = run.text
+        close = run.policy.output_format.reasoning.close
+        end = text.index(close, max(0, before - run.accepted.keep)) + len(close)
+        run.accepted.truncate(end)
+        return text[before:end], self._write_call_opener(run, "\n\n")
+
+    @staticmethod
+    def _write_call_opener(run: _Run, separator: str) -> list[TextEvent]:
+        """Append the required call's opener (after ``separator``) to the accepted text; the
+        open stream is then asked again from the new text (``run.reopen``)."""
+        opener = separator + run.call_opener
+        run.call_opener = ""
+        run.reopen = True
+        tokens = _estimate(opener)
+        run.stats.intervention_tokens += tokens
+        run.budget_left -= tokens
+        run.call_at = run.length + opener.index("{")
+        run.accepted.append(opener)
+        return [TextEvent("intervention", opener, None)]
+
+    def _close_opened_call(self, run: _Run) -> list[TextEvent]:
+        """The model stopped right after the arguments of the call the engine opened (a
+        grammar ends there): close the call."""
+        if run.call_at < 0:
+            return []
+        try:
+            call = json.loads(run.text[run.call_at:] + "}")
+        except ValueError:
+            return []  # the model closed it (or left it broken: the caller sees the text)
+        if not isinstance(call, dict) or not isinstance(call.get("arguments"), dict):
+            return []
+        closing = "}\n" + run.policy.output_format.tool_call.close
+        run.accepted.append(closing)
+        piece = TextEvent("intervention", closing, None)
+        if run.stop:
+            run.unemitted.append(piece)  # shown by the flush that ends the run
+            return []
+        run.emitted = run.length
+        run.events.append(piece)
+        return [piece]
 
     def _emit_before_stops(self, run: _Run, appended_at: int) -> list[TextEvent]:
         longest = max(len(s) for s in run.stop)
@@ -758,17 +889,24 @@ class SpeculativeThinker:
         backend = self.backends[role]
         stats = run.stats
 
+        observer = self.on_request
+
         def on_attempt(attempt: int) -> None:
             stats.requests[role] += 1
             if attempt > 1:
                 stats.retries[role] += 1
+            if observer is not None:
+                observer(role, attempt)
 
         prompt = run.prompts[role] + run.text
+        run.reopen = False  # a stream opened now starts from the text as it is
         if role == "small":
             run.reports_prompt_tokens = not run.length and not run.stats.input_tokens
         sampling = run.sampling
         if sampling.grammar is not None and not backend.supports_grammar:
             sampling = dataclasses.replace(sampling, grammar=None)
+        if run.call_at >= 0 and (grammar := run.call_grammars.get(role)) is not None:
+            sampling = dataclasses.replace(sampling, grammar=grammar)  # the call's arguments
 
         def open_stream(tokens: int) -> AbstractAsyncContextManager[AsyncIterator[StreamToken]]:
             return backend.stream(prompt, max_new_tokens=max(1, tokens), sampling=sampling,
@@ -777,16 +915,48 @@ class SpeculativeThinker:
         async def with_fresh_limits() -> AbstractAsyncContextManager[AsyncIterator[StreamToken]]:
             # The server refused a length: its limits may have changed since /info was cached.
             await self._refresh_limits(run, role)
-            return open_stream(self._room(run, role, max_new_tokens))
+            room = self._room(run, role, max_new_tokens)
+            if room <= 0:  # asking again would only be refused again
+                what = ("the prompt and the text written so far fill" if _context_filled(run)
+                        else "the prompt does not fit")
+                raise ContextLimitError(f"{what} the {role} server's context of "
+                                        f"{run.total_limits[role]} tokens", url=backend.url)
+            return open_stream(room)
 
         return _TimedStream(open_stream(max_new_tokens), stats, role, with_fresh_limits)
 
     async def _refresh_limits(self, run: _Run, role: Role) -> None:
         info = await self.backends[role].info(refresh=True)  # inside the stream's boundary
+        self._server_info[role] = info
         if info.max_total_tokens is not None:
             run.total_limits[role] = info.max_total_tokens
+            if role not in run.exact_prompt_tokens:
+                # A byte count bounds the prompt's tokens loosely: near a limit, ask.
+                with contextlib.suppress(BackendError):
+                    exact = await self.backends[role].count_tokens(run.prompts[role])
+                    run.exact_prompt_tokens[role] = run.prompt_tokens[role] = exact
         else:
             run.total_limits.pop(role, None)
+
+
+MAX_BYTES_PER_TOKEN = 1024
+"""No token of a text covers more bytes than this, so a prompt has at least
+``ceil(bytes / MAX_BYTES_PER_TOKEN)`` tokens. The longest ordinary token of 20 vocabularies
+llama.cpp tests (GPT-2, Llama 2/3, Qwen2/3.5, Gemma 4, DeepSeek, Falcon, MPT, StarCoder,
+Command R, ...) is 512 bytes (a run of spaces); twice that leaves room for vocabularies not
+measured. A tighter lower bound does not exist without the tokenizer: one token per N bytes for
+any N below the longest token is not guaranteed."""
+
+
+def _estimate(text: str) -> int:
+    """Tokens of text the engine writes itself, for the budget (no server counted them)."""
+    return max(1, len(text) // 4)
+
+
+def _context_filled(run: _Run) -> bool:
+    """A server refused the length of a request that carried text written in this call: the
+    conversation has filled its context, so the answer ends there (``length``)."""
+    return run.stats.output_tokens > 0
 
 
 def _opens_reasoning(run: _Run) -> bool | None:

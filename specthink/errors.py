@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
     "BackendConnectionError",
@@ -68,7 +69,25 @@ __all__ = [
     "error_from_response",
     "in_stream_error",
     "is_context_limit_message",
+    "redact_url",
 ]
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit for a message or a log line: credentials (``user:password@``) and the query
+    string (where API keys travel: ``?key=...``) replaced by ``***``, the fragment dropped.
+
+    The one redaction of server URLs: every error message, log line and ``repr`` that names a
+    server goes through it, so a URL's secrets never reach a client's error body or a log.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unparseable URL may hide anything: show none of it
+        return "<unreadable url>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
 
 
 class SpecthinkError(Exception):
@@ -114,7 +133,8 @@ class BackendError(SpecthinkError):
     def __init__(self, message: str, *, url: str = "", role: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.url = url
+        self.url = redact_url(url) if url else url
+        """The server's URL, redacted (:func:`redact_url`): errors travel to clients and logs."""
         self.role = role
 
     def __str__(self) -> str:

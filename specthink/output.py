@@ -16,6 +16,7 @@ model merely drafted while thinking is never executed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -192,19 +193,26 @@ def _split_trailing_space(text: str) -> tuple[str, str]:
 def _read_calls(answer: str, tools: frozenset[str] | None, max_tool_calls: int | None,
                 span: Span) -> tuple[str, list[ToolCall], bool]:
     """``(content, calls, parsed)``: the calls of ``answer`` when tools were offered, TGI's
-    ``no_tool`` answer turned back into text; ``parsed`` tells whether any block was read."""
+    ``no_tool`` answer turned back into text; ``parsed`` tells whether any block was read.
+
+    A call naming a function that was not offered is never a tool call: nobody could run it
+    (an agent would loop on "not a valid tool"). Its arguments are the answer, as JSON: that is
+    what a model asked for a JSON schema beside tools (LangChain's ``ProviderStrategy``) writes
+    when it dresses the schema's object up as a call of the schema's name."""
     if not tools:
         return answer, [], False
     content, calls = parse_tool_calls(answer, span)
     kept: list[ToolCall] = []
     texts = [content] if content else []
     for call in calls:
-        if call.name == NO_TOOL and NO_TOOL not in tools:
+        if call.name in tools:
+            kept.append(call)
+        elif call.name == NO_TOOL:
             said = call.arguments.get("content")
             if isinstance(said, str) and said.strip():
                 texts.append(said.strip())
         else:
-            kept.append(call)
+            texts.append(json.dumps(call.arguments, ensure_ascii=False))
     return "\n\n".join(texts), kept[:max_tool_calls], bool(calls)
 
 

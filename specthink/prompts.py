@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import jinja2
 
+from specthink._json import check_depth
 from specthink.backends.base import ServerInfo
-from specthink.errors import ConfigError
+from specthink.errors import ConfigError, redact_url
 from specthink.templates import builtin_source, environment
 
 if TYPE_CHECKING:  # at run time, imported on first use (see __getattr__): it imports this module
@@ -54,6 +55,7 @@ __all__ = [
     "apply_tool_choice",
     "family_template",
     "render_prompt",
+    "required_call",
     "resolve_template",
     "template_from_file",
     "template_kwargs_option",
@@ -235,6 +237,7 @@ def _validate_tool(index: int, tool: object) -> dict[str, Any]:
         raise ConfigError(f"tools[{index}] is a {type(tool).__name__}; expected a dict")
     if not isinstance(function.get("name"), str) or not function["name"]:
         raise ConfigError(f"tools[{index}] has no function name")
+    check_depth(tool, f"tools[{index}]")  # templates and json.dumps recurse through it
     return wrapped
 
 
@@ -310,6 +313,19 @@ def apply_tool_choice(messages: Sequence[Mapping[str, Any]],
     else:
         shaped.insert(0, {"role": "system", "content": instruction})
     return shaped, valid_tools
+
+
+def required_call(tool_choice: str | Mapping[str, Any] | None,
+                  tools: Sequence[Mapping[str, Any]] | None) -> tuple[bool, str | None]:
+    """``(required, name)``: whether ``tool_choice`` requires a call, and of which tool
+    (``None``: any; a single offered tool is that tool). Checked as :func:`tool_instruction`."""
+    if tool_instruction(tool_choice, tools) is None:
+        return False, None
+    name = _chosen_name(tool_choice)
+    if name in ("required", "any"):
+        offered = _tool_names(validate_tools(tools) or [])
+        return True, offered[0] if len(offered) == 1 else None
+    return True, name
 
 
 def _wire_tool_choice(tool_choice: str | Mapping[str, Any] | None,
@@ -428,9 +444,9 @@ class ServerTemplate(ServerRenderedTemplate):
                                          **template_kwargs_option(self.template_kwargs))
         if text is None:
             raise ConfigError(
-                f"the server {backend.url} cannot render chat templates; choose a client-side "
-                f"template: {', '.join(repr(n) for n in _BUILTIN)}, a Jinja template source or "
-                "the path of the model's tokenizer_config.json")
+                f"the server {redact_url(backend.url)} cannot render chat templates; choose a "
+                f"client-side template: {', '.join(repr(n) for n in _BUILTIN)}, a Jinja "
+                "template source or the path of the model's tokenizer_config.json")
         return text
 
     def __repr__(self) -> str:

@@ -8,6 +8,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from specthink._json import check_depth
 from specthink.errors import ConfigError
 
 __all__ = ["grammar_for", "json_instruction", "with_system_text"]
@@ -29,6 +30,7 @@ def _kind(response_format: Mapping[str, Any]) -> str:
 
 def _schema(response_format: Mapping[str, Any]) -> dict[str, Any]:
     # OpenAI makes "schema" optional (no schema: any JSON object).
+    check_depth(response_format, "response_format")  # json.dumps below recurses
     return dict(response_format["json_schema"].get("schema") or {"type": "object"})
 
 

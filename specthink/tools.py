@@ -16,7 +16,7 @@ from typing import Any
 
 from .formats import THINK_HERMES, Span
 
-__all__ = ["TOOL_CALL_OPEN", "ToolCall", "parse_tool_calls"]
+__all__ = ["TOOL_CALL_OPEN", "ToolCall", "call_opener", "parse_tool_calls"]
 
 TOOL_CALL_OPEN = THINK_HERMES.tool_call.open
 
@@ -93,3 +93,12 @@ def _read_call(body: str) -> ToolCall | None:
         return None
     return ToolCall(id=f"call_{uuid.uuid4().hex[:12]}", name=payload["name"],
                     arguments=arguments)
+
+
+def call_opener(name: str | None, open_tag: str = TOOL_CALL_OPEN) -> str:
+    """The start of a JSON call (Hermes/Qwen layout) the engine writes itself when a call is
+    required: with ``name``, everything up to its arguments (the model writes the arguments
+    object); without, up to the name (the model chooses the tool)."""
+    if name is None:
+        return open_tag + '\n{"name": "'
+    return open_tag + "\n" + '{"name": ' + json.dumps(name) + ', "arguments": '

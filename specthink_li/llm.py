@@ -141,8 +141,8 @@ class SpeculativeThinkingLLM(PairSettings, FunctionCallingLLM):
         # Product(value=156)
 
     Metadata (``context_window`` is the smaller ``max_input_tokens`` of the two servers'
-    ``/info``, fetched once, lazily and asynchronously; a default stands in until then, so
-    fetch it before building a query engine, which sizes its prompts once)::
+    ``/info``, as any call learnt it, or fetched by ``afetch_metadata``; a default stands in
+    until then, so fetch it before building a query engine, which sizes its prompts once)::
 
         meta = await llm.afetch_metadata()       # or llm.fetch_metadata() in sync code
         meta.context_window, meta.num_output, meta.model_name
@@ -249,7 +249,7 @@ class SpeculativeThinkingLLM(PairSettings, FunctionCallingLLM):
     def metadata(self) -> LLMMetadata:
         """What LlamaIndex plans prompts with; a default until the servers' ``/info`` is in
         (``await afetch_metadata()``, or any call, fetches it)."""
-        infos = self._infos
+        infos = self._infos or self._learnt_infos()
         window = self.context_window or _context_window(infos) or DEFAULT_CONTEXT_WINDOW
         if infos is None:
             names = (self.small_model or self.small_url, self.target_model or self.target_url)
@@ -263,6 +263,16 @@ class SpeculativeThinkingLLM(PairSettings, FunctionCallingLLM):
             is_function_calling_model=True,
             model_name=f"{names[0]} + {names[1]}",
         )
+
+    def _learnt_infos(self) -> tuple[ServerInfo, ServerInfo] | None:
+        """What the engine's calls learnt of both servers (no request is made here)."""
+        if self._thinker is None or (self._thinker_key is not None
+                                     and self._thinker_key != self.pair_key()):
+            return None  # settings changed since: the next call's engine will ask again
+        learnt = self._thinker.server_info
+        if "small" not in learnt or "target" not in learnt:
+            return None
+        return learnt["small"], learnt["target"]
 
     async def afetch_metadata(self) -> LLMMetadata:
         """Ask both servers for ``/info`` (once; the backends' timeouts and auth apply)."""

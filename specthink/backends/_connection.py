@@ -23,7 +23,7 @@ from specthink.backends._errors import error_for_status, translate_errors, trans
 from specthink.backends._retry import RetryPolicy
 from specthink.backends._transport import LeanResponseStream, LeanTransport
 from specthink.backends.base import OnAttempt
-from specthink.errors import BackendError, ConfigError
+from specthink.errors import BackendError, ConfigError, redact_url
 
 __all__ = [
     "SHARD_SIZE",
@@ -58,14 +58,15 @@ def uses_environment_proxy(url: str) -> bool:
 def validate_url(url: str) -> str:
     """The server URL without a trailing slash; anything but http(s) is a ``ConfigError``."""
     if not isinstance(url, str) or not url:
-        raise ConfigError(f"server url must be a non-empty http(s) URL, got {url!r}")
+        raise ConfigError("server url must be a non-empty http(s) URL, got "
+                          f"{redact_url(url) if isinstance(url, str) else repr(url)}")
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
-        raise ConfigError(f"server url {url!r} is not a valid URL: {exc}") from exc
+        raise ConfigError(f"server url {redact_url(url)!r} is not a valid URL") from exc
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ConfigError(f"server url must start with http:// or https:// and name a host, "
-                          f"got {url!r}")
+                          f"got {redact_url(url)!r}")
     return url.rstrip("/")
 
 
@@ -155,6 +156,8 @@ class ServerConnection:
                  headers: Mapping[str, str] | None = None,
                  transport: Literal["lean", "httpx"] = "lean") -> None:
         self.url = validate_url(url)
+        self.shown_url = redact_url(self.url)
+        """The URL for messages and logs (:func:`~specthink.errors.redact_url`)."""
         self.timeout = resolve_timeout(timeout, connect=connect_timeout, read=read_timeout)
         self.retry = retry or RetryPolicy()
         key = api_key if api_key is not None else os.environ.get(_constants.API_KEY_ENV)
@@ -300,7 +303,7 @@ class ServerConnection:
 
         if not retry:
             return await once()
-        return await self.retry.call(f"{method} {self.url}{path}", once)
+        return await self.retry.call(f"{method} {self.shown_url}{path}", once)
 
     async def request_json(self, method: str, path: str, body: Any = None, *,
                            retry: bool = True, on_attempt: OnAttempt | None = None,
@@ -339,4 +342,4 @@ class ServerConnection:
                 await answer.aclose()
                 raise
 
-        return await self.retry.call(f"POST {self.url}{path}", once)
+        return await self.retry.call(f"POST {self.shown_url}{path}", once)

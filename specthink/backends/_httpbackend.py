@@ -11,6 +11,7 @@ events and checks the first one) and the decoder of its tokens (:meth:`HTTPBacke
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import weakref
 from abc import ABC, abstractmethod
@@ -31,6 +32,7 @@ from specthink.errors import (
     BackendStatusError,
     ConfigError,
     StreamDroppedError,
+    redact_url,
 )
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "event_json",
     "malformed_event",
     "no_finish_reason",
+    "routing_header_value",
     "sampling_fields",
     "validate_headers",
     "validate_routing_headers",
@@ -53,6 +56,32 @@ named by ``--routing-key-headers``."""
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 """An HTTP field name (RFC 9110 ``token``)."""
+
+
+MAX_PLAIN_ROUTING_KEY = 128
+"""Longest routing key sent as it is; longer ones are sent hashed."""
+_PLAIN_ROUTING_KEY = re.compile(r"[A-Za-z0-9._~:@+=/-]+")
+"""Characters every HTTP stack and router passes through unchanged (no space, no ``%``)."""
+HASHED_ROUTING_KEY_PREFIX = "sha256-"
+
+
+def routing_header_value(routing_key: str) -> str:
+    """The header value that carries ``routing_key``: the key itself when it is short and
+    plain (letters, digits, ``._~:@+=/-``, at most :data:`MAX_PLAIN_ROUTING_KEY`), else
+    ``sha256-`` and the first 32 hex digits of its UTF-8 SHA-256.
+
+    A function of the key alone, so every request of a conversation (and every serve replica)
+    sends the same value and a router's stickiness holds. Hashing instead of refusing: a
+    caller's ``user`` or ``X-Session-ID`` may be any string (non-ASCII, which httpx cannot put
+    in a header; line breaks, which would inject headers; 100 KB, which routers refuse), and
+    the router only needs equal keys to stay equal. A plain key that itself starts with the
+    prefix is hashed too, so no key can pose as another's hash.
+    """
+    if (len(routing_key) <= MAX_PLAIN_ROUTING_KEY and _PLAIN_ROUTING_KEY.fullmatch(routing_key)
+            and not routing_key.startswith(HASHED_ROUTING_KEY_PREFIX)):
+        return routing_key
+    digest = hashlib.sha256(routing_key.encode("utf-8", "surrogatepass")).hexdigest()
+    return HASHED_ROUTING_KEY_PREFIX + digest[:32]
 
 
 def validate_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -251,21 +280,21 @@ class HTTPBackend(ABC, Generic[ReaderT]):
 
     def __repr__(self) -> str:
         key = ", api_key=***" if self._conn.has_api_key else ""
-        return f"{type(self).__name__}({self.url!r}{self._repr_details()}{key})"
+        return (f"{type(self).__name__}({redact_url(self.url)!r}{self._repr_details()}"
+                f"{key})")
 
     def _repr_details(self) -> str:
         """What ``repr`` shows between the URL and the API key."""
         return ""
 
     def routing(self, routing_key: str | None) -> dict[str, str] | None:
-        """The headers that carry ``routing_key`` (``None``: no headers)."""
+        """The headers that carry ``routing_key`` (``None``: no headers), its value made safe
+        for a header by :func:`routing_header_value`."""
         if routing_key is None:
             return None
-        if not isinstance(routing_key, str) or not routing_key or any(
-                c in routing_key for c in "\r\n\0"):
-            raise ConfigError(f"routing_key must be a non-empty single-line string, "
-                              f"got {routing_key!r}")
-        return dict.fromkeys(self.routing_headers, routing_key)
+        if not isinstance(routing_key, str) or not routing_key:
+            raise ConfigError(f"routing_key must be a non-empty string, got {routing_key!r}")
+        return dict.fromkeys(self.routing_headers, routing_header_value(routing_key))
 
     @asynccontextmanager
     async def stream(self, prompt: str, *, max_new_tokens: int, sampling: SamplingParams,

@@ -25,7 +25,7 @@ class SamplingParams:
     repetition_penalty: float | None = None
     grammar: dict[str, Any] | None = None
     """TGI grammar (``{"type": "json", "value": schema}``); sent only to backends that
-    support it."""
+    support it. ``{"type": "gbnf", "value": text}`` is llama.cpp's (``call_grammar``)."""
     keep_special_tokens: bool = False
     """The output format's markers may be special tokens (harmony's ``<|channel|>``, Mistral's
     ``[THINK]``): ask the server to keep them in the text (vLLM / SGLang
@@ -97,6 +97,13 @@ class Backend(Protocol):
         ...
 
     async def health(self) -> bool: ...
+
+    async def call_grammar(self, tools: Sequence[dict[str, Any]],
+                           name: str | None) -> dict[str, Any] | None:
+        """A ``SamplingParams.grammar`` for the rest of a call the engine opened (a required
+        call): with ``name``, its arguments, one JSON object; without, the name of one of
+        ``tools``, then its arguments. ``None`` where the server takes no such grammar."""
+        ...
 
     async def count_tokens(self, text: str) -> int: ...
 

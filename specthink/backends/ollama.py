@@ -123,6 +123,10 @@ class OllamaBackend(HTTPBackend[NDJSONStream]):
     """Ollama's runner tokenizes raw prompts with the model's BOS, as llama.cpp does."""
     supports_grammar = False
     keeps_tool_turns = True
+
+    async def call_grammar(self, tools: Sequence[dict[str, Any]],
+                           name: str | None) -> dict[str, Any] | None:
+        return None  # /api/generate takes a JSON schema in "format", not after a prefix
     """Moot: Ollama renders no template here (``raw``), so tool turns are rendered
     client-side, whole."""
 

@@ -12,14 +12,18 @@ shared error mapper and thin I/O on :class:`OpenAICompletionsBackend`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, ClassVar, Literal, Unpack
 
+from specthink.backends._connection import ResponseBody
+from specthink.backends._counting import count_occurrences, int_field
 from specthink.backends._httpbackend import (
     HTTPOptions,
     SSEBackend,
@@ -35,9 +39,11 @@ from specthink.errors import (
     BackendStatusError,
     BackendTimeoutError,
     ConfigError,
+    ContextLimitError,
     InStreamError,
     StreamDroppedError,
     in_stream_error,
+    redact_url,
 )
 
 __all__ = ["BACKEND", "ChatRendering", "CompletionDecoder", "OpenAICompletionsBackend",
@@ -53,6 +59,9 @@ _FINISH: dict[str, FinishReason] = {
     "stop_sequence": "stop",
 }
 
+STREAMED_COUNT_CHARS = 64 * 1024
+"""Texts longer than this are counted from the tokenizer's answer as it streams in
+(:mod:`specthink.backends._counting`), never from a parsed id list."""
 TokenizeMethod = Literal["vllm", "tgi", "llama_cpp", "llama_cpp_python", "estimate"]
 _METHODS: tuple[TokenizeMethod, ...] = ("vllm", "tgi", "llama_cpp", "llama_cpp_python")
 
@@ -143,7 +152,8 @@ def completion_body(prompt: str, *, model: str | None, max_new_tokens: int,
     which OpenAI-compatible servers accept (TGI maps it to ``do_sample=false``)."""
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if sampling.grammar is not None:
+    grammar = sampling.grammar
+    if grammar is not None and grammar.get("type") != "gbnf":
         raise ConfigError("grammar is not supported by the OpenAI-compatible backend "
                           "(supports_grammar is False); use TGIBackend for constrained output")
     body: dict[str, Any] = {
@@ -157,6 +167,8 @@ def completion_body(prompt: str, *, model: str | None, max_new_tokens: int,
     if sampling.greedy:
         body["temperature"] = 0.0
     body.update(sampling_fields(sampling))
+    if grammar is not None:
+        body["grammar"] = grammar["value"]  # llama.cpp's and llama-cpp-python's GBNF field
     if sampling.keep_special_tokens:
         body["skip_special_tokens"] = False
     return body
@@ -325,6 +337,7 @@ class OpenAICompletionsBackend(SSEBackend):
         """How the server renders chat templates (found on the first :meth:`render_chat`)."""
         self._detecting = _Once()
         self._probing_chat = _Once()
+        self._learnt_context: int | None = None
 
     def _repr_details(self) -> str:
         return f", model={self.model!r}" if self.model else ""
@@ -353,23 +366,112 @@ class OpenAICompletionsBackend(SSEBackend):
     def _tokens(self, stream: SSEStream) -> AsyncIterator[StreamToken]:
         return _TokenStream(stream)
 
+    async def call_grammar(self, tools: Sequence[dict[str, Any]],
+                           name: str | None) -> dict[str, Any] | None:
+        """llama.cpp's and llama-cpp-python's ``grammar`` (GBNF; these servers are known by
+        their tokenizer endpoints): the arguments object, after one of the tools' names when
+        none is chosen. ``None`` for other servers (the model writes unconstrained)."""
+        method, _ = await self._tokenizer("{}")
+        if method not in ("llama_cpp", "llama_cpp_python"):
+            return None
+        if name is not None:
+            return {"type": "gbnf", "value": "root ::= object\n" + JSON_GBNF}
+        names = " | ".join(_gbnf_literal(tool["function"]["name"]) for tool in tools)
+        head = f'root ::= ({names}) "\\", \\"arguments\\": " object\n'
+        return {"type": "gbnf", "value": head + JSON_GBNF}
+
+    async def _opened(self, body: ResponseBody) -> SSEStream:
+        # llama-cpp-python checks the prompt against its context only once its answer has
+        # begun: a prompt that does not fit is a 200 whose body ends, or breaks, before any
+        # event. Asked without streaming, it says so (and how large its context is).
+        stream = SSEStream(body)
+        try:
+            first = await stream.next_event(opening=True)
+        except BackendConnectionError as exc:
+            if not isinstance(exc, StreamDroppedError) and self.context_size is None:
+                await self._check_fits(body.response.request.content)
+            raise
+        if first is None:
+            if self.context_size is None:
+                await self._check_fits(body.response.request.content)
+            return stream  # its reader reports the empty stream
+        self._check_first(first)
+        stream.push_back(first)
+        return stream
+
+    async def _check_fits(self, streamed_body: bytes) -> None:
+        """Ask the request of a stream that broke before its first event again, unstreamed and
+        for one token: a :class:`ContextLimitError` when the server's context cannot hold it
+        (its size learnt from the refusal), nothing when the break had another cause."""
+        try:
+            request = json.loads(streamed_body)
+        except ValueError:
+            return
+        if not isinstance(request, dict):
+            return
+        request.pop("stream_options", None)
+        request.update(stream=False, max_tokens=1)
+        try:
+            await self._conn.request("POST", "/v1/completions", request, retry=False)
+        except ContextLimitError as refusal:
+            self.learn_context_size(refusal.message)
+            raise
+        except BackendError:
+            return
+
+    def learn_context_size(self, message: str) -> int | None:
+        """Keep the context size a server named in a refusal (llama-cpp-python: "This
+        model's maximum context length is N tokens"); it then shows in :meth:`info`."""
+        found = _CONTEXT_SIZE.search(message)
+        if found is None:
+            return None
+        size = int(found.group(1) or found.group(2))
+        self._learnt_context = size
+        if self._info is not None:
+            self._info = _with_context(self._info, size)
+        return size
+
+    @property
+    def context_size(self) -> int | None:
+        """The server's context in tokens (prompt and answer), once known: ``max_model_len``
+        (vLLM), ``/props`` ``n_ctx`` (llama.cpp), or learnt from a refusal (llama-cpp-python,
+        which reports it nowhere else)."""
+        info = self._info
+        if info is not None and info.max_total_tokens is not None:
+            return info.max_total_tokens
+        return self._learnt_context
+
     async def _fetch_info(self) -> ServerInfo:
         """``GET /v1/models``: the model id (``model`` if given and listed), and the context
-        length where the server reports one (vLLM's ``max_model_len``)."""
+        length where the server reports one: vLLM's ``max_model_len``, else llama.cpp's
+        ``GET /props`` ``n_ctx``, else what a refusal said (:meth:`learn_context_size`)."""
         raw = await self._conn.request_json("GET", "/v1/models")
         data = raw.get("data") if isinstance(raw, dict) else None
         entries = [e for e in data or () if isinstance(e, dict) and "id" in e]
         if not entries:
             raise BackendError(f"/v1/models lists no model: {str(raw)[:200]}", url=self.url)
         entry = next((e for e in entries if e["id"] == self.model), entries[0])
-        max_len = entry.get("max_model_len")
-        max_len = max_len if isinstance(max_len, int) and max_len > 0 else None
-        return ServerInfo(
-            model_id=str(entry["id"]),
-            # A prompt must leave room for at least one new token.
-            max_input_tokens=max_len - 1 if max_len else None,
-            max_total_tokens=max_len,
-            raw=raw)
+        max_len = _positive(entry.get("max_model_len"))
+        if max_len is None:
+            max_len = await self._props_context()
+        info = ServerInfo(model_id=str(entry["id"]), raw=raw)
+        size = max_len or self._learnt_context
+        return info if size is None else _with_context(info, size)
+
+    async def _props_context(self) -> int | None:
+        """llama.cpp's ``GET /props``: the context of a slot (``default_generation_settings``
+        ``n_ctx``); ``None`` from servers without it (a 404: vLLM, llama-cpp-python, TGI)."""
+        try:
+            props = await self._conn.request_json("GET", "/props", retry=False)
+        except BackendStatusError as exc:
+            if exc.status_code in _ABSENT_STATUSES:
+                return None
+            raise
+        settings = props.get("default_generation_settings") if isinstance(props, dict) else None
+        n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
+        if n_ctx is None and isinstance(props, dict):
+            n_ctx = props.get("n_ctx")
+        return _positive(n_ctx)
 
     async def count_tokens(self, text: str) -> int:
         """The server's token count of ``text`` as a raw prompt, BOS included where the server
@@ -381,8 +483,32 @@ class OpenAICompletionsBackend(SSEBackend):
         (``{"content"}``), llama-cpp-python's ``/extras/tokenize`` (``{"input"}``); concurrent
         first callers share that search, and its answer is kept (:attr:`tokenize_method`).
         """
+        if len(text) > STREAMED_COUNT_CHARS:
+            if self.tokenize_method is None:
+                await self._tokenizer("Hi")  # found on a probe: never on the long text
+            count = await self._count(self.tokenize_method, text)
+            if count is not None:
+                return count
         ids = await self._server_ids(text)
         return -(-len(text) // 4) if ids is None else len(ids)
+
+    async def _count(self, method: TokenizeMethod | None, text: str) -> int | None:
+        """``text``'s token count read as the tokenizer's answer streams in: vLLM's and
+        llama-cpp-python's ``count`` field, or TGI's objects counted one read at a time; ``None``
+        where the endpoint has no such answer (llama.cpp's bare id list)."""
+        if method == "vllm":
+            return await self._conn.open_stream(
+                "/tokenize", {"model": await self._model(), "prompt": text},
+                opened=lambda body: int_field(body, "count"))
+        if method == "tgi":
+            return await self._conn.open_stream(
+                "/tokenize", {"inputs": text},
+                opened=lambda body: count_occurrences(body, b'"id":'))
+        if method == "llama_cpp_python":
+            return await self._conn.open_stream(
+                "/extras/tokenize/count", {"input": text},
+                opened=lambda body: int_field(body, "count"))
+        return None
 
     async def tokenize(self, text: str) -> list[int]:
         """The server's token ids of ``text`` as a raw prompt (BOS first where the server adds
@@ -390,7 +516,7 @@ class OpenAICompletionsBackend(SSEBackend):
         server has no tokenizer endpoint."""
         ids = await self._server_ids(text)
         if ids is None:
-            raise BackendError(f"{self.url} has no tokenizer endpoint (tried vLLM's and TGI's "
+            raise BackendError("the server has no tokenizer endpoint (tried vLLM's and TGI's "
                                "/tokenize, llama.cpp's /tokenize, llama-cpp-python's "
                                "/extras/tokenize)", url=self.url)
         return ids
@@ -403,7 +529,7 @@ class OpenAICompletionsBackend(SSEBackend):
         if ids is None:
             ids = await self._ids(method, text)
         if ids is None:
-            raise BackendError(f"{self.url} answered its tokenizer ({method}) with an "
+            raise BackendError(f"the server answered its tokenizer ({method}) with an "
                                "unexpected shape", url=self.url)
         return ids
 
@@ -423,10 +549,11 @@ class OpenAICompletionsBackend(SSEBackend):
                         raise
                     continue
                 if ids is not None:
-                    logger.debug("%s tokenizes with %s", self.url, method)
+                    logger.debug("%s tokenizes with %s", redact_url(self.url), method)
                     self.tokenize_method = method
                     return method, ids
-            logger.debug("%s has no tokenizer endpoint; token counts are estimated", self.url)
+            logger.debug("%s has no tokenizer endpoint; token counts are estimated",
+                         redact_url(self.url))
             self.tokenize_method = "estimate"
             return "estimate", None
 
@@ -496,7 +623,7 @@ class OpenAICompletionsBackend(SSEBackend):
         async with self._probing_chat.lock():
             if self.chat_rendering is None:
                 self.chat_rendering = await self._probe_chat()
-                logger.debug("%s renders chat templates with %s", self.url,
+                logger.debug("%s renders chat templates with %s", redact_url(self.url),
                              self.chat_rendering)
             return self.chat_rendering
 
@@ -542,7 +669,7 @@ class OpenAICompletionsBackend(SSEBackend):
             bos_text = head if head is not None else await self._detokenize(list(bos_ids))
         if not trusted:
             logger.debug("%s: vLLM token strings do not decode byte-level; rendering "
-                         "uses /detokenize", self.url)
+                         "uses /detokenize", redact_url(self.url))
         return ChatRendering("vllm", trusted, bos_ids, bos_text)
 
     @staticmethod
@@ -612,6 +739,34 @@ class OpenAICompletionsBackend(SSEBackend):
         if not isinstance(prompt, str):
             raise BackendError(f"/apply-template answered {str(answer)[:200]}", url=self.url)
         return prompt
+
+
+JSON_GBNF = r"""value ::= object ws | array | string | number | ("true" | "false" | "null") ws
+object ::= "{" ws ( string ":" ws value ( "," ws string ":" ws value )* )? "}"
+array ::= "[" ws ( value ( "," ws value )* )? "]" ws
+string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9]{1,15})? ws
+ws ::= | " " | "\n" [ \t]{0,20}
+"""
+"""JSON values (llama.cpp's grammars/json.gbnf), an ``object`` without trailing space so that
+a required call's arguments end the generation."""
+
+
+def _gbnf_literal(text: str) -> str:
+    return json.dumps(text)  # a JSON string literal is a GBNF one for these names
+
+_CONTEXT_SIZE = re.compile(r"maximum context length is (\d+) tokens"
+                           r"|exceed context window of (\d+)")
+"""llama-cpp-python's refusal (its server's wording, and its library's underneath)."""
+
+
+def _positive(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _with_context(info: ServerInfo, size: int) -> ServerInfo:
+    # A prompt must leave room for at least one new token (llama.cpp refuses len >= n_ctx).
+    return dataclasses.replace(info, max_input_tokens=size - 1, max_total_tokens=size)
 
 
 def openai_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

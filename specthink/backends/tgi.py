@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, ClassVar
 
+from specthink.backends._counting import count_occurrences
 from specthink.backends._httpbackend import (
     SSEBackend,
     TokenStream,
@@ -156,6 +157,16 @@ class TGIBackend(SSEBackend):
     """TGI tokenizes ``inputs`` with special tokens: a rendered template must not carry BOS."""
     supports_grammar = True
     keeps_tool_turns = False
+
+    async def call_grammar(self, tools: Sequence[dict[str, Any]],
+                           name: str | None) -> dict[str, Any] | None:
+        """TGI's JSON grammar: the named tool's arguments, an object its ``parameters``
+        validate (a JSON grammar cannot begin inside the call, before the name)."""
+        if name is None:
+            return None
+        schema = next((tool["function"].get("parameters") for tool in tools
+                       if tool["function"]["name"] == name), None)
+        return {"type": "json", "value": dict(schema or {"type": "object"})}
     """TGI 3.3 keeps only role and content of each message it renders."""
     _warned_kwargs = False
     """The template kwargs TGI cannot take were warned about (once per backend)."""
@@ -188,8 +199,11 @@ class TGIBackend(SSEBackend):
             raw=raw)
 
     async def count_tokens(self, text: str) -> int:
-        """``POST /tokenize``: the server's token count, special tokens (BOS) included."""
-        return len(await self._tokenized(text))
+        """``POST /tokenize``: the server's token count, special tokens (BOS) included, counted
+        as the answer streams in (one object per token: never parsed whole)."""
+        return await self._conn.open_stream(
+            "/tokenize", {"inputs": text},
+            opened=lambda body: count_occurrences(body, b'"id":'))
 
     async def tokenize(self, text: str) -> list[int]:
         """``POST /tokenize``: the server's token ids of ``text`` as a raw prompt, BOS first

@@ -3,7 +3,8 @@
 
 Modules as vLLM's entrypoints: :mod:`~specthink.serve.protocol` (the wire: request model,
 response and chunk bodies), :mod:`~specthink.serve.serving` (request to engine and back),
-:mod:`~specthink.serve.app` (routes, auth, limits, disconnects), :mod:`~specthink.serve.errors`
+:mod:`~specthink.serve.app` (routes, auth, limits, disconnects), ``_http`` (uvicorn's protocols
+with request-head limits), :mod:`~specthink.serve.errors`
 (every error answer), :mod:`~specthink.serve.metrics`, :mod:`~specthink.serve.settings` and
 :mod:`~specthink.serve.cli` (the command).
 

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from starlette.applications import Starlette
@@ -24,12 +24,12 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from specthink.backends.base import Backend
 from specthink.engine import SpeculativeThinker
 from specthink.errors import BackendError, ConfigError
-from specthink.serve import errors
+from specthink.serve import _http, errors
 from specthink.serve.errors import APIError
 from specthink.serve.metrics import (
     CONTENT_TYPE_LATEST,
@@ -63,6 +63,34 @@ serving anyway."""
 JSON = "application/json"
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+INSTRUCT_HINT = (
+    "the small model's chat template opens no reasoning (%s), and the rules (mode 'reasoning', "
+    "as the default 'paper') hand over only inside one: if the small model does not reason "
+    "(an instruct model), no takeover will happen; serve it with --rules paper_instruct "
+    "(SPECTHINK_RULES=paper_instruct), where the target writes the opening. A model that "
+    "writes %s itself (Qwen3) needs nothing.")
+
+
+async def _suggest_instruct_rules(thinker: SpeculativeThinker) -> None:
+    """Warn, once at start, when the reasoning rules meet a template that opens no reasoning.
+
+    A suggestion rather than a switch: the template cannot tell an instruct model from a hybrid
+    one that opens its reasoning itself, and handing a hybrid's opening to the target would
+    change what it answers."""
+    from specthink import prompts
+
+    if thinker.rules.mode != "reasoning":
+        return
+    try:
+        prompt = await prompts.render_prompt(thinker.templates["small"], [
+            {"role": "user", "content": "Hello"}], None, thinker.small)
+    except (BackendError, ConfigError):
+        return  # the first request reports it
+    opening = thinker.output_format.reasoning.open
+    if not thinker.output_format.opened_by(prompt):
+        logger.warning(INSTRUCT_HINT, opening, opening)
 
 
 def build_backends(settings: ServeSettings) -> tuple[Backend, Backend]:
@@ -119,6 +147,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class _EndsStreams(Protocol):
+    """What ends a stream already under way with an error: the chat chunks' and the Responses
+    API events' writers alike."""
+
+    def error(self, error: APIError) -> bytes: ...
+
+    def done(self) -> bytes: ...
+
+
 class _ChatResponse(Response):
     """Runs one chat request while it watches for the client hanging up: a disconnect cancels
     the engine, which closes both model servers' streams (that is how they learn to stop)."""
@@ -129,12 +166,29 @@ class _ChatResponse(Response):
         self.started = started
         self.background = None
         self.status = 200
+        self._writer: _EndsStreams | None = None
+        """Set once the stream's status line is out: an error must then be a chunk."""
+        self._started = False
+        self._ended = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        work = asyncio.ensure_future(self._run(send))
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self._started = True
+            elif not message.get("more_body", False):
+                self._ended = True
+            await send(message)
+
+        work = asyncio.ensure_future(self._run(sending))
         hung_up = asyncio.ensure_future(_disconnected(receive))
         try:
-            await asyncio.wait((work, hung_up), return_when=asyncio.FIRST_COMPLETED)
+            try:
+                await asyncio.wait((work, hung_up), return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                # uvicorn cancels the requests still running when --drain-timeout ends (and
+                # would log the CancelledError as a crash): the answer ends as a proper one.
+                await self._cut_at_shutdown(send, work)
+                return
             if not work.done():
                 self.status = 499  # nginx's "client closed request", for the metrics only
                 work.cancel()
@@ -150,6 +204,30 @@ class _ChatResponse(Response):
             metrics.in_flight.dec()
             metrics.requests.labels(str(self.status)).inc()
             metrics.duration.observe(time.perf_counter() - self.started)
+
+    async def _cut_at_shutdown(self, send: Send, work: asyncio.Future[None]) -> None:
+        """End the answer in flight with an error (a 503, or an error chunk and ``[DONE]`` in a
+        stream already under way) after stopping the engine, which closes both model
+        servers' streams. The cancellation is consumed: this is the request's last act."""
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        if self._ended or (self._started and self._writer is None):
+            return
+        error = APIError(503, "The server is shutting down: the answer was cut when its drain "
+                              "timeout ended; send the request again.", type="server_error",
+                         code="server_shutting_down")
+        self.status = error.status
+        writer = self._writer
+        with contextlib.suppress(OSError, RuntimeError):  # the client may be gone as well
+            if writer is None:
+                await self._send_error(send, error)
+            else:
+                await send({"type": "http.response.body",
+                            "body": writer.error(error) + writer.done()})
 
     async def _run(self, send: Send) -> None:
         if self.call.stream:
@@ -180,6 +258,7 @@ class _ChatResponse(Response):
             writer = ChunkWriter(self.state.settings.model_name,
                                  self.state.settings.reasoning_field)
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            self._writer = writer
             await send({"type": "http.response.body", "body": writer.role(), "more_body": True})
             metrics = self.state.metrics
             started = self.started
@@ -263,6 +342,7 @@ class _ResponsesResponse(_ChatResponse):
                 return
             writer = EventWriter(self.responses)
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            self._writer = writer
             await send({"type": "http.response.body", "body": writer.start(), "more_body": True})
             metrics, started = self.state.metrics, self.started
 
@@ -311,6 +391,7 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         small, target = backends or build_backends(settings)
         thinker = settings.build(backends=(small, target))
+        thinker.on_request = state.metrics.upstream_attempt  # every attempt, as it goes out
         state.thinker = thinker
         try:
             await asyncio.wait_for(thinker.warm_up(), WARM_UP_SECONDS)
@@ -318,6 +399,8 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
             # Model servers often start after this one (compose, a rollout): not fatal.
             logger.warning("the model servers could not be asked at start (%s); the first "
                            "request asks again", exc or "no answer in time")
+        else:
+            await _suggest_instruct_rules(thinker)
         if freeze_heap:  # after the warm-up, whose connections and templates live on
             gc.collect()  # start-up garbage is freed, not frozen
             gc.freeze()
@@ -463,6 +546,15 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
     )
 
 
+def header_limits(settings: ServeSettings) -> _http.HeaderLimits:
+    """The request-head limits of the settings, for :func:`specthink.serve._http.configure`."""
+    return _http.HeaderLimits(max_bytes=settings.max_header_bytes,
+                              timeout=settings.header_timeout)
+
+
 def app_from_environment() -> Starlette:
-    """The factory each ``--workers`` process calls (``uvicorn ... --factory``)."""
-    return create_app(ServeSettings.from_environment(), freeze_heap=True)
+    """The factory each ``--workers`` process calls (``uvicorn ... --factory``); it also sets
+    the worker's request-head limits (its HTTP protocol reads them)."""
+    settings = ServeSettings.from_environment()
+    _http.configure(header_limits(settings))
+    return create_app(settings, freeze_heap=True)

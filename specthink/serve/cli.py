@@ -25,7 +25,7 @@ from specthink._cli_options import (
     template_kwargs_value,
     url_option,
 )
-from specthink.errors import ConfigError
+from specthink.errors import ConfigError, redact_url
 from specthink.serve.settings import (
     ENV_CLIENT_KEYS,
     ENV_UPSTREAM_KEY,
@@ -97,6 +97,12 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(
         envvar="SPECTHINK_SERVE_MAX_BODY_BYTES", help="Larger request bodies get 413.")]
     = 4 * 1024 * 1024,
+    max_header_bytes: Annotated[int, typer.Option(
+        envvar="SPECTHINK_SERVE_MAX_HEADER_BYTES",
+        help="Larger request heads (request line and headers) get 431.")] = 64 * 1024,
+    header_timeout: Annotated[float, typer.Option(
+        envvar="SPECTHINK_SERVE_HEADER_TIMEOUT",
+        help="Seconds a client may take to send a request head (then 408).")] = 20.0,
     responses_store: Annotated[int, typer.Option(
         envvar="SPECTHINK_SERVE_RESPONSES_STORE", min=0,
         help="Responses API answers each worker keeps for previous_response_id (0: none).")]
@@ -114,7 +120,8 @@ def serve(
     try:
         import uvicorn
 
-        from specthink.serve.app import create_app
+        from specthink.serve import _http
+        from specthink.serve.app import create_app, header_limits
     except ImportError:
         stderr().print(INSTALL_HINT, markup=False)
         raise typer.Exit(1) from None
@@ -130,18 +137,22 @@ def serve(
         max_concurrency=max_concurrency,
         reasoning_field=reasoning_field, on_target_error=on_target_error,
         max_body_bytes=max_body_bytes, drain_timeout=drain_timeout,
+        max_header_bytes=max_header_bytes, header_timeout=header_timeout,
         responses_store=responses_store, responses_ttl=responses_ttl)
     console = stderr()
     runtime = event_loop_and_parser()
     console.print(f"specthink serve: http://{host}:{port}/v1 serves {model_name!r} "
-                  f"(small {small}, target {target}, {backend}; {workers} worker(s); "
+                  f"(small {redact_url(small)}, target {redact_url(target)}, {backend}; "
+                  f"{workers} worker(s); "
                   f"{runtime['loop']}, {runtime['http']})")
     if settings.open:
         console.print("[bold yellow]warning:[/] no API key set (--api-key or "
                       f"{ENV_CLIENT_KEYS}): every client is served", soft_wrap=True)
     options: dict[str, object] = {
         "host": host, "port": port, "timeout_graceful_shutdown": drain_timeout,
-        "log_level": "info", "lifespan": "on", **runtime}
+        "log_level": "info", "lifespan": "on", **runtime,
+        "http": _http.protocol_path(runtime["http"])}
+    _http.configure(header_limits(settings))
     if workers == 1:
         uvicorn.run(create_app(settings, freeze_heap=True), **options)  # type: ignore[arg-type]
         return

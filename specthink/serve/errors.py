@@ -9,6 +9,8 @@
 404    ``not_found_error``         a model other than ``--model-name``, or an unknown path
 413    ``invalid_request_error``   the body is larger than the limit
 429    ``rate_limit_error``        more chat requests in flight than ``--max-concurrency``
+499    (no body is read)           the client hung up before its request was read (nginx's
+                                   "client closed request"; for the metrics and access log)
 500    ``server_error``            a bug: the message carries a reference, never a traceback
 502    ``upstream_error``          a model server answered wrongly (``code`` names which)
 503    ``upstream_unavailable``    a model server is down, overloaded or unhealthy
@@ -22,11 +24,13 @@ import uuid
 from typing import Any
 
 import orjson
+from starlette.requests import ClientDisconnect
 
 from specthink.errors import (
     BackendConnectionError,
     BackendError,
     ConfigError,
+    ContextLimitError,
     OverloadedError,
     PromptTooLongError,
     RequestValidationError,
@@ -96,6 +100,10 @@ def from_exception(exc: BaseException, *, param: str | None = None) -> APIError:
     """The answer for an exception raised while serving a chat request."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, ClientDisconnect):
+        # No one is left to read an answer, and nothing went wrong here: no traceback, no 5xx.
+        return APIError(499, "The client closed the connection before its request was read.",
+                        code="client_closed_request")
     if isinstance(exc, PromptTooLongError):
         return invalid(str(exc), "messages", "context_length_exceeded")
     if isinstance(exc, ConfigError):
@@ -113,6 +121,10 @@ def _upstream(exc: BackendError) -> APIError:
     role = exc.role or "a"
     server = f"the {role} model server" if exc.role else "a model server"
     code = f"{exc.role}_server_error" if exc.role else "model_server_error"
+    if isinstance(exc, ContextLimitError):
+        # The server measured the prompt against its context and it does not fit.
+        return invalid(f"the prompt does not fit {server}'s context: {exc}", "messages",
+                       "context_length_exceeded")
     if isinstance(exc, RequestValidationError):
         # The server refused what we sent (typically a prompt over its token limit): the
         # client can fix it, so it is the client's 400, still naming the server.

@@ -101,12 +101,16 @@ class ServeMetrics:
                 self.takeovers.labels(rule).inc(count)
         if stats.output_tokens:
             self.target_share.observe(stats.target_share)
-        for role in ROLES:
-            self.upstream_requests.labels(role).inc(stats.requests.get(role, 0))
-            self.upstream_retries.labels(role).inc(stats.retries.get(role, 0))
         if stats.fallback:
             self.fallbacks.inc()
             self.upstream_errors.labels("target").inc()
+
+    def upstream_attempt(self, role: str, attempt: int) -> None:
+        """One generation request sent (``attempt`` > 1: a retry), counted as it goes out, so
+        calls that fail or are cancelled afterwards count too (the engine's ``on_request``)."""
+        self.upstream_requests.labels(role).inc()
+        if attempt > 1:
+            self.upstream_retries.labels(role).inc()
 
     def upstream_failed(self, role: str | None) -> None:
         self.upstream_errors.labels(role or "unknown").inc()

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from specthink._json import MAX_JSON_DEPTH, depth_exceeds
 from specthink.output import OutputDelta
 from specthink.serve.errors import APIError, invalid
 from specthink.serve.settings import ReasoningField
@@ -109,6 +110,15 @@ class ChatCompletionRequest(BaseModel):
         return None
 
 
+def check_nesting(data: Mapping[str, Any]) -> None:
+    """A 400 naming the first top-level field nested deeper than ``MAX_JSON_DEPTH``; run on a
+    parsed body before anything that recurses (validation, templates, grammars) sees it."""
+    for field, value in data.items():
+        if depth_exceeds(value, MAX_JSON_DEPTH):
+            raise invalid(f"{field}: JSON nested more than {MAX_JSON_DEPTH} levels deep",
+                          field, "nesting_too_deep")
+
+
 def parse_request(body: bytes) -> ChatCompletionRequest:
     """The request from its JSON body; malformed JSON or a wrong field is a 400."""
     try:
@@ -117,6 +127,7 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
         raise invalid(f"The body is not valid JSON: {exc}", None, "invalid_json") from None
     if not isinstance(data, dict):
         raise invalid("The body must be a JSON object.", None, "invalid_json")
+    check_nesting(data)
     try:
         request = ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:

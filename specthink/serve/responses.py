@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from specthink.output import FinalOutput, OutputDelta
 from specthink.serve.errors import APIError, invalid
-from specthink.serve.protocol import ChatCompletionRequest, SpecthinkOptions
+from specthink.serve.protocol import ChatCompletionRequest, SpecthinkOptions, check_nesting
 from specthink.serve.serving import ChatCall
 from specthink.serve.store import ResponseStore
 from specthink.tools import ToolCall
@@ -161,6 +161,7 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
         raise invalid(f"The body is not valid JSON: {exc}", None, "invalid_json") from None
     if not isinstance(data, dict):
         raise invalid("The body must be a JSON object.", None, "invalid_json")
+    check_nesting(data)
     try:
         request = ResponsesRequest.model_validate(data)
     except ValidationError as exc:

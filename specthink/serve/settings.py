@@ -44,6 +44,10 @@ class ServeSettings(PairSettings):
     """Request bodies above this are answered 413."""
     drain_timeout: float = Field(default=30.0, ge=0)
     """Seconds in-flight requests may take to finish after SIGTERM."""
+    max_header_bytes: int = Field(default=64 * 1024, gt=0)
+    """Request heads (request line and headers) above this are answered 431 and closed."""
+    header_timeout: float = Field(default=20.0, gt=0)
+    """Seconds a client may take to send a request head; then 408 and closed."""
     responses_store: int = Field(default=1024, ge=0)
     """Responses API answers each worker keeps for ``previous_response_id`` and
     ``GET /v1/responses/{id}`` (the oldest go first); ``0`` keeps none."""

@@ -46,6 +46,10 @@ class ScriptedBackend:
     supports_grammar = False
     keeps_tool_turns = True
 
+    async def call_grammar(self, tools: Sequence[dict[str, Any]],
+                           name: str | None) -> dict[str, Any] | None:
+        return None
+
     def __init__(self, model: TextModel, *, tokenizer: Tokenizer | None = None,
                  url: str = "inprocess://scripted", model_id: str = "specthink/scripted",
                  max_input_tokens: int | None = None, max_total_tokens: int | None = None,

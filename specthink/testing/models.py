@@ -74,8 +74,10 @@ ASSISTANT_MARKERS = (
 )
 
 
-def assistant_text(prompt: str, markers: Sequence[str] = ASSISTANT_MARKERS) -> str:
-    """The text after the last assistant marker: what the model has written so far."""
+def assistant_text(prompt: str, markers: Sequence[str] = ASSISTANT_MARKERS, *,
+                   keep_think: bool = False) -> str:
+    """The text after the last assistant marker: what the model has written so far (without
+    an opening ``<think>\n`` unless ``keep_think``)."""
     best = -1
     best_end = 0
     for marker in markers:
@@ -83,7 +85,7 @@ def assistant_text(prompt: str, markers: Sequence[str] = ASSISTANT_MARKERS) -> s
         if at > best:
             best, best_end = at, at + len(marker)
     text = prompt[best_end:] if best >= 0 else prompt
-    return text.removeprefix("<think>\n")
+    return text if keep_think else text.removeprefix("<think>\n")
 
 
 def last_user_message(prompt: str) -> str:
@@ -148,6 +150,10 @@ class ScriptedModel:
         return cls([Script("", text, eos)])
 
     def continue_text(self, written: str) -> Continuation:
+        found = self._find(written)
+        return Continuation(self.default, True) if found is None else found
+
+    def _find(self, written: str) -> Continuation | None:
         best: tuple[int, Script, int] | None = None
         for script in self.scripts:
             full = script.after + script.text
@@ -161,12 +167,18 @@ class ScriptedModel:
             if best is None or matched > best[0]:
                 best = (matched, script, matched - len(script.after))
         if best is None:
-            return Continuation(self.default, True)
+            return None
         _, script, offset = best
         return Continuation(script.text[offset:], script.eos)
 
     def continuation(self, prompt: str) -> Continuation:
-        return self.continue_text(assistant_text(prompt, self.markers))
+        written = assistant_text(prompt, self.markers)
+        found = self._find(written)
+        if found is None and written != (raw := assistant_text(prompt, self.markers,
+                                                               keep_think=True)):
+            # A script that writes its own "<think>\n" (under ChatML), resumed after it.
+            found = self._find(raw)
+        return Continuation(self.default, True) if found is None else found
 
 
 class ThinkingModel:

@@ -618,7 +618,15 @@ class LoopbackServer:
         # has one.
         bos = self.template.bos_token
         head = [{"id": self.tokenizer.token_id(bos), "text": bos, "start": 0, "stop": 0}]
-        return JSONResponse((head if bos else []) + simple_tokens(self.tokenizer, body.inputs))
+        inputs = body.inputs
+
+        def answer() -> bytes:
+            tokens = (head if bos else []) + simple_tokens(self.tokenizer, inputs)
+            return json.dumps(tokens, separators=(",", ":")).encode()
+
+        # Off the event loop, as TGI's tokenizer workers are: a long prompt's tokenization
+        # does not hold up the streams this server is writing meanwhile.
+        return Response(await asyncio.to_thread(answer), media_type="application/json")
 
     async def _chat_tokenize(self, request: Request) -> Response:
         chat = read_chat_body(await request.body())

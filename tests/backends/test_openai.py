@@ -15,6 +15,7 @@ from specthink.backends.openai import CompletionDecoder, completion_body
 from specthink.errors import (
     BackendStatusError,
     ConfigError,
+    ContextLimitError,
     InStreamError,
     OverloadedError,
     RequestValidationError,
@@ -256,6 +257,79 @@ async def test_info_reads_max_model_len(openai: Make) -> None:
     info = await openai(Server({"/v1/models": httpx.Response(200, json=MODELS)})).info()
     assert (info.model_id, info.max_total_tokens, info.max_input_tokens) == (
         "Qwen/Qwen2.5-1.5B", 32768, 32767)
+
+
+async def test_info_reads_llama_cpp_props_n_ctx(openai: Make) -> None:
+    """If this fails, a llama.cpp server's context (``/props``; its ``/v1/models`` has none)
+    is unknown, so an over-long prompt is sent instead of refused before generation."""
+    models = {"object": "list", "data": [{"id": "smol", "object": "model", "owned_by": "llamacpp"}]}
+    props = {"default_generation_settings": {"n_ctx": 4096, "params": {}}, "total_slots": 1}
+    info = await openai(Server({"/v1/models": httpx.Response(200, json=models),
+                                "/props": httpx.Response(200, json=props)})).info()
+    assert (info.max_total_tokens, info.max_input_tokens) == (4096, 4095)
+
+
+LLAMA_CPP_PYTHON_MODELS = {"object": "list", "data": [
+    {"id": "SmolLM2-135M-Instruct", "object": "model", "owned_by": "me", "permissions": []}]}
+LLAMA_CPP_PYTHON_REFUSAL = {"error": {
+    "message": "This model's maximum context length is 256 tokens, however you requested 411 "
+               "tokens (401 in your prompt; 10 for the completion). Please reduce your prompt; "
+               "or completion length.",
+    "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}
+
+
+async def test_a_stream_llama_cpp_python_ends_before_its_first_event_is_a_context_limit(
+        openai: Make) -> None:
+    """llama-cpp-python answers a streamed prompt longer than its context with a 200 and no
+    event at all (its check runs once the answer has begun). If this fails, that is a dropped
+    stream (a 503 in serve, StreamDroppedError in the adapters) instead of a ContextLimitError,
+    and the context size stays unknown."""
+    def completions(request: httpx.Request) -> httpx.Response:
+        if json.loads(request.content)["stream"]:
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=b"")
+        return httpx.Response(400, json=LLAMA_CPP_PYTHON_REFUSAL)
+
+    class Refusing(Server):
+        def __call__(self, request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/v1/completions":
+                self.requests.append(request)
+                return completions(request)
+            return super().__call__(request)
+
+    server = Refusing({"/v1/models": httpx.Response(200, json=LLAMA_CPP_PYTHON_MODELS)})
+    backend = openai(server)
+    assert (await backend.info()).max_total_tokens is None
+    with pytest.raises(ContextLimitError, match="maximum context length is 256"):
+        async with backend.stream("word " * 400, max_new_tokens=10, sampling=GREEDY):
+            pytest.fail("the stream opened")
+    asked = [json.loads(r.content) for r in server.requests if r.url.path == "/v1/completions"]
+    assert [(body["stream"], body["max_tokens"]) for body in asked] == [(True, 10), (False, 1)]
+    info = await backend.info()
+    assert (info.max_total_tokens, info.max_input_tokens) == (256, 255)
+    assert (await backend.info(refresh=True)).max_total_tokens == 256
+
+
+TOOLS = [{"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+         for name in ("get_weather", "get_time")]
+
+
+async def test_a_required_calls_grammar_is_gbnf_on_llama_cpp_servers_only(openai: Make) -> None:
+    """If this fails, a call the engine opened for ``tool_choice`` is left to a model that may
+    write anything on llama.cpp servers (which take GBNF in ``grammar``), or an unknown field
+    goes to servers that take none."""
+    python = openai(Server({"/extras/tokenize": httpx.Response(200, json={"tokens": [1]})}))
+    named = await python.call_grammar(TOOLS, "get_time")
+    any_tool = await python.call_grammar(TOOLS, None)
+    assert named is not None and any_tool is not None
+    assert named["type"] == "gbnf" and named["value"].startswith("root ::= object\n")
+    assert any_tool["value"].startswith(
+        'root ::= ("get_weather" | "get_time") "\\", \\"arguments\\": " object\n')
+    body = completion_body("p", model=None, max_new_tokens=4,
+                           sampling=SamplingParams(grammar=named))
+    assert body["grammar"] == named["value"]
+    vllm = openai(Server({"/tokenize": httpx.Response(200, json={"count": 1, "tokens": [1]})}),
+                  model="m")
+    assert await vllm.call_grammar(TOOLS, "get_time") is None
 
 
 async def test_count_tokens_with_vllm(openai: Make) -> None:

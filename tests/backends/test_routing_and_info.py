@@ -5,6 +5,8 @@ errors told apart from other validation errors."""
 from __future__ import annotations
 
 import asyncio
+import re
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -13,7 +15,7 @@ import pytest
 
 from specthink import SpeculativeThinker
 from specthink.backends import OpenAICompletionsBackend, SamplingParams, TGIBackend
-from specthink.backends._httpbackend import HTTPBackend
+from specthink.backends._httpbackend import HTTPBackend, routing_header_value
 from specthink.errors import (
     BackendConnectionError,
     ConfigError,
@@ -114,10 +116,9 @@ def test_bad_routing_headers_are_a_config_error(names: Any) -> None:
         TGIBackend("http://127.0.0.1:1", routing_headers=names)
 
 
-@pytest.mark.parametrize("key", ["", "a\r\nX-Evil: 1"])
-async def test_a_bad_routing_key_is_refused_before_any_request(key: str) -> None:
-    """Broken: a key with a line break reaches the wire (header injection) or an empty key is
-    sent as a blank header."""
+async def test_an_empty_routing_key_is_refused_before_any_request() -> None:
+    """Broken: an empty key is sent as a blank header."""
+    key = ""
     sent: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -130,6 +131,37 @@ async def test_a_bad_routing_key_is_refused_before_any_request(key: str) -> None
         await collect(backend, routing_key=key)
     assert sent == []
     await client.aclose()
+
+
+ODD_KEYS = {"non-ascii": "utilisateur-é-中文-🙂", "100 KB": "k" * 100_000,
+            "line break": "a\r\nX-Evil: 1", "space and percent": "user 7 %41",
+            "posing as a hash": "sha256-0123"}
+
+
+@pytest.mark.parametrize("key", list(ODD_KEYS.values()), ids=list(ODD_KEYS))
+async def test_any_routing_key_is_sent_as_a_safe_stable_header(
+        make: Make, loopback_server: Start, key: str) -> None:
+    """Any string works as a routing key: it reaches the server as a short ASCII header value
+    (the same one on every request, so a router's stickiness holds), never raw. Broken: a
+    non-ASCII key is a UnicodeEncodeError (a 500 in serve), a 100 KB one a 502 from a router,
+    a line break injects a header."""
+    server = loopback_server()
+    backend = make(server)
+    await collect(backend, routing_key=key)
+    await collect(backend, routing_key=key)
+    await collect(backend, routing_key=key + "x")
+    values = [r.headers["x-session-id"] for r in generation_records(server, backend)]
+    assert values[0] == values[1] != values[2]
+    assert values[0] == routing_header_value(key)
+    assert re.fullmatch(r"sha256-[0-9a-f]{32}", values[0])
+    assert all("x-evil" not in r.headers for r in server.records)
+
+
+def test_plain_routing_keys_are_sent_unchanged() -> None:
+    """Broken: session ids a router or a log shows (uuids, ``conv-42``) become opaque hashes."""
+    for key in ("conv-42", uuid.uuid4().hex, "user@example.com", "a" * 128):
+        assert routing_header_value(key) == key
+    assert routing_header_value("a" * 129).startswith("sha256-")
 
 
 # ---- /info, cached -------------------------------------------------------------------------

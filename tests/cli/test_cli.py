@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -209,6 +210,37 @@ def test_local_down_without_a_pair_stops_nothing(tmp_path: Path) -> None:
     result = runner.invoke(app, ["local", "down", "--state-dir", str(tmp_path)])
     assert result.exit_code == 0
     assert "stopped 0 server(s)" in result.stderr
+
+
+def test_local_up_names_options_each_command_takes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If this fails, `local up` tells newcomers to run `serve --template chatml`, which
+    `serve` rejects (it takes --small-template / --target-template)."""
+    from specthink.local import LocalPair
+
+    monkeypatch.setattr(LocalPair, "up", lambda self: self.urls)
+    result = runner.invoke(app, ["local", "up", "--state-dir", str(tmp_path),
+                                 "--small-port", "18031", "--target-port", "18032"])
+    assert result.exit_code == 0, result.output
+    assert "SPECTHINK_SMALL_URL=http://127.0.0.1:18031" in result.stdout
+    hint = " ".join(result.stderr.split())
+    commands = re.findall(r"specthink ((?:ask|serve)[^\n]*?--rules paper_instruct)", hint)
+    assert [command.split()[0] for command in commands] == ["ask", "serve"], hint
+    for command in commands:
+        # Click parses every option before --help acts: an unknown one is a usage error.
+        args = [arg for arg in command.split() if arg != '"..."']
+        checked = runner.invoke(app, [*args, "--help"])
+        assert checked.exit_code == 0, (command, checked.output)
+
+
+def test_local_up_help_shows_its_defaults() -> None:
+    """If this fails, Rich reads `[default: …]` in the help as markup and swallows it."""
+    result = runner.invoke(app, ["local", "up", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())
+    for default in ("[default: 8031]", "[default: 8032]", "[default: half the cores]",
+                    "[default: ~/.cache/specthink/local]"):
+        assert default in text, text
 
 
 def test_extension_commands_register_when_their_module_exists(

@@ -68,6 +68,19 @@ def test_tgi_no_tool_answer_becomes_text() -> None:
     assert stream(text, [text], opened=False, tools=("add",))[1:] == ("It is 4.", [])
 
 
+def test_a_call_of_a_function_not_offered_is_the_answer_not_a_tool_call() -> None:
+    """If this fails, a call naming a function nobody offered (a JSON schema's name, written as
+    a call) is handed to the caller as a tool call no agent can run, and LangChain's
+    ProviderStrategy + tools loops until GraphRecursionError."""
+    text = ('<tool_call>\n{"name": "CityFacts", "arguments": {"name": "Bergen"}}\n</tool_call>'
+            + CALL)
+    whole = split_result(result_of(text, opened=False), tools=["add"])
+    assert [call.name for call in whole.tool_calls] == ["add"]
+    assert whole.answer == '{"name": "Bergen"}'
+    assert stream(text, [text[:30], text[30:]], opened=False, tools=("add",)) == (
+        "", '{"name": "Bergen"}', ["add"])
+
+
 def test_parallel_calls_can_be_limited_to_the_first() -> None:
     """parallel_tool_calls=False keeps only the first call the model wrote."""
     splitter = OutputSplitter(tools=["add"], max_tool_calls=1)

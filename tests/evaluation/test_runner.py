@@ -146,7 +146,7 @@ async def test_records_carry_answers_tokens_takeovers_and_latency(
     assert run_file["modes"] == list(MODES)
     assert run_file["settings"]["sampling"] == {
         "temperature": 0.6, "top_p": 0.95, "top_k": 50, "seed": None,
-        "repetition_penalty": None, "grammar": None}
+        "repetition_penalty": None, "grammar": None, "keep_special_tokens": False}
 
 
 async def test_a_limited_run_resumes_without_asking_again(

@@ -276,6 +276,21 @@ async def test_metadata_comes_from_the_servers_info() -> None:
     assert meta.model_name == "test/small-1.5b + test/target-32b"
 
 
+def test_metadata_after_a_call_is_what_the_call_learnt() -> None:
+    """If this fails, ``metadata`` stays at LlamaIndex's 3,900-token default and names the
+    URLs after calls (which fetch the servers' limits for the engine, not for the adapter), so
+    query engines plan prompts for 3,900 tokens against 32k servers."""
+    with Pair(reading_model(), max_input_tokens=32767, max_total_tokens=32768) as pair:
+        llm = pair.llm()
+        before = llm.metadata
+        llm.chat([ChatMessage(role="user", content="Hello")])
+        after = llm.metadata
+        llm.close()
+    assert before.context_window == 3900
+    assert after.context_window == 32767
+    assert after.model_name == "test/small-1.5b + test/target-32b"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

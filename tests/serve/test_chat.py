@@ -252,6 +252,23 @@ def test_the_server_asks_the_model_servers_at_start_so_the_first_user_waits_no_l
         assert len(pair.small.calls_to("/info")) == 1
 
 
+@pytest.mark.parametrize(("overrides", "suggested"), [
+    ({}, True),
+    ({"rules": "paper_instruct"}, False),
+    ({"small_template": "deepseek-r1", "target_template": "deepseek-r1"}, False),
+], ids=["chatml-paper", "paper_instruct", "template-opens-think"])
+def test_an_instruct_pair_under_reasoning_rules_gets_the_instruct_preset_suggested(
+        serve: Callable[..., Served], caplog: pytest.LogCaptureFixture,
+        overrides: dict[str, str], suggested: bool) -> None:
+    """If this fails, `serve` in front of an instruct-only pair (whose template opens no
+    reasoning) keeps the `paper` rules, makes no takeover and says nothing of
+    `paper_instruct`; or it warns where the template opens the reasoning."""
+    with conversation_pair() as pair:
+        with caplog.at_level(logging.WARNING, logger="specthink.serve"):
+            serve(pair, **overrides)
+    assert ("--rules paper_instruct" in caplog.text) is suggested, caplog.text
+
+
 def test_model_servers_down_at_start_are_asked_again_by_the_first_request(
         serve: Callable[..., Served], caplog: pytest.LogCaptureFixture) -> None:
     """Model servers that start after this one (compose, a rollout) are not fatal: the server

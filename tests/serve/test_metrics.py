@@ -51,9 +51,10 @@ def test_metrics_count_requests_tokens_takeovers_and_upstream(
     url = f"{served.base_url}/chat/completions"
     assert httpx.post(url, json={"model": "specthink", "messages": []}).status_code == 400
     assert httpx.post(url, json={"model": "x", "messages": HELLO}).status_code == 404
-    records = {"small": len(pair.small.records), "target": len(pair.target.records)}
     pair.small.inject(Fault.error_event(error_type="generation", times=5))
     assert httpx.post(url, json={"model": "specthink", "messages": HELLO}).status_code == 502
+    # every request sent counts, the failed call's too
+    records = {"small": len(pair.small.records), "target": len(pair.target.records)}
 
     pair.reset()  # the faults left over
     samples = scrape(served)
@@ -95,3 +96,25 @@ def test_health_is_open_and_models_lists_the_model_name(pair: Pair,
     assert sdk.models.retrieve("deep-thinker").owned_by == "specthink"
     assert sdk.chat.completions.create(model="deep-thinker", messages=HELLO).model == \
         "deep-thinker"
+
+
+def test_every_upstream_attempt_and_retry_is_counted_even_when_the_call_fails(
+        pair: Pair, serve: Callable[..., Served]) -> None:
+    """The small server answers 503 to every attempt: the call is a 503, and /metrics counts
+    each attempt and each retry it made. Failing: retries of failed calls are missing, so an
+    outage looks like no traffic at all on the upstream dashboards."""
+    served = serve(pair)
+    pair.reset()
+    pair.small.inject(Fault.status(503, times=100))
+    url = f"{served.base_url}/chat/completions"
+    assert httpx.post(url, json={"model": "specthink", "messages": HELLO},
+                      timeout=60).status_code == 503
+    attempts = len(pair.small.records)
+    pair.reset()
+    samples = scrape(served)
+    assert attempts >= 2  # the retry policy tried again
+    assert samples[("specthink_serve_upstream_requests_total", (("server", "small"),))] == \
+        attempts
+    assert samples[("specthink_serve_upstream_retries_total", (("server", "small"),))] == \
+        attempts - 1
+    assert samples[("specthink_serve_requests_total", (("status", "503"),))] == 1

@@ -75,6 +75,10 @@ BAD_REQUESTS: list[tuple[str, bytes | dict[str, Any], str | None]] = [
      "stream_options.turbo"),
     ("input neither text nor items", {**OK, "input": 5}, "input"),
     ("an unknown rules preset", {**OK, "specthink": {"rules": "fastest"}}, "specthink.rules"),
+    # ~1,000 levels, under orjson's 1,024: once a RecursionError (a 500)
+    ("tool parameters nested 1,000 deep",
+     b'{"model": "specthink", "input": "hi", "tools": [{"type": "function", "name": "f", '
+     b'"parameters": ' + b'{"a": [' * 498 + b"1" + b"]}" * 498 + b"}]}", "tools"),
 ]
 
 

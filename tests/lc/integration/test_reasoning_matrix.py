@@ -52,9 +52,18 @@ STRUCTURED_CALL = ('<tool_call>\n{"name": "TicketPrice", "arguments": {"amount":
                    "</tool_call>")
 
 
+CITY = "Describe Bergen in numbers."
+CITY_REASONING = "Bergen is a city of about 291,000 people.\n\nWait, is that right? Yes."
+CITY_CALL = ('<tool_call>\n{"name": "CityFacts", "arguments": {"name": "Bergen", '
+             '"population": 291000}}\n</tool_call>')
+"""The schema's object dressed up as a call of the schema's name, which no tool has."""
+
+
 def think(conversation: str) -> tuple[str, str]:
     """The whole output for a conversation: (reasoning, answer); the structured-output
     conversations here, the rest as the shared script writes them."""
+    if CITY in conversation:
+        return CITY_REASONING, CITY_CALL
     if STRUCTURED in conversation:
         if "<tools>" in conversation:  # a forced call of the schema's tool
             return STRUCTURED_REASONING, STRUCTURED_CALL
@@ -282,6 +291,31 @@ async def test_create_agent_structured_response_comes_from_the_answer(
     assert calls == [("Bergen", 2)]
     assert state["structured_response"] == TicketPrice(amount=240)
     assert all("grammar" not in record.parameters for record in pair.small.records)
+
+
+class CityFacts(BaseModel):
+    """Facts about a city."""
+
+    name: str
+    population: int
+
+
+@pytest.mark.parametrize("name", ["tgi-r1-server", "vllm-chatml"])
+async def test_provider_strategy_with_tools_takes_a_call_of_no_tool_as_the_answer(
+        chat: Chat, name: str) -> None:
+    """Broken if a call naming a function that was not offered (the schema's ``CityFacts``)
+    becomes a tool call: the agent answers it with "not a valid tool" and loops until
+    ``GraphRecursionError``. It must be the answer, the schema's JSON."""
+    calls: list[tuple[str, int]] = []
+    model, _ = chat(CASES[name])
+    agent = create_agent(model, tools=[ticket_tool(calls)],
+                         response_format=ProviderStrategy(CityFacts))
+    state = await agent.ainvoke({"messages": [HumanMessage(CITY)]}, {"recursion_limit": 6})
+    assert state["structured_response"] == CityFacts(name="Bergen", population=291000)
+    assert calls == []
+    final = state["messages"][-1]
+    assert not final.tool_calls
+    assert final.additional_kwargs["reasoning_content"].strip() == CITY_REASONING
 
 
 # ---- tool turns: the prompt is rendered client-side on TGI --------------------------------

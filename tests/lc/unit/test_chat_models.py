@@ -526,7 +526,8 @@ def test_grammar_is_sent_only_when_both_servers_take_one() -> None:
 
 
 def test_include_raw_returns_the_message_and_the_parsing_error() -> None:
-    half_joke = '<tool_call>{"name": "Joke", "arguments": {"setup": "Why?"}}</tool_call>'
+    # Hermes' layout, which the engine's opener of the required call continues
+    half_joke = '<tool_call>\n{"name": "Joke", "arguments": {"setup": "Why?"}}\n</tool_call>'
     model = chat(ScriptedModel.single(half_joke))
 
     result = model.with_structured_output(Joke, include_raw=True).invoke("A cat joke.")
