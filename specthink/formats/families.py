@@ -56,6 +56,7 @@ FAMILIES: tuple[Family, ...] = (
     # Most specific first: R1-0528 is an R1, Qwen3.5 and Qwen3-Coder are Qwen3s, the R1
     # distills are Qwen and Llama models.
     Family("deepseek-r1-0528", "deepseek-r1-0528", r"r1-0528"),
+    Family("deepseek-v3.1", "deepseek-v3.1", r"deepseek-v3[.\-_]1", {"thinking": True}),
     Family("deepseek-r1", "deepseek-r1", r"deepseek-r1|deepseek_r1|r1-distill|deepseekr1",
            _THINKING_ON),
     Family("gpt-oss", "gpt-oss", r"gpt-oss|gpt_oss"),

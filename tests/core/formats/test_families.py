@@ -94,6 +94,8 @@ def test_thinking_switches_of_the_families() -> None:
                   "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"):
         family = family_of(model)
         assert family is not None and family.thinking_kwargs == {"enable_thinking": True}
+    v31 = family_of("deepseek-ai/DeepSeek-V3.1")
+    assert v31 is not None and v31.thinking_kwargs == {"thinking": True}
 
 
 def test_each_role_gets_its_familys_thinking_switch_and_template_kwargs_win() -> None:

@@ -336,3 +336,49 @@ def start_family(loopback_server: Callable[..., object], family: str) -> ServerP
                                       **options),  # type: ignore[arg-type]
                       loopback_server(MinistralModel(), model_id=target,
                                       **options))  # type: ignore[arg-type]
+
+
+DEEPSEEK_V31 = JinjaChatTemplate(
+    "deepseek-v3.1", (Path(__file__).resolve().parents[2] / "data" / "chat_templates"
+                      / "deepseek-ai-DeepSeek-V3.1.jinja").read_text(encoding="utf-8"),
+    bos_token="<｜begin▁of▁sentence｜>", special_tokens=("<｜end▁of▁sentence｜>",),
+    stop_tokens=("<｜end▁of▁sentence｜>",))
+
+
+class DeepSeekV31Model:
+    """DeepSeek-V3.1, greedy: reasons after the prompt's ``<think>`` (its ``thinking``
+    switch on), else answers after the closed ``<think></think>``."""
+
+    def continuation(self, prompt: str) -> Continuation:
+        head = prompt.rfind("<｜Assistant｜>") + len("<｜Assistant｜>")
+        turn = f"<think>{REASONING}</think>{ANSWER}<｜end▁of▁sentence｜>"
+        if prompt[head:].startswith("<think></think>"):
+            turn = f"<think></think>{ANSWER}<｜end▁of▁sentence｜>"
+        written = prompt[head:]
+        return Continuation(turn[len(written):] if turn.startswith(written) else "")
+
+
+async def test_deepseek_v31_thinks_by_default(loopback_server: Callable[..., object]) -> None:
+    """If this fails, a DeepSeek-V3.1 pair (whose template answers without thinking unless
+    ``thinking`` is passed) has no reasoning and no takeover, or ``template_kwargs`` cannot
+    switch it off."""
+    options = {"flavor": "vllm", "chat_template": DEEPSEEK_V31}
+    small = loopback_server(DeepSeekV31Model(), model_id="deepseek-ai/DeepSeek-V3.1",
+                            **options)  # type: ignore[arg-type]
+    target = loopback_server(DeepSeekV31Model(), model_id="deepseek-ai/DeepSeek-V3.1-Terminus",
+                             **options)  # type: ignore[arg-type]
+    urls = {"small_url": small.url, "target_url": target.url,  # type: ignore[attr-defined]
+            "backend": "openai", "small_model": "deepseek-ai/DeepSeek-V3.1",
+            "target_model": "deepseek-ai/DeepSeek-V3.1-Terminus", "small_template": "server",
+            "target_template": "server", "response_template": "auto"}
+    for kwargs, expected, takeovers in (
+            (None, (REASONING, ANSWER), True),
+            ({"thinking": False}, ("", ANSWER), False)):
+        engine = PairSettings(**urls, template_kwargs=kwargs).build()
+        try:
+            result = await engine.agenerate(QUESTION)
+        finally:
+            await engine.aclose()
+        whole = split_result(result)
+        assert (whole.reasoning, whole.answer) == expected
+        assert (result.stats.total_takeovers >= 1) is takeovers
