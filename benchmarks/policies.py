@@ -248,7 +248,8 @@ class _BOSStripping:
     keeps_tool_turns = False
 
     async def render_chat(self, messages: Any, tools: Any = None, *,
-                          tool_choice: Any = None) -> str | None:
+                          tool_choice: Any = None,
+                          chat_template_kwargs: Any = None) -> str | None:
         return None
 
     async def info(self) -> ServerInfo:

@@ -11,6 +11,7 @@ The ``*_option`` functions return the ``typer.Option`` to put in an ``Annotated`
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,16 +29,19 @@ __all__ = [
     "LocalSmallPort",
     "LocalStateDir",
     "LocalTargetPort",
+    "ResponseTemplate",
     "SmallModel",
     "SmallTemplate",
     "TargetModel",
     "TargetTemplate",
+    "TemplateKwargs",
     "api_key_option",
     "backend_option",
     "model_option",
     "open_backend",
     "preset_name",
     "stderr",
+    "template_kwargs_value",
     "template_option",
     "url_option",
 ]
@@ -88,7 +92,33 @@ def api_key_option(help: str | None = None) -> Any:
                         help=help)
 
 
-# ---- declared alike by `ask` and `eval` --------------------------------------------------
+def template_kwargs_value(text: str | None) -> dict[str, Any] | None:
+    """``--template-kwargs``' JSON object; anything else is a usage error saying so."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise typer.BadParameter(f"not JSON: {exc}", param_hint="--template-kwargs") from None
+    if not isinstance(value, dict):
+        raise typer.BadParameter("a JSON object, e.g. '{\"enable_thinking\": false}'",
+                                 param_hint="--template-kwargs")
+    return value
+
+
+# ---- declared alike by `ask`, `serve` and `eval` -----------------------------------------
+
+ResponseTemplate = Annotated[str | None, typer.Option(
+    "--response-template",
+    help="How the models mark reasoning and tool calls: a built-in or family name (gpt-oss, "
+         "qwen3-xml, gemma-4, mistral-reasoning, ...), auto (the family of --small-model), or "
+         "the path of a tokenizer_config.json with a response_template. Default: <think> "
+         "reasoning and Hermes <tool_call> JSON calls.")]
+TemplateKwargs = Annotated[str | None, typer.Option(
+    "--template-kwargs", show_default=False,
+    help="A JSON object of chat template variables for both models (vLLM's "
+         "chat_template_kwargs), over each family's thinking switch, which is on by default: "
+         "'{\"enable_thinking\": false}' switches it off.")]
 
 SmallTemplate = Annotated[str | None, template_option("small")]
 TargetTemplate = Annotated[str | None, template_option("target")]

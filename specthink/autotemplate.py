@@ -19,11 +19,13 @@ from specthink.errors import BackendError, ConfigError, redact_url
 from specthink.prompts import (
     _BUILTIN,
     CHATML,
+    ChatTemplate,
     JinjaTemplate,
     ServerRenderedTemplate,
     TemplateBackend,
     _wire_tool_choice,
     family_template,
+    template_kwargs_option,
     validate_messages,
     validate_tools,
 )
@@ -178,7 +180,10 @@ class AutoTemplate(ServerRenderedTemplate):
                      tool_choice: str | Mapping[str, Any] | None = None) -> str:
         tool_turns = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
         plain = not tools and not tool_turns
-        record = self.knowledge(backend) if plain and self.learn else None
+        # Learnt from renderings without template kwargs, a built-in stands for the server's
+        # template only where none are passed.
+        learns = plain and self.learn and not self.template_kwargs
+        record = self.knowledge(backend) if learns else None
         if record is not None:
             await self._wait_for_learning(record)
             if record.learnt is not None:
@@ -188,14 +193,15 @@ class AutoTemplate(ServerRenderedTemplate):
             model_id = (await backend.info()).model_id
             family = family_template(model_id)
             if family is not None:
-                prompt = await _BUILTIN[family].render(messages, tools, backend)
+                prompt = await self._builtin(family).render(messages, tools, backend)
                 return prompt + self._reasoning_opener(family, prompt, backend, model_id)
             # No better rendering is known: the server's, with its tool turns flattened.
         # One request: a server that renders nothing answers None (detected once per backend).
         probing = self._start_learning(record, backend) if record is not None else None
         try:
             text = await backend.render_chat(validate_messages(messages), validate_tools(tools),
-                                             tool_choice=_wire_tool_choice(tool_choice, tools))
+                                             tool_choice=_wire_tool_choice(tool_choice, tools),
+                                             **template_kwargs_option(self.template_kwargs))
         except BaseException:
             if probing is not None and record is not None:
                 probing.cancel()
@@ -215,8 +221,11 @@ class AutoTemplate(ServerRenderedTemplate):
                 f"the model {model_id!r} is of no family specthink knows; pass {option}= one of "
                 f"{', '.join(repr(n) for n in _BUILTIN)}, a Jinja template source, or the path "
                 "of the model's tokenizer_config.json")
-        prompt = await _BUILTIN[family].render(messages, tools, backend)
+        prompt = await self._builtin(family).render(messages, tools, backend)
         return prompt + self._reasoning_opener(family, prompt, backend, model_id)
+
+    def _builtin(self, family: str) -> ChatTemplate:
+        return _BUILTIN[family].with_template_kwargs(self.template_kwargs)
 
     @staticmethod
     async def _wait_for_learning(record: ServerKnowledge) -> None:

@@ -46,16 +46,19 @@ try:
         LocalSmallPort,
         LocalStateDir,
         LocalTargetPort,
+        ResponseTemplate,
         SmallModel,
         SmallTemplate,
         TargetModel,
         TargetTemplate,
+        TemplateKwargs,
         api_key_option,
         backend_option,
         model_option,
         open_backend,
         preset_name,
         stderr,
+        template_kwargs_value,
         url_option,
     )
 except ImportError as exc:  # the `cli` extra is missing: main() says how to install it
@@ -270,6 +273,8 @@ def ask(
         "Default: auto; chatml for the local pair.")] = None,
     small_template: SmallTemplate = None,
     target_template: TargetTemplate = None,
+    response_template: ResponseTemplate = None,
+    template_kwargs: TemplateKwargs = None,
     small_model: SmallModel = None,
     target_model: TargetModel = None,
     api_key: ApiKey = None,
@@ -298,6 +303,7 @@ def ask(
     from specthink.settings import PairSettings
 
     err = stderr()
+    kwargs = template_kwargs_value(template_kwargs)
     with _exit_codes():
         urls = _resolve_urls(small, target)
         local = urls is None
@@ -329,7 +335,8 @@ def ask(
                 small_url=servers[0], target_url=servers[1],
                 backend=kind_of(small_backend) or backend, small_model=small_model,
                 target_model=target_model, rules=preset, small_template=templates[0],
-                target_template=templates[1], api_key=api_key)
+                target_template=templates[1], response_template=response_template,
+                template_kwargs=kwargs, api_key=api_key)
             return settings.build(backends=(small_backend, target_backend))
 
         def printer() -> _Printer | None:

@@ -25,6 +25,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterator,
+    Mapping,
     Sequence,
 )
 from contextlib import AbstractAsyncContextManager, aclosing
@@ -277,6 +278,8 @@ class SpeculativeThinker:
         max_stream_resumes: int = 2,
         check_prompt_length: bool = True,
         output_format: OutputFormat = THINK_HERMES,
+        small_template_kwargs: Mapping[str, Any] | None = None,
+        target_template_kwargs: Mapping[str, Any] | None = None,
         on_request: Callable[[Role, int], None] | None = None,
     ) -> None:
         if on_target_error not in ("fallback", "raise"):
@@ -292,9 +295,13 @@ class SpeculativeThinker:
         self.small_template = small_template
         self.target_template = target_template
         # Resolved once: a bad template name or file fails here, before any request.
+        # Template kwargs (``{"enable_thinking": True}``) reach the chat template wherever it
+        # is rendered: a client-side template's variables, a server's chat_template_kwargs.
         self._templates: dict[Role, prompts.ChatTemplate] = {
-            "small": prompts.resolve_template(small_template, "small"),
-            "target": prompts.resolve_template(target_template, "target")}
+            "small": prompts.resolve_template(small_template, "small").with_template_kwargs(
+                small_template_kwargs),
+            "target": prompts.resolve_template(target_template, "target").with_template_kwargs(
+                target_template_kwargs)}
         self.on_target_error: TargetErrorPolicy = on_target_error
         self.max_stream_resumes = max_stream_resumes
         self.check_prompt_length = check_prompt_length
@@ -354,10 +361,10 @@ class SpeculativeThinker:
         built; nothing is validated again here), or the messages, with ``ChatRequest.build``'s
         keyword arguments in ``params`` (``max_new_tokens``, ``stop``, ``sampling``, ``tools``,
         ``tool_choice``, ``parallel_tool_calls``, ``response_format``, ``session_id``,
-        ``rules``) as a convenience that builds it. ``session_id`` (the caller's conversation
-        or user session) is the routing key sent with every generation request of the call, so
-        a router keeps the conversation on the replica that holds its prefix; without one,
-        each call gets a fresh random key.
+        ``rules``, ``template_kwargs``) as a convenience that builds it. ``session_id`` (the
+        caller's conversation or user session) is the routing key sent with every generation
+        request of the call, so a router keeps the conversation on the replica that holds its
+        prefix; without one, each call gets a fresh random key.
         """
         checked = self.request(request, **params)
         run = await self._prepare(checked)
@@ -495,8 +502,9 @@ class SpeculativeThinker:
 
         backend = self.backends[role]
         try:
+            template = self._templates[role].with_template_kwargs(request.template_kwargs)
             run.prompts[role] = await prompts.render_prompt(
-                self._templates[role], request.prompt_messages, request.prompt_tools, backend,
+                template, request.prompt_messages, request.prompt_tools, backend,
                 tool_choice=request.tool_choice, tool_choice_applied=True)
             if self.check_prompt_length:
                 await self._check_limits(run, role, len(run.stop))

@@ -18,10 +18,12 @@ back out of the answer.
 
 from __future__ import annotations
 
+import copy
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import jinja2
@@ -56,6 +58,7 @@ __all__ = [
     "required_call",
     "resolve_template",
     "template_from_file",
+    "template_kwargs_option",
     "tool_instruction",
     "validate_messages",
     "validate_tools",
@@ -77,7 +80,9 @@ class TemplateBackend(Protocol):
 
     async def render_chat(self, messages: Sequence[dict[str, Any]],
                           tools: Sequence[dict[str, Any]] | None = None, *,
-                          tool_choice: str | dict[str, Any] | None = None) -> str | None: ...
+                          tool_choice: str | dict[str, Any] | None = None,
+                          chat_template_kwargs: Mapping[str, Any] | None = None,
+                          ) -> str | None: ...
 
     async def info(self) -> ServerInfo: ...
 
@@ -134,7 +139,37 @@ def _validate_message(index: int, message: Mapping[str, Any]) -> dict[str, Any]:
     content = _text_content(where, message.get("content"))
     normalised["content"] = None if content is None and normalised.get("tool_calls") else (
         content or "")
+    if role == "assistant":
+        # An earlier turn's reasoning, under whichever name the caller's client uses, goes to
+        # the template as reasoning_content: the name vLLM, llama.cpp and the Hub templates
+        # that show it (Gemma 4, Qwen3.5, Nemotron 3) read.
+        reasoning = next((message[key] for key in _REASONING_KEYS
+                          if isinstance(message.get(key), str) and message[key]), None)
+        for key in _REASONING_KEYS:
+            normalised.pop(key, None)
+        if reasoning is not None:
+            normalised["reasoning_content"] = reasoning
     return normalised
+
+
+_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+"""Where OpenAI-style clients put an assistant turn's reasoning (vLLM's and DeepSeek's field,
+OpenRouter's and vLLM >= 0.10's, harmony templates')."""
+
+
+def _for_template(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as a client-side template sees it, as vLLM hands it to one: keys set to null
+    left out (gpt-oss's template tests ``in message.content`` of a call-only turn), the
+    reasoning also as ``thinking``, the field harmony templates read."""
+    out = {key: value for key, value in message.items() if value is not None}
+    reasoning = out.get("reasoning_content")
+    return {**out, "thinking": reasoning} if reasoning else out
+
+
+def template_kwargs_option(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``render_chat``'s keyword for ``kwargs``: none when there are none, so a backend written
+    before the template kwargs existed is still called as it expects."""
+    return {"chat_template_kwargs": dict(kwargs)} if kwargs else {}
 
 
 def _text_content(where: str, content: object) -> str | None:
@@ -314,6 +349,19 @@ class ChatTemplate(ABC):
 
     bos_token: str = ""
     """The BOS text this template writes first ("" if none); stripped when the server adds BOS."""
+    template_kwargs: Mapping[str, Any] = MappingProxyType({})
+    """Variables handed to the chat template beside the messages (a server renderer's
+    ``chat_template_kwargs``), such as ``{"enable_thinking": True}``; set by
+    :meth:`with_template_kwargs`."""
+
+    def with_template_kwargs(self, kwargs: Mapping[str, Any] | None) -> ChatTemplate:
+        """This template rendering with ``kwargs`` too (itself when there are none); a copy,
+        so a template shared by several pairs keeps its own."""
+        if not kwargs:
+            return self
+        changed = copy.copy(self)
+        changed.template_kwargs = MappingProxyType({**self.template_kwargs, **kwargs})
+        return changed
 
     @abstractmethod
     async def render(self, messages: Sequence[Mapping[str, Any]],
@@ -365,7 +413,8 @@ class JinjaTemplate(ChatTemplate):
         """The prompt for ``messages`` and ``tools``; template errors become ``ConfigError``."""
         try:
             return self._template.render(
-                **self.variables, messages=validate_messages(messages),
+                **self.variables, **self.template_kwargs,
+                messages=[_for_template(m) for m in validate_messages(messages)],
                 tools=validate_tools(tools), add_generation_prompt=True,
                 bos_token=self.bos_token, eos_token=self.eos_token)
         except (jinja2.TemplateError, TypeError) as exc:
@@ -391,7 +440,8 @@ class ServerTemplate(ServerRenderedTemplate):
                      tools: Sequence[Mapping[str, Any]] | None, backend: TemplateBackend, *,
                      tool_choice: str | Mapping[str, Any] | None = None) -> str:
         text = await backend.render_chat(validate_messages(messages), validate_tools(tools),
-                                         tool_choice=_wire_tool_choice(tool_choice, tools))
+                                         tool_choice=_wire_tool_choice(tool_choice, tools),
+                                         **template_kwargs_option(self.template_kwargs))
         if text is None:
             raise ConfigError(
                 f"the server {redact_url(backend.url)} cannot render chat templates; choose a "

@@ -78,6 +78,10 @@ class ChatRequest:
     """The routing key of every generation request of the call (``None``: a fresh one)."""
     rules: TakeoverRules | None
     """Rules for this call only; ``None``: the engine's own."""
+    template_kwargs: dict[str, Any] | None = None
+    """Chat template variables for this call only (vLLM's per-request
+    ``chat_template_kwargs``), over the pair's own (``PairSettings.template_kwargs`` over each
+    family's thinking switch)."""
 
     @classmethod
     def build(
@@ -94,11 +98,12 @@ class ChatRequest:
         session_id: str | None = None,
         rules: RulesSpec | None = None,
         base_rules: TakeoverRules | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> ChatRequest:
         """Check every field and build the request; a bad one is a ``ConfigError`` whose
         ``field`` names it (``messages``, ``tools``, ``tool_choice``, ``parallel_tool_calls``,
         ``response_format``, ``stop``, ``max_new_tokens``, ``sampling``, ``session_id``,
-        ``rules`` or ``rules.<name>``).
+        ``rules``, ``rules.<name>`` or ``template_kwargs``).
 
         ``rules`` as a dict overrides fields of ``base_rules`` (default: the ``paper`` preset;
         ``specthink serve`` passes its configured rules).
@@ -143,6 +148,10 @@ class ChatRequest:
                                        or not session_id.strip()):
             raise ConfigError(f"session_id must be a non-empty string, got {session_id!r}",
                               field="session_id")
+        if template_kwargs is not None and (not isinstance(template_kwargs, Mapping) or any(
+                not isinstance(key, str) for key in template_kwargs)):
+            raise ConfigError(f"template_kwargs must be a dict of variable names, got "
+                              f"{template_kwargs!r}", field="template_kwargs")
         # Tools are offered unless tool_choice hid them ("none"): then their calls do not count.
         names = (tuple(str(tool["function"]["name"]) for tool in offered)
                  if offered and prompt_tools is not None else None)
@@ -152,7 +161,8 @@ class ChatRequest:
             max_tool_calls=1 if parallel_tool_calls is False else None,
             max_new_tokens=budget, stop=stops, sampling=sampling, grammar=grammar,
             session_id=session_id,
-            rules=None if rules is None else _rules(rules, base_rules))
+            rules=None if rules is None else _rules(rules, base_rules),
+            template_kwargs=dict(template_kwargs) if template_kwargs else None)
 
 
 def _rules(rules: RulesSpec, base: TakeoverRules | None) -> TakeoverRules:

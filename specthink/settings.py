@@ -14,6 +14,7 @@ when the settings are built, before any request.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 __all__ = ["API_KEY_ENV", "PairSettings", "RulesSetting", "SettingsError", "TargetErrorPolicy"]
 
 TargetErrorPolicy = Literal["fallback", "raise"]
+
+logger = logging.getLogger("specthink.settings")
 
 
 def _rules_value(value: Any) -> TakeoverRules | str:
@@ -112,6 +115,13 @@ class PairSettings(BaseModel):
     ``qwen3-xml``, ``gemma-4``, ``mistral-reasoning``, ...), ``auto`` (the family of
     ``small_model``), or the path of a tokenizer_config.json whose ``response_template``
     applies. Default: ``<think>`` reasoning and Hermes ``<tool_call>`` JSON calls."""
+    template_kwargs: dict[str, Any] | None = None
+    """Variables for both models' chat templates (vLLM's ``chat_template_kwargs``), over the
+    thinking switch of each model's family, which is on by default since speculative thinking
+    needs reasoning (Gemma 4, Qwen3, Nemotron 3: ``{"enable_thinking": True}``); e.g.
+    ``{"enable_thinking": False}`` to switch it off. They reach a server's renderer (vLLM's
+    ``/tokenize``, llama.cpp's ``/apply-template``; TGI takes none) and client-side
+    templates."""
     on_target_error: TargetErrorPolicy = "fallback"
     """If the target fails: ``fallback`` lets the small model finish alone, ``raise`` raises."""
     api_key: SecretStr | None = Field(default_factory=_env_secret, exclude=True, repr=False)
@@ -138,6 +148,16 @@ class PairSettings(BaseModel):
 
         return output_format_for(self.response_template, self.small_model)
 
+    def role_template_kwargs(self, role: Literal["small", "target"]) -> dict[str, Any]:
+        """The chat template variables of ``role``'s model: its family's thinking switch (the
+        family its model id names, else the one ``response_template`` names), then
+        ``template_kwargs`` over it."""
+        from .formats.families import thinking_kwargs_for
+
+        model = self.small_model if role == "small" else self.target_model
+        return {**thinking_kwargs_for(model, self.response_template),
+                **(self.template_kwargs or {})}
+
     def backend_options(self) -> dict[str, Any]:
         """The options both backends are built with (``specthink.backends.create``)."""
         options: dict[str, Any] = {"api_key": self.api_key, "max_retries": self.max_retries}
@@ -163,11 +183,24 @@ class PairSettings(BaseModel):
         from .engine import SpeculativeThinker
 
         small, target = backends if backends is not None else self.build_backends()
+        server_rendered = [role for role, template in (("small", self.small_template),
+                                                        ("target", self.target_template))
+                           if template.strip().lower() in ("auto", "server")]
+        if self.template_kwargs and self.backend == "tgi" and server_rendered:
+            # TGI's /chat_tokenize takes no template kwargs: say so where the user set them.
+            logger.warning(
+                "template_kwargs %s cannot reach the %s model's template on TGI, which renders "
+                "it and takes none; pass a client-side template (the model's "
+                "tokenizer_config.json as %s) for them", self.template_kwargs,
+                " and ".join(server_rendered),
+                " / ".join(f"{role}_template" for role in server_rendered))
         return SpeculativeThinker(small=small, target=target, rules=self.rules,
                                   small_template=self.small_template,
                                   target_template=self.target_template,
                                   on_target_error=self.on_target_error,
-                                  output_format=self.pair_output_format())
+                                  output_format=self.pair_output_format(),
+                                  small_template_kwargs=self.role_template_kwargs("small"),
+                                  target_template_kwargs=self.role_template_kwargs("target"))
 
     def pair_key(self) -> tuple[Any, ...]:
         """These settings' values: an engine built from them serves while the key is the same

@@ -20,8 +20,12 @@ from specthink.errors import ConfigError
 
 __all__ = ["to_engine_messages"]
 
-# Blocks that carry no text for the model: earlier turns' reasoning is left out, as the
-# DeepSeek-R1 and Qwen3 templates drop it, and tool-use blocks repeat ``tool_calls``.
+# Blocks that are not the turn's text: reasoning travels apart, as reasoning_content (which
+# the chat template shows or drops as its model was trained), tool-use blocks repeat
+# ``tool_calls``.
+_REASONING_BLOCKS = {"reasoning": "reasoning", "thinking": "thinking"}
+"""Reasoning blocks and the key of their text: LangChain's standard ``reasoning`` block,
+Anthropic's ``thinking``."""
 _SILENT_BLOCKS = frozenset({"reasoning", "thinking", "redacted_thinking", "tool_use",
                             "tool_call", "tool_call_chunk", "invalid_tool_call",
                             "server_tool_call", "server_tool_result", "citation",
@@ -47,6 +51,9 @@ def _convert(message: BaseMessage, position: int) -> dict[str, Any]:
         out = {"role": "user", "content": text}
     elif isinstance(message, AIMessage):
         out = {"role": "assistant", "content": text}
+        reasoning = _reasoning_of(message)
+        if reasoning:
+            out["reasoning_content"] = reasoning
         if message.tool_calls:
             out["tool_calls"] = [
                 {"id": call.get("id") or f"call_{position}_{index}", "type": "function",
@@ -88,4 +95,23 @@ def _text_of(message: BaseMessage, position: int) -> str:
         elif kind not in _SILENT_BLOCKS:
             raise ConfigError(
                 f"message {position} holds a content block of unknown type {kind!r}")
+    return "".join(parts)
+
+
+def _reasoning_of(message: AIMessage) -> str:
+    """An earlier turn's reasoning, handed back to the template (gpt-oss and Gemma 4 show it
+    in a tool loop): ``additional_kwargs["reasoning_content"]``, where this adapter and
+    ChatOpenAI-style models put it, else the message's reasoning content blocks."""
+    given = message.additional_kwargs.get("reasoning_content")
+    if isinstance(given, str) and given:
+        return given
+    if isinstance(message.content, str):
+        return ""
+    parts = []
+    for block in message.content:
+        if isinstance(block, dict):
+            key = _REASONING_BLOCKS.get(str(block.get("type")))
+            text = block.get(key) if key is not None else None
+            if isinstance(text, str):
+                parts.append(text)
     return "".join(parts)

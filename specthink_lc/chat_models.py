@@ -419,6 +419,7 @@ class ChatSpeculativeThinking(PairSettings, BaseChatModel):
         tool_choice = call.pop("tool_choice", None)
         parallel_tool_calls = call.pop("parallel_tool_calls", None)
         response_format = call.pop("response_format", None)
+        template_kwargs = call.pop("template_kwargs", None)
         sampling = {"temperature": self.temperature, "top_p": self.top_p,
                     "top_k": self.top_k, "seed": self.seed, **self.model_kwargs}
         for name in ("temperature", "top_p", "top_k", "seed", *_EXTRA_SAMPLING):
@@ -428,14 +429,14 @@ class ChatSpeculativeThinking(PairSettings, BaseChatModel):
         if call:
             raise ConfigError(f"unexpected call arguments {sorted(call)}; accepted: tools, "
                               "tool_choice, parallel_tool_calls, response_format, stop, "
-                              "session_id, max_tokens, temperature, "
+                              "session_id, template_kwargs, max_tokens, temperature, "
                               f"top_p, top_k, seed, {', '.join(sorted(_EXTRA_SAMPLING))}")
         return ChatRequest.build(
             to_engine_messages(messages), tools=tools or None,
             tool_choice=tool_choice if tools else None, parallel_tool_calls=parallel_tool_calls,
             response_format=response_format, stop=stop if stop is not None else self.stop,
             max_new_tokens=max_tokens, sampling=SamplingParams(**sampling),
-            session_id=session_id or _session_id(run_manager))
+            session_id=session_id or _session_id(run_manager), template_kwargs=template_kwargs)
 
     def _shape(self) -> OutputShape:
         return OutputShape(model_name=self.model_name)

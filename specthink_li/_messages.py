@@ -35,8 +35,9 @@ _ROLES: dict[MessageRole, str] = {
 def to_engine_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     """Translate LlamaIndex messages for the engine.
 
-    Earlier turns' reasoning (``ThinkingBlock``) is left out, as DeepSeek-R1 and Qwen3 chat
-    templates do: a model is trained to see only the answers of past turns. Tool calls travel as
+    Earlier turns' reasoning (``ThinkingBlock``) travels as ``reasoning_content``, which the
+    chat template shows (gpt-oss and Gemma 4 in a tool loop) or drops (DeepSeek-R1) as its
+    model was trained. Tool calls travel as
     OpenAI ``tool_calls`` (from ``ToolCallBlock`` or the older ``additional_kwargs["tool_calls"]``)
     and a tool result keeps its ``tool_call_id``.
     """
@@ -47,6 +48,10 @@ def to_engine_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
             raise ConfigError(f"message {index} has an unknown role {message.role!r}")
         entry: dict[str, Any] = {"role": role, "content": _text_of(message, index)}
         if role == "assistant":
+            reasoning = "\n".join(block.content for block in message.blocks
+                                  if isinstance(block, ThinkingBlock) and block.content)
+            if reasoning:
+                entry["reasoning_content"] = reasoning
             calls = _tool_calls_of(message)
             if calls:
                 entry["tool_calls"] = calls

@@ -49,7 +49,8 @@ __all__ = ["SpeculativeThinkingLLM"]
 
 
 _CALL_PARAMS = frozenset({"tools", "tool_choice", "stop", "max_tokens", "max_new_tokens",
-                          "temperature", "top_p", "top_k", "seed", "session_id"})
+                          "temperature", "top_p", "top_k", "seed", "session_id",
+                          "template_kwargs"})
 
 
 class SpeculativeThinkingLLM(PairSettings, FunctionCallingLLM):
@@ -328,7 +329,7 @@ class SpeculativeThinkingLLM(PairSettings, FunctionCallingLLM):
                                                                self.max_tokens)),
             sampling=sampling,
             # The routing key: a router keeps the conversation on its warm replica.
-            session_id=kwargs.get("session_id"))
+            session_id=kwargs.get("session_id"), template_kwargs=kwargs.get("template_kwargs"))
 
     def _finish_response(self, response: ChatResponse, request: ChatRequest) -> ChatResponse:
         if request.tool_names is not None:

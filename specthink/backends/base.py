@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -114,12 +114,16 @@ class Backend(Protocol):
 
     async def render_chat(self, messages: Sequence[dict[str, Any]],
                           tools: Sequence[dict[str, Any]] | None = None, *,
-                          tool_choice: str | dict[str, Any] | None = None) -> str | None:
+                          tool_choice: str | dict[str, Any] | None = None,
+                          chat_template_kwargs: Mapping[str, Any] | None = None,
+                          ) -> str | None:
         """The server's own chat template applied to ``messages`` with the generation prompt,
         or ``None`` when the server cannot render templates (found out once per backend).
         ``tool_choice`` is OpenAI's: ``"auto"``, ``"none"``, ``"required"`` or a function; it
         goes to servers whose template endpoint takes one (TGI), others render ``tools`` as
-        given."""
+        given. ``chat_template_kwargs`` (``{"enable_thinking": True}``) go to the template
+        where the server's endpoint takes them (vLLM, llama.cpp); callers pass the keyword
+        only when there are some."""
         ...
 
     async def aclose(self) -> None: ...

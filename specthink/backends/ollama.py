@@ -8,7 +8,7 @@ the cached ``/info`` come from :class:`~specthink.backends._httpbackend.HTTPBack
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, ClassVar, Unpack
 
 from specthink.backends._connection import ResponseBody
@@ -177,7 +177,9 @@ class OllamaBackend(HTTPBackend[NDJSONStream]):
 
     async def render_chat(self, messages: Sequence[dict[str, Any]],
                           tools: Sequence[dict[str, Any]] | None = None, *,
-                          tool_choice: str | dict[str, Any] | None = None) -> str | None:
+                          tool_choice: str | dict[str, Any] | None = None,
+                          chat_template_kwargs: Mapping[str, Any] | None = None,
+                          ) -> str | None:
         """Always ``None``: raw prompts are rendered client-side."""
         return None
 

@@ -17,7 +17,7 @@ import json
 import logging
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, ClassVar, Literal, Unpack
@@ -587,7 +587,9 @@ class OpenAICompletionsBackend(SSEBackend):
 
     async def render_chat(self, messages: Sequence[dict[str, Any]],
                           tools: Sequence[dict[str, Any]] | None = None, *,
-                          tool_choice: str | dict[str, Any] | None = None) -> str | None:
+                          tool_choice: str | dict[str, Any] | None = None,
+                          chat_template_kwargs: Mapping[str, Any] | None = None,
+                          ) -> str | None:
         """The server's own chat template applied to ``messages`` (and ``tools``) with the
         generation prompt, ready for :meth:`stream`: a BOS the server prepends to raw prompts
         is cut from its start, so the model sees exactly one. ``None`` when the server renders
@@ -604,14 +606,17 @@ class OpenAICompletionsBackend(SSEBackend):
         What the server speaks is found on the first call and kept (:attr:`chat_rendering`),
         shared by concurrent callers; a 404 marks an endpoint absent. ``tool_choice`` is not
         sent: neither endpoint takes one, so narrow ``tools`` before (as
-        ``prompts.apply_tool_choice`` does). Errors of the server's template on these
+        ``prompts.apply_tool_choice`` does). ``chat_template_kwargs`` go to both endpoints
+        under that name (vLLM's TokenizeChatRequest field; llama.cpp's server parses it on
+        /apply-template as on its chat endpoint). Errors of the server's template on these
         messages raise ``BackendStatusError``.
         """
         rendering = self.chat_rendering or await self._chat_rendering()
+        kwargs = dict(chat_template_kwargs or {})
         if rendering.endpoint == "vllm":
-            return await self._render_vllm(rendering, messages, tools)
+            return await self._render_vllm(rendering, messages, tools, kwargs)
         if rendering.endpoint == "llama_cpp":
-            return await self._render_llama_cpp(messages, tools)
+            return await self._render_llama_cpp(messages, tools, kwargs)
         return None
 
     async def _chat_rendering(self) -> ChatRendering:
@@ -688,9 +693,12 @@ class OpenAICompletionsBackend(SSEBackend):
         return text
 
     async def _render_vllm(self, rendering: ChatRendering, messages: Sequence[dict[str, Any]],
-                           tools: Sequence[dict[str, Any]] | None) -> str:
-        answer = await self._conn.request_json("POST", "/tokenize", self._vllm_chat_body(
-            messages, tools, await self._model()))
+                           tools: Sequence[dict[str, Any]] | None,
+                           kwargs: dict[str, Any]) -> str:
+        body = self._vllm_chat_body(messages, tools, await self._model())
+        if kwargs:
+            body["chat_template_kwargs"] = kwargs
+        answer = await self._conn.request_json("POST", "/tokenize", body)
         ids = _int_list(answer.get("tokens")) if isinstance(answer, dict) else None
         if ids is None:
             raise BackendError(f"/tokenize answered {str(answer)[:200]}", url=self.url)
@@ -711,11 +719,14 @@ class OpenAICompletionsBackend(SSEBackend):
         return text
 
     async def _render_llama_cpp(self, messages: Sequence[dict[str, Any]],
-                                tools: Sequence[dict[str, Any]] | None) -> str | None:
+                                tools: Sequence[dict[str, Any]] | None,
+                                kwargs: dict[str, Any]) -> str | None:
         body: dict[str, Any] = {"messages": openai_messages(messages),
                                 "add_generation_prompt": True}
         if tools:
             body["tools"] = list(tools)
+        if kwargs:
+            body["chat_template_kwargs"] = kwargs
         try:
             answer = await self._conn.request_json("POST", "/apply-template", body)
         except BackendStatusError as exc:

@@ -9,6 +9,7 @@ event decoder (:func:`decode_stream_event`), the shared error mapper
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -37,6 +38,8 @@ from specthink.errors import (
 
 __all__ = ["BACKEND", "TGIBackend", "decode_stream_event", "generate_parameters",
            "tgi_tool_choice"]
+
+logger = logging.getLogger("specthink.backends")
 
 _FINISH: dict[str, FinishReason] = {
     "eos_token": "eos",
@@ -165,6 +168,8 @@ class TGIBackend(SSEBackend):
                        if tool["function"]["name"] == name), None)
         return {"type": "json", "value": dict(schema or {"type": "object"})}
     """TGI 3.3 keeps only role and content of each message it renders."""
+    _warned_kwargs = False
+    """The template kwargs TGI cannot take were warned about (once per backend)."""
 
     async def _stream_request(self, prompt: str, max_new_tokens: int,
                               sampling: SamplingParams) -> tuple[str, dict[str, Any]]:
@@ -218,7 +223,9 @@ class TGIBackend(SSEBackend):
 
     async def render_chat(self, messages: Sequence[dict[str, Any]],
                           tools: Sequence[dict[str, Any]] | None = None, *,
-                          tool_choice: str | dict[str, Any] | None = None) -> str | None:
+                          tool_choice: str | dict[str, Any] | None = None,
+                          chat_template_kwargs: Mapping[str, Any] | None = None,
+                          ) -> str | None:
         """``POST /chat_tokenize``: the model's own chat template with the generation prompt.
 
         With ``tools``, ``tool_choice`` (see :func:`tgi_tool_choice`) goes along: TGI renders
@@ -227,8 +234,19 @@ class TGIBackend(SSEBackend):
         sent). A name not among the tools is TGI's 422 ``tool_error`` (a
         ``RequestValidationError``). ``None`` when the server has no such endpoint (TGI before
         2.2). TGI 3.3 keeps only ``role`` and ``content`` of each message; the text keeps the
-        template's BOS (``/generate`` adds another: the caller cuts it).
+        template's BOS (``/generate`` adds another: the caller cuts it). TGI's endpoint takes
+        no template kwargs (huggingface/text-generation-inference#3259): ``chat_template_kwargs``
+        cannot reach its template, which the debug log says once per backend (``PairSettings``
+        warns when the user's own ``template_kwargs`` meet a TGI-rendered template; a family's
+        default thinking switch, which its template mostly defaults to anyway, is no news).
         """
+        if chat_template_kwargs and not self._warned_kwargs:
+            self._warned_kwargs = True
+            logger.debug(
+                "%s: TGI's /chat_tokenize takes no chat template kwargs, so %s do not reach "
+                "its template; pass a client-side template (the model's tokenizer_config.json "
+                "as small_template / target_template) for them", self.url,
+                dict(chat_template_kwargs))
         body: dict[str, Any] = {"model": "tgi", "messages": list(messages)}
         if tools:
             body["tools"] = list(tools)

@@ -31,7 +31,7 @@ from . import THINK_HERMES, OutputFormat
 from .response_template import ResponseTemplate, load_template
 
 __all__ = ["FAMILIES", "Family", "builtin_template", "family_of", "output_format_for",
-           "response_template_for", "template_names"]
+           "response_template_for", "template_names", "thinking_kwargs_for"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +56,7 @@ FAMILIES: tuple[Family, ...] = (
     # Most specific first: R1-0528 is an R1, Qwen3.5 and Qwen3-Coder are Qwen3s, the R1
     # distills are Qwen and Llama models.
     Family("deepseek-r1-0528", "deepseek-r1-0528", r"r1-0528"),
+    Family("deepseek-v3.1", "deepseek-v3.1", r"deepseek-v3[.\-_]1", {"thinking": True}),
     Family("deepseek-r1", "deepseek-r1", r"deepseek-r1|deepseek_r1|r1-distill|deepseekr1",
            _THINKING_ON),
     Family("gpt-oss", "gpt-oss", r"gpt-oss|gpt_oss"),
@@ -96,6 +97,27 @@ def builtin_template(name: str) -> ResponseTemplate:
 def family_of(model_id: str) -> Family | None:
     """The family a model id names, or ``None``."""
     return next((f for f in FAMILIES if f.matches(model_id)), None)
+
+
+def thinking_kwargs_for(model: str | None,
+                        response_template: object = None) -> dict[str, Any]:
+    """The chat template kwargs that switch thinking on for ``model``: its family's, else those
+    of the family a ``response_template`` name names (a family's or a built-in's name, as
+    :func:`builtin_template` takes it); none for a model of no known family.
+
+    >>> thinking_kwargs_for("google/gemma-4-31B-it")
+    {'enable_thinking': True}
+    >>> thinking_kwargs_for("my-org/finetune", "gemma-4")
+    {'enable_thinking': True}
+    >>> thinking_kwargs_for("openai/gpt-oss-20b")
+    {}
+    """
+    family = family_of(model) if model else None
+    if family is None and isinstance(response_template, str):
+        key = response_template.strip().lower()
+        family = next((f for f in FAMILIES if f.name == key), None) or next(
+            (f for f in FAMILIES if f.template == key), None)
+    return dict(family.thinking_kwargs) if family is not None else {}
 
 
 def _from_config(config: Mapping[str, Any], origin: str) -> ResponseTemplate | None:

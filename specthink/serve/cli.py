@@ -15,8 +15,17 @@ from typing import Annotated
 import typer
 from pydantic import SecretStr, ValidationError
 
-from specthink._cli_options import backend_option, model_option, preset_name, stderr, url_option
-from specthink.errors import redact_url
+from specthink._cli_options import (
+    ResponseTemplate,
+    TemplateKwargs,
+    backend_option,
+    model_option,
+    preset_name,
+    stderr,
+    template_kwargs_value,
+    url_option,
+)
+from specthink.errors import ConfigError, redact_url
 from specthink.serve.settings import (
     ENV_CLIENT_KEYS,
     ENV_UPSTREAM_KEY,
@@ -38,6 +47,8 @@ def _settings(**values: object) -> ServeSettings:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise typer.BadParameter(f"{where}: {first['msg']}") from None
+    except ConfigError as exc:  # a response template that cannot be read, checked at once
+        raise typer.BadParameter(str(exc)) from None
 
 
 def serve(
@@ -64,6 +75,8 @@ def serve(
     = "auto",
     target_template: Annotated[str, typer.Option(
         help="Chat template of the target model.")] = "auto",
+    response_template: ResponseTemplate = None,
+    template_kwargs: TemplateKwargs = None,
     max_tokens: Annotated[int, typer.Option(
         envvar="SPECTHINK_SERVE_MAX_TOKENS",
         help="Default and upper bound of a request's max_tokens.")] = 4096,
@@ -119,7 +132,9 @@ def serve(
         target_model=target_model, api_key=SecretStr(upstream) if upstream else None,
         api_keys=tuple(SecretStr(key) for key in keys), model_name=model_name, rules=rules,
         small_template=small_template, target_template=target_template,
-        max_tokens=max_tokens, max_concurrency=max_concurrency,
+        response_template=response_template,
+        template_kwargs=template_kwargs_value(template_kwargs), max_tokens=max_tokens,
+        max_concurrency=max_concurrency,
         reasoning_field=reasoning_field, on_target_error=on_target_error,
         max_body_bytes=max_body_bytes, drain_timeout=drain_timeout,
         max_header_bytes=max_header_bytes, header_timeout=header_timeout,

@@ -73,6 +73,9 @@ class ChatCompletionRequest(BaseModel):
     n: int | None = None
     user: str | None = None
     specthink: SpecthinkOptions | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    """vLLM's per-request chat template variables (``{"enable_thinking": false}``), over the
+    server's ``template_kwargs``."""
     # Accepted at their neutral values only (clients send them explicitly).
     logprobs: bool | None = None
     top_logprobs: int | None = None

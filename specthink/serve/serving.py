@@ -52,7 +52,7 @@ class ChatCall:
 
 
 _PARAMS = {"max_new_tokens": "max_tokens", "rules": "specthink.rules", "session_id": "user",
-           "sampling": "temperature"}
+           "sampling": "temperature", "template_kwargs": "chat_template_kwargs"}
 """The request's fields whose OpenAI parameter has another name (the rest are the same)."""
 
 
@@ -91,7 +91,8 @@ def prepare(request: ChatCompletionRequest, settings: ServeSettings, thinker: Sp
                                     seed=request.seed),
             # The engine sends it as the routing key of every generation request of the call.
             session_id=session_id or None,
-            rules=options.rules if options is not None else None, base_rules=thinker.rules)
+            rules=options.rules if options is not None else None, base_rules=thinker.rules,
+            template_kwargs=request.chat_template_kwargs)
     except ConfigError as exc:
         param = openai_param(exc.field)
         if param == "max_tokens":

@@ -195,8 +195,10 @@ def llamacpp_detokenize(body: Any, served: Served) -> Answer:
 
 
 def llamacpp_apply_template(body: Any, served: Served) -> Answer:
-    """``POST /apply-template``: ``{"messages", "tools"?}`` -> ``{"prompt"}``. As llama.cpp's
-    ``common_chat_templates_apply``, a leading BOS text is cut when the vocabulary adds BOS
+    """``POST /apply-template``: ``{"messages", "tools"?, "chat_template_kwargs"?}`` ->
+    ``{"prompt"}``. The body is parsed as llama.cpp's chat endpoint parses it
+    (``oaicompat_chat_params_parse``, whose ``chat_template_kwargs`` reach the template); as
+    its ``common_chat_templates_apply``, a leading BOS text is cut when the vocabulary adds BOS
     itself (``add_bos``), so that the prompt can go to ``/completion`` as it is."""
     messages = body.get("messages") if isinstance(body, dict) else None
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
@@ -206,8 +208,12 @@ def llamacpp_apply_template(body: Any, served: Served) -> Answer:
     if wrong_schema is not None:
         return 500, {"error": {"code": 500, "message": wrong_schema, "type": "server_error"}}
     tools = body.get("tools")
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        return 400, {"error": {"code": 400, "message": "chat_template_kwargs must be an object",
+                               "type": "invalid_request_error"}}
     prompt = served.template.render(messages, tools if isinstance(tools, list) else None,
-                                    tool_calls=True)
+                                    tool_calls=True, template_kwargs=kwargs)
     bos = served.template.bos_token
     if bos and prompt.startswith(bos):
         prompt = prompt[len(bos):]

@@ -4,7 +4,7 @@ deterministic model, with no sockets. For unit tests of the engine and of framew
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,7 +132,9 @@ class ScriptedBackend:
 
     async def render_chat(self, messages: Sequence[dict[str, Any]],
                           tools: Sequence[dict[str, Any]] | None = None, *,
-                          tool_choice: str | dict[str, Any] | None = None) -> str | None:
+                          tool_choice: str | dict[str, Any] | None = None,
+                          chat_template_kwargs: Mapping[str, Any] | None = None,
+                          ) -> str | None:
         """ChatML, as a server whose model uses it would render (SmolLM2, Qwen)."""
         from specthink.prompts import CHATML
 

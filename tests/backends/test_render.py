@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from specthink.backends.openai import ChatRendering, decode_token_strs
 from specthink.errors import BackendError, BackendStatusError
 from specthink.testing import LoopbackServer, ScriptedModel
 from specthink.testing._templates import token_strings
+from tests.core.formats.test_pair_formats import GEMMA_4
 
 Start = Callable[..., LoopbackServer]
 R1 = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
@@ -186,6 +188,40 @@ async def test_llamacpp_renders_with_apply_template(loopback_server: Start,
     await generate(backend, prompt)
     assert server.records[-1].model_input.count(R1_BOS) == 1
     assert backend.tokenize_method == "llama_cpp"
+
+
+@pytest.mark.parametrize("flavor", ["vllm", "llamacpp"])
+async def test_template_kwargs_reach_the_servers_template(loopback_server: Start,
+                                                          backends: Make, flavor: str) -> None:
+    """If this fails, ``chat_template_kwargs`` do not reach a vLLM or llama.cpp server's
+    template, and a family whose template switches thinking off by default (Gemma 4) is
+    rendered without reasoning whatever the pair asks."""
+    server = serve(loopback_server, flavor, "google/gemma-4-31B-it", chat_template=GEMMA_4)
+    backend = backends(server.url)
+    on = await backend.render_chat(MESSAGES, chat_template_kwargs={"enable_thinking": True})
+    off = await backend.render_chat(MESSAGES)
+    assert on is not None and off is not None
+    assert "<|think|>" in on and "<|think|>" not in off
+    assert on == server.template.render(
+        MESSAGES, template_kwargs={"enable_thinking": True}).removeprefix("<bos>")
+
+
+async def test_tgi_logs_once_that_template_kwargs_cannot_reach_it(
+        loopback_server: Start, caplog: pytest.LogCaptureFixture) -> None:
+    """If this fails, a TGI pair drops the thinking switch without a word in the debug log
+    (TGI's /chat_tokenize takes no template kwargs), or says so on every request."""
+    server = serve(loopback_server, "tgi")
+    backend = TGIBackend(server.url)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="specthink.backends"):
+            for _ in range(2):
+                prompt = await backend.render_chat(
+                    MESSAGES, chat_template_kwargs={"enable_thinking": True})
+                assert prompt == server.template.render(MESSAGES)
+    finally:
+        await backend.aclose()
+    warned = [r for r in caplog.records if "chat template kwargs" in r.getMessage()]
+    assert len(warned) == 1 and "enable_thinking" in warned[0].getMessage()
 
 
 # --------------------------------------------------------------------------- none

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -371,3 +372,67 @@ def test_every_command_has_readable_help(path: tuple[str, ...]) -> None:
 
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.stdout
+
+
+@pytest.fixture
+def gemma_pair() -> Iterator[tuple[str, str]]:
+    """A Gemma 4 pair over vLLM-protocol servers rendering its real template."""
+    from tests.core.formats.test_pair_formats import FAMILY_PAIRS, GEMMA_4, Gemma4Model
+
+    small, target = FAMILY_PAIRS["gemma-4"]
+    with LoopbackServer(Gemma4Model(), model_id=small, flavor="vllm",
+                        chat_template=GEMMA_4) as s, \
+            LoopbackServer(Gemma4Model(), model_id=target, flavor="vllm",
+                           chat_template=GEMMA_4) as t:
+        yield s.url, t.url
+
+
+def test_ask_takes_a_response_template_and_template_kwargs(
+        gemma_pair: tuple[str, str], env: dict[str, str | None]) -> None:
+    """If this fails, ``specthink ask`` cannot read a Gemma 4 pair (``--response-template``),
+    does not switch its thinking on by default, or ``--template-kwargs`` cannot switch it
+    off; a bad ``--template-kwargs`` is not a usage error."""
+    from tests.core.formats.test_pair_formats import ANSWER, FAMILY_PAIRS
+
+    small, target = FAMILY_PAIRS["gemma-4"]
+    args = ["ask", "What is 12 * 13?", "--json", "--backend", "openai", "--small",
+            gemma_pair[0], "--target", gemma_pair[1], "--small-model", small,
+            "--target-model", target, "--template", "server", "--response-template", "auto"]
+    thinking = runner.invoke(app, args, env=env)
+    assert thinking.exit_code == 0, thinking.output
+    trace = json.loads(thinking.stdout)
+    assert trace["takeovers"] and trace["text"].endswith(ANSWER)
+    plain = runner.invoke(app, [*args, "--template-kwargs", '{"enable_thinking": false}'],
+                          env=env)
+    assert plain.exit_code == 0, plain.output
+    trace = json.loads(plain.stdout)
+    assert trace["takeovers"] == [] and trace["text"].endswith(ANSWER)
+    bad = runner.invoke(app, [*args, "--template-kwargs", "[1]"], env=env)
+    assert bad.exit_code == 2 and "JSON object" in bad.output
+
+
+def test_serve_takes_a_response_template_and_template_kwargs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """If this fails, ``specthink serve`` cannot be given a response template or template
+    kwargs, or an unreadable response template gets as far as serving."""
+    pytest.importorskip("uvicorn")
+    import uvicorn
+
+    from specthink.serve import app as serve_app
+
+    built: list[Any] = []
+    monkeypatch.setattr(serve_app, "create_app",
+                        lambda settings, **options: built.append(settings) or object())
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **options: None)
+    args = ["serve", "--small", "http://127.0.0.1:9", "--target", "http://127.0.0.1:9",
+            "--backend", "openai"]
+    env = {"SPECTHINK_BACKEND": None, "SPECTHINK_SERVE_API_KEYS": None}
+    served = runner.invoke(app, [*args, "--response-template", "gemma-4",
+                                 "--template-kwargs", '{"enable_thinking": false}'], env=env)
+    assert served.exit_code == 0, served.output
+    assert [(s.response_template, s.template_kwargs) for s in built] == [
+        ("gemma-4", {"enable_thinking": False})]
+    refused = runner.invoke(app, [*args, "--response-template", "bogus"],
+                            env={**env, "COLUMNS": "400"})
+    assert refused.exit_code == 2 and "unknown response template 'bogus'" in refused.output
+    assert len(built) == 1

@@ -181,3 +181,16 @@ async def test_a_request_takes_no_parameters_beside_it() -> None:
     with pytest.raises(ConfigError, match="max_new_tokens"):
         thinker.request(build(), max_new_tokens=3)
     await thinker.aclose()
+
+
+def test_template_kwargs_are_checked_and_kept() -> None:
+    """If this fails, a call's chat template variables are lost on the way to the engine, or
+    a malformed value reaches a template instead of an error naming ``template_kwargs``."""
+    messages = [{"role": "user", "content": "Hi"}]
+    request = ChatRequest.build(messages, template_kwargs={"enable_thinking": False})
+    assert request.template_kwargs == {"enable_thinking": False}
+    assert ChatRequest.build(messages).template_kwargs is None
+    for bad in ([("enable_thinking", False)], {1: True}):
+        with pytest.raises(ConfigError) as refused:
+            ChatRequest.build(messages, template_kwargs=bad)  # type: ignore[arg-type]
+        assert refused.value.field == "template_kwargs"

@@ -5,10 +5,29 @@ the reasoning exactly the reasoning, whole and streamed, after a takeover."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
-from tests.core.formats.test_pair_formats import ANSWER, REASONING, start
+import openai
+import pytest
+
+from tests.core.formats.test_pair_formats import (
+    ANSWER,
+    CALL_REASONING,
+    CALL_TURN,
+    EARLIER_REASONING,
+    FAMILY_PAIRS,
+    GPT_OSS_TEMPLATE_FILE,
+    HARMONY_TOOLS,
+    REASONING,
+    WEATHER,
+    XML_REASONING,
+    start,
+    start_family,
+    start_qwen35,
+    start_tool_loop,
+)
 from tests.serve.conftest import client
 
 
@@ -34,3 +53,103 @@ def test_gpt_oss_through_serve(loopback_server: Callable[..., object],
             content += choice.delta.content or ""
             reasoning += (choice.delta.model_extra or {}).get("reasoning_content") or ""
     assert (content, reasoning) == (ANSWER, REASONING)
+
+
+@pytest.mark.parametrize("template", ["server", GPT_OSS_TEMPLATE_FILE],
+                         ids=["server-rendered", "client-side"])
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_serve_hands_a_tool_turns_reasoning_back(loopback_server: Callable[..., object],
+                                                 serve: Callable[..., Any], field: str,
+                                                 template: str) -> None:
+    """If this fails, an OpenAI client's tool loop through serve on gpt-oss loses the
+    reasoning of the turn that called the tool (sent back as ``reasoning_content`` or
+    ``reasoning``, as it came): the template, rendered by the server or client-side (where it
+    reads ``thinking``), no longer shows it on the next call."""
+    pair = start_tool_loop(loopback_server)
+    served = serve(pair, backend="openai", small_model="openai/gpt-oss-20b",
+                   target_model="openai/gpt-oss-120b", small_template=template,
+                   target_template=template, response_template="gpt-oss")
+    completion = client(served).chat.completions.create(
+        model="specthink", tools=HARMONY_TOOLS,  # type: ignore[arg-type]
+        messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, field: EARLIER_REASONING,  # type: ignore[misc]
+             "tool_calls": [{"id": "c1", "type": "function", "function": {
+                 "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "Sunny, 21 C"}])
+    analysis = f"<|channel|>analysis<|message|>{EARLIER_REASONING}<|end|>"
+    prompts = [r.model_input for s in (pair.small, pair.target) for r in s.records]
+    assert prompts and all(analysis in prompt for prompt in prompts)
+    assert completion.choices[0].message.content == ANSWER
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_PAIRS))
+def test_gemma4_and_ministral_through_serve(loopback_server: Callable[..., object],
+                                            serve: Callable[..., Any], family: str) -> None:
+    """If this fails, an OpenAI client of a Gemma 4 pair gets no reasoning (its thinking
+    switch not on by default) or of a Ministral 3 Reasoning pair gets the ``[THINK]``
+    reasoning as content, or no takeover happens."""
+    small, target = FAMILY_PAIRS[family]
+    served = serve(start_family(loopback_server, family), backend="openai", small_model=small,
+                   target_model=target, small_template="server", target_template="server",
+                   response_template="auto")
+    completion = client(served).chat.completions.create(
+        model="specthink", messages=[{"role": "user", "content": "What is 12 * 13?"}])
+    message = completion.choices[0].message
+    assert message.content == ANSWER
+    assert (message.model_extra or {})["reasoning_content"] == REASONING
+    assert sum((completion.model_extra or {})["specthink"]["takeovers"].values()) >= 1
+
+
+@pytest.mark.parametrize("family", ["gpt-oss", "qwen3.5"])
+def test_tool_calls_per_family_through_serve(loopback_server: Callable[..., object],
+                                             serve: Callable[..., Any], family: str) -> None:
+    """If this fails, an OpenAI client of a gpt-oss or Qwen3.5 pair gets the family's call as
+    text (or none), the call drafted in the reasoning (the Oslo decoy) as a call, or loses the
+    reasoning."""
+    if family == "gpt-oss":
+        pair = start_tool_loop(loopback_server, CALL_TURN)
+        models = {"small_model": "openai/gpt-oss-20b", "target_model": "openai/gpt-oss-120b"}
+        expected = (None, CALL_REASONING, [("get_weather", {"city": "Paris"})])
+    else:
+        pair = start_qwen35(loopback_server)
+        models = {"small_model": "Qwen/Qwen3.5-4B", "target_model": "Qwen/Qwen3.5-27B"}
+        expected = ("Let me check.", XML_REASONING,
+                    [("get_weather", {"city": "Paris", "days": 2})])
+    served = serve(pair, backend="openai", small_template="server", target_template="server",
+                   response_template="auto", **models)
+    completion = client(served).chat.completions.create(
+        model="specthink", tools=WEATHER,  # type: ignore[arg-type]
+        messages=[{"role": "user", "content": "Weather in Paris?"}])
+    message = completion.choices[0].message
+    calls = [(c.function.name, json.loads(c.function.arguments))
+             for c in message.tool_calls or []]  # type: ignore[union-attr]
+    assert (message.content or None, (message.model_extra or {})["reasoning_content"],
+            calls) == expected
+    assert completion.choices[0].finish_reason == "tool_calls"
+    assert sum((completion.model_extra or {})["specthink"]["takeovers"].values()) >= 1
+
+
+def test_a_requests_chat_template_kwargs_switch_gemma4s_thinking_off(
+        loopback_server: Callable[..., object], serve: Callable[..., Any]) -> None:
+    """If this fails, an OpenAI client cannot switch a Gemma 4 pair's thinking off for one
+    request as vLLM clients do (``extra_body={"chat_template_kwargs": ...}``), the switch
+    leaks into the next request, or a malformed one is not a 400 naming the parameter."""
+    small, target = FAMILY_PAIRS["gemma-4"]
+    served = serve(start_family(loopback_server, "gemma-4"), backend="openai",
+                   small_model=small, target_model=target, small_template="server",
+                   target_template="server", response_template="auto")
+    sdk = client(served)
+    question = [{"role": "user", "content": "What is 12 * 13?"}]
+    off = sdk.chat.completions.create(model="specthink", messages=question,  # type: ignore[arg-type]
+                                      extra_body={"chat_template_kwargs":
+                                                  {"enable_thinking": False}})
+    assert off.choices[0].message.content == ANSWER
+    assert "reasoning_content" not in (off.choices[0].message.model_extra or {})
+    assert sum((off.model_extra or {})["specthink"]["takeovers"].values()) == 0
+    on = sdk.chat.completions.create(model="specthink", messages=question)  # type: ignore[arg-type]
+    assert (on.choices[0].message.model_extra or {})["reasoning_content"] == REASONING
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.chat.completions.create(model="specthink", messages=question,  # type: ignore[arg-type]
+                                    extra_body={"chat_template_kwargs": [1]})
+    assert "chat_template_kwargs" in str(refused.value)

@@ -83,6 +83,17 @@ def _r1_native_calls() -> str:
     return f"{REASONING}\n</think>\n\n{ANSWER}{whole[start:end]}"
 
 
+def _v31_calls() -> str:
+    """DeepSeek-V3.1 thinks after the prompt's "<think>", then calls as its template renders an
+    assistant's tool calls."""
+    whole = render("deepseek-ai-DeepSeek-V3.1.jinja",
+                   [*USER, {"role": "assistant", "content": None, "tool_calls": [CALL]}],
+                   generation=False)
+    start = whole.index("<｜tool▁calls▁begin｜>")
+    end = whole.index("<｜tool▁calls▁end｜>") + len("<｜tool▁calls▁end｜>")
+    return f"{REASONING}</think>{ANSWER}{whole[start:end]}"
+
+
 THINKING = {"enable_thinking": True}
 CASES = {
     "qwen3": Case("qwen3", "Qwen-Qwen3-0.6B.jinja", kwargs=THINKING, turn={
@@ -126,4 +137,7 @@ CASES = {
                         compose=lambda: f"{REASONING}\n</think>\n\n{ANSWER}\n{HERMES_CALL}"),
     "deepseek-r1-0528": Case("deepseek-r1-0528", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja",
                              kwargs=THINKING, compose=_r1_native_calls),
+    # V3.1's template renders a call turn without its reasoning: composed the same way.
+    "deepseek-v3.1": Case("deepseek-v3.1", "deepseek-ai-DeepSeek-V3.1.jinja",
+                          kwargs={"thinking": True}, compose=_v31_calls),
 }

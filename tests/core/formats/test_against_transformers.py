@@ -105,6 +105,8 @@ def test_family_ids_of_the_rendered_checkpoints() -> None:
     expected = {
         "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B": "deepseek-r1",
         "deepseek-ai/DeepSeek-R1-0528": "deepseek-r1-0528",
+        "deepseek-ai/DeepSeek-V3.1": "deepseek-v3.1",
+        "deepseek-ai/DeepSeek-V3.1-Terminus": "deepseek-v3.1",
         "Qwen/QwQ-32B": "qwen3", "Qwen/Qwen3-0.6B": "qwen3",
         "HuggingFaceTB/SmolLM3-3B": "qwen3",
         "Qwen/Qwen3.5-4B": "qwen3-xml", "Qwen/Qwen3-Coder-30B-A3B-Instruct": "qwen3-xml",

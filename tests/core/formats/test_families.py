@@ -5,6 +5,7 @@ pass."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from specthink.formats.families import (
     template_names,
 )
 from specthink.formats.response_template import parse_response
+from specthink.settings import PairSettings
 
 OWN = {"start_anchor": "<|assistant|>", "fields": {
     "reasoning_content": {"open": "<reason>", "close": "</reason>"},
@@ -92,3 +94,43 @@ def test_thinking_switches_of_the_families() -> None:
                   "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"):
         family = family_of(model)
         assert family is not None and family.thinking_kwargs == {"enable_thinking": True}
+    v31 = family_of("deepseek-ai/DeepSeek-V3.1")
+    assert v31 is not None and v31.thinking_kwargs == {"thinking": True}
+
+
+def test_each_role_gets_its_familys_thinking_switch_and_template_kwargs_win() -> None:
+    """If this fails, the thinking switch of a role's family is not passed (Gemma 4 would not
+    reason), reaches a model of another family, or ``template_kwargs`` cannot override it."""
+    urls = {"small_url": "http://small", "target_url": "http://target", "backend": "openai"}
+    pair = PairSettings(**urls, small_model="google/gemma-4-E4B-it",
+                        target_model="openai/gpt-oss-120b")
+    assert pair.role_template_kwargs("small") == {"enable_thinking": True}
+    assert pair.role_template_kwargs("target") == {}
+    # No model id: the family the response template names decides.
+    named = PairSettings(**urls, response_template="gemma-4")
+    assert named.role_template_kwargs("target") == {"enable_thinking": True}
+    off = PairSettings(**urls, small_model="Qwen/Qwen3-8B",
+                       template_kwargs={"enable_thinking": False, "reasoning_effort": "high"})
+    assert off.role_template_kwargs("small") == {"enable_thinking": False,
+                                                 "reasoning_effort": "high"}
+    assert off.role_template_kwargs("target") == {"enable_thinking": False,
+                                                  "reasoning_effort": "high"}
+
+
+def test_template_kwargs_meeting_a_tgi_rendered_template_are_warned_about(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """If this fails, a user's template_kwargs are dropped silently on TGI (whose renderer
+    takes none), or a family's default switch, which TGI cannot take either, is warned about
+    on every build of the paper's TGI pair."""
+    urls = {"small_url": "http://small", "target_url": "http://target", "backend": "tgi"}
+    with caplog.at_level(logging.WARNING, logger="specthink.settings"):
+        PairSettings(**urls, small_model="Qwen/Qwen3-8B").build()
+        PairSettings(**urls, template_kwargs={"enable_thinking": False},
+                     small_template="chatml", target_template="chatml").build()
+        assert caplog.records == []
+        PairSettings(**urls, template_kwargs={"enable_thinking": False},
+                     target_template="chatml").build()
+        PairSettings(**urls, template_kwargs={"enable_thinking": False}).build()
+    assert len(caplog.records) == 2
+    assert "small model's template" in caplog.records[0].getMessage()
+    assert "small and target model's template" in caplog.records[1].getMessage()

@@ -10,18 +10,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from specthink import SpeculativeThinker
 from specthink.backends import OpenAICompletionsBackend
 from specthink.formats import THINK_HERMES, OutputFormat
 from specthink.formats.families import builtin_template
 from specthink.output import OutputSplitter, split_result
+from specthink.settings import PairSettings
 from specthink.testing import Continuation, JinjaChatTemplate
 from specthink.trace import FinishEvent
 from tests.support import ServerPair
 
+GPT_OSS_TEMPLATE_FILE = str(Path(__file__).resolve().parents[2] / "data" / "chat_templates"
+                            / "openai-gpt-oss-120b.jinja")
 TEMPLATE = JinjaChatTemplate(
-    "gpt-oss", (Path(__file__).resolve().parents[2] / "data" / "chat_templates"
-                / "openai-gpt-oss-120b.jinja").read_text(encoding="utf-8"),
+    "gpt-oss", Path(GPT_OSS_TEMPLATE_FILE).read_text(encoding="utf-8"),
     special_tokens=("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>",
                     "<|return|>", "<|call|>"),
     stop_tokens=("<|return|>", "<|call|>"))
@@ -42,6 +46,51 @@ class HarmonyModel:
         start = prompt.find("<|start|>assistant", user) + len("<|start|>assistant")
         written = prompt[start:]
         return Continuation(TURN[len(written):] if TURN.startswith(written) else "")
+
+
+EARLIER_REASONING = "The user wants the weather in Paris; the tool knows it."
+"""The reasoning of an earlier tool-calling turn, handed back in a tool loop."""
+HARMONY_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather of a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+
+
+class HarmonyLoopModel:
+    """gpt-oss in a tool loop, greedy: one harmony turn (``turn``, by default the answer)
+    after the generation prompt (the ``<|start|>assistant`` after the last turn of someone
+    else: a user, or a tool's result), continued from whatever the prompt holds of it."""
+
+    def __init__(self, turn: str = TURN) -> None:
+        self.turn = turn
+
+    def continuation(self, prompt: str) -> Continuation:
+        last = max(prompt.rfind("<|start|>user"), prompt.rfind("<|start|>functions."))
+        head = prompt.find("<|start|>assistant", last)
+        while head != -1:
+            written = prompt[head + len("<|start|>assistant"):]
+            if self.turn.startswith(written):
+                return Continuation(self.turn[len(written):])
+            head = prompt.find("<|start|>assistant", head + 1)
+        return Continuation("")
+
+
+def start_tool_loop(loopback_server: Callable[..., object], turn: str = TURN) -> ServerPair:
+    """A gpt-oss pair whose models write ``turn``, after a tool's result too."""
+    options = {"flavor": "vllm", "chat_template": TEMPLATE}
+    return ServerPair(loopback_server(HarmonyLoopModel(turn), model_id="openai/gpt-oss-20b",
+                                      **options),  # type: ignore[arg-type]
+                      loopback_server(HarmonyLoopModel(turn), model_id="openai/gpt-oss-120b",
+                                      **options))  # type: ignore[arg-type]
+
+
+HARMONY_DECOY = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+CALL_REASONING = (f"The user wants the weather. Maybe {HARMONY_DECOY} first?\n\n"
+                  "Wait, no: the question is about Paris.")
+CALL_TURN = (f"<|channel|>analysis<|message|>{CALL_REASONING}<|end|><|start|>assistant"
+             '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>'
+             '{"city": "Paris"}<|call|>')
+"""gpt-oss calling a tool, a call of another format drafted in its reasoning (a decoy)."""
 
 
 def thinker(pair: ServerPair, output_format: OutputFormat) -> SpeculativeThinker:
@@ -141,6 +190,15 @@ class Qwen35Model:
         return Continuation(XML_TURN[len(written):] if XML_TURN.startswith(written) else "")
 
 
+def start_qwen35(loopback_server: Callable[..., object]) -> ServerPair:
+    """A Qwen3.5 pair whose models think, drafting a decoy call, then call in XML."""
+    options = {"flavor": "vllm", "chat_template": QWEN35}
+    return ServerPair(loopback_server(Qwen35Model(), model_id="Qwen/Qwen3.5-4B",
+                                      **options),  # type: ignore[arg-type]
+                      loopback_server(Qwen35Model(), model_id="Qwen/Qwen3.5-27B",
+                                      **options))  # type: ignore[arg-type]
+
+
 async def test_qwen35_pair_calls_in_xml(loopback_server: Callable[..., object]) -> None:
     """If this fails, a Qwen3.5 / Nemotron 3 pair leaves its XML call as text in the answer
     (issue 21), executes the call it only drafted while thinking, starts outside the reasoning
@@ -166,3 +224,161 @@ async def test_qwen35_pair_calls_in_xml(loopback_server: Callable[..., object]) 
     # The XML call's "2" is cast by the offered schema, as transformers and vLLM cast it.
     assert [(c.name, c.arguments) for c in whole.tool_calls] == [
         ("get_weather", {"city": "Paris", "days": 2})]
+
+
+GEMMA_4 = JinjaChatTemplate(
+    "gemma-4", (Path(__file__).resolve().parents[2] / "data" / "chat_templates"
+                / "google-gemma-4-31B-it.jinja").read_text(encoding="utf-8"),
+    bos_token="<bos>",
+    special_tokens=("<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>",
+                    "<|tool_call>", "<tool_call|>", '<|"|>'),
+    stop_tokens=("<turn|>",))
+GEMMA_THOUGHT = f"<|channel>thought\n{REASONING}<channel|>{ANSWER}<turn|>"
+GEMMA_NO_THOUGHT = f"<|channel>thought\n<channel|>{ANSWER}<turn|>"
+
+
+class Gemma4Model:
+    """Gemma 4, greedy: it reasons in a thought channel when its system turn holds the
+    ``<|think|>`` switch, else answers after the empty thought its generation prompt holds;
+    continued from whatever the prompt holds of its turn."""
+
+    def continuation(self, prompt: str) -> Continuation:
+        head = prompt.rfind("<|turn>model\n")
+        written = prompt[head + len("<|turn>model\n"):]
+        turn = GEMMA_THOUGHT if "<|think|>" in prompt[:head] else GEMMA_NO_THOUGHT
+        return Continuation(turn[len(written):] if turn.startswith(written) else "")
+
+
+def start_gemma(loopback_server: Callable[..., object]) -> ServerPair:
+    options = {"flavor": "vllm", "chat_template": GEMMA_4}
+    small, target = FAMILY_PAIRS["gemma-4"]
+    return ServerPair(loopback_server(Gemma4Model(), model_id=small,
+                                      **options),  # type: ignore[arg-type]
+                      loopback_server(Gemma4Model(), model_id=target,
+                                      **options))  # type: ignore[arg-type]
+
+
+GEMMA_TEMPLATE_FILE = str(Path(__file__).resolve().parents[2] / "data" / "chat_templates"
+                          / "google-gemma-4-31B-it.jinja")
+
+
+@pytest.mark.parametrize("template", ["server", "auto", GEMMA_TEMPLATE_FILE],
+                         ids=["server-rendered", "auto", "client-side"])
+async def test_gemma4_thinks_by_default(loopback_server: Callable[..., object],
+                                        template: str) -> None:
+    """If this fails, a Gemma 4 pair (whose template switches thinking off unless
+    ``enable_thinking`` is passed) has no reasoning and so no takeover at all, the failure
+    issue 21 reports; or ``template_kwargs`` cannot switch it off again. Rendered by the
+    server (vLLM's ``/tokenize`` with ``chat_template_kwargs``; ``auto`` too, whose built-ins
+    learnt without the kwargs must not stand in for it) and client-side alike."""
+    pair = start_gemma(loopback_server)
+    urls = {"small_url": pair.small.url, "target_url": pair.target.url, "backend": "openai",
+            "small_model": "google/gemma-4-E4B-it", "target_model": "google/gemma-4-31B-it",
+            "small_template": template, "target_template": template,
+            "response_template": "auto"}
+    engine = PairSettings(**urls).build()
+    try:
+        result = await engine.agenerate(QUESTION)
+    finally:
+        await engine.aclose()
+    whole = split_result(result)
+    assert (whole.reasoning, whole.answer) == (REASONING, ANSWER)
+    assert result.stats.total_takeovers >= 1
+
+    engine = PairSettings(**urls, template_kwargs={"enable_thinking": False}).build()
+    try:
+        result = await engine.agenerate(QUESTION)
+    finally:
+        await engine.aclose()
+    whole = split_result(result)
+    assert (whole.reasoning, whole.answer) == ("", ANSWER)
+    assert result.stats.total_takeovers == 0
+
+
+MINISTRAL = JinjaChatTemplate(
+    "mistral-reasoning", (Path(__file__).resolve().parents[2] / "data" / "chat_templates"
+                          / "mistralai-Ministral-3-14B-Reasoning-2512.jinja").read_text(
+                              encoding="utf-8"),
+    bos_token="<s>", eos_token="</s>",
+    special_tokens=("<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                    "[THINK]", "[/THINK]", "[TOOL_CALLS]", "[ARGS]", "[TOOL_RESULTS]",
+                    "[/TOOL_RESULTS]"),
+    stop_tokens=("</s>",))
+MISTRAL_TURN = f"[THINK]{REASONING}[/THINK]{ANSWER}</s>"
+
+
+class MinistralModel:
+    """Ministral 3 Reasoning, greedy: ``[THINK]`` reasoning then the answer after the last
+    ``[/INST]``, continued from whatever the prompt holds of it."""
+
+    def continuation(self, prompt: str) -> Continuation:
+        written = prompt[prompt.rfind("[/INST]") + len("[/INST]"):]
+        return Continuation(MISTRAL_TURN[len(written):] if MISTRAL_TURN.startswith(written)
+                            else "")
+
+
+FAMILY_PAIRS: dict[str, tuple[str, str]] = {
+    "gemma-4": ("google/gemma-4-E4B-it", "google/gemma-4-31B-it"),
+    "mistral-reasoning": ("mistralai/Ministral-3-8B-Reasoning-2512",
+                          "mistralai/Ministral-3-14B-Reasoning-2512"),
+}
+"""The small and target model ids of the families :func:`start_family` serves."""
+
+
+def start_family(loopback_server: Callable[..., object], family: str) -> ServerPair:
+    """A pair of ``family`` (Gemma 4 or Ministral 3 Reasoning) rendering its real template,
+    whose models reason then answer (Gemma 4 only when its thinking switch is on)."""
+    if family == "gemma-4":
+        return start_gemma(loopback_server)
+    small, target = FAMILY_PAIRS[family]
+    options = {"flavor": "vllm", "chat_template": MINISTRAL}
+    return ServerPair(loopback_server(MinistralModel(), model_id=small,
+                                      **options),  # type: ignore[arg-type]
+                      loopback_server(MinistralModel(), model_id=target,
+                                      **options))  # type: ignore[arg-type]
+
+
+DEEPSEEK_V31 = JinjaChatTemplate(
+    "deepseek-v3.1", (Path(__file__).resolve().parents[2] / "data" / "chat_templates"
+                      / "deepseek-ai-DeepSeek-V3.1.jinja").read_text(encoding="utf-8"),
+    bos_token="<｜begin▁of▁sentence｜>", special_tokens=("<｜end▁of▁sentence｜>",),
+    stop_tokens=("<｜end▁of▁sentence｜>",))
+
+
+class DeepSeekV31Model:
+    """DeepSeek-V3.1, greedy: reasons after the prompt's ``<think>`` (its ``thinking``
+    switch on), else answers after the closed ``<think></think>``."""
+
+    def continuation(self, prompt: str) -> Continuation:
+        head = prompt.rfind("<｜Assistant｜>") + len("<｜Assistant｜>")
+        turn = f"<think>{REASONING}</think>{ANSWER}<｜end▁of▁sentence｜>"
+        if prompt[head:].startswith("<think></think>"):
+            turn = f"<think></think>{ANSWER}<｜end▁of▁sentence｜>"
+        written = prompt[head:]
+        return Continuation(turn[len(written):] if turn.startswith(written) else "")
+
+
+async def test_deepseek_v31_thinks_by_default(loopback_server: Callable[..., object]) -> None:
+    """If this fails, a DeepSeek-V3.1 pair (whose template answers without thinking unless
+    ``thinking`` is passed) has no reasoning and no takeover, or ``template_kwargs`` cannot
+    switch it off."""
+    options = {"flavor": "vllm", "chat_template": DEEPSEEK_V31}
+    small = loopback_server(DeepSeekV31Model(), model_id="deepseek-ai/DeepSeek-V3.1",
+                            **options)  # type: ignore[arg-type]
+    target = loopback_server(DeepSeekV31Model(), model_id="deepseek-ai/DeepSeek-V3.1-Terminus",
+                             **options)  # type: ignore[arg-type]
+    urls = {"small_url": small.url, "target_url": target.url,  # type: ignore[attr-defined]
+            "backend": "openai", "small_model": "deepseek-ai/DeepSeek-V3.1",
+            "target_model": "deepseek-ai/DeepSeek-V3.1-Terminus", "small_template": "server",
+            "target_template": "server", "response_template": "auto"}
+    for kwargs, expected, takeovers in (
+            (None, (REASONING, ANSWER), True),
+            ({"thinking": False}, ("", ANSWER), False)):
+        engine = PairSettings(**urls, template_kwargs=kwargs).build()
+        try:
+            result = await engine.agenerate(QUESTION)
+        finally:
+            await engine.aclose()
+        whole = split_result(result)
+        assert (whole.reasoning, whole.answer) == expected
+        assert (result.stats.total_takeovers >= 1) is takeovers

@@ -170,6 +170,9 @@ def test_a_malformed_region_can_be_kept_as_text() -> None:
     ("qwen3", "<|im_start|>assistant\n", False),
     ("gpt-oss", "<|start|>assistant", False),
     ("mistral-reasoning", "[INST]2+2?[/INST]", False),
+    # DeepSeek-V3.1: thinking={"thinking": True} opens it, off closes it at once.
+    ("deepseek-v3.1", "<｜User｜>2+2?<｜Assistant｜><think>", True),
+    ("deepseek-v3.1", "<｜User｜>2+2?<｜Assistant｜><think></think>", False),
 ])
 def test_starts_in_reasoning_from_the_prompt_tail(template: str, prompt: str,
                                                   inside: bool) -> None:

@@ -13,7 +13,8 @@ from specthink.formats.families import builtin_template
 from specthink.formats.splitting import TemplateSplit, TemplateSplitter
 from tests.core.formats.family_cases import ARGS, CASES, TOOLS
 
-STARTS_IN_REASONING = {"qwq", "qwen3.5", "nemotron-3", "deepseek-r1", "deepseek-r1-0528"}
+STARTS_IN_REASONING = {"qwq", "qwen3.5", "nemotron-3", "deepseek-r1", "deepseek-r1-0528",
+                       "deepseek-v3.1"}
 """Families whose generation prompt (with thinking on) opens the reasoning."""
 
 
