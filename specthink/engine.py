@@ -482,10 +482,16 @@ class SpeculativeThinker:
         from . import prompts
 
         required, name = prompts.required_call(request.tool_choice, request.tools)
-        if not required or run.policy.output_format.template is not None:
-            # A response template's calls have its own syntax (harmony, Gemma, XML): only the
-            # span formats' Hermes JSON calls are opened here.
+        if not required:
             return
+        output_format = run.policy.output_format
+        if output_format.template is not None:
+            # A response template's calls have their own syntax (harmony, Gemma, XML), which
+            # the engine does not open yet: refused rather than left to the model's goodwill.
+            raise ConfigError(
+                f"tool_choice {request.tool_choice!r} cannot be enforced for the "
+                f"{output_format.name!r} output format (only Hermes <tool_call> JSON calls are "
+                f"opened by specthink); use tool_choice 'auto'", field="tool_choice")
         run.call_opener = call_opener(name, run.policy.output_format.tool_call.open)
         roles: tuple[Role, Role] = ("small", "target")
         tools = request.tools or []

@@ -96,6 +96,21 @@ def too_busy(limit: int) -> APIError:
                     headers={"Retry-After": "1"})
 
 
+_PARAMS = {"max_new_tokens": "max_tokens", "rules": "specthink.rules", "session_id": "user",
+           "sampling": "temperature", "template_kwargs": "chat_template_kwargs"}
+"""The request's fields whose OpenAI parameter has another name (the rest are the same)."""
+
+
+def openai_param(field: str | None) -> str | None:
+    """The OpenAI parameter a request field came from (``rules.n1`` ->
+    ``specthink.rules.n1``)."""
+    if field is None:
+        return None
+    head, dot, rest = field.partition(".")
+    param = _PARAMS.get(head, head)
+    return f"{param}.{rest}" if dot else param
+
+
 def from_exception(exc: BaseException, *, param: str | None = None) -> APIError:
     """The answer for an exception raised while serving a chat request."""
     if isinstance(exc, APIError):
@@ -107,7 +122,8 @@ def from_exception(exc: BaseException, *, param: str | None = None) -> APIError:
     if isinstance(exc, PromptTooLongError):
         return invalid(str(exc), "messages", "context_length_exceeded")
     if isinstance(exc, ConfigError):
-        return invalid(str(exc), param)
+        # Raised by the engine too (what it finds while preparing): its field names the param.
+        return invalid(str(exc), param or openai_param(exc.field))
     if isinstance(exc, BackendError):
         return _upstream(exc)
     reference = uuid.uuid4().hex[:12]

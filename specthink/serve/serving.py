@@ -17,7 +17,7 @@ from specthink.engine import SpeculativeThinker
 from specthink.errors import ConfigError
 from specthink.output import FinalOutput, OutputSplitter, split_result
 from specthink.request import ChatRequest
-from specthink.serve.errors import invalid
+from specthink.serve.errors import invalid, openai_param
 from specthink.serve.protocol import ChatCompletionRequest, ChunkWriter, completion_body
 from specthink.serve.settings import ServeSettings
 from specthink.trace import Event, FinishEvent, Result
@@ -49,21 +49,6 @@ class ChatCall:
 
     def split(self, result: Result) -> FinalOutput:
         return split_result(result)
-
-
-_PARAMS = {"max_new_tokens": "max_tokens", "rules": "specthink.rules", "session_id": "user",
-           "sampling": "temperature", "template_kwargs": "chat_template_kwargs"}
-"""The request's fields whose OpenAI parameter has another name (the rest are the same)."""
-
-
-def openai_param(field: str | None) -> str | None:
-    """The OpenAI parameter a request field came from (``rules.n1`` ->
-    ``specthink.rules.n1``)."""
-    if field is None:
-        return None
-    head, dot, rest = field.partition(".")
-    param = _PARAMS.get(head, head)
-    return f"{param}.{rest}" if dot else param
 
 
 def prepare(request: ChatCompletionRequest, settings: ServeSettings, thinker: SpeculativeThinker,

@@ -130,6 +130,31 @@ def test_tool_calls_per_family_through_serve(loopback_server: Callable[..., obje
     assert sum((completion.model_extra or {})["specthink"]["takeovers"].values()) >= 1
 
 
+@pytest.mark.parametrize("tool_choice", [
+    "required", {"type": "function", "function": {"name": "get_weather"}}],
+    ids=["required", "named"])
+def test_a_required_call_a_format_cannot_open_is_a_400_naming_tool_choice(
+        loopback_server: Callable[..., object], serve: Callable[..., Any],
+        tool_choice: Any) -> None:
+    """If this fails, a gpt-oss pair given tool_choice "required" or a named function answers
+    whatever the model chose to write (text, finish_reason "stop"): the engine opens calls in
+    Hermes JSON only, so for harmony it must refuse before any generation request."""
+    pair = start_tool_loop(loopback_server, CALL_TURN)
+    served = serve(pair, backend="openai", small_model="openai/gpt-oss-20b",
+                   target_model="openai/gpt-oss-120b", small_template="server",
+                   target_template="server", response_template="gpt-oss")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(served).chat.completions.create(
+            model="specthink", tools=WEATHER, tool_choice=tool_choice,  # type: ignore[arg-type]
+            messages=[{"role": "user", "content": "Weather in Paris?"}])
+    error = refused.value.body
+    assert isinstance(error, dict) and error["param"] == "tool_choice", error
+    assert "cannot be enforced" in error["message"]
+    generations = [r for server in (pair.small, pair.target) for r in server.records
+                   if r.path.endswith("/completions")]
+    assert generations == []
+
+
 def test_a_requests_chat_template_kwargs_switch_gemma4s_thinking_off(
         loopback_server: Callable[..., object], serve: Callable[..., Any]) -> None:
     """If this fails, an OpenAI client cannot switch a Gemma 4 pair's thinking off for one
