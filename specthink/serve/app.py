@@ -234,16 +234,23 @@ class _ChatResponse(Response):
             await self._stream(send)
             return
         try:
-            result = await self.call.result()
+            result = await self._result()
         except Exception as exc:
             await self._send_error(send, self._failed(exc))
             return
         self._observe(result)
-        body = orjson.dumps(whole_answer(self.call, result, self.state.settings))
+        body = orjson.dumps(self._whole(result))
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", JSON.encode()),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+    async def _result(self) -> Result:
+        return await self.call.result()
+
+    def _whole(self, result: Result) -> dict[str, Any]:
+        """The whole answer's JSON object."""
+        return whole_answer(self.call, result, self.state.settings)
 
     async def _stream(self, send: Send) -> None:
         events = self.call.events()
@@ -314,23 +321,13 @@ class _ResponsesResponse(_ChatResponse):
         finally:
             self.state.metrics.responses.labels(str(self.status)).inc()
 
-    async def _run(self, send: Send) -> None:
-        if self.call.stream:
-            await self._stream(send)
-            return
-        try:
-            result = await self.responses.result()
-        except Exception as exc:
-            await self._send_error(send, self._failed(exc))
-            return
-        self._observe(result)
+    async def _result(self) -> Result:
+        return await self.responses.result()
+
+    def _whole(self, result: Result) -> dict[str, Any]:
         answer = self.responses.whole(result)
         self.responses.keep(self.state.store, answer)
-        body = orjson.dumps(answer)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", JSON.encode()),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        return answer
 
     async def _stream(self, send: Send) -> None:
         events = self.call.events()

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar, cast
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -119,8 +119,22 @@ def check_nesting(data: Mapping[str, Any]) -> None:
                           field, "nesting_too_deep")
 
 
-def parse_request(body: bytes) -> ChatCompletionRequest:
-    """The request from its JSON body; malformed JSON or a wrong field is a 400."""
+class _Checked(Protocol):
+    def unsupported(self) -> APIError | None: ...
+
+
+_Request = TypeVar("_Request", bound=BaseModel)
+
+
+def dotted(loc: Sequence[int | str]) -> str:
+    """A validation error's location as the field it names (``messages.0.content``)."""
+    return ".".join(str(part) for part in loc)
+
+
+def parse_body(body: bytes, model: type[_Request],
+               param_of: Callable[[Sequence[int | str]], str] = dotted) -> _Request:
+    """A request of ``model`` from its JSON body; malformed JSON, nesting too deep, a wrong
+    field or one the server cannot honour (the model's ``unsupported()``) is a 400 naming it."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -129,15 +143,20 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
         raise invalid("The body must be a JSON object.", None, "invalid_json")
     check_nesting(data)
     try:
-        request = ChatCompletionRequest.model_validate(data)
+        request = model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        raise invalid(f"{param}: {first['msg']}", param) from None
-    problem = request.unsupported()
+        param = param_of(first["loc"])
+        raise invalid(f"{param}: {first['msg']}", param or None) from None
+    problem = cast(_Checked, request).unsupported()
     if problem is not None:
         raise problem
     return request
+
+
+def parse_request(body: bytes) -> ChatCompletionRequest:
+    """The chat request from its JSON body; malformed JSON or a wrong field is a 400."""
+    return parse_body(body, ChatCompletionRequest)
 
 
 def usage(stats: Statistics) -> dict[str, Any]:

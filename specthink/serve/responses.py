@@ -17,16 +17,16 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from specthink.output import FinalOutput, OutputDelta
 from specthink.serve.errors import APIError, invalid
-from specthink.serve.protocol import ChatCompletionRequest, SpecthinkOptions, check_nesting
+from specthink.serve.protocol import ChatCompletionRequest, SpecthinkOptions, parse_body
 from specthink.serve.serving import ChatCall
 from specthink.serve.store import ResponseStore
 from specthink.tools import ToolCall
@@ -153,27 +153,16 @@ class ResponsesRequest(BaseModel):
         return None
 
 
+def _param(loc: Sequence[int | str]) -> str:
+    """The field a validation error names; a union's member name (``str``, ``list[any]``) is
+    no field of the request."""
+    return ".".join(str(part) for part in loc
+                    if isinstance(part, int) or not _UNION_MEMBER.match(part))
+
+
 def parse_responses_request(body: bytes) -> ResponsesRequest:
     """The request from its JSON body; malformed JSON or a wrong field is a 400."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise invalid(f"The body is not valid JSON: {exc}", None, "invalid_json") from None
-    if not isinstance(data, dict):
-        raise invalid("The body must be a JSON object.", None, "invalid_json")
-    check_nesting(data)
-    try:
-        request = ResponsesRequest.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        # A union's member name (``str``, ``list[any]``) is no field of the request.
-        param = ".".join(str(part) for part in first["loc"]
-                         if isinstance(part, int) or not _UNION_MEMBER.match(part))
-        raise invalid(f"{param}: {first['msg']}", param or None) from None
-    problem = request.unsupported()
-    if problem is not None:
-        raise problem
-    return request
+    return parse_body(body, ResponsesRequest, _param)
 
 
 def not_found(response_id: str, param: str | None) -> APIError:
