@@ -411,30 +411,38 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
             if multiprocess_dir() is not None:
                 multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
+    def ready(model: str) -> SpeculativeThinker:
+        """The engine, once the request names the served model and the server is up."""
+        if model != settings.model_name:
+            raise errors.model_not_found(model, settings.model_name)
+        thinker = state.thinker
+        if thinker is None:
+            raise APIError(503, "The server is starting or stopping.",
+                           type="upstream_unavailable", code="not_ready")
+        return thinker
+
+    def admit() -> None:
+        """Room for one more request in this worker (``--max-concurrency``), else a 429."""
+        limit = settings.max_concurrency
+        if limit is not None and state.in_flight >= limit:
+            raise errors.too_busy(limit)
+        state.in_flight += 1
+        state.metrics.in_flight.inc()
+
     async def chat_completions(request: Request) -> Response:
         started = time.perf_counter()
         try:
             if not state.authorized(request):
                 raise errors.unauthorized()
-            body = await _read_body(request, settings.max_body_bytes)
-            chat = parse_request(body)
-            if chat.model != settings.model_name:
-                raise errors.model_not_found(chat.model, settings.model_name)
-            thinker = state.thinker
-            if thinker is None:
-                raise APIError(503, "The server is starting or stopping.",
-                               type="upstream_unavailable", code="not_ready")
+            chat = parse_request(await _read_body(request, settings.max_body_bytes))
+            thinker = ready(chat.model)
             session = request.headers.get("x-session-id") or chat.user
             call = prepare(chat, settings, thinker, session_id=session)
-            limit = settings.max_concurrency
-            if limit is not None and state.in_flight >= limit:
-                raise errors.too_busy(limit)
+            admit()
         except Exception as exc:
             error = errors.from_exception(exc)  # a bug here is a 500 like anywhere else
             state.metrics.requests.labels(str(error.status)).inc()
             return _error(error)
-        state.in_flight += 1
-        state.metrics.in_flight.inc()
         return _ChatResponse(state, call, started)
 
     async def responses(request: Request) -> Response:
@@ -443,26 +451,17 @@ def create_app(settings: ServeSettings, *, backends: tuple[Backend, Backend] | N
             if not state.authorized(request):
                 raise errors.unauthorized()
             asked = parse_responses_request(await _read_body(request, settings.max_body_bytes))
-            if asked.model != settings.model_name:
-                raise errors.model_not_found(asked.model, settings.model_name)
-            thinker = state.thinker
-            if thinker is None:
-                raise APIError(503, "The server is starting or stopping.",
-                               type="upstream_unavailable", code="not_ready")
+            thinker = ready(asked.model)
             session = (request.headers.get("x-session-id") or asked.prompt_cache_key
                        or asked.user)
             call = prepare_response(asked, state.store, lambda chat: prepare(
                 chat, settings, thinker, session_id=session))
-            limit = settings.max_concurrency
-            if limit is not None and state.in_flight >= limit:
-                raise errors.too_busy(limit)
+            admit()
         except Exception as exc:
             error = errors.from_exception(exc)
             state.metrics.requests.labels(str(error.status)).inc()
             state.metrics.responses.labels(str(error.status)).inc()
             return _error(error)
-        state.in_flight += 1
-        state.metrics.in_flight.inc()
         return _ResponsesResponse(state, call, started)
 
     async def stored_response(request: Request) -> Response:
