@@ -287,14 +287,10 @@ def register(app: typer.Typer) -> None:
     app.command("bench-serve")(bench_serve)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m benchmarks.serve [OUT] [--quick]``."""
-    args = sys.argv[1:] if argv is None else argv
-    quick = "--quick" in args
-    paths = [a for a in args if not a.startswith("--")]
-    config = BenchConfig.quick() if quick else BenchConfig()
-    result = run_serve_bench(config, progress=lambda m: print(m, file=sys.stderr, flush=True))
-    print(write_report(result, Path(paths[0] if paths else "docs/benchmarks")))
+def main() -> None:
+    """``python -m benchmarks.serve [--out DIR] [--quick] [--levels ...]``: the same options as
+    ``specthink bench-serve`` (typer parses them, so ``--help`` helps rather than runs)."""
+    typer.run(bench_serve)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,12 @@ def test_bad_levels_fail_before_any_server_starts() -> None:
     answer = CliRunner().invoke(app, ["--levels", "16"])
     assert answer.exit_code == 2
     assert "CONVERSATIONSxPARAGRAPHS" in answer.output
+
+
+def test_module_help_prints_the_options_instead_of_running() -> None:
+    """``python -m benchmarks.serve --help`` shows the options. Broken: the module read
+    ``--help`` as nothing it knew and ran the whole five-minute benchmark over docs/benchmarks."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--help"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "--levels" in done.stdout and "calibrating" not in done.stderr
