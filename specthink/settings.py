@@ -10,21 +10,35 @@ environment (``SPECTHINK_SMALL_URL``, ``SPECTHINK_TARGET_URL``, ``SPECTHINK_BACK
 ``SPECTHINK_API_KEY``). A bad value whose check is the core's (an unknown backend kind or rules
 preset, a missing URL) is a :class:`~specthink.errors.ConfigError` naming the choices, raised
 when the settings are built, before any request.
+
+A caller that needs one model alone (``specthink eval``'s single-model modes) makes its settings
+with ``PairSettings.for_roles(["small"], ...)``: the other role's URL may then be missing, and
+``build_backend(role)`` builds each role's backend apart.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, cast
 
-from pydantic import BaseModel, Field, PlainSerializer, PlainValidator, SecretStr, ValidationError
+from pydantic import (
+    BaseModel,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import InitErrorDetails
 
 from . import _constants
 from ._constants import API_KEY_ENV
-from .backends import BackendKind, create, takes_option
+from .backends import BackendKind, create, discover, takes_option
 from .errors import ConfigError
 from .formats import OutputFormat
 from .rules import TakeoverRules, known_preset
@@ -33,9 +47,17 @@ if TYPE_CHECKING:
     from .backends.base import Backend
     from .engine import SpeculativeThinker
 
-__all__ = ["API_KEY_ENV", "PairSettings", "RulesSetting", "SettingsError", "TargetErrorPolicy"]
+__all__ = ["API_KEY_ENV", "ROLES", "PairSettings", "Role", "RulesSetting", "SettingsError",
+           "TargetErrorPolicy"]
 
 TargetErrorPolicy = Literal["fallback", "raise"]
+
+Role = Literal["small", "target"]
+ROLES: tuple[Role, ...] = ("small", "target")
+
+_REQUIRED_URLS: ContextVar[frozenset[str]] = ContextVar("specthink_required_urls",
+                                                        default=frozenset(ROLES))
+"""The roles whose URL the settings being built require: both, except inside ``for_roles``."""
 
 logger = logging.getLogger("specthink.settings")
 
@@ -58,16 +80,6 @@ RulesSetting = Annotated[TakeoverRules | str, PlainValidator(_rules_value),
 ``BackendKind`` checks a protocol), so an unknown one is a ``ConfigError`` naming the presets."""
 
 
-def _required_env(variable: str, field: str) -> Callable[[], str]:
-    def read() -> str:
-        value = os.environ.get(variable)
-        if not value:
-            raise ConfigError(f"no {field}: pass {field}= (or ${variable})", field=field)
-        return value
-
-    return read
-
-
 def _env(variable: str, default: str | None = None) -> Callable[[], Any]:
     return lambda: os.environ.get(variable) or default
 
@@ -84,12 +96,14 @@ class PairSettings(BaseModel):
     >>> thinker = settings.build()
     """
 
-    small_url: str = Field(default_factory=_required_env(_constants.SMALL_URL_ENV, "small_url"),
-                           min_length=1)
-    """The small (speculative) model's server; default ``$SPECTHINK_SMALL_URL``."""
-    target_url: str = Field(
-        default_factory=_required_env(_constants.TARGET_URL_ENV, "target_url"), min_length=1)
-    """The target model's server; default ``$SPECTHINK_TARGET_URL``."""
+    small_url: str = Field(default_factory=_env(_constants.SMALL_URL_ENV, ""),
+                           validate_default=True)
+    """The small (speculative) model's server; default ``$SPECTHINK_SMALL_URL``. Required
+    (empty only in settings made by ``for_roles`` without the small role)."""
+    target_url: str = Field(default_factory=_env(_constants.TARGET_URL_ENV, ""),
+                            validate_default=True)
+    """The target model's server; default ``$SPECTHINK_TARGET_URL``; required as
+    ``small_url``."""
     backend: BackendKind = Field(default_factory=_env(_constants.BACKEND_ENV, "tgi"),
                                  validate_default=True)
     """Wire protocol of both servers, one of ``specthink.backends.kinds()``: TGI's
@@ -142,6 +156,30 @@ class PairSettings(BaseModel):
             raise _config_error(exc) or exc from None
         self.pair_output_format()  # a bad response template fails here, before any request
 
+    @classmethod
+    def for_roles(cls, roles: Iterable[Role], /, **data: Any) -> Self:
+        """Settings whose caller uses only ``roles``' servers (``specthink eval --mode small``
+        needs no target): the URL of another role may be missing, and building its backend is
+        then a ``ConfigError``. Every other setting is checked as by the constructor."""
+        # Pydantic's constructor takes no validation context, and model_validate goes through
+        # a model's own __init__: the roles reach the URL validator in a context variable, as
+        # pydantic's documentation shows for context at initialisation.
+        token = _REQUIRED_URLS.set(frozenset(roles))
+        try:
+            return cls(**data)
+        finally:
+            _REQUIRED_URLS.reset(token)
+
+    @field_validator("small_url", "target_url")
+    @classmethod
+    def _url_given(cls, value: str, info: ValidationInfo) -> str:
+        field = info.field_name or ""
+        role = field.removesuffix("_url")
+        if not value and role in _REQUIRED_URLS.get():
+            variable = _constants.URL_ENV[role]
+            raise ConfigError(f"no {field}: pass {field}= (or ${variable})", field=field)
+        return value
+
     def pair_output_format(self) -> OutputFormat:
         """The pair's output format (see ``response_template``)."""
         from .formats.families import output_format_for
@@ -167,16 +205,36 @@ class PairSettings(BaseModel):
             options["routing_headers"] = self.routing_headers
         return options
 
-    def build_backends(self) -> tuple[Backend, Backend]:
-        """Both servers' backends, from the core's one factory."""
-        options = self.backend_options()
+    def build_backend(self, role: Role) -> Backend:
+        """``role``'s backend, from the core's one factory; a role whose URL these settings
+        lack (see ``for_roles``) is a ``ConfigError``."""
+        url, model = self._server(role)
         # A model name (which $SPECTHINK_<ROLE>_MODEL may set whatever the protocol) goes only
         # to a kind that takes one, as the commands do.
         named = takes_option(self.backend, "model")
-        return (create(self.backend, self.small_url,
-                       **options, **({"model": self.small_model} if named else {})),
-                create(self.backend, self.target_url,
-                       **options, **({"model": self.target_model} if named else {})))
+        return create(self.backend, url, **self.backend_options(),
+                      **({"model": model} if named else {}))
+
+    def build_backends(self) -> tuple[Backend, Backend]:
+        """Both servers' backends, from the core's one factory."""
+        return self.build_backend("small"), self.build_backend("target")
+
+    async def detect_backend(self, role: Role) -> Backend:
+        """``role``'s backend for the protocol its server answers ``GET /info`` with
+        (:func:`~specthink.backends.discover`: TGI, else OpenAI completions), whatever
+        ``backend`` says; the commands' ``--backend auto``. It sends that one request."""
+        url, model = self._server(role)
+        return await discover(url, **self.backend_options(), model=model)
+
+    def _server(self, role: Role) -> tuple[str, str | None]:
+        """``role``'s URL and model name."""
+        url, model = ((self.small_url, self.small_model) if role == "small"
+                      else (self.target_url, self.target_model))
+        if not url:
+            field = f"{role}_url"
+            raise ConfigError(f"no {field}: these settings were made without the {role} "
+                              f"model's server; pass {field}=", field=field)
+        return url, model
 
     def build(self, *, backends: tuple[Backend, Backend] | None = None) -> SpeculativeThinker:
         """The engine over ``backends`` (default: the ones these settings describe)."""

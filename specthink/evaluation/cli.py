@@ -7,6 +7,10 @@ The top-level ``specthink`` command adds this one through :func:`register`. Prog
 summary table go to stderr; stdout gets the paths of the files written (or, with ``--json``, the
 summary as JSON). Exit codes: 2 bad input, 3 a server failed before the run could start, 1 when
 some answers failed to generate (rerun to retry them), 130 when interrupted (rerun to resume).
+
+The pair's options build one :class:`~specthink.settings.PairSettings` (with only the roles the
+modes need), checked as on every other surface before any request; the evaluation's own ones
+(budget, sampling, concurrency) an :class:`~specthink.evaluation.runner.EvalSettings`.
 """
 
 from __future__ import annotations
@@ -34,19 +38,22 @@ from rich.text import Text
 from specthink._cli_options import (
     AUTO,
     ApiKey,
+    ResponseTemplate,
     SmallModel,
     SmallTemplate,
     TargetModel,
     TargetTemplate,
+    TemplateKwargs,
     backend_option,
-    open_backend,
-    preset_name,
     stderr,
+    template_kwargs_value,
     url_option,
 )
+from specthink.backends import kind_of
 from specthink.backends.base import Backend, SamplingParams
 from specthink.errors import BackendError, ConfigError, SpecthinkError
 from specthink.rules import PRESETS
+from specthink.settings import ROLES, PairSettings, Role
 
 __all__ = ["eval_command", "register"]
 
@@ -92,19 +99,41 @@ class _ProgressView:
                                              style="red"), soft_wrap=True)
 
 
-async def _run(*, dataset: str, problems: list[Any], urls: dict[str, str | None],
-               protocol: str, api_key: str | None, models: dict[str, str | None],
+async def _open_backends(pair: PairSettings, roles: list[Role], *,
+                         detect: bool) -> tuple[PairSettings, dict[Role, Backend]]:
+    """The roles' backends, built by the pair's settings; with ``detect`` (``--backend auto``)
+    each server's answer to ``GET /info`` picks its protocol, concurrently, and the settings
+    returned carry the small model's (the one ``specthink ask`` keeps). If one fails, the
+    others are closed."""
+
+    async def one(role: Role) -> Backend:
+        try:
+            return await pair.detect_backend(role) if detect else pair.build_backend(role)
+        except BackendError as exc:
+            exc.role = role
+            raise
+
+    made = await asyncio.gather(*(one(role) for role in roles), return_exceptions=True)
+    failed = [outcome for outcome in made if isinstance(outcome, BaseException)]
+    opened = {role: outcome for role, outcome in zip(roles, made, strict=True)
+              if not isinstance(outcome, BaseException)}
+    if failed:
+        await asyncio.gather(*(backend.aclose() for backend in opened.values()))
+        raise failed[0]
+    if detect:
+        first = next(iter(opened.values()))
+        pair = pair.model_copy(update={"backend": kind_of(first) or pair.backend})
+    return pair, opened
+
+
+async def _run(*, problems: list[Any], pair: PairSettings, roles: list[Role], detect: bool,
                modes: list[str], settings: Any, out: Path, grading_workers: int,
                grading_timeout: float, err: Console) -> Any:
     from specthink.evaluation.grading import Grader
     from specthink.evaluation.runner import cast_modes, run_evaluation
 
-    backends: dict[str, Backend] = {}
+    pair, backends = await _open_backends(pair, roles, detect=detect)
     try:
-        for role, url in urls.items():
-            if url:
-                backends[role] = await open_backend(url, protocol, api_key=api_key,
-                                                     model=models[role])
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TimeRemainingColumn(), console=err,
                             transient=False)
@@ -115,8 +144,8 @@ async def _run(*, dataset: str, problems: list[Any], urls: dict[str, str | None]
             with progress:
                 return await run_evaluation(
                     problems, small=backends.get("small"), target=backends.get("target"),
-                    out_dir=out, modes=cast_modes(modes), settings=settings, grader=grader,
-                    on_start=view.start, on_record=view.record)
+                    out_dir=out, modes=cast_modes(modes), settings=settings, pair=pair,
+                    grader=grader, on_start=view.start, on_record=view.record)
         finally:
             grader.close()
     finally:
@@ -149,14 +178,17 @@ def eval_command(
     max_tokens: Annotated[int, typer.Option(
         "--max-tokens", min=1, help="Output token budget per answer (the servers' "
         "max_total_tokens also caps prompt + output; the paper used 32768 for both).")] = 32768,
-    rules: Annotated[str, typer.Option(
-        "--rules", callback=preset_name, help=f"Takeover rules of the speculative mode: "
-        f"{', '.join(PRESETS)} (paper_instruct for a non-reasoning small model).")] = "paper",
+    rules: Annotated[str | None, typer.Option(
+        "--rules", show_default=False, help=f"Takeover rules of the speculative mode: "
+        f"{', '.join(PRESETS)} (paper_instruct for a non-reasoning small model) "
+        "\\[default: $SPECTHINK_RULES, else paper].")] = None,
     template: Annotated[str, typer.Option(
         "--template", help="Chat template of both models: auto (the server's), server, chatml, "
         "deepseek-r1.")] = "auto",
     small_template: SmallTemplate = None,
     target_template: TargetTemplate = None,
+    response_template: ResponseTemplate = None,
+    template_kwargs: TemplateKwargs = None,
     small_model: SmallModel = None,
     target_model: TargetModel = None,
     api_key: ApiKey = None,
@@ -189,29 +221,37 @@ def eval_command(
     from specthink.evaluation.runner import MODES, EvalSettings
 
     modes = [m.value for m in mode] if mode else list(MODES)
+    kwargs = template_kwargs_value(template_kwargs)
     try:
-        problems = load_problems(dataset)
-        if limit is not None:
-            problems = problems[:limit]
-        needs = {"small": any(m in ("small", "speculative") for m in modes),
-                 "target": any(m in ("target", "speculative") for m in modes)}
-        urls = {"small": small if needs["small"] else None,
-                "target": target if needs["target"] else None}
-        for role, needed in needs.items():
-            if needed and not urls[role]:
+        roles: list[Role] = [role for role in ROLES if any(m in (role, "speculative")
+                                                              for m in modes)]
+        urls = {"small": small, "target": target}
+        for role in roles:
+            if not urls[role]:
                 option = f"--{role} / SPECTHINK_{role.upper()}_URL"
                 raise ConfigError(f"the modes {', '.join(modes)} need the {role} model's server: "
                                   f"set {option}")
+        # The pair's one declaration of its settings, for the roles the modes need. With
+        # --backend auto the protocol is known only once the servers answer: the settings are
+        # checked with TGI's meanwhile (nothing else depends on it), and the detected one
+        # replaces it before any engine is built.
+        pair = PairSettings.for_roles(
+            roles, **{f"{role}_url": url for role, url in urls.items() if url},
+            backend="tgi" if backend == AUTO else backend, small_model=small_model,
+            target_model=target_model, **({"rules": rules} if rules is not None else {}),
+            small_template=small_template or template,
+            target_template=target_template or template,
+            response_template=response_template, template_kwargs=kwargs, api_key=api_key)
+        problems = load_problems(dataset)
+        if limit is not None:
+            problems = problems[:limit]
         sampling = (SamplingParams(temperature=temperature, top_p=top_p if top_p < 1 else None,
                                    top_k=top_k or None, seed=seed)
                     if temperature > 0 else SamplingParams(seed=seed))
-        settings = EvalSettings(max_tokens=max_tokens, sampling=sampling, rules=rules,
-                                small_template=small_template or template,
-                                target_template=target_template or template,
+        settings = EvalSettings(max_tokens=max_tokens, sampling=sampling,
                                 concurrency=concurrency)
         run = asyncio.run(_run(
-            dataset=dataset, problems=problems, urls=urls, protocol=backend, api_key=api_key,
-            models={"small": small_model, "target": target_model}, modes=modes,
+            problems=problems, pair=pair, roles=roles, detect=backend == AUTO, modes=modes,
             settings=settings, out=out, grading_workers=grading_workers,
             grading_timeout=grading_timeout, err=err))
     except KeyboardInterrupt:

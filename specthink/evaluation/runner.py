@@ -11,6 +11,11 @@ the same command again and it resumes: answers already recorded without an error
 rest are generated. ``run.json`` keeps the settings and model ids of the run; resuming with
 settings that would change the answers (budget, sampling, rules, templates, another model) is
 refused rather than mixed into one table.
+
+The pair's settings (rules, chat and response templates, template variables) are a
+:class:`~specthink.settings.PairSettings`, as on every other surface, and every mode's engine is
+built by its ``build``; :class:`EvalSettings` holds only what the evaluation adds (budget,
+sampling, concurrency).
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from specthink.errors import ConfigError
 from specthink.evaluation.datasets import Problem
 from specthink.evaluation.grading import Grader
 from specthink.evaluation.prompts import build_messages
-from specthink.rules import TakeoverRules
+from specthink.rules import TakeoverRules, resolve_rules
+from specthink.settings import PairSettings, Role
 from specthink.trace import Rule, Statistics
 
 __all__ = [
@@ -66,17 +72,15 @@ RUN_FILE = "run.json"
 
 @dataclass(frozen=True, slots=True)
 class EvalSettings:
-    """What shapes the answers (all of it must match when a run is resumed) and how fast."""
+    """What the evaluation adds to the pair's settings (:class:`~specthink.settings.PairSettings`):
+    the budget and sampling, which shape the answers (they must match when a run is resumed),
+    and how many answers are generated at once."""
 
     max_tokens: int = 32768
     """Budget of output tokens per answer. The engine also keeps prompt + output within each
     server's ``max_total_tokens``, so servers started with 32768 reproduce the paper's budget
     (32768 including the prompt)."""
     sampling: SamplingParams = PAPER_SAMPLING
-    rules: TakeoverRules | str = "paper"
-    """Rules of the speculative mode: a ``TakeoverRules`` or a preset name."""
-    small_template: str = "auto"
-    target_template: str = "auto"
     concurrency: int = 8
     """Answers generated at once (per run, all modes together)."""
 
@@ -86,20 +90,24 @@ class EvalSettings:
         if self.concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {self.concurrency}")
 
-    @property
-    def takeover_rules(self) -> TakeoverRules:
-        rules = self.rules
-        return TakeoverRules.preset(rules) if isinstance(rules, str) else rules
-
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change answers, as JSON (concurrency does not)."""
-        return {
-            "max_tokens": self.max_tokens,
-            "sampling": asdict(self.sampling),
-            "rules": self.takeover_rules.model_dump(mode="json"),
-            "small_template": self.small_template,
-            "target_template": self.target_template,
-        }
+        return {"max_tokens": self.max_tokens, "sampling": asdict(self.sampling)}
+
+
+def _fingerprint(settings: EvalSettings, pair: PairSettings) -> dict[str, Any]:
+    """What ``run.json`` keeps of the settings that change answers: the budget and sampling,
+    and the pair's rules (the speculative mode's, as numbers), chat templates, response
+    template and template variables. The servers' URLs, protocol and key are not in it: the
+    model ids the servers report are compared instead."""
+    return {
+        **settings.fingerprint(),
+        "rules": resolve_rules(pair.rules).model_dump(mode="json"),
+        "small_template": pair.small_template,
+        "target_template": pair.target_template,
+        "response_template": pair.response_template,
+        "template_kwargs": pair.template_kwargs,
+    }
 
 
 @dataclass(slots=True)
@@ -201,29 +209,36 @@ def _model_counts(stats: Statistics, mode: Mode) -> tuple[dict[str, int], dict[s
             {"small": sent if alone_small else 0, "target": 0 if alone_small else sent})
 
 
+def _alone(pair: PairSettings, role: Role) -> PairSettings:
+    """The pair's settings with ``role``'s model in both engine roles (its server, model name
+    and chat template) under :data:`SOLO_RULES`: the engine of a single-model mode, rendering
+    and reading the model's output as the speculative mode does."""
+    url, model, template = ((pair.small_url, pair.small_model, pair.small_template)
+                            if role == "small"
+                            else (pair.target_url, pair.target_model, pair.target_template))
+    return pair.model_copy(update={
+        "small_url": url, "target_url": url, "small_model": model, "target_model": model,
+        "small_template": template, "target_template": template, "rules": SOLO_RULES})
+
+
 def _thinkers(modes: Iterable[Mode], small: Backend | None, target: Backend | None,
-              settings: EvalSettings) -> dict[Mode, SpeculativeThinker]:
+              pair: PairSettings) -> dict[Mode, SpeculativeThinker]:
+    # A failing target must not silently turn a speculative answer into a small-model one:
+    # "raise" records an error, and the answer is generated again on resume.
+    pair = pair.model_copy(update={"on_target_error": "raise"})
     thinkers: dict[Mode, SpeculativeThinker] = {}
     for mode in modes:
         if mode in ("small", "speculative") and small is None:
             raise ConfigError(f"mode {mode!r} needs the small model's server")
         if mode in ("target", "speculative") and target is None:
             raise ConfigError(f"mode {mode!r} needs the target model's server")
-        # A failing target must not silently turn a speculative answer into a small-model one:
-        # "raise" records an error, and the answer is generated again on resume.
         if mode == "speculative":
             assert small is not None and target is not None
-            thinkers[mode] = SpeculativeThinker(
-                small, target, rules=settings.takeover_rules, on_target_error="raise",
-                small_template=settings.small_template,
-                target_template=settings.target_template)
+            thinkers[mode] = pair.build(backends=(small, target))
         else:
             backend = small if mode == "small" else target
-            template = settings.small_template if mode == "small" else settings.target_template
             assert backend is not None
-            thinkers[mode] = SpeculativeThinker(
-                backend, backend, rules=SOLO_RULES, on_target_error="raise",
-                small_template=template, target_template=template)
+            thinkers[mode] = _alone(pair, mode).build(backends=(backend, backend))
     return thinkers
 
 
@@ -238,17 +253,16 @@ async def _model_ids(modes: Sequence[Mode], small: Backend | None,
     return {role: info.model_id for role, info in zip(roles, infos, strict=True)}
 
 
-def _update_run_file(path: Path, settings: EvalSettings, models: Mapping[str, str],
+def _update_run_file(path: Path, fingerprint: dict[str, Any], models: Mapping[str, str],
                      modes: Sequence[Mode]) -> None:
     """Write the run description; refuses to resume a run made under other settings."""
-    path.write_text(json.dumps(_run_description(path, settings, models, modes), indent=2) + "\n",
-                    encoding="utf-8")
+    description = _run_description(path, fingerprint, models, modes)
+    path.write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
 
 
-def _run_description(path: Path, settings: EvalSettings, models: Mapping[str, str],
+def _run_description(path: Path, fingerprint: dict[str, Any], models: Mapping[str, str],
                      modes: Sequence[Mode]) -> dict[str, Any]:
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    fingerprint = settings.fingerprint()
     if not path.exists():
         return {"created": now, "updated": now, "settings": fingerprint, "models": dict(models),
                 "modes": list(modes)}
@@ -304,22 +318,27 @@ async def run_evaluation(
     out_dir: str | Path,
     modes: Sequence[Mode] = MODES,
     settings: EvalSettings | None = None,
+    pair: PairSettings | None = None,
     grader: Grader | None = None,
     on_start: Callable[[int, int], None] | None = None,
     on_record: Callable[[EvalRecord], None] | None = None,
 ) -> EvalRun:
     """Answer and grade every problem in every mode, resuming from ``out_dir`` if it has results.
 
-    ``on_start(pending, resumed)`` is called once the work is known; ``on_record(record)`` after
-    each new record is written. The backends are not closed (they belong to the caller); a
-    grader is made and closed here unless one is passed in.
+    ``pair`` gives the rules of the speculative mode and both models' chat templates, response
+    template and template variables (default: ``PairSettings``' defaults, from the
+    environment); its URLs are not used, the backends are. ``on_start(pending, resumed)`` is
+    called once the work is known; ``on_record(record)`` after each new record is written. The
+    backends are not closed (they belong to the caller); a grader is made and closed here unless
+    one is passed in.
     """
     settings = settings or EvalSettings()
+    pair = pair or PairSettings.for_roles(())
     chosen: list[Mode] = [m for m in MODES if m in set(modes)]
     unknown = set(modes) - set(MODES)
     if unknown or not chosen:
         raise ConfigError(f"modes must be among {', '.join(MODES)}, got {list(modes)!r}")
-    thinkers = _thinkers(chosen, small, target, settings)
+    thinkers = _thinkers(chosen, small, target, pair)
     out = Path(out_dir)
     results, done = _finished(out, problems, chosen)
     # Problem-major order: an interrupted run has every mode on the same first problems, so its
@@ -329,7 +348,7 @@ async def run_evaluation(
     # The servers are asked for their model ids only when there is work for them; a finished run
     # can be summarised again with the servers gone.
     models = await _model_ids(chosen, small, target) if pending else {}
-    _update_run_file(out / RUN_FILE, settings, models, chosen)
+    _update_run_file(out / RUN_FILE, _fingerprint(settings, pair), models, chosen)
     if on_start is not None:
         on_start(len(pending), resumed)
     fresh: dict[tuple[str, str], EvalRecord] = {}

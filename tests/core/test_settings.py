@@ -87,3 +87,46 @@ def test_rules_survive_a_json_round_trip() -> None:
     again = PairSettings(**json.loads(settings.model_dump_json()))
     assert again.rules == rules
     assert PairSettings(**URLS, rules="paper").model_dump()["rules"] == "paper"
+
+
+async def test_settings_for_some_roles_need_only_their_urls(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Broken: settings for one model alone (``specthink eval --mode small``) still demand the
+    other role's URL, or building that role's backend does not say which URL is missing, or a
+    needed URL is no longer required."""
+    monkeypatch.delenv("SPECTHINK_SMALL_URL", raising=False)
+    monkeypatch.delenv("SPECTHINK_TARGET_URL", raising=False)
+    alone = PairSettings.for_roles(["small"], small_url=URLS["small_url"], rules="paper_instruct")
+    assert alone.rules == "paper_instruct"
+    backend = alone.build_backend("small")
+    try:
+        assert isinstance(backend, TGIBackend) and backend.url == URLS["small_url"]
+    finally:
+        await backend.aclose()
+    with pytest.raises(ConfigError, match="target_url") as raised:
+        alone.build_backend("target")
+    assert raised.value.field == "target_url"
+    with pytest.raises(ConfigError, match=r"small_url= \(or \$SPECTHINK_SMALL_URL\)") as missing:
+        PairSettings.for_roles(["small"], target_url=URLS["target_url"])
+    assert missing.value.field == "small_url"
+    with pytest.raises(ConfigError, match="paper_instruct") as bad:
+        PairSettings.for_roles(["small"], small_url=URLS["small_url"], rules="bogus")
+    assert bad.value.field == "rules"
+
+
+async def test_detect_backend_asks_the_server_with_the_settings_options() -> None:
+    """Broken: ``--backend auto`` (``detect_backend``) does not pick TGI for a server whose
+    ``/info`` names a model, or drops the settings' key or timeout on the way."""
+    from specthink.testing.models import ScriptedModel
+    from specthink.testing.server import LoopbackServer
+
+    with LoopbackServer(ScriptedModel.single("Hi.")) as server:
+        settings = PairSettings.for_roles(["target"], target_url=server.url, backend="openai",
+                                          api_key="sk-secret", timeout=7.0)
+        backend = await settings.detect_backend("target")
+        try:
+            assert isinstance(backend, TGIBackend)
+            assert backend.timeout.read == 7.0 and "api_key=***" in repr(backend)
+        finally:
+            await backend.aclose()
+        assert [call.path for call in server.calls] == ["/info"]

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from specthink.backends import kinds
 from specthink.evaluation.cli import register
 from specthink.evaluation.datasets import Problem
+from specthink.rules import PRESETS
 from specthink.testing.models import Tokenizer
 from tests.ollama_support import MODELS, Ollama
 
@@ -143,6 +144,73 @@ def test_an_unknown_backend_is_a_usage_error_naming_the_kinds(
                                         "--out", str(tmp_path)], env=env)
     assert result.exit_code == 2
     assert f"choose one of auto, {', '.join(kinds())}" in " ".join(result.output.split())
+
+
+def test_an_unknown_rules_preset_is_refused_before_any_request(
+        env: dict[str, str | None], pair: Pair, tmp_path: Path) -> None:
+    """Broken: eval checks ``--rules`` (or ``$SPECTHINK_RULES``) its own way instead of through
+    ``PairSettings``, so the error differs from the other surfaces', or a server is asked
+    anything first."""
+    given = runner.invoke(eval_app(), ["eval", "--dataset", "sample", "--rules", "bogus",
+                                       "--out", str(tmp_path)], env=env)
+    from_env = runner.invoke(eval_app(), ["eval", "--dataset", "sample", "--out", str(tmp_path)],
+                             env={**env, "SPECTHINK_RULES": "bogus"})
+
+    for result in (given, from_env):
+        assert result.exit_code == 2, result.output
+        assert "unknown rules preset 'bogus'" in result.stderr
+        assert all(name in result.stderr for name in PRESETS)
+    assert pair.small.calls == [] and pair.target.calls == []
+    assert not (tmp_path / "run.json").exists()
+
+
+@pytest.mark.parametrize("role", ["small", "target"])
+def test_a_single_model_mode_needs_only_its_own_server(
+        env: dict[str, str | None], pair: Pair, tmp_path: Path, role: str) -> None:
+    """Broken: eval's settings demand both servers' URLs when the modes run one model alone, or
+    the lone model is not asked through its own URL (with ``--backend auto`` detecting it)."""
+    other = "target" if role == "small" else "small"
+    result = runner.invoke(eval_app(), [
+        "eval", "--dataset", "sample", "--limit", "2", "--mode", role, "--grading-workers", "1",
+        "--out", str(tmp_path)], env={**env, f"SPECTHINK_{other.upper()}_URL": None})
+
+    assert result.exit_code == 0, result.output
+    server, unused = (pair.small, pair.target) if role == "small" else (pair.target, pair.small)
+    assert len(server.records) == 2
+    assert unused.calls == []
+
+
+CHATML_WITH_EFFORT = (
+    "<|im_start|>system\neffort={{ effort }}<|im_end|>\n"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{{ '<|im_start|>assistant\\n' }}")
+"""ChatML whose system turn shows the template variable ``effort`` (the last newline comes from
+an expression: Jinja drops a template's trailing one)."""
+
+
+def test_every_mode_gets_the_response_template_and_template_kwargs(
+        env: dict[str, str | None], pair: Pair, tmp_path: Path) -> None:
+    """Broken: eval builds an engine without the pair's ``--template-kwargs`` (the prompts lack
+    the variable) or ``--response-template`` (an OpenAI server is not asked to keep the
+    special tokens the template's markers are), in the speculative mode or a single-model
+    one."""
+    result = runner.invoke(eval_app(), [
+        "eval", "--dataset", "sample", "--limit", "10", "--backend", "openai",
+        "--max-tokens", "512",
+        "--template", CHATML_WITH_EFFORT, "--template-kwargs", '{"effort": "high"}',
+        "--response-template", "gpt-oss", "--grading-workers", "1", "--out", str(tmp_path)],
+        env=env)
+
+    assert result.exit_code == 0, result.output
+    records = [*pair.small.records, *pair.target.records]
+    # small alone and speculative ask the small server; target alone and the takeovers of
+    # problems 9 and 10 the target: every mode's engine is represented.
+    assert len(pair.small.records) >= 20 and len(pair.target.records) > 10
+    assert all("effort=high" in record.prompt for record in records)
+    assert all(record.parameters.get("skip_special_tokens") is False for record in records)
+    run = json.loads((tmp_path / "run.json").read_text(encoding="utf-8"))
+    assert run["settings"]["template_kwargs"] == {"effort": "high"}
+    assert run["settings"]["response_template"] == "gpt-oss"
 
 
 def test_the_specthink_command_has_eval() -> None:

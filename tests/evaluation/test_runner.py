@@ -26,6 +26,7 @@ from specthink.evaluation.runner import (
     ResultsFile,
     run_evaluation,
 )
+from specthink.settings import PairSettings
 from specthink.testing.models import RoutedModel, ScriptedModel, Tokenizer
 from specthink.testing.server import Fault, LoopbackServer, RequestRecord
 
@@ -66,7 +67,7 @@ class CountingBackend:
         return self._counted(*args, **kwargs)
 
 
-async def evaluate(pair: Pair, problems: Sequence[Problem], out: Path, grader: Grader, *,
+async def evaluate(pair: Pair, problems: Sequence[Problem], out: Path, grader: Grader, /, *,
                    modes: Sequence[Mode] = MODES, settings: EvalSettings | None = None,
                    small: Any = None, target: Any = None, **options: Any) -> EvalRun:
     small = small or TGIBackend(pair.small.url)
@@ -254,6 +255,40 @@ async def test_resuming_with_other_settings_or_models_is_refused(
     renamed = [Problem(p.id, p.problem, "999") for p in sample[:2]]
     with pytest.raises(ConfigError, match="another dataset"):
         await evaluate(pair, renamed, tmp_path, grader, modes=["small"])
+
+
+@pytest.mark.parametrize("changed", [{"template_kwargs": {"effort": "high"}},
+                                     {"response_template": "gpt-oss"},
+                                     {"small_template": "chatml"}, {"rules": "paper_instruct"}],
+                         ids=lambda changed: next(iter(changed)))
+async def test_resuming_with_other_pair_settings_is_refused(
+        pair: Pair, sample: list[Problem], grader: Grader, tmp_path: Path,
+        changed: dict[str, Any]) -> None:
+    """Broken: ``run.json`` does not keep a pair setting that changes the answers (template
+    variables, response template, chat template, rules), so a resumed run would mix answers
+    made under two configurations into one table."""
+    first = PairSettings.for_roles((), template_kwargs={"effort": "low"})
+    await evaluate(pair, sample[:2], tmp_path, grader, modes=["small"], pair=first)
+    asked = len(pair.small.records)
+
+    with pytest.raises(ConfigError, match=next(iter(changed))):
+        await evaluate(pair, sample, tmp_path, grader, modes=["small"],
+                       pair=first.model_copy(update=changed))
+    assert len(pair.small.records) == asked
+
+
+async def test_a_run_recorded_before_the_response_template_setting_resumes(
+        pair: Pair, sample: list[Problem], grader: Grader, tmp_path: Path) -> None:
+    """Broken: a ``run.json`` written before ``response_template`` and ``template_kwargs`` were
+    recorded (with neither set) is refused as a run with other settings."""
+    await evaluate(pair, sample[:2], tmp_path, grader, modes=["small"])
+    run_file = tmp_path / "run.json"
+    run = json.loads(run_file.read_text(encoding="utf-8"))
+    del run["settings"]["response_template"], run["settings"]["template_kwargs"]
+    run_file.write_text(json.dumps(run), encoding="utf-8")
+
+    resumed = await evaluate(pair, sample[:3], tmp_path, grader, modes=["small"])
+    assert (resumed.resumed, resumed.generated) == (2, 1)
 
 
 async def test_answers_are_generated_concurrently_up_to_the_limit(
