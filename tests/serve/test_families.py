@@ -1,6 +1,6 @@
 """``specthink serve`` in front of a gpt-oss pair over vLLM-protocol servers that render the
 real gpt-oss chat template (tests/core/formats/test_pair_formats.py sets it up), with
-``response_template="gpt-oss"``: through the openai SDK, the content is exactly the answer and
+its model ids: through the openai SDK, the content is exactly the answer and
 the reasoning exactly the reasoning, whole and streamed, after a takeover."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def test_gpt_oss_through_serve(loopback_server: Callable[..., object],
     (or loses it), or the answer is cut."""
     served = serve(start(loopback_server), backend="openai", small_model="openai/gpt-oss-20b",
                    target_model="openai/gpt-oss-120b", small_template="server",
-                   target_template="server", response_template="gpt-oss")
+                   target_template="server")
     sdk = client(served)
     completion = sdk.chat.completions.create(
         model="specthink", messages=[{"role": "user", "content": "What is 12 * 13?"}])
@@ -68,7 +68,7 @@ def test_serve_hands_a_tool_turns_reasoning_back(loopback_server: Callable[..., 
     pair = start_tool_loop(loopback_server)
     served = serve(pair, backend="openai", small_model="openai/gpt-oss-20b",
                    target_model="openai/gpt-oss-120b", small_template=template,
-                   target_template=template, response_template="gpt-oss")
+                   target_template=template)
     completion = client(served).chat.completions.create(
         model="specthink", tools=HARMONY_TOOLS,  # type: ignore[arg-type]
         messages=[
@@ -91,8 +91,7 @@ def test_gemma4_and_ministral_through_serve(loopback_server: Callable[..., objec
     reasoning as content, or no takeover happens."""
     small, target = FAMILY_PAIRS[family]
     served = serve(start_family(loopback_server, family), backend="openai", small_model=small,
-                   target_model=target, small_template="server", target_template="server",
-                   response_template="auto")
+                   target_model=target, small_template="server", target_template="server")
     completion = client(served).chat.completions.create(
         model="specthink", messages=[{"role": "user", "content": "What is 12 * 13?"}])
     message = completion.choices[0].message
@@ -117,7 +116,7 @@ def test_tool_calls_per_family_through_serve(loopback_server: Callable[..., obje
         expected = ("Let me check.", XML_REASONING,
                     [("get_weather", {"city": "Paris", "days": 2})])
     served = serve(pair, backend="openai", small_template="server", target_template="server",
-                   response_template="auto", **models)
+                   **models)
     completion = client(served).chat.completions.create(
         model="specthink", tools=WEATHER,  # type: ignore[arg-type]
         messages=[{"role": "user", "content": "Weather in Paris?"}])
@@ -142,7 +141,7 @@ def test_a_required_call_a_format_cannot_open_is_a_400_naming_tool_choice(
     pair = start_tool_loop(loopback_server, CALL_TURN)
     served = serve(pair, backend="openai", small_model="openai/gpt-oss-20b",
                    target_model="openai/gpt-oss-120b", small_template="server",
-                   target_template="server", response_template="gpt-oss")
+                   target_template="server")
     with pytest.raises(openai.BadRequestError) as refused:
         client(served).chat.completions.create(
             model="specthink", tools=WEATHER, tool_choice=tool_choice,  # type: ignore[arg-type]
@@ -163,7 +162,7 @@ def test_a_requests_chat_template_kwargs_switch_gemma4s_thinking_off(
     small, target = FAMILY_PAIRS["gemma-4"]
     served = serve(start_family(loopback_server, "gemma-4"), backend="openai",
                    small_model=small, target_model=target, small_template="server",
-                   target_template="server", response_template="auto")
+                   target_template="server")
     sdk = client(served)
     question = [{"role": "user", "content": "What is 12 * 13?"}]
     off = sdk.chat.completions.create(model="specthink", messages=question,  # type: ignore[arg-type]
