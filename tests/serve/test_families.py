@@ -6,6 +6,7 @@ the reasoning exactly the reasoning, whole and streamed, after a takeover."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -177,3 +178,37 @@ def test_a_requests_chat_template_kwargs_switch_gemma4s_thinking_off(
         sdk.chat.completions.create(model="specthink", messages=question,  # type: ignore[arg-type]
                                     extra_body={"chat_template_kwargs": [1]})
     assert "chat_template_kwargs" in str(refused.value)
+
+
+@pytest.mark.parametrize(("family", "template_kwargs", "warning"), [
+    ("gpt-oss", None, None),
+    ("mistral-reasoning", None, None),
+    ("gemma-4", None, None),
+    ("gemma-4", {"enable_thinking": False}, "closes the reasoning"),
+], ids=["gpt-oss", "mistral-reasoning", "gemma-4", "gemma-4-thinking-off"])
+def test_the_instruct_preset_is_suggested_only_when_the_small_model_will_not_reason(
+        loopback_server: Callable[..., object], serve: Callable[..., Any],
+        caplog: pytest.LogCaptureFixture, family: str,
+        template_kwargs: dict[str, Any] | None, warning: str | None) -> None:
+    """If this fails, ``serve`` in front of a gpt-oss, Ministral Reasoning or Gemma 4 pair,
+    whose models write their reasoning's opener themselves (``<|channel|>analysis<|message|>``,
+    ``[THINK]``, ``<|channel>thought``) after a prompt that opens none, tells the operator
+    that no takeover will happen and to switch to ``--rules paper_instruct``, which is false
+    (their takeovers are tested above); or it says nothing where Gemma 4's thinking is switched
+    off, so its prompt closes the reasoning and no takeover can happen. (The ChatML instruct
+    pair under ``paper`` is warned: tests/serve/test_chat.py.)"""
+    if family == "gpt-oss":
+        pair = start(loopback_server)
+        models = {"small_model": "openai/gpt-oss-20b", "target_model": "openai/gpt-oss-120b"}
+    else:
+        pair = start_family(loopback_server, family)
+        small, target = FAMILY_PAIRS[family]
+        models = {"small_model": small, "target_model": target}
+    with caplog.at_level(logging.WARNING, logger="specthink.serve"):
+        serve(pair, backend="openai", small_template="server", target_template="server",
+              response_template="auto", template_kwargs=template_kwargs, **models)
+    suggestions = [r.getMessage() for r in caplog.records if "paper_instruct" in r.getMessage()]
+    if warning is None:
+        assert suggestions == []
+    else:
+        assert len(suggestions) == 1 and warning in suggestions[0], suggestions
