@@ -112,8 +112,10 @@ ResponseTemplate = Annotated[str | None, typer.Option(
     "--response-template",
     help="How the models mark reasoning and tool calls: a built-in or family name (gpt-oss, "
          "qwen3-xml, gemma-4, mistral-reasoning, ...), auto (the family of --small-model), or "
-         "the path of a tokenizer_config.json with a response_template. Default: <think> "
-         "reasoning and Hermes <tool_call> JSON calls.")]
+         "the path of a tokenizer_config.json with a response_template. Default: the family "
+         "the model ids name; think-hermes (<think> reasoning, Hermes <tool_call> JSON calls) "
+         "for unnamed models and instruct pairs; an unknown model id is refused, naming what "
+         "to pass.")]
 TemplateKwargs = Annotated[str | None, typer.Option(
     "--template-kwargs", show_default=False,
     help="A JSON object of chat template variables for both models (vLLM's "

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from .accepted import AcceptedText
-from .backends.base import Backend, SamplingParams, ServerInfo, StreamToken
+from .backends.base import Backend, RequestKind, SamplingParams, ServerInfo, StreamToken
 from .errors import (
     BackendError,
     ConfigError,
@@ -280,7 +280,7 @@ class SpeculativeThinker:
         output_format: OutputFormat = THINK_HERMES,
         small_template_kwargs: Mapping[str, Any] | None = None,
         target_template_kwargs: Mapping[str, Any] | None = None,
-        on_request: Callable[[Role, int], None] | None = None,
+        on_request: Callable[[Role, int, RequestKind], None] | None = None,
     ) -> None:
         if on_target_error not in ("fallback", "raise"):
             raise ConfigError(
@@ -310,10 +310,8 @@ class SpeculativeThinker:
         the end of the reasoning)."""
         self._intervention_tokens: dict[str, int] = {}
         """Tokens of each intervention text (rules may differ per call), counted once."""
+        self._on_request: Callable[[Role, int, RequestKind], None] | None = None
         self.on_request = on_request
-        """Called with the role and the attempt number (1, 2, ...) as each generation request
-        is sent, retries included, whether the call then succeeds or not (``serve``'s
-        metrics); ``Statistics.requests`` only reaches callers whose call finished."""
         self._server_info: dict[Role, ServerInfo] = {}
         self._target_checked = False
         """The target's template and limits were checked once; later calls prepare its prompt
@@ -328,6 +326,27 @@ class SpeculativeThinker:
         """The resolved templates; what ``auto`` learns of a server lives in them, so engines
         over the same backends share it by sharing these."""
         return dict(self._templates)
+
+    @property
+    def on_request(self) -> Callable[[Role, int, RequestKind], None] | None:
+        """Called with the role, the attempt number (1, 2, ...) and the kind of every upstream
+        request as it is sent, retries included, whether the call then succeeds or not
+        (``serve``'s metrics; ``Statistics.requests`` only reaches callers whose call
+        finished): ``"generation"`` for the streams, ``"auxiliary"`` for what a backend asks
+        besides them (``/info``, tokenizers, chat-template endpoints), including the requests
+        of another engine over the same backend objects. Setting it hands the auxiliary
+        attempts' reporting to backends that offer it (``observe_auxiliary_attempts``)."""
+        return self._on_request
+
+    @on_request.setter
+    def on_request(self, observer: Callable[[Role, int, RequestKind], None] | None) -> None:
+        installed, self._on_request = self._on_request, observer
+        if observer is None and installed is None:
+            return  # an engine without one leaves another's over the same backends alone
+        for role, backend in self.backends.items():
+            observe = getattr(backend, "observe_auxiliary_attempts", None)
+            if observe is not None:
+                observe(None if observer is None else _auxiliary_observer(observer, role))
 
     @property
     def backends(self) -> dict[Role, Backend]:
@@ -958,14 +977,14 @@ class SpeculativeThinker:
         backend = self.backends[role]
         stats = run.stats
 
-        observer = self.on_request
+        observer = self._on_request
 
         def on_attempt(attempt: int) -> None:
             stats.requests[role] += 1
             if attempt > 1:
                 stats.retries[role] += 1
             if observer is not None:
-                observer(role, attempt)
+                observer(role, attempt, "generation")
 
         prompt = run.prompts[role] + run.text
         run.reopen = False  # a stream opened now starts from the text as it is
@@ -1041,6 +1060,14 @@ def _opens_reasoning(run: _Run) -> bool | None:
     if not head or opening.startswith(head):
         return None
     return False
+
+
+def _auxiliary_observer(observer: Callable[[Role, int, RequestKind], None],
+                        role: Role) -> Callable[[int], None]:
+    def on_attempt(attempt: int) -> None:
+        observer(role, attempt, "auxiliary")
+
+    return on_attempt
 
 
 def _with_role(exc: BackendError, role: Role) -> None:

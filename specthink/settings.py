@@ -126,9 +126,13 @@ class PairSettings(BaseModel):
     """Chat template of the target model, as ``small_template``."""
     response_template: str | None = None
     """How the models mark reasoning and tool calls: a built-in or family name (``gpt-oss``,
-    ``qwen3-xml``, ``gemma-4``, ``mistral-reasoning``, ...), ``auto`` (the family of
-    ``small_model``), or the path of a tokenizer_config.json whose ``response_template``
-    applies. Default: ``<think>`` reasoning and Hermes ``<tool_call>`` JSON calls."""
+    ``qwen3-xml``, ``gemma-4``, ``mistral-reasoning``, ``think-hermes``, ...), ``auto`` (the
+    family of ``small_model``), or the path of a tokenizer_config.json whose
+    ``response_template`` applies. Default: the ``response_template`` of the small model's
+    tokenizer_config.json given as ``small_template``, else the built-in of the family the
+    model ids name, else ``think-hermes`` (``<think>`` reasoning, Hermes ``<tool_call>`` JSON
+    calls) for unnamed models (TGI, llama.cpp) and instruct pairs; a model id of no known
+    family is a ``ConfigError`` naming what to pass."""
     template_kwargs: dict[str, Any] | None = None
     """Variables for both models' chat templates (vLLM's ``chat_template_kwargs``), over the
     thinking switch of each model's family, which is on by default since speculative thinking
@@ -182,9 +186,13 @@ class PairSettings(BaseModel):
 
     def pair_output_format(self) -> OutputFormat:
         """The pair's output format (see ``response_template``)."""
-        from .formats.families import output_format_for
+        from .formats.families import pair_output_format
+        from .rules import resolve_rules
 
-        return output_format_for(self.response_template, self.small_model)
+        return pair_output_format(
+            self.response_template, small_model=self.small_model,
+            target_model=self.target_model, small_template=self.small_template,
+            writes_own_reasoning_opening=resolve_rules(self.rules).mode == "instruct")
 
     def role_template_kwargs(self, role: Literal["small", "target"]) -> dict[str, Any]:
         """The chat template variables of ``role``'s model: its family's thinking switch (the

@@ -21,7 +21,7 @@ from starlette.routing import Route
 ANSWER = "Hello there."
 """What the server writes by default, one word per line."""
 
-MODELS = ("qwen:small", "qwen:large")
+MODELS = ("qwen3:0.6b", "qwen3:8b")
 """The models ``/api/tags`` lists (the first is a backend's default model)."""
 
 

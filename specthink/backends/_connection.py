@@ -178,6 +178,10 @@ class ServerConnection:
         from the environment applies (httpx's transport knows proxies; ours does not)."""
         self._shards: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[_Shard]]
         self._shards = weakref.WeakKeyDictionary()
+        self.on_auxiliary_attempt: OnAttempt | None = None
+        """Called with the attempt number of every request sent without an ``on_attempt`` of
+        its own (what a backend asks besides its generation streams: ``/info``, tokenizers,
+        templates, health), retries included, as each goes out."""
 
     @property
     def has_api_key(self) -> bool:
@@ -287,14 +291,16 @@ class ServerConnection:
     async def request(self, method: str, path: str, body: Any = None, *, retry: bool = True,
                       on_attempt: OnAttempt | None = None,
                       headers: Mapping[str, str] | None = None) -> httpx.Response:
-        """A complete (non-streamed) request; error answers raise mapped exceptions."""
+        """A complete (non-streamed) request; error answers raise mapped exceptions. Each
+        attempt is reported to ``on_attempt``, else to :attr:`on_auxiliary_attempt`."""
         attempts = 0
+        report = on_attempt or self.on_auxiliary_attempt
 
         async def once() -> httpx.Response:
             nonlocal attempts
             attempts += 1
-            if on_attempt is not None:
-                on_attempt(attempts)
+            if report is not None:
+                report(attempts)
             response, shard = await self._send(method, path, body, stream=False,
                                                headers=headers)
             shard.active -= 1
@@ -324,15 +330,18 @@ class ServerConnection:
         added to every attempt.
 
         Everything up to that point is retried on transient failures; what happens later is
-        the engine's business (it resumes from the accepted text).
+        the engine's business (it resumes from the accepted text). Each attempt is reported to
+        ``on_attempt`` (a generation stream's), else to :attr:`on_auxiliary_attempt` (a
+        tokenizer's answer read as it streams, say).
         """
         attempts = 0
+        report = on_attempt or self.on_auxiliary_attempt
 
         async def once() -> R:
             nonlocal attempts
             attempts += 1
-            if on_attempt is not None:
-                on_attempt(attempts)
+            if report is not None:
+                report(attempts)
             response, shard = await self._send("POST", path, body, stream=True, headers=headers)
             answer = ResponseBody(response, self.url, shard)
             try:

@@ -287,6 +287,13 @@ class HTTPBackend(ABC, Generic[ReaderT]):
         """What ``repr`` shows between the URL and the API key."""
         return ""
 
+    def observe_auxiliary_attempts(self, observer: OnAttempt | None) -> None:
+        """Report to ``observer``, as each goes out, the attempt number (retries included) of
+        every request this backend sends besides its generation streams: ``/info``,
+        ``/v1/models``, ``/props``, tokenizers, chat-template endpoints, health. ``None``
+        stops it. The engine feeds its ``on_request`` so (``serve``'s ``/metrics``)."""
+        self._conn.on_auxiliary_attempt = observer
+
     def routing(self, routing_key: str | None) -> dict[str, str] | None:
         """The headers that carry ``routing_key`` (``None``: no headers), its value made safe
         for a header by :func:`routing_header_value`."""

@@ -65,6 +65,11 @@ class ServerInfo:
 OnAttempt = Callable[[int], None]
 """Called with the attempt number (1, 2, ...) each time an HTTP request is sent."""
 
+RequestKind = Literal["generation", "auxiliary"]
+"""What an upstream request is for: a generation stream (``Backend.stream``), or anything else
+a backend asks on the way (``/info``, ``/v1/models``, ``/props``, tokenizers, chat-template
+endpoints, health)."""
+
 
 @runtime_checkable
 class Backend(Protocol):

@@ -82,6 +82,19 @@ class OutputFormat:
             return self.template.starts_in_reasoning(prompt)
         return prompt.rstrip().endswith(self.reasoning.open)
 
+    def model_opens_reasoning(self, prompt: str) -> bool:
+        """Whether the model is expected to open the reasoning itself, in its own output, after
+        ``prompt``. A format built from a family's response template reads that family's
+        opener from the output, where its models write it (harmony's
+        ``<|channel|>analysis<|message|>``, Mistral's ``[THINK]``, Gemma 4's
+        ``<|channel>thought``, a hybrid Qwen3's ``<think>``): yes, unless the prompt's
+        assistant turn already closed a reasoning (the chat template's thinking switched off).
+        The default format, meant for any model, cannot tell an instruct model (which writes
+        no ``<think>``) from one that writes it: no."""
+        template = self.template
+        return (template is not None and template.reasoning_field is not None
+                and not template.closes_reasoning(prompt))
+
     @property
     def markers(self) -> tuple[str, ...]:
         """Every marker text of the format."""

@@ -31,7 +31,8 @@ from . import THINK_HERMES, OutputFormat
 from .response_template import ResponseTemplate, load_template
 
 __all__ = ["FAMILIES", "Family", "builtin_template", "family_of", "output_format_for",
-           "response_template_for", "template_names", "thinking_kwargs_for"]
+           "pair_output_format", "response_template_for", "template_names",
+           "thinking_kwargs_for"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,11 +176,11 @@ def response_template_for(model: str | None,
 
 def output_format_for(given: Mapping[str, Any] | str | Path | ResponseTemplate | None,
                       model: str | None = None, *, role: str = "small") -> OutputFormat:
-    """The output format a pair reads its models' text with: ``None`` is the ``<think>`` +
-    Hermes default; ``"auto"`` the built-in of ``model``'s family (a ``ConfigError`` naming
-    what to pass when the family is unknown); anything else as :func:`response_template_for`
-    takes it."""
-    if given is None:
+    """The output format a pair reads its models' text with: ``None`` or ``"think-hermes"`` is
+    ``<think>`` + Hermes calls; ``"auto"`` the built-in of ``model``'s family (a
+    ``ConfigError`` naming what to pass when the family is unknown); anything else as
+    :func:`response_template_for` takes it."""
+    if given is None or (isinstance(given, str) and given.strip().lower() == THINK_HERMES.name):
         return THINK_HERMES
     if isinstance(given, str) and given.strip().lower() == "auto":
         template = response_template_for(model, None, role=role)
@@ -187,3 +188,59 @@ def output_format_for(given: Mapping[str, Any] | str | Path | ResponseTemplate |
         return OutputFormat.from_template(template, family.name if family else "auto")
     name = given.strip() if isinstance(given, str) else "response-template"
     return OutputFormat.from_template(response_template_for(model, given, role=role), name)
+
+
+def _tokenizer_config_template(template: str | None) -> ResponseTemplate | None:
+    """The ``response_template`` of a chat template given as a tokenizer_config.json path, if
+    it has one (a Jinja source, a built-in chat template's name or ``auto`` have none)."""
+    if template is None or not template.strip().lower().endswith(".json"):
+        return None
+    path = Path(template).expanduser()
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # the chat template's own loading says what is wrong with the file
+    return _from_config(config, repr(str(path))) if isinstance(config, Mapping) else None
+
+
+def pair_output_format(given: Mapping[str, Any] | str | Path | ResponseTemplate | None, *,
+                       small_model: str | None = None, target_model: str | None = None,
+                       small_template: str | None = None,
+                       writes_own_reasoning_opening: bool = False) -> OutputFormat:
+    """The output format of a pair, decided once before any request.
+
+    ``given`` (the ``response_template`` setting) wins, as :func:`output_format_for` takes it.
+    Without it: the ``response_template`` of the small model's tokenizer_config.json (given as
+    its chat template), else the built-in of the family the small (else the target) model id
+    names, else ``<think>`` + Hermes calls (:data:`~specthink.formats.THINK_HERMES`) where that
+    is known to be right: no model id at all (TGI and llama.cpp serve one model, unnamed), or
+    an instruct pair whose reasoning specthink opens itself
+    (``writes_own_reasoning_opening``, the ``paper_instruct`` rules). A model id of no known
+    family is a :class:`ConfigError` naming what to pass: read with the wrong format, its
+    reasoning would be the answer and its calls text.
+
+    >>> pair_output_format(None, small_model="openai/gpt-oss-20b").name
+    'gpt-oss'
+    >>> pair_output_format(None).name
+    'think-hermes'
+    """
+    if given is not None:
+        return output_format_for(given, small_model)
+    from_config = _tokenizer_config_template(small_template)
+    if from_config is not None:
+        return OutputFormat.from_template(from_config, "tokenizer_config.json")
+    for model in (small_model, target_model):
+        family = family_of(model) if model else None
+        if family is not None:
+            return OutputFormat.from_template(_builtin(family.template), family.name)
+    named = [model for model in (small_model, target_model) if model]
+    if not named or writes_own_reasoning_opening:
+        return THINK_HERMES
+    known = ", ".join(f.name for f in FAMILIES)
+    raise ConfigError(
+        f"no response template for the pair ({' / '.join(map(repr, named))}): no model id names "
+        f"a family specthink knows ({known}). Pass response_template: one of "
+        f"{', '.join(template_names())}, {THINK_HERMES.name} (<think> reasoning, Hermes "
+        "<tool_call> JSON calls), a response template dict, or the path of the small model's "
+        "tokenizer_config.json that has one",
+        field="response_template")

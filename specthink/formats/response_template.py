@@ -257,6 +257,17 @@ class ResponseTemplate:
         reasoning = self.reasoning_field
         return reasoning is not None and ResponseParser(self, prompt).current == reasoning
 
+    def closes_reasoning(self, prompt: str) -> bool:
+        """Whether the prompt's assistant turn (after the last start anchor) already holds a
+        whole reasoning, opened and closed: the template's thinking switch is off (Qwen3's
+        ``<think>\n\n</think>``, Gemma 4's empty ``<|channel>thought\n<channel|>``), so the
+        model answers at once."""
+        reasoning = self.reasoning_field
+        if reasoning is None:
+            return False
+        events = ResponseParser(self, prompt, malformed="text").initial_events
+        return any(kind == "close" and name == reasoning for kind, name, _ in events)
+
     @property
     def reasoning_closers(self) -> tuple[str, ...]:
         """The literal texts that end the reasoning (where ``scope="thinking"`` and reasoning

@@ -71,14 +71,23 @@ INSTRUCT_HINT = (
     "(an instruct model), no takeover will happen; serve it with --rules paper_instruct "
     "(SPECTHINK_RULES=paper_instruct), where the target writes the opening. A model that "
     "writes %s itself (Qwen3) needs nothing.")
+THINKING_OFF_HINT = (
+    "the small model's chat template closes the reasoning before the model writes (its "
+    "thinking switch is off), and the rules (mode 'reasoning', as the default 'paper') hand "
+    "over only inside one: no takeover will happen; leave the thinking on (template_kwargs) or "
+    "serve it with --rules paper_instruct (SPECTHINK_RULES=paper_instruct), where the target "
+    "writes the opening.")
 
 
 async def _suggest_instruct_rules(thinker: SpeculativeThinker) -> None:
-    """Warn, once at start, when the reasoning rules meet a template that opens no reasoning.
+    """Warn, once at start, when the reasoning rules meet a small model that will not reason:
+    its prompt opens no reasoning, and its output format does not say the model opens one
+    itself (``OutputFormat.model_opens_reasoning``: harmony, Mistral ``[THINK]``, Gemma 4
+    write their opener; a template with the thinking switched off closes it in the prompt).
 
-    A suggestion rather than a switch: the template cannot tell an instruct model from a hybrid
-    one that opens its reasoning itself, and handing a hybrid's opening to the target would
-    change what it answers."""
+    A suggestion rather than a switch: the default format cannot tell an instruct model from a
+    hybrid one that opens its reasoning itself, and handing a hybrid's opening to the target
+    would change what it answers."""
     from specthink import prompts
 
     if thinker.rules.mode != "reasoning":
@@ -88,8 +97,13 @@ async def _suggest_instruct_rules(thinker: SpeculativeThinker) -> None:
             {"role": "user", "content": "Hello"}], None, thinker.small)
     except (BackendError, ConfigError):
         return  # the first request reports it
-    opening = thinker.output_format.reasoning.open
-    if not thinker.output_format.opened_by(prompt):
+    output_format = thinker.output_format
+    if output_format.opened_by(prompt) or output_format.model_opens_reasoning(prompt):
+        return
+    if output_format.template is not None and output_format.template.closes_reasoning(prompt):
+        logger.warning(THINKING_OFF_HINT)
+    else:
+        opening = output_format.reasoning.open
         logger.warning(INSTRUCT_HINT, opening, opening)
 
 

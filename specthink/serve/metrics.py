@@ -19,6 +19,7 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as multiprocess
 
+from specthink.backends.base import RequestKind
 from specthink.trace import Statistics
 
 __all__ = ["CONTENT_TYPE_LATEST", "ServeMetrics", "multiprocess_dir"]
@@ -27,6 +28,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
                     120.0, 300.0)
 _SHARE_BUCKETS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 ROLES = ("small", "target")
+KINDS: tuple[RequestKind, ...] = ("generation", "auxiliary")
+"""The ``kind`` label of the upstream counters (``RequestKind``): two values, never a path."""
 _PREFIX = "specthink_serve_"
 """Every metric's name begins so (``docs/serve.md`` lists them)."""
 
@@ -67,11 +70,14 @@ class ServeMetrics:
             "target_share", "Share of a request's output tokens the target model wrote.",
             _SHARE_BUCKETS)
         self.upstream_requests = counter(
-            "upstream_requests", "Generation requests sent, by model server.", "server")
+            "upstream_requests",
+            "Requests sent to the model servers, retries included, by server and kind "
+            "(generation streams; auxiliary: /info, tokenizers, chat templates).",
+            "server", "kind")
         self.upstream_retries = counter(
             "upstream_retries",
-            "Generation requests repeated after an overload, outage or dropped stream.",
-            "server")
+            "Requests to the model servers repeated after an overload or outage, by server "
+            "and kind.", "server", "kind")
         self.upstream_errors = counter(
             "upstream_errors",
             "Failures of a model server that reached a request (the target's include those "
@@ -80,8 +86,9 @@ class ServeMetrics:
             "fallbacks", "Requests the small model finished alone because the target failed.")
         for role in ROLES:  # present at zero from the start, so rates work at once
             self.upstream_errors.labels(role)
-            self.upstream_retries.labels(role)
-            self.upstream_requests.labels(role)
+            for kind in KINDS:
+                self.upstream_retries.labels(role, kind)
+                self.upstream_requests.labels(role, kind)
 
     def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
         return Counter(_PREFIX + name, documentation, labels, registry=self.registry)
@@ -105,12 +112,14 @@ class ServeMetrics:
             self.fallbacks.inc()
             self.upstream_errors.labels("target").inc()
 
-    def upstream_attempt(self, role: str, attempt: int) -> None:
-        """One generation request sent (``attempt`` > 1: a retry), counted as it goes out, so
-        calls that fail or are cancelled afterwards count too (the engine's ``on_request``)."""
-        self.upstream_requests.labels(role).inc()
+    def upstream_attempt(self, role: str, attempt: int, kind: RequestKind) -> None:
+        """One upstream request sent (``attempt`` > 1: a retry), a generation stream or an
+        auxiliary request, counted as it goes out, so calls that fail or are cancelled
+        afterwards count too (the engine's ``on_request``, the one way requests are
+        counted)."""
+        self.upstream_requests.labels(role, kind).inc()
         if attempt > 1:
-            self.upstream_retries.labels(role).inc()
+            self.upstream_retries.labels(role, kind).inc()
 
     def upstream_failed(self, role: str | None) -> None:
         self.upstream_errors.labels(role or "unknown").inc()

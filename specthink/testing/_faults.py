@@ -30,7 +30,8 @@ class Fault:
     Faults apply to the next matching generation requests in FIFO order, ``times`` requests
     each. Status faults match any generation request; the others match streamed ones, and act
     once ``after_tokens`` tokens have been sent (never if the answer is shorter). ``path``
-    limits a fault to one endpoint.
+    limits a fault to one endpoint; a status fault whose ``path`` is not a generation endpoint
+    (``/info``, ``/tokenize``, ``/v1/models``, ...) answers that endpoint's next requests.
     """
 
     kind: FaultKind

@@ -347,7 +347,8 @@ class LoopbackServer:
     # ----------------------------------------------------------------- test controls
 
     def inject(self, *faults: Fault) -> None:
-        """Queue faults for the next matching generation requests (FIFO)."""
+        """Queue faults for the next matching generation requests (FIFO); a status fault whose
+        ``path`` is another endpoint (``/info``, ``/tokenize``, ...) answers that endpoint's."""
         with self._lock:
             self._faults.extend([fault, fault.times] for fault in faults)
 
@@ -403,10 +404,15 @@ class LoopbackServer:
 
         return route
 
-    def _take_fault(self, path: str, streaming: bool) -> Fault | None:
+    def _take_fault(self, path: str, streaming: bool, *,
+                    auxiliary: bool = False) -> Fault | None:
+        """The next fault for a request to ``path``; for an ``auxiliary`` endpoint (not a
+        generation), only a status fault naming that path."""
         with self._lock:
             for entry in self._faults:
                 fault = entry[0]
+                if auxiliary and (fault.path != path or fault.kind != "status"):
+                    continue
                 if fault.matches(path, streaming):
                     entry[1] -= 1
                     if entry[1] <= 0:
@@ -422,8 +428,9 @@ class LoopbackServer:
                 await app(scope, receive, send)
                 return
             path = scope["path"]
+            generation = path in GENERATION_PATHS
             call = CallRecord(scope["method"], path, recorded_headers(scope["headers"]),
-                              time.monotonic(), path in GENERATION_PATHS)
+                              time.monotonic(), generation)
             with self._lock:
                 self._calls.append(call)
 
@@ -432,6 +439,10 @@ class LoopbackServer:
                     call.status = message["status"]
                 await send(message)
 
+            fault = None if generation else self._take_fault(path, False, auxiliary=True)
+            if fault is not None:  # /info, /tokenize, ... answering a status fault
+                await _fault_response(fault)(scope, receive, record_status)
+                return
             await app(scope, receive, record_status)
 
         return logged
@@ -510,11 +521,11 @@ class LoopbackServer:
             self._release()
 
     def _status_fault(self, record: RequestRecord, fault: Fault) -> JSONResponse:
-        code = fault.status_code or 500
-        message, error_type = STATUS_BODIES.get(code, (f"injected status {code}", "injected"))
-        self._update(record, status=code, error_type=error_type, finished=time.monotonic())
-        headers = {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
-        return error_response(code, message, error_type, headers)
+        response = _fault_response(fault)
+        _, error_type = _fault_body(fault)
+        self._update(record, status=response.status_code, error_type=error_type,
+                     finished=time.monotonic())
+        return response
 
     def _in_band_error(self, record: RequestRecord, message: str, error_type: str,
                        *, done: bool = False, permit: bool = True) -> EventStream:
@@ -684,3 +695,15 @@ class LoopbackServer:
             admitted, lambda index, token, last: _dialects.openai_completion_chunk(
                 envelope, job, token, last, include_usage=usage),
             _dialects.openai_error_event)
+
+
+def _fault_body(fault: Fault) -> tuple[str, str]:
+    """The TGI ``(error, error_type)`` a status fault answers with."""
+    code = fault.status_code or 500
+    return STATUS_BODIES.get(code, (f"injected status {code}", "injected"))
+
+
+def _fault_response(fault: Fault) -> JSONResponse:
+    """A status fault's answer (with a ``Retry-After`` header when it has one)."""
+    headers = {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
+    return error_response(fault.status_code or 500, *_fault_body(fault), headers)

@@ -64,20 +64,20 @@ def test_the_done_line_carries_the_finish_and_the_prompt_length() -> None:
 
 async def test_a_stream_reads_every_line_to_the_finish(ollama: Ollama) -> None:
     """Broken: NDJSON framing loses a line (the last one has no newline) or a token's text."""
-    backend = OllamaBackend(ollama.url, model="qwen:small")
+    backend = OllamaBackend(ollama.url, model="qwen3:0.6b")
     try:
         tokens = await collect(backend, routing_key="conv-1")
     finally:
         await backend.aclose()
     assert "".join(t.text for t in tokens) == "Hello there."
     assert (tokens[-1].finish_reason, tokens[-1].input_tokens) == ("eos", 7)
-    assert ollama.requests[0]["model"] == "qwen:small"
+    assert ollama.requests[0]["model"] == "qwen3:0.6b"
     assert ollama.headers[0]["x-session-id"] == "conv-1"
 
 
 async def test_the_budget_ends_with_length(ollama: Ollama) -> None:
     """Broken: a cut answer is reported as finished by the model."""
-    backend = OllamaBackend(ollama.url, model="qwen:small")
+    backend = OllamaBackend(ollama.url, model="qwen3:0.6b")
     try:
         tokens = await collect(backend, max_new_tokens=2)
     finally:
@@ -91,7 +91,7 @@ async def test_the_model_defaults_to_the_first_listed(ollama: Ollama) -> None:
     backend = OllamaBackend(ollama.url)
     try:
         await collect(backend)
-        assert backend.model == "qwen:small"
+        assert backend.model == "qwen3:0.6b"
         assert await backend.health()
     finally:
         await backend.aclose()
@@ -100,8 +100,8 @@ async def test_the_model_defaults_to_the_first_listed(ollama: Ollama) -> None:
 async def test_health_asks_the_version_and_is_false_when_down(ollama: Ollama) -> None:
     """Broken: ``health`` asks a path Ollama does not serve (every server looks down), or
     raises for a server that is down instead of answering False."""
-    up = OllamaBackend(ollama.url, model="qwen:small")
-    down = OllamaBackend("http://127.0.0.1:1", model="qwen:small", max_retries=0)
+    up = OllamaBackend(ollama.url, model="qwen3:0.6b")
+    down = OllamaBackend("http://127.0.0.1:1", model="qwen3:0.6b", max_retries=0)
     try:
         assert await up.health() is True
         assert await down.health() is False
@@ -114,7 +114,7 @@ async def test_an_error_line_before_any_token_raises_on_open(ollama: Ollama) -> 
     """Broken: an in-stream error is read as text, or is not mapped (a length error must be a
     ContextLimitError like the other protocols')."""
     ollama.error_line = "the input length exceeds the context length"
-    backend = OllamaBackend(ollama.url, model="qwen:small")
+    backend = OllamaBackend(ollama.url, model="qwen3:0.6b")
     try:
         with pytest.raises(ContextLimitError, match="exceeds the context length") as raised:
             await collect(backend)
@@ -140,7 +140,7 @@ async def test_a_broken_stream_is_a_dropped_stream(ollama: Ollama) -> None:
     """Broken: a server dying mid-answer looks like a finished answer, so the engine does not
     resume."""
     ollama.drop_after = 2
-    backend = OllamaBackend(ollama.url, model="qwen:small")
+    backend = OllamaBackend(ollama.url, model="qwen3:0.6b")
     try:
         with pytest.raises(StreamDroppedError):
             await collect(backend)
@@ -150,8 +150,8 @@ async def test_a_broken_stream_is_a_dropped_stream(ollama: Ollama) -> None:
 
 async def test_the_engine_runs_over_ollama(ollama: Ollama) -> None:
     """Broken: the engine relies on something only the SSE backends have."""
-    thinker = SpeculativeThinker(small=create("ollama", ollama.url, model="qwen:small"),
-                                 target=create("ollama", ollama.url, model="qwen:large"),
+    thinker = SpeculativeThinker(small=create("ollama", ollama.url, model="qwen3:0.6b"),
+                                 target=create("ollama", ollama.url, model="qwen3:8b"),
                                  small_template="chatml", target_template="chatml")
     try:
         result = await thinker.agenerate([{"role": "user", "content": "Hi"}],

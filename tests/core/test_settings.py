@@ -21,13 +21,13 @@ def test_the_environment_fills_what_is_not_given(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("SPECTHINK_SMALL_URL", "http://small.env:1")
     monkeypatch.setenv("SPECTHINK_TARGET_URL", "http://target.env:2")
     monkeypatch.setenv("SPECTHINK_BACKEND", "openai")
-    monkeypatch.setenv("SPECTHINK_SMALL_MODEL", "small-model")
-    monkeypatch.setenv("SPECTHINK_TARGET_MODEL", "target-model")
+    monkeypatch.setenv("SPECTHINK_SMALL_MODEL", "Qwen/Qwen3-1.7B")
+    monkeypatch.setenv("SPECTHINK_TARGET_MODEL", "Qwen/Qwen3-32B")
     monkeypatch.setenv("SPECTHINK_API_KEY", "sk-env")
     settings = PairSettings()
     assert (settings.small_url, settings.target_url, settings.backend) == (
         "http://small.env:1", "http://target.env:2", "openai")
-    assert (settings.small_model, settings.target_model) == ("small-model", "target-model")
+    assert (settings.small_model, settings.target_model) == ("Qwen/Qwen3-1.7B", "Qwen/Qwen3-32B")
     assert settings.api_key is not None and settings.api_key.get_secret_value() == "sk-env"
     assert PairSettings(small_url="http://given:3").small_url == "http://given:3"
 
@@ -62,7 +62,8 @@ async def test_build_makes_the_engine_the_settings_describe() -> None:
             assert "api_key=***" in repr(backend)
     finally:
         await thinker.aclose()
-    openai = PairSettings(**URLS, backend="openai", small_model="s", target_model="t").build()
+    openai = PairSettings(**URLS, backend="openai", small_model="s", target_model="t",
+                          response_template="think-hermes").build()
     try:
         assert isinstance(openai.small, OpenAICompletionsBackend)
         assert isinstance(openai.target, OpenAICompletionsBackend)

@@ -37,10 +37,8 @@ from tests.core.formats.test_pair_formats import (
 )
 from tests.support import ServerPair
 
-GPT_OSS = {"small_model": "openai/gpt-oss-20b", "target_model": "openai/gpt-oss-120b",
-           "response_template": "gpt-oss"}
-QWEN35_MODELS = {"small_model": "Qwen/Qwen3.5-4B", "target_model": "Qwen/Qwen3.5-27B",
-                 "response_template": "auto"}
+GPT_OSS = {"small_model": "openai/gpt-oss-20b", "target_model": "openai/gpt-oss-120b"}
+QWEN35_MODELS = {"small_model": "Qwen/Qwen3.5-4B", "target_model": "Qwen/Qwen3.5-27B"}
 
 
 def get_weather(city: str, days: int = 1) -> str:
@@ -142,7 +140,7 @@ async def test_achat_on_gemma4_and_ministral(loopback_server: Callable[..., obje
     answer, or no takeover happens."""
     small, target = FAMILY_PAIRS[family]
     model = llm(start_family(loopback_server, family),
-                {"small_model": small, "target_model": target, "response_template": "auto"})
+                {"small_model": small, "target_model": target})
     try:
         response = await model.achat([ChatMessage(role="user", content="What is 12 * 13?")])
     finally:
@@ -157,7 +155,7 @@ async def test_a_calls_template_kwargs_switch_gemma4s_thinking_off(
     call (``template_kwargs=``), or the switch outlives the call."""
     small, target = FAMILY_PAIRS["gemma-4"]
     model = llm(start_family(loopback_server, "gemma-4"),
-                {"small_model": small, "target_model": target, "response_template": "auto"})
+                {"small_model": small, "target_model": target})
     question = [ChatMessage(role="user", content="What is 12 * 13?")]
     try:
         off = await model.achat(question, template_kwargs={"enable_thinking": False})

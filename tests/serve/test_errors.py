@@ -357,12 +357,17 @@ def test_a_client_hanging_up_mid_upload_is_a_499_without_a_traceback(
                                                          {"status": status})
         return value or 0.0
 
-    for _ in range(300):  # until the server has seen the three hang-ups
-        if counted("499") >= 3:
-            break
-        time.sleep(0.02)
+    def wait_until_counted(status: str, times: int) -> None:
+        """A request is counted once its answer has gone out, so just after the client saw it."""
+        for _ in range(300):
+            if counted(status) >= times:
+                return
+            time.sleep(0.02)
+
+    wait_until_counted("499", 3)
     assert counted("499") == 3
     assert post(served, OK).status_code == 200  # and it serves on
+    wait_until_counted("200", 1)
     statuses = {sample.labels["status"]: sample.value
                 for metric in served.metrics.requests.collect()
                 for sample in metric.samples if sample.name.endswith("_total")}

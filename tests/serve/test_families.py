@@ -1,11 +1,12 @@
 """``specthink serve`` in front of a gpt-oss pair over vLLM-protocol servers that render the
 real gpt-oss chat template (tests/core/formats/test_pair_formats.py sets it up), with
-``response_template="gpt-oss"``: through the openai SDK, the content is exactly the answer and
+its model ids: through the openai SDK, the content is exactly the answer and
 the reasoning exactly the reasoning, whole and streamed, after a takeover."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +38,7 @@ def test_gpt_oss_through_serve(loopback_server: Callable[..., object],
     (or loses it), or the answer is cut."""
     served = serve(start(loopback_server), backend="openai", small_model="openai/gpt-oss-20b",
                    target_model="openai/gpt-oss-120b", small_template="server",
-                   target_template="server", response_template="gpt-oss")
+                   target_template="server")
     sdk = client(served)
     completion = sdk.chat.completions.create(
         model="specthink", messages=[{"role": "user", "content": "What is 12 * 13?"}])
@@ -68,7 +69,7 @@ def test_serve_hands_a_tool_turns_reasoning_back(loopback_server: Callable[..., 
     pair = start_tool_loop(loopback_server)
     served = serve(pair, backend="openai", small_model="openai/gpt-oss-20b",
                    target_model="openai/gpt-oss-120b", small_template=template,
-                   target_template=template, response_template="gpt-oss")
+                   target_template=template)
     completion = client(served).chat.completions.create(
         model="specthink", tools=HARMONY_TOOLS,  # type: ignore[arg-type]
         messages=[
@@ -91,8 +92,7 @@ def test_gemma4_and_ministral_through_serve(loopback_server: Callable[..., objec
     reasoning as content, or no takeover happens."""
     small, target = FAMILY_PAIRS[family]
     served = serve(start_family(loopback_server, family), backend="openai", small_model=small,
-                   target_model=target, small_template="server", target_template="server",
-                   response_template="auto")
+                   target_model=target, small_template="server", target_template="server")
     completion = client(served).chat.completions.create(
         model="specthink", messages=[{"role": "user", "content": "What is 12 * 13?"}])
     message = completion.choices[0].message
@@ -117,7 +117,7 @@ def test_tool_calls_per_family_through_serve(loopback_server: Callable[..., obje
         expected = ("Let me check.", XML_REASONING,
                     [("get_weather", {"city": "Paris", "days": 2})])
     served = serve(pair, backend="openai", small_template="server", target_template="server",
-                   response_template="auto", **models)
+                   **models)
     completion = client(served).chat.completions.create(
         model="specthink", tools=WEATHER,  # type: ignore[arg-type]
         messages=[{"role": "user", "content": "Weather in Paris?"}])
@@ -142,7 +142,7 @@ def test_a_required_call_a_format_cannot_open_is_a_400_naming_tool_choice(
     pair = start_tool_loop(loopback_server, CALL_TURN)
     served = serve(pair, backend="openai", small_model="openai/gpt-oss-20b",
                    target_model="openai/gpt-oss-120b", small_template="server",
-                   target_template="server", response_template="gpt-oss")
+                   target_template="server")
     with pytest.raises(openai.BadRequestError) as refused:
         client(served).chat.completions.create(
             model="specthink", tools=WEATHER, tool_choice=tool_choice,  # type: ignore[arg-type]
@@ -163,7 +163,7 @@ def test_a_requests_chat_template_kwargs_switch_gemma4s_thinking_off(
     small, target = FAMILY_PAIRS["gemma-4"]
     served = serve(start_family(loopback_server, "gemma-4"), backend="openai",
                    small_model=small, target_model=target, small_template="server",
-                   target_template="server", response_template="auto")
+                   target_template="server")
     sdk = client(served)
     question = [{"role": "user", "content": "What is 12 * 13?"}]
     off = sdk.chat.completions.create(model="specthink", messages=question,  # type: ignore[arg-type]
@@ -178,3 +178,37 @@ def test_a_requests_chat_template_kwargs_switch_gemma4s_thinking_off(
         sdk.chat.completions.create(model="specthink", messages=question,  # type: ignore[arg-type]
                                     extra_body={"chat_template_kwargs": [1]})
     assert "chat_template_kwargs" in str(refused.value)
+
+
+@pytest.mark.parametrize(("family", "template_kwargs", "warning"), [
+    ("gpt-oss", None, None),
+    ("mistral-reasoning", None, None),
+    ("gemma-4", None, None),
+    ("gemma-4", {"enable_thinking": False}, "closes the reasoning"),
+], ids=["gpt-oss", "mistral-reasoning", "gemma-4", "gemma-4-thinking-off"])
+def test_the_instruct_preset_is_suggested_only_when_the_small_model_will_not_reason(
+        loopback_server: Callable[..., object], serve: Callable[..., Any],
+        caplog: pytest.LogCaptureFixture, family: str,
+        template_kwargs: dict[str, Any] | None, warning: str | None) -> None:
+    """If this fails, ``serve`` in front of a gpt-oss, Ministral Reasoning or Gemma 4 pair,
+    whose models write their reasoning's opener themselves (``<|channel|>analysis<|message|>``,
+    ``[THINK]``, ``<|channel>thought``) after a prompt that opens none, tells the operator
+    that no takeover will happen and to switch to ``--rules paper_instruct``, which is false
+    (their takeovers are tested above); or it says nothing where Gemma 4's thinking is switched
+    off, so its prompt closes the reasoning and no takeover can happen. (The ChatML instruct
+    pair under ``paper`` is warned: tests/serve/test_chat.py.)"""
+    if family == "gpt-oss":
+        pair = start(loopback_server)
+        models = {"small_model": "openai/gpt-oss-20b", "target_model": "openai/gpt-oss-120b"}
+    else:
+        pair = start_family(loopback_server, family)
+        small, target = FAMILY_PAIRS[family]
+        models = {"small_model": small, "target_model": target}
+    with caplog.at_level(logging.WARNING, logger="specthink.serve"):
+        serve(pair, backend="openai", small_template="server", target_template="server",
+              response_template="auto", template_kwargs=template_kwargs, **models)
+    suggestions = [r.getMessage() for r in caplog.records if "paper_instruct" in r.getMessage()]
+    if warning is None:
+        assert suggestions == []
+    else:
+        assert len(suggestions) == 1 and warning in suggestions[0], suggestions

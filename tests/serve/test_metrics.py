@@ -6,11 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from specthink.testing import Fault
+from specthink.testing import Fault, LoopbackServer
+from specthink.testing.server import Flavor
 
-from .conftest import Pair, Served, client
+from .conftest import ConversationModel, Pair, Served, client
 from .test_chat import HELLO
 
 DOCUMENTED = {
@@ -73,8 +75,10 @@ def test_metrics_count_requests_tokens_takeovers_and_upstream(
     for role in ("small", "target"):
         assert value("specthink_serve_tokens_total", model=role) == sum(
             s[f"{role}_tokens"] for s in stats)
-        assert value("specthink_serve_upstream_requests_total", server=role) == records[role]
-        assert value("specthink_serve_upstream_retries_total", server=role) == 0
+        assert value("specthink_serve_upstream_requests_total", server=role,
+                     kind="generation") == records[role]
+        assert value("specthink_serve_upstream_retries_total", server=role,
+                     kind="generation") == 0
     assert value("specthink_serve_takeovers_total", rule="rule1") == sum(
         s["takeovers"]["rule1"] for s in stats)
     assert value("specthink_serve_target_share_count") == 2
@@ -113,8 +117,48 @@ def test_every_upstream_attempt_and_retry_is_counted_even_when_the_call_fails(
     pair.reset()
     samples = scrape(served)
     assert attempts >= 2  # the retry policy tried again
-    assert samples[("specthink_serve_upstream_requests_total", (("server", "small"),))] == \
-        attempts
-    assert samples[("specthink_serve_upstream_retries_total", (("server", "small"),))] == \
-        attempts - 1
+    generation = (("kind", "generation"), ("server", "small"))
+    assert samples[("specthink_serve_upstream_requests_total", generation)] == attempts
+    assert samples[("specthink_serve_upstream_retries_total", generation)] == attempts - 1
     assert samples[("specthink_serve_requests_total", (("status", "503"),))] == 1
+
+
+@pytest.mark.parametrize(("backend", "flavor", "faulty"), [
+    ("tgi", "tgi", ("/info", "/tokenize")),
+    ("openai", "vllm", ("/v1/models", "/tokenize")),
+])
+def test_auxiliary_requests_and_their_retries_are_counted(
+        serve: Callable[..., Served], backend: str, flavor: Flavor,
+        faulty: tuple[str, str]) -> None:
+    """The small server answers 503 once to what serve asks at start (TGI ``/info``, vLLM
+    ``/v1/models``) and once to a ``/tokenize`` (a reply budget near the context makes the
+    call count its prompt's tokens): both are retried, and /metrics counts, per server and
+    kind, exactly the requests each server received, the failed attempts and their retries
+    included. Failing: requests besides the generation streams (and their retries) go
+    uncounted, so an outage of a tokenizer or /info looks like no traffic at all."""
+    def server(model_id: str) -> LoopbackServer:  # a context within serve's max_tokens
+        return LoopbackServer(ConversationModel(), model_id=model_id, flavor=flavor,
+                              max_input_tokens=2048, max_total_tokens=4096)
+
+    with server("test/small") as small, server("test/target") as target:
+        pair = Pair(small, target)
+        small.inject(*(Fault.status(503, retry_after=0, path=path) for path in faulty))
+        # auto: the vLLM server renders the template (/tokenize, /detokenize) at start too
+        served = serve(pair, backend=backend, small_template="auto", target_template="auto")
+        answer = httpx.post(f"{served.base_url}/chat/completions", timeout=60, json={
+            "model": "specthink", "messages": HELLO, "max_tokens": small.max_total_tokens - 8})
+        assert answer.status_code == 200, answer.text
+        samples = scrape(served)
+        calls = {"small": small.calls, "target": target.calls}
+    for path in faulty:  # each failed once, then was answered
+        assert [call.status for call in small.calls_to(path)][:2] == [503, 200]
+    for role, received in calls.items():
+        for kind, generation in (("generation", True), ("auxiliary", False)):
+            labels = (("kind", kind), ("server", role))
+            sent = [call for call in received if call.generation is generation]
+            assert samples[("specthink_serve_upstream_requests_total", labels)] == len(sent), \
+                (role, kind, [call.path for call in sent])
+    retries = {role: samples[("specthink_serve_upstream_retries_total",
+                              (("kind", "auxiliary"), ("server", role)))]
+               for role in ("small", "target")}
+    assert retries == {"small": 2, "target": 0}

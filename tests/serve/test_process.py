@@ -206,7 +206,8 @@ def test_two_workers_serve_and_metrics_sum_over_both(pair_for_process: Pair) -> 
         output = served.stop()
     for values in scraped:
         assert values[("specthink_serve_requests_total", (("status", "200"),))] == 12
-        assert values[("specthink_serve_upstream_requests_total", (("server", "small"),))] == \
+        assert values[("specthink_serve_upstream_requests_total",
+                       (("kind", "generation"), ("server", "small")))] == \
             len(pair_for_process.small.records)
     assert output.count("Started server process") == 2, output
 

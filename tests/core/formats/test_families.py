@@ -134,3 +134,72 @@ def test_template_kwargs_meeting_a_tgi_rendered_template_are_warned_about(
     assert len(caplog.records) == 2
     assert "small model's template" in caplog.records[0].getMessage()
     assert "small and target model's template" in caplog.records[1].getMessage()
+
+
+PAIR_URLS = {"small_url": "http://127.0.0.1:9", "target_url": "http://127.0.0.1:9",
+             "backend": "openai"}
+
+
+@pytest.mark.parametrize(("small", "target", "expected"), [
+    ("openai/gpt-oss-20b", "openai/gpt-oss-120b", "gpt-oss"),
+    ("Qwen/Qwen3.5-4B", "Qwen/Qwen3.5-27B", "qwen3.5"),
+    ("google/gemma-4-E4B-it", "google/gemma-4-31B-it", "gemma-4"),
+    ("mistralai/Magistral-Small-2509", "mistralai/Magistral-Medium-2509", "mistral-reasoning"),
+    ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B",
+     "deepseek-r1"),
+    (None, "openai/gpt-oss-120b", "gpt-oss"),  # the target's id names the pair's family
+])
+def test_a_pair_reads_its_familys_format_without_being_told(
+        small: str | None, target: str, expected: str) -> None:
+    """If this fails, a user who names a gpt-oss (Qwen3.5, Gemma 4, ...) pair by its model ids,
+    as every vLLM user does, still gets ``<think>`` + Hermes: harmony's reasoning fused into
+    the answer, XML calls left as text."""
+    settings = PairSettings(**PAIR_URLS, small_model=small, target_model=target)
+    output_format = settings.pair_output_format()
+    family = family_of(target)
+    assert family is not None
+    assert output_format.name == expected
+    assert output_format.template is builtin_template(family.template)
+    assert settings.build().output_format.template is output_format.template
+
+
+def test_an_unknown_model_id_is_a_config_error_on_the_pair_naming_what_to_pass() -> None:
+    """If this fails, a model of no known family is read with a guessed format (its reasoning
+    the answer, its calls text) instead of a clear error, before any request, that names the
+    setting and the choices."""
+    with pytest.raises(ConfigError) as caught:
+        PairSettings(**PAIR_URLS, small_model="acme/reasoner-7b", target_model="acme/big")
+    assert caught.value.field == "response_template"
+    message = str(caught.value)
+    assert "'acme/reasoner-7b'" in message and "response_template" in message
+    assert "think-hermes" in message and "tokenizer_config.json" in message
+    for name in template_names():
+        assert name in message
+    told = PairSettings(**PAIR_URLS, small_model="acme/reasoner-7b",
+                        response_template="think-hermes")
+    assert told.pair_output_format().name == "think-hermes"
+
+
+def test_unnamed_models_and_instruct_pairs_keep_think_and_hermes() -> None:
+    """If this fails, a TGI or llama.cpp pair (one model per server, no id) or an instruct pair
+    (whose reasoning specthink opens itself, ``paper_instruct``) is refused or misread."""
+    assert PairSettings(**PAIR_URLS).pair_output_format().name == "think-hermes"
+    instruct = PairSettings(**PAIR_URLS, small_model="meta-llama/Llama-3.1-8B-Instruct",
+                            target_model="meta-llama/Llama-3.1-70B-Instruct",
+                            rules="paper_instruct")
+    assert instruct.pair_output_format().name == "think-hermes"
+
+
+def test_an_unknown_models_tokenizer_config_brings_the_pairs_format(tmp_path: Path) -> None:
+    """If this fails, a model specthink does not know by name cannot be served from its own
+    checkpoint: the tokenizer_config.json given as its chat template has a response_template,
+    and it should apply without being passed twice."""
+    path = tmp_path / "tokenizer_config.json"
+    path.write_text(json.dumps({"chat_template": "{{ messages }}", "response_template": OWN}),
+                    encoding="utf-8")
+    settings = PairSettings(**PAIR_URLS, small_model="acme/reasoner-7b",
+                            small_template=str(path), target_template=str(path))
+    template = settings.pair_output_format().template
+    assert template is not None
+    assert parse_response("<reason>hm</reason>ok<|end|>", template, prefix="") == {
+        "reasoning_content": "hm", "content": "ok"}

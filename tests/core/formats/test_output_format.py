@@ -29,6 +29,26 @@ def test_the_prompt_tail_decides_where_the_output_starts() -> None:
     assert not xml.opened_by("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
+def test_a_family_format_says_its_model_opens_the_reasoning_unless_the_prompt_closed_it(
+        ) -> None:
+    """If this fails, serve's start-up hint (``--rules paper_instruct``) fires for harmony,
+    Mistral and Gemma 4 pairs, whose models write their reasoning's opener after a prompt that
+    opens none, or stays silent where the template switched thinking off (closed the reasoning
+    in the prompt); the default format, meant for any model, claims to know either way."""
+    harmony = OutputFormat.from_template(builtin_template("gpt-oss"))
+    assert harmony.model_opens_reasoning("<|start|>user<|message|>Hi<|end|><|start|>assistant")
+    gemma = OutputFormat.from_template(builtin_template("gemma-4"))
+    assert gemma.model_opens_reasoning("<|turn>user\nHi<turn|>\n<|turn>model\n")
+    assert not gemma.model_opens_reasoning(
+        "<|turn>user\nHi<turn|>\n<|turn>model\n<|channel>thought\n<channel|>")
+    mistral = OutputFormat.from_template(builtin_template("mistral-reasoning"))
+    assert mistral.model_opens_reasoning("[INST]Hi[/INST]")
+    qwen3 = OutputFormat.from_template(builtin_template("qwen3"))
+    assert qwen3.model_opens_reasoning("<|im_start|>assistant\n")
+    assert not qwen3.model_opens_reasoning("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert not THINK_HERMES.model_opens_reasoning("<|im_start|>assistant\n")
+
+
 def test_the_completion_body_keeps_special_tokens_when_asked() -> None:
     """If this fails, vLLM/SGLang drop a format's special-token markers from the text (harmony's
     channels vanish and reasoning fuses with the answer)."""

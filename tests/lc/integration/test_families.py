@@ -32,13 +32,13 @@ from tests.core.formats.test_pair_formats import (
 
 async def test_langchain_on_the_gpt_oss_pair(loopback_server: Callable[..., object]) -> None:
     """If this fails, LangChain users of a gpt-oss pair get harmony's reasoning in the content
-    (or lose it): with ``response_template="gpt-oss"`` the content is exactly the answer and
+    (or lose it): named by its model ids alone, the content is exactly the answer and
     ``reasoning_content`` exactly the reasoning, invoked or streamed."""
     pair = start(loopback_server)
     model = ChatSpeculativeThinking(
         small_url=pair.small.url, target_url=pair.target.url, backend="openai",
         small_model="openai/gpt-oss-20b", target_model="openai/gpt-oss-120b",
-        small_template="server", target_template="server", response_template="gpt-oss")
+        small_template="server", target_template="server")
     try:
         message = await model.ainvoke("What is 12 * 13?")
         assert message.content == ANSWER
@@ -68,7 +68,7 @@ async def test_langchain_hands_a_tool_turns_reasoning_back(
     model = ChatSpeculativeThinking(
         small_url=pair.small.url, target_url=pair.target.url, backend="openai",
         small_model="openai/gpt-oss-20b", target_model="openai/gpt-oss-120b",
-        small_template="server", target_template="server", response_template="gpt-oss")
+        small_template="server", target_template="server")
     history: list[BaseMessage] = [HumanMessage("Weather in Paris?"), earlier,
                                   ToolMessage("Sunny, 21 C", tool_call_id="c1")]
     try:
@@ -87,14 +87,14 @@ async def test_langchain_on_gemma4_and_ministral(loopback_server: Callable[..., 
                                                  family: str) -> None:
     """If this fails, LangChain users of a Gemma 4 pair get no reasoning (its thinking switch
     is not on by default) or of a Ministral 3 Reasoning pair get ``[THINK]`` reasoning as the
-    answer: with ``response_template="auto"`` content and reasoning are exact, invoked or
+    answer: named by their model ids alone, content and reasoning are exact, invoked or
     streamed, after a takeover."""
     pair = start_family(loopback_server, family)
     small, target = FAMILY_PAIRS[family]
     model = ChatSpeculativeThinking(
         small_url=pair.small.url, target_url=pair.target.url, backend="openai",
         small_model=small, target_model=target, small_template="server",
-        target_template="server", response_template="auto")
+        target_template="server")
     try:
         message = await model.ainvoke("What is 12 * 13?")
         assert message.content == ANSWER
@@ -126,7 +126,7 @@ async def test_bind_tools_per_family(loopback_server: Callable[..., object],
                     [("get_weather", {"city": "Paris", "days": 2})])
     model = ChatSpeculativeThinking(
         small_url=pair.small.url, target_url=pair.target.url, backend="openai",
-        small_template="server", target_template="server", response_template="auto",
+        small_template="server", target_template="server",
         **models)
     bound = model.bind_tools(WEATHER)
     try:
@@ -153,7 +153,7 @@ async def test_a_calls_template_kwargs_switch_gemma4s_thinking_off(
     model = ChatSpeculativeThinking(
         small_url=pair.small.url, target_url=pair.target.url, backend="openai",
         small_model=small, target_model=target, small_template="server",
-        target_template="server", response_template="auto")
+        target_template="server")
     try:
         off = await model.ainvoke("What is 12 * 13?",
                                   template_kwargs={"enable_thinking": False})
