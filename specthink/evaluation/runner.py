@@ -211,14 +211,16 @@ def _model_counts(stats: Statistics, mode: Mode) -> tuple[dict[str, int], dict[s
 
 def _alone(pair: PairSettings, role: Role) -> PairSettings:
     """The pair's settings with ``role``'s model in both engine roles (its server, model name
-    and chat template) under :data:`SOLO_RULES`: the engine of a single-model mode, rendering
-    and reading the model's output as the speculative mode does."""
+    and chat template): the engine of a single-model mode, rendering the prompt and reading the
+    output of that model as the speculative mode does. The pair's rules stay, since they take
+    part in deciding the output format (an instruct pair's); each call of the mode runs under
+    :data:`SOLO_RULES`."""
     url, model, template = ((pair.small_url, pair.small_model, pair.small_template)
                             if role == "small"
                             else (pair.target_url, pair.target_model, pair.target_template))
     return pair.model_copy(update={
         "small_url": url, "target_url": url, "small_model": model, "target_model": model,
-        "small_template": template, "target_template": template, "rules": SOLO_RULES})
+        "small_template": template, "target_template": template})
 
 
 def _thinkers(modes: Iterable[Mode], small: Backend | None, target: Backend | None,
@@ -363,7 +365,8 @@ async def run_evaluation(
         try:
             result = await thinkers[mode].agenerate(
                 build_messages(problem), max_new_tokens=settings.max_tokens,
-                sampling=settings.sampling)
+                sampling=settings.sampling,
+                rules=None if mode == "speculative" else SOLO_RULES)
         except Exception as exc:  # recorded, and retried on resume; the run goes on
             return EvalRecord(id=problem.id, mode=mode, expected=problem.answer,
                               latency_seconds=round(time.perf_counter() - started, 4),

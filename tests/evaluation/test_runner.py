@@ -277,6 +277,24 @@ async def test_resuming_with_other_pair_settings_is_refused(
     assert len(pair.small.records) == asked
 
 
+async def test_single_model_modes_of_an_instruct_pair_are_read_as_the_pair_is(
+        pair: Pair, sample: list[Problem], grader: Grader, tmp_path: Path) -> None:
+    """Broken: a single-model mode's engine decides its output format under other rules than
+    the pair's, so the model ids of an instruct pair that name no known family (read as
+    ``<think>`` + Hermes under ``paper_instruct``) are refused for the model alone; or the
+    pair's instruct rules (which hand over at every paragraph) reach a single-model mode."""
+    instruct = PairSettings.for_roles((), rules="paper_instruct", small_model="acme/small-7b",
+                                      target_model="acme/target-32b")
+    run = await evaluate(pair, sample[:3], tmp_path, grader, modes=["small", "target"],
+                         pair=instruct)
+
+    assert [(r.mode, r.error) for r in run.records] == [
+        (mode, None) for _ in range(3) for mode in ("small", "target")]
+    assert all(sum(r.takeovers.values()) == 0 for r in run.records)
+    assert [r.output for r in run.records if r.mode == "small"] == [
+        small_script(p) for p in sample[:3]]
+
+
 async def test_a_run_recorded_before_the_response_template_setting_resumes(
         pair: Pair, sample: list[Problem], grader: Grader, tmp_path: Path) -> None:
     """Broken: a ``run.json`` written before ``response_template`` and ``template_kwargs`` were
