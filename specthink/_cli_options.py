@@ -1,5 +1,6 @@
 """What the ``specthink`` commands share (extra ``cli``): the options that several commands
-declare alike, the stderr console and the check of a rules preset name.
+declare alike, the opening of a pair's backends (``--backend auto`` included), the stderr
+console and the check of a rules preset name.
 
 ``specthink.cli`` imports this module only when typer is installed. Command modules that
 ``specthink.cli`` registers (``specthink.evaluation.cli``) import it instead of ``specthink.cli``,
@@ -11,17 +12,22 @@ The ``*_option`` functions return the ``typer.Option`` to put in an ``Annotated`
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 
 from specthink import _constants
-from specthink.backends import Backend, create, discover, kinds, takes_option
-from specthink.errors import ConfigError
+from specthink.backends import Backend, create, discover, kind_of, kinds, takes_option
+from specthink.errors import BackendError, ConfigError
 from specthink.rules import PRESETS, known_preset
+
+if TYPE_CHECKING:
+    from specthink.settings import PairSettings
 
 __all__ = [
     "AUTO",
@@ -39,6 +45,7 @@ __all__ = [
     "backend_option",
     "model_option",
     "open_backend",
+    "open_backends",
     "preset_name",
     "stderr",
     "template_kwargs_value",
@@ -150,6 +157,33 @@ async def open_backend(url: str, kind: str, *, api_key: str | None,
         return await discover(url, api_key=api_key, model=model)
     return create(kind, url, api_key=api_key,
                   model=model if takes_option(kind, "model") else None)
+
+
+async def open_backends(pair: PairSettings, roles: Sequence[Role], *,
+                        detect: bool) -> tuple[PairSettings, dict[Role, Backend]]:
+    """The roles' backends, built by the pair's settings; with ``detect`` (``--backend auto``)
+    each server's answer to ``GET /info`` picks its protocol, concurrently, and the settings
+    returned carry the small model's (the first role's). A failing role's error names it, and
+    the other backends are closed."""
+
+    async def one(role: Role) -> Backend:
+        try:
+            return await pair.detect_backend(role) if detect else pair.build_backend(role)
+        except BackendError as exc:
+            exc.role = role
+            raise
+
+    made = await asyncio.gather(*(one(role) for role in roles), return_exceptions=True)
+    opened = {role: outcome for role, outcome in zip(roles, made, strict=True)
+              if not isinstance(outcome, BaseException)}
+    failed = [outcome for outcome in made if isinstance(outcome, BaseException)]
+    if failed:
+        await asyncio.gather(*(backend.aclose() for backend in opened.values()))
+        raise failed[0]
+    if detect and opened:
+        first = next(iter(opened.values()))
+        pair = pair.model_copy(update={"backend": kind_of(first) or pair.backend})
+    return pair, opened
 
 
 def stderr() -> Console:

@@ -42,6 +42,7 @@ try:
     from rich.text import Text
 
     from specthink._cli_options import (
+        AUTO,
         ApiKey,
         LocalSmallPort,
         LocalStateDir,
@@ -56,6 +57,7 @@ try:
         backend_option,
         model_option,
         open_backend,
+        open_backends,
         preset_name,
         stderr,
         template_kwargs_value,
@@ -147,24 +149,6 @@ async def _backend(url: str, protocol: str, *, api_key: str | None,
     except BackendError as exc:
         exc.role = role
         raise
-
-
-async def _pair(urls: tuple[str, str], protocol: str, *, api_key: str | None,
-                models: tuple[str | None, str | None]) -> tuple[Backend, Backend]:
-    """Both backends, detected concurrently; if one fails the other is closed."""
-    made = await asyncio.gather(
-        _backend(urls[0], protocol, api_key=api_key, model=models[0], role="small"),
-        _backend(urls[1], protocol, api_key=api_key, model=models[1], role="target"),
-        return_exceptions=True)
-    failed = [outcome for outcome in made if isinstance(outcome, BaseException)]
-    if failed:
-        for outcome in made:
-            if not isinstance(outcome, BaseException):
-                await outcome.aclose()
-        raise failed[0]
-    small, target = made
-    assert not isinstance(small, BaseException) and not isinstance(target, BaseException)
-    return small, target
 
 
 def _resolve_urls(small: str | None, target: str | None) -> tuple[str, str] | None:
@@ -299,8 +283,7 @@ def ask(
     The small model writes; the target takes over at reasoning breakpoints. Without server URLs
     the local CPU pair is started and left running.
     """
-    from specthink.backends import kind_of
-    from specthink.settings import PairSettings
+    from specthink.settings import ROLES, PairSettings
 
     err = stderr()
     kwargs = template_kwargs_value(template_kwargs)
@@ -324,20 +307,18 @@ def ask(
             messages.append({"role": "system", "content": system})
         messages.append({"role": "user", "content": question})
         sampling = SamplingParams(temperature=temperature or None, top_p=top_p, seed=seed)
-        servers = urls
+        # The pair's one declaration of its settings, checked before any request. With
+        # --backend auto the protocol is known only once the servers answer: the settings are
+        # checked with TGI's meanwhile, and open_backends puts the detected one in.
+        settings = PairSettings(
+            small_url=urls[0], target_url=urls[1], backend="tgi" if backend == AUTO else backend,
+            small_model=small_model, target_model=target_model, rules=preset,
+            small_template=templates[0], target_template=templates[1],
+            response_template=response_template, template_kwargs=kwargs, api_key=api_key)
 
         async def build() -> SpeculativeThinker:
-            small_backend, target_backend = await _pair(
-                servers, backend, api_key=api_key, models=(small_model, target_model))
-            # The pair's one declaration of its settings, over the backends built (detected,
-            # with --backend auto) above.
-            settings = PairSettings(
-                small_url=servers[0], target_url=servers[1],
-                backend=kind_of(small_backend) or backend, small_model=small_model,
-                target_model=target_model, rules=preset, small_template=templates[0],
-                target_template=templates[1], response_template=response_template,
-                template_kwargs=kwargs, api_key=api_key)
-            return settings.build(backends=(small_backend, target_backend))
+            pair, backends = await open_backends(settings, ROLES, detect=backend == AUTO)
+            return pair.build(backends=(backends["small"], backends["target"]))
 
         def printer() -> _Printer | None:
             if as_json:

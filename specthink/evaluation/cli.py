@@ -45,12 +45,12 @@ from specthink._cli_options import (
     TargetTemplate,
     TemplateKwargs,
     backend_option,
+    open_backends,
     stderr,
     template_kwargs_value,
     url_option,
 )
-from specthink.backends import kind_of
-from specthink.backends.base import Backend, SamplingParams
+from specthink.backends.base import SamplingParams
 from specthink.errors import BackendError, ConfigError, SpecthinkError
 from specthink.rules import PRESETS
 from specthink.settings import ROLES, PairSettings, Role
@@ -99,40 +99,13 @@ class _ProgressView:
                                              style="red"), soft_wrap=True)
 
 
-async def _open_backends(pair: PairSettings, roles: list[Role], *,
-                         detect: bool) -> tuple[PairSettings, dict[Role, Backend]]:
-    """The roles' backends, built by the pair's settings; with ``detect`` (``--backend auto``)
-    each server's answer to ``GET /info`` picks its protocol, concurrently, and the settings
-    returned carry the small model's (the one ``specthink ask`` keeps). If one fails, the
-    others are closed."""
-
-    async def one(role: Role) -> Backend:
-        try:
-            return await pair.detect_backend(role) if detect else pair.build_backend(role)
-        except BackendError as exc:
-            exc.role = role
-            raise
-
-    made = await asyncio.gather(*(one(role) for role in roles), return_exceptions=True)
-    failed = [outcome for outcome in made if isinstance(outcome, BaseException)]
-    opened = {role: outcome for role, outcome in zip(roles, made, strict=True)
-              if not isinstance(outcome, BaseException)}
-    if failed:
-        await asyncio.gather(*(backend.aclose() for backend in opened.values()))
-        raise failed[0]
-    if detect:
-        first = next(iter(opened.values()))
-        pair = pair.model_copy(update={"backend": kind_of(first) or pair.backend})
-    return pair, opened
-
-
 async def _run(*, problems: list[Any], pair: PairSettings, roles: list[Role], detect: bool,
                modes: list[str], settings: Any, out: Path, grading_workers: int,
                grading_timeout: float, err: Console) -> Any:
     from specthink.evaluation.grading import Grader
     from specthink.evaluation.runner import cast_modes, run_evaluation
 
-    pair, backends = await _open_backends(pair, roles, detect=detect)
+    pair, backends = await open_backends(pair, roles, detect=detect)
     try:
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TimeRemainingColumn(), console=err,

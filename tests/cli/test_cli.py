@@ -436,3 +436,18 @@ def test_serve_takes_a_response_template_and_template_kwargs(
                             env={**env, "COLUMNS": "400"})
     assert refused.exit_code == 2 and "unknown response template 'bogus'" in refused.output
     assert len(built) == 1
+
+
+def test_ask_refuses_bad_settings_before_asking_any_server() -> None:
+    """Broken: ``specthink ask`` detects the protocol (``GET /info`` with ``--backend auto``)
+    before its PairSettings are checked, so a bad ``--response-template`` is refused only after
+    the servers were asked."""
+    model = ScriptedModel.single("Hello.")
+    with LoopbackServer(model) as small, LoopbackServer(model) as target:
+        result = runner.invoke(app, [
+            "ask", "Hi", "--small", small.url, "--target", target.url,
+            "--response-template", "bogus"], env={"SPECTHINK_BACKEND": None, "COLUMNS": "400"})
+
+        assert result.exit_code == 2, result.output
+        assert "unknown response template 'bogus'" in result.output
+        assert small.calls == [] and target.calls == []
