@@ -43,6 +43,7 @@ __all__ = [
     "TemplateKwargs",
     "api_key_option",
     "backend_option",
+    "error_text",
     "model_option",
     "open_backend",
     "open_backends",
@@ -184,6 +185,14 @@ async def open_backends(pair: PairSettings, roles: Sequence[Role], *,
         first = next(iter(opened.values()))
         pair = pair.model_copy(update={"backend": kind_of(first) or pair.backend})
     return pair, opened
+
+
+def error_text(error: BaseException) -> str:
+    """What a command prints for ``error``: refused settings as the core's message for each
+    (not pydantic's report around them), anything else as itself."""
+    from specthink.settings import SettingsError
+
+    return error.reason if isinstance(error, SettingsError) and error.reason else str(error)
 
 
 def stderr() -> Console:

@@ -55,6 +55,7 @@ try:
         TemplateKwargs,
         api_key_option,
         backend_option,
+        error_text,
         model_option,
         open_backend,
         open_backends,
@@ -115,7 +116,7 @@ def _exit_codes() -> Iterator[None]:
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except SpecthinkError as error:
         code = next(code for kind, code in EXIT_CODES if isinstance(error, kind))
-        stderr().print(Text(f"error: {error}", style="bold red"), soft_wrap=True)
+        stderr().print(Text(f"error: {error_text(error)}", style="bold red"), soft_wrap=True)
         raise typer.Exit(code) from error
 
 

@@ -34,7 +34,7 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
-from pydantic_core import InitErrorDetails
+from pydantic_core import ErrorDetails, InitErrorDetails
 
 from . import _constants
 from ._constants import API_KEY_ENV
@@ -281,8 +281,12 @@ class SettingsError(ValidationError, ConfigError):
     ``ValidationError`` that code validating a model (LangChain's, LlamaIndex's) expects."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # Built by ``from_exception_data`` (pydantic's constructor); ``field`` is set after.
+        # Built by ``from_exception_data`` (pydantic's constructor); ``field`` and ``reason``
+        # are set after.
         self.field: str | None = None
+        self.reason = ""
+        """The core's own message for each refused value, without pydantic's report around
+        them: what a command prints."""
 
 
 def _config_error(exc: ValidationError) -> ConfigError | None:
@@ -294,5 +298,15 @@ def _config_error(exc: ValidationError) -> ConfigError | None:
             refused = SettingsError.from_exception_data(
                 exc.title, cast("list[InitErrorDetails]", exc.errors()))
             refused.field = cause.field or ".".join(str(part) for part in error["loc"]) or None
+            refused.reason = "; ".join(_reason(each) for each in exc.errors())
             return refused
     return None
+
+
+def _reason(error: ErrorDetails) -> str:
+    """One refused value: the core's message where the check was the core's, else pydantic's
+    message after the field's name."""
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, ConfigError):
+        return str(cause)
+    return f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"

@@ -45,6 +45,7 @@ from specthink._cli_options import (
     TargetTemplate,
     TemplateKwargs,
     backend_option,
+    error_text,
     open_backends,
     stderr,
     template_kwargs_value,
@@ -234,7 +235,7 @@ def eval_command(
     except SpecthinkError as error:
         code = (EXIT_CONFIG if isinstance(error, ConfigError)
                 else EXIT_BACKEND if isinstance(error, BackendError) else 1)
-        err.print(Text(f"error: {error}", style="bold red"), soft_wrap=True)
+        err.print(Text(f"error: {error_text(error)}", style="bold red"), soft_wrap=True)
         raise typer.Exit(code) from error
 
     name = "sample" if dataset == SAMPLE and not Path(dataset).exists() else Path(dataset).stem

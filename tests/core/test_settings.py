@@ -11,7 +11,7 @@ from specthink import SpeculativeThinker, TakeoverRules
 from specthink.backends.openai import OpenAICompletionsBackend
 from specthink.backends.tgi import TGIBackend
 from specthink.errors import ConfigError
-from specthink.settings import PairSettings
+from specthink.settings import PairSettings, SettingsError
 
 URLS = {"small_url": "http://127.0.0.1:9", "target_url": "http://127.0.0.1:10"}
 
@@ -110,6 +110,9 @@ async def test_settings_for_some_roles_need_only_their_urls(
     with pytest.raises(ConfigError, match=r"small_url= \(or \$SPECTHINK_SMALL_URL\)") as missing:
         PairSettings.for_roles(["small"], target_url=URLS["target_url"])
     assert missing.value.field == "small_url"
+    # What the commands print: the core's message alone, not pydantic's report around it.
+    assert isinstance(missing.value, SettingsError)
+    assert missing.value.reason == "no small_url: pass small_url= (or $SPECTHINK_SMALL_URL)"
     with pytest.raises(ConfigError, match="paper_instruct") as bad:
         PairSettings.for_roles(["small"], small_url=URLS["small_url"], rules="bogus")
     assert bad.value.field == "rules"
