@@ -11,6 +11,8 @@ family its model id names (``data/<family>.json``, data like a checkpoint's own)
 'gpt-oss'
 >>> family_of("Qwen/Qwen3.5-4B").template
 'qwen3-xml'
+>>> family_of("ibm-granite/granite-3.3-8b-instruct").thinking_kwargs
+{'thinking': True}
 >>> family_of("meta-llama/Llama-3.1-8B-Instruct") is None
 True
 """
@@ -69,6 +71,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("smollm3", "qwen3", r"smollm3", _THINKING_ON),
     Family("gemma-4", "gemma-4", r"gemma-?4|gemma_4", _THINKING_ON),
     Family("mistral-reasoning", "mistral-reasoning", r"magistral|ministral-3\b.*reasoning"),
+    # Granite 3.3 only: Granite 4.0 / 4.1 templates have no thinking switch and call in Hermes
+    # <tool_call> blocks, another format.
+    Family("granite-3.3", "granite", r"granite[-_]?3\.3", {"thinking": True}),
 )
 """Searched in order; the first family whose ``ids`` match a model id is its family."""
 
