@@ -30,14 +30,14 @@ EXPECTED_CALL = {"type": "function", "function": {"name": "get_weather", "argume
 HERMES_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n' \
               "</tool_call>"
 STOPS = ("<|im_end|>", "<｜end▁of▁sentence｜>", "<|return|>", "<|call|>", "</s>", "<turn|>",
-         "<|tool_response>")
+         "<|tool_response>", "<|end_of_text|>")
 
 
 def render(template_file: str, messages: Sequence[Mapping[str, Any]], *, generation: bool,
-           **kwargs: Any) -> str:
+           tools: Sequence[Mapping[str, Any]] | None = TOOLS, **kwargs: Any) -> str:
     source = (TEMPLATES / template_file).read_text(encoding="utf-8")
     rendered, _ = chat_template_utils.render_jinja_template(
-        [list(messages)], tools=TOOLS, chat_template=source, add_generation_prompt=generation,
+        [list(messages)], tools=tools, chat_template=source, add_generation_prompt=generation,
         bos_token="<s>", eos_token="</s>", **kwargs)
     return str(rendered[0])
 
@@ -94,6 +94,19 @@ def _v31_calls() -> str:
     return f"{REASONING}</think>{ANSWER}{whole[start:end]}"
 
 
+GRANITE_CALL = '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}]'
+GRANITE_DECOY = '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+GRANITE_DECOY_REASONING = f"The user wants the weather. Maybe {GRANITE_DECOY} first?\n\n" \
+                          "Wait, no: the question is about Paris."
+
+
+def _granite(content: str, **expected: Any) -> Case:
+    """A Granite 3.3 turn whose content is written as given (thinking on in the prompt)."""
+    return Case("granite", "ibm-granite-granite-3.3-2B-Instruct.jinja",
+                kwargs={"thinking": True}, turn={"role": "assistant", "content": content},
+                **expected)
+
+
 THINKING = {"enable_thinking": True}
 CASES = {
     "qwen3": Case("qwen3", "Qwen-Qwen3-0.6B.jinja", kwargs=THINKING, turn={
@@ -137,6 +150,20 @@ CASES = {
                         compose=lambda: f"{REASONING}\n</think>\n\n{ANSWER}\n{HERMES_CALL}"),
     "deepseek-r1-0528": Case("deepseek-r1-0528", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja",
                              kwargs=THINKING, compose=_r1_native_calls),
+    # Granite 3.3's template renders an assistant turn's content only (no reasoning, no
+    # tool_calls): the turn is written as its model writes it with thinking on, in llama.cpp's
+    # Granite layout: <think>, the answer in <response>, then <|tool_call|> and a JSON list.
+    "granite-3.3": _granite(f"<think>{REASONING}</think><response>{ANSWER}</response>"
+                            f"{GRANITE_CALL}"),
+    "granite-3.3/decoy": _granite(f"<think>{GRANITE_DECOY_REASONING}</think>\n<response>"
+                                  f"{ANSWER}</response>\n{GRANITE_CALL}",
+                                  reasoning=GRANITE_DECOY_REASONING),
+    "granite-3.3/answer": _granite(f"<think>{REASONING}</think>\n<response>{ANSWER}</response>",
+                                   calls=[]),
+    # llama.cpp's Granite parser reads an answer written without <response> too.
+    "granite-3.3/untagged": _granite(f"<think>{REASONING}</think>{ANSWER}", calls=[]),
+    # Thinking off: no tags at all.
+    "granite-3.3/plain": _granite(ANSWER, reasoning=None, calls=[]),
     # V3.1's template renders a call turn without its reasoning: composed the same way.
     "deepseek-v3.1": Case("deepseek-v3.1", "deepseek-ai-DeepSeek-V3.1.jinja",
                           kwargs={"thinking": True}, compose=_v31_calls),

@@ -27,6 +27,8 @@ from tests.core.formats.family_cases import (  # noqa: E402
     CASES,
     REASONING,
     TOOLS,
+    USER,
+    render,
 )
 
 
@@ -115,6 +117,10 @@ def test_family_ids_of_the_rendered_checkpoints() -> None:
         "google/gemma-4-31B-it": "gemma-4",
         "mistralai/Ministral-3-14B-Reasoning-2512": "mistral-reasoning",
         "mistralai/Magistral-Small-2509": "mistral-reasoning",
+        "ibm-granite/granite-3.3-2b-instruct": "granite",
+        "ibm-granite/granite-3.3-8b-instruct": "granite",
+        # Granite 4.0 / 4.1 templates have no thinking switch and call in Hermes blocks.
+        "ibm-granite/granite-4.0-h-small": None, "ibm-granite/granite-4.1-8b": None,
     }
     found = {model: (f.template if (f := family_of(model)) else None) for model in expected}
     assert found == expected
@@ -130,3 +136,19 @@ def test_xml_answer_survives_a_newline_before_the_stop_token() -> None:
     assert message["content"] == ANSWER
     assert message["tool_calls"] == [{"type": "function",
                                       "function": {"name": "f", "arguments": {}}}]
+
+
+def test_granite_turn_starts_after_a_generation_prompt_with_controls() -> None:
+    """If this fails, Granite's start anchor misses the generation prompt its template writes
+    with ``controls`` (``<|start_of_role|>assistant {...}<|end_of_role|>``): the whole prompt is
+    read as the turn, and the ``<think></think>`` of its thinking system text is taken for a
+    reasoning the turn already closed (thinking off), so the reasoning the model then writes is
+    not expected."""
+    template = builtin_template("granite")
+    for extra in ({}, {"controls": {"length": "short"}}):
+        prompt = render("ibm-granite-granite-3.3-2B-Instruct.jinja", USER, generation=True,
+                        tools=None, thinking=True, **extra)
+        assert "<think></think>" in prompt
+        assert template.assistant_tail(prompt) == ""
+        assert not template.closes_reasoning(prompt)
+    assert prompt.endswith('<|start_of_role|>assistant {"length": "short"}<|end_of_role|>')

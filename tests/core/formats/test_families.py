@@ -94,8 +94,9 @@ def test_thinking_switches_of_the_families() -> None:
                   "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"):
         family = family_of(model)
         assert family is not None and family.thinking_kwargs == {"enable_thinking": True}
-    v31 = family_of("deepseek-ai/DeepSeek-V3.1")
-    assert v31 is not None and v31.thinking_kwargs == {"thinking": True}
+    for model in ("deepseek-ai/DeepSeek-V3.1", "ibm-granite/granite-3.3-8b-instruct"):
+        family = family_of(model)
+        assert family is not None and family.thinking_kwargs == {"thinking": True}
 
 
 def test_each_role_gets_its_familys_thinking_switch_and_template_kwargs_win() -> None:
@@ -147,6 +148,8 @@ PAIR_URLS = {"small_url": "http://127.0.0.1:9", "target_url": "http://127.0.0.1:
     ("mistralai/Magistral-Small-2509", "mistralai/Magistral-Medium-2509", "mistral-reasoning"),
     ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B",
      "deepseek-r1"),
+    ("ibm-granite/granite-3.3-2b-instruct", "ibm-granite/granite-3.3-8b-instruct",
+     "granite-3.3"),
     (None, "openai/gpt-oss-120b", "gpt-oss"),  # the target's id names the pair's family
 ])
 def test_a_pair_reads_its_familys_format_without_being_told(

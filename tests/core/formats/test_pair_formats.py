@@ -382,3 +382,127 @@ async def test_deepseek_v31_thinks_by_default(loopback_server: Callable[..., obj
         whole = split_result(result)
         assert (whole.reasoning, whole.answer) == expected
         assert (result.stats.total_takeovers >= 1) is takeovers
+
+
+GRANITE_TEMPLATE_FILE = str(Path(__file__).resolve().parents[2] / "data" / "chat_templates"
+                            / "ibm-granite-granite-3.3-2B-Instruct.jinja")
+GRANITE = JinjaChatTemplate(
+    "granite", Path(GRANITE_TEMPLATE_FILE).read_text(encoding="utf-8"),
+    # Granite 3.x's added special tokens; its <think> / <response> tags are written as text here.
+    special_tokens=("<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>", "<|tool_call|>"),
+    stop_tokens=("<|end_of_text|>",))
+GRANITE_HEAD = "<|start_of_role|>assistant<|end_of_role|>"
+GRANITE_THINKING = ("Write your thoughts between <think></think> and write your response "
+                    "between <response></response> for each user query.")
+"""The end of the system text Granite 3.3's template writes when ``thinking`` is on."""
+GRANITE_THOUGHT = f"<think>{REASONING}</think><response>{ANSWER}</response><|end_of_text|>"
+GRANITE_PLAIN = f"{ANSWER}<|end_of_text|>"
+GRANITE_DECOY = '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+GRANITE_CALL_REASONING = ("The user wants the weather.\n\nWait, maybe Oslo first:\n"
+                          + GRANITE_DECOY + "\n\nNo, the question is about Paris.")
+GRANITE_CALL_TURN = (f"<think>{GRANITE_CALL_REASONING}</think><response>Let me check."
+                     '</response><|tool_call|>[{"name": "get_weather", "arguments": '
+                     '{"city": "Paris", "days": 2}}]<|end_of_text|>')
+"""A Granite call turn in llama.cpp's Granite layout (``</think>``, the answer in
+``<response>``, then ``<|tool_call|>`` and a JSON list), a call drafted in the reasoning."""
+
+
+class GraniteModel:
+    """Granite 3.3, greedy: with tools offered, the call turn; else it reasons in ``<think>``
+    and answers in ``<response>`` when its system text asks it to (the template's ``thinking``
+    switch), else answers plainly; continued from whatever the prompt holds of its turn.
+    (Granite's template asks for thinking only without tools: the call turn stands for a
+    Granite that reasons before calling, so that the call is read after a takeover.)"""
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+
+    def continuation(self, prompt: str) -> Continuation:
+        self.prompts.append(prompt)
+        head = prompt.rfind(GRANITE_HEAD)
+        before, written = prompt[:head], prompt[head + len(GRANITE_HEAD):]
+        turn = (GRANITE_CALL_TURN if "<|start_of_role|>available_tools" in before
+                else GRANITE_THOUGHT if GRANITE_THINKING in before else GRANITE_PLAIN)
+        return Continuation(turn[len(written):] if turn.startswith(written) else "")
+
+
+def start_granite(loopback_server: Callable[..., object]
+                  ) -> tuple[ServerPair, GraniteModel, dict[str, str]]:
+    """A Granite 3.3 pair rendering its real template, its small model, and the
+    :class:`PairSettings` fields that name it."""
+    options = {"flavor": "vllm", "chat_template": GRANITE}
+    small = GraniteModel()
+    pair = ServerPair(loopback_server(small, model_id="ibm-granite/granite-3.3-2b-instruct",
+                                      **options),  # type: ignore[arg-type]
+                      loopback_server(GraniteModel(),
+                                      model_id="ibm-granite/granite-3.3-8b-instruct",
+                                      **options))  # type: ignore[arg-type]
+    fields = {
+        "small_url": pair.small.url, "target_url": pair.target.url, "backend": "openai",
+        "small_model": "ibm-granite/granite-3.3-2b-instruct",
+        "target_model": "ibm-granite/granite-3.3-8b-instruct"}
+    return pair, small, fields
+
+
+@pytest.mark.parametrize("template", ["server", "auto", GRANITE_TEMPLATE_FILE],
+                         ids=["server-rendered", "auto", "client-side"])
+async def test_granite_thinks_by_default(loopback_server: Callable[..., object],
+                                         template: str) -> None:
+    """If this fails, a Granite 3.3 pair (whose template asks for ``<think>`` / ``<response>``
+    only when ``thinking`` is passed) has no reasoning and no takeover, its answer keeps the
+    ``<response>`` tags, or ``template_kwargs`` cannot switch thinking off. Rendered by the
+    server (vLLM's ``/tokenize`` with ``chat_template_kwargs``) and client-side alike, the
+    family found from the model ids."""
+    _, small, fields = start_granite(loopback_server)
+    settings = {**fields, "small_template": template, "target_template": template}
+    engine = PairSettings(**settings).build()
+    try:
+        result = await engine.agenerate(QUESTION)
+    finally:
+        await engine.aclose()
+    assert GRANITE_THINKING in small.prompts[0]
+    whole = split_result(result)
+    assert (whole.reasoning, whole.answer) == (REASONING, ANSWER)
+    assert result.stats.total_takeovers >= 1
+
+    splitter = OutputSplitter()
+    deltas = []
+    engine = PairSettings(**settings).build()
+    try:
+        async for event in engine.astream(QUESTION):
+            deltas += splitter.feed(event)
+    finally:
+        await engine.aclose()
+    deltas += splitter.finish().deltas
+    assert "".join(d.text for d in deltas if d.kind == "reasoning") == REASONING
+    assert "".join(d.text for d in deltas if d.kind == "answer") == ANSWER
+
+    small.prompts.clear()
+    engine = PairSettings(**settings, template_kwargs={"thinking": False}).build()
+    try:
+        result = await engine.agenerate(QUESTION)
+    finally:
+        await engine.aclose()
+    assert GRANITE_THINKING not in small.prompts[0]
+    whole = split_result(result)
+    assert (whole.reasoning, whole.answer) == ("", ANSWER)
+    assert result.stats.total_takeovers == 0
+
+
+async def test_granite_pair_calls_after_a_takeover(
+        loopback_server: Callable[..., object]) -> None:
+    """If this fails, a Granite 3.3 pair leaves its ``<|tool_call|>`` JSON list as text,
+    executes the call it only drafted while reasoning, keeps the ``<response>`` tags in the
+    answer, or reads the call only without a takeover."""
+    _, _, fields = start_granite(loopback_server)
+    engine = PairSettings(**fields, small_template="server", target_template="server").build()
+    try:
+        result = await engine.agenerate(QUESTION, tools=WEATHER)
+    finally:
+        await engine.aclose()
+    assert result.stats.total_takeovers >= 1
+    whole = split_result(result)
+    assert whole.reasoning == GRANITE_CALL_REASONING
+    assert whole.answer == "Let me check."
+    assert [(c.name, c.arguments) for c in whole.tool_calls] == [
+        ("get_weather", {"city": "Paris", "days": 2})]

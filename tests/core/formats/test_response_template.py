@@ -35,11 +35,13 @@ def _fragments(name: str) -> list[str]:
               "</function>", "<|im_end|>", "<|start|>assistant", " to=functions.f",
               "<|channel|>commentary", " json", "<|message|>", "[TOOL_CALLS]f[ARGS]",
               "<｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n", "\n```<｜tool▁call▁end｜>",
-              "<|tool_call>call:f", "<｜end▁of▁sentence｜>"]
+              "<|tool_call>call:f", "<｜end▁of▁sentence｜>", "<response>", "</response>",
+              "<|tool_call|>", "<|end_of_text|>"]
     halves = [m[:len(m) // 2] for m in marks if len(m) > 1] + \
              [m[len(m) // 2:] for m in marks if len(m) > 1]
     return marks + halves + ["word", " so", "\n", "\n\n", " ", '{"name": "f", "arguments": {}}',
-                             '{"x": 1}', "{x:1}", "é", "中"]
+                             '[{"name": "f", "arguments": {"x": 1}}]', '{"x": 1}', "{x:1}", "é",
+                             "中"]
 
 
 def _theirs(spec: dict[str, Any], prefix: str, chunks: list[str]) -> tuple[Any, dict[str, str]]:
@@ -86,7 +88,8 @@ def test_any_text_any_split_as_transformers_streams_it(data: st.DataObject, name
     bounds = [0, *cuts, len(text)]
     chunks = [text[a:b] for a, b in itertools.pairwise(bounds)]
     prefix = data.draw(st.sampled_from(["", "<|im_start|>assistant\n<think>\n",
-                                        "<｜Assistant｜><think>\n", "[/INST]", "<|turn>model\n"]))
+                                        "<｜Assistant｜><think>\n", "[/INST]", "<|turn>model\n",
+                                        "<|start_of_role|>assistant<|end_of_role|>"]))
     spec = dict(builtin_template(name).spec)
     assert _ours(name, prefix, chunks) == _theirs(spec, prefix, chunks)
 
@@ -173,6 +176,9 @@ def test_a_malformed_region_can_be_kept_as_text() -> None:
     # DeepSeek-V3.1: thinking={"thinking": True} opens it, off closes it at once.
     ("deepseek-v3.1", "<｜User｜>2+2?<｜Assistant｜><think>", True),
     ("deepseek-v3.1", "<｜User｜>2+2?<｜Assistant｜><think></think>", False),
+    # Granite 3.3 writes its own <think>, whether its system text asked for it or not.
+    ("granite", "<|start_of_role|>user<|end_of_role|>2+2?<|end_of_text|>\n"
+                "<|start_of_role|>assistant<|end_of_role|>", False),
 ])
 def test_starts_in_reasoning_from_the_prompt_tail(template: str, prompt: str,
                                                   inside: bool) -> None:
@@ -187,3 +193,4 @@ def test_reasoning_closers() -> None:
     assert builtin_template("gpt-oss").reasoning_closers == ("<|end|>",)
     assert builtin_template("gemma-4").reasoning_closers == ("<channel|>",)
     assert builtin_template("mistral-reasoning").reasoning_closers == ("[/THINK]",)
+    assert builtin_template("granite").reasoning_closers == ("</think>",)
