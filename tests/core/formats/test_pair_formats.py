@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from specthink import SpeculativeThinker
-from specthink.backends import OpenAICompletionsBackend
+from specthink.backends import OpenAICompletionsBackend, TGIBackend
 from specthink.formats import THINK_HERMES, OutputFormat
 from specthink.formats.families import builtin_template
 from specthink.output import OutputSplitter, split_result
@@ -106,6 +106,32 @@ def start(loopback_server: Callable[..., object]) -> ServerPair:
                                       **options),  # type: ignore[arg-type]
                       loopback_server(HarmonyModel(), model_id="openai/gpt-oss-120b",
                                       **options))  # type: ignore[arg-type]
+
+
+async def test_gpt_oss_pair_over_tgi_keeps_harmonys_special_tokens(
+        loopback_server: Callable[..., object]) -> None:
+    """If this fails, a gpt-oss pair behind TGI loses harmony's markers: TGI streams every
+    token's text with ``special: true`` on the special ones (text_generation_server's
+    ``decode_token`` decodes with ``skip_special_tokens=False``), and a backend that drops
+    those texts fuses the analysis channel into the answer, as vLLM does without
+    ``skip_special_tokens: false``. The stop token's text stays out (it ends the stream)."""
+    options = {"flavor": "tgi", "chat_template": TEMPLATE}
+    pair = ServerPair(loopback_server(HarmonyModel(), model_id="openai/gpt-oss-20b",
+                                      **options),  # type: ignore[arg-type]
+                      loopback_server(HarmonyModel(), model_id="openai/gpt-oss-120b",
+                                      **options))  # type: ignore[arg-type]
+    engine = SpeculativeThinker(
+        small=TGIBackend(pair.small.url), target=TGIBackend(pair.target.url),
+        small_template="server", target_template="server",
+        output_format=OutputFormat.from_template(builtin_template("gpt-oss"), "gpt-oss"))
+    try:
+        result = await engine.agenerate(QUESTION)
+    finally:
+        await engine.aclose()
+    whole = split_result(result)
+    assert (whole.reasoning, whole.answer, whole.tool_calls) == (REASONING, ANSWER, [])
+    assert result.stats.total_takeovers >= 1
+    assert "<|return|>" not in result.text and "<|channel|>" in result.text
 
 
 async def test_gpt_oss_pair_split_by_its_response_template(
