@@ -320,7 +320,7 @@ class HTTPBackend(ABC, Generic[ReaderT]):
             self._info = None
             raise
         try:
-            yield self._tokens(stream)
+            yield self._tokens(stream, sampling)
         finally:
             await stream.aclose()
 
@@ -335,8 +335,8 @@ class HTTPBackend(ABC, Generic[ReaderT]):
         (raise, e.g. ``InStreamError``, for one: the attempt may then be retried)."""
 
     @abstractmethod
-    def _tokens(self, stream: ReaderT) -> AsyncIterator[StreamToken]:
-        """The tokens of an open stream."""
+    def _tokens(self, stream: ReaderT, sampling: SamplingParams) -> AsyncIterator[StreamToken]:
+        """The tokens of an open stream (asked with ``sampling``)."""
 
     async def info(self, *, refresh: bool = False) -> ServerInfo:
         """What the server says about itself, fetched once and cached; ``refresh`` fetches it

@@ -153,7 +153,7 @@ class OllamaBackend(HTTPBackend[NDJSONStream]):
         stream.push_back(first)
         return stream
 
-    def _tokens(self, stream: NDJSONStream) -> AsyncIterator[StreamToken]:
+    def _tokens(self, stream: NDJSONStream, sampling: SamplingParams) -> AsyncIterator[StreamToken]:
         return TokenStream(stream, stream.next_value, decode_chunk)
 
     async def _fetch_info(self) -> ServerInfo:

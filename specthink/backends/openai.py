@@ -363,7 +363,7 @@ class OpenAICompletionsBackend(SSEBackend):
         if _is_error(payload):
             raise _error_event(payload, self.url, 0)
 
-    def _tokens(self, stream: SSEStream) -> AsyncIterator[StreamToken]:
+    def _tokens(self, stream: SSEStream, sampling: SamplingParams) -> AsyncIterator[StreamToken]:
         return _TokenStream(stream)
 
     async def call_grammar(self, tools: Sequence[dict[str, Any]],

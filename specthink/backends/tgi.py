@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
+from functools import partial
 from typing import Any, ClassVar
 
 from specthink.backends._counting import count_occurrences
@@ -95,8 +96,13 @@ def _error_event(payload: dict[str, Any], url: str, tokens_received: int) -> InS
 
 
 def decode_stream_event(payload: dict[str, Any], *, url: str = "",
-                        tokens_received: int = 0) -> StreamToken:
+                        tokens_received: int = 0, keep_special: bool = False) -> StreamToken:
     """One ``/generate_stream`` event (a ``StreamResponse``) as a :class:`StreamToken`.
+
+    TGI streams every token's text, special ones too (``special: true``); their text is kept
+    with ``keep_special`` (an output format whose markers are special tokens: harmony's
+    ``<|channel|>``, Mistral's ``[THINK]``), except the stop token's, which ends the stream
+    (as vLLM never detokenizes it).
 
     Raises :class:`InStreamError` for an ``{"error", "error_type"}`` event.
     """
@@ -114,11 +120,13 @@ def decode_stream_event(payload: dict[str, Any], *, url: str = "",
     elif payload.get("generated_text") is not None:
         # details=false (never sent by us, but a proxy might strip it): the end is still marked.
         finish = "eos" if special else "length"
-    return StreamToken("" if special else str(token.get("text", "")), special, finish,
-                       input_tokens)
+    shown = not special or (keep_special and finish is None)
+    return StreamToken(str(token.get("text", "")) if shown else "", special and not shown,
+                       finish, input_tokens)
 
 
-def _event_token(event: ServerSentEvent, *, url: str, tokens_received: int) -> StreamToken | None:
+def _event_token(event: ServerSentEvent, *, url: str, tokens_received: int,
+                 keep_special: bool = False) -> StreamToken | None:
     """A ``/generate_stream`` event's token (``None``: ``[DONE]``, or no JSON object)."""
     data = event.data
     if data == "[DONE]":
@@ -129,7 +137,8 @@ def _event_token(event: ServerSentEvent, *, url: str, tokens_received: int) -> S
         raise malformed_event(event, url, tokens_received) from exc
     if not isinstance(payload, dict):
         return None
-    return decode_stream_event(payload, url=url, tokens_received=tokens_received)
+    return decode_stream_event(payload, url=url, tokens_received=tokens_received,
+                               keep_special=keep_special)
 
 
 class TGIBackend(SSEBackend):
@@ -181,8 +190,10 @@ class TGIBackend(SSEBackend):
         if isinstance(payload, dict) and "error" in payload:
             raise _error_event(payload, self.url, 0)
 
-    def _tokens(self, stream: SSEStream) -> AsyncIterator[StreamToken]:
-        return TokenStream(stream, stream.next_event, _event_token)
+    def _tokens(self, stream: SSEStream, sampling: SamplingParams) -> AsyncIterator[StreamToken]:
+        decode = (partial(_event_token, keep_special=True) if sampling.keep_special_tokens
+                  else _event_token)
+        return TokenStream(stream, stream.next_event, decode)
 
     async def _fetch_info(self) -> ServerInfo:
         """``GET /info``."""

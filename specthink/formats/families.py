@@ -212,8 +212,9 @@ def pair_output_format(given: Mapping[str, Any] | str | Path | ResponseTemplate 
     ``given`` (the ``response_template`` setting) wins, as :func:`output_format_for` takes it.
     Without it: the ``response_template`` of the small model's tokenizer_config.json (given as
     its chat template), else the built-in of the family the small (else the target) model id
-    names, else ``<think>`` + Hermes calls (:data:`~specthink.formats.THINK_HERMES`) where that
-    is known to be right: no model id at all (TGI and llama.cpp serve one model, unnamed), or
+    names (two ids of families that write different formats are a :class:`ConfigError`), else
+    ``<think>`` + Hermes calls (:data:`~specthink.formats.THINK_HERMES`) where that is known to
+    be right: no model id at all (TGI and llama.cpp serve one model, unnamed), or
     an instruct pair whose reasoning specthink opens itself
     (``writes_own_reasoning_opening``, the ``paper_instruct`` rules). A model id of no known
     family is a :class:`ConfigError` naming what to pass: read with the wrong format, its
@@ -229,10 +230,19 @@ def pair_output_format(given: Mapping[str, Any] | str | Path | ResponseTemplate 
     from_config = _tokenizer_config_template(small_template)
     if from_config is not None:
         return OutputFormat.from_template(from_config, "tokenizer_config.json")
-    for model in (small_model, target_model):
-        family = family_of(model) if model else None
-        if family is not None:
-            return OutputFormat.from_template(_builtin(family.template), family.name)
+    families = [(model, family) for model in (small_model, target_model)
+                if model and (family := family_of(model)) is not None]
+    if len({family.template for _, family in families}) > 1:
+        # The target continues the small model's text mid-reasoning: one format for both.
+        (small, small_family), (target, target_family) = families
+        raise ConfigError(
+            f"the small model {small!r} ({small_family.name}) and the target {target!r} "
+            f"({target_family.name}) write different formats, and each continues the other's "
+            "text: pair two models of one family, or pass response_template to say which "
+            "format both write", field="response_template")
+    if families:
+        family = families[0][1]
+        return OutputFormat.from_template(_builtin(family.template), family.name)
     named = [model for model in (small_model, target_model) if model]
     if not named or writes_own_reasoning_opening:
         return THINK_HERMES

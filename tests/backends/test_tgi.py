@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from specthink.backends import Backend, SamplingParams, ServerInfo, StreamToken, TGIBackend
-from specthink.backends.tgi import generate_parameters
+from specthink.backends.tgi import decode_stream_event, generate_parameters
 from specthink.errors import (
     BackendConnectionError,
     BackendError,
@@ -430,3 +430,18 @@ async def test_aclose_keeps_a_passed_client_open() -> None:
         await tgi.aclose()
         assert not client.is_closed
         assert await tgi.health()
+
+
+def test_a_special_tokens_text_is_kept_only_when_the_format_needs_it() -> None:
+    """Broken: harmony's or Mistral's markers (special tokens, whose text TGI streams with
+    ``special: true``) are lost behind TGI, or the stop token's text leaks into the output."""
+    channel = {"token": {"id": 200005, "text": "<|channel|>", "logprob": 0.0, "special": True},
+               "generated_text": None, "details": None}
+    stop = {"token": {"id": 200002, "text": "<|return|>", "logprob": 0.0, "special": True},
+            "generated_text": "", "details": {"finish_reason": "eos_token",
+                                              "generated_tokens": 2, "input_length": 5}}
+    assert decode_stream_event(channel).text == ""
+    kept = decode_stream_event(channel, keep_special=True)
+    assert (kept.text, kept.special, kept.finish_reason) == ("<|channel|>", False, None)
+    ended = decode_stream_event(stop, keep_special=True)
+    assert (ended.text, ended.special, ended.finish_reason) == ("", True, "eos")

@@ -103,7 +103,7 @@ def test_each_role_gets_its_familys_thinking_switch_and_template_kwargs_win() ->
     reason), reaches a model of another family, or ``template_kwargs`` cannot override it."""
     urls = {"small_url": "http://small", "target_url": "http://target", "backend": "openai"}
     pair = PairSettings(**urls, small_model="google/gemma-4-E4B-it",
-                        target_model="openai/gpt-oss-120b")
+                        target_model="openai/gpt-oss-120b", response_template="gemma-4")
     assert pair.role_template_kwargs("small") == {"enable_thinking": True}
     assert pair.role_template_kwargs("target") == {}
     # No model id: the family the response template names decides.
@@ -203,3 +203,21 @@ def test_an_unknown_models_tokenizer_config_brings_the_pairs_format(tmp_path: Pa
     assert template is not None
     assert parse_response("<reason>hm</reason>ok<|end|>", template, prefix="") == {
         "reasoning_content": "hm", "content": "ok"}
+
+
+def test_a_pair_of_two_families_with_different_formats_is_refused() -> None:
+    """If this fails, a gpt-oss small model paired with a Qwen3 target is read with one of the
+    two formats while each continues the other's harmony or ``<think>`` text: garbled reasoning
+    and lost calls instead of a clear error before any request."""
+    with pytest.raises(ConfigError) as caught:
+        PairSettings(**PAIR_URLS, small_model="openai/gpt-oss-20b", target_model="Qwen/Qwen3-32B")
+    assert caught.value.field == "response_template"
+    assert "'openai/gpt-oss-20b' (gpt-oss)" in str(caught.value)
+    assert "'Qwen/Qwen3-32B' (qwen3)" in str(caught.value)
+    # Two families of one format (QwQ's and Qwen3's templates are the same built-in) pair well,
+    # and a response_template given says which format both write.
+    assert PairSettings(**PAIR_URLS, small_model="Qwen/Qwen3-1.7B",
+                        target_model="Qwen/QwQ-32B").pair_output_format().name == "qwen3"
+    assert PairSettings(**PAIR_URLS, small_model="openai/gpt-oss-20b",
+                        target_model="Qwen/Qwen3-32B",
+                        response_template="qwen3").pair_output_format().name == "qwen3"

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 from specthink import SpeculativeThinker
-from specthink.backends import OpenAICompletionsBackend
+from specthink.backends import OpenAICompletionsBackend, TGIBackend
 from specthink.formats import THINK_HERMES, OutputFormat
 from specthink.formats.families import builtin_template
 from specthink.output import OutputSplitter, split_result
 from specthink.settings import PairSettings
 from specthink.testing import Continuation, JinjaChatTemplate
-from specthink.trace import FinishEvent
+from specthink.trace import FinishEvent, Result
 from tests.support import ServerPair
 
 GPT_OSS_TEMPLATE_FILE = str(Path(__file__).resolve().parents[2] / "data" / "chat_templates"
@@ -100,12 +100,40 @@ def thinker(pair: ServerPair, output_format: OutputFormat) -> SpeculativeThinker
         small_template="server", target_template="server", output_format=output_format)
 
 
-def start(loopback_server: Callable[..., object]) -> ServerPair:
-    options = {"flavor": "vllm", "chat_template": TEMPLATE}
+def start(loopback_server: Callable[..., object], flavor: str = "vllm") -> ServerPair:
+    options = {"flavor": flavor, "chat_template": TEMPLATE}
     return ServerPair(loopback_server(HarmonyModel(), model_id="openai/gpt-oss-20b",
                                       **options),  # type: ignore[arg-type]
                       loopback_server(HarmonyModel(), model_id="openai/gpt-oss-120b",
                                       **options))  # type: ignore[arg-type]
+
+
+async def split_by_harmony(engine: SpeculativeThinker) -> Result:
+    """The engine's answer to QUESTION, checked: exactly the reasoning and the answer, after a
+    takeover."""
+    try:
+        result = await engine.agenerate(QUESTION)
+    finally:
+        await engine.aclose()
+    whole = split_result(result)
+    assert (whole.reasoning, whole.answer, whole.tool_calls) == (REASONING, ANSWER, [])
+    assert result.stats.total_takeovers >= 1
+    return result
+
+
+async def test_gpt_oss_pair_over_tgi_keeps_harmonys_special_tokens(
+        loopback_server: Callable[..., object]) -> None:
+    """If this fails, a gpt-oss pair behind TGI loses harmony's markers: TGI streams every
+    token's text with ``special: true`` on the special ones (text_generation_server's
+    ``decode_token`` decodes with ``skip_special_tokens=False``), and a backend that drops
+    those texts fuses the analysis channel into the answer, as vLLM does without
+    ``skip_special_tokens: false``. The stop token's text stays out (it ends the stream)."""
+    pair = start(loopback_server, "tgi")
+    result = await split_by_harmony(SpeculativeThinker(
+        small=TGIBackend(pair.small.url), target=TGIBackend(pair.target.url),
+        small_template="server", target_template="server",
+        output_format=OutputFormat.from_template(builtin_template("gpt-oss"), "gpt-oss")))
+    assert "<|return|>" not in result.text and "<|channel|>" in result.text
 
 
 async def test_gpt_oss_pair_split_by_its_response_template(
@@ -114,14 +142,7 @@ async def test_gpt_oss_pair_split_by_its_response_template(
     channels, no takeover happens in its reasoning, or the servers drop the markers."""
     pair = start(loopback_server)
     harmony = OutputFormat.from_template(builtin_template("gpt-oss"), "gpt-oss")
-    engine = thinker(pair, harmony)
-    try:
-        result = await engine.agenerate(QUESTION)
-    finally:
-        await engine.aclose()
-    whole = split_result(result)
-    assert (whole.reasoning, whole.answer, whole.tool_calls) == (REASONING, ANSWER, [])
-    assert result.stats.total_takeovers >= 1
+    await split_by_harmony(thinker(pair, harmony))
     generations = [r for s in (pair.small, pair.target) for r in s.records
                    if r.path == "/v1/completions"]
     assert generations and all(r.parameters.get("skip_special_tokens") is False
