@@ -59,7 +59,6 @@ from .rules import (
     resolve_rules,
 )
 from .sync import _LoopThread, run_sync
-from .tools import call_opener
 from .trace import (
     Event,
     FallbackEvent,
@@ -137,11 +136,16 @@ class _Run:
     call_opener: str = ""
     """A tool call the caller requires (``tool_choice``), not begun yet: the engine writes this
     opener as soon as the reasoning ends (at the answer's first token when there is none)."""
+    call_after_reasoning: str = ""
+    """What the format writes between the reasoning's end and a call (``CallOpener``)."""
+    call_closable: bool = False
+    """The opened call goes on as Hermes JSON: the engine closes it when the model stopped
+    right after its arguments (a grammar ends there)."""
     reopen: bool = False
     """The engine wrote into the text (the call opener): the open stream must be asked again
     from the new text."""
     call_at: int = -1
-    """Where the JSON of the call the engine opened begins in the text (-1: none)."""
+    """Where the call the engine opened begins in the text, its opener (-1: none)."""
     call_grammars: dict[Role, dict[str, Any] | None] = field(default_factory=dict)
     """Per server, the grammar for the rest of the opened call (``backend.call_grammar``)."""
     done: bool = False
@@ -496,22 +500,33 @@ class SpeculativeThinker:
 
     async def _require_call(self, run: _Run, request: ChatRequest) -> None:
         """A call ``tool_choice`` requires: a text model only reads the instruction, so the
-        engine writes the call's opener itself, and a server's grammar (where it takes one)
-        keeps the rest JSON."""
+        engine writes the call's opener itself, as the format's model writes it
+        (``OutputFormat.call_opener``), and a server's grammar (where it takes one and it fits
+        the format) keeps the rest JSON."""
         from . import prompts
 
         required, name = prompts.required_call(request.tool_choice, request.tools)
         if not required:
             return
         output_format = run.policy.output_format
-        if output_format.template is not None:
-            # A response template's calls have their own syntax (harmony, Gemma, XML), which
-            # the engine does not open yet: refused rather than left to the model's goodwill.
+        opener = output_format.call_opener
+        if opener is None:
+            # A response template that says nothing of how its calls begin (one handed over,
+            # not a built-in): refused rather than left to the model's goodwill.
             raise ConfigError(
                 f"tool_choice {request.tool_choice!r} cannot be enforced for the "
-                f"{output_format.name!r} output format (only Hermes <tool_call> JSON calls are "
-                f"opened by specthink); use tool_choice 'auto'", field="tool_choice")
-        run.call_opener = call_opener(name, run.policy.output_format.tool_call.open)
+                f"{output_format.name!r} output format: its response template declares no "
+                "specthink.call_opener (the built-ins do); use tool_choice 'auto'",
+                field="tool_choice")
+        run.call_opener = opener.text(name)
+        run.call_after_reasoning = opener.after_reasoning
+        run.call_closable = opener.hermes_json
+        if not opener.hermes_json:
+            # The servers' call grammars describe Hermes JSON (an arguments object, or a name
+            # then '", "arguments": ' and one): they do not fit harmony's, XML, Gemma's or
+            # DeepSeek's call bodies, whose closing text a grammar would also forbid. None is
+            # sent; the model writes the rest of the call unconstrained.
+            return
         roles: tuple[Role, Role] = ("small", "target")
         tools = request.tools or []
         grammars = await asyncio.gather(*(self.backends[role].call_grammar(tools, name)
@@ -894,7 +909,7 @@ class SpeculativeThinker:
         close = run.policy.output_format.reasoning.close
         end = text.index(close, max(0, before - run.accepted.keep)) + len(close)
         run.accepted.truncate(end)
-        return text[before:end], self._write_call_opener(run, "\n\n")
+        return text[before:end], self._write_call_opener(run, run.call_after_reasoning)
 
     @staticmethod
     def _write_call_opener(run: _Run, separator: str) -> list[TextEvent]:
@@ -906,17 +921,18 @@ class SpeculativeThinker:
         tokens = _estimate(opener)
         run.stats.intervention_tokens += tokens
         run.budget_left -= tokens
-        run.call_at = run.length + opener.index("{")
+        run.call_at = run.length + len(separator)
         run.accepted.append(opener)
         return [TextEvent("intervention", opener, None)]
 
     def _close_opened_call(self, run: _Run) -> list[TextEvent]:
-        """The model stopped right after the arguments of the call the engine opened (a
-        grammar ends there): close the call."""
-        if run.call_at < 0:
+        """The model stopped right after the arguments of the Hermes JSON call the engine
+        opened (a grammar ends there): close the call."""
+        if run.call_at < 0 or not run.call_closable:
             return []
+        text = run.text
         try:
-            call = json.loads(run.text[run.call_at:] + "}")
+            call = json.loads(text[text.index("{", run.call_at):] + "}")
         except ValueError:
             return []  # the model closed it (or left it broken: the caller sees the text)
         if not isinstance(call, dict) or not isinstance(call.get("arguments"), dict):

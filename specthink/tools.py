@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from .formats import THINK_HERMES, Span
+from .formats import THINK_HERMES, CallOpener, Span
 
 __all__ = ["TOOL_CALL_OPEN", "ToolCall", "call_opener", "parse_tool_calls"]
 
@@ -98,7 +98,6 @@ def _read_call(body: str) -> ToolCall | None:
 def call_opener(name: str | None, open_tag: str = TOOL_CALL_OPEN) -> str:
     """The start of a JSON call (Hermes/Qwen layout) the engine writes itself when a call is
     required: with ``name``, everything up to its arguments (the model writes the arguments
-    object); without, up to the name (the model chooses the tool)."""
-    if name is None:
-        return open_tag + '\n{"name": "'
-    return open_tag + "\n" + '{"name": ' + json.dumps(name) + ', "arguments": '
+    object); without, up to the name (the model chooses the tool). Other formats' openers:
+    :attr:`specthink.formats.OutputFormat.call_opener`."""
+    return CallOpener.hermes(open_tag).text(name)

@@ -20,6 +20,7 @@ become a marker (or a stop sequence) is not shown until the next piece decides.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     from .response_template import ResponseTemplate
 
-__all__ = ["THINK_HERMES", "CallContent", "OutputFormat", "Span", "held_back"]
+__all__ = ["THINK_HERMES", "CallContent", "CallOpener", "OutputFormat", "Span", "held_back"]
 
 CallContent = Literal["json"]
 """How a tool call's body is written: ``json`` is ``{"name": ..., "arguments": {...}}``
@@ -44,6 +45,62 @@ class Span:
     def __post_init__(self) -> None:
         if not self.open or not self.close:
             raise ValueError(f"a span needs an opening and a closing text, got {self!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class CallOpener:
+    """How a format's model begins a tool call, so that the engine can write it when the caller
+    requires one (``tool_choice`` "required" or a function) and leave the rest to the model.
+
+    Data beside a built-in response template (its ``specthink.call_opener`` key, which
+    transformers' part of the template does not have): ``named`` is everything the model
+    writes of a call of NAME before its arguments (``{name}`` stands for NAME, and the text
+    must end the name so the model cannot lengthen it), ``any`` everything before the name
+    (the model then chooses the tool), ``after_reasoning`` what the model writes between the
+    reasoning's end and a call (none at the start of an answer).
+    """
+
+    named: str
+    any: str
+    after_reasoning: str = ""
+    hermes_json: bool = False
+    """The call goes on as Hermes JSON (``{"name": ..., "arguments": {...}}`` inside the
+    format's ``tool_call`` span): the servers' call grammars (``Backend.call_grammar``) fit
+    what the model writes next, and the engine can close a call such a grammar ended."""
+
+    def __post_init__(self) -> None:
+        if self.named.count("{name}") != 1 or not self.any:
+            raise ValueError(f"a call opener needs a 'named' text with one {{name}} and an "
+                             f"'any' text, got {self!r}")
+
+    def text(self, name: str | None) -> str:
+        """The opener of a call of ``name`` (``None``: of any tool, up to its name)."""
+        if name is None:
+            return self.any
+        # A JSON string's inside (Hermes); other formats write the name as it is.
+        return self.named.replace("{name}", json.dumps(name)[1:-1] if self.hermes_json else name)
+
+    @classmethod
+    def hermes(cls, open_tag: str) -> CallOpener:
+        """Hermes/Qwen JSON calls opened by ``open_tag`` (``<tool_call>``)."""
+        return cls(named=open_tag + '\n{"name": "{name}", "arguments": ',
+                   any=open_tag + '\n{"name": "', after_reasoning="\n\n", hermes_json=True)
+
+    @classmethod
+    def from_spec(cls, spec: object) -> CallOpener:
+        """The ``call_opener`` object of a response template's ``specthink`` key; a malformed
+        one is a ``ValueError`` saying what is wrong."""
+        if not isinstance(spec, dict):
+            raise ValueError("'call_opener' must be an object")
+        fields = {"named": str, "any": str, "after_reasoning": str, "hermes_json": bool}
+        if unknown := set(spec) - set(fields):
+            raise ValueError(f"'call_opener': unknown keys {sorted(unknown)}")
+        for key, kind in fields.items():
+            if key in spec and not isinstance(spec[key], kind):
+                raise ValueError(f"'call_opener': {key!r} must be a {kind.__name__}")
+        if "named" not in spec or "any" not in spec:
+            raise ValueError("'call_opener' needs 'named' and 'any'")
+        return cls(**spec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +151,15 @@ class OutputFormat:
         template = self.template
         return (template is not None and template.reasoning_field is not None
                 and not template.closes_reasoning(prompt))
+
+    @property
+    def call_opener(self) -> CallOpener | None:
+        """How the engine begins a call the caller requires, or ``None`` when this format
+        cannot be opened (a response template that declares no ``specthink.call_opener``):
+        the format's template's, else Hermes JSON in the format's ``tool_call`` span."""
+        if self.template is not None:
+            return self.template.call_opener
+        return CallOpener.hermes(self.tool_call.open)
 
     @property
     def markers(self) -> tuple[str, ...]:

@@ -37,6 +37,7 @@ from typing import Any, Literal
 import regex
 
 from ..errors import ConfigError
+from . import CallOpener
 from ._content import (
     CONTENT_PARSERS,
     STREAMABLE,
@@ -49,6 +50,7 @@ from ._content import (
 
 __all__ = [
     "REASONING_FIELDS",
+    "SPECTHINK_KEY",
     "Delimiter",
     "EventKind",
     "ParseEvent",
@@ -193,6 +195,10 @@ _FIELD_KEYS = frozenset({"open", "open_pattern", "close", "close_pattern", "cont
                          "transform_each"})
 _TEMPLATE_KEYS = frozenset({"version", "defaults", "fields", "start_anchor",
                             "start_anchor_pattern"})
+SPECTHINK_KEY = "specthink"
+"""The key of what specthink adds to a response template (the built-ins' ``call_opener``):
+read here, kept out of ``ResponseTemplate.spec``, which stays the template other executors
+(transformers' ``parse_response``) read."""
 
 
 def _build_field(name: str, spec: Any) -> TemplateField:
@@ -240,6 +246,10 @@ class ResponseTemplate:
     start_anchor: Delimiter
     triggers: Mapping[str | None, re.Pattern[str] | None]
     """Per current region (``None``: none open), where a delimiter it watches could start."""
+    call_opener: CallOpener | None = None
+    """How the engine begins a required call in this format (the template's
+    ``specthink.call_opener``); ``None``: it cannot, and ``tool_choice`` "required" or a named
+    function is refused."""
 
     @property
     def reasoning_field(self) -> str | None:
@@ -307,8 +317,10 @@ def load_template(spec: Mapping[str, Any] | ResponseTemplate) -> ResponseTemplat
     if spec.get("version", 1) != 1:
         raise ConfigError(f"response_template version {spec.get('version')!r} is not supported "
                           "(only version 1)")
-    if unknown := set(spec) - _TEMPLATE_KEYS:
+    if unknown := set(spec) - _TEMPLATE_KEYS - {SPECTHINK_KEY}:
         raise ConfigError(f"response_template: unknown keys {sorted(unknown)}")
+    opener = _call_opener(spec.get(SPECTHINK_KEY))
+    spec = {key: value for key, value in spec.items() if key != SPECTHINK_KEY}
     defaults = spec.get("defaults", {})
     raw_fields = spec.get("fields")
     if not isinstance(defaults, Mapping):
@@ -325,7 +337,7 @@ def load_template(spec: Mapping[str, Any] | ResponseTemplate) -> ResponseTemplat
         raise ConfigError("response_template needs a 'start_anchor' or 'start_anchor_pattern'")
     template = ResponseTemplate(spec=copy.deepcopy(dict(spec)), defaults=copy.deepcopy(defaults),
                                 fields=fields, implicit=implicit[0] if implicit else None,
-                                start_anchor=anchor, triggers={})
+                                start_anchor=anchor, triggers={}, call_opener=opener)
     triggers: dict[str | None, re.Pattern[str] | None] = {}
     for current in (None, *fields):
         parts = [d.trigger for _, _, d in template.watched(current)]
@@ -333,6 +345,22 @@ def load_template(spec: Mapping[str, Any] | ResponseTemplate) -> ResponseTemplat
                              else re.compile("|".join(f"(?:{p})" for p in parts) or r"(?!)"))
     object.__setattr__(template, "triggers", triggers)
     return template
+
+
+def _call_opener(extra: Any) -> CallOpener | None:
+    if extra is None:
+        return None
+    if not isinstance(extra, Mapping) or set(extra) - {"call_opener"}:
+        raise ConfigError(f"response_template {SPECTHINK_KEY!r}: an object whose only key is "
+                          "'call_opener'")
+    if "call_opener" not in extra:
+        return None
+    try:
+        return CallOpener.from_spec(dict(extra["call_opener"])
+                                    if isinstance(extra["call_opener"], Mapping)
+                                    else extra["call_opener"])
+    except ValueError as exc:
+        raise ConfigError(f"response_template '{SPECTHINK_KEY}.call_opener': {exc}") from exc
 
 
 # ---- the executor ----------------------------------------------------------------------------

@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
+from specthink.formats.families import builtin_template
+from tests.core.formats import test_pair_tool_choice as required
 from tests.core.formats.test_pair_formats import (
     ANSWER,
     CALL_REASONING,
@@ -130,19 +133,65 @@ def test_tool_calls_per_family_through_serve(loopback_server: Callable[..., obje
     assert sum((completion.model_extra or {})["specthink"]["takeovers"].values()) >= 1
 
 
+@pytest.mark.parametrize("choice", sorted(required.CHOICES))
+@pytest.mark.parametrize("family", ["gpt-oss", "qwen3.5"])
+def test_a_required_call_is_made_in_the_familys_syntax_through_serve(
+        loopback_server: Callable[..., object], serve: Callable[..., Any], family: str,
+        choice: str) -> None:
+    """If this fails, an OpenAI client of a gpt-oss or Qwen3.5 pair whose models would answer
+    in words, given tool_choice "required" or a named function, gets their words
+    (finish_reason "stop") or a 400 instead of exactly that call: the engine no longer writes
+    harmony's ``<|start|>assistant<|channel|>commentary to=functions.NAME <|constrain|>json
+    <|message|>`` or Qwen3.5's ``<tool_call>\\n<function=NAME>`` after the reasoning, whole
+    or streamed."""
+    pair = required.start(loopback_server, family)  # type: ignore[arg-type]
+    small, target = required.FAMILIES[family].models
+    served = serve(pair, backend="openai", small_model=small, target_model=target,
+                   small_template="server", target_template="server")
+    tool_choice, called = required.CHOICES[choice]
+    tools = [required.WEATHER, required.TIME]
+    sdk = client(served)
+    completion = sdk.chat.completions.create(
+        model="specthink", tools=tools, tool_choice=tool_choice,  # type: ignore[arg-type]
+        messages=[{"role": "user", "content": "Weather in Paris?"}])
+    answer = completion.choices[0]
+    assert answer.finish_reason == "tool_calls", answer.message
+    assert [(c.function.name, json.loads(c.function.arguments))  # type: ignore[union-attr]
+            for c in answer.message.tool_calls or []] == [called]
+    assert not answer.message.content
+    assert (answer.message.model_extra or {})["reasoning_content"] == required.REASONING
+    names: list[str] = []
+    arguments, finish = "", None
+    for chunk in sdk.chat.completions.create(
+            model="specthink", tools=tools, tool_choice=tool_choice,  # type: ignore[arg-type]
+            messages=[{"role": "user", "content": "Weather in Paris?"}], stream=True):
+        for delta in chunk.choices:
+            finish = delta.finish_reason or finish
+            for call in delta.delta.tool_calls or []:
+                if call.function is not None:
+                    names += [call.function.name] if call.function.name else []
+                    arguments += call.function.arguments or ""
+    assert (names, json.loads(arguments), finish) == ([called[0]], called[1], "tool_calls")
+
+
 @pytest.mark.parametrize("tool_choice", [
     "required", {"type": "function", "function": {"name": "get_weather"}}],
     ids=["required", "named"])
 def test_a_required_call_a_format_cannot_open_is_a_400_naming_tool_choice(
         loopback_server: Callable[..., object], serve: Callable[..., Any],
-        tool_choice: Any) -> None:
-    """If this fails, a gpt-oss pair given tool_choice "required" or a named function answers
-    whatever the model chose to write (text, finish_reason "stop"): the engine opens calls in
-    Hermes JSON only, so for harmony it must refuse before any generation request."""
+        tool_choice: Any, tmp_path: Path) -> None:
+    """If this fails, a pair read with a response template that declares no call opener (the
+    model's own tokenizer_config.json, here harmony's template without specthink's
+    ``call_opener``), given tool_choice "required" or a named function, answers whatever the
+    model chose to write (text, finish_reason "stop"): the engine cannot open such a call, so
+    it must refuse before any generation request."""
     pair = start_tool_loop(loopback_server, CALL_TURN)
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"response_template": dict(builtin_template("gpt-oss").spec)}),
+                      encoding="utf-8")
     served = serve(pair, backend="openai", small_model="openai/gpt-oss-20b",
                    target_model="openai/gpt-oss-120b", small_template="server",
-                   target_template="server")
+                   target_template="server", response_template=str(config))
     with pytest.raises(openai.BadRequestError) as refused:
         client(served).chat.completions.create(
             model="specthink", tools=WEATHER, tool_choice=tool_choice,  # type: ignore[arg-type]
