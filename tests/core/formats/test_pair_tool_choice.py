@@ -28,6 +28,7 @@ from specthink.trace import FinishEvent
 from tests.core.formats.test_pair_formats import (
     DEEPSEEK_V31,
     GEMMA_4,
+    GRANITE,
     MINISTRAL,
     QWEN35,
     TEMPLATE,
@@ -140,6 +141,14 @@ FAMILIES: dict[str, Family] = {
         (("<channel|><|tool_call>call:get_weather{",
           'city:<|"|>Paris<|"|>}<tool_call|><turn|>'),
          ("<channel|><|tool_call>call:", 'get_time{city:<|"|>Paris<|"|>}<tool_call|><turn|>'))),
+    "granite": Family(
+        ("ibm-granite/granite-3.3-2b-instruct", "ibm-granite/granite-3.3-8b-instruct"), GRANITE,
+        "<|start_of_role|>user", "<|start_of_role|>assistant<|end_of_role|>",
+        f"<think>{REASONING}</think><response>{ANSWER}</response><|end_of_text|>",
+        (('</think><|tool_call|>[{"name": "get_weather", "arguments": ',
+          f"{PARIS}}}]<|end_of_text|>"),
+         ('</think><|tool_call|>[{"name": "',
+          f'get_time", "arguments": {PARIS}}}]<|end_of_text|>'))),
     "mistral-reasoning": Family(
         ("mistralai/Ministral-3-8B-Reasoning-2512", "mistralai/Ministral-3-14B-Reasoning-2512"),
         MINISTRAL, "[INST]", "[/INST]", f"[THINK]{REASONING}[/THINK]{ANSWER}</s>",
