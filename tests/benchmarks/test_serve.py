@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,30 @@ def test_a_tiny_run_has_a_responses_row_beside_the_chat_row(tmp_path: Path) -> N
     assert [row["api"] for row in data["rows"]] == [None, "chat", "responses"]
     assert data["rows"][2]["vs_chat"]["wall_over_ideal"] == pytest.approx(
         responses.vs_chat["wall_over_ideal"])
+
+
+@pytest.mark.timeout(90)
+def test_the_comparison_is_the_median_of_alternating_pairs_of_runs(tmp_path: Path) -> None:
+    """Three pairs of runs (chat, then Responses): if this fails, a Responses ratio rests on one
+    pair, which a shared machine's load moves by half either way, or the report hides the
+    pairs it took the median of."""
+    config = BenchConfig(levels=(Level(2, 3),), time_scale=0.005, token_floor=0.0,
+                         event_budget=math.inf, isolate=False)
+    result = run_serve_bench(config, progress=None, cells=CELLS[:3], comparisons=3)
+    assert not result.errors, result.errors[0]
+    assert len(result.rows) == 3  # the table keeps one row per cell
+    _, chat, responses = result.rows
+    runs = responses.vs_chat_runs
+    assert len(runs) == 3 and chat.vs_chat_runs == []
+    assert runs[0]["ttft_p50"] == pytest.approx(responses.ttft_p50 / chat.ttft_p50)
+    assert responses.vs_chat is not None
+    for name in ("ttft_p50", "ttft_p99", "wall_over_ideal"):
+        assert responses.vs_chat[name] == pytest.approx(
+            statistics.median(run[name] for run in runs))
+    markdown = write_report(result, tmp_path).read_text()
+    each = ", ".join(f"{run['ttft_p50']:.3f}×" for run in runs)
+    assert f"{responses.vs_chat['wall_over_ideal']:.3f}× | {each} |" in markdown
+    assert "median over 3 such pair(s)" in markdown
 
 
 def test_bad_levels_fail_before_any_server_starts() -> None:
