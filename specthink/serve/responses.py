@@ -555,7 +555,8 @@ class EventWriter:
     """Server-sent events of one streamed response, each with the next ``sequence_number``;
     it keeps the output items as they are finished, for the final response object."""
 
-    __slots__ = ("_item", "_kind", "_sequence", "_text", "call", "final", "output")
+    __slots__ = ("_delta_frame", "_item", "_kind", "_sequence", "_text", "call", "final",
+                 "output")
 
     def __init__(self, call: ResponsesCall) -> None:
         self.call = call
@@ -564,6 +565,8 @@ class EventWriter:
         self._item: dict[str, Any] | None = None
         self._kind: _Kind | None = None
         self._text: list[str] = []
+        self._delta_frame = (b"", b"")
+        """A delta event of the open item, before its sequence number and after its text."""
         self.final: dict[str, Any] | None = None
         """The whole response object of the terminal event, once it is written."""
 
@@ -590,13 +593,14 @@ class EventWriter:
         out = b""
         if delta.kind != self._kind:
             out = self._close() + self._open(delta.kind)
-        assert self._item is not None
         self._text.append(delta.text)
-        kind = "response.reasoning_text.delta" if delta.kind == "reasoning" \
-            else "response.output_text.delta"
-        extra: dict[str, Any] = {} if delta.kind == "reasoning" else {"logprobs": []}
-        return out + self._event(kind, item_id=self._item["id"], output_index=len(self.output),
-                                 content_index=0, delta=delta.text, **extra)
+        # Every delta event of an item is the same but for its sequence number and text: the
+        # rest is serialised once per item (this runs for every token).
+        sequence = self._sequence
+        self._sequence += 1
+        head, tail = self._delta_frame
+        return (out + head + str(sequence).encode() + b',"delta":' + orjson.dumps(delta.text)
+                + tail)
 
     def _open(self, kind: _Kind) -> bytes:
         if kind == "reasoning":
@@ -609,6 +613,14 @@ class EventWriter:
             part = _output_text("")
         self._item, self._kind, self._text = item, kind, []
         index = len(self.output)
+        event = "response.reasoning_text.delta" if kind == "reasoning" \
+            else "response.output_text.delta"
+        fields = orjson.dumps({"item_id": item["id"], "output_index": index,
+                               "content_index": 0,
+                               **({} if kind == "reasoning" else {"logprobs": []})})
+        self._delta_frame = (
+            b"event: " + event.encode() + b'\ndata: {"type":"' + event.encode()
+            + b'","sequence_number":', b"," + fields[1:] + b"\n\n")
         return (self._event("response.output_item.added", output_index=index, item=item)
                 + self._event("response.content_part.added", item_id=item["id"],
                               output_index=index, content_index=0, part=part))
