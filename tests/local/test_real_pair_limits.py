@@ -113,8 +113,6 @@ def test_llamaindex_raises_context_limit_error_for_a_prompt_over_the_context(
         llm.close()
 
 
-
-
 @pytest.mark.parametrize(("choice", "names"), [
     ({"type": "function", "function": {"name": "get_time"}}, {"get_time"}),
     ("required", {"get_weather", "get_time"}),
