@@ -16,12 +16,13 @@ import asyncio
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
 from specthink import _constants
+from specthink._constants import Role
 from specthink.backends import Backend, create, discover, kind_of, kinds, takes_option
 from specthink.errors import BackendError, ConfigError
 from specthink.rules import PRESETS, known_preset
@@ -54,7 +55,6 @@ __all__ = [
     "url_option",
 ]
 
-Role = Literal["small", "target"]
 
 AUTO = "auto"
 """``--backend auto``: the server's answer to ``GET /info`` picks the protocol."""

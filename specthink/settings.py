@@ -37,7 +37,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, InitErrorDetails
 
 from . import _constants
-from ._constants import API_KEY_ENV
+from ._constants import API_KEY_ENV, ROLES, Role
 from .backends import BackendKind, create, discover, takes_option
 from .errors import ConfigError
 from .formats import OutputFormat
@@ -52,8 +52,6 @@ __all__ = ["API_KEY_ENV", "ROLES", "PairSettings", "Role", "RulesSetting", "Sett
 
 TargetErrorPolicy = Literal["fallback", "raise"]
 
-Role = Literal["small", "target"]
-ROLES: tuple[Role, ...] = ("small", "target")
 
 _REQUIRED_URLS: ContextVar[frozenset[str]] = ContextVar("specthink_required_urls",
                                                         default=frozenset(ROLES))
@@ -194,7 +192,7 @@ class PairSettings(BaseModel):
             target_model=self.target_model, small_template=self.small_template,
             writes_own_reasoning_opening=resolve_rules(self.rules).mode == "instruct")
 
-    def role_template_kwargs(self, role: Literal["small", "target"]) -> dict[str, Any]:
+    def role_template_kwargs(self, role: Role) -> dict[str, Any]:
         """The chat template variables of ``role``'s model: its family's thinking switch (the
         family its model id names, else the one ``response_template`` names), then
         ``template_kwargs`` over it."""

@@ -19,6 +19,7 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as multiprocess
 
+from specthink._constants import ROLES
 from specthink.backends.base import RequestKind
 from specthink.trace import Statistics
 
@@ -27,7 +28,6 @@ __all__ = ["CONTENT_TYPE_LATEST", "ServeMetrics", "multiprocess_dir"]
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                     120.0, 300.0)
 _SHARE_BUCKETS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
-ROLES = ("small", "target")
 KINDS: tuple[RequestKind, ...] = ("generation", "auxiliary")
 """The ``kind`` label of the upstream counters (``RequestKind``): two values, never a path."""
 _PREFIX = "specthink_serve_"
