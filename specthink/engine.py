@@ -32,7 +32,7 @@ from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
-from ._constants import Role
+from ._constants import ROLES, Role
 from .accepted import AcceptedText
 from .backends.base import Backend, RequestKind, SamplingParams, ServerInfo, StreamToken
 from .errors import (
@@ -527,7 +527,7 @@ class SpeculativeThinker:
             # DeepSeek's call bodies, whose closing text a grammar would also forbid. None is
             # sent; the model writes the rest of the call unconstrained.
             return
-        roles: tuple[Role, Role] = ("small", "target")
+        roles = ROLES
         tools = request.tools or []
         grammars = await asyncio.gather(*(self.backends[role].call_grammar(tools, name)
                                           for role in roles), return_exceptions=True)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from .formats import THINK_HERMES, CallOpener, Span
+from .formats import THINK_HERMES, Span
 
-__all__ = ["TOOL_CALL_OPEN", "ToolCall", "call_opener", "parse_tool_calls"]
+__all__ = ["TOOL_CALL_OPEN", "ToolCall", "parse_tool_calls"]
 
 TOOL_CALL_OPEN = THINK_HERMES.tool_call.open
 
@@ -95,9 +95,3 @@ def _read_call(body: str) -> ToolCall | None:
                     arguments=arguments)
 
 
-def call_opener(name: str | None, open_tag: str = TOOL_CALL_OPEN) -> str:
-    """The start of a JSON call (Hermes/Qwen layout) the engine writes itself when a call is
-    required: with ``name``, everything up to its arguments (the model writes the arguments
-    object); without, up to the name (the model chooses the tool). Other formats' openers:
-    :attr:`specthink.formats.OutputFormat.call_opener`."""
-    return CallOpener.hermes(open_tag).text(name)
