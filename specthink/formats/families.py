@@ -65,7 +65,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("gpt-oss", "gpt-oss", r"gpt-oss|gpt_oss"),
     Family("qwen3.5", "qwen3-xml", r"qwen3\.?5|qwen3_5", _THINKING_ON),
     Family("qwen3-coder", "qwen3-xml", r"qwen3-coder|qwen3_coder"),
-    Family("nemotron-3", "qwen3-xml", r"nemotron-3|nemotron3", _THINKING_ON),
+    # Nemotron 3 reads as Qwen3.5 but writes one newline between </think> and a call.
+    Family("nemotron-3", "nemotron-3", r"nemotron-3|nemotron3", _THINKING_ON),
     Family("qwq", "qwen3", r"qwq", _THINKING_ON),
     Family("qwen3", "qwen3", r"qwen3", _THINKING_ON),
     Family("smollm3", "qwen3", r"smollm3", _THINKING_ON),

@@ -125,7 +125,7 @@ CASES = {
         "tool_calls": [CALL]}),
     "qwen3-coder": Case("qwen3-xml", "Qwen3-Coder.jinja", reasoning=None, turn={
         "role": "assistant", "content": ANSWER, "tool_calls": [CALL]}),
-    "nemotron-3": Case("qwen3-xml", "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.jinja",
+    "nemotron-3": Case("nemotron-3", "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.jinja",
                        kwargs=THINKING, turn={
                            "role": "assistant", "reasoning_content": REASONING,
                            "content": ANSWER, "tool_calls": [CALL]}),

@@ -112,7 +112,7 @@ def test_family_ids_of_the_rendered_checkpoints() -> None:
         "Qwen/QwQ-32B": "qwen3", "Qwen/Qwen3-0.6B": "qwen3",
         "HuggingFaceTB/SmolLM3-3B": "qwen3",
         "Qwen/Qwen3.5-4B": "qwen3-xml", "Qwen/Qwen3-Coder-30B-A3B-Instruct": "qwen3-xml",
-        "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16": "qwen3-xml",
+        "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16": "nemotron-3",
         "openai/gpt-oss-120b": "gpt-oss", "openai/gpt-oss-20b": "gpt-oss",
         "google/gemma-4-31B-it": "gemma-4",
         "mistralai/Ministral-3-14B-Reasoning-2512": "mistral-reasoning",

@@ -77,7 +77,7 @@ def test_a_tokenizer_config_without_one_falls_back_to_the_family(tmp_path: Path)
 def test_names_and_bad_files() -> None:
     """If this fails, a built-in or family name is not accepted, or a bad name or unreadable
     file passes silently."""
-    assert response_template_for(None, "nemotron-3") is builtin_template("qwen3-xml")
+    assert response_template_for(None, "nemotron-3") is builtin_template("nemotron-3")
     assert response_template_for(None, "Gemma-4") is builtin_template("gemma-4")
     with pytest.raises(ConfigError, match="unknown response template 'bogus'"):
         response_template_for(None, "bogus")
