@@ -213,10 +213,13 @@ def _compiled(source: str) -> jinja2.Template:
 
 
 def _for_template(message: Mapping[str, Any]) -> dict[str, Any]:
-    """A wire message as vLLM hands it to a Hugging Face template: keys set to null dropped,
-    tool-call ``arguments`` decoded from their JSON string (templates iterate them as a dict),
-    an assistant's reasoning under ``reasoning_content`` and ``thinking`` alike."""
+    """A wire message as vLLM hands it to a Hugging Face template: a null content as ``""``
+    (vLLM's ``chat_utils._parse_chat_message_content`` reads ``None`` as no parts, joined to
+    ``""`` for templates that take a string), other keys set to null dropped, tool-call
+    ``arguments`` decoded from their JSON string (templates iterate them as a dict), an
+    assistant's reasoning under ``reasoning_content`` and ``thinking`` alike."""
     out = {k: v for k, v in message.items() if v is not None}
+    out.setdefault("content", "")
     if out.get("tool_calls"):
         calls = []
         for call in out["tool_calls"]:
