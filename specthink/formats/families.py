@@ -13,6 +13,10 @@ family its model id names (``data/<family>.json``, data like a checkpoint's own)
 'qwen3-xml'
 >>> family_of("ibm-granite/granite-3.3-8b-instruct").thinking_kwargs
 {'thinking': True}
+>>> family_of("microsoft/Phi-4-reasoning-plus").template
+'phi-4-reasoning'
+>>> family_of("microsoft/Phi-4-mini-instruct") is None
+True
 >>> family_of("meta-llama/Llama-3.1-8B-Instruct") is None
 True
 """
@@ -75,6 +79,10 @@ FAMILIES: tuple[Family, ...] = (
     # Granite 3.3 only: Granite 4.0 / 4.1 templates have no thinking switch and call in Hermes
     # <tool_call> blocks, another format.
     Family("granite-3.3", "granite", r"granite[-_]?3\.3", {"thinking": True}),
+    # Phi-4-reasoning and -plus only: its template always asks for <think> (no switch) after a
+    # "<|im_sep|>" generation prompt. Phi-4 and Phi-4-mini(-instruct) do not reason;
+    # Phi-4-mini(-flash)-reasoning and Phi-4-reasoning-vision have other templates.
+    Family("phi-4-reasoning", "phi-4-reasoning", r"phi[-_]?4[-_]reasoning(?![-_]vision)"),
 )
 """Searched in order; the first family whose ``ids`` match a model id is its family."""
 

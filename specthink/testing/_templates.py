@@ -27,6 +27,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from specthink.templates import GenerationBlock
 from specthink.testing.models import Tokenizer
 
 __all__ = [
@@ -201,10 +202,10 @@ def _strftime_now(format: str) -> str:
 @cache
 def _compiled(source: str) -> jinja2.Template:
     # The environment transformers' apply_chat_template renders Hub templates in (vLLM renders
-    # with it): trim_blocks, lstrip_blocks, loop controls, raise_exception, a tojson that does
-    # not escape, strftime_now.
+    # with it): trim_blocks, lstrip_blocks, loop controls, {% generation %} blocks,
+    # raise_exception, a tojson that does not escape, strftime_now.
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
+                                        extensions=[jinja2.ext.loopcontrols, GenerationBlock])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now

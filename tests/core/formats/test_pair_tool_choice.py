@@ -30,6 +30,7 @@ from tests.core.formats.test_pair_formats import (
     GEMMA_4,
     GRANITE,
     MINISTRAL,
+    PHI4,
     QWEN35,
     TEMPLATE,
 )
@@ -162,6 +163,13 @@ FAMILIES: dict[str, Family] = {
           f"{PARIS}}}]<|end_of_text|>"),
          ('</think><|tool_call|>[{"name": "',
           f'get_time", "arguments": {PARIS}}}]<|end_of_text|>'))),
+    # Phi-4-reasoning's template renders no tools and no calls: its calls are read as the
+    # Hermes blocks specthink's opener begins, as the R1 distills' are.
+    "phi-4-reasoning": Family(
+        ("microsoft/Phi-4-reasoning", "microsoft/Phi-4-reasoning-plus"), PHI4,
+        "<|im_start|>user", "<|im_start|>assistant<|im_sep|>",
+        f"<think>\n{REASONING}\n</think>\n\n{ANSWER}<|im_end|>",
+        _hermes("</think>", "<|im_end|>")),
     "mistral-reasoning": Family(
         ("mistralai/Ministral-3-8B-Reasoning-2512", "mistralai/Ministral-3-14B-Reasoning-2512"),
         MINISTRAL, "[INST]", "[/INST]", f"[THINK]{REASONING}[/THINK]{ANSWER}</s>",
