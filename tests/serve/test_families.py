@@ -196,8 +196,8 @@ def test_each_family_makes_a_required_call_through_serve(
     assert not answer.message.content
     assert (answer.message.model_extra or {})["reasoning_content"] == pair.family.call_reasoning
     streamed = stream(sdk, ASK, tools=FAMILY_WEATHER, tool_choice=choice)
-    assert (streamed.content, streamed.calls, streamed.finish) == (
-        "", [("get_weather", ARGUMENTS)], "tool_calls")
+    assert (streamed.content, streamed.reasoning, streamed.calls, streamed.finish) == (
+        "", pair.family.call_reasoning, [("get_weather", ARGUMENTS)], "tool_calls")
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
