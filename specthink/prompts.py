@@ -93,7 +93,9 @@ def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
     """Check OpenAI-style chat messages and return normalised copies.
 
     Normalised means: ``content`` is a string (``None`` and lists of text parts become strings;
-    an assistant turn that only calls tools keeps ``None``), and every ``tool_calls`` item has the
+    an assistant turn that only calls tools keeps ``None``), an assistant turn's reasoning is
+    its ``reasoning_content`` (from that field, ``reasoning``, ``thinking`` or its content's
+    ``thinking`` parts), and every ``tool_calls`` item has the
     OpenAI shape ``{"id", "type": "function", "function": {"name", "arguments"}}`` with
     ``arguments`` decoded to a dict when it is a JSON object string, as chat templates expect.
 
@@ -136,7 +138,10 @@ def _validate_message(index: int, message: Mapping[str, Any]) -> dict[str, Any]:
         normalised["tool_calls"] = _validate_tool_calls(where, tool_calls)
     else:
         normalised.pop("tool_calls", None)
-    content = _text_content(where, message.get("content"))
+    content, thought = message.get("content"), None
+    if role == "assistant":
+        content, thought = _split_thinking_parts(where, content)
+    content = _text_content(where, content)
     normalised["content"] = None if content is None and normalised.get("tool_calls") else (
         content or "")
     if role == "assistant":
@@ -144,7 +149,7 @@ def _validate_message(index: int, message: Mapping[str, Any]) -> dict[str, Any]:
         # the template as reasoning_content: the name vLLM, llama.cpp and the Hub templates
         # that show it (Gemma 4, Qwen3.5, Nemotron 3) read.
         reasoning = next((message[key] for key in _REASONING_KEYS
-                          if isinstance(message.get(key), str) and message[key]), None)
+                          if isinstance(message.get(key), str) and message[key]), thought)
         for key in _REASONING_KEYS:
             normalised.pop(key, None)
         if reasoning is not None:
@@ -172,6 +177,29 @@ def template_kwargs_option(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """``render_chat``'s keyword for ``kwargs``: none when there are none, so a backend written
     before the template kwargs existed is still called as it expects."""
     return {"chat_template_kwargs": dict(kwargs)} if kwargs else {}
+
+
+def _split_thinking_parts(where: str, content: object) -> tuple[object, str | None]:
+    """An assistant content list's ``thinking`` parts apart from the rest: vLLM's
+    ``{"type": "thinking", "thinking": "..."}`` and Mistral's API form, whose ``thinking`` is
+    a list of text parts (Magistral's answers carry one; clients send it back in tool loops).
+    Their text is the turn's reasoning."""
+    if not isinstance(content, list) or not any(
+            isinstance(part, Mapping) and part.get("type") == "thinking" for part in content):
+        return content, None
+    thoughts, rest = [], []
+    for part in content:
+        if not (isinstance(part, Mapping) and part.get("type") == "thinking"):
+            rest.append(part)
+            continue
+        thinking = part.get("thinking")
+        if isinstance(thinking, list):
+            thinking = _text_content(f"{where}.content[thinking]", thinking)
+        if not isinstance(thinking, str):
+            raise ConfigError(f"{where}.content has a thinking part without text; expected "
+                              "{'type': 'thinking', 'thinking': '...'}")
+        thoughts.append(thinking)
+    return rest, "".join(thoughts) or None
 
 
 def _text_content(where: str, content: object) -> str | None:

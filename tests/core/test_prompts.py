@@ -151,6 +151,22 @@ def test_messages_are_normalised_without_touching_the_input() -> None:
     assert assistant["tool_calls"][0]["function"]["arguments"] == "{}"
 
 
+@pytest.mark.parametrize("thinking", [
+    "Check the clock.",
+    [{"type": "text", "text": "Check "}, {"type": "text", "text": "the clock."}],
+], ids=["vllm", "mistral-api"])
+def test_an_assistants_thinking_parts_are_its_reasoning(thinking: object) -> None:
+    """If this fails, a tool loop whose client sends an earlier turn's reasoning as a
+    ``thinking`` content part (vLLM accepts one; Mistral's API answers Magistral with one, its
+    ``thinking`` a list of text parts) is refused, or the reasoning lands in the content."""
+    call, = validate_messages([{"role": "assistant", "tool_calls": [
+        {"id": "c1", "function": {"name": "now", "arguments": "{}"}}], "content": [
+        {"type": "thinking", "thinking": thinking}, {"type": "text", "text": "Let me see."}]}])
+    assert (call["reasoning_content"], call["content"]) == ("Check the clock.", "Let me see.")
+    with pytest.raises(ConfigError, match="thinking part without text"):
+        validate_messages([{"role": "assistant", "content": [{"type": "thinking"}]}])
+
+
 def test_a_tool_message_without_a_preceding_call_is_accepted() -> None:
     assert validate_messages([{"role": "tool", "content": "42"}])[0]["content"] == "42"
 

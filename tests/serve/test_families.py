@@ -236,14 +236,19 @@ def test_each_family_runs_a_tool_loop_through_the_responses_api(
 
 @pytest.mark.parametrize("template", ["server", GPT_OSS_TEMPLATE_FILE],
                          ids=["server-rendered", "client-side"])
-@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+@pytest.mark.parametrize("earlier", [
+    {"content": None, "reasoning_content": EARLIER_REASONING},
+    {"content": None, "reasoning": EARLIER_REASONING},
+    {"content": [{"type": "thinking", "thinking": [{"type": "text", "text": EARLIER_REASONING}]}]},
+], ids=["reasoning_content", "reasoning", "thinking-part"])
 def test_serve_hands_a_tool_turns_reasoning_back(loopback_server: Callable[..., object],
-                                                 serve: Callable[..., Any], field: str,
-                                                 template: str) -> None:
+                                                 serve: Callable[..., Any],
+                                                 earlier: dict[str, Any], template: str) -> None:
     """If this fails, an OpenAI client's tool loop through serve on gpt-oss loses the
-    reasoning of the turn that called the tool (sent back as ``reasoning_content`` or
-    ``reasoning``, as it came): the template, rendered by the server or client-side (where it
-    reads ``thinking``), no longer shows it on the next call."""
+    reasoning of the turn that called the tool (sent back as ``reasoning_content``,
+    ``reasoning`` or a ``thinking`` content part, as Mistral's API answers with one), or is
+    refused: the template, rendered by the server or client-side (where it reads
+    ``thinking``), no longer shows it on the next call."""
     pair = start_tool_loop(loopback_server)
     served = serve(pair, backend="openai", small_model="openai/gpt-oss-20b",
                    target_model="openai/gpt-oss-120b", small_template=template,
@@ -252,7 +257,7 @@ def test_serve_hands_a_tool_turns_reasoning_back(loopback_server: Callable[..., 
         model="specthink", tools=HARMONY_TOOLS,  # type: ignore[arg-type]
         messages=[
             {"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "content": None, field: EARLIER_REASONING,  # type: ignore[list-item]
+            {"role": "assistant", **earlier,  # type: ignore[typeddict-item]
              "tool_calls": [{"id": "c1", "type": "function", "function": {
                  "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
             {"role": "tool", "tool_call_id": "c1", "content": "Sunny, 21 C"}])
