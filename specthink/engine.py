@@ -448,9 +448,7 @@ class SpeculativeThinker:
     # ---- preparation: everything that can fail before a generation request -----------------
 
     async def _prepare(self, request: ChatRequest) -> _Run:
-        sampling = request.sampling
-        if self.output_format.template is not None and not sampling.keep_special_tokens:
-            sampling = dataclasses.replace(sampling, keep_special_tokens=True)
+        sampling = self._format_sampling(request.sampling)
         if request.grammar is not None and self.small.supports_grammar \
                 and self.target.supports_grammar:
             sampling = dataclasses.replace(sampling, grammar=request.grammar)
@@ -536,12 +534,27 @@ class SpeculativeThinker:
                 raise grammar
             run.call_grammars[role] = None if isinstance(grammar, BaseException) else grammar
 
+    def _format_sampling(self, sampling: SamplingParams) -> SamplingParams:
+        """``sampling`` as the output format needs it: a format read by a response template
+        may be marked by special tokens, so the servers keep them as text (and are told which
+        ones, where a server keeps only those it is told: llama.cpp)."""
+        template = self.output_format.template
+        if template is None:
+            return sampling
+        return dataclasses.replace(sampling, keep_special_tokens=True,
+                                   marker_tokens=template.marker_tokens)
+
     async def _prepare_role(self, run: _Run, role: Role, request: ChatRequest) -> None:
         """The prompt for ``role`` and a check of it against the server's limits."""
         from . import prompts
 
         backend = self.backends[role]
         try:
+            # A server that cannot keep the format's special tokens says so before any
+            # generation request (llama-cpp-python's), rather than fusing what they mark.
+            check = getattr(backend, "check_sampling", None)
+            if check is not None:
+                await check(run.sampling)
             template = self._templates[role].with_template_kwargs(request.template_kwargs)
             run.prompts[role] = await prompts.render_prompt(
                 template, request.prompt_messages, request.prompt_tools, backend,
@@ -560,7 +573,8 @@ class SpeculativeThinker:
         ``ConfigError`` of a template that cannot be used; the first call then checks again."""
         request = ChatRequest.build(_WARM_UP_MESSAGES, max_new_tokens=1)
         run = _Run(prompts={"small": "", "target": ""}, budget_left=1, stop=(),
-                   sampling=SamplingParams(), policy=TakeoverPolicy(self.rules),
+                   sampling=self._format_sampling(SamplingParams()),
+                   policy=TakeoverPolicy(self.rules),
                    routing_key=uuid.uuid4().hex, request=request)
         await asyncio.gather(*(self._prepare_role(run, role, request)
                                for role in ("small", "target")))

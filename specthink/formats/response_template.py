@@ -58,6 +58,7 @@ __all__ = [
     "ResponseTemplate",
     "TemplateField",
     "load_template",
+    "marker_tokens",
     "parse_response",
 ]
 
@@ -250,6 +251,11 @@ class ResponseTemplate:
     """How the engine begins a required call in this format (the template's
     ``specthink.call_opener``); ``None``: it cannot, and ``tool_choice`` "required" or a named
     function is refused."""
+    marker_tokens: tuple[str, ...] = ()
+    """The texts in the template shaped like special tokens (harmony's ``<|channel|>`` and
+    ``<|end|>``, Mistral's ``[THINK]``, Gemma 4's ``<|channel>`` and ``<|"|>``), found by
+    :func:`marker_tokens`: what a server that keeps only the special tokens a request lists
+    (llama.cpp's ``preserved_tokens``) is sent, so that the output keeps its markers."""
 
     @property
     def reasoning_field(self) -> str | None:
@@ -337,7 +343,8 @@ def load_template(spec: Mapping[str, Any] | ResponseTemplate) -> ResponseTemplat
         raise ConfigError("response_template needs a 'start_anchor' or 'start_anchor_pattern'")
     template = ResponseTemplate(spec=copy.deepcopy(dict(spec)), defaults=copy.deepcopy(defaults),
                                 fields=fields, implicit=implicit[0] if implicit else None,
-                                start_anchor=anchor, triggers={}, call_opener=opener)
+                                start_anchor=anchor, triggers={}, call_opener=opener,
+                                marker_tokens=marker_tokens(spec, opener))
     triggers: dict[str | None, re.Pattern[str] | None] = {}
     for current in (None, *fields):
         parts = [d.trigger for _, _, d in template.watched(current)]
@@ -345,6 +352,45 @@ def load_template(spec: Mapping[str, Any] | ResponseTemplate) -> ResponseTemplat
                              else re.compile("|".join(f"(?:{p})" for p in parts) or r"(?!)"))
     object.__setattr__(template, "triggers", triggers)
     return template
+
+
+_MARKER_SHAPES = re.compile(
+    r"<\|[^<>\s|]*\|>"        # harmony, ChatML: <|channel|>, <|im_end|>; Gemma 4's <|"|>
+    r"|<\|[^<>\s|]+>"          # Gemma 4 openers: <|channel>, <|tool_call>
+    r"|<[^<>\s|]+\|>"          # Gemma 4 closers: <channel|>, <tool_call|>
+    r"|<\uff5c[^<>\uff5c]+\uff5c>"  # DeepSeek: <｜end▁of▁sentence｜>
+    r"|\[/?[A-Z][A-Z_]*\]"     # Mistral: [THINK], [/THINK], [TOOL_CALLS], [ARGS]
+    r"|</?[A-Za-z_][\w.]*>")   # <think>, </think>, <tool_call>, </s>, <eos>
+"""The shapes the families' special tokens take. Over-matching costs nothing: llama.cpp keeps a
+``preserved_tokens`` string only when it is one token, and an ordinary token's text is never
+dropped anyway."""
+
+
+def marker_tokens(spec: Mapping[str, Any], opener: CallOpener | None = None,
+                  ) -> tuple[str, ...]:
+    """Every text shaped like a special token (:data:`_MARKER_SHAPES`) in a response
+    template's strings (its delimiters, patterns, start anchor and content arguments) and in
+    its call opener, in order of appearance, each once. A pattern is read with its escapes
+    undone (``<\\|channel\\|>`` is ``<|channel|>``) and its named groups left out."""
+    texts: list[str] = []
+
+    def walk(value: object, key: str = "") -> None:
+        if isinstance(value, str):
+            if key.endswith("pattern"):
+                value = re.sub(r"\\([^\w\s])", r"\1", re.sub(r"\(\?P<\w+>", "(", value))
+            texts.append(value)
+        elif isinstance(value, Mapping):
+            for name, inner in value.items():
+                walk(inner, str(name))
+        elif isinstance(value, list | tuple):
+            for inner in value:
+                walk(inner, key)
+
+    walk(spec)
+    if opener is not None:
+        texts += (opener.named, opener.any, opener.after_reasoning)
+    found = (m.group() for text in texts for m in _MARKER_SHAPES.finditer(text))
+    return tuple(dict.fromkeys(found))
 
 
 def _call_opener(extra: Any) -> CallOpener | None:

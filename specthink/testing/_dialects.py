@@ -323,13 +323,19 @@ def openai_completion_chunk(envelope: dict[str, Any], job: Job, token: Token, la
     """One streamed chunk as vLLM writes it: the end-of-sequence step has empty text and
     finish reason "stop"; with ``stream_options.include_usage`` the usage follows in a chunk of
     its own with no choices, then ``[DONE]``."""
-    text, _, special = token
-    if special:
-        # Kept only when asked for, and never the token that stopped the generation.
-        text = text if job.keep_special and not (last and job.finish == "eos_token") else ""
+    text = job.shown_token(token, last)
+    if last and job.preserved and text and token[2] and job.finish == "eos_token":
+        # llama.cpp sends a stop token it writes as text in a chunk of its own, then an
+        # empty finishing one (tools/server ``process_token``, then ``send_final_response``).
+        data = _event({**envelope, "choices": [{"index": 0, "text": text, "logprobs": None,
+                                                "finish_reason": None, "stop_reason": None}],
+                       "usage": None})
+        text = ""
+    else:
+        data = b""
     choice = {"index": 0, "text": text, "logprobs": None,
               "finish_reason": _finish(job) if last else None, "stop_reason": None}
-    data = _event({**envelope, "choices": [choice], "usage": None})
+    data += _event({**envelope, "choices": [choice], "usage": None})
     if not last:
         return data
     if include_usage:

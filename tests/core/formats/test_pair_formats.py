@@ -136,6 +136,26 @@ async def test_gpt_oss_pair_over_tgi_keeps_harmonys_special_tokens(
     assert "<|return|>" not in result.text and "<|channel|>" in result.text
 
 
+async def test_gpt_oss_pair_over_llama_cpp_splits_as_over_vllm(
+        loopback_server: Callable[..., object]) -> None:
+    """If this fails, a gpt-oss pair behind llama.cpp's servers loses harmony's markers, or
+    splits otherwise than behind vLLM: llama.cpp writes a special token's text only when the
+    request names it in ``preserved_tokens`` (``<|end|>`` is not one of the four gpt-oss
+    tokens it always renders), so without them the analysis channel runs into the answer; a
+    named stop token's text arrives too, and must stay out as it does behind vLLM."""
+    harmony = OutputFormat.from_template(builtin_template("gpt-oss"), "gpt-oss")
+    over_vllm = split_result(await split_by_harmony(thinker(start(loopback_server), harmony)))
+    pair = start(loopback_server, "llamacpp")
+    result = await split_by_harmony(thinker(pair, harmony))
+    assert split_result(result) == over_vllm
+    assert "<|end|>" in result.text and "<|return|>" not in result.text
+    generations = [r for s in (pair.small, pair.target) for r in s.records
+                   if r.path == "/v1/completions"]
+    assert generations and all(
+        {"<|end|>", "<|channel|>", "<|message|>"} <= set(r.parameters["preserved_tokens"])
+        for r in generations)
+
+
 async def test_gpt_oss_pair_split_by_its_response_template(
         loopback_server: Callable[..., object]) -> None:
     """If this fails, a gpt-oss pair's reasoning and answer are not split by harmony's
