@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from specthink import TakeoverRules
+from specthink import SpeculativeThinker, TakeoverRules
 from specthink.backends import OpenAICompletionsBackend, SamplingParams
+from specthink.errors import ConfigError
+from specthink.formats import OutputFormat
+from specthink.formats.families import builtin_template
 from specthink.local import LocalPair
 from tests.local.real_pair import REAL_PAIR_MARKS, running_pair
 
@@ -42,6 +45,29 @@ async def test_openai_backend_streams_real_tokens(pair: LocalPair) -> None:
     assert received[-1].finish_reason in ("eos", "length")
     # llama-cpp-python sends no usage chunk in streams; servers that do (vLLM, TGI) fill it in
     assert received[-1].input_tokens is None or received[-1].input_tokens > 5
+
+
+async def test_a_format_of_special_tokens_is_refused_by_llama_cpp_python(
+        pair: LocalPair) -> None:
+    """If this fails, a gpt-oss output format pointed at llama-cpp-python's real server does
+    not say at once that the server cannot keep harmony's special tokens (its /v1/completions
+    detokenizes without them): the reasoning would come back fused into the answer instead.
+    No generation request is sent."""
+    generations: list[str] = []
+    engine = SpeculativeThinker(
+        small=OpenAICompletionsBackend(pair.url("small")),
+        target=OpenAICompletionsBackend(pair.url("target")), small_template="chatml",
+        target_template="chatml",
+        output_format=OutputFormat.from_template(builtin_template("gpt-oss"), "gpt-oss"),
+        on_request=lambda role, attempt, kind: generations.extend(
+            [role] if kind == "generation" else []))
+    try:
+        with pytest.raises(ConfigError, match=r"llama-cpp-python.*llama-server"):
+            await engine.agenerate([{"role": "user", "content": "What is 2 + 2?"}],
+                                   max_new_tokens=8)
+    finally:
+        await engine.aclose()
+    assert generations == []
 
 
 def _prefix_hits(log: Path) -> list[tuple[int, int]]:

@@ -224,3 +224,21 @@ def test_a_pair_of_two_families_with_different_formats_is_refused() -> None:
     assert PairSettings(**PAIR_URLS, small_model="openai/gpt-oss-20b",
                         target_model="Qwen/Qwen3-32B",
                         response_template="qwen3").pair_output_format().name == "qwen3"
+
+
+@pytest.mark.parametrize(("name", "markers"), [
+    ("gpt-oss", {"<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|constrain|>",
+                 "<|call|>", "<|return|>"}),
+    ("mistral-reasoning", {"[THINK]", "[/THINK]", "[TOOL_CALLS]", "[ARGS]", "</s>"}),
+    ("gemma-4", {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", '<|"|>',
+                 "<turn|>"}),
+])
+def test_a_builtins_marker_tokens_hold_every_special_token_it_splits_on(
+        name: str, markers: set[str]) -> None:
+    """If this fails, llama.cpp is not told to keep one of the special tokens the family's
+    output is split on (``preserved_tokens``): its text is dropped and the parts it separates
+    fuse. Pattern delimiters count too (harmony's call opener, Mistral's ``[ARGS]``), read
+    with their escapes undone; named groups are no markers."""
+    found = builtin_template(name).marker_tokens
+    assert markers <= set(found)
+    assert len(found) == len(set(found)) and "<name>" not in found

@@ -14,6 +14,7 @@ import pytest
 
 from specthink import SpeculativeThinker
 from specthink.backends import OpenAICompletionsBackend, TGIBackend
+from specthink.errors import ConfigError
 from specthink.formats import THINK_HERMES, OutputFormat
 from specthink.formats.families import builtin_template
 from specthink.output import OutputSplitter, split_result
@@ -154,6 +155,30 @@ async def test_gpt_oss_pair_over_llama_cpp_splits_as_over_vllm(
     assert generations and all(
         {"<|end|>", "<|channel|>", "<|message|>"} <= set(r.parameters["preserved_tokens"])
         for r in generations)
+
+
+async def test_a_llama_cpp_python_target_is_refused_before_any_generation(
+        loopback_server: Callable[..., object]) -> None:
+    """If this fails, a gpt-oss pair whose target is served by llama-cpp-python (whose
+    /v1/completions never writes special tokens' text) starts generating anyway: the small
+    model's request goes out and the target's turns would arrive fused. The engine asks each
+    backend (``check_sampling``) while preparing, before any generation request."""
+    small = loopback_server(HarmonyModel(), model_id="openai/gpt-oss-20b", flavor="vllm",
+                            chat_template=TEMPLATE)
+    target = loopback_server(HarmonyModel(), model_id="openai/gpt-oss-120b",
+                             flavor="llama-cpp-python")
+    engine = SpeculativeThinker(
+        small=OpenAICompletionsBackend(small.url, model="openai/gpt-oss-20b"),  # type: ignore[attr-defined]
+        target=OpenAICompletionsBackend(target.url, model="openai/gpt-oss-120b"),  # type: ignore[attr-defined]
+        small_template="server", target_template=GPT_OSS_TEMPLATE_FILE,
+        output_format=OutputFormat.from_template(builtin_template("gpt-oss"), "gpt-oss"))
+    try:
+        with pytest.raises(ConfigError, match="llama-cpp-python"):
+            await engine.agenerate(QUESTION)
+    finally:
+        await engine.aclose()
+    assert not [r for s in (small, target) for r in s.records  # type: ignore[attr-defined]
+                if r.path == "/v1/completions"]
 
 
 async def test_gpt_oss_pair_split_by_its_response_template(
