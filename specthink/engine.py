@@ -448,7 +448,13 @@ class SpeculativeThinker:
     # ---- preparation: everything that can fail before a generation request -----------------
 
     async def _prepare(self, request: ChatRequest) -> _Run:
-        sampling = self._format_sampling(request.sampling)
+        sampling = request.sampling
+        if (template := self.output_format.template) is not None:
+            # A format read by a response template may be marked by special tokens: the
+            # servers keep them as text (told which ones where a server keeps only those it is
+            # told: llama.cpp's preserved_tokens).
+            sampling = dataclasses.replace(sampling, keep_special_tokens=True,
+                                           marker_tokens=template.marker_tokens)
         if request.grammar is not None and self.small.supports_grammar \
                 and self.target.supports_grammar:
             sampling = dataclasses.replace(sampling, grammar=request.grammar)
@@ -534,16 +540,6 @@ class SpeculativeThinker:
                 raise grammar
             run.call_grammars[role] = None if isinstance(grammar, BaseException) else grammar
 
-    def _format_sampling(self, sampling: SamplingParams) -> SamplingParams:
-        """``sampling`` as the output format needs it: a format read by a response template
-        may be marked by special tokens, so the servers keep them as text (and are told which
-        ones, where a server keeps only those it is told: llama.cpp)."""
-        template = self.output_format.template
-        if template is None:
-            return sampling
-        return dataclasses.replace(sampling, keep_special_tokens=True,
-                                   marker_tokens=template.marker_tokens)
-
     async def _prepare_role(self, run: _Run, role: Role, request: ChatRequest) -> None:
         """The prompt for ``role`` and a check of it against the server's limits."""
         from . import prompts
@@ -552,12 +548,13 @@ class SpeculativeThinker:
         try:
             # A server that cannot keep the format's special tokens says so before any
             # generation request (llama-cpp-python's), rather than fusing what they mark.
-            check = getattr(backend, "check_sampling", None)
-            if check is not None:
-                await check(run.sampling)
-            template = self._templates[role].with_template_kwargs(request.template_kwargs)
+            check = getattr(backend, "check_keeps", None)
+            template = self.output_format.template
+            if check is not None and template is not None:
+                await check(template.required_markers)
+            chat = self._templates[role].with_template_kwargs(request.template_kwargs)
             run.prompts[role] = await prompts.render_prompt(
-                template, request.prompt_messages, request.prompt_tools, backend,
+                chat, request.prompt_messages, request.prompt_tools, backend,
                 tool_choice=request.tool_choice, tool_choice_applied=True)
             if self.check_prompt_length:
                 await self._check_limits(run, role, len(run.stop))
@@ -573,8 +570,7 @@ class SpeculativeThinker:
         ``ConfigError`` of a template that cannot be used; the first call then checks again."""
         request = ChatRequest.build(_WARM_UP_MESSAGES, max_new_tokens=1)
         run = _Run(prompts={"small": "", "target": ""}, budget_left=1, stop=(),
-                   sampling=self._format_sampling(SamplingParams()),
-                   policy=TakeoverPolicy(self.rules),
+                   sampling=SamplingParams(), policy=TakeoverPolicy(self.rules),
                    routing_key=uuid.uuid4().hex, request=request)
         await asyncio.gather(*(self._prepare_role(run, role, request)
                                for role in ("small", "target")))

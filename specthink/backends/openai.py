@@ -368,6 +368,8 @@ class OpenAICompletionsBackend(SSEBackend):
         self._detecting = _Once()
         self._probing_chat = _Once()
         self._learnt_context: int | None = None
+        self._dropped: dict[tuple[str, ...], tuple[str, ...]] = {}
+        """Per set of markers: those llama-cpp-python's detokenizer drops (``check_keeps``)."""
 
     def _repr_details(self) -> str:
         return f", model={self.model!r}" if self.model else ""
@@ -379,31 +381,46 @@ class OpenAICompletionsBackend(SSEBackend):
 
     async def _stream_request(self, prompt: str, max_new_tokens: int,
                               sampling: SamplingParams) -> tuple[str, dict[str, Any]]:
-        await self.check_sampling(sampling)
-        llama_cpp = sampling.keep_special_tokens and self.tokenize_method == "llama_cpp"
+        llama_cpp = False
+        if sampling.keep_special_tokens and sampling.marker_tokens:
+            # The markers are named to llama.cpp's server only (a field the others do not take).
+            llama_cpp = (await self._tokenizer("Hi"))[0] == "llama_cpp"
         return "/v1/completions", completion_body(prompt, model=await self._model(),
                                                   max_new_tokens=max_new_tokens,
                                                   sampling=sampling, llama_cpp=llama_cpp)
 
-    async def check_sampling(self, sampling: SamplingParams) -> None:
-        """Raise :class:`ConfigError` when this server cannot do what ``sampling`` asks: with
-        ``keep_special_tokens``, llama-cpp-python's server, whose ``/v1/completions`` never
-        writes a special token's text (``Llama._create_completion`` detokenizes with
-        ``special=False`` and takes no field to change it), so the output format's markers
-        would vanish and the parts they separate fuse. Which server this is comes from its
-        tokenizer endpoint, found once (:attr:`tokenize_method`). The engine asks before any
-        generation request."""
-        if not sampling.keep_special_tokens:
+    async def check_keeps(self, markers: Sequence[str]) -> None:
+        """Raise :class:`ConfigError` when this server would drop any of ``markers`` (an output
+        format's ``required_markers``) from its generated text: llama-cpp-python's server,
+        whose ``/v1/completions`` never writes a special token's text
+        (``Llama._create_completion`` detokenizes with ``special=False`` and takes no field to
+        change that), when the served model holds one of them as a special token. Then the
+        parts they separate would arrive fused. Found once per set of markers from the
+        server's own tokenizer: ``/extras/tokenize`` (special tokens parsed) and back through
+        ``/extras/detokenize`` (the same ``Llama.detokenize`` the completions use). vLLM,
+        SGLang, TGI and llama.cpp's server keep them when asked (``keep_special_tokens``)."""
+        if not markers or (await self._tokenizer("Hi"))[0] != "llama_cpp_python":
             return
-        method, _ = await self._tokenizer("Hi")
-        if method == "llama_cpp_python":
-            markers = ", ".join(sampling.marker_tokens[:4]) or "special tokens"
+        key = tuple(markers)
+        dropped = self._dropped.get(key)
+        if dropped is None:
+            text = "\n".join(key)
+            answer = await self._conn.request_json("POST", "/extras/tokenize", {"input": text})
+            ids = _int_list(answer.get("tokens")) if isinstance(answer, dict) else None
+            back = await self._conn.request_json("POST", "/extras/detokenize",
+                                                 {"tokens": ids or []})
+            kept = back.get("text") if isinstance(back, dict) else None
+            if ids is None or not isinstance(kept, str):
+                raise BackendError("llama-cpp-python's /extras tokenizer answered an "
+                                   "unexpected shape", url=self.url)
+            dropped = self._dropped[key] = tuple(m for m in key if m not in kept)
+        if dropped:
             raise ConfigError(
-                f"{redact_url(self.url)} is llama-cpp-python's server, whose /v1/completions "
-                f"drops special tokens' text: the output format's markers ({markers}) would be "
-                "lost and the reasoning fused into the answer. Serve this model with llama.cpp's "
-                "llama-server (which keeps them when asked with preserved_tokens) or vLLM",
-                field="backend")
+                f"{redact_url(self.url)} is llama-cpp-python's server, which drops special "
+                f"tokens' text from /v1/completions, and its model holds the output format's "
+                f"markers {', '.join(dropped)} as special tokens: the reasoning would arrive "
+                "fused into the answer. Serve this model with llama.cpp's llama-server (which "
+                "keeps them when asked with preserved_tokens) or vLLM", field="backend")
 
     def _check_first(self, event: ServerSentEvent) -> None:
         if event.data == "[DONE]":

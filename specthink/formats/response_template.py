@@ -252,10 +252,14 @@ class ResponseTemplate:
     ``specthink.call_opener``); ``None``: it cannot, and ``tool_choice`` "required" or a named
     function is refused."""
     marker_tokens: tuple[str, ...] = ()
-    """The texts in the template shaped like special tokens (harmony's ``<|channel|>`` and
-    ``<|end|>``, Mistral's ``[THINK]``, Gemma 4's ``<|channel>`` and ``<|"|>``), found by
-    :func:`marker_tokens`: what a server that keeps only the special tokens a request lists
-    (llama.cpp's ``preserved_tokens``) is sent, so that the output keeps its markers."""
+    """The texts shaped like special tokens that the output is split on (harmony's
+    ``<|channel|>`` and ``<|end|>``, Mistral's ``[THINK]``, Gemma 4's ``<|channel>`` and
+    ``<|"|>``; :func:`marker_tokens`): what a server that keeps only the special tokens a
+    request names is sent (llama.cpp's ``preserved_tokens``)."""
+    required_markers: tuple[str, ...] = ()
+    """Those of :attr:`marker_tokens` whose loss changes the split (every opener and the
+    reasoning's closers, not a call's or the answer's closer, which may be the stop token): a
+    server that drops special tokens' text (llama-cpp-python's) must keep these as text."""
 
     @property
     def reasoning_field(self) -> str | None:
@@ -344,7 +348,8 @@ def load_template(spec: Mapping[str, Any] | ResponseTemplate) -> ResponseTemplat
     template = ResponseTemplate(spec=copy.deepcopy(dict(spec)), defaults=copy.deepcopy(defaults),
                                 fields=fields, implicit=implicit[0] if implicit else None,
                                 start_anchor=anchor, triggers={}, call_opener=opener,
-                                marker_tokens=marker_tokens(spec, opener))
+                                marker_tokens=marker_tokens(spec),
+                                required_markers=marker_tokens(spec, required=True))
     triggers: dict[str | None, re.Pattern[str] | None] = {}
     for current in (None, *fields):
         parts = [d.trigger for _, _, d in template.watched(current)]
@@ -366,12 +371,16 @@ _MARKER_SHAPES = re.compile(
 dropped anyway."""
 
 
-def marker_tokens(spec: Mapping[str, Any], opener: CallOpener | None = None,
-                  ) -> tuple[str, ...]:
-    """Every text shaped like a special token (:data:`_MARKER_SHAPES`) in a response
-    template's strings (its delimiters, patterns, start anchor and content arguments) and in
-    its call opener, in order of appearance, each once. A pattern is read with its escapes
-    undone (``<\\|channel\\|>`` is ``<|channel|>``) and its named groups left out."""
+def marker_tokens(spec: Mapping[str, Any], *, required: bool = False) -> tuple[str, ...]:
+    """The texts shaped like special tokens (:data:`_MARKER_SHAPES`) that a response template
+    splits a model's output on, in order of appearance, each once: every field's opener, the
+    closers of the fields with one, and content arguments (Gemma 4's ``<|"|>`` strings). Left
+    out: the start anchor (the prompt's) and what only closes the field without an opener
+    (the end of the output). ``required``: only those whose loss changes the split, so
+    not the closers of fields other than the reasoning, which may be the stop token (gpt-oss's
+    ``<|call|>`` and ``<|return|>``, Granite's ``<|end_of_text|>``; a missing one ends the
+    field at the end of the output). A pattern is read with its escapes undone
+    (``<\\|channel\\|>`` is ``<|channel|>``) and its named groups left out."""
     texts: list[str] = []
 
     def walk(value: object, key: str = "") -> None:
@@ -386,9 +395,15 @@ def marker_tokens(spec: Mapping[str, Any], opener: CallOpener | None = None,
             for inner in value:
                 walk(inner, key)
 
-    walk(spec)
-    if opener is not None:
-        texts += (opener.named, opener.any, opener.after_reasoning)
+    fields = spec.get("fields")
+    for name, field in fields.items() if isinstance(fields, Mapping) else ():
+        if not isinstance(field, Mapping):
+            continue
+        implicit = "open" not in field and "open_pattern" not in field
+        closes = not implicit and (not required or name in REASONING_FIELDS)
+        for key in ("open", "open_pattern", "content_args",
+                    *(("close", "close_pattern") if closes else ())):
+            walk(field.get(key), key)
     found = (m.group() for text in texts for m in _MARKER_SHAPES.finditer(text))
     return tuple(dict.fromkeys(found))
 

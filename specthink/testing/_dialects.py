@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from specthink.testing._generation import special_pieces
 from specthink.testing._templates import AnyServerTemplate, TokenStrings, Vocabulary, token_strings
-from specthink.testing._wire import Job, Token
+from specthink.testing._wire import LLAMA_CPP_RENDERED, Job, Token
 from specthink.testing.models import Tokenizer
 
 __all__ = [
@@ -243,16 +244,23 @@ def python_tokenize(body: Any, served: Served, *, count: bool = False) -> Answer
     if not isinstance(text, str):
         return 422, {"detail": [{"loc": ["body", "input"], "msg": "Field required",
                                  "type": "missing"}]}
-    ids = served.vocabulary.ids(served.pieces(text, add_bos=True))
+    # llama_cpp/server/app.py tokenizes with special=True: a special token's text is one token.
+    bos = served.template.bos_token
+    pieces = ([bos] if bos else []) + [piece for piece, _ in special_pieces(
+        served.tokenizer, text, served.template.special_tokens)]
+    ids = served.vocabulary.ids(pieces)
     return 200, ({"count": len(ids)} if count else {"tokens": ids})
 
 
 def python_detokenize(body: Any, served: Served) -> Answer:
-    """``POST /extras/detokenize``: ``{"tokens"}`` -> ``{"text"}``."""
+    """``POST /extras/detokenize``: ``{"tokens"}`` -> ``{"text"}``, without the special tokens'
+    (and BOS's) text: ``Llama.detokenize`` renders with ``special=False``, as its
+    ``/v1/completions`` does (but for gpt-oss's :data:`LLAMA_CPP_RENDERED`: libllama's)."""
     pieces = served.vocabulary.pieces(_ids(body) or [])
     if pieces is None:
         return 500, {"detail": "invalid token id"}
-    return 200, {"text": "".join(pieces)}
+    dropped = {*served.template.special_tokens, served.template.bos_token} - LLAMA_CPP_RENDERED
+    return 200, {"text": "".join(p for p in pieces if p not in dropped)}
 
 
 # --------------------------------------------------------------------------- /v1/models

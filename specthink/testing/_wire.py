@@ -316,7 +316,8 @@ class Job:
     """Special tokens stay in the text (vLLM's ``skip_special_tokens: false``); the token that
     stopped the generation never does."""
     preserved: frozenset[str] = frozenset()
-    """The special tokens llama.cpp's server writes as text: those a request names in
+    """The special tokens llama.cpp's server writes as text (llama-cpp-python's: only the
+    gpt-oss ones its libllama renders): those a request names in
     ``preserved_tokens`` (tools/server ``server_task::params_from_json_cmpl``; the
     ``accept_special_token`` of ``update_slots`` then detokenizes them with
     ``special=true``), the stop token too when named (``process_token`` sends its text, then

@@ -166,21 +166,33 @@ async def test_llama_cpp_is_sent_the_markers_and_their_text_kept(openai: Make) -
     assert [t.text for t in tokens] == ["<|end|>", "ok", ""] and tokens[-1].special
 
 
-async def test_llama_cpp_python_cannot_keep_special_tokens(openai: Make) -> None:
-    """If this fails, a format marked by special tokens is served by llama-cpp-python, whose
-    /v1/completions drops their text (``Llama._create_completion`` detokenizes with
-    ``special=False``): the answer would arrive fused with the reasoning, not as an error."""
-    server = Server({"/extras/tokenize": httpx.Response(200, json={"tokens": [1]})})
+async def test_llama_cpp_python_refuses_markers_its_model_holds_as_special_tokens(
+        openai: Make) -> None:
+    """If this fails, a format whose markers the served model holds as special tokens is run on
+    llama-cpp-python, whose /v1/completions drops their text (``Llama._create_completion``
+    detokenizes with ``special=False``): the answer would arrive fused with the reasoning, not
+    as an error. Its own tokenizer says which: /extras/tokenize parses special tokens,
+    /extras/detokenize drops them as the completions do; asked once per set of markers."""
+    server = Server({"/extras/tokenize": httpx.Response(200, json={"tokens": [1, 2, 3, 4]}),
+                     "/extras/detokenize": httpx.Response(200, json={"text": "\n<think>"})})
     backend = openai(server, model="m")
-    await backend.check_sampling(SamplingParams())  # nothing asked, nothing refused
+    await backend.check_keeps(())  # nothing asked, nothing refused
     assert server.paths() == []
-    with pytest.raises(ConfigError, match=r"llama-cpp-python.*llama-server") as refused:
-        await backend.check_sampling(HARMONY)
-    assert refused.value.field == "backend" and "<|channel|>" in str(refused.value)
-    with pytest.raises(ConfigError):
-        async with backend.stream("Q:", max_new_tokens=8, sampling=HARMONY):
-            pass
-    assert "/v1/completions" not in server.paths()
+    for _ in range(2):
+        with pytest.raises(ConfigError, match=r"llama-cpp-python.*llama-server") as refused:
+            await backend.check_keeps(("<|end|>", "<think>"))
+        assert refused.value.field == "backend"
+        assert "<|end|>" in str(refused.value) and "<think>" not in str(refused.value)
+    assert server.paths().count("/extras/detokenize") == 1
+    asked = [json.loads(r.content) for r in server.requests if r.url.path == "/extras/tokenize"]
+    assert asked[-1] == {"input": "<|end|>\n<think>"}
+
+
+async def test_servers_that_keep_special_tokens_are_not_probed(openai: Make) -> None:
+    server = Server({"/tokenize": httpx.Response(200, json={"count": 1, "tokens": [1]})})
+    backend = openai(server, model="m")
+    await backend.check_keeps(("<|end|>",))
+    assert backend.tokenize_method == "vllm" and server.paths() == ["/tokenize"]
 
 
 async def test_model_defaults_to_the_first_listed_id(openai: Make) -> None:
