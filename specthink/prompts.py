@@ -158,10 +158,12 @@ OpenRouter's and vLLM >= 0.10's, harmony templates')."""
 
 
 def _for_template(message: dict[str, Any]) -> dict[str, Any]:
-    """A message as a client-side template sees it, as vLLM hands it to one: keys set to null
-    left out (gpt-oss's template tests ``in message.content`` of a call-only turn), the
-    reasoning also as ``thinking``, the field harmony templates read."""
+    """A message as a client-side template sees it, as vLLM hands it to one: a call-only turn's
+    null content as ``""`` (templates concatenate it: Qwen3, Granite, R1; gpt-oss tests ``in
+    message.content``), other keys set to null left out, the reasoning also as ``thinking``, the
+    field harmony templates read."""
     out = {key: value for key, value in message.items() if value is not None}
+    out.setdefault("content", "")
     reasoning = out.get("reasoning_content")
     return {**out, "thinking": reasoning} if reasoning else out
 

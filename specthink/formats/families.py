@@ -13,6 +13,10 @@ family its model id names (``data/<family>.json``, data like a checkpoint's own)
 'qwen3-xml'
 >>> family_of("ibm-granite/granite-3.3-8b-instruct").thinking_kwargs
 {'thinking': True}
+>>> family_of("microsoft/Phi-4-reasoning-plus").template
+'phi-4-reasoning'
+>>> family_of("microsoft/Phi-4-mini-instruct") is None
+True
 >>> family_of("meta-llama/Llama-3.1-8B-Instruct") is None
 True
 """
@@ -65,7 +69,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("gpt-oss", "gpt-oss", r"gpt-oss|gpt_oss"),
     Family("qwen3.5", "qwen3-xml", r"qwen3\.?5|qwen3_5", _THINKING_ON),
     Family("qwen3-coder", "qwen3-xml", r"qwen3-coder|qwen3_coder"),
-    Family("nemotron-3", "qwen3-xml", r"nemotron-3|nemotron3", _THINKING_ON),
+    # Nemotron 3 reads as Qwen3.5 but writes one newline between </think> and a call.
+    Family("nemotron-3", "nemotron-3", r"nemotron-3|nemotron3", _THINKING_ON),
     Family("qwq", "qwen3", r"qwq", _THINKING_ON),
     Family("qwen3", "qwen3", r"qwen3", _THINKING_ON),
     Family("smollm3", "qwen3", r"smollm3", _THINKING_ON),
@@ -74,6 +79,10 @@ FAMILIES: tuple[Family, ...] = (
     # Granite 3.3 only: Granite 4.0 / 4.1 templates have no thinking switch and call in Hermes
     # <tool_call> blocks, another format.
     Family("granite-3.3", "granite", r"granite[-_]?3\.3", {"thinking": True}),
+    # Phi-4-reasoning and -plus only: its template always asks for <think> (no switch) after a
+    # "<|im_sep|>" generation prompt. Phi-4 and Phi-4-mini(-instruct) do not reason;
+    # Phi-4-mini(-flash)-reasoning and Phi-4-reasoning-vision have other templates.
+    Family("phi-4-reasoning", "phi-4-reasoning", r"phi[-_]?4[-_]reasoning(?![-_]vision)"),
 )
 """Searched in order; the first family whose ``ids`` match a model id is its family."""
 

@@ -16,9 +16,11 @@ from typing import Any, NoReturn
 
 import jinja2
 import jinja2.ext
+import jinja2.nodes
+import jinja2.parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["BUILTIN_NAMES", "builtin_source", "environment"]
+__all__ = ["BUILTIN_NAMES", "GenerationBlock", "builtin_source", "environment"]
 
 BUILTIN_NAMES = ("chatml", "deepseek-r1", "llama3", "mistral")
 """The whole templates shipped here, by the name ``resolve_template`` accepts."""
@@ -47,12 +49,31 @@ def _strftime_now(format: str) -> str:
     return datetime.now().strftime(format)
 
 
+class GenerationBlock(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}``, which templates trained for
+    ``return_assistant_tokens_mask`` wrap an assistant's text in (Phi-4's and Phi-4-reasoning's,
+    SmolLM's): transformers' renderer (``AssistantTracker``, vLLM's too) renders the body as
+    written, so a prompt here does the same; the mask it tracks is training's business."""
+
+    tags = {"generation"}  # noqa: RUF012 - jinja2.ext.Extension declares it a plain set
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    @staticmethod
+    def _body(caller: Any) -> str:
+        return str(caller())
+
+
 def environment() -> ImmutableSandboxedEnvironment:
-    """The environment transformers' ``apply_chat_template`` uses, so Hub templates render
-    alike, with this package's files to include. The files never change while running: no
-    modification check per render."""
+    """The environment transformers' ``apply_chat_template`` uses (``{% generation %}``
+    included), so Hub templates render alike, with this package's files to include. The files
+    never change while running: no modification check per render."""
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols],
+        trim_blocks=True, lstrip_blocks=True,
+        extensions=[jinja2.ext.loopcontrols, GenerationBlock],
         loader=jinja2.PackageLoader(__name__, "."), auto_reload=False)
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception

@@ -27,6 +27,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from specthink.templates import GenerationBlock
 from specthink.testing.models import Tokenizer
 
 __all__ = [
@@ -201,10 +202,10 @@ def _strftime_now(format: str) -> str:
 @cache
 def _compiled(source: str) -> jinja2.Template:
     # The environment transformers' apply_chat_template renders Hub templates in (vLLM renders
-    # with it): trim_blocks, lstrip_blocks, loop controls, raise_exception, a tojson that does
-    # not escape, strftime_now.
+    # with it): trim_blocks, lstrip_blocks, loop controls, {% generation %} blocks,
+    # raise_exception, a tojson that does not escape, strftime_now.
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
+                                        extensions=[jinja2.ext.loopcontrols, GenerationBlock])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -212,10 +213,13 @@ def _compiled(source: str) -> jinja2.Template:
 
 
 def _for_template(message: Mapping[str, Any]) -> dict[str, Any]:
-    """A wire message as vLLM hands it to a Hugging Face template: keys set to null dropped,
-    tool-call ``arguments`` decoded from their JSON string (templates iterate them as a dict),
-    an assistant's reasoning under ``reasoning_content`` and ``thinking`` alike."""
+    """A wire message as vLLM hands it to a Hugging Face template: a null content as ``""``
+    (vLLM's ``chat_utils._parse_chat_message_content`` reads ``None`` as no parts, joined to
+    ``""`` for templates that take a string), other keys set to null dropped, tool-call
+    ``arguments`` decoded from their JSON string (templates iterate them as a dict), an
+    assistant's reasoning under ``reasoning_content`` and ``thinking`` alike."""
     out = {k: v for k, v in message.items() if v is not None}
+    out.setdefault("content", "")
     if out.get("tool_calls"):
         calls = []
         for call in out["tool_calls"]:

@@ -272,6 +272,33 @@ def test_the_template_sandbox_blocks_attribute_escapes() -> None:
         template.render_text([{"role": "user", "content": "x"}])
 
 
+REAL_TEMPLATES = Path(__file__).resolve().parents[1] / "data" / "chat_templates"
+DESCRIBED_CLOCK: dict[str, Any] = {"type": "function", "function": {
+    "name": "now", "description": "The time.", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("template_file", [
+    "ibm-granite-granite-3.3-2B-Instruct.jinja", "Qwen-Qwen3-0.6B.jinja",
+    "openai-gpt-oss-120b.jinja", "mistralai-Ministral-3-14B-Reasoning-2512.jinja"])
+def test_a_call_only_turn_renders_in_templates_that_concatenate_its_content(
+        template_file: str) -> None:
+    """If this fails, a tool loop cannot be rendered client-side for Granite or Qwen3: their
+    templates concatenate ``message.content``, and an assistant turn that only calls a tool
+    (``content: None``, as OpenAI clients send it) must reach them as ``""``, as vLLM hands it
+    (``chat_utils._parse_chat_message_content``), without breaking gpt-oss's or Mistral's."""
+    chat_template_utils = pytest.importorskip("transformers.utils.chat_template_utils")
+    source = (REAL_TEMPLATES / template_file).read_text(encoding="utf-8")
+    expected, _ = chat_template_utils.render_jinja_template(
+        [[*HI, {"role": "assistant", "content": "",
+                "tool_calls": [{"id": "1", "type": "function",
+                                "function": {"name": "now", "arguments": {}}}]},
+          {"role": "tool", "content": "12:00", "tool_call_id": "1"}]],
+        tools=[DESCRIBED_CLOCK], chat_template=source, add_generation_prompt=True,
+        bos_token="<s>", eos_token="</s>")
+    template = JinjaTemplate(source, bos_token="<s>", eos_token="</s>")
+    assert template.render_text(TOOL_TURNS, [DESCRIBED_CLOCK]) == expected[0]
+
+
 # --- server templates, BOS, resolution -------------------------------------------------------
 
 async def test_server_template_asks_the_backend() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from specthink.prompts import CHATML, DEEPSEEK_R1, LLAMA3, MISTRAL, resolve_template
+from specthink.prompts import CHATML, DEEPSEEK_R1, LLAMA3, MISTRAL, JinjaTemplate, resolve_template
 from specthink.templates import BUILTIN_NAMES, builtin_source
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,3 +79,21 @@ def test_the_wheel_holds_the_templates_and_not_the_benchmarks(tmp_path: Path) ->
     assert "specthink/templates/__init__.py" in templates
     assert not [name for name in names if name.startswith("benchmarks/")]
     assert "specthink/py.typed" in names
+
+
+def test_generation_blocks_render_as_transformers_renders_them() -> None:
+    """Broken: a Hub template that marks the assistant's text with ``{% generation %}``
+    (Phi-4's, Phi-4-reasoning's) does not compile client-side (a ConfigError naming the tag),
+    or renders other text than transformers' renderer (vLLM's) does."""
+    chat_template_utils = pytest.importorskip("transformers.utils.chat_template_utils")
+    source = (ROOT / "tests" / "data" / "chat_templates"
+              / "microsoft-Phi-4-reasoning.jinja").read_text(encoding="utf-8")
+    assert "{% generation %}" in source
+    messages = [{"role": "user", "content": "2 + 2?"},
+                {"role": "assistant", "content": "<think>\nEasy.\n</think>\n\n4."},
+                {"role": "user", "content": "And 3 + 3?"}]
+    theirs, _ = chat_template_utils.render_jinja_template(
+        [messages], chat_template=source, add_generation_prompt=True)
+    ours = JinjaTemplate(source).render_text(messages)
+    assert ours == theirs[0]
+    assert "<|im_start|>assistant<|im_sep|><think>\nEasy.\n</think>\n\n4.<|im_end|>" in ours

@@ -234,7 +234,8 @@ def test_a_requests_chat_template_kwargs_switch_gemma4s_thinking_off(
     ("mistral-reasoning", None, None),
     ("gemma-4", None, None),
     ("gemma-4", {"enable_thinking": False}, "closes the reasoning"),
-], ids=["gpt-oss", "mistral-reasoning", "gemma-4", "gemma-4-thinking-off"])
+    ("phi-4-reasoning", None, None),
+], ids=["gpt-oss", "mistral-reasoning", "gemma-4", "gemma-4-thinking-off", "phi-4-reasoning"])
 def test_the_instruct_preset_is_suggested_only_when_the_small_model_will_not_reason(
         loopback_server: Callable[..., object], serve: Callable[..., Any],
         caplog: pytest.LogCaptureFixture, family: str,
@@ -244,14 +245,20 @@ def test_the_instruct_preset_is_suggested_only_when_the_small_model_will_not_rea
     ``[THINK]``, ``<|channel>thought``) after a prompt that opens none, tells the operator
     that no takeover will happen and to switch to ``--rules paper_instruct``, which is false
     (their takeovers are tested above); or it says nothing where Gemma 4's thinking is switched
-    off, so its prompt closes the reasoning and no takeover can happen. (The ChatML instruct
-    pair under ``paper`` is warned: tests/serve/test_chat.py.)"""
+    off, so its prompt closes the reasoning and no takeover can happen; or it takes the
+    ``<think> {Thought section} </think>`` that Phi-4-reasoning's system text always writes for
+    a reasoning its prompt closed. (The ChatML instruct pair under ``paper`` is warned:
+    tests/serve/test_chat.py.)"""
     if family == "gpt-oss":
         pair = start(loopback_server)
         models = {"small_model": "openai/gpt-oss-20b", "target_model": "openai/gpt-oss-120b"}
-    else:
+    elif family in FAMILY_PAIRS:
         pair = start_family(loopback_server, family)
         small, target = FAMILY_PAIRS[family]
+        models = {"small_model": small, "target_model": target}
+    else:
+        pair = required.start(loopback_server, family)  # type: ignore[arg-type]
+        small, target = required.FAMILIES[family].models
         models = {"small_model": small, "target_model": target}
     with caplog.at_level(logging.WARNING, logger="specthink.serve"):
         serve(pair, backend="openai", small_template="server", target_template="server",

@@ -35,6 +35,11 @@ GPT_OSS = JinjaChatTemplate(
 GEMMA_4 = JinjaChatTemplate(
     "gemma-4", (TEMPLATES / "google-gemma-4-31B-it.jinja").read_text(encoding="utf-8"),
     bos_token="<bos>")
+GRANITE = JinjaChatTemplate(
+    "granite", (TEMPLATES / "ibm-granite-granite-3.3-2B-Instruct.jinja").read_text(
+        encoding="utf-8"))
+QWEN3 = JinjaChatTemplate(
+    "qwen3", (TEMPLATES / "Qwen-Qwen3-0.6B.jinja").read_text(encoding="utf-8"))
 HARMONY_TURN = ("<|channel|>analysis<|message|>The user asks for 2+2.<|end|>"
                 "<|start|>assistant<|channel|>final<|message|>Four.<|return|>")
 TOOLS = [{"type": "function", "function": {
@@ -63,9 +68,10 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 
 def transformers_render(template: JinjaChatTemplate, messages: list[dict[str, Any]],
                         tools: list[dict[str, Any]] | None, **kwargs: Any) -> str:
-    """The prompt as vLLM renders it with transformers (``apply_chat_template``): keys set to
-    null dropped, tool-call arguments decoded."""
-    decoded = [{k: v for k, v in m.items() if v is not None}
+    """The prompt as vLLM renders it with transformers (``apply_chat_template``): a null
+    content as ``""`` (``chat_utils._parse_chat_message_content``), other keys set to null
+    dropped, tool-call arguments decoded."""
+    decoded = [{"content": "", **{k: v for k, v in m.items() if v is not None}}
                for m in json.loads(json.dumps(messages))]
     for message in decoded:
         for call in message.get("tool_calls") or ():
@@ -86,13 +92,15 @@ async def served_prompt(http: httpx.AsyncClient, server: LoopbackServer,
 @pytest.mark.parametrize(("template", "kwargs"), [
     (GPT_OSS, {}), (GPT_OSS, {"reasoning_effort": "high"}),
     (GEMMA_4, {}), (GEMMA_4, {"enable_thinking": True}),
+    (GRANITE, {}), (GRANITE, {"thinking": True}), (QWEN3, {}),
 ])
 async def test_tokenize_renders_the_real_template_as_transformers_does(
         loopback_server: Start, http: httpx.AsyncClient, template: JinjaChatTemplate,
         kwargs: dict[str, Any]) -> None:
     """If this fails, ``/tokenize`` with messages renders a real template unlike vLLM:
     tools, an assistant's tool calls and reasoning, a tool result or ``chat_template_kwargs``
-    (Gemma 4's thinking switch, gpt-oss's reasoning effort) are lost or rendered otherwise."""
+    (Gemma 4's thinking switch, gpt-oss's reasoning effort) are lost or rendered otherwise, or
+    a call-only turn's null content breaks templates that concatenate it (Granite, Qwen3)."""
     server = loopback_server(ScriptedModel.single("x"), flavor="vllm", chat_template=template,
                              model_id=f"test/{template.name}")
     body: dict[str, Any] = {"messages": CONVERSATION, "tools": TOOLS}

@@ -125,7 +125,7 @@ CASES = {
         "tool_calls": [CALL]}),
     "qwen3-coder": Case("qwen3-xml", "Qwen3-Coder.jinja", reasoning=None, turn={
         "role": "assistant", "content": ANSWER, "tool_calls": [CALL]}),
-    "nemotron-3": Case("qwen3-xml", "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.jinja",
+    "nemotron-3": Case("nemotron-3", "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.jinja",
                        kwargs=THINKING, turn={
                            "role": "assistant", "reasoning_content": REASONING,
                            "content": ANSWER, "tool_calls": [CALL]}),
@@ -164,6 +164,15 @@ CASES = {
     "granite-3.3/untagged": _granite(f"<think>{REASONING}</think>{ANSWER}", calls=[]),
     # Thinking off: no tags at all.
     "granite-3.3/plain": _granite(ANSWER, reasoning=None, calls=[]),
+    # Phi-4-reasoning's template renders an assistant turn's content as given, after a
+    # generation prompt that does not open <think> (its system text asks for "<think> {Thought
+    # section} </think> {Solution section}"). It renders no tools and no tool_calls: a call is a
+    # Hermes block, as specthink's call opener (tool_choice) or a user's tool prompt asks for.
+    "phi-4-reasoning": Case("phi-4-reasoning", "microsoft-Phi-4-reasoning.jinja", calls=[], turn={
+        "role": "assistant", "content": f"<think>\n{REASONING}\n</think>\n\n{ANSWER}"}),
+    "phi-4-reasoning/call": Case("phi-4-reasoning", "microsoft-Phi-4-reasoning.jinja", turn={
+        "role": "assistant",
+        "content": f"<think>\n{REASONING}\n</think>\n\n{ANSWER}\n{HERMES_CALL}"}),
     # V3.1's template renders a call turn without its reasoning: composed the same way.
     "deepseek-v3.1": Case("deepseek-v3.1", "deepseek-ai-DeepSeek-V3.1.jinja",
                           kwargs={"thinking": True}, compose=_v31_calls),

@@ -112,7 +112,7 @@ def test_family_ids_of_the_rendered_checkpoints() -> None:
         "Qwen/QwQ-32B": "qwen3", "Qwen/Qwen3-0.6B": "qwen3",
         "HuggingFaceTB/SmolLM3-3B": "qwen3",
         "Qwen/Qwen3.5-4B": "qwen3-xml", "Qwen/Qwen3-Coder-30B-A3B-Instruct": "qwen3-xml",
-        "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16": "qwen3-xml",
+        "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16": "nemotron-3",
         "openai/gpt-oss-120b": "gpt-oss", "openai/gpt-oss-20b": "gpt-oss",
         "google/gemma-4-31B-it": "gemma-4",
         "mistralai/Ministral-3-14B-Reasoning-2512": "mistral-reasoning",
@@ -121,6 +121,13 @@ def test_family_ids_of_the_rendered_checkpoints() -> None:
         "ibm-granite/granite-3.3-8b-instruct": "granite",
         # Granite 4.0 / 4.1 templates have no thinking switch and call in Hermes blocks.
         "ibm-granite/granite-4.0-h-small": None, "ibm-granite/granite-4.1-8b": None,
+        "microsoft/Phi-4-reasoning": "phi-4-reasoning",
+        "microsoft/Phi-4-reasoning-plus": "phi-4-reasoning",
+        # Phi-4 and Phi-4-mini do not reason; the mini reasoners and the vision reasoner have
+        # other templates (no <think> in Phi-4-mini-reasoning's, a <nothink> mode in -vision's).
+        "microsoft/phi-4": None, "microsoft/Phi-4-mini-instruct": None,
+        "microsoft/Phi-4-mini-reasoning": None, "microsoft/Phi-4-mini-flash-reasoning": None,
+        "microsoft/Phi-4-reasoning-vision-15B": None,
     }
     found = {model: (f.template if (f := family_of(model)) else None) for model in expected}
     assert found == expected
@@ -152,3 +159,18 @@ def test_granite_turn_starts_after_a_generation_prompt_with_controls() -> None:
         assert template.assistant_tail(prompt) == ""
         assert not template.closes_reasoning(prompt)
     assert prompt.endswith('<|start_of_role|>assistant {"length": "short"}<|end_of_role|>')
+
+
+def test_phi4_reasoning_turn_starts_after_its_generation_prompt() -> None:
+    """If this fails, Phi-4-reasoning's start anchor misses its generation prompt
+    (``<|im_start|>assistant<|im_sep|>``, not ChatML's ``<|im_start|>assistant\\n``): the whole
+    prompt is read as the turn, and the ``<think> {Thought section} </think>`` its system text
+    always writes is taken for a reasoning the turn already closed, as if thinking were off
+    (what the ``qwen3`` built-in makes of it)."""
+    prompt = render("microsoft-Phi-4-reasoning.jinja", USER, generation=True)
+    assert "<think> {Thought section} </think>" in prompt
+    template = builtin_template("phi-4-reasoning")
+    assert template.assistant_tail(prompt) == ""
+    assert not template.closes_reasoning(prompt)
+    assert not template.starts_in_reasoning(prompt)
+    assert builtin_template("qwen3").closes_reasoning(prompt)

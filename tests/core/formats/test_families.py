@@ -77,7 +77,7 @@ def test_a_tokenizer_config_without_one_falls_back_to_the_family(tmp_path: Path)
 def test_names_and_bad_files() -> None:
     """If this fails, a built-in or family name is not accepted, or a bad name or unreadable
     file passes silently."""
-    assert response_template_for(None, "nemotron-3") is builtin_template("qwen3-xml")
+    assert response_template_for(None, "nemotron-3") is builtin_template("nemotron-3")
     assert response_template_for(None, "Gemma-4") is builtin_template("gemma-4")
     with pytest.raises(ConfigError, match="unknown response template 'bogus'"):
         response_template_for(None, "bogus")
@@ -97,6 +97,9 @@ def test_thinking_switches_of_the_families() -> None:
     for model in ("deepseek-ai/DeepSeek-V3.1", "ibm-granite/granite-3.3-8b-instruct"):
         family = family_of(model)
         assert family is not None and family.thinking_kwargs == {"thinking": True}
+    # Phi-4-reasoning's template has no switch: its system text always asks for <think>.
+    family = family_of("microsoft/Phi-4-reasoning-plus")
+    assert family is not None and family.thinking_kwargs == {}
 
 
 def test_each_role_gets_its_familys_thinking_switch_and_template_kwargs_win() -> None:
@@ -150,6 +153,7 @@ PAIR_URLS = {"small_url": "http://127.0.0.1:9", "target_url": "http://127.0.0.1:
      "deepseek-r1"),
     ("ibm-granite/granite-3.3-2b-instruct", "ibm-granite/granite-3.3-8b-instruct",
      "granite-3.3"),
+    ("microsoft/Phi-4-reasoning", "microsoft/Phi-4-reasoning-plus", "phi-4-reasoning"),
     (None, "openai/gpt-oss-120b", "gpt-oss"),  # the target's id names the pair's family
 ])
 def test_a_pair_reads_its_familys_format_without_being_told(

@@ -576,3 +576,69 @@ async def test_granite_pair_calls_after_a_takeover(
     assert whole.answer == "Let me check."
     assert [(c.name, c.arguments) for c in whole.tool_calls] == [
         ("get_weather", {"city": "Paris", "days": 2})]
+
+
+PHI4_TEMPLATE_FILE = str(Path(__file__).resolve().parents[2] / "data" / "chat_templates"
+                         / "microsoft-Phi-4-reasoning.jinja")
+PHI4 = JinjaChatTemplate(
+    "phi-4-reasoning", Path(PHI4_TEMPLATE_FILE).read_text(encoding="utf-8"),
+    # Phi-4's ChatML tokens, and <think> / </think> held as special too: whether its tokenizer
+    # flags them or not, the engine asks for special tokens' text, so the stricter case is here.
+    special_tokens=("<|im_start|>", "<|im_sep|>", "<|im_end|>", "<|endoftext|>", "<think>",
+                    "</think>"),
+    stop_tokens=("<|im_end|>",))
+PHI4_HEAD = "<|im_start|>assistant<|im_sep|>"
+PHI4_TURN = f"<think>\n{REASONING}\n</think>\n\n{ANSWER}<|im_end|>"
+
+
+class Phi4ReasoningModel:
+    """Phi-4-reasoning, greedy: after its generation prompt (which does not open ``<think>``;
+    the system text its template always writes asks for ``<think> {Thought section} </think>
+    {Solution section}``), it reasons in ``<think>`` and answers; continued from whatever the
+    prompt holds of its turn."""
+
+    def continuation(self, prompt: str) -> Continuation:
+        written = prompt[prompt.rfind(PHI4_HEAD) + len(PHI4_HEAD):]
+        return Continuation(PHI4_TURN[len(written):] if PHI4_TURN.startswith(written) else "")
+
+
+@pytest.mark.parametrize("template", ["server", PHI4_TEMPLATE_FILE],
+                         ids=["server-rendered", "client-side"])
+async def test_phi4_reasoning_pair_split_after_a_takeover(
+        loopback_server: Callable[..., object], template: str) -> None:
+    """If this fails, a Phi-4-reasoning pair named by its model ids is not read with its
+    family's template (refused as an unknown family, or read as thinking already closed by the
+    ``<think> ... </think>`` its system text writes), its reasoning or answer come out wrong,
+    or no takeover happens at its "Wait"."""
+    options = {"flavor": "vllm", "chat_template": PHI4}
+    small = loopback_server(Phi4ReasoningModel(), model_id="microsoft/Phi-4-reasoning",
+                            **options)  # type: ignore[arg-type]
+    target = loopback_server(Phi4ReasoningModel(), model_id="microsoft/Phi-4-reasoning-plus",
+                             **options)  # type: ignore[arg-type]
+    settings = {"small_url": small.url, "target_url": target.url,  # type: ignore[attr-defined]
+                "backend": "openai", "small_model": "microsoft/Phi-4-reasoning",
+                "target_model": "microsoft/Phi-4-reasoning-plus",
+                "small_template": template, "target_template": template}
+    engine = PairSettings(**settings).build()
+    assert engine.output_format.name == "phi-4-reasoning"
+    try:
+        result = await engine.agenerate(QUESTION)
+    finally:
+        await engine.aclose()
+    whole = split_result(result)
+    assert (whole.reasoning, whole.answer, whole.tool_calls) == (REASONING, ANSWER, [])
+    assert result.stats.total_takeovers >= 1
+
+    splitter = OutputSplitter()
+    deltas = []
+    engine = PairSettings(**settings).build()
+    try:
+        async for event in engine.astream(QUESTION):
+            deltas += splitter.feed(event)
+    finally:
+        await engine.aclose()
+    final = splitter.finish()
+    deltas += final.deltas
+    assert "".join(d.text for d in deltas if d.kind == "reasoning") == REASONING
+    assert "".join(d.text for d in deltas if d.kind == "answer") == ANSWER
+    assert (final.reasoning, final.answer) == (REASONING, ANSWER)

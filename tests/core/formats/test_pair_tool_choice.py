@@ -30,6 +30,7 @@ from tests.core.formats.test_pair_formats import (
     GEMMA_4,
     GRANITE,
     MINISTRAL,
+    PHI4,
     QWEN35,
     TEMPLATE,
 )
@@ -61,6 +62,9 @@ R1_DISTILL = JinjaChatTemplate(
         encoding="utf-8"),
     bos_token="<｜begin▁of▁sentence｜>", special_tokens=("<｜end▁of▁sentence｜>",),
     stop_tokens=("<｜end▁of▁sentence｜>",))
+NEMOTRON = JinjaChatTemplate(
+    "nemotron-3", (TEMPLATES / "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.jinja").read_text(
+        encoding="utf-8"), special_tokens=("<|im_end|>",), stop_tokens=("<|im_end|>",))
 QWEN3 = JinjaChatTemplate(
     "qwen3", (TEMPLATES / "Qwen-Qwen3-0.6B.jinja").read_text(encoding="utf-8"),
     special_tokens=("<|im_end|>",), stop_tokens=("<|im_end|>",))
@@ -112,6 +116,16 @@ FAMILIES: dict[str, Family] = {
          ("</think>\n\n<tool_call>\n<function=",
           "get_time>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>"
           "<|im_end|>"))),
+    # Nemotron 3 reads as Qwen3.5 but writes one newline after </think>, not two.
+    "nemotron-3": Family(
+        ("nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16",
+         "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-FP8"), NEMOTRON, "<|im_start|>user",
+        "<|im_start|>assistant\n", f"<think>\n{REASONING}\n</think>\n{ANSWER}<|im_end|>",
+        (("</think>\n<tool_call>\n<function=get_weather>\n",
+          "<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>\n<|im_end|>"),
+         ("</think>\n<tool_call>\n<function=",
+          "get_time>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>\n"
+          "<|im_end|>"))),
     "qwen3": Family(
         ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-32B"), QWEN3, "<|im_start|>user",
         "<|im_start|>assistant\n", f"<think>\n{REASONING}\n</think>\n\n{ANSWER}<|im_end|>",
@@ -149,14 +163,21 @@ FAMILIES: dict[str, Family] = {
           f"{PARIS}}}]<|end_of_text|>"),
          ('</think><|tool_call|>[{"name": "',
           f'get_time", "arguments": {PARIS}}}]<|end_of_text|>'))),
+    # Phi-4-reasoning's template renders no tools and no calls: its calls are read as the
+    # Hermes blocks specthink's opener begins, as the R1 distills' are.
+    "phi-4-reasoning": Family(
+        ("microsoft/Phi-4-reasoning", "microsoft/Phi-4-reasoning-plus"), PHI4,
+        "<|im_start|>user", "<|im_start|>assistant<|im_sep|>",
+        f"<think>\n{REASONING}\n</think>\n\n{ANSWER}<|im_end|>",
+        _hermes("</think>", "<|im_end|>")),
     "mistral-reasoning": Family(
         ("mistralai/Ministral-3-8B-Reasoning-2512", "mistralai/Ministral-3-14B-Reasoning-2512"),
         MINISTRAL, "[INST]", "[/INST]", f"[THINK]{REASONING}[/THINK]{ANSWER}</s>",
         (("[/THINK][TOOL_CALLS]get_weather[ARGS]", f"{PARIS}</s>"),
          ("[/THINK][TOOL_CALLS]", f"get_time[ARGS]{PARIS}</s>"))),
 }
-"""Every built-in response template's family (Qwen3.5 stands for Qwen3-Coder and Nemotron 3,
-which share its format)."""
+"""Every built-in response template's family (Qwen3.5 stands for Qwen3-Coder, which shares its
+format)."""
 
 
 class AnswersInWords:

@@ -36,7 +36,7 @@ def _fragments(name: str) -> list[str]:
               "<|channel|>commentary", " json", "<|message|>", "[TOOL_CALLS]f[ARGS]",
               "<｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n", "\n```<｜tool▁call▁end｜>",
               "<|tool_call>call:f", "<｜end▁of▁sentence｜>", "<response>", "</response>",
-              "<|tool_call|>", "<|end_of_text|>"]
+              "<|tool_call|>", "<|end_of_text|>", "<|endoftext|>"]
     halves = [m[:len(m) // 2] for m in marks if len(m) > 1] + \
              [m[len(m) // 2:] for m in marks if len(m) > 1]
     return marks + halves + ["word", " so", "\n", "\n\n", " ", '{"name": "f", "arguments": {}}',
@@ -89,7 +89,8 @@ def test_any_text_any_split_as_transformers_streams_it(data: st.DataObject, name
     chunks = [text[a:b] for a, b in itertools.pairwise(bounds)]
     prefix = data.draw(st.sampled_from(["", "<|im_start|>assistant\n<think>\n",
                                         "<｜Assistant｜><think>\n", "[/INST]", "<|turn>model\n",
-                                        "<|start_of_role|>assistant<|end_of_role|>"]))
+                                        "<|start_of_role|>assistant<|end_of_role|>",
+                                        "<|im_start|>assistant<|im_sep|>"]))
     spec = dict(builtin_template(name).spec)
     assert _ours(name, prefix, chunks) == _theirs(spec, prefix, chunks)
 

@@ -1,56 +1,43 @@
-"""LangChain on a gpt-oss pair over vLLM-protocol servers that render the real gpt-oss chat
-template (tests/core/formats/test_pair_formats.py sets it up): the family's response template
-splits what the adapter returns."""
+"""LangChain on every family's pair over vLLM-protocol servers that render the family's REAL chat
+template (tests/core/formats/family_pairs.py sets them up), named by model ids alone: the
+family's response template splits what the adapter returns, invoked or streamed, with tools
+bound, after a tool's result and with a required call."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 pytest.importorskip("langchain_core")
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.runnables import Runnable
 
 from specthink_lc import ChatSpeculativeThinking
+from tests.core.formats.family_pairs import (
+    ARGUMENTS,
+    CALL_ID,
+    FAMILIES,
+    FINAL_ANSWER,
+    FINAL_REASONING,
+    PLAIN_ANSWER,
+    PLAIN_REASONING,
+    QUESTION,
+    TOOL_RESULT,
+    WEATHER,
+    start_family_pair,
+)
 from tests.core.formats.test_pair_formats import (
     ANSWER,
-    CALL_REASONING,
-    CALL_TURN,
     EARLIER_REASONING,
     FAMILY_PAIRS,
     HARMONY_TOOLS,
     REASONING,
-    WEATHER,
-    XML_REASONING,
-    start,
     start_family,
-    start_qwen35,
     start_tool_loop,
 )
-
-
-async def test_langchain_on_the_gpt_oss_pair(loopback_server: Callable[..., object]) -> None:
-    """If this fails, LangChain users of a gpt-oss pair get harmony's reasoning in the content
-    (or lose it): named by its model ids alone, the content is exactly the answer and
-    ``reasoning_content`` exactly the reasoning, invoked or streamed."""
-    pair = start(loopback_server)
-    model = ChatSpeculativeThinking(
-        small_url=pair.small.url, target_url=pair.target.url, backend="openai",
-        small_model="openai/gpt-oss-20b", target_model="openai/gpt-oss-120b",
-        small_template="server", target_template="server")
-    try:
-        message = await model.ainvoke("What is 12 * 13?")
-        assert message.content == ANSWER
-        assert message.additional_kwargs["reasoning_content"] == REASONING
-        assert sum(message.response_metadata["speculative_thinking"]["takeovers"].values()) >= 1
-        content, reasoning = "", ""
-        async for chunk in model.astream("What is 12 * 13?"):
-            content += str(chunk.content)
-            reasoning += chunk.additional_kwargs.get("reasoning_content", "")
-        assert (content, reasoning) == (ANSWER, REASONING)
-    finally:
-        await model.aclose()
 
 
 @pytest.mark.parametrize("earlier", [
@@ -82,68 +69,6 @@ async def test_langchain_hands_a_tool_turns_reasoning_back(
     assert message.additional_kwargs["reasoning_content"] == REASONING
 
 
-@pytest.mark.parametrize("family", sorted(FAMILY_PAIRS))
-async def test_langchain_on_gemma4_and_ministral(loopback_server: Callable[..., object],
-                                                 family: str) -> None:
-    """If this fails, LangChain users of a Gemma 4 pair get no reasoning (its thinking switch
-    is not on by default) or of a Ministral 3 Reasoning pair get ``[THINK]`` reasoning as the
-    answer: named by their model ids alone, content and reasoning are exact, invoked or
-    streamed, after a takeover."""
-    pair = start_family(loopback_server, family)
-    small, target = FAMILY_PAIRS[family]
-    model = ChatSpeculativeThinking(
-        small_url=pair.small.url, target_url=pair.target.url, backend="openai",
-        small_model=small, target_model=target, small_template="server",
-        target_template="server")
-    try:
-        message = await model.ainvoke("What is 12 * 13?")
-        assert message.content == ANSWER
-        assert message.additional_kwargs["reasoning_content"] == REASONING
-        assert sum(message.response_metadata["speculative_thinking"]["takeovers"].values()) >= 1
-        content, reasoning = "", ""
-        async for chunk in model.astream("What is 12 * 13?"):
-            content += str(chunk.content)
-            reasoning += chunk.additional_kwargs.get("reasoning_content", "")
-        assert (content, reasoning) == (ANSWER, REASONING)
-    finally:
-        await model.aclose()
-
-
-@pytest.mark.parametrize("family", ["gpt-oss", "qwen3.5"])
-async def test_bind_tools_per_family(loopback_server: Callable[..., object],
-                                     family: str) -> None:
-    """If this fails, a LangChain agent on a gpt-oss or Qwen3.5 pair gets its family's call
-    as text (or no call), executes the call drafted in the reasoning (the Oslo decoy), or
-    loses the reasoning, whole or streamed."""
-    if family == "gpt-oss":
-        pair = start_tool_loop(loopback_server, CALL_TURN)
-        models = {"small_model": "openai/gpt-oss-20b", "target_model": "openai/gpt-oss-120b"}
-        expected = ("", CALL_REASONING, [("get_weather", {"city": "Paris"})])
-    else:
-        pair = start_qwen35(loopback_server)
-        models = {"small_model": "Qwen/Qwen3.5-4B", "target_model": "Qwen/Qwen3.5-27B"}
-        expected = ("Let me check.", XML_REASONING,
-                    [("get_weather", {"city": "Paris", "days": 2})])
-    model = ChatSpeculativeThinking(
-        small_url=pair.small.url, target_url=pair.target.url, backend="openai",
-        small_template="server", target_template="server",
-        **models)
-    bound = model.bind_tools(WEATHER)
-    try:
-        message = await bound.ainvoke("Weather in Paris?")
-        assert (message.content, message.additional_kwargs["reasoning_content"],
-                [(c["name"], c["args"]) for c in message.tool_calls]) == expected
-        assert sum(message.response_metadata["speculative_thinking"]["takeovers"].values()) >= 1
-        streamed = None
-        async for chunk in bound.astream("Weather in Paris?"):
-            streamed = chunk if streamed is None else streamed + chunk
-        assert streamed is not None
-        assert (streamed.content, streamed.additional_kwargs["reasoning_content"],
-                [(c["name"], c["args"]) for c in streamed.tool_calls]) == expected
-    finally:
-        await model.aclose()
-
-
 async def test_a_calls_template_kwargs_switch_gemma4s_thinking_off(
         loopback_server: Callable[..., object]) -> None:
     """If this fails, a LangChain caller cannot switch a Gemma 4 pair's thinking off for one
@@ -162,3 +87,97 @@ async def test_a_calls_template_kwargs_switch_gemma4s_thinking_off(
         await model.aclose()
     assert (off.content, off.additional_kwargs.get("reasoning_content")) == (ANSWER, None)
     assert on.additional_kwargs["reasoning_content"] == REASONING
+
+
+def parts(message: BaseMessage) -> tuple[object, str, list[tuple[str, object]]]:
+    """``(content, reasoning, calls)`` of an AI message or its accumulated chunks."""
+    assert isinstance(message, AIMessage)
+    return (message.content, message.additional_kwargs.get("reasoning_content", ""),
+            [(call["name"], call["args"]) for call in message.tool_calls])
+
+
+async def whole_and_streamed(runnable: Runnable[Any, BaseMessage], question: Any
+                             ) -> tuple[AIMessage, AIMessage]:
+    """The runnable's answer invoked, then streamed and accumulated."""
+    message = await runnable.ainvoke(question)
+    streamed: Any = None
+    async for chunk in runnable.astream(question):
+        streamed = chunk if streamed is None else streamed + chunk
+    assert isinstance(message, AIMessage) and isinstance(streamed, AIMessage)
+    return message, streamed
+
+
+def takeovers(message: AIMessage) -> int:
+    return sum(message.response_metadata["speculative_thinking"]["takeovers"].values())
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+async def test_each_familys_answer(loopback_server: Callable[..., object], name: str) -> None:
+    """If this fails, LangChain users of this family's pair get its reasoning in the content
+    (or lose it) or no takeover, invoked or streamed."""
+    pair = start_family_pair(loopback_server, name)
+    model = ChatSpeculativeThinking(**pair.settings)
+    try:
+        message, streamed = await whole_and_streamed(model, "What is 12 * 13?")
+    finally:
+        await model.aclose()
+    assert parts(message) == parts(streamed) == (PLAIN_ANSWER, PLAIN_REASONING, [])
+    assert takeovers(message) >= 1
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+async def test_each_familys_call_with_bind_tools(loopback_server: Callable[..., object],
+                                                 name: str) -> None:
+    """If this fails, a LangChain agent on this family's pair gets the family's call as text
+    (or no call), executes the call drafted in the reasoning (the Oslo decoy), or loses the
+    reasoning, whole or streamed."""
+    pair = start_family_pair(loopback_server, name)
+    model = ChatSpeculativeThinking(**pair.settings)
+    try:
+        message, streamed = await whole_and_streamed(model.bind_tools(WEATHER), QUESTION)
+    finally:
+        await model.aclose()
+    family = pair.family
+    expected = (family.call_answer, family.call_reasoning, [("get_weather", ARGUMENTS)])
+    assert parts(message) == parts(streamed) == expected
+    assert takeovers(message) >= 1
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+async def test_each_family_answers_a_tools_result(loopback_server: Callable[..., object],
+                                                  name: str) -> None:
+    """If this fails, a LangChain tool loop on this family's pair cannot go on after the
+    tool's result, or the reasoning of the turn that called the tool does not reach a template
+    that shows it (gpt-oss, Gemma 4, Qwen3.5, Nemotron 3...)."""
+    pair = start_family_pair(loopback_server, name)
+    model = ChatSpeculativeThinking(**pair.settings)
+    history: list[BaseMessage] = [
+        HumanMessage(QUESTION),
+        AIMessage(content=pair.family.call_answer,
+                  additional_kwargs={"reasoning_content": EARLIER_REASONING},
+                  tool_calls=[{"name": "get_weather", "args": ARGUMENTS, "id": CALL_ID}]),
+        ToolMessage(TOOL_RESULT, tool_call_id=CALL_ID)]
+    try:
+        message = await model.bind_tools(WEATHER).ainvoke(history)
+    finally:
+        await model.aclose()
+    assert parts(message) == (FINAL_ANSWER, FINAL_REASONING, [])
+    assert takeovers(message) >= 1
+    if pair.family.shows_earlier_reasoning(EARLIER_REASONING):
+        answering = [prompt for prompt in pair.prompts if TOOL_RESULT in prompt]
+        assert answering and all(EARLIER_REASONING in prompt for prompt in answering)
+
+
+@pytest.mark.parametrize("choice", ["get_weather", "any"])
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+async def test_each_family_makes_a_required_call(loopback_server: Callable[..., object],
+                                                 name: str, choice: str) -> None:
+    """If this fails, ``bind_tools(tool_choice=...)`` on this family's pair opens the call
+    otherwise than the family's model writes one, or the call is not read after it."""
+    pair = start_family_pair(loopback_server, name)
+    model = ChatSpeculativeThinking(**pair.settings)
+    try:
+        message = await model.bind_tools(WEATHER, tool_choice=choice).ainvoke(QUESTION)
+    finally:
+        await model.aclose()
+    assert parts(message)[1:] == (pair.family.call_reasoning, [("get_weather", ARGUMENTS)])
