@@ -1,24 +1,44 @@
-"""``specthink serve`` in front of a gpt-oss pair over vLLM-protocol servers that render the
-real gpt-oss chat template (tests/core/formats/test_pair_formats.py sets it up), with
-its model ids: through the openai SDK, the content is exactly the answer and
-the reasoning exactly the reasoning, whole and streamed, after a takeover."""
+"""``specthink serve`` in front of every family's scripted pair (tests/core/formats/
+family_pairs.py: vLLM-protocol servers rendering the family's real chat template, the pair named
+by its model ids alone), driven by the openai SDK: the content is exactly the answer, the
+reasoning exactly the reasoning, the call exactly the call and never the decoy drafted in the
+reasoning, after a takeover, whole and streamed; a tool's result is answered with the earlier
+reasoning handed back; a required or named ``tool_choice`` gives the call; the Responses API
+runs the same tool loop. Then what is particular to one family: the reasoning handed back as
+``reasoning`` or client-side, a call no format can open, Gemma 4's thinking switch, the instruct
+preset's warning."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionChunk
+from openai.types.responses import ResponseFunctionToolCall, ResponseReasoningItem
 
 from specthink.formats.families import builtin_template
 from tests.core.formats import test_pair_tool_choice as required
+from tests.core.formats.family_pairs import (
+    ARGUMENTS,
+    FAMILIES,
+    FINAL_ANSWER,
+    FINAL_REASONING,
+    PLAIN_ANSWER,
+    PLAIN_REASONING,
+    QUESTION,
+    TOOL_RESULT,
+    FamilyPair,
+    start_family_pair,
+)
+from tests.core.formats.family_pairs import WEATHER as FAMILY_WEATHER
 from tests.core.formats.test_pair_formats import (
     ANSWER,
-    CALL_REASONING,
     CALL_TURN,
     EARLIER_REASONING,
     FAMILY_PAIRS,
@@ -26,37 +46,192 @@ from tests.core.formats.test_pair_formats import (
     HARMONY_TOOLS,
     REASONING,
     WEATHER,
-    XML_REASONING,
     start,
     start_family,
-    start_qwen35,
     start_tool_loop,
 )
 from tests.serve.conftest import client
 
+PLAIN = [{"role": "user", "content": "What is 12 * 13?"}]
+ASK = [{"role": "user", "content": QUESTION}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
-def test_gpt_oss_through_serve(loopback_server: Callable[..., object],
-                               serve: Callable[..., Any]) -> None:
-    """If this fails, an OpenAI client of a gpt-oss pair gets harmony's reasoning as content
-    (or loses it), or the answer is cut."""
-    served = serve(start(loopback_server), backend="openai", small_model="openai/gpt-oss-20b",
-                   target_model="openai/gpt-oss-120b", small_template="server",
-                   target_template="server")
-    sdk = client(served)
-    completion = sdk.chat.completions.create(
-        model="specthink", messages=[{"role": "user", "content": "What is 12 * 13?"}])
-    message = completion.choices[0].message
-    assert message.content == ANSWER
-    assert (message.model_extra or {})["reasoning_content"] == REASONING
-    assert sum((completion.model_extra or {})["specthink"]["takeovers"].values()) >= 1
-    content, reasoning = "", ""
-    for chunk in sdk.chat.completions.create(
-            model="specthink", messages=[{"role": "user", "content": "What is 12 * 13?"}],
-            stream=True):
+
+def serve_family(loopback_server: Callable[..., object], serve: Callable[..., Any],
+                 name: str) -> tuple[FamilyPair, openai.OpenAI]:
+    """Family ``name``'s pair, and an SDK client of ``serve`` in front of it."""
+    pair = start_family_pair(loopback_server, name)
+    return pair, client(serve(pair, **pair.settings))
+
+
+def takeovers(extra: Mapping[str, Any] | None) -> int:
+    """The takeovers in the ``specthink`` statistics of a completion or a stream's last
+    chunk."""
+    return sum((extra or {})["specthink"]["takeovers"].values())
+
+
+def calls_of(message: Any) -> list[tuple[str, Any]]:
+    """A whole message's tool calls, arguments decoded."""
+    return [(call.function.name, json.loads(call.function.arguments))
+            for call in message.tool_calls or []]
+
+
+def sent(message: Mapping[str, Any]) -> dict[str, Any]:
+    """``message`` as the SDK sends it: a call's arguments as a JSON string (a copy: the
+    family's history shares its call)."""
+    calls = [{**call, "function": {**call["function"],
+                                   "arguments": json.dumps(call["function"]["arguments"])}}
+             for call in message.get("tool_calls", [])]
+    return {**message, "tool_calls": calls} if calls else dict(message)
+
+
+@dataclass
+class Streamed:
+    """A streamed completion put together as the SDK's users do: text deltas joined, tool-call
+    deltas accumulated by index."""
+
+    content: str = ""
+    reasoning: str = ""
+    names: dict[int, str] = field(default_factory=dict)
+    arguments: dict[int, str] = field(default_factory=dict)
+    finish: str | None = None
+    takeovers: int = 0
+
+    @property
+    def calls(self) -> list[tuple[str, Any]]:
+        return [(self.names[i], json.loads(self.arguments[i])) for i in sorted(self.names)]
+
+
+def stream(sdk: openai.OpenAI, messages: Any, **request: Any) -> Streamed:
+    """The streamed completion of ``messages`` with ``request``'s fields."""
+    out = Streamed()
+    chunks: openai.Stream[ChatCompletionChunk] = sdk.chat.completions.create(
+        model="specthink", messages=messages, stream=True, **request)
+    for chunk in chunks:
+        if "specthink" in (chunk.model_extra or {}):
+            out.takeovers += takeovers(chunk.model_extra)
         for choice in chunk.choices:
-            content += choice.delta.content or ""
-            reasoning += (choice.delta.model_extra or {}).get("reasoning_content") or ""
-    assert (content, reasoning) == (ANSWER, REASONING)
+            out.finish = choice.finish_reason or out.finish
+            out.content += choice.delta.content or ""
+            out.reasoning += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+            for call in choice.delta.tool_calls or []:
+                if call.function is not None:
+                    out.names[call.index] = (out.names.get(call.index, "")
+                                             + (call.function.name or ""))
+                    out.arguments[call.index] = (out.arguments.get(call.index, "")
+                                                 + (call.function.arguments or ""))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_each_family_answers_through_serve(loopback_server: Callable[..., object],
+                                           serve: Callable[..., Any], name: str) -> None:
+    """If this fails, an OpenAI client of this family's pair (no tools) gets the reasoning in
+    the content or loses it, a cut answer, or no takeover, whole or streamed."""
+    _, sdk = serve_family(loopback_server, serve, name)
+    completion = sdk.chat.completions.create(model="specthink", messages=PLAIN)  # type: ignore[arg-type]
+    message = completion.choices[0].message
+    assert message.content == PLAIN_ANSWER
+    assert (message.model_extra or {})["reasoning_content"] == PLAIN_REASONING
+    assert not message.tool_calls and completion.choices[0].finish_reason == "stop"
+    assert takeovers(completion.model_extra) >= 1
+    streamed = stream(sdk, PLAIN)
+    assert (streamed.content, streamed.reasoning, streamed.calls, streamed.finish) == (
+        PLAIN_ANSWER, PLAIN_REASONING, [], "stop")
+    assert streamed.takeovers >= 1
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_each_family_calls_and_reads_the_tools_result_through_serve(
+        loopback_server: Callable[..., object], serve: Callable[..., Any], name: str) -> None:
+    """If this fails, an OpenAI client's tool loop on this family's pair breaks: the family's
+    call comes as text (or not at all), the Oslo call drafted in the reasoning comes as a call,
+    the reasoning or the answer beside the call is wrong, no takeover, whole or streamed; or
+    the conversation sent back (the call's arguments a JSON string, its reasoning as
+    ``reasoning_content``, the tool's result) is not answered, or the reasoning handed back is
+    missing from the prompts of a template that shows it."""
+    pair, sdk = serve_family(loopback_server, serve, name)
+    family = pair.family
+    completion = sdk.chat.completions.create(model="specthink", messages=ASK,  # type: ignore[arg-type]
+                                             tools=FAMILY_WEATHER)  # type: ignore[arg-type]
+    choice = completion.choices[0]
+    assert (choice.message.content or "") == family.call_answer
+    earlier = (choice.message.model_extra or {})["reasoning_content"]
+    assert earlier == family.call_reasoning
+    assert calls_of(choice.message) == [("get_weather", ARGUMENTS)]
+    assert choice.finish_reason == "tool_calls"
+    assert takeovers(completion.model_extra) >= 1
+    streamed = stream(sdk, ASK, tools=FAMILY_WEATHER)
+    assert (streamed.content, streamed.reasoning, streamed.calls, streamed.finish) == (
+        family.call_answer, family.call_reasoning, [("get_weather", ARGUMENTS)], "tool_calls")
+    assert streamed.takeovers >= 1
+
+    history = [sent(message) for message in family.history(earlier)]
+    final = sdk.chat.completions.create(model="specthink", messages=history,  # type: ignore[arg-type]
+                                        tools=FAMILY_WEATHER)  # type: ignore[arg-type]
+    message = final.choices[0].message
+    assert message.content == FINAL_ANSWER and not message.tool_calls
+    assert (message.model_extra or {})["reasoning_content"] == FINAL_REASONING
+    assert takeovers(final.model_extra) >= 1
+    if family.shows_earlier_reasoning(earlier):
+        answering = [prompt for prompt in pair.prompts if TOOL_RESULT in prompt]
+        assert answering and all(earlier in prompt for prompt in answering)
+
+
+@pytest.mark.parametrize("choice", ["required", NAMED], ids=["required", "named"])
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_each_family_makes_a_required_call_through_serve(
+        loopback_server: Callable[..., object], serve: Callable[..., Any], name: str,
+        choice: Any) -> None:
+    """If this fails, an OpenAI client's ``tool_choice`` "required" or naming get_weather on
+    this family's pair gets no call, words beside it, or a 400, whole or streamed: serve drops
+    the choice, or the engine opens the call otherwise than the family's model writes one."""
+    pair, sdk = serve_family(loopback_server, serve, name)
+    completion = sdk.chat.completions.create(model="specthink", messages=ASK,  # type: ignore[arg-type]
+                                             tools=FAMILY_WEATHER,  # type: ignore[arg-type]
+                                             tool_choice=choice)
+    answer = completion.choices[0]
+    assert answer.finish_reason == "tool_calls", answer.message
+    assert calls_of(answer.message) == [("get_weather", ARGUMENTS)]
+    assert not answer.message.content
+    assert (answer.message.model_extra or {})["reasoning_content"] == pair.family.call_reasoning
+    streamed = stream(sdk, ASK, tools=FAMILY_WEATHER, tool_choice=choice)
+    assert (streamed.content, streamed.reasoning, streamed.calls, streamed.finish) == (
+        "", pair.family.call_reasoning, [("get_weather", ARGUMENTS)], "tool_calls")
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_each_family_runs_a_tool_loop_through_the_responses_api(
+        loopback_server: Callable[..., object], serve: Callable[..., Any], name: str) -> None:
+    """If this fails, a Responses API client of this family's pair gets the reasoning item,
+    the answer or the function call wrong (the decoy as a call), no takeover, or its second
+    turn (every output item sent back, then the function's output) is not answered, or the
+    reasoning item sent back is missing from the prompts of a template that shows it."""
+    pair, sdk = serve_family(loopback_server, serve, name)
+    family = pair.family
+    tools: Any = [{"type": "function", **cast(dict[str, Any], tool["function"])}
+                  for tool in FAMILY_WEATHER]
+    first = sdk.responses.create(model="specthink", input=QUESTION, tools=tools,
+                                 store=False)
+    reasoning = [item for item in first.output if isinstance(item, ResponseReasoningItem)]
+    assert [[c.text for c in item.content or []] for item in reasoning] == [
+        [family.call_reasoning]]
+    calls = [item for item in first.output if isinstance(item, ResponseFunctionToolCall)]
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", ARGUMENTS)]
+    assert first.output_text == family.call_answer
+    assert takeovers(first.model_extra) >= 1
+    conversation: list[Any] = [{"role": "user", "content": QUESTION}]
+    conversation += [item.model_dump(exclude_none=True) for item in first.output]
+    conversation.append({"type": "function_call_output", "call_id": calls[0].call_id,
+                         "output": TOOL_RESULT})
+    second = sdk.responses.create(model="specthink", input=conversation, tools=tools,
+                                  store=False)
+    assert second.output_text == FINAL_ANSWER
+    assert [[c.text for c in item.content or []] for item in second.output
+            if isinstance(item, ResponseReasoningItem)] == [[FINAL_REASONING]]
+    if family.shows_earlier_reasoning(family.call_reasoning):
+        answering = [prompt for prompt in pair.prompts if TOOL_RESULT in prompt]
+        assert answering and all(family.call_reasoning in prompt for prompt in answering)
 
 
 @pytest.mark.parametrize("template", ["server", GPT_OSS_TEMPLATE_FILE],
@@ -77,7 +252,7 @@ def test_serve_hands_a_tool_turns_reasoning_back(loopback_server: Callable[..., 
         model="specthink", tools=HARMONY_TOOLS,  # type: ignore[arg-type]
         messages=[
             {"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "content": None, field: EARLIER_REASONING,  # type: ignore[misc]
+            {"role": "assistant", "content": None, field: EARLIER_REASONING,  # type: ignore[list-item]
              "tool_calls": [{"id": "c1", "type": "function", "function": {
                  "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
             {"role": "tool", "tool_call_id": "c1", "content": "Sunny, 21 C"}])
@@ -85,93 +260,6 @@ def test_serve_hands_a_tool_turns_reasoning_back(loopback_server: Callable[..., 
     prompts = [r.model_input for s in (pair.small, pair.target) for r in s.records]
     assert prompts and all(analysis in prompt for prompt in prompts)
     assert completion.choices[0].message.content == ANSWER
-
-
-@pytest.mark.parametrize("family", sorted(FAMILY_PAIRS))
-def test_gemma4_and_ministral_through_serve(loopback_server: Callable[..., object],
-                                            serve: Callable[..., Any], family: str) -> None:
-    """If this fails, an OpenAI client of a Gemma 4 pair gets no reasoning (its thinking
-    switch not on by default) or of a Ministral 3 Reasoning pair gets the ``[THINK]``
-    reasoning as content, or no takeover happens."""
-    small, target = FAMILY_PAIRS[family]
-    served = serve(start_family(loopback_server, family), backend="openai", small_model=small,
-                   target_model=target, small_template="server", target_template="server")
-    completion = client(served).chat.completions.create(
-        model="specthink", messages=[{"role": "user", "content": "What is 12 * 13?"}])
-    message = completion.choices[0].message
-    assert message.content == ANSWER
-    assert (message.model_extra or {})["reasoning_content"] == REASONING
-    assert sum((completion.model_extra or {})["specthink"]["takeovers"].values()) >= 1
-
-
-@pytest.mark.parametrize("family", ["gpt-oss", "qwen3.5"])
-def test_tool_calls_per_family_through_serve(loopback_server: Callable[..., object],
-                                             serve: Callable[..., Any], family: str) -> None:
-    """If this fails, an OpenAI client of a gpt-oss or Qwen3.5 pair gets the family's call as
-    text (or none), the call drafted in the reasoning (the Oslo decoy) as a call, or loses the
-    reasoning."""
-    if family == "gpt-oss":
-        pair = start_tool_loop(loopback_server, CALL_TURN)
-        models = {"small_model": "openai/gpt-oss-20b", "target_model": "openai/gpt-oss-120b"}
-        expected = (None, CALL_REASONING, [("get_weather", {"city": "Paris"})])
-    else:
-        pair = start_qwen35(loopback_server)
-        models = {"small_model": "Qwen/Qwen3.5-4B", "target_model": "Qwen/Qwen3.5-27B"}
-        expected = ("Let me check.", XML_REASONING,
-                    [("get_weather", {"city": "Paris", "days": 2})])
-    served = serve(pair, backend="openai", small_template="server", target_template="server",
-                   **models)
-    completion = client(served).chat.completions.create(
-        model="specthink", tools=WEATHER,  # type: ignore[arg-type]
-        messages=[{"role": "user", "content": "Weather in Paris?"}])
-    message = completion.choices[0].message
-    calls = [(c.function.name, json.loads(c.function.arguments))
-             for c in message.tool_calls or []]  # type: ignore[union-attr]
-    assert (message.content or None, (message.model_extra or {})["reasoning_content"],
-            calls) == expected
-    assert completion.choices[0].finish_reason == "tool_calls"
-    assert sum((completion.model_extra or {})["specthink"]["takeovers"].values()) >= 1
-
-
-@pytest.mark.parametrize("choice", sorted(required.CHOICES))
-@pytest.mark.parametrize("family", ["gpt-oss", "qwen3.5"])
-def test_a_required_call_is_made_in_the_familys_syntax_through_serve(
-        loopback_server: Callable[..., object], serve: Callable[..., Any], family: str,
-        choice: str) -> None:
-    """If this fails, an OpenAI client of a gpt-oss or Qwen3.5 pair whose models would answer
-    in words, given tool_choice "required" or a named function, gets their words
-    (finish_reason "stop") or a 400 instead of exactly that call: the engine no longer writes
-    harmony's ``<|start|>assistant<|channel|>commentary to=functions.NAME <|constrain|>json
-    <|message|>`` or Qwen3.5's ``<tool_call>\\n<function=NAME>`` after the reasoning, whole
-    or streamed."""
-    pair = required.start(loopback_server, family)  # type: ignore[arg-type]
-    small, target = required.FAMILIES[family].models
-    served = serve(pair, backend="openai", small_model=small, target_model=target,
-                   small_template="server", target_template="server")
-    tool_choice, called = required.CHOICES[choice]
-    tools = [required.WEATHER, required.TIME]
-    sdk = client(served)
-    completion = sdk.chat.completions.create(
-        model="specthink", tools=tools, tool_choice=tool_choice,  # type: ignore[arg-type]
-        messages=[{"role": "user", "content": "Weather in Paris?"}])
-    answer = completion.choices[0]
-    assert answer.finish_reason == "tool_calls", answer.message
-    assert [(c.function.name, json.loads(c.function.arguments))  # type: ignore[union-attr]
-            for c in answer.message.tool_calls or []] == [called]
-    assert not answer.message.content
-    assert (answer.message.model_extra or {})["reasoning_content"] == required.REASONING
-    names: list[str] = []
-    arguments, finish = "", None
-    for chunk in sdk.chat.completions.create(
-            model="specthink", tools=tools, tool_choice=tool_choice,  # type: ignore[arg-type]
-            messages=[{"role": "user", "content": "Weather in Paris?"}], stream=True):
-        for delta in chunk.choices:
-            finish = delta.finish_reason or finish
-            for call in delta.delta.tool_calls or []:
-                if call.function is not None:
-                    names += [call.function.name] if call.function.name else []
-                    arguments += call.function.arguments or ""
-    assert (names, json.loads(arguments), finish) == ([called[0]], called[1], "tool_calls")
 
 
 @pytest.mark.parametrize("tool_choice", [

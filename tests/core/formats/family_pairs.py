@@ -16,6 +16,7 @@ included, cut after its stop token. Three turns per family:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -116,7 +117,7 @@ class Family:
         elif reasoning is not None:
             message["reasoning_content"] = reasoning
         if call:
-            message["tool_calls"] = [CALL]
+            message["tool_calls"] = [copy.deepcopy(CALL)]
         return message
 
     def history(self, reasoning: str | None = None) -> list[dict[str, Any]]:
@@ -124,7 +125,7 @@ class Family:
         call (its reasoning handed back as ``reasoning_content`` when given), the tool's
         result."""
         call: dict[str, Any] = {"role": "assistant", "content": self.call_answer,
-                                "tool_calls": [CALL]}
+                                "tool_calls": [copy.deepcopy(CALL)]}
         if reasoning is not None:
             call["reasoning_content"] = reasoning
         return [{"role": "user", "content": QUESTION}, call,
