@@ -449,8 +449,12 @@ class SpeculativeThinker:
 
     async def _prepare(self, request: ChatRequest) -> _Run:
         sampling = request.sampling
-        if self.output_format.template is not None and not sampling.keep_special_tokens:
-            sampling = dataclasses.replace(sampling, keep_special_tokens=True)
+        if (template := self.output_format.template) is not None:
+            # A format read by a response template may be marked by special tokens: the
+            # servers keep them as text (told which ones where a server keeps only those it is
+            # told: llama.cpp's preserved_tokens).
+            sampling = dataclasses.replace(sampling, keep_special_tokens=True,
+                                           marker_tokens=template.marker_tokens)
         if request.grammar is not None and self.small.supports_grammar \
                 and self.target.supports_grammar:
             sampling = dataclasses.replace(sampling, grammar=request.grammar)
@@ -542,9 +546,15 @@ class SpeculativeThinker:
 
         backend = self.backends[role]
         try:
-            template = self._templates[role].with_template_kwargs(request.template_kwargs)
+            # A server that cannot keep the format's special tokens says so before any
+            # generation request (llama-cpp-python's), rather than fusing what they mark.
+            check = getattr(backend, "check_keeps", None)
+            template = self.output_format.template
+            if check is not None and template is not None:
+                await check(template.required_markers)
+            chat = self._templates[role].with_template_kwargs(request.template_kwargs)
             run.prompts[role] = await prompts.render_prompt(
-                template, request.prompt_messages, request.prompt_tools, backend,
+                chat, request.prompt_messages, request.prompt_tools, backend,
                 tool_choice=request.tool_choice, tool_choice_applied=True)
             if self.check_prompt_length:
                 await self._check_limits(run, role, len(run.stop))

@@ -29,7 +29,12 @@ class SamplingParams:
     keep_special_tokens: bool = False
     """The output format's markers may be special tokens (harmony's ``<|channel|>``, Mistral's
     ``[THINK]``): ask the server to keep them in the text (vLLM / SGLang
-    ``skip_special_tokens: false``; the stop token stays out either way)."""
+    ``skip_special_tokens: false``, TGI's ``special`` tokens' text, llama.cpp's
+    ``preserved_tokens`` from ``marker_tokens``; the stop token stays out either way)."""
+    marker_tokens: tuple[str, ...] = ()
+    """With ``keep_special_tokens``, the texts of the format's markers that may be special
+    tokens (``ResponseTemplate.marker_tokens``), for servers that keep only the special tokens
+    a request names (llama.cpp's ``preserved_tokens``)."""
 
     @property
     def greedy(self) -> bool:

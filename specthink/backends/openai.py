@@ -147,9 +147,17 @@ class _Once:
 
 
 def completion_body(prompt: str, *, model: str | None, max_new_tokens: int,
-                    sampling: SamplingParams) -> dict[str, Any]:
+                    sampling: SamplingParams, llama_cpp: bool = False) -> dict[str, Any]:
     """The JSON body of a streamed ``/v1/completions`` request. Greedy is ``temperature=0``,
-    which OpenAI-compatible servers accept (TGI maps it to ``do_sample=false``)."""
+    which OpenAI-compatible servers accept (TGI maps it to ``do_sample=false``).
+
+    ``keep_special_tokens`` is ``skip_special_tokens: false`` (vLLM, SGLang) and, for
+    llama.cpp's server (``llama_cpp``), ``preserved_tokens``: the format's ``marker_tokens``.
+    llama.cpp writes a special token's text only when the server runs with ``--special`` or
+    the request names it there (tools/server: ``server_task::params_from_json_cmpl`` keeps
+    each string that tokenizes to one token; ``update_slots``' ``accept_special_token``
+    decides each sampled token's ``common_token_to_piece``), and it writes a named stop
+    token's text too, which :class:`CompletionDecoder` then leaves out."""
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     grammar = sampling.grammar
@@ -171,6 +179,8 @@ def completion_body(prompt: str, *, model: str | None, max_new_tokens: int,
         body["grammar"] = grammar["value"]  # llama.cpp's and llama-cpp-python's GBNF field
     if sampling.keep_special_tokens:
         body["skip_special_tokens"] = False
+        if llama_cpp and sampling.marker_tokens:
+            body["preserved_tokens"] = list(sampling.marker_tokens)
     return body
 
 
@@ -207,12 +217,21 @@ class CompletionDecoder:
     chunk of its own after the finish, TGI in the same chunk), so that it can carry
     ``input_tokens``. TGI's stream gives the end-of-sequence token's text (e.g. ``</s>``) with
     finish reason ``eos_token``: that token becomes a special one.
+
+    ``preserved`` are the special tokens' texts a llama.cpp request named
+    (``preserved_tokens``): llama.cpp writes a named stop token's text too, in a chunk of its
+    own before the finishing one (tools/server ``process_token``: the text is sent, then the
+    end of generation is checked). A chunk that is exactly one of them is held until the next
+    says whether it ended the generation; if it did, its text is left out, as vLLM and TGI
+    leave out the stop token.
     """
 
-    def __init__(self, *, url: str = "") -> None:
+    def __init__(self, *, url: str = "", preserved: frozenset[str] = frozenset()) -> None:
         self.url = url
         self.tokens_received = 0
         self._held: StreamToken | None = None
+        self._preserved = preserved
+        self._maybe_stop: str | None = None
         self.finished = False
 
     def feed(self, payload: Any) -> list[StreamToken]:
@@ -229,11 +248,19 @@ class CompletionDecoder:
             text = str(choice.get("text") or "")
             reason = choice.get("finish_reason")
             self.tokens_received += 1
-            if not reason:
-                out.append(StreamToken(text))
+            finish = _FINISH.get(str(reason), "eos") if reason else None
+            if self._maybe_stop is not None:
+                held, self._maybe_stop = self._maybe_stop, None
+                if not (finish == "eos" and not text):
+                    out.append(StreamToken(held))  # it did not end the generation
+            if finish is None:
+                if text in self._preserved:
+                    self._maybe_stop = text
+                else:
+                    out.append(StreamToken(text))
                 continue
-            special = reason == "eos_token" or not text
-            finish = _FINISH.get(str(reason), "eos")
+            special = reason == "eos_token" or not text or (
+                finish == "eos" and text in self._preserved)
             self._held = StreamToken("" if special else text, special, finish)
         if self._held is not None and isinstance(prompt_tokens, int):
             out.append(self._release(prompt_tokens))
@@ -245,7 +272,10 @@ class CompletionDecoder:
         return self._held is not None
 
     def end(self) -> list[StreamToken]:
-        """The stream ended (``[DONE]`` or end of body): release a held finishing token."""
+        """The stream ended (``[DONE]`` or end of body): release a held finishing token. A
+        marker still held had no finish after it: the stream broke, and what follows it is
+        written again from what was delivered."""
+        self._maybe_stop = None
         return [self._release(None)] if self._held is not None else []
 
     def _release(self, prompt_tokens: int | None) -> StreamToken:
@@ -257,9 +287,9 @@ class CompletionDecoder:
 
 
 class _TokenStream:
-    def __init__(self, stream: SSEStream) -> None:
+    def __init__(self, stream: SSEStream, preserved: frozenset[str] = frozenset()) -> None:
         self._stream = stream
-        self._decoder = CompletionDecoder(url=stream.url)
+        self._decoder = CompletionDecoder(url=stream.url, preserved=preserved)
         self._ready: deque[StreamToken] = deque()
         self._done = False
 
@@ -338,6 +368,8 @@ class OpenAICompletionsBackend(SSEBackend):
         self._detecting = _Once()
         self._probing_chat = _Once()
         self._learnt_context: int | None = None
+        self._dropped: dict[tuple[str, ...], tuple[str, ...]] = {}
+        """Per set of markers: those llama-cpp-python's detokenizer drops (``check_keeps``)."""
 
     def _repr_details(self) -> str:
         return f", model={self.model!r}" if self.model else ""
@@ -349,9 +381,46 @@ class OpenAICompletionsBackend(SSEBackend):
 
     async def _stream_request(self, prompt: str, max_new_tokens: int,
                               sampling: SamplingParams) -> tuple[str, dict[str, Any]]:
+        llama_cpp = False
+        if sampling.keep_special_tokens and sampling.marker_tokens:
+            # The markers are named to llama.cpp's server only (a field the others do not take).
+            llama_cpp = (await self._tokenizer("Hi"))[0] == "llama_cpp"
         return "/v1/completions", completion_body(prompt, model=await self._model(),
                                                   max_new_tokens=max_new_tokens,
-                                                  sampling=sampling)
+                                                  sampling=sampling, llama_cpp=llama_cpp)
+
+    async def check_keeps(self, markers: Sequence[str]) -> None:
+        """Raise :class:`ConfigError` when this server would drop any of ``markers`` (an output
+        format's ``required_markers``) from its generated text: llama-cpp-python's server,
+        whose ``/v1/completions`` never writes a special token's text
+        (``Llama._create_completion`` detokenizes with ``special=False`` and takes no field to
+        change that), when the served model holds one of them as a special token. Then the
+        parts they separate would arrive fused. Found once per set of markers from the
+        server's own tokenizer: ``/extras/tokenize`` (special tokens parsed) and back through
+        ``/extras/detokenize`` (the same ``Llama.detokenize`` the completions use). vLLM,
+        SGLang, TGI and llama.cpp's server keep them when asked (``keep_special_tokens``)."""
+        if not markers or (await self._tokenizer("Hi"))[0] != "llama_cpp_python":
+            return
+        key = tuple(markers)
+        dropped = self._dropped.get(key)
+        if dropped is None:
+            text = "\n".join(key)
+            answer = await self._conn.request_json("POST", "/extras/tokenize", {"input": text})
+            ids = _int_list(answer.get("tokens")) if isinstance(answer, dict) else None
+            back = await self._conn.request_json("POST", "/extras/detokenize",
+                                                 {"tokens": ids or []})
+            kept = back.get("text") if isinstance(back, dict) else None
+            if ids is None or not isinstance(kept, str):
+                raise BackendError("llama-cpp-python's /extras tokenizer answered an "
+                                   "unexpected shape", url=self.url)
+            dropped = self._dropped[key] = tuple(m for m in key if m not in kept)
+        if dropped:
+            raise ConfigError(
+                f"{redact_url(self.url)} is llama-cpp-python's server, which drops special "
+                f"tokens' text from /v1/completions, and its model holds the output format's "
+                f"markers {', '.join(dropped)} as special tokens: the reasoning would arrive "
+                "fused into the answer. Serve this model with llama.cpp's llama-server (which "
+                "keeps them when asked with preserved_tokens) or vLLM", field="backend")
 
     def _check_first(self, event: ServerSentEvent) -> None:
         if event.data == "[DONE]":
@@ -364,7 +433,8 @@ class OpenAICompletionsBackend(SSEBackend):
             raise _error_event(payload, self.url, 0)
 
     def _tokens(self, stream: SSEStream, sampling: SamplingParams) -> AsyncIterator[StreamToken]:
-        return _TokenStream(stream)
+        named = sampling.keep_special_tokens and self.tokenize_method == "llama_cpp"
+        return _TokenStream(stream, frozenset(sampling.marker_tokens) if named else frozenset())
 
     async def call_grammar(self, tools: Sequence[dict[str, Any]],
                            name: str | None) -> dict[str, Any] | None:

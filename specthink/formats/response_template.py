@@ -58,6 +58,7 @@ __all__ = [
     "ResponseTemplate",
     "TemplateField",
     "load_template",
+    "marker_tokens",
     "parse_response",
 ]
 
@@ -250,6 +251,15 @@ class ResponseTemplate:
     """How the engine begins a required call in this format (the template's
     ``specthink.call_opener``); ``None``: it cannot, and ``tool_choice`` "required" or a named
     function is refused."""
+    marker_tokens: tuple[str, ...] = ()
+    """The texts shaped like special tokens that the output is split on (harmony's
+    ``<|channel|>`` and ``<|end|>``, Mistral's ``[THINK]``, Gemma 4's ``<|channel>`` and
+    ``<|"|>``; :func:`marker_tokens`): what a server that keeps only the special tokens a
+    request names is sent (llama.cpp's ``preserved_tokens``)."""
+    required_markers: tuple[str, ...] = ()
+    """Those of :attr:`marker_tokens` whose loss changes the split (every opener and the
+    reasoning's closers, not a call's or the answer's closer, which may be the stop token): a
+    server that drops special tokens' text (llama-cpp-python's) must keep these as text."""
 
     @property
     def reasoning_field(self) -> str | None:
@@ -337,7 +347,9 @@ def load_template(spec: Mapping[str, Any] | ResponseTemplate) -> ResponseTemplat
         raise ConfigError("response_template needs a 'start_anchor' or 'start_anchor_pattern'")
     template = ResponseTemplate(spec=copy.deepcopy(dict(spec)), defaults=copy.deepcopy(defaults),
                                 fields=fields, implicit=implicit[0] if implicit else None,
-                                start_anchor=anchor, triggers={}, call_opener=opener)
+                                start_anchor=anchor, triggers={}, call_opener=opener,
+                                marker_tokens=marker_tokens(spec),
+                                required_markers=marker_tokens(spec, required=True))
     triggers: dict[str | None, re.Pattern[str] | None] = {}
     for current in (None, *fields):
         parts = [d.trigger for _, _, d in template.watched(current)]
@@ -345,6 +357,55 @@ def load_template(spec: Mapping[str, Any] | ResponseTemplate) -> ResponseTemplat
                              else re.compile("|".join(f"(?:{p})" for p in parts) or r"(?!)"))
     object.__setattr__(template, "triggers", triggers)
     return template
+
+
+_MARKER_SHAPES = re.compile(
+    r"<\|[^<>\s|]*\|>"        # harmony, ChatML: <|channel|>, <|im_end|>; Gemma 4's <|"|>
+    r"|<\|[^<>\s|]+>"          # Gemma 4 openers: <|channel>, <|tool_call>
+    r"|<[^<>\s|]+\|>"          # Gemma 4 closers: <channel|>, <tool_call|>
+    r"|<\uff5c[^<>\uff5c]+\uff5c>"  # DeepSeek: <｜end▁of▁sentence｜>
+    r"|\[/?[A-Z][A-Z_]*\]"     # Mistral: [THINK], [/THINK], [TOOL_CALLS], [ARGS]
+    r"|</?[A-Za-z_][\w.]*>")   # <think>, </think>, <tool_call>, </s>, <eos>
+"""The shapes the families' special tokens take. Over-matching costs nothing: llama.cpp keeps a
+``preserved_tokens`` string only when it is one token, and an ordinary token's text is never
+dropped anyway."""
+
+
+def marker_tokens(spec: Mapping[str, Any], *, required: bool = False) -> tuple[str, ...]:
+    """The texts shaped like special tokens (:data:`_MARKER_SHAPES`) that a response template
+    splits a model's output on, in order of appearance, each once: every field's opener, the
+    closers of the fields with one, and content arguments (Gemma 4's ``<|"|>`` strings). Left
+    out: the start anchor (the prompt's) and what only closes the field without an opener
+    (the end of the output). ``required``: only those whose loss changes the split, so
+    not the closers of fields other than the reasoning, which may be the stop token (gpt-oss's
+    ``<|call|>`` and ``<|return|>``, Granite's ``<|end_of_text|>``; a missing one ends the
+    field at the end of the output). A pattern is read with its escapes undone
+    (``<\\|channel\\|>`` is ``<|channel|>``) and its named groups left out."""
+    texts: list[str] = []
+
+    def walk(value: object, key: str = "") -> None:
+        if isinstance(value, str):
+            if key.endswith("pattern"):
+                value = re.sub(r"\\([^\w\s])", r"\1", re.sub(r"\(\?P<\w+>", "(", value))
+            texts.append(value)
+        elif isinstance(value, Mapping):
+            for name, inner in value.items():
+                walk(inner, str(name))
+        elif isinstance(value, list | tuple):
+            for inner in value:
+                walk(inner, key)
+
+    fields = spec.get("fields")
+    for name, field in fields.items() if isinstance(fields, Mapping) else ():
+        if not isinstance(field, Mapping):
+            continue
+        implicit = "open" not in field and "open_pattern" not in field
+        closes = not implicit and (not required or name in REASONING_FIELDS)
+        for key in ("open", "open_pattern", "content_args",
+                    *(("close", "close_pattern") if closes else ())):
+            walk(field.get(key), key)
+    found = (m.group() for text in texts for m in _MARKER_SHAPES.finditer(text))
+    return tuple(dict.fromkeys(found))
 
 
 def _call_opener(extra: Any) -> CallOpener | None:

@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from specthink.testing._generation import special_pieces
 from specthink.testing._templates import AnyServerTemplate, TokenStrings, Vocabulary, token_strings
-from specthink.testing._wire import Job, Token
+from specthink.testing._wire import LLAMA_CPP_RENDERED, Job, Token
 from specthink.testing.models import Tokenizer
 
 __all__ = [
@@ -243,16 +244,23 @@ def python_tokenize(body: Any, served: Served, *, count: bool = False) -> Answer
     if not isinstance(text, str):
         return 422, {"detail": [{"loc": ["body", "input"], "msg": "Field required",
                                  "type": "missing"}]}
-    ids = served.vocabulary.ids(served.pieces(text, add_bos=True))
+    # llama_cpp/server/app.py tokenizes with special=True: a special token's text is one token.
+    bos = served.template.bos_token
+    pieces = ([bos] if bos else []) + [piece for piece, _ in special_pieces(
+        served.tokenizer, text, served.template.special_tokens)]
+    ids = served.vocabulary.ids(pieces)
     return 200, ({"count": len(ids)} if count else {"tokens": ids})
 
 
 def python_detokenize(body: Any, served: Served) -> Answer:
-    """``POST /extras/detokenize``: ``{"tokens"}`` -> ``{"text"}``."""
+    """``POST /extras/detokenize``: ``{"tokens"}`` -> ``{"text"}``, without the special tokens'
+    (and BOS's) text: ``Llama.detokenize`` renders with ``special=False``, as its
+    ``/v1/completions`` does (but for gpt-oss's :data:`LLAMA_CPP_RENDERED`: libllama's)."""
     pieces = served.vocabulary.pieces(_ids(body) or [])
     if pieces is None:
         return 500, {"detail": "invalid token id"}
-    return 200, {"text": "".join(pieces)}
+    dropped = {*served.template.special_tokens, served.template.bos_token} - LLAMA_CPP_RENDERED
+    return 200, {"text": "".join(p for p in pieces if p not in dropped)}
 
 
 # --------------------------------------------------------------------------- /v1/models
@@ -323,13 +331,19 @@ def openai_completion_chunk(envelope: dict[str, Any], job: Job, token: Token, la
     """One streamed chunk as vLLM writes it: the end-of-sequence step has empty text and
     finish reason "stop"; with ``stream_options.include_usage`` the usage follows in a chunk of
     its own with no choices, then ``[DONE]``."""
-    text, _, special = token
-    if special:
-        # Kept only when asked for, and never the token that stopped the generation.
-        text = text if job.keep_special and not (last and job.finish == "eos_token") else ""
+    text = job.shown_token(token, last)
+    if last and job.preserved and text and token[2] and job.finish == "eos_token":
+        # llama.cpp sends a stop token it writes as text in a chunk of its own, then an
+        # empty finishing one (tools/server ``process_token``, then ``send_final_response``).
+        data = _event({**envelope, "choices": [{"index": 0, "text": text, "logprobs": None,
+                                                "finish_reason": None, "stop_reason": None}],
+                       "usage": None})
+        text = ""
+    else:
+        data = b""
     choice = {"index": 0, "text": text, "logprobs": None,
               "finish_reason": _finish(job) if last else None, "stop_reason": None}
-    data = _event({**envelope, "choices": [choice], "usage": None})
+    data += _event({**envelope, "choices": [choice], "usage": None})
     if not last:
         return data
     if include_usage:

@@ -52,7 +52,7 @@ def continuation(model: TextModel, tokenizer: Tokenizer, prompt: str, max_new_to
     answer = model.continuation(prompt)
     tokens: list[Token] = []
     text = ""
-    for piece, special in _pieces(tokenizer, answer.text, special_tokens):
+    for piece, special in special_pieces(tokenizer, answer.text, special_tokens):
         if len(tokens) >= max_new_tokens:
             return tokens, "length"
         tokens.append((piece, tokenizer.token_id(piece), special))
@@ -69,8 +69,9 @@ def continuation(model: TextModel, tokenizer: Tokenizer, prompt: str, max_new_to
     return tokens, "eos_token"
 
 
-def _pieces(tokenizer: Tokenizer, text: str,
-            special_tokens: Sequence[str]) -> list[tuple[str, bool]]:
+def special_pieces(tokenizer: Tokenizer, text: str,
+                   special_tokens: Sequence[str]) -> list[tuple[str, bool]]:
+    """``text``'s tokens, each ``special_tokens`` string a token of its own flagged special."""
     if not special_tokens:
         return [(piece, False) for piece in tokenizer.tokenize(text)]
     pattern = "(" + "|".join(re.escape(t) for t in sorted(special_tokens, key=len,

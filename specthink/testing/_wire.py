@@ -129,6 +129,8 @@ class CompletionRequest(BaseModel):
     skip_special_tokens: bool = True
     """vLLM's sampling parameter: false keeps special tokens in the text (not the stop token,
     which vLLM's detokenizer never decodes)."""
+    preserved_tokens: list[str] | None = None
+    """llama.cpp's: the special tokens whose text the answer keeps (see ``Job.preserved``)."""
     stream_options: dict[str, Any] | None = None
     repetition_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -291,6 +293,12 @@ def validate(inputs: str, params: Parameters, *, streaming: bool,
     return prompt_ids, max_new_tokens
 
 
+LLAMA_CPP_RENDERED = frozenset({"<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"})
+"""gpt-oss's special tokens that llama.cpp always writes as text: ``llama_vocab::impl::load``
+(src/llama-vocab.cpp) makes them user-defined tokens ("quick hack for gpt-oss"), so they are
+rendered without ``preserved_tokens``; ``<|end|>``, ``<|return|>`` and ``<|call|>`` are not."""
+
+
 @dataclass(slots=True)
 class Job:
     """A validated generation: the prompt's token ids and the tokens the model will write."""
@@ -307,13 +315,24 @@ class Job:
     keep_special: bool = False
     """Special tokens stay in the text (vLLM's ``skip_special_tokens: false``); the token that
     stopped the generation never does."""
+    preserved: frozenset[str] = frozenset()
+    """The special tokens llama.cpp's server writes as text (llama-cpp-python's: only the
+    gpt-oss ones its libllama renders): those a request names in
+    ``preserved_tokens`` (tools/server ``server_task::params_from_json_cmpl``; the
+    ``accept_special_token`` of ``update_slots`` then detokenizes them with
+    ``special=true``), the stop token too when named (``process_token`` sends its text, then
+    checks for the end of generation), and gpt-oss's :data:`LLAMA_CPP_RENDERED`."""
 
     def shown(self, index: int) -> str:
         """The text token ``index`` adds to the output."""
-        text, _, special = self.tokens[index]
-        if not special:
+        return self.shown_token(self.tokens[index], index == len(self.tokens) - 1)
+
+    def shown_token(self, token: Token, last: bool) -> str:
+        """The text ``token`` adds to the output (``last``: it is the generation's last)."""
+        text, _, special = token
+        if not special or text in self.preserved:
             return text
-        stopped_here = index == len(self.tokens) - 1 and self.finish == "eos_token"
+        stopped_here = last and self.finish == "eos_token"
         return text if self.keep_special and not stopped_here else ""
 
     @property

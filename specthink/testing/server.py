@@ -72,6 +72,7 @@ from specthink.testing._templates import (
 from specthink.testing._wire import (
     DONE,
     GENERATION_PATHS,
+    LLAMA_CPP_RENDERED,
     VERSION,
     CompletionRequest,
     GenerateRequest,
@@ -671,6 +672,10 @@ class LoopbackServer:
             return admitted
         job = admitted.job
         job.keep_special = self.flavor == "vllm" and not body.skip_special_tokens
+        if self.flavor == "llamacpp":
+            job.preserved = LLAMA_CPP_RENDERED | frozenset(body.preserved_tokens or ())
+        elif self.flavor == "llama-cpp-python":
+            job.preserved = LLAMA_CPP_RENDERED  # its libllama's vocabulary; nothing else kept
         if self.flavor != "tgi":
             return await self._openai_completion(admitted, body)
         envelope = completion_envelope(self.model_id, int(time.time()))

@@ -113,6 +113,88 @@ def test_grammar_is_refused_before_any_request() -> None:
                         sampling=SamplingParams(grammar={"type": "regex", "value": "a+"}))
 
 
+HARMONY = SamplingParams(keep_special_tokens=True,
+                         marker_tokens=("<|channel|>", "<|message|>", "<|end|>", "<|return|>"))
+
+
+def test_special_tokens_are_named_only_to_llama_cpp() -> None:
+    """vLLM and SGLang keep every special token with skip_special_tokens false; llama.cpp keeps
+    only those named in preserved_tokens, a field no other server is sent."""
+    vllm = completion_body("P", model=None, max_new_tokens=9, sampling=HARMONY)
+    llama = completion_body("P", model=None, max_new_tokens=9, sampling=HARMONY,
+                            llama_cpp=True)
+    assert vllm["skip_special_tokens"] is False and "preserved_tokens" not in vllm
+    assert llama["preserved_tokens"] == list(HARMONY.marker_tokens)
+    plain = completion_body("P", model=None, max_new_tokens=9, sampling=SamplingParams(
+        marker_tokens=HARMONY.marker_tokens), llama_cpp=True)
+    assert "preserved_tokens" not in plain and "skip_special_tokens" not in plain
+
+
+def test_llama_cpp_leaves_a_named_stop_tokens_text_out() -> None:
+    """If this fails, a stop token named in preserved_tokens reaches the text: llama.cpp sends
+    its text in a chunk of its own, then an empty finishing chunk."""
+    decoder = CompletionDecoder(preserved=frozenset(HARMONY.marker_tokens))
+    assert decoder.feed(chunk("4")) == [StreamToken("4")]
+    assert decoder.feed(chunk("<|return|>")) == []  # held: did it end the generation?
+    assert decoder.feed(chunk("", "stop", usage={"prompt_tokens": 5})) == [
+        StreamToken("", special=True, finish_reason="eos", input_tokens=5)]
+
+
+def test_llama_cpp_releases_a_named_marker_that_did_not_stop() -> None:
+    decoder = CompletionDecoder(preserved=frozenset(HARMONY.marker_tokens))
+    assert decoder.feed(chunk("<|end|>")) == []
+    assert decoder.feed(chunk("<|channel|>")) == [StreamToken("<|end|>")]
+    assert decoder.feed(chunk("final")) == [StreamToken("<|channel|>"), StreamToken("final")]
+    assert decoder.feed(chunk("<|end|>")) == []
+    assert decoder.feed(chunk(" x", "length")) == [StreamToken("<|end|>")]
+    assert decoder.end() == [StreamToken(" x", finish_reason="length")]
+    # A stop token's text in the finishing chunk itself is left out too.
+    decoder = CompletionDecoder(preserved=frozenset(HARMONY.marker_tokens))
+    assert decoder.feed(chunk("<|return|>", "stop")) == []
+    assert decoder.end() == [StreamToken("", special=True, finish_reason="eos")]
+
+
+async def test_llama_cpp_is_sent_the_markers_and_their_text_kept(openai: Make) -> None:
+    server = Server({"/tokenize": httpx.Response(200, json={"tokens": [1]}),
+                     "/v1/completions": sse(chunk("<|end|>"), chunk("ok"),
+                                            chunk("<|return|>"), chunk("", "stop"))})
+    backend = openai(server, model="m")
+    async with backend.stream("Q:", max_new_tokens=8, sampling=HARMONY) as stream:
+        tokens = [token async for token in stream]
+    assert backend.tokenize_method == "llama_cpp"
+    assert server.body("/v1/completions")["preserved_tokens"] == list(HARMONY.marker_tokens)
+    assert [t.text for t in tokens] == ["<|end|>", "ok", ""] and tokens[-1].special
+
+
+async def test_llama_cpp_python_refuses_markers_its_model_holds_as_special_tokens(
+        openai: Make) -> None:
+    """If this fails, a format whose markers the served model holds as special tokens is run on
+    llama-cpp-python, whose /v1/completions drops their text (``Llama._create_completion``
+    detokenizes with ``special=False``): the answer would arrive fused with the reasoning, not
+    as an error. Its own tokenizer says which: /extras/tokenize parses special tokens,
+    /extras/detokenize drops them as the completions do; asked once per set of markers."""
+    server = Server({"/extras/tokenize": httpx.Response(200, json={"tokens": [1, 2, 3, 4]}),
+                     "/extras/detokenize": httpx.Response(200, json={"text": "\n<think>"})})
+    backend = openai(server, model="m")
+    await backend.check_keeps(())  # nothing asked, nothing refused
+    assert server.paths() == []
+    for _ in range(2):
+        with pytest.raises(ConfigError, match=r"llama-cpp-python.*llama-server") as refused:
+            await backend.check_keeps(("<|end|>", "<think>"))
+        assert refused.value.field == "backend"
+        assert "<|end|>" in str(refused.value) and "<think>" not in str(refused.value)
+    assert server.paths().count("/extras/detokenize") == 1
+    asked = [json.loads(r.content) for r in server.requests if r.url.path == "/extras/tokenize"]
+    assert asked[-1] == {"input": "<|end|>\n<think>"}
+
+
+async def test_servers_that_keep_special_tokens_are_not_probed(openai: Make) -> None:
+    server = Server({"/tokenize": httpx.Response(200, json={"count": 1, "tokens": [1]})})
+    backend = openai(server, model="m")
+    await backend.check_keeps(("<|end|>",))
+    assert backend.tokenize_method == "vllm" and server.paths() == ["/tokenize"]
+
+
 async def test_model_defaults_to_the_first_listed_id(openai: Make) -> None:
     server = Server({"/v1/models": httpx.Response(200, json=MODELS),
                      "/v1/completions": sse(chunk("a"), chunk("", "stop"))})

@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from specthink import TakeoverRules
+from specthink import SpeculativeThinker, TakeoverRules
 from specthink.backends import OpenAICompletionsBackend, SamplingParams
+from specthink.errors import ConfigError
+from specthink.formats import OutputFormat
+from specthink.formats.families import builtin_template
+from specthink.formats.response_template import load_template
 from specthink.local import LocalPair
 from tests.local.real_pair import REAL_PAIR_MARKS, running_pair
 
@@ -42,6 +46,38 @@ async def test_openai_backend_streams_real_tokens(pair: LocalPair) -> None:
     assert received[-1].finish_reason in ("eos", "length")
     # llama-cpp-python sends no usage chunk in streams; servers that do (vLLM, TGI) fill it in
     assert received[-1].input_tokens is None or received[-1].input_tokens > 5
+
+
+CHATML_MARKED = {
+    "start_anchor": "<|im_start|>assistant\n",
+    "fields": {"reasoning_content": {"open": "<|im_start|>think\n", "close": "<|im_end|>"},
+               "content": {"close": "<|endoftext|>"}}}
+"""A response template whose reasoning is marked by SmolLM2's own special tokens."""
+
+
+async def test_markers_the_model_holds_as_special_tokens_are_refused_by_llama_cpp_python(
+        pair: LocalPair) -> None:
+    """If this fails, an output format whose markers the served model holds as special tokens
+    is run on llama-cpp-python's real server, whose /v1/completions drops their text: the
+    reasoning would come back fused into the answer, instead of a ConfigError before any
+    generation request naming the markers and llama-server. Harmony's markers are plain text
+    to SmolLM2, so a gpt-oss format is not refused here: nothing of it would be lost."""
+    generations: list[str] = []
+    small = OpenAICompletionsBackend(pair.url("small"))
+    engine = SpeculativeThinker(
+        small=small, target=OpenAICompletionsBackend(pair.url("target")),
+        small_template="chatml", target_template="chatml",
+        output_format=OutputFormat.from_template(load_template(CHATML_MARKED)),
+        on_request=lambda role, attempt, kind: generations.extend(
+            [role] if kind == "generation" else []))
+    try:
+        with pytest.raises(ConfigError, match=r"llama-cpp-python.*<\|im_end\|>.*llama-server"):
+            await engine.agenerate([{"role": "user", "content": "What is 2 + 2?"}],
+                                   max_new_tokens=8)
+        await small.check_keeps(builtin_template("gpt-oss").required_markers)
+    finally:
+        await engine.aclose()
+    assert generations == []
 
 
 def _prefix_hits(log: Path) -> list[tuple[int, int]]:

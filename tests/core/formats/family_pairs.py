@@ -322,11 +322,12 @@ class FamilyPair(ServerPair):
                 "target_template": "server"}
 
 
-def start_family_pair(loopback_server: Callable[..., Any], name: str) -> FamilyPair:
-    """The pair of family ``name`` on two vLLM-protocol loopback servers."""
+def start_family_pair(loopback_server: Callable[..., Any], name: str,
+                      flavor: str = "vllm") -> FamilyPair:
+    """The pair of family ``name`` on two vLLM-protocol loopback servers (or ``flavor``'s)."""
     family = FAMILIES[name]
     models = (FamilyModel(family), FamilyModel(family))
-    servers = [loopback_server(model, model_id=model_id, flavor="vllm",
+    servers = [loopback_server(model, model_id=model_id, flavor=flavor,
                                chat_template=family.template)
                for model, model_id in zip(models, (family.small, family.target), strict=True)]
     return FamilyPair(servers[0], servers[1], family=family, models=models)

@@ -228,3 +228,23 @@ def test_a_pair_of_two_families_with_different_formats_is_refused() -> None:
     assert PairSettings(**PAIR_URLS, small_model="openai/gpt-oss-20b",
                         target_model="Qwen/Qwen3-32B",
                         response_template="qwen3").pair_output_format().name == "qwen3"
+
+
+@pytest.mark.parametrize(("name", "required", "closers"), [
+    ("gpt-oss", {"<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|constrain|>"},
+     {"<|call|>", "<|return|>"}),
+    ("mistral-reasoning", {"[THINK]", "[/THINK]", "[TOOL_CALLS]", "[ARGS]"}, {"</s>"}),
+    ("gemma-4", {"<|channel>", "<channel|>", "<|tool_call>", '<|"|>'}, {"<tool_call|>"}),
+    ("qwen3", {"<think>", "</think>", "<tool_call>"}, {"</tool_call>"}),
+])
+def test_a_builtins_marker_tokens_hold_every_special_token_it_splits_on(
+        name: str, required: set[str], closers: set[str]) -> None:
+    """If this fails, llama.cpp is not told to keep one of the special tokens the family's
+    output is split on (``preserved_tokens``), or llama-cpp-python is asked to keep a call's or
+    the answer's closer, which may be the stop token it never writes (``required_markers``).
+    Pattern delimiters count (harmony's call opener, Mistral's ``[ARGS]``), read with their
+    escapes undone; named groups and the prompt's start anchor are no markers."""
+    template = builtin_template(name)
+    assert set(template.marker_tokens) == required | closers
+    assert set(template.required_markers) == required
+    assert len(template.marker_tokens) == len(set(template.marker_tokens))

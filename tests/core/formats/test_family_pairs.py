@@ -58,6 +58,32 @@ async def test_each_family_answers_calls_and_reads_a_tools_result(
         assert answering and all(EARLIER in prompt for prompt in answering)
 
 
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+async def test_each_family_splits_over_llama_cpp_as_over_vllm(
+        loopback_server: Callable[..., object], name: str) -> None:
+    """If this fails, a family's pair behind llama.cpp's servers splits otherwise than behind
+    vLLM: llama.cpp writes a special token's text only when the request names it in
+    ``preserved_tokens`` (the format's ``marker_tokens``), and writes a named stop token's text
+    too, which must stay out of the answer as vLLM leaves it out."""
+    outputs = []
+    for flavor in ("vllm", "llamacpp"):
+        pair = start_family_pair(loopback_server, name, flavor)
+        engine = PairSettings(**pair.settings).build()
+        try:
+            results = [
+                await engine.agenerate([{"role": "user", "content": "What is 12 * 13?"}]),
+                await engine.agenerate([{"role": "user", "content": QUESTION}], tools=WEATHER),
+                await engine.agenerate(pair.family.history(EARLIER), tools=WEATHER)]
+        finally:
+            await engine.aclose()
+        outputs.append([(whole.reasoning, whole.answer,
+                         [(c.name, c.arguments) for c in whole.tool_calls])
+                        for whole in map(split_result, results)])
+        stops = pair.family.template.stop_tokens
+        assert not [s for r in results for s in stops if r.text.endswith(s)]
+    assert outputs[1] == outputs[0]
+
+
 @pytest.mark.parametrize("choice", ["required", {"type": "function",
                                                  "function": {"name": "get_weather"}}],
                          ids=["required", "named"])

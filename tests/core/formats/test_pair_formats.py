@@ -7,6 +7,7 @@ failure issue 21 reports."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 
 from specthink import SpeculativeThinker
 from specthink.backends import OpenAICompletionsBackend, TGIBackend
+from specthink.errors import ConfigError
 from specthink.formats import THINK_HERMES, OutputFormat
 from specthink.formats.families import builtin_template
 from specthink.output import OutputSplitter, split_result
@@ -134,6 +136,53 @@ async def test_gpt_oss_pair_over_tgi_keeps_harmonys_special_tokens(
         small_template="server", target_template="server",
         output_format=OutputFormat.from_template(builtin_template("gpt-oss"), "gpt-oss")))
     assert "<|return|>" not in result.text and "<|channel|>" in result.text
+
+
+async def test_gpt_oss_pair_over_llama_cpp_splits_as_over_vllm(
+        loopback_server: Callable[..., object]) -> None:
+    """If this fails, a gpt-oss pair behind llama.cpp's servers loses harmony's markers, or
+    splits otherwise than behind vLLM: llama.cpp writes a special token's text only when the
+    request names it in ``preserved_tokens`` (``<|end|>`` is not one of the four gpt-oss
+    tokens it always renders), so without them the analysis channel runs into the answer; a
+    named stop token's text arrives too, and must stay out as it does behind vLLM."""
+    harmony = OutputFormat.from_template(builtin_template("gpt-oss"), "gpt-oss")
+    over_vllm = split_result(await split_by_harmony(thinker(start(loopback_server), harmony)))
+    pair = start(loopback_server, "llamacpp")
+    result = await split_by_harmony(thinker(pair, harmony))
+    assert split_result(result) == over_vllm
+    assert "<|end|>" in result.text and "<|return|>" not in result.text
+    generations = [r for s in (pair.small, pair.target) for r in s.records
+                   if r.path == "/v1/completions"]
+    assert generations and all(
+        {"<|end|>", "<|channel|>", "<|message|>"} <= set(r.parameters["preserved_tokens"])
+        for r in generations)
+
+
+async def test_a_llama_cpp_python_target_is_refused_before_any_generation(
+        loopback_server: Callable[..., object]) -> None:
+    """If this fails, a gpt-oss pair whose target is served by llama-cpp-python (whose
+    /v1/completions never writes special tokens' text) starts generating anyway: the small
+    model's request goes out and the target's turns would arrive fused. The engine asks each
+    backend (``check_keeps``) while preparing, before any generation request."""
+    small = loopback_server(HarmonyModel(), model_id="openai/gpt-oss-20b", flavor="vllm",
+                            chat_template=TEMPLATE)
+    target = loopback_server(HarmonyModel(), model_id="openai/gpt-oss-120b",
+                             flavor="llama-cpp-python", chat_template=TEMPLATE)
+    engine = SpeculativeThinker(
+        small=OpenAICompletionsBackend(small.url, model="openai/gpt-oss-20b"),  # type: ignore[attr-defined]
+        target=OpenAICompletionsBackend(target.url, model="openai/gpt-oss-120b"),  # type: ignore[attr-defined]
+        small_template="server", target_template=GPT_OSS_TEMPLATE_FILE,
+        output_format=OutputFormat.from_template(builtin_template("gpt-oss"), "gpt-oss"))
+    try:
+        with pytest.raises(ConfigError, match=r"llama-cpp-python.*<\|end\|>") as refused:
+            await engine.agenerate(QUESTION)
+    finally:
+        await engine.aclose()
+    assert not [r for s in (small, target) for r in s.records  # type: ignore[attr-defined]
+                if r.path == "/v1/completions"]
+    # <|channel|> and <|message|> stay (libllama renders them for gpt-oss); <|call|> and
+    # <|return|> may be the stop token, never written anyway: neither is named.
+    assert not {"<|channel|>", "<|return|>"} & set(re.findall(r"<\|\w+\|>", str(refused.value)))
 
 
 async def test_gpt_oss_pair_split_by_its_response_template(
