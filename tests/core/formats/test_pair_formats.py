@@ -123,6 +123,28 @@ async def split_by_harmony(engine: SpeculativeThinker) -> Result:
     return result
 
 
+async def streamed_split(engine: SpeculativeThinker) -> tuple[str, str, int]:
+    """The engine's streamed answer to QUESTION through an :class:`OutputSplitter`:
+    ``(reasoning, answer, takeovers)``, the deltas joined, after checking they join to what the
+    splitter's final result holds."""
+    splitter = OutputSplitter()
+    deltas = []
+    takeovers = 0
+    try:
+        async for event in engine.astream(QUESTION):
+            deltas += splitter.feed(event)
+            if isinstance(event, FinishEvent):
+                takeovers = event.result.stats.total_takeovers
+    finally:
+        await engine.aclose()
+    final = splitter.finish()
+    deltas += final.deltas
+    reasoning = "".join(d.text for d in deltas if d.kind == "reasoning")
+    answer = "".join(d.text for d in deltas if d.kind == "answer")
+    assert (final.reasoning, final.answer) == (reasoning, answer)
+    return reasoning, answer, takeovers
+
+
 async def test_gpt_oss_pair_over_tgi_keeps_harmonys_special_tokens(
         loopback_server: Callable[..., object]) -> None:
     """If this fails, a gpt-oss pair behind TGI loses harmony's markers: TGI streams every
@@ -197,21 +219,8 @@ async def test_gpt_oss_pair_split_by_its_response_template(
     assert generations and all(r.parameters.get("skip_special_tokens") is False
                                for r in generations)
 
-    splitter = OutputSplitter()
-    deltas = []
-    engine = thinker(pair, harmony)
-    try:
-        async for event in engine.astream(QUESTION):
-            deltas += splitter.feed(event)
-            if isinstance(event, FinishEvent):
-                assert event.result.stats.total_takeovers >= 1
-    finally:
-        await engine.aclose()
-    final = splitter.finish()
-    deltas += final.deltas
-    assert "".join(d.text for d in deltas if d.kind == "reasoning") == REASONING
-    assert "".join(d.text for d in deltas if d.kind == "answer") == ANSWER
-    assert (final.reasoning, final.answer) == (REASONING, ANSWER)
+    reasoning, answer, takeovers = await streamed_split(thinker(pair, harmony))
+    assert (reasoning, answer) == (REASONING, ANSWER) and takeovers >= 1
 
 
 async def test_without_the_template_harmony_is_fused_text(
@@ -535,17 +544,7 @@ async def test_granite_thinks_by_default(loopback_server: Callable[..., object],
     assert (whole.reasoning, whole.answer) == (REASONING, ANSWER)
     assert result.stats.total_takeovers >= 1
 
-    splitter = OutputSplitter()
-    deltas = []
-    engine = PairSettings(**settings).build()
-    try:
-        async for event in engine.astream(QUESTION):
-            deltas += splitter.feed(event)
-    finally:
-        await engine.aclose()
-    deltas += splitter.finish().deltas
-    assert "".join(d.text for d in deltas if d.kind == "reasoning") == REASONING
-    assert "".join(d.text for d in deltas if d.kind == "answer") == ANSWER
+    assert (await streamed_split(PairSettings(**settings).build()))[:2] == (REASONING, ANSWER)
 
     small.prompts.clear()
     engine = PairSettings(**settings, template_kwargs={"thinking": False}).build()
@@ -629,16 +628,4 @@ async def test_phi4_reasoning_pair_split_after_a_takeover(
     assert (whole.reasoning, whole.answer, whole.tool_calls) == (REASONING, ANSWER, [])
     assert result.stats.total_takeovers >= 1
 
-    splitter = OutputSplitter()
-    deltas = []
-    engine = PairSettings(**settings).build()
-    try:
-        async for event in engine.astream(QUESTION):
-            deltas += splitter.feed(event)
-    finally:
-        await engine.aclose()
-    final = splitter.finish()
-    deltas += final.deltas
-    assert "".join(d.text for d in deltas if d.kind == "reasoning") == REASONING
-    assert "".join(d.text for d in deltas if d.kind == "answer") == ANSWER
-    assert (final.reasoning, final.answer) == (REASONING, ANSWER)
+    assert (await streamed_split(PairSettings(**settings).build()))[:2] == (REASONING, ANSWER)
