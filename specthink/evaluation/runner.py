@@ -91,8 +91,12 @@ class EvalSettings:
             raise ConfigError(f"concurrency must be >= 1, got {self.concurrency}")
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings that change answers, as JSON (concurrency does not)."""
-        return {"max_tokens": self.max_tokens, "sampling": asdict(self.sampling)}
+        """The settings that change answers, as JSON (concurrency does not). The sampling's
+        ``marker_tokens`` are left out: the engine derives them from the response template,
+        which the run's fingerprint names (and a tuple would not read back equal from JSON)."""
+        sampling = asdict(self.sampling)
+        del sampling["marker_tokens"]
+        return {"max_tokens": self.max_tokens, "sampling": sampling}
 
 
 def _fingerprint(settings: EvalSettings, pair: PairSettings) -> dict[str, Any]:
