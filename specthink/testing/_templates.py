@@ -19,15 +19,12 @@ import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from functools import cache
 from typing import Any, Literal
 
 import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from specthink.templates import GenerationBlock
+from specthink.templates import environment
 from specthink.testing.models import Tokenizer
 
 __all__ = [
@@ -186,30 +183,11 @@ def _llama3(turns: Turns, tool_section: str) -> str:
     return "".join(out)
 
 
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False,
-            sort_keys: bool = False) -> str:
-    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
-
-
-def _strftime_now(format: str) -> str:
-    return datetime.now().strftime(format)
-
-
 @cache
 def _compiled(source: str) -> jinja2.Template:
     # The environment transformers' apply_chat_template renders Hub templates in (vLLM renders
-    # with it): trim_blocks, lstrip_blocks, loop controls, {% generation %} blocks,
-    # raise_exception, a tojson that does not escape, strftime_now.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols, GenerationBlock])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env.from_string(source)
+    # with it), which specthink's own client-side renderer uses too.
+    return environment().from_string(source)
 
 
 def _for_template(message: Mapping[str, Any]) -> dict[str, Any]:
